@@ -1,0 +1,157 @@
+"""Train a small CNN on Fashion-MNIST-format IDX data with Horovod, tracked in MLflow.
+
+Runs unchanged on every MMP platform: the pipeline passes --dataset-path,
+--output-path and --dataset, then one --name value per hyperparameter, and reaches
+MLflow through MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME / MLFLOW_RUN_ID, so
+`mlflow.start_run()` on rank 0 continues the run the pipeline made.
+"""
+
+import argparse
+import gzip
+import os
+import struct
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import horovod.torch as hvd
+
+IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset-path", required=True, help="folder with the IDX files")
+    parser.add_argument("--output-path", required=True, help="where the trained model is written")
+    parser.add_argument("--dataset", required=True, help="dataset name, for the record")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.01)
+    return parser.parse_args()
+
+
+def read_idx(folder, name):
+    """An IDX file (the MNIST / Fashion-MNIST format), plain or gzipped, as a numpy array."""
+    path = os.path.join(folder, name)
+    opener = open
+    if not os.path.exists(path):
+        path, opener = path + ".gz", gzip.open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_split(folder, split):
+    images, labels = (read_idx(folder, name) for name in IDX[split])
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    return torch.utils.data.TensorDataset(x, torch.from_numpy(labels.astype(np.int64)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2) if x.shape[-1] >= 8 else F.relu(self.conv2(x))
+        x = torch.flatten(self.pool(x), 1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def average(value, name):
+    return hvd.allreduce(torch.tensor(value, dtype=torch.float64), name=name).item()
+
+
+def evaluate(model, loader):
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            out = model(x)
+            loss += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            count += len(y)
+    return loss / max(count, 1), correct / max(count, 1)
+
+
+def main():
+    args = parse_args()
+    hvd.init()
+    torch.manual_seed(42)
+    rank0 = hvd.rank() == 0
+    if rank0:
+        print(f"train.py: {hvd.size()} rank(s), dataset {args.dataset} at {args.dataset_path}", flush=True)
+
+    train, test = load_split(args.dataset_path, "train"), load_split(args.dataset_path, "test")
+    sampler = torch.utils.data.distributed.DistributedSampler(train, num_replicas=hvd.size(), rank=hvd.rank())
+    test_sampler = torch.utils.data.distributed.DistributedSampler(
+        test, num_replicas=hvd.size(), rank=hvd.rank(), shuffle=False)
+    train_loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, sampler=sampler)
+    test_loader = torch.utils.data.DataLoader(test, batch_size=256, sampler=test_sampler)
+
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * hvd.size(), momentum=0.9)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    run = None
+    if rank0 and os.environ.get("MLFLOW_TRACKING_URI"):
+        import mlflow
+
+        run = mlflow.start_run()  # continues MLFLOW_RUN_ID when the pipeline made the run
+        mlflow.log_params({"world_size": hvd.size(), "train_examples": len(train),
+                           "test_examples": len(test), "image_shape": "x".join(map(str, train[0][0].shape))})
+
+    for epoch in range(1, args.epochs + 1):
+        started = time.time()
+        model.train()
+        sampler.set_epoch(epoch)
+        total, correct, count = 0.0, 0, 0
+        for x, y in train_loader:
+            optimizer.zero_grad()
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            count += len(y)
+        val_loss, val_acc = evaluate(model, test_loader)
+        metrics = {
+            "train_loss": average(total / max(count, 1), "train_loss"),
+            "train_accuracy": average(correct / max(count, 1), "train_accuracy"),
+            "val_loss": average(val_loss, "val_loss"),
+            "val_accuracy": average(val_acc, "val_accuracy"),
+            "epoch_seconds": time.time() - started,
+        }
+        if rank0:
+            print(f"epoch {epoch}/{args.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+            if run is not None:
+                mlflow.log_metrics(metrics, step=epoch)
+
+    if rank0:
+        os.makedirs(args.output_path, exist_ok=True)
+        torch.save(model.state_dict(), os.path.join(args.output_path, "model.pt"))
+        if run is not None:
+            example = train[0][0].unsqueeze(0).numpy()
+            mlflow.pytorch.log_model(model.eval(), name="model", input_example=example,
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"])
+            mlflow.end_run()
+        print("train.py: done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

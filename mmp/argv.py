@@ -1,0 +1,67 @@
+"""The one place that builds train.py's command line and horovodrun around it.
+
+The contract (DESIGN.md): `--dataset-path P --output-path O --dataset NAME` then one
+`--key value` per hyperparameter, in the file's order, as a list, never a shell
+string. Backends only supply paths, hosts and a way to run the list; where a list
+must cross a shell (SSH), `shell_join` quotes it, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Mapping, Sequence
+
+TRAIN_SCRIPT = "train.py"
+
+
+def hyperparameter_text(value: object) -> str:
+    """How a hyperparameter value is spelled on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return json.dumps(value)
+    return str(value)
+
+
+def train_args(
+    dataset_path: str, output_path: str, dataset: str, hyperparameters: Mapping[str, object]
+) -> list[str]:
+    """train.py's arguments: the three mandatory flags, then the hyperparameters."""
+    argv = ["--dataset-path", str(dataset_path), "--output-path", str(output_path), "--dataset", dataset]
+    for name, value in hyperparameters.items():
+        argv += [f"--{name}", hyperparameter_text(value)]
+    return argv
+
+
+def hosts_spec(hosts: Sequence[tuple[str, int]]) -> str:
+    """horovodrun's -H value: `host1:slots,host2:slots`."""
+    return ",".join(f"{host}:{slots}" for host, slots in hosts)
+
+
+def horovodrun_argv(
+    hosts: Sequence[tuple[str, int]],
+    train_arguments: Sequence[str],
+    *,
+    python: str = "python",
+    horovodrun: str = "horovodrun",
+    script: str = TRAIN_SCRIPT,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """`horovodrun -np N -H h:s,… --gloo [extra] python train.py …` as a list."""
+    total = sum(slots for _, slots in hosts)
+    return [horovodrun, "-np", str(total), "-H", hosts_spec(hosts), "--gloo", *extra, python, script, *train_arguments]
+
+
+def mlflow_env(tracking_uri: str, experiment_name: str, run_id: str) -> dict[str, str]:
+    """How train.py reaches the run the pipeline made (MLflow's own variables)."""
+    return {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_EXPERIMENT_NAME": experiment_name,
+        "MLFLOW_RUN_ID": run_id,
+    }
+
+
+def shell_join(argv: Sequence[str]) -> str:
+    """Quote a list for a POSIX shell so every element arrives literally."""
+    return shlex.join([str(a) for a in argv])

@@ -1,0 +1,149 @@
+"""The Backend interface every platform implements.
+
+Shaped after MLflow Projects' AbstractBackend (launch returns a handle at once) and
+SkyPilot's Backend (provision / execute / teardown as separate steps): a backend
+says its paths, checks a request before any API call, launches and returns a
+JSON-serialisable handle (so another process can follow or cancel the job), reports
+status, returns logs from a cursor, cancels, and tears down what it started.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from ..experiment import Experiment
+
+
+class JobState(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass
+class JobStatus:
+    state: JobState
+    message: str = ""
+    exit_code: int | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """What train.py sees as --dataset-path and --output-path on this platform."""
+
+    dataset: str
+    output: str
+
+
+@dataclass
+class LaunchRequest:
+    """Everything a backend needs to start one training run."""
+
+    experiment: Experiment
+    experiment_name: str
+    run_id: str  # the MLflow run the pipeline created
+    repository: str  # a name such as owner/repo
+    clone_url: str  # where the code is (local path or https URL)
+    commit: str
+    mlflow_env: dict[str, str]
+    dataset: Any  # mmp.datasets.Dataset
+    delivery_id: str | None = None
+
+    @property
+    def short_commit(self) -> str:
+        return self.commit[:12]
+
+
+@dataclass
+class JobHandle:
+    platform: str
+    job_id: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"platform": self.platform, "job_id": self.job_id, "data": self.data}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "JobHandle":
+        return cls(platform=raw["platform"], job_id=raw["job_id"], data=dict(raw.get("data") or {}))
+
+
+class BackendError(RuntimeError):
+    """A request this backend cannot run (raised before anything is started)."""
+
+
+LogSink = Callable[[str], None]
+
+
+class Backend(ABC):
+    """One training platform. Subclasses set `name` and implement the abstract steps."""
+
+    name: ClassVar[str]
+    poll_seconds: ClassVar[float] = 5.0
+
+    def check(self, experiment: Experiment, dataset: Any) -> list[str]:
+        """Problems that make this experiment impossible here, found before any API call
+        or MLflow write; each names the field at fault and what is allowed."""
+        return []
+
+    @abstractmethod
+    def paths(self, request: LaunchRequest) -> Paths: ...
+
+    @abstractmethod
+    def launch(self, request: LaunchRequest) -> JobHandle:
+        """Start the job and return at once; raise BackendError if nothing started."""
+
+    @abstractmethod
+    def status(self, handle: JobHandle) -> JobStatus: ...
+
+    @abstractmethod
+    def logs(self, handle: JobHandle, cursor: Any = None) -> tuple[list[str], Any]:
+        """New log lines since `cursor`, and the cursor to pass next time."""
+
+    @abstractmethod
+    def cancel(self, handle: JobHandle) -> None: ...
+
+    def teardown(self, handle: JobHandle) -> None:
+        """Release whatever launch started. Must be safe to call twice."""
+
+    def wait(
+        self,
+        handle: JobHandle,
+        *,
+        on_log: LogSink | None = None,
+        deadline: float | None = None,
+        poll_seconds: float | None = None,
+    ) -> JobStatus:
+        """Follow a job to its end, streaming logs; cancel it past `deadline` (epoch s)."""
+        cursor = None
+        interval = self.poll_seconds if poll_seconds is None else poll_seconds
+        timed_out = False
+        while True:
+            status = self.status(handle)
+            lines, cursor = self.logs(handle, cursor)
+            if on_log:
+                for line in lines:
+                    on_log(line)
+            if status.state.terminal:
+                lines, cursor = self.logs(handle, cursor)
+                if on_log:
+                    for line in lines:
+                        on_log(line)
+                if timed_out:
+                    status = JobStatus(JobState.FAILED, "stopped: Max_Runtime reached", status.exit_code, status.detail)
+                return status
+            if deadline is not None and time.time() > deadline and not timed_out:
+                timed_out = True
+                self.cancel(handle)
+            time.sleep(interval)

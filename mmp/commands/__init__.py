@@ -1,0 +1,39 @@
+"""The `mmp` command, split by concern: each module adds its commands to `app`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+
+app = typer.Typer(
+    name="mmp",
+    help="Managed MLOps Pipeline: commit an experiment.json, train with Horovod, track in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def console():
+    """A rich console, made on first use (rich is not on the launch path)."""
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def err_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def fail(message: str, code: int = 1) -> None:
+    err_console().print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    raise typer.Exit(code)

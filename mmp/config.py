@@ -1,0 +1,69 @@
+"""Where MMP keeps state and which defaults it uses, read from the environment.
+
+Plain stdlib on purpose: this module is imported by the Lambda handler, so it must
+not pull in anything heavy. Every knob is an `MMP_*` environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+PLATFORMS = ("sagemaker", "sagemaker-fsx", "dlami", "local")
+DEFAULT_MAX_RUNTIME_MINUTES = 240
+MAX_RUNTIME_CAP_MINUTES = 5 * 24 * 60  # SageMaker allows 28 days; five is a sane ceiling
+
+
+def home_path() -> Path:
+    """Where the local stack's state lives, without creating it."""
+    return Path(os.environ.get("MMP_HOME") or Path.home() / ".mmp").expanduser()
+
+
+def mmp_home() -> Path:
+    """The local stack's state folder (MLflow DB, queue, runs, datasets, secret)."""
+    home = home_path()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def default_platform() -> str:
+    """The platform an experiment file gets when it names none (AWS default: sagemaker)."""
+    return os.environ.get("MMP_DEFAULT_PLATFORM", "sagemaker")
+
+
+def max_runtime_cap() -> int:
+    return int(os.environ.get("MMP_MAX_RUNTIME_CAP", MAX_RUNTIME_CAP_MINUTES))
+
+
+def default_max_runtime() -> int:
+    return int(os.environ.get("MMP_DEFAULT_MAX_RUNTIME", DEFAULT_MAX_RUNTIME_MINUTES))
+
+
+def tracking_uri() -> str:
+    """MLflow tracking URI: `MLFLOW_TRACKING_URI`, else SQLite under MMP_HOME."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mmp_home() / 'mlflow.db'}"
+
+
+def artifact_root() -> str:
+    return os.environ.get("MMP_ARTIFACT_ROOT") or (mmp_home() / "artifacts").as_uri()
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("MMP_RUNS_ROOT") or mmp_home() / "runs")
+
+
+def datasets_root() -> Path:
+    return Path(os.environ.get("MMP_DATASETS_ROOT") or mmp_home() / "datasets")
+
+
+def webhook_secret() -> str:
+    """`MMP_WEBHOOK_SECRET`, else a random secret made on first use under MMP_HOME."""
+    if os.environ.get("MMP_WEBHOOK_SECRET"):
+        return os.environ["MMP_WEBHOOK_SECRET"]
+    path = mmp_home() / "webhook-secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return path.read_text().strip()

@@ -1,0 +1,208 @@
+"""The pipeline: fetch → validate → create the MLflow run → launch → wait → finish → notify.
+
+The same code runs for `mmp run`, the local worker and the AWS stages. Nothing is
+launched and nothing is written to MLflow until the experiment file, train.py and
+the backend's own preflight checks all pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import config
+from ..argv import mlflow_env
+from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, available_platforms, get_backend
+from ..datasets import load_catalogue
+from ..experiment import EXPERIMENT_FILES, Experiment, ExperimentError, FieldProblem, parse_experiment
+from .reporting import LocalNotifier, LocalStatusReporter, Notifier, StatusReporter, short_description
+from .sources import Trigger
+
+log = logging.getLogger("mmp.pipeline")
+
+LOG_KEEP_LINES = 100_000
+
+
+@dataclass
+class Outcome:
+    state: str  # INVALID, SUCCEEDED, FAILED, CANCELLED, ERROR
+    message: str
+    run_id: str | None = None
+    run_url: str | None = None
+    experiment: Experiment | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "SUCCEEDED"
+
+
+def read_experiment(trigger: Trigger) -> tuple[Experiment, str]:
+    """The experiment file at the commit, validated against the catalogue and platforms."""
+    for name in EXPERIMENT_FILES:
+        raw = trigger.source.read_file(name)
+        if raw is not None:
+            experiment = parse_experiment(
+                raw, datasets=load_catalogue().keys(), platforms=available_platforms(), source=name
+            )
+            return experiment, name
+    raise ExperimentError(
+        [FieldProblem(field="(file)", message=f"no {' or '.join(EXPERIMENT_FILES)} at the repository root")]
+    )
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        tracker: Any = None,
+        store: Any = None,
+        reporter: StatusReporter | None = None,
+        notifier: Notifier | None = None,
+        backend_factory: Callable[[str], Backend] = get_backend,
+        on_log: Callable[[str], None] | None = None,
+        on_launch: Callable[[str, JobHandle], None] | None = None,
+    ):
+        if tracker is None:
+            from ..tracking import RunTracker
+
+            tracker = RunTracker()
+        self.tracker = tracker
+        self.store = store
+        self.reporter = reporter or LocalStatusReporter()
+        self.notifier = notifier or LocalNotifier()
+        self.backend_factory = backend_factory
+        self.on_log = on_log
+        self.on_launch = on_launch
+
+    # -- reporting helpers ---------------------------------------------------
+    def _status(self, trigger: Trigger, state: str, description: str, url: str | None = None) -> None:
+        try:
+            self.reporter.report(trigger.repository, trigger.commit, state, short_description(description), url)
+        except Exception as exc:  # a status we cannot set must not stop training
+            log.warning("could not set commit status %s: %s", state, exc)
+
+    def _notify(self, trigger: Trigger, outcome: Outcome) -> None:
+        subject = f"[mmp] {trigger.repository}@{trigger.commit[:7]}: {outcome.state}"
+        record = {"repository": trigger.repository, "commit": trigger.commit, "delivery_id": trigger.delivery_id,
+                  "state": outcome.state, "run_id": outcome.run_id, "run_url": outcome.run_url,
+                  "problems": outcome.problems}
+        try:
+            self.notifier.notify(subject, outcome.message, record)
+        except Exception as exc:
+            log.warning("could not send notification: %s", exc)
+
+    def _reject(self, trigger: Trigger, problems: list[str], state: str = "INVALID") -> Outcome:
+        message = "; ".join(problems)
+        outcome = Outcome(state=state, message=message, problems=problems)
+        self._status(trigger, "failure" if state == "INVALID" else "error", message)
+        self._notify(trigger, outcome)
+        return outcome
+
+    # -- the flow --------------------------------------------------------------
+    def prepare(self, trigger: Trigger) -> tuple[Experiment, Backend, Any] | Outcome:
+        """Fetch and validate; an Outcome means stop here (nothing launched or written)."""
+        try:
+            experiment, _ = read_experiment(trigger)
+        except ExperimentError as exc:
+            return self._reject(trigger, [str(p) for p in exc.problems])
+        if trigger.source.read_file("train.py") is None:
+            return self._reject(trigger, ["train.py: not found at the repository root (the pipeline runs ./train.py)"])
+        dataset = load_catalogue()[experiment.dataset_name]
+        try:
+            backend = self.backend_factory(experiment.platform)
+        except BackendError as exc:
+            return self._reject(trigger, [f"Platform: {exc}"])
+        problems = backend.check(experiment, dataset)
+        if problems:
+            return self._reject(trigger, problems)
+        return experiment, backend, dataset
+
+    def run(self, trigger: Trigger) -> Outcome:
+        try:
+            prepared = self.prepare(trigger)
+        except Exception as exc:  # the source could not be read (GitHub down, bad token, ...)
+            log.exception("could not read %s@%s", trigger.repository, trigger.commit)
+            return self._reject(trigger, [f"could not read the commit: {exc}"], state="ERROR")
+        if isinstance(prepared, Outcome):
+            return prepared
+        experiment, backend, dataset = prepared
+        return self.launch_and_follow(trigger, experiment, backend, dataset)
+
+    def launch_and_follow(self, trigger: Trigger, experiment: Experiment, backend: Backend, dataset: Any) -> Outcome:
+        name = experiment.resolved_name(trigger.repository)
+        tags = {
+            "mlflow.source.git.commit": trigger.commit,
+            "mlflow.source.name": trigger.repository,
+            "mlflow.source.type": "PROJECT",
+            "mmp.platform": experiment.platform,
+            "mmp.instance_type": experiment.training_instance,
+            "mmp.instance_count": str(experiment.instance_count),
+            "mmp.dataset": experiment.dataset_name,
+        }
+        if trigger.delivery_id:
+            tags["mmp.delivery_id"] = trigger.delivery_id
+        if trigger.ref:
+            tags["mmp.ref"] = trigger.ref
+        run_name = f"{name}-{trigger.commit[:7]}"
+        run_id = self.tracker.start(name, run_name=run_name, tags=tags, params=experiment.hyperparameters)
+        run_url = self.tracker.run_url(run_id)
+        if self.store is not None:
+            self.store.add(run_id=run_id, experiment=name, repository=trigger.repository, commit_sha=trigger.commit,
+                           platform=experiment.platform, delivery_id=trigger.delivery_id, run_url=run_url)
+        request = LaunchRequest(
+            experiment=experiment, experiment_name=name, run_id=run_id, repository=trigger.repository,
+            clone_url=trigger.clone_url, commit=trigger.commit,
+            mlflow_env=mlflow_env(self.tracker.tracking_uri, name, run_id), dataset=dataset,
+            delivery_id=trigger.delivery_id,
+        )
+        self._status(trigger, "pending", f"training on {experiment.platform}", run_url)
+        lines: collections.deque[str] = collections.deque(maxlen=LOG_KEEP_LINES)
+
+        def sink(line: str) -> None:
+            lines.append(line)
+            if self.on_log:
+                self.on_log(line)
+
+        handle: JobHandle | None = None
+        status = JobStatus(JobState.FAILED, "did not start")
+        interrupted: BaseException | None = None
+        try:
+            handle = backend.launch(request)
+            if self.store is not None:
+                self.store.update(run_id, state="RUNNING", handle=handle.to_dict())
+            if self.on_launch:
+                self.on_launch(run_id, handle)
+            deadline = time.time() + experiment.runtime_minutes * 60
+            status = backend.wait(handle, on_log=sink, deadline=deadline)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            interrupted = exc
+            if handle is not None:
+                backend.cancel(handle)
+            status = JobStatus(JobState.CANCELLED, "interrupted")
+        except BackendError as exc:
+            status = JobStatus(JobState.FAILED, str(exc))
+        except Exception as exc:
+            log.exception("run %s failed in the backend", run_id)
+            status = JobStatus(JobState.FAILED, f"{type(exc).__name__}: {exc}")
+        finally:
+            if handle is not None:
+                try:
+                    backend.teardown(handle)
+                except Exception as exc:  # surfaced, never swallowed silently
+                    log.error("teardown of %s failed: %s", handle.job_id, exc)
+                    status.message += f" (teardown failed: {exc})"
+        final = self.tracker.finish(run_id, status.state, message=status.message, log_text="\n".join(lines))
+        state = {"FINISHED": "SUCCEEDED", "KILLED": "CANCELLED"}.get(final, "FAILED")
+        if self.store is not None:
+            self.store.update(run_id, state=state, message=status.message)
+        outcome = Outcome(state=state, message=status.message, run_id=run_id, run_url=run_url, experiment=experiment)
+        github_state = {"SUCCEEDED": "success", "CANCELLED": "error"}.get(state, "failure")
+        self._status(trigger, github_state, f"{state.lower()}: {status.message}", run_url)
+        self._notify(trigger, outcome)
+        if interrupted is not None:
+            raise interrupted
+        return outcome

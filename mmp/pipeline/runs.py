@@ -1,0 +1,43 @@
+"""Running one trigger on this machine with the local record and reporters wired in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .. import gitutil
+from .sources import LocalGitSource, Trigger
+
+EXPERIMENT_NAMES = ("experiment.json", "experiment_config.json")
+
+
+@dataclass
+class OverrideSource:
+    """A commit, except for the experiment file, which comes from the user's disk."""
+
+    base: LocalGitSource
+    experiment_text: bytes
+
+    def read_file(self, path: str) -> bytes | None:
+        if path in EXPERIMENT_NAMES:
+            return self.experiment_text if path == EXPERIMENT_NAMES[0] else None
+        return self.base.read_file(path)
+
+
+def local_trigger(repo: str | Path, commit: str, *, experiment_file: Path | None = None,
+                  delivery_id: str | None = None, ref: str | None = None) -> Trigger:
+    repo_path = Path(repo).resolve()
+    source = LocalGitSource(repo_path, commit)
+    if experiment_file is not None:
+        source = OverrideSource(source, Path(experiment_file).read_bytes())
+    return Trigger(repository=gitutil.repository_name(repo_path), clone_url=str(repo_path), commit=commit,
+                   source=source, delivery_id=delivery_id, ref=ref)
+
+
+def run_trigger(trigger: Trigger, *, on_log: Callable[[str], None] | None = None, on_launch=None):
+    """The pipeline with the local run record, status reporter and notifier."""
+    from .runner import Pipeline
+    from .store import RunStore
+
+    return Pipeline(store=RunStore(), on_log=on_log, on_launch=on_launch).run(trigger)
