@@ -1,0 +1,56 @@
+"""boto3 clients and secrets, made in one place with one retry policy.
+
+Every AWS call in MMP goes through `client()`, so throttling and transient errors
+get botocore's adaptive retries everywhere, and tests point all of them at moto by
+setting `AWS_ENDPOINT_URL` (botocore reads it natively). boto3 is imported lazily:
+the local stack never needs it.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any
+
+RETRY_CONFIG = {"mode": "adaptive", "max_attempts": 10}
+
+
+def region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+@lru_cache(maxsize=None)
+def _config():
+    from botocore.config import Config
+
+    return Config(retries=dict(RETRY_CONFIG), connect_timeout=5, read_timeout=60,
+                  user_agent_extra="mmp")
+
+
+def client(service: str, region_name: str | None = None) -> Any:
+    """A boto3 client with MMP's retry configuration (not cached: tests switch endpoints)."""
+    import boto3
+
+    return boto3.client(service, region_name=region_name or region(), config=_config())
+
+
+_SECRETS: dict[str, str] = {}
+
+
+def secret(secret_id: str, *, cache: bool = True) -> str:
+    """A Secrets Manager string secret; kept in memory only, never logged."""
+    if cache and secret_id in _SECRETS:
+        return _SECRETS[secret_id]
+    value = client("secretsmanager").get_secret_value(SecretId=secret_id)["SecretString"]
+    if cache:
+        _SECRETS[secret_id] = value
+    return value
+
+
+def secret_from_env(value_var: str, arn_var: str) -> str | None:
+    """A secret given directly in `value_var`, or by Secrets Manager id in `arn_var`."""
+    if os.environ.get(value_var):
+        return os.environ[value_var]
+    if os.environ.get(arn_var):
+        return secret(os.environ[arn_var])
+    return None
