@@ -28,7 +28,47 @@ def ui_url() -> str:
     return os.environ.get("MMP_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
 
 
-class RunTracker:
+def make_tracker(tracking_uri: str | None = None):
+    """The REST tracker (stdlib, light) for a tracking server, MLflow's client otherwise."""
+    uri = tracking_uri or config.tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        from .tracking_rest import RestRunTracker
+
+        return RestRunTracker(uri)
+    return RunTracker(uri)
+
+
+class TrackerBase:
+    """What both trackers share: how a run is ended from the backend's outcome."""
+
+    tracking_uri: str
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        raise NotImplementedError
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        raise NotImplementedError
+
+    def _terminate(self, run_id: str, status: str) -> None:
+        raise NotImplementedError
+
+    def finish(self, run_id: str, state: JobState, *, message: str = "", log_text: str | None = None) -> str:
+        """End the run from the backend's outcome; keep the log (tail too on failure)."""
+        status = FINAL_STATUS.get(state, "FAILED")
+        if message:
+            self.set_tags(run_id, {"mmp.outcome": message[:5000]})
+        if log_text is not None:
+            self.log_text(run_id, log_text, "logs/train.log")
+            if status != "FINISHED":
+                tail = "\n".join(log_text.splitlines()[-LOG_TAIL_LINES:])
+                self.log_text(run_id, tail, "logs/log-tail.txt")
+        self._terminate(run_id, status)
+        return status
+
+
+class RunTracker(TrackerBase):
+    """MLflow's own client: any tracking URI, including the local SQLite store."""
+
     def __init__(self, tracking_uri: str | None = None):
         self.tracking_uri = tracking_uri or config.tracking_uri()
         self._client: MlflowClient | None = None
@@ -92,18 +132,8 @@ class RunTracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
-    def finish(self, run_id: str, state: JobState, *, message: str = "", log_text: str | None = None) -> str:
-        """End the run from the backend's outcome; keep the log (tail too on failure)."""
-        status = FINAL_STATUS.get(state, "FAILED")
-        if message:
-            self.client.set_tag(run_id, "mmp.outcome", message[:5000])
-        if log_text is not None:
-            self.client.log_text(run_id, log_text, "logs/train.log")
-            if status != "FINISHED":
-                tail = "\n".join(log_text.splitlines()[-LOG_TAIL_LINES:])
-                self.client.log_text(run_id, tail, "logs/log-tail.txt")
+    def _terminate(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
-        return status
 
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status

@@ -40,6 +40,24 @@ class Outcome:
         return self.state == "SUCCEEDED"
 
 
+@dataclass
+class Prepared:
+    """A validated experiment, the backend that will run it and its dataset entry."""
+
+    experiment: Experiment
+    backend: Backend
+    dataset: Any
+
+
+@dataclass
+class Started:
+    """The MLflow run made for a launch, and the request the backend gets."""
+
+    run_id: str
+    run_url: str
+    request: LaunchRequest
+
+
 def read_experiment(trigger: Trigger) -> tuple[Experiment, str]:
     """The experiment file at the commit, validated against the catalogue and platforms."""
     for name in EXPERIMENT_FILES:
@@ -67,9 +85,9 @@ class Pipeline:
         on_launch: Callable[[str, JobHandle], None] | None = None,
     ):
         if tracker is None:
-            from ..tracking import RunTracker
+            from ..tracking import make_tracker
 
-            tracker = RunTracker()
+            tracker = make_tracker()
         self.tracker = tracker
         self.store = store
         self.reporter = reporter or LocalStatusReporter()
@@ -102,8 +120,8 @@ class Pipeline:
         self._notify(trigger, outcome)
         return outcome
 
-    # -- the flow --------------------------------------------------------------
-    def prepare(self, trigger: Trigger) -> tuple[Experiment, Backend, Any] | Outcome:
+    # -- the flow, as steps the AWS state machine can also call one by one ------
+    def prepare(self, trigger: Trigger) -> Prepared | Outcome:
         """Fetch and validate; an Outcome means stop here (nothing launched or written)."""
         try:
             experiment, _ = read_experiment(trigger)
@@ -119,20 +137,11 @@ class Pipeline:
         problems = backend.check(experiment, dataset)
         if problems:
             return self._reject(trigger, problems)
-        return experiment, backend, dataset
+        return Prepared(experiment=experiment, backend=backend, dataset=dataset)
 
-    def run(self, trigger: Trigger) -> Outcome:
-        try:
-            prepared = self.prepare(trigger)
-        except Exception as exc:  # the source could not be read (GitHub down, bad token, ...)
-            log.exception("could not read %s@%s", trigger.repository, trigger.commit)
-            return self._reject(trigger, [f"could not read the commit: {exc}"], state="ERROR")
-        if isinstance(prepared, Outcome):
-            return prepared
-        experiment, backend, dataset = prepared
-        return self.launch_and_follow(trigger, experiment, backend, dataset)
-
-    def launch_and_follow(self, trigger: Trigger, experiment: Experiment, backend: Backend, dataset: Any) -> Outcome:
+    def start(self, trigger: Trigger, prepared: Prepared) -> Started:
+        """Create the MLflow run (tags, params), record it, and set the pending status."""
+        experiment = prepared.experiment
         name = experiment.resolved_name(trigger.repository)
         tags = {
             "mlflow.source.git.commit": trigger.commit,
@@ -147,8 +156,9 @@ class Pipeline:
             tags["mmp.delivery_id"] = trigger.delivery_id
         if trigger.ref:
             tags["mmp.ref"] = trigger.ref
-        run_name = f"{name}-{trigger.commit[:7]}"
-        run_id = self.tracker.start(name, run_name=run_name, tags=tags, params=experiment.hyperparameters)
+        run_id = self.tracker.start(
+            name, run_name=f"{name}-{trigger.commit[:7]}", tags=tags, params=experiment.hyperparameters
+        )
         run_url = self.tracker.run_url(run_id)
         if self.store is not None:
             self.store.add(run_id=run_id, experiment=name, repository=trigger.repository, commit_sha=trigger.commit,
@@ -156,10 +166,42 @@ class Pipeline:
         request = LaunchRequest(
             experiment=experiment, experiment_name=name, run_id=run_id, repository=trigger.repository,
             clone_url=trigger.clone_url, commit=trigger.commit,
-            mlflow_env=mlflow_env(self.tracker.tracking_uri, name, run_id), dataset=dataset,
+            mlflow_env=mlflow_env(self.tracker.tracking_uri, name, run_id), dataset=prepared.dataset,
             delivery_id=trigger.delivery_id,
         )
         self._status(trigger, "pending", f"training on {experiment.platform}", run_url)
+        return Started(run_id=run_id, run_url=run_url, request=request)
+
+    def conclude(self, trigger: Trigger, started: Started, status: JobStatus, log_text: str | None) -> Outcome:
+        """End the MLflow run from the backend's outcome, then report and notify."""
+        metrics = status.detail.get("metrics") if status.detail else None
+        if metrics:
+            try:
+                self.tracker.log_metrics(started.run_id, metrics)
+            except Exception as exc:
+                log.warning("could not log platform metrics for %s: %s", started.run_id, exc)
+        final = self.tracker.finish(started.run_id, status.state, message=status.message, log_text=log_text)
+        state = {"FINISHED": "SUCCEEDED", "KILLED": "CANCELLED"}.get(final, "FAILED")
+        if self.store is not None:
+            self.store.update(started.run_id, state=state, message=status.message)
+        outcome = Outcome(state=state, message=status.message, run_id=started.run_id, run_url=started.run_url,
+                          experiment=started.request.experiment)
+        github_state = {"SUCCEEDED": "success", "CANCELLED": "error"}.get(state, "failure")
+        self._status(trigger, github_state, f"{state.lower()}: {status.message}", started.run_url)
+        self._notify(trigger, outcome)
+        return outcome
+
+    def run(self, trigger: Trigger) -> Outcome:
+        """The whole flow in this process: the local stack's and `mmp run`'s path."""
+        try:
+            prepared = self.prepare(trigger)
+        except Exception as exc:  # the source could not be read (GitHub down, bad token, ...)
+            log.warning("could not read %s@%s: %s", trigger.repository, trigger.commit[:12], exc)
+            return self._reject(trigger, [f"could not read the commit: {exc}"], state="ERROR")
+        if isinstance(prepared, Outcome):
+            return prepared
+        started = self.start(trigger, prepared)
+        backend = prepared.backend
         lines: collections.deque[str] = collections.deque(maxlen=LOG_KEEP_LINES)
 
         def sink(line: str) -> None:
@@ -171,12 +213,12 @@ class Pipeline:
         status = JobStatus(JobState.FAILED, "did not start")
         interrupted: BaseException | None = None
         try:
-            handle = backend.launch(request)
+            handle = backend.launch(started.request)
             if self.store is not None:
-                self.store.update(run_id, state="RUNNING", handle=handle.to_dict())
+                self.store.update(started.run_id, state="RUNNING", handle=handle.to_dict())
             if self.on_launch:
-                self.on_launch(run_id, handle)
-            deadline = time.time() + experiment.runtime_minutes * 60
+                self.on_launch(started.run_id, handle)
+            deadline = time.time() + prepared.experiment.runtime_minutes * 60
             status = backend.wait(handle, on_log=sink, deadline=deadline)
         except (KeyboardInterrupt, SystemExit) as exc:
             interrupted = exc
@@ -186,7 +228,7 @@ class Pipeline:
         except BackendError as exc:
             status = JobStatus(JobState.FAILED, str(exc))
         except Exception as exc:
-            log.exception("run %s failed in the backend", run_id)
+            log.exception("run %s failed in the backend", started.run_id)
             status = JobStatus(JobState.FAILED, f"{type(exc).__name__}: {exc}")
         finally:
             if handle is not None:
@@ -195,14 +237,7 @@ class Pipeline:
                 except Exception as exc:  # surfaced, never swallowed silently
                     log.error("teardown of %s failed: %s", handle.job_id, exc)
                     status.message += f" (teardown failed: {exc})"
-        final = self.tracker.finish(run_id, status.state, message=status.message, log_text="\n".join(lines))
-        state = {"FINISHED": "SUCCEEDED", "KILLED": "CANCELLED"}.get(final, "FAILED")
-        if self.store is not None:
-            self.store.update(run_id, state=state, message=status.message)
-        outcome = Outcome(state=state, message=status.message, run_id=run_id, run_url=run_url, experiment=experiment)
-        github_state = {"SUCCEEDED": "success", "CANCELLED": "error"}.get(state, "failure")
-        self._status(trigger, github_state, f"{state.lower()}: {status.message}", run_url)
-        self._notify(trigger, outcome)
+        outcome = self.conclude(trigger, started, status, "\n".join(lines))
         if interrupted is not None:
             raise interrupted
         return outcome
