@@ -14,6 +14,39 @@ from typing import Mapping, Sequence
 
 TRAIN_SCRIPT = "train.py"
 
+# horovodrun (0.28.1) runs argparse over its whole command line, train.py's part
+# included, and stops with "ambiguous option" on any token that is a prefix of two
+# of its own options (`--a`, `--log`). Such tokens are refused at validation time;
+# tests/spine checks this list against the installed horovodrun's parser.
+HOROVODRUN_OPTIONS = (
+    "--autotune", "--autotune-bayes-opt-max-samples", "--autotune-gaussian-process-noise", "--autotune-log-file",
+    "--autotune-steps-per-sample", "--autotune-warmup-samples", "--binding-args", "--blacklist-cooldown-range",
+    "--cache-capacity", "--check-build", "--config-file", "--cycle-time-ms", "--disable-cache",
+    "--elastic-timeout", "--fusion-threshold-mb", "--gloo", "--gloo-timeout-seconds", "--help",
+    "--hierarchical-allgather", "--hierarchical-allreduce", "--host-discovery-script", "--hostfile", "--hosts",
+    "--jsrun", "--log-hide-timestamp", "--log-level", "--log-with-timestamp", "--log-without-timestamp",
+    "--max-np", "--max-num-proc", "--min-np", "--min-num-proc", "--mpi", "--mpi-args", "--mpi-threads-disable",
+    "--network-interface", "--network-interfaces", "--no-autotune", "--no-hierarchical-allgather",
+    "--no-hierarchical-allreduce", "--no-log-hide-timestamp", "--no-mpi-threads-disable", "--no-stall-check",
+    "--no-timeline-mark-cycles", "--no-torus-allreduce", "--num-nccl-streams", "--num-proc", "--output-filename",
+    "--prefix-output-with-timestamp", "--reset-limit", "--slots-per-host", "--ssh-identity-file", "--ssh-port",
+    "--stall-check", "--stall-check-shutdown-time-seconds", "--stall-check-warning-time-seconds",
+    "--start-timeout", "--tcp", "--thread-affinity", "--timeline-filename", "--timeline-mark-cycles",
+    "--torus-allreduce", "--verbose", "--version",
+    "-H", "-cb", "-h", "-hostfile", "-i", "-np", "-p", "-prefix-timestamp", "-v",
+)
+
+
+def horovodrun_ambiguity(token: str) -> list[str]:
+    """horovodrun options `token` is an ambiguous prefix of (empty when it is safe)."""
+    if not token.startswith("-") or " " in token or token in HOROVODRUN_OPTIONS:
+        return []
+    prefix = token.split("=", 1)[0]
+    if prefix in HOROVODRUN_OPTIONS:
+        return []
+    matches = [o for o in HOROVODRUN_OPTIONS if o.startswith(prefix) and o.startswith("--") == prefix.startswith("--")]
+    return matches if len(matches) > 1 else []
+
 
 def hyperparameter_text(value: object) -> str:
     """How a hyperparameter value is spelled on the command line."""

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Iterable, Mapping, Union
 
 from pydantic import (
     BaseModel,
+    AfterValidator,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -24,6 +25,7 @@ from pydantic import (
 )
 
 from . import config
+from .argv import horovodrun_ambiguity
 
 EXPERIMENT_FILES = ("experiment.json", "experiment_config.json")
 MAX_FILE_BYTES = 256 * 1024
@@ -96,7 +98,20 @@ def _parse_hyperparameters(value: Any) -> Any:
     return value
 
 
+def _hyperparameter_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name) or len(name) > 128:
+        raise ValueError(f"bad name {name!r}; names match {NAME_PATTERN} (no spaces, no leading '-')")
+    clash = horovodrun_ambiguity(f"--{name}")
+    if clash:
+        raise ValueError(
+            f"'--{name}' is an ambiguous abbreviation to horovodrun (could be {', '.join(clash[:3])}, …); "
+            "use a longer name"
+        )
+    return name
+
+
 StrictInt = Annotated[int, BeforeValidator(_strict_int)]
+HyperparameterName = Annotated[str, AfterValidator(_hyperparameter_name)]
 
 
 class Experiment(BaseModel):
@@ -122,7 +137,7 @@ class Experiment(BaseModel):
         json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"},
     )
     instance_count: StrictInt = Field(default=1, alias="Instance_Count", ge=1, le=256)
-    hyperparameters: Annotated[dict[str, Scalar], BeforeValidator(_parse_hyperparameters)] = Field(
+    hyperparameters: Annotated[dict[HyperparameterName, Scalar], BeforeValidator(_parse_hyperparameters)] = Field(
         default_factory=dict,
         alias="Hyperparameters",
         description="Passed to train.py as --name value, in order.",
@@ -194,18 +209,18 @@ class Experiment(BaseModel):
     def _safe_hyperparameters(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
         if len(value) > MAX_HYPERPARAMETERS:
             raise ValueError(f"at most {MAX_HYPERPARAMETERS} hyperparameters, got {len(value)}")
-        bad = [name for name in value if not _NAME_RE.fullmatch(name) or len(name) > 128]
-        if bad:
-            raise ValueError(
-                f"bad name(s) {', '.join(map(repr, bad))}; names match {NAME_PATTERN} "
-                "(no spaces, no leading '-')"
-            )
         reserved = {"dataset-path", "output-path", "dataset"} & set(value)
         if reserved:
             raise ValueError(f"{', '.join(sorted(reserved))} is set by the pipeline, not a hyperparameter")
         for name, item in value.items():
             if isinstance(item, str) and len(item) > 2500:
                 raise ValueError(f"value of {name!r} is longer than 2500 characters")
+            clash = horovodrun_ambiguity(item) if isinstance(item, str) else []
+            if clash:
+                raise ValueError(
+                    f"value {item!r} of {name!r} is an ambiguous abbreviation to horovodrun "
+                    f"(could be {', '.join(clash[:3])}, …)"
+                )
         return value
 
     # -- derived values -------------------------------------------------------
@@ -254,6 +269,8 @@ def _problems(exc: ValidationError) -> list[FieldProblem]:
         field = loc[0] if loc else "(file)"
         if len(loc) > 1 and field == "Hyperparameters":
             field = f"Hyperparameters.{loc[1]}"
+            if len(loc) > 2 and loc[2] == "[key]":
+                field += " (name)"
         kind = err["type"]
         given = err.get("input")
         if kind == "extra_forbidden":
