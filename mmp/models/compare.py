@@ -1,0 +1,231 @@
+"""The leaderboard: one MLflow search, paginated, turned into rows people can compare.
+
+A row carries what decides between runs: the status, the commit and platform, the
+instance type × count, the hyperparameters that differ across runs (equal ones are
+noise), the chosen metrics, the duration and the instance-hours it cost. Sorting is
+MLflow's own `order_by`, so the best run comes first without loading a metric
+history. Garbage collection is paused while MLflow builds thousands of run objects:
+on 1,000 runs it halves the time (see bench/models_leaderboard.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from .. import config
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+MODES = ("max", "min")
+PAGE_SIZE = 5000  # runs per search page; MLflow caps a page at 50,000
+TAG_COMMIT = "mlflow.source.git.commit"
+TAG_PLATFORM = "mmp.platform"
+TAG_INSTANCE_TYPE = "mmp.instance_type"
+TAG_INSTANCE_COUNT = "mmp.instance_count"
+
+
+class CompareError(ValueError):
+    """A leaderboard that cannot be made (unknown experiment, bad mode); the message says why."""
+
+
+@dataclass
+class Row:
+    rank: int
+    run_id: str
+    run_name: str
+    status: str
+    commit: str | None
+    platform: str | None
+    instance_type: str | None
+    instance_count: int
+    params: dict[str, str]  # only the hyperparameters that vary across the runs
+    metrics: dict[str, float]
+    start_time: float | None  # seconds since the epoch
+    duration_s: float | None
+    instance_hours: float | None
+
+    @property
+    def instances(self) -> str:
+        return f"{self.instance_type or '?'} × {self.instance_count}"
+
+
+@dataclass
+class Leaderboard:
+    experiment: str
+    experiment_id: str
+    metric: str | None  # the sort key (first chosen metric), None: newest first
+    mode: str
+    metrics: list[str]
+    varied_params: list[str]
+    rows: list[Row] = field(default_factory=list)
+
+    def best(self) -> Row | None:
+        """The first row that has the sort metric (runs without it sort last)."""
+        for row in self.rows:
+            if self.metric is None or self.metric in row.metrics:
+                return row
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for row, raw in zip(self.rows, data["rows"]):
+            raw["instances"] = row.instances
+        return data
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic collector while MLflow builds many short-lived objects."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def make_client(tracking_uri: str | None = None) -> "MlflowClient":
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri or config.tracking_uri())
+
+
+def order_by(metric: str | None, mode: str) -> list[str]:
+    """MLflow `order_by` clauses: best metric first (MLflow puts runs lacking it last), newest next."""
+    if mode not in MODES:
+        raise CompareError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    clauses = [f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}"] if metric else []
+    return clauses + ["attributes.start_time DESC"]
+
+
+def experiment_id(client: "MlflowClient", name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        known = sorted(e.name for e in client.search_experiments(max_results=200))
+        hint = f"; known experiments: {', '.join(known)}" if known else "; no experiments yet"
+        raise CompareError(f"no MLflow experiment named {name!r}{hint}")
+    return experiment.experiment_id
+
+
+def search_all(client: "MlflowClient", experiment_ids: Sequence[str], *, filter_string: str = "",
+               order: Sequence[str] = (), limit: int | None = None, page_size: int = PAGE_SIZE) -> list["Run"]:
+    """Every matching run, page by page (MLflow's page tokens), in `order`."""
+    runs: list[Run] = []
+    token = None
+    with gc_paused():
+        while True:
+            want = page_size if limit is None else min(page_size, limit - len(runs))
+            page = client.search_runs(list(experiment_ids), filter_string=filter_string, order_by=list(order),
+                                      max_results=want, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token or not page or (limit is not None and len(runs) >= limit):
+                return runs
+
+
+def _count(value: str | None) -> int:
+    try:
+        return max(int(value or 1), 1)
+    except ValueError:
+        return 1
+
+
+def varied_params(runs: Sequence["Run"]) -> list[str]:
+    """Parameter names whose value is not the same on every run (missing counts as a value)."""
+    keys = sorted({k for run in runs for k in run.data.params})
+    return [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
+
+
+def to_rows(runs: Sequence["Run"], metrics: Sequence[str], varied: Sequence[str], now: float | None = None) -> list[Row]:
+    now = time.time() if now is None else now
+    rows = []
+    for rank, run in enumerate(runs, start=1):
+        info, data = run.info, run.data
+        start = info.start_time / 1000 if info.start_time else None
+        end = info.end_time / 1000 if info.end_time else (now if info.status == "RUNNING" else None)
+        duration = max(end - start, 0.0) if start is not None and end is not None else None
+        count = _count(data.tags.get(TAG_INSTANCE_COUNT))
+        rows.append(Row(
+            rank=rank, run_id=info.run_id, run_name=info.run_name or "", status=info.status,
+            commit=data.tags.get(TAG_COMMIT), platform=data.tags.get(TAG_PLATFORM),
+            instance_type=data.tags.get(TAG_INSTANCE_TYPE), instance_count=count,
+            params={k: data.params[k] for k in varied if k in data.params},
+            metrics={m: data.metrics[m] for m in metrics if m in data.metrics},
+            start_time=start, duration_s=duration,
+            instance_hours=None if duration is None else duration / 3600 * count,
+        ))
+    return rows
+
+
+def leaderboard(experiment: str, metrics: Sequence[str] | str | None = None, *, mode: str = "max",
+                limit: int | None = None, client: "MlflowClient | None" = None,
+                tracking_uri: str | None = None) -> Leaderboard:
+    """The experiment's runs, best first by the first metric (newest first when none is chosen).
+
+    With no metrics chosen, every metric any run logged is shown.
+    """
+    chosen = [metrics] if isinstance(metrics, str) else [m for m in (metrics or []) if m]
+    sort_metric = chosen[0] if chosen else None
+    clauses = order_by(sort_metric, mode)
+    client = client or make_client(tracking_uri)
+    exp_id = experiment_id(client, experiment)
+    runs = search_all(client, [exp_id], order=clauses, limit=limit)
+    shown = chosen or sorted({k for run in runs for k in run.data.metrics})
+    varied = varied_params(runs)
+    return Leaderboard(experiment=experiment, experiment_id=exp_id, metric=sort_metric, mode=mode,
+                       metrics=shown, varied_params=varied, rows=to_rows(runs, shown, varied))
+
+
+# -- presentation ------------------------------------------------------------------
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+
+
+STATUS_STYLE = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}
+
+
+def table(board: Leaderboard, *, max_rows: int | None = None):
+    """A rich Table of the leaderboard (the best row in bold)."""
+    from rich.table import Table
+
+    shown = board.rows if max_rows is None else board.rows[:max_rows]
+    sort = f", best by {board.metric} ({board.mode})" if board.metric else ", newest first"
+    caption = f"{len(shown)} of {len(board.rows)} runs" if len(shown) < len(board.rows) else None
+    t = Table(title=f"{board.experiment}: {len(board.rows)} runs{sort}", caption=caption)
+    for name in ("#", "run", "status", "commit", "platform", "instances"):
+        t.add_column(name, no_wrap=True)
+    for name in board.varied_params:
+        t.add_column(name, style="magenta")
+    for name in board.metrics:
+        t.add_column(name, justify="right", style="bold" if name == board.metric else None)
+    t.add_column("duration", justify="right")
+    t.add_column("inst-h", justify="right")
+    best = board.best()
+    for row in shown:
+        t.add_row(
+            str(row.rank), row.run_id[:8], f"[{STATUS_STYLE.get(row.status, 'white')}]{row.status}[/]",
+            (row.commit or "—")[:7], row.platform or "—", row.instances,
+            *(row.params.get(p, "—") for p in board.varied_params),
+            *(_number(row.metrics.get(m)) for m in board.metrics),
+            _duration(row.duration_s), "—" if row.instance_hours is None else f"{row.instance_hours:.3f}",
+            style="bold" if best is not None and row is best and board.metric else None,
+        )
+    return t

@@ -1,0 +1,182 @@
+"""Serve a registered model locally with MLflow's pyfunc scoring server.
+
+`mmp serve MODEL[@ALIAS]` runs `mlflow models serve --env-manager local` (the
+model runs in this Python environment, nothing is installed) on 127.0.0.1. The
+server runs in its own process group so stopping it stops its uvicorn workers too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from .. import config
+from .promote import DEFAULT_ALIAS
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5001  # 5000 is the MLflow UI of `mmp up`
+START_TIMEOUT_S = 120.0
+
+
+class ServeError(RuntimeError):
+    """The model could not be served (bad reference, server died, no answer in time)."""
+
+
+def model_uri(ref: str) -> str:
+    """`name@alias`, `name/3` or `name` (meaning @production) as a `models:/` URI; URIs pass through."""
+    ref = ref.strip()
+    if not ref:
+        raise ServeError("MODEL is empty; give NAME, NAME@ALIAS or NAME/VERSION")
+    if "://" in ref or ref.startswith("models:/") or ref.startswith("runs:/"):
+        return ref
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        if not name or not alias:
+            raise ServeError(f"{ref!r}: expected NAME@ALIAS")
+        return f"models:/{name}@{alias}"
+    name, _, version = ref.rpartition("/")
+    if name and version.isdigit():
+        return f"models:/{name}/{version}"
+    return f"models:/{ref}@{DEFAULT_ALIAS}"
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def serve_argv(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+            "-h", host, "-p", str(port), "-w", str(workers)]
+
+
+class ModelServer:
+    """One `mlflow models serve` process: start, wait until it answers, predict, stop."""
+
+    def __init__(self, ref: str, *, host: str = DEFAULT_HOST, port: int | None = None,
+                 tracking_uri: str | None = None, log_path: str | None = None):
+        self.uri = model_uri(ref)
+        self.host = host
+        self.port = port or free_port(host)
+        self.tracking_uri = tracking_uri or config.tracking_uri()
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, *, wait: bool = True, timeout: float = START_TIMEOUT_S) -> "ModelServer":
+        self._check_model()
+        # MLflow execs `uvicorn` by name: put this interpreter's bin folder (the venv's) first.
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "PATH": path}
+        self._log = open(self.log_path, "ab") if self.log_path else None
+        out = self._log if self._log else subprocess.DEVNULL if wait else None
+        self.proc = subprocess.Popen(serve_argv(self.uri, self.host, self.port), env=env, stdout=out,
+                                     stderr=subprocess.STDOUT if out is not None else None,
+                                     start_new_session=True)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def _check_model(self) -> None:
+        """Fail fast with a clear message when the registry has no such model or alias."""
+        if not self.uri.startswith("models:/") or self.uri.startswith("models:/m-"):
+            return
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        body = self.uri[len("models:/"):]
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        try:
+            if "@" in body:
+                name, alias = body.rsplit("@", 1)
+                client.get_model_version_by_alias(name, alias)
+            else:
+                name, version = body.rsplit("/", 1)
+                client.get_model_version(name, version)
+        except MlflowException as exc:
+            raise ServeError(f"{self.uri}: {exc.message}") from None
+
+    def ping(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.stop()
+                raise ServeError(f"the scoring server for {self.uri} exited with code {code} before answering"
+                                 + (f"; see {self.log_path}" if self.log_path else ""))
+            if self.ping():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise ServeError(f"the scoring server for {self.uri} did not answer /ping within {timeout:.0f} s")
+
+    def predict(self, inputs: Any, timeout: float = 60) -> Any:
+        """POST {"inputs": ...} to /invocations and return the predictions."""
+        if hasattr(inputs, "tolist"):
+            inputs = inputs.tolist()
+        body = json.dumps({"inputs": inputs}).encode()
+        request = urllib.request.Request(f"{self.url}/invocations", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                answer = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise ServeError(f"/invocations answered {exc.code}: {detail}") from None
+        return answer.get("predictions", answer) if isinstance(answer, dict) else answer
+
+    def wait(self) -> int:
+        """Block until the server exits (Ctrl-C stops it)."""
+        assert self.proc is not None, "start() first"
+        try:
+            return self.proc.wait()
+        except KeyboardInterrupt:
+            self.stop()
+            return 130
+
+    def stop(self, grace: float = 10) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(proc.pid, sig)  # the group we made with start_new_session
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "ModelServer":
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
