@@ -1,1 +1,103 @@
-"""(filled in by its issue)"""
+"""`mmp up`, `mmp hook install`, `mmp demo`, `mmp worker`, `mmp jobs`: the local GitOps loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app, console, err_console, fail, print_json
+
+hook_app = typer.Typer(help="Git hooks that post push events to the local webhook.", no_args_is_help=True)
+app.add_typer(hook_app, name="hook")
+
+
+@app.command()
+def up(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the webhook and MLflow UI listen on."),
+    port: int = typer.Option(8080, "--port", help="Webhook port (POST /webhook, GET /healthz)."),
+    mlflow_port: int = typer.Option(5000, "--mlflow-port", help="MLflow UI port."),
+    ui: bool = typer.Option(True, "--ui/--no-ui", help="Start the MLflow UI."),
+) -> None:
+    """Run the local stack: webhook server, pipeline worker and MLflow UI, until Ctrl-C."""
+    import logging
+
+    from .. import config
+    from ..localstack import LocalStack
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    c = console()
+    try:
+        stack = LocalStack(host, port, mlflow_port, ui=ui, say=c.print).start()
+    except OSError as exc:
+        fail(f"could not listen on {host}:{port}: {exc.strerror or exc}", 1)
+    c.print(f"[bold]webhook[/]  http://{host}:{stack.port}/webhook   (health: /healthz)")
+    if stack.ui:
+        c.print(f"[bold]MLflow[/]   {stack.ui_url}")
+    c.print(f"[bold]state[/]    {config.mmp_home()}  (worker log: logs/worker.log)")
+    c.print("install the hook in a repository with [bold]mmp hook install REPO[/]; Ctrl-C stops everything")
+    stack.serve()
+    c.print("stopped")
+
+
+@hook_app.command("install")
+def hook_install(
+    repo: Path = typer.Argument(Path("."), help="Working repository (post-commit) or bare repository (post-receive)."),
+    url: Optional[str] = typer.Option(None, "--url", help="Webhook URL (default MMP_WEBHOOK_URL or http://127.0.0.1:8080/webhook)."),
+    force: bool = typer.Option(False, "--force", help="Replace a hook mmp did not install (kept as .bak)."),
+) -> None:
+    """Make commits (or pushes, for a bare repository) post signed push events to the local webhook."""
+    from ..hooks import HookError, install, webhook_url
+
+    try:
+        path = install(repo, url=url, force=force)
+    except HookError as exc:
+        fail(str(exc), 2)
+    console().print(f"installed {path.name} in {path.parent} → {url or webhook_url()}")
+
+
+@app.command()
+def worker(once: bool = typer.Option(False, "--once", help="Run what is queued, then exit.")) -> None:
+    """Run the pipeline worker on the durable queue (what `mmp up` starts)."""
+    from ..pipeline.worker import main
+
+    raise typer.Exit(main(["--once"] if once else []))
+
+
+@app.command()
+def jobs(limit: int = typer.Option(20, "--limit", "-n"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Webhook deliveries in the local queue, newest first."""
+    from ..pipeline.queue import JobQueue
+
+    items = JobQueue().list(limit=limit)
+    if as_json:
+        print_json([j.to_dict() for j in items])
+        return
+    from rich.table import Table
+
+    table = Table(title="jobs")
+    for col in ("delivery", "state", "repository", "commit", "run", "message"):
+        table.add_column(col, overflow="fold")
+    for j in items:
+        table.add_row(j.delivery_id[:13], j.state, j.repository, j.commit_sha[:7], (j.run_id or "-")[:12],
+                      j.message[:70])
+    console().print(table)
+
+
+@app.command()
+def demo(
+    directory: Optional[Path] = typer.Option(None, "--dir", help="Where to make the sample repository (default $MMP_HOME/demo)."),
+    ui: bool = typer.Option(False, "--ui/--no-ui", help="Also start the MLflow UI and keep the stack up at the end."),
+    mlflow_port: int = typer.Option(5000, "--mlflow-port"),
+) -> None:
+    """The whole story: a sample repository, the hook, two commits, two MLflow runs."""
+    from ..demo import DemoError, run_demo
+
+    try:
+        result = run_demo(directory, ui=ui, mlflow_port=mlflow_port, say=console().print)
+    except DemoError as exc:
+        fail(str(exc), 1)
+    if not result.ok:
+        err_console().print("[red]not every run succeeded[/]")
+        raise typer.Exit(1)

@@ -1,0 +1,228 @@
+"""A small GitHub REST client (stdlib urllib, so the Lambda can use it) and its pipeline faces.
+
+It reads a file at a commit (contents API, `ref=<sha>`), lists the files changed
+between two commits (compare API) and sets commit statuses. 5xx answers, network
+errors and rate limits (403/429 with `x-ratelimit-remaining: 0` or `retry-after`)
+are retried with backoff; other 4xx are not. The token comes from `GITHUB_TOKEN` or
+the Secrets Manager id in `MMP_GITHUB_TOKEN_SECRET_ARN`, is only ever put in the
+Authorization header, and never appears in an exception, a log line or a repr.
+`MMP_GITHUB_API_URL` points the client at GitHub Enterprise (`https://HOST/api/v3`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger("mmp.github")
+
+DEFAULT_API_URL = "https://api.github.com"
+STATUS_CONTEXT = "mmp/training"
+STATUS_STATES = ("pending", "success", "failure", "error")
+DESCRIPTION_LIMIT = 140
+API_VERSION = "2022-11-28"
+
+
+class GitHubError(RuntimeError):
+    """A GitHub API call that failed; the message names the call and GitHub's reason, never the token."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class RateLimited(GitHubError):
+    pass
+
+
+def api_url() -> str:
+    return (os.environ.get("MMP_GITHUB_API_URL") or DEFAULT_API_URL).rstrip("/")
+
+
+def token_from_env() -> str | None:
+    from .aws import secret_from_env
+
+    return secret_from_env("GITHUB_TOKEN", "MMP_GITHUB_TOKEN_SECRET_ARN")
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= DESCRIPTION_LIMIT else text[: DESCRIPTION_LIMIT - 1] + "…"
+
+
+def _split(full_name: str) -> str:
+    owner, _, name = full_name.partition("/")
+    if not owner or not name or "/" in name:
+        raise ValueError(f"repository must be 'owner/name', got {full_name!r}")
+    return f"{urllib.parse.quote(owner, safe='')}/{urllib.parse.quote(name, safe='')}"
+
+
+class GitHubClient:
+    def __init__(self, token: str | None = None, base_url: str | None = None, *, retries: int = 4,
+                 backoff: float = 0.5, max_wait: float | None = None, timeout: float = 10.0,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.__token = token
+        self.base_url = (base_url or api_url()).rstrip("/")
+        self.retries = retries
+        self.backoff = backoff
+        self.max_wait = float(os.environ.get("MMP_GITHUB_MAX_WAIT", 60)) if max_wait is None else max_wait
+        self.timeout = timeout
+        self.sleep = sleep
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> "GitHubClient":
+        return cls(token=token_from_env(), **kwargs)
+
+    def __repr__(self) -> str:
+        return f"GitHubClient(base_url={self.base_url!r}, token={'set' if self.__token else 'unset'})"
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self.__token, "***") if self.__token else text
+
+    # -- transport ---------------------------------------------------------------
+    def request(self, method: str, path: str, *, query: dict[str, str] | None = None, body: Any = None,
+                accept: str = "application/vnd.github+json") -> tuple[int, Any, dict[str, str]]:
+        """One API call with retries; returns (status, decoded JSON or text, lower-cased headers)."""
+        url = self.base_url + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Accept": accept, "User-Agent": "mmp", "X-GitHub-Api-Version": API_VERSION}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if self.__token:
+            headers["Authorization"] = f"Bearer {self.__token}"
+        what = f"{method} {path}"
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                req = urllib.request.Request(url, data=data, method=method, headers=headers)
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    content = resp.read()
+                    return (resp.status, content if accept.endswith(".raw") else _decode(content),
+                            {k.lower(): v for k, v in resp.headers.items()})
+            except urllib.error.HTTPError as exc:
+                status, resp_headers = exc.code, {k.lower(): v for k, v in (exc.headers or {}).items()}
+                payload = _decode(exc.read() or b"")
+                reason = self._scrub(str(payload.get("message") if isinstance(payload, dict) else payload)[:300])
+                wait = self._retry_wait(status, resp_headers, attempt)
+                if wait is None or last:
+                    error = RateLimited if _rate_limited(status, resp_headers) else GitHubError
+                    raise error(f"GitHub {what} answered {status}: {reason or exc.reason}", status) from None
+                log.warning("GitHub %s answered %s (%s); retry %d in %.1fs", what, status, reason, attempt + 1, wait)
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                reason = self._scrub(str(getattr(exc, "reason", exc)))
+                if last:
+                    raise GitHubError(f"GitHub {what} failed: {reason}") from None
+                wait = self._backoff(attempt)
+                log.warning("GitHub %s failed (%s); retry %d in %.1fs", what, reason, attempt + 1, wait)
+            self.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.max_wait, self.backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
+
+    def _retry_wait(self, status: int, headers: dict[str, str], attempt: int) -> float | None:
+        """Seconds to wait before retrying, or None when this answer is final."""
+        if _rate_limited(status, headers):
+            if headers.get("retry-after", "").isdigit():
+                wait = float(headers["retry-after"])
+            elif headers.get("x-ratelimit-reset", "").isdigit():
+                wait = max(0.0, float(headers["x-ratelimit-reset"]) - time.time()) + 1
+            else:
+                wait = self._backoff(attempt)
+            return wait if wait <= self.max_wait else None  # a reset an hour away is not worth waiting for
+        if status >= 500:
+            return self._backoff(attempt)
+        return None
+
+    # -- calls ---------------------------------------------------------------------
+    def get_file(self, repository: str, path: str, ref: str) -> bytes | None:
+        """A file's bytes at `ref` (a sha), None when GitHub says 404."""
+        api_path = f"/repos/{_split(repository)}/contents/{urllib.parse.quote(path.lstrip('/'), safe='/')}"
+        try:
+            _, data, _ = self.request("GET", api_path, query={"ref": ref})
+        except GitHubError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if isinstance(data, list) or not isinstance(data, dict) or data.get("type") not in (None, "file"):
+            raise GitHubError(f"GitHub GET {api_path}: {path} is not a file at {ref[:12]}")
+        if data.get("encoding") == "base64":
+            return base64.b64decode(data.get("content") or "")  # b64decode skips the embedded newlines
+        # files over 1 MB come back with encoding "none": ask for the raw bytes
+        _, raw, _ = self.request("GET", api_path, query={"ref": ref}, accept="application/vnd.github.raw")
+        return raw
+
+    def compare(self, repository: str, base: str, head: str) -> dict[str, list[str]]:
+        """added / modified / removed paths between two commits (a rename counts as both)."""
+        api_path = f"/repos/{_split(repository)}/compare/{urllib.parse.quote(base, safe='')}...{urllib.parse.quote(head, safe='')}"
+        _, data, _ = self.request("GET", api_path)
+        out: dict[str, list[str]] = {"added": [], "modified": [], "removed": []}
+        for entry in (data or {}).get("files") or []:
+            status, name = entry.get("status"), entry.get("filename")
+            if status in ("added", "copied"):
+                out["added"].append(name)
+            elif status == "removed":
+                out["removed"].append(name)
+            elif status == "renamed":
+                out["added"].append(name)
+                if entry.get("previous_filename"):
+                    out["removed"].append(entry["previous_filename"])
+            elif status != "unchanged":
+                out["modified"].append(name)
+        return out
+
+    def create_status(self, repository: str, sha: str, state: str, description: str = "",
+                      target_url: str | None = None, context: str = STATUS_CONTEXT) -> dict:
+        if state not in STATUS_STATES:
+            raise ValueError(f"state must be one of {', '.join(STATUS_STATES)}, got {state!r}")
+        body: dict[str, Any] = {"state": state, "description": _short(description), "context": context}
+        if target_url:
+            body["target_url"] = target_url
+        _, data, _ = self.request("POST", f"/repos/{_split(repository)}/statuses/{sha}", body=body)
+        return data
+
+
+def _rate_limited(status: int, headers: dict[str, str]) -> bool:
+    return status in (403, 429) and (headers.get("x-ratelimit-remaining") == "0" or "retry-after" in headers)
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return raw
+
+
+@dataclass
+class GitHubSource:
+    """The pipeline's CommitSource over the contents API."""
+
+    client: GitHubClient
+    repository: str
+    commit: str
+    _cache: dict[str, bytes | None] = field(default_factory=dict, repr=False)
+
+    def read_file(self, path: str) -> bytes | None:
+        if path not in self._cache:
+            self._cache[path] = self.client.get_file(self.repository, path, self.commit)
+        return self._cache[path]
+
+
+@dataclass
+class GitHubStatusReporter:
+    """The pipeline's StatusReporter as GitHub commit statuses (context mmp/training)."""
+
+    client: GitHubClient
+    context: str = STATUS_CONTEXT
+
+    def report(self, repository: str, commit: str, state: str, description: str, target_url: str | None) -> None:
+        self.client.create_status(repository, commit, state, description, target_url, self.context)

@@ -1,0 +1,277 @@
+"""The local worker: takes jobs from the durable queue and runs the pipeline for each.
+
+One worker at a time holds `$MMP_HOME/worker.lock` (an flock, released by the kernel
+even on `kill -9`). So when a worker starts, any job still marked `running` lost its
+worker mid-flight: it is marked failed (never re-run, since training may already
+have started), its MLflow run is set FAILED, whatever it left running is killed,
+and the commit gets an `error` status and a notification. Queued jobs then run
+exactly once, oldest first. A push that changed `promote.json` is handed to
+`mmp.models.gitops.run_promotion`; one that changed an experiment file trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import config
+from ..webhook.core import Job
+from .queue import JobQueue, QueuedJob, worker_id
+from .reporting import LocalNotifier, LocalStatusReporter, Notifier, StatusReporter
+from .sources import LocalGitSource, Trigger
+
+log = logging.getLogger("mmp.worker")
+
+INTERRUPTED = "interrupted: the worker stopped (crash or kill -9) while this job was in flight; not re-run"
+SECRET_ENV = ("GITHUB_TOKEN", "MMP_WEBHOOK_SECRET")
+
+
+class WorkerBusy(RuntimeError):
+    pass
+
+
+class CompositeReporter:
+    """The local status record, plus GitHub commit statuses for GitHub repositories."""
+
+    def __init__(self, *reporters: StatusReporter):
+        self.reporters = reporters
+
+    def report(self, repository: str, commit: str, state: str, description: str, target_url: str | None) -> None:
+        errors = []
+        for reporter in self.reporters:
+            try:
+                reporter.report(repository, commit, state, description, target_url)
+            except Exception as exc:
+                errors.append(f"{type(reporter).__name__}: {exc}")
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+
+def local_path(clone_url: str) -> Path | None:
+    path = Path(clone_url.removeprefix("file://"))
+    return path if path.is_absolute() and path.is_dir() else None
+
+
+class Worker:
+    def __init__(self, queue: JobQueue | None = None, *, poll_seconds: float = 0.5, github: Any = None,
+                 notifier: Notifier | None = None, pipeline_factory: Callable[..., Any] | None = None):
+        self.queue = queue or JobQueue()
+        self.poll_seconds = poll_seconds
+        self._github = github
+        self.notifier = notifier or LocalNotifier()
+        self.pipeline_factory = pipeline_factory
+        self.id = worker_id()
+        self._lock_fh = None
+
+    # -- one worker at a time ------------------------------------------------------
+    def acquire(self) -> None:
+        path = config.mmp_home() / "worker.lock"
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            owner = fh.read().strip() or "?"
+            fh.close()
+            raise WorkerBusy(f"another worker is running ({owner}); one worker per MMP_HOME") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(self.id)
+        fh.flush()
+        self._lock_fh = fh
+
+    def release(self) -> None:
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    # -- wiring ----------------------------------------------------------------------
+    def github(self):
+        if self._github is None:
+            from ..github import GitHubClient
+
+            self._github = GitHubClient.from_env()
+        return self._github
+
+    def trigger_for(self, job: Job) -> tuple[Trigger, StatusReporter]:
+        path = local_path(job.clone_url)
+        if path is not None:
+            source = LocalGitSource(path, job.after)
+            trigger = Trigger(repository=job.repository, clone_url=str(path), commit=job.after, source=source,
+                              delivery_id=job.delivery_id, ref=job.ref)
+            return trigger, LocalStatusReporter()
+        from ..github import GitHubSource, GitHubStatusReporter
+
+        client = self.github()
+        trigger = Trigger(repository=job.repository, clone_url=job.clone_url, commit=job.after,
+                          source=GitHubSource(client, job.repository, job.after), delivery_id=job.delivery_id,
+                          ref=job.ref)
+        return trigger, CompositeReporter(LocalStatusReporter(), GitHubStatusReporter(client))
+
+    def pipeline(self, reporter: StatusReporter, delivery_id: str):
+        from .store import RunStore
+
+        def on_launch(run_id: str, handle: Any) -> None:
+            self.queue.set_run(delivery_id, run_id)
+
+        if self.pipeline_factory is not None:
+            return self.pipeline_factory(reporter=reporter, notifier=self.notifier, on_launch=on_launch)
+        from .runner import Pipeline
+
+        return Pipeline(store=RunStore(), reporter=reporter, notifier=self.notifier, on_launch=on_launch)
+
+    # -- the work ----------------------------------------------------------------------
+    def process(self, queued: QueuedJob) -> str:
+        """Run one claimed job; its final queue state is done (all ok) or failed."""
+        job = Job.from_dict(queued.payload)
+        results, ok = [], True
+        try:
+            trigger, reporter = self.trigger_for(job)
+            if job.trains:
+                outcome = self.pipeline(reporter, job.delivery_id).run(trigger)
+                if outcome.run_id:
+                    self.queue.set_run(job.delivery_id, outcome.run_id)
+                ok = ok and outcome.ok
+                results.append(f"train {outcome.state}" + (f" run {outcome.run_id}" if outcome.run_id else "")
+                               + f": {outcome.message}")
+            if job.promotes:
+                state, message = self.promote(trigger, reporter)
+                ok = ok and state.upper() not in ("FAILED", "FAILURE", "ERROR", "INVALID")
+                results.append(f"promote {state}: {message}")
+        except (KeyboardInterrupt, SystemExit):
+            self.queue.finish(job.delivery_id, "failed", "cancelled: the worker was stopped during this job")
+            raise
+        except Exception as exc:
+            log.exception("job %s failed", job.delivery_id)
+            self.queue.finish(job.delivery_id, "failed", f"{type(exc).__name__}: {exc}")
+            return "failed"
+        state = "done" if ok else "failed"
+        self.queue.finish(job.delivery_id, state, " | ".join(results))
+        return state
+
+    def promote(self, trigger: Trigger, reporter: StatusReporter) -> tuple[str, str]:
+        try:
+            from ..models.gitops import run_promotion
+        except ImportError as exc:
+            message = f"promote.json changed but promotion is not available here ({exc})"
+            reporter.report(trigger.repository, trigger.commit, "error", message, None)
+            return "ERROR", message
+        result = run_promotion(trigger, reporter=reporter, notifier=self.notifier)
+        return str(result.state), str(result.message)
+
+    def recover(self) -> list[str]:
+        """Fail jobs a dead worker left `running`, with their MLflow runs and processes."""
+        recovered = []
+        for queued in self.queue.running():
+            job = Job.from_dict(queued.payload)
+            log.warning("job %s (%s@%s) was interrupted; marking it failed", job.delivery_id, job.repository,
+                        job.after[:12])
+            run_ids = self._fail_runs(job.delivery_id, queued.run_id)
+            self.queue.finish(job.delivery_id, "failed", INTERRUPTED)
+            try:
+                reporter = LocalStatusReporter() if local_path(job.clone_url) else self.trigger_for(job)[1]
+                reporter.report(job.repository, job.after, "error", INTERRUPTED, None)
+            except Exception as exc:
+                log.warning("could not set the interrupted status for %s: %s", job.after[:12], exc)
+            try:
+                self.notifier.notify(f"[mmp] {job.repository}@{job.after[:7]}: INTERRUPTED", INTERRUPTED,
+                                     {"delivery_id": job.delivery_id, "repository": job.repository,
+                                      "commit": job.after, "state": "INTERRUPTED", "run_ids": run_ids})
+            except Exception as exc:
+                log.warning("could not notify: %s", exc)
+            recovered.append(job.delivery_id)
+        return recovered
+
+    def _fail_runs(self, delivery_id: str, run_id: str | None) -> list[str]:
+        from ..backends import JobHandle, JobState, get_backend
+        from ..tracking import make_tracker
+        from .store import RunStore
+
+        store = RunStore()
+        records = [r for r in store.active() if r.delivery_id == delivery_id or r.run_id == run_id]
+        tracker = make_tracker() if records else None
+        for record in records:
+            if record.handle:
+                try:
+                    handle = JobHandle.from_dict(record.handle)
+                    get_backend(handle.platform).teardown(handle)  # kills what the dead worker left running
+                except Exception as exc:
+                    log.error("could not tear down %s: %s", record.run_id, exc)
+            try:
+                tracker.finish(record.run_id, JobState.FAILED, message=INTERRUPTED)
+            except Exception as exc:
+                log.error("could not mark MLflow run %s failed: %s", record.run_id, exc)
+            store.update(record.run_id, state="FAILED", message=INTERRUPTED)
+        return [r.run_id for r in records]
+
+    def run_once(self) -> bool:
+        queued = self.queue.claim(self.id)
+        if queued is None:
+            return False
+        log.info("job %s: %s@%s", queued.delivery_id, queued.repository, queued.commit_sha[:12])
+        self.process(queued)
+        return True
+
+    def run(self, *, once: bool = False, stop: threading.Event | None = None) -> int:
+        """Hold the lock, recover, then work until stopped (or the queue is empty with once)."""
+        self.acquire()
+        done = 0
+        try:
+            self.recover()
+            while stop is None or not stop.is_set():
+                if self.run_once():
+                    done += 1
+                    continue
+                if once:
+                    break
+                if stop is not None:
+                    stop.wait(self.poll_seconds)
+                else:
+                    time.sleep(self.poll_seconds)
+        finally:
+            self.release()
+        return done
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mmp.pipeline.worker [--once]`: what `mmp up` runs as its worker process."""
+    parser = argparse.ArgumentParser(prog="mmp worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--once", action="store_true", help="run what is queued, then exit")
+    parser.add_argument("--poll", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("MMP_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    github = None
+    if os.environ.get("GITHUB_TOKEN"):
+        from ..github import GitHubClient
+
+        github = GitHubClient.from_env()
+    for name in SECRET_ENV:  # training subprocesses inherit the environment: keep secrets out of it
+        os.environ.pop(name, None)
+    signal.signal(signal.SIGTERM, _raise_exit)
+    worker = Worker(poll_seconds=args.poll, github=github)
+    try:
+        worker.run(once=args.once)
+    except WorkerBusy as exc:
+        print(f"mmp worker: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, SystemExit):
+        log.info("worker stopped")
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

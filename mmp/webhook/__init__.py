@@ -1,0 +1,10 @@
+"""GitHub webhook handling: the shared core, the Lambda adapter and the local server.
+
+`lambda_handler` is the AWS entry point (`mmp.webhook.lambda_handler`). Importing
+this package stays light (stdlib + boto3 + mmp's light modules).
+"""
+
+from .aws_lambda import lambda_handler
+from .core import Job, Response, WebhookHandler, sign, verify_signature
+
+__all__ = ["lambda_handler", "Job", "Response", "WebhookHandler", "sign", "verify_signature"]

@@ -1,0 +1,134 @@
+"""The webhook on AWS: API Gateway HTTP API (payload v2) → Lambda → DynamoDB + Step Functions.
+
+The Lambda verifies and filters with the shared core, claims the delivery with a
+DynamoDB conditional write (delivery id and body digest, each expiring through the
+`expires_at` TTL attribute), then starts a Step Functions execution named after the
+delivery id (a second line of dedupe: names are unique per state machine) whose
+input is the job JSON. If the start fails the claim is released and GitHub gets a
+503, so a redelivery can still launch. Light on purpose: stdlib + boto3 (lazily) +
+mmp's light modules; a test keeps mlflow, torch, pulumi, paramiko, typer and rich out.
+
+Environment: MMP_WEBHOOK_SECRET or MMP_WEBHOOK_SECRET_ARN (Secrets Manager id),
+MMP_DELIVERIES_TABLE (hash key `delivery_id`, string; TTL attribute `expires_at`),
+MMP_STATE_MACHINE_ARN, MMP_DELIVERY_TTL_DAYS (default 7), and for long pushes the
+GitHub token (GITHUB_TOKEN or MMP_GITHUB_TOKEN_SECRET_ARN) to call the compare API.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from typing import Any
+
+from .. import aws
+from .core import HandoffError, Job, Response, WebhookHandler
+
+log = logging.getLogger("mmp.webhook")
+
+_NAME_OK = re.compile(r"^[A-Za-z0-9_-]{1,76}$")
+
+
+def execution_name(delivery_id: str) -> str:
+    """A Step Functions execution name (≤ 80 chars, no special characters) for a delivery."""
+    if _NAME_OK.match(delivery_id):
+        return f"gh-{delivery_id}"
+    return "gh-" + hashlib.sha256(delivery_id.encode()).hexdigest()[:60]
+
+
+def _error_code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+class StepFunctionsSink:
+    """Idempotent, durable hand-off on AWS."""
+
+    def __init__(self, table: str, state_machine_arn: str, ttl_days: float = 7):
+        self.table = table
+        self.state_machine_arn = state_machine_arn
+        self.ttl_seconds = int(ttl_days * 86400)
+
+    def _items(self, job: Job, digest: str) -> list[dict[str, Any]]:
+        expires = str(int(time.time()) + self.ttl_seconds)
+        common = {"expires_at": {"N": expires}, "repository": {"S": job.repository}, "after": {"S": job.after}}
+        return [{"delivery_id": {"S": job.delivery_id}, **common},
+                {"delivery_id": {"S": f"body:{digest}"}, "for_delivery": {"S": job.delivery_id}, **common}]
+
+    def submit(self, job: Job, body_digest: str) -> bool:
+        ddb = aws.client("dynamodb")
+        items = self._items(job, body_digest)
+        try:
+            ddb.transact_write_items(TransactItems=[
+                {"Put": {"TableName": self.table, "Item": item, "ConditionExpression": "attribute_not_exists(delivery_id)"}}
+                for item in items
+            ])
+        except Exception as exc:
+            if _error_code(exc) == "TransactionCanceledException":
+                reasons = [r.get("Code") for r in getattr(exc, "response", {}).get("CancellationReasons", [])]
+                if not reasons or "ConditionalCheckFailed" in reasons:
+                    return False
+            raise
+        try:
+            aws.client("stepfunctions").start_execution(
+                stateMachineArn=self.state_machine_arn, name=execution_name(job.delivery_id),
+                input=json.dumps(job.to_dict()),
+            )
+        except Exception as exc:
+            if _error_code(exc) == "ExecutionAlreadyExists":
+                return False
+            for item in items:  # release the claim so a redelivery can start it
+                try:
+                    ddb.delete_item(TableName=self.table, Key={"delivery_id": item["delivery_id"]})
+                except Exception as cleanup:
+                    log.error("could not release delivery claim %s: %s", item["delivery_id"]["S"], cleanup)
+            raise HandoffError(f"could not start the pipeline execution: {_error_code(exc) or type(exc).__name__}") from None
+        return True
+
+
+def _github_compare(full_name: str, clone_url: str, base: str, head: str):
+    from ..github import GitHubClient
+
+    return GitHubClient.from_env(retries=2, timeout=3).compare(full_name, base, head)
+
+
+def _secret() -> str | None:
+    return aws.secret_from_env("MMP_WEBHOOK_SECRET", "MMP_WEBHOOK_SECRET_ARN")
+
+
+def _handler() -> WebhookHandler:
+    table, arn = os.environ.get("MMP_DELIVERIES_TABLE"), os.environ.get("MMP_STATE_MACHINE_ARN")
+    if not table or not arn:
+        raise HandoffError("MMP_DELIVERIES_TABLE and MMP_STATE_MACHINE_ARN must be set")
+    sink = StepFunctionsSink(table, arn, float(os.environ.get("MMP_DELIVERY_TTL_DAYS", 7)))
+    return WebhookHandler(_secret, sink, compare=_github_compare)
+
+
+def _reply(response: Response) -> dict[str, Any]:
+    return {"statusCode": response.status, "headers": {"content-type": "application/json"},
+            "body": json.dumps(response.body)}
+
+
+def lambda_handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+    """API Gateway HTTP API (payload format 2.0) → the shared webhook core."""
+    method = ((event.get("requestContext") or {}).get("http") or {}).get("method", "POST")
+    if method != "POST":
+        return _reply(Response(405, {"status": "rejected", "error": f"method {method} not allowed; POST only"}))
+    body = event.get("body") or ""
+    if event.get("isBase64Encoded"):
+        try:
+            raw = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            return _reply(Response(400, {"status": "rejected", "error": "body is not valid base64"}))
+    else:
+        raw = body.encode("utf-8")
+    try:
+        handler = _handler()
+    except HandoffError as exc:
+        log.error("%s", exc)
+        return _reply(Response(500, {"status": "rejected", "error": str(exc)}))
+    return _reply(handler.handle(event.get("headers") or {}, raw))
