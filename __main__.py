@@ -1,0 +1,107 @@
+"""The Pulumi program: one stack per environment (dev, prod) of MMP's AWS side.
+
+It reads the stack's `mmp:*` config (validated up front by mmp.infra.settings),
+builds the Lambda zip, composes the components in mmp/infra/ and exports the URLs
+and names people and the backends need (`pulumi stack output`). docs/infra.md
+walks through `pulumi up` for a new environment; Pulumi.dev.yaml.example lists
+every config key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pulumi
+import pulumi_aws as aws
+from pulumi.runtime import config as runtime_config
+
+from mmp.infra import lambda_package
+from mmp.infra.datastore import DataStore
+from mmp.infra.dlami import DlamiResources
+from mmp.infra.mlflow_server import MlflowServer
+from mmp.infra.network import Network
+from mmp.infra.pipeline import TrainingPipeline
+from mmp.infra.settings import KEYS, NAMESPACE, SECRET_KEYS, SettingsError, parse_settings
+from mmp.infra.webhook_api import WebhookApi
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _configured_keys() -> set[str]:
+    keys = set(runtime_config.CONFIG.get()) | set(runtime_config.get_config_env() or {})
+    return {k.split(":", 1)[1] for k in keys if k.startswith(f"{NAMESPACE}:")}
+
+
+def read_settings():
+    cfg = pulumi.Config(NAMESPACE)
+    unknown = sorted(_configured_keys() - set(KEYS) - set(SECRET_KEYS))
+    if unknown:
+        raise SettingsError(f"unknown config key(s) {', '.join(f'mmp:{k}' for k in unknown)}; "
+                            f"known: {', '.join(KEYS + SECRET_KEYS)}")
+    values = {}
+    for key in KEYS:
+        raw = cfg.get(key)
+        if raw is not None:
+            values[key] = json.loads(raw) if raw.lstrip()[:1] in "[{" else raw
+    present = tuple(k for k in SECRET_KEYS if runtime_config.get_config(f"{NAMESPACE}:{k}") is not None)
+    region = pulumi.Config("aws").get("region")
+    if not region:
+        raise SettingsError("aws:region: required (pulumi config set aws:region us-east-1)")
+    return parse_settings(pulumi.get_stack(), values, region=region, secret_keys=present), cfg
+
+
+settings, cfg = read_settings()
+account = aws.get_caller_identity_output().account_id
+package = lambda_package.build(ROOT / "build" / "lambda" / f"mmp-lambda-{pulumi.get_stack()}.zip")
+
+network = Network("network", settings)
+data = DataStore("data", settings, network)
+mlflow = MlflowServer("mlflow", settings, network, data, account=account,
+                      admin_password=cfg.get_secret("mlflowAdminPassword"))
+pipeline = TrainingPipeline("pipeline", settings, network, data, mlflow, account=account, package=package,
+                            github_token=cfg.require_secret("githubToken"), project_root=ROOT)
+webhook = WebhookApi("webhook", settings, account=account, package=package,
+                     webhook_secret=cfg.require_secret("webhookSecret"),
+                     github_token_secret_arn=pipeline.github_token_secret.arn,
+                     state_machine_arn=pipeline.state_machine.arn)
+dlami = None
+if settings.dlami:
+    dlami = DlamiResources("dlami", settings, network, data, ssh_private_key=cfg.require_secret("sshPrivateKey"),
+                           mlflow_password_secret_arn=mlflow.password_secret.arn if mlflow.password_secret else None)
+
+# -- what people need -------------------------------------------------------------------
+pulumi.export("webhookUrl", webhook.url)
+pulumi.export("webhookSecret", pulumi.Output.secret(cfg.require_secret("webhookSecret")))
+pulumi.export("mlflowUrl", mlflow.url)
+pulumi.export("mlflowUsername", mlflow.username)
+pulumi.export("datasetsBucket", data.datasets_bucket.bucket)
+pulumi.export("artifactsBucket", data.artifacts_bucket.bucket)
+pulumi.export("fsxMountName", data.fsx_mount_name)
+pulumi.export("notificationTopicArn", pipeline.topic.arn)
+pulumi.export("stateMachineArn", pipeline.state_machine.arn)
+pulumi.export("deliveriesTable", webhook.table.name)
+
+# -- what the backends read (`mmp run` from an operator's machine uses these too) -----------
+backend_env = pipeline.environment.apply(lambda env: {k: v for k, v in env.items() if k != "MMP_HOME"})
+extra = {"MMP_WEBHOOK_SECRET_ARN": webhook.webhook_secret.arn, "MMP_DELIVERIES_TABLE": webhook.table.name,
+         "MMP_STATE_MACHINE_ARN": pipeline.state_machine.arn, "MMP_FSX_DNS_NAME": data.fsx_dns_name}
+if dlami is not None:
+    extra.update({
+        "MMP_DLAMI_SSM_PARAMETER": settings.dlami_ssm_parameter, "MMP_DLAMI_AMI_ID": settings.dlami_ami_id or "",
+        "MMP_LAUNCH_TEMPLATE_ID": dlami.launch_template.id, "MMP_PLACEMENT_GROUP": dlami.placement_group.name,
+        "MMP_SSH_KEY_SECRET_ARN": dlami.ssh_key_secret.arn, "MMP_SSH_USER": settings.ssh_user,
+    })
+pulumi.export("backendEnv", pulumi.Output.all(backend_env, extra).apply(lambda a: {**a[0], **a[1]}))
+for key, value in {
+    "ecrRepositoryUri": pipeline.repository.repository_url, "sagemakerRoleArn": pipeline.sagemaker_role.arn,
+    "jobNamePrefix": settings.job_prefix, "githubTokenSecretArn": pipeline.github_token_secret.arn,
+    "webhookSecretArn": webhook.webhook_secret.arn,
+    "mlflowPasswordSecretArn": mlflow.password_secret.arn if mlflow.password_secret else "",
+    "fsxFileSystemId": data.fsx_id, "fsxDnsName": data.fsx_dns_name, "datasetsCatalogue": data.catalogue_json,
+    "privateSubnetIds": network.private_subnet_ids, "trainingSecurityGroupId": network.training_sg.id,
+    "launchTemplateId": dlami.launch_template.id if dlami else "",
+    "placementGroup": dlami.placement_group.name if dlami else "",
+    "sshKeySecretArn": dlami.ssh_key_secret.arn if dlami else "",
+}.items():
+    pulumi.export(key, value)

@@ -1,0 +1,67 @@
+"""IAM helpers: inline least-privilege roles built from statements.
+
+Every role MMP makes goes through `service_role`, so the rule "no `*` action on a
+`*` resource" is enforced in one place (`check_document` raises before the role is
+declared). Resources are the stack's own ARNs: its buckets, tables, topics,
+secrets, log groups and the training-job name prefix.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import pulumi
+import pulumi_aws as aws
+
+
+def statement(actions: Sequence[str], resources: Sequence[Any], condition: dict | None = None) -> dict:
+    st: dict[str, Any] = {"Effect": "Allow", "Action": list(actions), "Resource": list(resources)}
+    if condition:
+        st["Condition"] = condition
+    return st
+
+
+def check_document(doc: dict) -> dict:
+    """Refuse a document that allows every action, or a service's every action, on every resource."""
+    for st in doc.get("Statement", []):
+        actions = st.get("Action", [])
+        resources = st.get("Resource", [])
+        actions = [actions] if isinstance(actions, str) else actions
+        resources = [resources] if isinstance(resources, str) else resources
+        if st.get("Effect") == "Allow" and "*" in resources and any(a == "*" or a.endswith(":*") for a in actions):
+            raise ValueError(f"IAM statement allows {actions} on every resource: {st}")
+        if any(a == "*" for a in actions):
+            raise ValueError(f"IAM statement allows every action: {st}")
+    return doc
+
+
+def document(statements: Sequence[dict]) -> pulumi.Output[str]:
+    """A policy JSON from statements whose resources may be Outputs."""
+    resolved = pulumi.Output.from_input(list(statements))
+    return resolved.apply(lambda sts: json.dumps(check_document({"Version": "2012-10-17", "Statement": sts})))
+
+
+def assume_policy(service: str) -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"}]})
+
+
+def service_role(name: str, service: str, statements: Sequence[dict], parent: pulumi.Resource,
+                 *, description: str = "") -> aws.iam.Role:
+    """A role `service` may assume, with one inline policy made of `statements`."""
+    opts = pulumi.ResourceOptions(parent=parent)
+    role = aws.iam.Role(name, assume_role_policy=assume_policy(service), description=description, opts=opts)
+    aws.iam.RolePolicy(name, role=role.id, policy=document(statements), opts=opts)
+    return role
+
+
+def log_group_arns(region: str, account: pulumi.Input[str], group: pulumi.Input[str]) -> list[pulumi.Output[str]]:
+    """The log group and its streams (CreateLogStream/PutLogEvents need the `:*` form)."""
+    arn = pulumi.Output.concat("arn:aws:logs:", region, ":", account, ":log-group:", group)
+    return [arn, pulumi.Output.concat(arn, ":*")]
+
+
+def logs_statement(region: str, account: pulumi.Input[str], groups: Sequence[pulumi.Input[str]]) -> dict:
+    resources = [arn for g in groups for arn in log_group_arns(region, account, g)]
+    return statement(["logs:CreateLogStream", "logs:PutLogEvents"], resources)

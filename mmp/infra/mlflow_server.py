@@ -1,0 +1,191 @@
+"""MlflowServer: the tracking server the pipeline, train.py and people all use.
+
+Default (`mmp:mlflowMode fargate`): one ECS Fargate task running `mlflow server`
+with job execution off, `--serve-artifacts` into the artifacts bucket, the
+basic-auth app, and an RDS PostgreSQL backend store, behind an internet-facing
+ALB (HTTPS when `mmp:mlflowCertificateArn` is set; the UI is what the GitHub
+commit status links to). The database password is managed by RDS in Secrets
+Manager (`manage_master_user_password`) and the admin password is the
+`mmp:mlflowAdminPassword` secret; ECS injects both, so neither sits in the task
+definition or the Pulumi state in clear. The basic-auth app keeps its users in
+the same PostgreSQL database (its own tables and `alembic_version_auth`).
+
+`mmp:mlflowMode sagemaker` makes a SageMaker managed MLflow tracking server
+instead (no ALB, RDS or Fargate); its API needs SigV4-signed requests, see
+docs/infra.md for what that means for the stage Lambdas.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pulumi
+import pulumi_aws as aws
+
+from . import iam
+from .datastore import DataStore
+from .network import Network
+from .settings import Settings
+
+PORT = 5000
+AUTH_INI = "/tmp/mlflow-auth.ini"
+
+# Written and run inside the container: the official image has mlflow but not the PostgreSQL driver.
+STARTUP = r"""set -eu
+pip install --quiet --no-cache-dir 'psycopg2-binary>=2.9' 'boto3>=1.34'
+DB_PASSWORD_Q=$(python -c 'import os,urllib.parse;print(urllib.parse.quote(os.environ["DB_PASSWORD"],safe=""))')
+DB_URI="postgresql://${DB_USER}:${DB_PASSWORD_Q}@${DB_HOST}:5432/${DB_NAME}"
+umask 077
+cat > __AUTH_INI__ <<INI
+[mlflow]
+default_permission = READ
+database_uri = ${DB_URI}
+admin_username = ${MLFLOW_ADMIN_USERNAME}
+admin_password = ${MLFLOW_ADMIN_PASSWORD}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+unset DB_PASSWORD DB_PASSWORD_Q MLFLOW_ADMIN_PASSWORD
+export MLFLOW_AUTH_CONFIG_PATH=__AUTH_INI__
+exec mlflow server --host 0.0.0.0 --port __PORT__ --workers 2 --app-name basic-auth \
+  --backend-store-uri "${DB_URI}" --serve-artifacts --artifacts-destination "${ARTIFACTS_DESTINATION}"
+""".replace("__AUTH_INI__", AUTH_INI).replace("__PORT__", str(PORT))
+
+
+class MlflowServer(pulumi.ComponentResource):
+    url: pulumi.Output[str]
+
+    def __init__(self, name: str, settings: Settings, network: Network, data: DataStore, *, account: pulumi.Input[str],
+                 admin_password: pulumi.Input[str] | None, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("mmp:infra:MlflowServer", name, None, opts)
+        self.settings = settings
+        self.username = settings.mlflow_username
+        self.password_secret: aws.secretsmanager.Secret | None = None
+        self.tracking_server_arn: pulumi.Output[str] | str = ""
+        if settings.mlflow_mode == "sagemaker":
+            self._sagemaker(name, settings, data)
+        else:
+            self._fargate(name, settings, network, data, account, admin_password)
+        self.register_outputs({
+            "url": self.url, "username": self.username,
+            "passwordSecretArn": self.password_secret.arn if self.password_secret else "",
+            "trackingServerArn": self.tracking_server_arn,
+        })
+
+    # -- SageMaker managed MLflow -----------------------------------------------------
+    def _sagemaker(self, name: str, settings: Settings, data: DataStore) -> None:
+        child = pulumi.ResourceOptions(parent=self)
+        bucket_arn = data.artifacts_bucket.arn
+        role = iam.service_role(f"{name}-sagemaker-mlflow", "sagemaker.amazonaws.com", [
+            iam.statement(["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket",
+                           "s3:GetBucketLocation"], [bucket_arn, pulumi.Output.concat(bucket_arn, "/*")]),
+        ], self, description="SageMaker managed MLflow: the artifact store")
+        server = aws.sagemaker.MlflowTrackingServer(
+            f"{name}-tracking", tracking_server_name=f"{settings.prefix}-mlflow",
+            artifact_store_uri=pulumi.Output.concat("s3://", data.artifacts_bucket.bucket, "/mlflow"),
+            role_arn=role.arn, tracking_server_size=settings.sagemaker_mlflow_size,
+            automatic_model_registration=False, opts=child)
+        self.url = server.tracking_server_url
+        self.tracking_server_arn = server.arn
+
+    # -- ECS Fargate + RDS + ALB --------------------------------------------------------
+    def _fargate(self, name: str, settings: Settings, network: Network, data: DataStore, account: pulumi.Input[str],
+                 admin_password: pulumi.Input[str] | None) -> None:
+        child = pulumi.ResourceOptions(parent=self)
+        tags = {"mmp:deployment": settings.prefix}
+        region = settings.region
+
+        self.password_secret = aws.secretsmanager.Secret(
+            f"{name}-admin-password", description="MLflow basic-auth admin password (mmp:mlflowAdminPassword)",
+            recovery_window_in_days=0 if not settings.production else 7, tags=tags, opts=child)
+        aws.secretsmanager.SecretVersion(f"{name}-admin-password", secret_id=self.password_secret.id,
+                                         secret_string=admin_password, opts=child)
+
+        subnets = aws.rds.SubnetGroup(f"{name}-db", subnet_ids=network.private_subnet_ids, tags=tags, opts=child)
+        self.database = aws.rds.Instance(
+            f"{name}-db", engine="postgres", engine_version="16", instance_class=settings.db_instance_class,
+            allocated_storage=settings.db_storage_gb, max_allocated_storage=settings.db_storage_gb * 5,
+            storage_type="gp3", storage_encrypted=True, db_name="mlflow", username="mlflow",
+            manage_master_user_password=True, db_subnet_group_name=subnets.name,
+            vpc_security_group_ids=[network.database_sg.id], publicly_accessible=False,
+            multi_az=settings.db_multi_az, backup_retention_period=7 if settings.production else 1,
+            deletion_protection=settings.production, skip_final_snapshot=not settings.production,
+            final_snapshot_identifier=f"{settings.prefix}-mlflow-final" if settings.production else None,
+            copy_tags_to_snapshot=True, auto_minor_version_upgrade=True, tags=tags, opts=child)
+        db_secret_arn = self.database.master_user_secrets.apply(lambda s: s[0]["secret_arn"] if s else "")
+
+        log_group = aws.cloudwatch.LogGroup(f"{name}-logs", name=f"/mmp/{settings.prefix}/mlflow",
+                                            retention_in_days=settings.log_retention_days, tags=tags, opts=child)
+        execution_role = iam.service_role(f"{name}-execution", "ecs-tasks.amazonaws.com", [
+            iam.logs_statement(region, account, [log_group.name]),
+            iam.statement(["secretsmanager:GetSecretValue"], [self.password_secret.arn, db_secret_arn]),
+        ], self, description="ECS: pull, log, and inject the MLflow secrets")
+        bucket_arn = data.artifacts_bucket.arn
+        task_role = iam.service_role(f"{name}-task", "ecs-tasks.amazonaws.com", [
+            iam.statement(["s3:ListBucket", "s3:GetBucketLocation"], [bucket_arn]),
+            iam.statement(["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+                          [pulumi.Output.concat(bucket_arn, "/mlflow/*")]),
+        ], self, description="MLflow server: its artifact store")
+
+        container = pulumi.Output.all(
+            image=settings.mlflow_image, log_group=log_group.name, host=self.database.address,
+            bucket=data.artifacts_bucket.bucket, db_secret=db_secret_arn, admin_secret=self.password_secret.arn,
+        ).apply(lambda a: json.dumps([{
+            "name": "mlflow", "image": a["image"], "essential": True,
+            "entryPoint": ["/bin/sh", "-c"], "command": [STARTUP],
+            "portMappings": [{"containerPort": PORT, "protocol": "tcp"}],
+            "environment": [
+                {"name": "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "value": "false"},
+                {"name": "DB_HOST", "value": a["host"]}, {"name": "DB_NAME", "value": "mlflow"},
+                {"name": "DB_USER", "value": "mlflow"},
+                {"name": "MLFLOW_ADMIN_USERNAME", "value": settings.mlflow_username},
+                {"name": "ARTIFACTS_DESTINATION", "value": f"s3://{a['bucket']}/mlflow"},
+                {"name": "AWS_DEFAULT_REGION", "value": region},
+            ],
+            "secrets": [
+                {"name": "DB_PASSWORD", "valueFrom": f"{a['db_secret']}:password::"},
+                {"name": "MLFLOW_ADMIN_PASSWORD", "valueFrom": a["admin_secret"]},
+            ],
+            "logConfiguration": {"logDriver": "awslogs", "options": {
+                "awslogs-group": a["log_group"], "awslogs-region": region, "awslogs-stream-prefix": "mlflow"}},
+            "healthCheck": {"command": ["CMD-SHELL", f"python -c \"import urllib.request;urllib.request.urlopen('http://127.0.0.1:{PORT}/health')\""],
+                            "interval": 30, "timeout": 5, "retries": 3, "startPeriod": 120},
+        }]))
+        task = aws.ecs.TaskDefinition(
+            f"{name}-task", family=f"{settings.prefix}-mlflow", requires_compatibilities=["FARGATE"],
+            network_mode="awsvpc", cpu=str(settings.mlflow_cpu), memory=str(settings.mlflow_memory),
+            execution_role_arn=execution_role.arn, task_role_arn=task_role.arn, container_definitions=container,
+            runtime_platform={"operating_system_family": "LINUX", "cpu_architecture": "X86_64"}, tags=tags,
+            opts=child)
+        self.cluster = aws.ecs.Cluster(f"{name}-cluster", tags=tags, opts=child)
+
+        alb = aws.lb.LoadBalancer(f"{name}-alb", load_balancer_type="application", internal=False,
+                                  security_groups=[network.alb_sg.id], subnets=network.public_subnet_ids,
+                                  drop_invalid_header_fields=True, idle_timeout=120, tags=tags, opts=child)
+        target = aws.lb.TargetGroup(f"{name}-tg", port=PORT, protocol="HTTP", target_type="ip",
+                                    vpc_id=network.vpc_id, deregistration_delay=30, health_check={
+                                        "path": "/health", "matcher": "200", "interval": 30,
+                                        "healthy_threshold": 2, "unhealthy_threshold": 3}, tags=tags, opts=child)
+        if settings.mlflow_certificate_arn:
+            listener = aws.lb.Listener(f"{name}-https", load_balancer_arn=alb.arn, port=443, protocol="HTTPS",
+                                       certificate_arn=settings.mlflow_certificate_arn,
+                                       ssl_policy="ELBSecurityPolicy-TLS13-1-2-2021-06",
+                                       default_actions=[{"type": "forward", "target_group_arn": target.arn}],
+                                       opts=child)
+            scheme = "https"
+        else:
+            listener = aws.lb.Listener(f"{name}-http", load_balancer_arn=alb.arn, port=80, protocol="HTTP",
+                                       default_actions=[{"type": "forward", "target_group_arn": target.arn}],
+                                       opts=child)
+            scheme = "http"
+        # Without a NAT gateway the task needs a public IP to pull its image (its group still admits only the ALB).
+        public_ip = not (settings.nat_gateway or settings.vpc_id)
+        subnets_for_tasks = network.public_subnet_ids if public_ip else network.private_subnet_ids
+        aws.ecs.Service(
+            f"{name}-service", cluster=self.cluster.arn, task_definition=task.arn, desired_count=1,
+            launch_type="FARGATE", health_check_grace_period_seconds=180,
+            deployment_minimum_healthy_percent=0, deployment_maximum_percent=100,  # one writer at a time
+            network_configuration={"subnets": subnets_for_tasks, "security_groups": [network.mlflow_sg.id],
+                                   "assign_public_ip": public_ip},
+            load_balancers=[{"target_group_arn": target.arn, "container_name": "mlflow", "container_port": PORT}],
+            tags=tags, opts=pulumi.ResourceOptions(parent=self, depends_on=[listener]))
+        self.url = pulumi.Output.concat(f"{scheme}://", alb.dns_name)

@@ -1,0 +1,357 @@
+"""TrainingPipeline: the hand-off from the webhook, and the stages that train and report.
+
+Step Functions (Standard) rather than SQS + Lambdas, because:
+- a training job runs for hours: a `Wait` state polls every `mmp:pollSeconds` for
+  free, where SQS would need a delay-queue re-enqueue loop with its own bookkeeping;
+- the image build is one native `codebuild:startBuild.sync` task, no glue code;
+- every run has a visible, replayable execution history (state by state), and
+  Retry/Catch per state sends every failure to Conclude, which tears down;
+- executions are named after the GitHub delivery id, a second line of dedupe.
+It costs $0.025 per 1,000 state transitions (about 2 per poll): a 4-hour job
+polled each minute is ~500 transitions, about $0.0125.
+
+Stages (mmp.pipeline.aws_stages): Prepare (fetch + validate + MLflow run) → Build
+(CodeBuild: horovod_docker/ with the repository at the commit → ECR, tagged with
+the commit sha; skipped when that tag exists) → Launch → (Wait → Poll)* →
+Conclude (teardown, MLflow, GitHub commit status, SNS e-mail).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import pulumi
+import pulumi_aws as aws
+
+from ..config import MAX_RUNTIME_CAP_MINUTES
+from . import iam
+from .datastore import DataStore
+from .lambda_package import HANDLERS, LambdaPackage
+from .mlflow_server import MlflowServer
+from .network import Network
+from .settings import Settings
+
+STAGES = ("prepare", "launch", "poll", "conclude")
+LAMBDA_RUNTIME = "python3.11"
+SAGEMAKER_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+LAMBDA_RETRY = [{"ErrorEquals": ["Lambda.ServiceException", "Lambda.AWSLambdaException",
+                                 "Lambda.SdkClientException", "Lambda.TooManyRequestsException"],
+                 "IntervalSeconds": 2, "MaxAttempts": 6, "BackoffRate": 2.0}]
+BUILD_CACHE_TAG = "buildcache"
+CODEBUILD_IMAGE = "aws/codebuild/standard:7.0"
+
+# The build (context as horovod_docker/Dockerfile expects: repo/, mmp/, horovod_docker/):
+# clone the pushed repository at the commit into repo/, then build the
+# training image from horovod_docker/ with a registry layer cache, tag = commit sha.
+BUILDSPEC = r"""version: 0.2
+env:
+  shell: bash
+  secrets-manager:
+    GITHUB_TOKEN: "${GITHUB_TOKEN_SECRET_ARN}"
+phases:
+  pre_build:
+    commands:
+      - set -euo pipefail
+      - '[[ "$MMP_COMMIT" =~ ^[0-9a-f]{40}$ ]] || { echo "MMP_COMMIT is not a commit sha"; exit 1; }'
+      - '[[ "$MMP_CLONE_URL" =~ ^https:// ]] || { echo "MMP_CLONE_URL must be https"; exit 1; }'
+      - REGISTRY="${ECR_REPOSITORY_URI%%/*}"
+      - aws ecr get-login-password --region "$AWS_REGION" | docker login --username AWS --password-stdin "$REGISTRY"
+      - |
+        if aws ecr describe-images --repository-name "$ECR_REPOSITORY_NAME" --image-ids imageTag="$MMP_COMMIT" >/dev/null 2>&1; then
+          echo "image for $MMP_COMMIT exists; nothing to build"; touch .mmp-skip
+        fi
+  build:
+    commands:
+      - set -euo pipefail
+      - '[ -e .mmp-skip ] && exit 0'
+      - mkdir -p repo && git -C repo init -q
+      - AUTH=$(printf 'x-access-token:%s' "$GITHUB_TOKEN" | base64 -w0)
+      - git -C repo -c http.extraHeader="Authorization: Basic $AUTH" fetch -q --depth 1 "$MMP_CLONE_URL" "$MMP_COMMIT"
+      - git -C repo checkout -q FETCH_HEAD && rm -rf repo/.git
+      - docker buildx create --use --name mmp >/dev/null
+      - >-
+        docker buildx build --push -f horovod_docker/Dockerfile
+        --cache-from "type=registry,ref=$ECR_REPOSITORY_URI:${BUILD_CACHE_TAG}"
+        --cache-to "type=registry,ref=$ECR_REPOSITORY_URI:${BUILD_CACHE_TAG},mode=max,image-manifest=true,oci-mediatypes=true"
+        --label "mmp.repository=$MMP_REPOSITORY" --label "mmp.commit=$MMP_COMMIT"
+        -t "$ECR_REPOSITORY_URI:$MMP_COMMIT" .
+"""
+
+
+def lambda_task(function_arn: Any, *, next_state: str, catch_to: str | None = "Conclude",
+                retry_failures: int = 0) -> dict:
+    state: dict[str, Any] = {
+        "Type": "Task", "Resource": "arn:aws:states:::lambda:invoke",
+        "Parameters": {"FunctionName": function_arn, "Payload.$": "$"}, "OutputPath": "$.Payload",
+        "Retry": list(LAMBDA_RETRY), "Next": next_state,
+    }
+    if retry_failures:
+        state["Retry"].append({"ErrorEquals": ["States.TaskFailed"], "IntervalSeconds": 15,
+                               "MaxAttempts": retry_failures, "BackoffRate": 2.0})
+    if catch_to:
+        state["Catch"] = [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": catch_to}]
+    return state
+
+
+def state_machine_definition(functions: Mapping[str, str], build_project: str, *, poll_seconds: int,
+                             timeout_seconds: int) -> dict:
+    """The Amazon States Language document (functions: stage → Lambda ARN)."""
+    return {
+        "Comment": "MMP: prepare, build the image, launch, poll until terminal, conclude",
+        "StartAt": "Prepare",
+        "TimeoutSeconds": timeout_seconds,
+        "States": {
+            "Prepare": lambda_task(functions["prepare"], next_state="Accepted?", catch_to=None),
+            "Accepted?": {"Type": "Choice", "Choices": [
+                {"Variable": "$.accepted", "BooleanEquals": False, "Next": "NotRun"},
+                {"Variable": "$.build_image", "BooleanEquals": True, "Next": "BuildImage"},
+            ], "Default": "Launch"},
+            "NotRun": {"Type": "Succeed", "Comment": "invalid or not an experiment: reported by Prepare"},
+            "BuildImage": {
+                "Type": "Task", "Resource": "arn:aws:states:::codebuild:startBuild.sync",
+                "Parameters": {"ProjectName": build_project, "EnvironmentVariablesOverride": [
+                    {"Name": "MMP_CLONE_URL", "Type": "PLAINTEXT", "Value.$": "$.job.clone_url"},
+                    {"Name": "MMP_COMMIT", "Type": "PLAINTEXT", "Value.$": "$.job.after"},
+                    {"Name": "MMP_REPOSITORY", "Type": "PLAINTEXT", "Value.$": "$.job.repository"},
+                ]},
+                "ResultSelector": {"id.$": "$.Build.Id", "status.$": "$.Build.BuildStatus"},
+                "ResultPath": "$.build",
+                "Retry": [{"ErrorEquals": ["CodeBuild.AWSCodeBuildException"], "IntervalSeconds": 30,
+                           "MaxAttempts": 2, "BackoffRate": 2.0}],
+                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Conclude"}],
+                "Next": "Launch",
+            },
+            "Launch": lambda_task(functions["launch"], next_state="Launched?"),
+            "Launched?": {"Type": "Choice", "Choices": [
+                {"Variable": "$.status.terminal", "BooleanEquals": True, "Next": "Conclude"}], "Default": "Wait"},
+            "Wait": {"Type": "Wait", "Seconds": poll_seconds, "Next": "Poll"},
+            "Poll": lambda_task(functions["poll"], next_state="Finished?", retry_failures=3),
+            "Finished?": {"Type": "Choice", "Choices": [
+                {"Variable": "$.status.terminal", "BooleanEquals": True, "Next": "Conclude"}], "Default": "Wait"},
+            "Conclude": lambda_task(functions["conclude"], next_state="Succeeded?", catch_to=None, retry_failures=3),
+            "Succeeded?": {"Type": "Choice", "Choices": [
+                {"Variable": "$.succeeded", "BooleanEquals": True, "Next": "Done"}], "Default": "TrainingFailed"},
+            "Done": {"Type": "Succeed"},
+            "TrainingFailed": {"Type": "Fail", "Error": "TrainingFailed",
+                               "Cause": "the run failed; see the MLflow run and the notification"},
+        },
+    }
+
+
+def image_context(root: Path) -> pulumi.AssetArchive:
+    """What CodeBuild builds in: horovod_docker/ and the mmp package (no caches); repo/ is cloned there."""
+    files: dict[str, pulumi.Asset] = {}
+    for folder in ("horovod_docker", "mmp"):
+        base = root / folder
+        if folder == "horovod_docker" and not (base / "Dockerfile").is_file():
+            raise pulumi.RunError(f"{base}/Dockerfile not found: the training image cannot be built")
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                files[str(path.relative_to(root))] = pulumi.FileAsset(str(path))
+    return pulumi.AssetArchive(files)
+
+
+class TrainingPipeline(pulumi.ComponentResource):
+    def __init__(self, name: str, settings: Settings, network: Network, data: DataStore, mlflow: MlflowServer, *,
+                 account: pulumi.Input[str], package: LambdaPackage, github_token: pulumi.Input[str],
+                 project_root: Path, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("mmp:infra:TrainingPipeline", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        tags = {"mmp:deployment": settings.prefix}
+        region = settings.region
+        recovery = 7 if settings.production else 0
+
+        # -- secrets and notification ---------------------------------------------------
+        self.github_token_secret = aws.secretsmanager.Secret(
+            f"{name}-github-token", description="GitHub token: read commits, set commit statuses (mmp:githubToken)",
+            recovery_window_in_days=recovery, tags=tags, opts=child)
+        aws.secretsmanager.SecretVersion(f"{name}-github-token", secret_id=self.github_token_secret.id,
+                                         secret_string=github_token, opts=child)
+        self.topic = aws.sns.Topic(f"{name}-notify", display_name=f"MMP {settings.prefix}",
+                                   kms_master_key_id="alias/aws/sns", tags=tags, opts=child)
+        if settings.notify_email:
+            aws.sns.TopicSubscription(f"{name}-email", topic=self.topic.arn, protocol="email",
+                                      endpoint=settings.notify_email, opts=child)
+
+        # -- the image: ECR, CodeBuild ------------------------------------------------------
+        self.repository = aws.ecr.Repository(
+            f"{name}-images", name=f"{settings.prefix}-training", image_tag_mutability="MUTABLE",
+            image_scanning_configuration={"scan_on_push": True}, encryption_configurations=[{"encryption_type": "AES256"}],
+            force_delete=not settings.production, tags=tags, opts=child)
+        aws.ecr.LifecyclePolicy(f"{name}-images", repository=self.repository.name, policy=json.dumps({"rules": [
+            {"rulePriority": 1, "description": "keep the layer cache",
+             "selection": {"tagStatus": "tagged", "tagPrefixList": [BUILD_CACHE_TAG], "countType": "imageCountMoreThan",
+                           "countNumber": 1}, "action": {"type": "expire"}},
+            {"rulePriority": 2, "description": "drop untagged layers after a day",
+             "selection": {"tagStatus": "untagged", "countType": "sinceImagePushed", "countUnit": "days",
+                           "countNumber": 1}, "action": {"type": "expire"}},
+            {"rulePriority": 3, "description": f"keep the last {settings.image_keep_count} commit images",
+             "selection": {"tagStatus": "any", "countType": "imageCountMoreThan",
+                           "countNumber": settings.image_keep_count}, "action": {"type": "expire"}},
+        ]}), opts=child)
+        source = aws.s3.BucketObjectv2(f"{name}-image-context", bucket=data.artifacts_bucket.id,
+                                       key="codebuild/image-context.zip", source=image_context(project_root),
+                                       opts=child)
+        build_logs = aws.cloudwatch.LogGroup(f"{name}-build-logs", name=f"/mmp/{settings.prefix}/codebuild",
+                                             retention_in_days=settings.log_retention_days, tags=tags, opts=child)
+        artifacts_arn = data.artifacts_bucket.arn
+        build_role = iam.service_role(f"{name}-build", "codebuild.amazonaws.com", [
+            iam.logs_statement(region, account, [build_logs.name]),
+            iam.statement(["s3:GetObject", "s3:GetObjectVersion"], [pulumi.Output.concat(artifacts_arn, "/codebuild/*")]),
+            iam.statement(["ecr:GetAuthorizationToken"], ["*"]),  # account-wide by design: no resource form
+            iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
+                           "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload",
+                           "ecr:PutImage", "ecr:DescribeImages"], [self.repository.arn]),
+            iam.statement(["secretsmanager:GetSecretValue"], [self.github_token_secret.arn]),
+        ], self, description="CodeBuild: build the training image into ECR")
+        self.build_project = aws.codebuild.Project(
+            f"{name}-build", name=f"{settings.prefix}-image", service_role=build_role.arn, build_timeout=60,
+            queued_timeout=60, concurrent_build_limit=4,
+            source={"type": "S3", "location": pulumi.Output.concat(data.artifacts_bucket.bucket, "/", source.key),
+                    "buildspec": BUILDSPEC},
+            artifacts={"type": "NO_ARTIFACTS"},
+            cache={"type": "LOCAL", "modes": ["LOCAL_DOCKER_LAYER_CACHE", "LOCAL_SOURCE_CACHE"]},
+            environment={"type": "LINUX_CONTAINER", "compute_type": settings.build_compute_type,
+                         "image": CODEBUILD_IMAGE, "privileged_mode": True,
+                         "image_pull_credentials_type": "CODEBUILD", "environment_variables": [
+                             {"name": "ECR_REPOSITORY_URI", "value": self.repository.repository_url},
+                             {"name": "ECR_REPOSITORY_NAME", "value": self.repository.name},
+                             {"name": "GITHUB_TOKEN_SECRET_ARN", "value": self.github_token_secret.arn},
+                             {"name": "BUILD_CACHE_TAG", "value": BUILD_CACHE_TAG},
+                             {"name": "MMP_CLONE_URL", "value": "set-per-build"},
+                             {"name": "MMP_COMMIT", "value": "set-per-build"},
+                             {"name": "MMP_REPOSITORY", "value": "set-per-build"}]},
+            logs_config={"cloudwatch_logs": {"group_name": build_logs.name, "status": "ENABLED"}},
+            tags=tags, opts=child)
+
+        # -- SageMaker execution role ------------------------------------------------------
+        datasets_arn = data.datasets_bucket.arn
+        sm_statements = [
+            iam.statement(["s3:ListBucket", "s3:GetBucketLocation"], [datasets_arn, artifacts_arn]),
+            iam.statement(["s3:GetObject"], [pulumi.Output.concat(datasets_arn, "/*")]),
+            iam.statement(["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
+                          [pulumi.Output.concat(artifacts_arn, "/*")]),
+            iam.statement(["ecr:GetAuthorizationToken"], ["*"]),
+            iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
+                          [self.repository.arn]),
+            iam.statement(["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents",
+                           "logs:DescribeLogStreams"], iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
+            iam.statement(["cloudwatch:PutMetricData"], ["*"],
+                          {"StringEquals": {"cloudwatch:namespace": "/aws/sagemaker/TrainingJobs"}}),
+            # VPC mode (sagemaker-fsx): ENIs in the stack's subnets; EC2 has no resource form for Describe*.
+            iam.statement(["ec2:CreateNetworkInterface", "ec2:CreateNetworkInterfacePermission",
+                           "ec2:DeleteNetworkInterface", "ec2:DeleteNetworkInterfacePermission",
+                           "ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
+                           "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"], ["*"]),
+        ]
+        if mlflow.password_secret is not None:
+            sm_statements.append(iam.statement(["secretsmanager:GetSecretValue"], [mlflow.password_secret.arn]))
+        if data.fsx is not None:
+            sm_statements.append(iam.statement(["fsx:DescribeFileSystems"], [data.fsx.arn]))
+        self.sagemaker_role = iam.service_role(f"{name}-sagemaker", "sagemaker.amazonaws.com", sm_statements, self,
+                                               description="SageMaker training jobs of this stack")
+
+        # -- the stage Lambdas ------------------------------------------------------------
+        function_names = {stage: f"{settings.prefix}-{stage}" for stage in STAGES}
+        log_groups = {stage: aws.cloudwatch.LogGroup(f"{name}-{stage}-logs", name=f"/aws/lambda/{fn}",
+                                                     retention_in_days=settings.log_retention_days, tags=tags,
+                                                     opts=child)
+                      for stage, fn in function_names.items()}
+        job_arn = pulumi.Output.concat("arn:aws:sagemaker:", region, ":", account, ":training-job/",
+                                       settings.job_prefix, "*")
+        secret_arns = [self.github_token_secret.arn] + ([mlflow.password_secret.arn] if mlflow.password_secret else [])
+        stage_statements = [
+            iam.logs_statement(region, account, [g.name for g in log_groups.values()]),
+            iam.statement(["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob",
+                           "sagemaker:StopTrainingJob", "sagemaker:AddTags", "sagemaker:ListTags"], [job_arn]),
+            iam.statement(["iam:PassRole"], [self.sagemaker_role.arn],
+                          {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}),
+            iam.statement(["logs:GetLogEvents", "logs:FilterLogEvents", "logs:DescribeLogStreams"],
+                          iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
+            iam.statement(["secretsmanager:GetSecretValue"], secret_arns),
+            iam.statement(["sns:Publish"], [self.topic.arn]),
+            iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_arn, "/mlflow/*")]),
+        ]
+        stage_role = iam.service_role(f"{name}-stages", "lambda.amazonaws.com", stage_statements, self,
+                                      description="Step Functions stage Lambdas")
+        self.environment = self._environment(settings, network, data, mlflow)
+        self.functions: dict[str, aws.lambda_.Function] = {}
+        for stage, fn in function_names.items():
+            self.functions[stage] = aws.lambda_.Function(
+                f"{name}-{stage}", name=fn, role=stage_role.arn, runtime=LAMBDA_RUNTIME, architectures=["x86_64"],
+                handler=HANDLERS[stage], code=pulumi.FileArchive(str(package.path)),
+                source_code_hash=package.source_code_hash, memory_size=512,
+                timeout=900 if stage == "conclude" else 300, environment={"variables": self.environment},
+                logging_config={"log_format": "Text", "log_group": log_groups[stage].name}, tags=tags,
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[log_groups[stage]]))
+
+        # -- the state machine --------------------------------------------------------------
+        sfn_logs = aws.cloudwatch.LogGroup(f"{name}-sfn-logs", name=f"/mmp/{settings.prefix}/pipeline",
+                                           retention_in_days=settings.log_retention_days, tags=tags, opts=child)
+        function_arns = [f.arn for f in self.functions.values()]
+        sfn_role = iam.service_role(f"{name}-sfn", "states.amazonaws.com", [
+            iam.statement(["lambda:InvokeFunction"], function_arns + [pulumi.Output.concat(a, ":*") for a in function_arns]),
+            iam.statement(["codebuild:StartBuild", "codebuild:StopBuild", "codebuild:BatchGetBuilds"],
+                          [self.build_project.arn]),
+            iam.statement(["events:PutTargets", "events:PutRule", "events:DescribeRule"], [pulumi.Output.concat(
+                "arn:aws:events:", region, ":", account, ":rule/StepFunctionsGetEventForCodeBuildStartBuildRule")]),
+            # CloudWatch Logs delivery for Step Functions has no resource-level form (AWS documents "*").
+            iam.statement(["logs:CreateLogDelivery", "logs:GetLogDelivery", "logs:UpdateLogDelivery",
+                           "logs:DeleteLogDelivery", "logs:ListLogDeliveries", "logs:PutResourcePolicy",
+                           "logs:DescribeResourcePolicies", "logs:DescribeLogGroups"], ["*"]),
+        ], self, description="Step Functions: invoke the stages and the image build")
+        timeout = (MAX_RUNTIME_CAP_MINUTES + 3 * 60) * 60  # the longest Max_Runtime, plus build and queue
+        self.definition = pulumi.Output.all(
+            functions={s: f.arn for s, f in self.functions.items()}, project=self.build_project.name,
+        ).apply(lambda a: json.dumps(state_machine_definition(a["functions"], a["project"],
+                                                              poll_seconds=settings.poll_seconds,
+                                                              timeout_seconds=timeout), indent=1))
+        self.state_machine = aws.sfn.StateMachine(
+            f"{name}-sfn", name=f"{settings.prefix}-pipeline", type="STANDARD", role_arn=sfn_role.arn,
+            definition=self.definition, logging_configuration={
+                "level": "ERROR", "include_execution_data": False,
+                "log_destination": pulumi.Output.concat(sfn_logs.arn, ":*")}, tags=tags, opts=child)
+
+        self.register_outputs({
+            "stateMachineArn": self.state_machine.arn, "notificationTopicArn": self.topic.arn,
+            "ecrRepositoryUri": self.repository.repository_url, "buildProject": self.build_project.name,
+            "sagemakerRoleArn": self.sagemaker_role.arn, "githubTokenSecretArn": self.github_token_secret.arn,
+        })
+
+    def _environment(self, settings: Settings, network: Network, data: DataStore,
+                     mlflow: MlflowServer) -> pulumi.Output[dict[str, str]]:
+        """What the stages and the backends they run read (see mmp.backends.sagemaker)."""
+        fsx_on = data.fsx is not None
+        return pulumi.Output.all(
+            tracking=mlflow.url, password=mlflow.password_secret.arn if mlflow.password_secret else "",
+            token=self.github_token_secret.arn, topic=self.topic.arn, catalogue=data.catalogue_json,
+            ecr=self.repository.repository_url, role=self.sagemaker_role.arn, artifacts=data.artifacts_bucket.bucket,
+            subnets=network.private_subnet_ids, sgs=[network.training_sg.id], fsx_id=data.fsx_id, fsx_mount=data.fsx_mount_name,
+        ).apply(lambda a: {
+            "MMP_HOME": "/tmp/mmp",
+            "MLFLOW_TRACKING_URI": a["tracking"],
+            "MLFLOW_TRACKING_USERNAME": mlflow.username,
+            "MMP_MLFLOW_USERNAME": mlflow.username,
+            "MMP_MLFLOW_PASSWORD_SECRET_ARN": a["password"],
+            "MMP_MLFLOW_UI_URL": a["tracking"],
+            "MMP_GITHUB_TOKEN_SECRET_ARN": a["token"],
+            "MMP_GITHUB_API_URL": settings.github_api_url,
+            "MMP_NOTIFY_TOPIC_ARN": a["topic"],
+            "MMP_DATASETS": a["catalogue"],
+            "MMP_DEFAULT_PLATFORM": "sagemaker",
+            "MMP_PIPELINE_PLATFORMS": "sagemaker,sagemaker-fsx" if fsx_on else "sagemaker",
+            "MMP_ECR_REPOSITORY_URI": a["ecr"],
+            "MMP_SAGEMAKER_ROLE_ARN": a["role"],
+            "MMP_ARTIFACTS_BUCKET": a["artifacts"],
+            "MMP_CHECKPOINT_S3_URI": f"s3://{a['artifacts']}/checkpoints",
+            "MMP_SAGEMAKER_INPUT_MODE": settings.sagemaker_input_mode,
+            "MMP_SAGEMAKER_VOLUME_GB": str(settings.sagemaker_volume_gb),
+            "MMP_SAGEMAKER_MAX_INSTANCES": str(settings.sagemaker_max_instances),
+            "MMP_JOB_NAME_PREFIX": settings.job_prefix,
+            "MMP_SUBNET_IDS": ",".join(a["subnets"]) if fsx_on else "",
+            "MMP_SECURITY_GROUP_IDS": ",".join(a["sgs"]) if fsx_on else "",
+            "MMP_FSX_FILE_SYSTEM_ID": a["fsx_id"] or "",
+            "MMP_FSX_MOUNT_NAME": a["fsx_mount"] or "",
+        })

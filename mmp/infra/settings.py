@@ -1,0 +1,208 @@
+"""The stack's settings: every `mmp:*` config key, validated before any resource exists.
+
+One pydantic model, so a wrong key or value fails `pulumi up`/`preview` at once with
+the key's name and what is allowed, instead of half-way through a deployment.
+Pulumi.dev.yaml.example documents the same keys; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAMESPACE = "mmp"
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,18}[a-z0-9]$")
+NAME_RULE = "3-20 characters: lower-case letters, digits and '-', starting with a letter, not ending with '-'"
+SECRET_KEYS = ("githubToken", "webhookSecret", "mlflowAdminPassword", "sshPrivateKey")
+DEFAULT_DLAMI_SSM = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class SettingsError(ValueError):
+    """Config that cannot deploy; the message names each `mmp:` key at fault."""
+
+
+def validate_name(value: str) -> str:
+    """A deployment name usable in every AWS resource name (buckets included)."""
+    if not NAME_RE.fullmatch(value or "") or "--" in value:
+        raise ValueError(f"{value!r} is not a deployment name: {NAME_RULE}")
+    return value
+
+
+def validate_email(value: str) -> str:
+    if not EMAIL_RE.fullmatch(value or ""):
+        raise ValueError(f"{value!r} is not an e-mail address")
+    return value
+
+
+def _is_open(cidr: str) -> bool:
+    return ipaddress.ip_network(cidr, strict=False).prefixlen == 0
+
+
+class DatasetEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    s3: str | None = None
+    fsx: str | None = None
+
+
+class Settings(BaseModel):
+    """The `mmp:` config of one stack (camelCase keys, as in Pulumi.<stack>.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    stack: str = Field(description="the Pulumi stack (environment) name; not a config key")
+    region: str = Field(default="us-east-1", description="aws:region")
+    deployment_name: str = Field(alias="deploymentName")
+    notify_email: str | None = Field(default=None, alias="notifyEmail")
+    github_api_url: str = Field(default="https://api.github.com", alias="githubApiUrl")
+    # -- network
+    vpc_id: str | None = Field(default=None, alias="vpcId")
+    private_subnet_ids: list[str] = Field(default_factory=list, alias="privateSubnetIds")
+    public_subnet_ids: list[str] = Field(default_factory=list, alias="publicSubnetIds")
+    vpc_cidr: str = Field(default="10.42.0.0/16", alias="vpcCidr")
+    availability_zones: list[str] = Field(default_factory=list, alias="availabilityZones")
+    nat_gateway: bool = Field(default=True, alias="natGateway")
+    ssh_cidrs: list[str] = Field(default_factory=list, alias="sshCidrs")
+    # -- data
+    fsx: bool = False
+    fsx_storage_gb: int = Field(default=1200, alias="fsxStorageGb")
+    fsx_throughput: Literal[125, 250, 500, 1000] = Field(default=125, alias="fsxThroughput")
+    datasets: dict[str, DatasetEntry] = Field(default_factory=dict)
+    # -- webhook
+    api_rate_limit: float = Field(default=10.0, alias="apiRateLimit", gt=0)
+    api_burst_limit: int = Field(default=20, alias="apiBurstLimit", gt=0)
+    delivery_ttl_days: int = Field(default=30, alias="deliveryTtlDays", ge=1)
+    # -- pipeline
+    job_name_prefix: str | None = Field(default=None, alias="jobNamePrefix")
+    poll_seconds: int = Field(default=60, alias="pollSeconds", ge=10, le=3600)
+    sagemaker_input_mode: Literal["File", "FastFile", "Pipe"] = Field(default="File", alias="sagemakerInputMode")
+    sagemaker_volume_gb: int = Field(default=100, alias="sagemakerVolumeGb", ge=1, le=16384)
+    sagemaker_max_instances: int = Field(default=4, alias="sagemakerMaxInstances", ge=1, le=256)
+    image_keep_count: int = Field(default=20, alias="imageKeepCount", ge=1)
+    build_compute_type: str = Field(default="BUILD_GENERAL1_MEDIUM", alias="buildComputeType")
+    log_retention_days: int = Field(default=30, alias="logRetentionDays")
+    # -- mlflow
+    mlflow_mode: Literal["fargate", "sagemaker"] = Field(default="fargate", alias="mlflowMode")
+    mlflow_image: str = Field(default="ghcr.io/mlflow/mlflow:v3.1.1", alias="mlflowImage")
+    mlflow_username: str = Field(default="admin", alias="mlflowUsername")
+    mlflow_allowed_cidrs: list[str] = Field(default_factory=lambda: ["0.0.0.0/0"], alias="mlflowAllowedCidrs")
+    mlflow_certificate_arn: str | None = Field(default=None, alias="mlflowCertificateArn")
+    mlflow_cpu: int = Field(default=1024, alias="mlflowCpu")
+    mlflow_memory: int = Field(default=2048, alias="mlflowMemory")
+    sagemaker_mlflow_size: Literal["Small", "Medium", "Large"] = Field(default="Small", alias="sagemakerMlflowSize")
+    db_instance_class: str = Field(default="db.t4g.micro", alias="dbInstanceClass")
+    db_storage_gb: int = Field(default=20, alias="dbStorageGb", ge=20)
+    db_multi_az: bool = Field(default=False, alias="dbMultiAz")
+    # -- dlami
+    dlami: bool = False
+    dlami_ssm_parameter: str = Field(default=DEFAULT_DLAMI_SSM, alias="dlamiSsmParameter")
+    dlami_ami_id: str | None = Field(default=None, alias="dlamiAmiId")
+    ssh_user: str = Field(default="ubuntu", alias="sshUser")
+    ssh_public_key: str | None = Field(default=None, alias="sshPublicKey")
+    dlami_max_runtime_minutes: int = Field(default=240, alias="dlamiMaxRuntimeMinutes", ge=1)
+    dlami_volume_gb: int = Field(default=200, alias="dlamiVolumeGb", ge=50)
+    # -- secrets: only whether each is set; the values stay pulumi secrets
+    has_secrets: tuple[str, ...] = Field(default=(), description="secret keys present in config")
+
+    @field_validator("deployment_name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_name(value)
+
+    @field_validator("notify_email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        return validate_email(value) if value else value
+
+    @field_validator("ssh_cidrs")
+    @classmethod
+    def _ssh_closed(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                if _is_open(cidr):
+                    raise ValueError(f"{cidr} would open SSH to the whole internet; name your own network")
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("mlflow_allowed_cidrs", "ssh_cidrs", mode="after")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+        return value
+
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_names(cls, value: dict[str, DatasetEntry]) -> dict[str, DatasetEntry]:
+        for name, entry in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
+                raise ValueError(f"dataset name {name!r} is not a safe name")
+            if entry.s3 and not entry.s3.startswith("s3://"):
+                raise ValueError(f"datasets.{name}.s3 must be an s3:// URI")
+            if entry.fsx and not entry.fsx.startswith("/"):
+                raise ValueError(f"datasets.{name}.fsx must be an absolute path")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        problems = []
+        if self.vpc_id and (not self.private_subnet_ids or not self.public_subnet_ids):
+            problems.append("vpcId: reusing a VPC needs privateSubnetIds and publicSubnetIds too")
+        if not self.vpc_id and (self.private_subnet_ids or self.public_subnet_ids):
+            problems.append("privateSubnetIds/publicSubnetIds: only with vpcId")
+        for key in ("githubToken", "webhookSecret"):
+            if key not in self.has_secrets:
+                problems.append(f"{key}: required; set it with `pulumi config set --secret mmp:{key} ...` (mmp deploy does)")
+        if self.mlflow_mode == "fargate" and "mlflowAdminPassword" not in self.has_secrets:
+            problems.append("mlflowAdminPassword: required with mlflowMode fargate (secret)")
+        if self.dlami and (not self.ssh_public_key or "sshPrivateKey" not in self.has_secrets):
+            problems.append("dlami: needs sshPublicKey and the secret sshPrivateKey (the key the backend connects with)")
+        if self.dlami and not self.fsx:
+            problems.append("dlami: the DLAMI cluster reads datasets from FSx; set mmp:fsx true as well")
+        if self.fsx and self.fsx_storage_gb % 1200:
+            problems.append(f"fsxStorageGb: PERSISTENT_2 takes multiples of 1200, got {self.fsx_storage_gb}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # -- derived -------------------------------------------------------------------
+    @property
+    def prefix(self) -> str:
+        """Physical-name prefix, unique per deployment and environment."""
+        return f"{self.deployment_name}-{self.stack}"
+
+    @property
+    def job_prefix(self) -> str:
+        return self.job_name_prefix or f"mmp-{self.prefix}"
+
+    @property
+    def production(self) -> bool:
+        return self.stack.startswith("prod")
+
+    @property
+    def zones(self) -> list[str]:
+        return self.availability_zones or [f"{self.region}a", f"{self.region}b"]
+
+
+def parse_settings(stack: str, values: dict[str, Any], *, region: str | None = None,
+                   secret_keys: tuple[str, ...] = ()) -> Settings:
+    """Validate plain config values; raise SettingsError naming each `mmp:` key at fault."""
+    data = {k: v for k, v in values.items() if k not in SECRET_KEYS}
+    data.update(stack=stack, has_secrets=tuple(k for k in SECRET_KEYS if k in secret_keys))
+    if region:
+        data["region"] = region
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"mmp:{loc}: {err['msg']}" if loc else err["msg"].removeprefix("Value error, "))
+        raise SettingsError("stack config is invalid:\n  - " + "\n  - ".join(lines)) from None
+
+
+KEYS = tuple(f.alias or name for name, f in Settings.model_fields.items() if name not in ("stack", "region", "has_secrets"))
