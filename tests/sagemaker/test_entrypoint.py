@@ -1,0 +1,278 @@
+"""The `train` entrypoint under a fake /opt/ml tree: SageMaker's real config files from
+../shared/fixtures/sagemaker, a tiny IDX dataset, real `horovodrun -np 2` and the
+example train.py; the multi-host command for the fixtures' 3 hosts in 2 groups; SSH
+waits against real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from mmp import sagemaker_entrypoint as ep
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "sagemaker"
+HOROVODRUN = str(Path(sys.executable).with_name("horovodrun"))
+
+
+def opt_ml(tmp_path: Path, *, resourceconfig=None, hyperparameters=None, inputdataconfig=None) -> Path:
+    """A fake /opt/ml: the fixtures' config files unless others are given."""
+    root = tmp_path / "opt-ml"
+    config = root / "input" / "config"
+    config.mkdir(parents=True)
+    for name, given in (("resourceconfig.json", resourceconfig), ("hyperparameters.json", hyperparameters),
+                        ("inputdataconfig.json", inputdataconfig)):
+        if given is None:
+            shutil.copy(FIXTURES / name, config / name)
+        else:
+            (config / name).write_text(json.dumps(given))
+    return root
+
+
+def test_the_fixtures_multi_host_command_on_the_leader(tmp_path):
+    root = opt_ml(tmp_path)  # 3 hosts (algo-1, algo-2 in train1; algo-3 in train2), current algo-1
+    env = {"MMP_SM_ROOT": str(root), "MMP_DATASET": "train", "MMP_PROCESSES_PER_HOST": "8",
+           "MMP_HYPERPARAMETER_ORDER": "learning_rate,batch_size", "MMP_CODE_DIR": "/opt/code"}
+    plan = ep.build_plan(env, horovodrun="horovodrun", python="/usr/bin/python3")
+    assert plan.role == "leader" and plan.leader == "algo-1"
+    assert plan.argv == [
+        "horovodrun", "-np", "24", "-H", "algo-1:8,algo-2:8,algo-3:8", "--gloo",
+        "/usr/bin/python3", "train.py",
+        "--dataset-path", f"{root}/input/data/train", "--output-path", f"{root}/model", "--dataset", "train",
+        "--learning_rate", "0.001", "--batch_size", "32",
+    ]
+    assert plan.cwd == "/opt/code"
+
+
+@pytest.mark.parametrize("host", ["algo-2", "algo-3"])
+def test_the_other_fixture_hosts_are_workers(tmp_path, fixture_json, host):
+    resources = {**fixture_json("sagemaker/resourceconfig.json"), "current_host": host}
+    root = opt_ml(tmp_path, resourceconfig=resources)
+    plan = ep.build_plan({"MMP_SM_ROOT": str(root), "MMP_DATASET": "train"})
+    assert (plan.role, plan.leader, plan.argv) == ("worker", "algo-1", [])
+
+
+def test_without_the_order_sagemaker_injected_hyperparameters_are_left_out(tmp_path):
+    root = opt_ml(tmp_path)
+    plan = ep.build_plan({"MMP_SM_ROOT": str(root), "MMP_DATASET": "validation", "MMP_PROCESSES_PER_HOST": "1"},
+                         horovodrun="horovodrun", python="python")
+    args = plan.argv[plan.argv.index("train.py") + 1:]
+    # the fixture's sagemaker_* and _tuning_* keys are gone; JSON-encoded strings are decoded
+    assert args[6:] == ["--batch_size", "32", "--learning_rate", "0.001", "--hosts", '["algo-1", "algo-2"]',
+                        "--default_user_module_name", "net"]
+    assert args[:6] == ["--dataset-path", f"{root}/input/data/validation", "--output-path", f"{root}/model",
+                        "--dataset", "validation"]
+
+
+def test_network_interface_and_natural_host_order(tmp_path):
+    root = opt_ml(tmp_path, resourceconfig={"current_host": "algo-1", "hosts": ["algo-10", "algo-2", "algo-1"],
+                                            "network_interface_name": "eth1"},
+                  hyperparameters={}, inputdataconfig={"fashion": {"TrainingInputMode": "File"}})
+    plan = ep.build_plan({"MMP_SM_ROOT": str(root), "MMP_PROCESSES_PER_HOST": "4"}, horovodrun="h", python="p")
+    assert plan.argv[:8] == ["h", "-np", "12", "-H", "algo-1:4,algo-2:4,algo-10:4", "--gloo",
+                             "--network-interface", "eth1"]
+    assert plan.argv[-2:] == ["--dataset", "fashion"]  # the only channel is the dataset
+
+
+def test_one_host_runs_locally_with_checkpoints_exported(tmp_path):
+    root = opt_ml(tmp_path, resourceconfig={"current_host": "algo-1", "hosts": ["algo-1"]},
+                  hyperparameters={"epochs": "3"}, inputdataconfig={"fashion": {}})
+    (root / "checkpoints").mkdir()  # SageMaker makes it when CheckpointConfig is set
+    plan = ep.build_plan({"MMP_SM_ROOT": str(root), "MMP_PROCESSES_PER_HOST": "2"}, horovodrun="h", python="p")
+    assert plan.role == "single"
+    assert plan.argv[:6] == ["h", "-np", "2", "-H", "localhost:2", "--gloo"]
+    assert plan.env["MMP_CHECKPOINT_DIR"] == str(root / "checkpoints")
+
+
+@pytest.mark.parametrize("files, env, words", [
+    ({"resourceconfig": {"current_host": "algo-9", "hosts": ["algo-1"]}}, {}, "current_host 'algo-9' is not in hosts"),
+    ({}, {}, "has channels train, validation; set MMP_DATASET"),
+    ({}, {"MMP_DATASET": "fashion"}, "dataset channel 'fashion' is not in inputdataconfig.json"),
+    ({}, {"MMP_DATASET": "train", "MMP_HYPERPARAMETER_ORDER": "epochs"}, "hyperparameters.json lacks epochs"),
+    ({}, {"MMP_DATASET": "train", "MMP_PROCESSES_PER_HOST": "many"}, "MMP_PROCESSES_PER_HOST must be"),
+])
+def test_bad_configuration_is_a_clear_failure(tmp_path, files, env, words):
+    root = opt_ml(tmp_path, **files)
+    code = ep.main([], {"MMP_SM_ROOT": str(root), **env})
+    assert code == 2
+    assert words in (root / "output" / "failure").read_text()
+
+
+def test_missing_config_files_say_so(tmp_path):
+    root = tmp_path / "empty"
+    assert ep.main([], {"MMP_SM_ROOT": str(root)}) == 2
+    assert "resourceconfig.json is missing" in (root / "output" / "failure").read_text()
+
+
+def test_hyperparameter_values_keep_their_spelling():
+    assert ep.decode_value('"us-west-2"') == "us-west-2"
+    assert ep.decode_value("1e-3") == "1e-3"
+    assert ep.decode_value("true") == "true"
+    assert ep.decode_value("plain text") == "plain text"
+    assert ep.decode_value('["a"]') == '["a"]'
+
+
+# -- really training -------------------------------------------------------------------
+@pytest.fixture
+def single_host_job(tmp_path, digits):
+    root = opt_ml(tmp_path, resourceconfig={"current_host": "algo-1", "hosts": ["algo-1"],
+                                            "current_instance_type": "ml.m5.xlarge"},
+                  hyperparameters={"epochs": "1", "batch-size": '"64"'},  # as the SDK and boto3 write them
+                  inputdataconfig={"digits": {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated",
+                                              "RecordWrapperType": "None"}})
+    data = root / "input" / "data" / "digits"
+    shutil.copytree(digits, data)
+    code = tmp_path / "code"
+    shutil.copytree(ROOT / "examples" / "fashion", code)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MMP_", "AWS_"))}
+    env.update({"MMP_SM_ROOT": str(root), "MMP_CODE_DIR": str(code), "MMP_DATASET": "digits",
+                "MMP_PROCESSES_PER_HOST": "2", "MMP_HYPERPARAMETER_ORDER": "epochs,batch-size",
+                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
+    return root, env
+
+
+@pytest.mark.horovod
+@pytest.mark.slow
+def test_the_train_script_really_trains_with_horovodrun_np_2(single_host_job, aws_env, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from mmp import aws
+    from mmp.tracking import RunTracker
+
+    root, env = single_host_job
+    secret_arn = aws.client("secretsmanager").create_secret(Name="mlflow-pw", SecretString="s3cr3t-pw")["ARN"]
+    tracker = RunTracker()
+    run_id = tracker.start("sm-entrypoint", run_name="sm", tags={}, params={"epochs": "1"})
+    env.update({"MLFLOW_TRACKING_URI": tracker.tracking_uri, "MLFLOW_EXPERIMENT_NAME": "sm-entrypoint",
+                "MLFLOW_RUN_ID": run_id, "MMP_MLFLOW_PASSWORD_SECRET_ARN": secret_arn,
+                "AWS_ENDPOINT_URL": aws_env, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1"})
+
+    proc = subprocess.run([sys.executable, str(ROOT / "horovod_docker" / "train"), "train"], env=env,
+                          capture_output=True, text=True, timeout=240)
+
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert f"mmp: single on algo-1: {HOROVODRUN} -np 2 -H localhost:2 --gloo" in out
+    assert "train.py: 2 rank(s), dataset digits" in out
+    assert "epoch 1/1" in out
+    assert (root / "model" / "model.pt").is_file()
+    assert not (root / "output" / "failure").exists()
+    assert "epoch 1/1" in (root / "output" / "data" / "train.log").read_text()
+    run = MlflowClient(tracker.tracking_uri).get_run(run_id)  # train.py continued the pipeline's run
+    assert run.data.params["world_size"] == "2"
+    assert "val_accuracy" in run.data.metrics
+    assert "s3cr3t-pw" not in out  # fetched for train.py, never printed
+
+
+def test_the_password_is_fetched_from_secrets_manager_for_train_py(aws_env):
+    from mmp import aws
+
+    arn = aws.client("secretsmanager").create_secret(Name="mlflow-pw-2", SecretString="pw-123")["ARN"]
+    plan = ep.Plan(role="single", current_host="algo-1", hosts=["algo-1"], leader="algo-1", env={"A": "1"})
+    env = ep.child_env(plan, {"MMP_MLFLOW_PASSWORD_SECRET_ARN": arn, "PATH": "/bin"})
+    assert env["MLFLOW_TRACKING_PASSWORD"] == "pw-123" and env["A"] == "1"
+    with pytest.raises(ep.EntrypointError, match="could not read the MLflow password secret") as info:
+        ep.child_env(plan, {"MMP_MLFLOW_PASSWORD_SECRET_ARN": arn + "-gone"})
+    assert "pw-123" not in str(info.value)
+
+
+@pytest.mark.horovod
+def test_a_failing_train_py_writes_the_reason_and_exits_with_its_status(single_host_job):
+    root, env = single_host_job
+    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps({"epochs": '"many"',
+                                                                               "batch-size": "64"}))
+    proc = subprocess.run([sys.executable, "-m", "mmp.sagemaker_entrypoint"], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    failure = (root / "output" / "failure").read_text()
+    assert failure.startswith("horovodrun exited 1")
+    assert len(failure) <= 1024
+    assert "invalid int value: 'many'" in proc.stdout
+
+
+# -- SSH between hosts, with real sockets ----------------------------------------------
+class BannerServer:
+    """A TCP server on 127.0.0.1 that greets like sshd (or stays silent)."""
+
+    def __init__(self, banner: bytes = b"SSH-2.0-OpenSSH_9.6\r\n"):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.banner = banner
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(self.banner)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_the_leader_waits_until_every_peer_answers_on_ssh():
+    server = BannerServer()
+    try:
+        ep.wait_for_ssh(["algo-2", "algo-3"], port=server.port, timeout=5, interval=0.05,
+                        address=lambda host: "127.0.0.1")
+    finally:
+        server.close()
+
+
+def test_a_silent_peer_fails_the_leader_naming_it():
+    server = BannerServer()  # listens on 127.0.0.1 only; 127.0.0.2 (also loopback) refuses
+    try:
+        with pytest.raises(ep.EntrypointError, match=r"host\(s\) algo-3 did not answer on SSH port"):
+            ep.wait_for_ssh(["algo-2", "algo-3"], port=server.port, timeout=0.3, interval=0.05,
+                            address=lambda host: "127.0.0.1" if host == "algo-2" else "127.0.0.2")
+    finally:
+        server.close()
+
+
+def test_only_an_ssh_banner_counts_as_answering():
+    other = BannerServer(banner=b"HTTP/1.1 400 Bad Request\r\n")
+    try:
+        assert ep.ssh_answers("127.0.0.1", other.port) is False
+    finally:
+        other.close()
+    assert ep.ssh_answers("127.0.0.1", other.port) is False  # closed
+
+
+def test_a_worker_stays_up_until_the_leader_is_gone():
+    leader = BannerServer()
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (ep.wait_for_leader("algo-1", port=leader.port, start_timeout=5,
+                                                                  interval=0.05, address=lambda h: "127.0.0.1"),
+                                              done.set()), daemon=True)
+    worker.start()
+    assert not done.wait(0.5)  # the leader still answers: the worker keeps serving
+    leader.close()
+    assert done.wait(5)
+
+
+def test_a_worker_whose_leader_never_comes_fails():
+    with pytest.raises(ep.EntrypointError, match="algo-1 did not answer"):
+        ep.wait_for_leader("algo-1", port=9, start_timeout=0.2, interval=0.05, address=lambda h: "127.0.0.2")
+
+
+def test_multi_host_without_sshd_in_the_image_is_a_clear_failure(tmp_path):
+    root = opt_ml(tmp_path)
+    code = ep.main([], {"MMP_SM_ROOT": str(root), "MMP_DATASET": "train", "MMP_SSHD": str(tmp_path / "no-sshd")})
+    assert code == 2
+    assert "multi-host training needs openssh-server" in (root / "output" / "failure").read_text()
