@@ -1,1 +1,116 @@
-"""(filled in by its issue)"""
+"""`mmp compare`, `mmp promote` and `mmp serve`: from runs to a model in production."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import app, console, err_console, fail, print_json
+
+WIDE = 200  # columns for the leaderboard when stdout is not a terminal (pipes, CI logs)
+
+
+def _wide_console():
+    out = console()
+    if not out.is_terminal:
+        out.width = max(out.width, WIDE)
+    return out
+
+
+@app.command()
+def compare(
+    experiment: str = typer.Argument(..., help="MLflow experiment (by default the repository's name)."),
+    metric: Optional[List[str]] = typer.Option(None, "--metric", "-m",
+                                               help="Metric to show; repeat for more. The first one ranks the runs."),
+    mode: str = typer.Option("max", "--mode", help="max: higher is better; min: lower is better."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: the metric per run and against each "
+                                                              "varied hyperparameter."),
+    as_json: bool = typer.Option(False, "--json", help="Print the leaderboard as JSON."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the best N runs."),
+) -> None:
+    """Leaderboard of an experiment's runs: best first, only the hyperparameters that differ."""
+    from ..models.compare import CompareError, leaderboard, table
+    from ..models.plot import PlotError, plot_leaderboard
+
+    try:
+        board = leaderboard(experiment, metric or None, mode=mode, limit=limit)
+        written = plot_leaderboard(board, plot) if plot else None
+    except (CompareError, PlotError) as exc:
+        fail(str(exc))
+        return
+    if as_json:
+        data = board.to_dict()
+        if written:
+            data["plot"] = str(written)
+        print_json(data)
+        return
+    _wide_console().print(table(board))
+    if written:
+        console().print(f"plot written to {written}")
+
+
+@app.command()
+def promote(
+    experiment: str = typer.Argument(..., help="MLflow experiment whose best run is promoted."),
+    metric: Optional[str] = typer.Option(None, "--metric", "-m", help="Metric that decides the best run."),
+    mode: str = typer.Option("max", "--mode", help="max: higher is better; min: lower is better."),
+    alias: str = typer.Option("production", "--alias", help="Registered-model alias to move."),
+    require: Optional[float] = typer.Option(None, "--require",
+                                            help="Refuse unless the best run's metric reaches this value."),
+    run_id: Optional[str] = typer.Option(None, "--run", help="Promote this run instead of the best one."),
+    model_name: Optional[str] = typer.Option(None, "--model-name",
+                                             help="Registered model (default: $MMP_MODEL_NAME, else EXPERIMENT)."),
+    rollback: bool = typer.Option(False, "--rollback", help="Give the alias back to its previous holder."),
+    no_deploy: bool = typer.Option(False, "--no-deploy", help="Do not deploy a SageMaker endpoint even if "
+                                                              "MMP_ENDPOINT_* configures one."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Register the best FINISHED run's model and move the alias to it (or --rollback)."""
+    from ..models import promote as promotion
+
+    deployer = None if no_deploy else "auto"
+    try:
+        if rollback:
+            result = promotion.rollback(experiment, alias=alias, model_name=model_name, deployer=deployer)
+        else:
+            if not metric:
+                fail("--metric is required: say which metric decides the best run (e.g. --metric val_accuracy)")
+            result = promotion.promote(experiment, metric or "", mode=mode, alias=alias, require=require,
+                                       model_name=model_name, run_id=run_id, deployer=deployer)
+    except promotion.PromotionError as exc:
+        fail(str(exc))
+        return
+    if as_json:
+        print_json(result.to_dict())
+        return
+    for other in result.skipped:
+        err_console().print(f"[yellow]![/] run {other} ranks higher but logged no model; skipped")
+    console().print(f"[green]✓[/] {result.summary()}")
+    if result.deployment:
+        d = result.deployment
+        console().print(f"  SageMaker endpoint {d['endpoint']} {d['action']} ({d['endpoint_config']})")
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="NAME[@ALIAS] (default alias: production), NAME/VERSION, or a model URI."),
+    port: int = typer.Option(5001, "--port", "-p", min=1, max=65535, help="Port on 127.0.0.1."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (keep 127.0.0.1 unless you mean it)."),
+) -> None:
+    """Serve a registered model locally with MLflow's pyfunc scoring server (POST /invocations)."""
+    from ..models.serve import ModelServer, ServeError
+
+    try:
+        server = ModelServer(model, host=host, port=port)
+        server.start(wait=False)
+        server.wait_ready()
+    except ServeError as exc:
+        fail(str(exc))
+        return
+    console().print(f"[green]✓[/] serving {server.uri} at {server.url} — POST {server.url}/invocations "
+                    '{"inputs": ...}; Ctrl-C stops it')
+    code = server.wait()
+    server.stop()
+    raise typer.Exit(0 if code in (0, 130, -15) else code)

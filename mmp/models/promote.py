@@ -190,6 +190,7 @@ def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEF
         order_by(metric, mode)
     except CompareError as exc:
         raise PromotionError(str(exc)) from None
+    deployer = resolve_deployer(deployer, alias)  # bad endpoint settings stop us before any write
     client = client or make_client()
     name = model_name or model_name_for(experiment)
     try:
@@ -232,6 +233,7 @@ def rollback(experiment: str, *, alias: str = DEFAULT_ALIAS, model_name: str | N
     """Point `alias` back at the version that held it before the last promotion."""
     from mlflow.exceptions import MlflowException
 
+    deployer = resolve_deployer(deployer, alias)
     client = client or make_client()
     name = model_name or model_name_for(experiment)
     try:
@@ -271,11 +273,19 @@ def current(model_name: str, alias: str = DEFAULT_ALIAS, client: "MlflowClient |
         return None
 
 
-def _deploy(deployer: Deployer | None | str, alias: str, name: str, mv: "ModelVersion") -> dict | None:
-    if deployer == "auto":
-        from .endpoint import deployer_for
+def resolve_deployer(deployer: Deployer | None | str, alias: str) -> Deployer | None:
+    """`"auto"`: the SageMaker endpoint deployer when the environment configures one for `alias`."""
+    if deployer != "auto":
+        return deployer  # type: ignore[return-value]
+    from .endpoint import EndpointError, deployer_for
 
-        deployer = deployer_for(alias)
+    try:
+        return deployer_for(alias)
+    except EndpointError as exc:
+        raise PromotionError(str(exc)) from None
+
+
+def _deploy(deployer: Deployer | None, alias: str, name: str, mv: "ModelVersion") -> dict | None:
     if deployer is None:
         return None
     try:

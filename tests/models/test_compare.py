@@ -1,0 +1,119 @@
+"""The leaderboard and its plot, on synthetic runs and on real runs of the example train.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mmp.cli import app
+from mmp.models.compare import CompareError, leaderboard, search_all, table
+from mmp.models.plot import PlotError, plot_leaderboard
+
+runner = CliRunner()
+
+
+def test_best_first_with_only_varied_params_duration_and_instance_hours(synthetic):
+    low = synthetic.run(metrics={"acc": 0.5, "loss": 1.0}, params={"lr": "0.1", "epochs": "3"}, seconds=1800)
+    high = synthetic.run(metrics={"acc": 0.9, "loss": 0.2}, params={"lr": "0.01", "epochs": "3"}, seconds=3600,
+                         instance_count=4, commit="b" * 40)
+    none = synthetic.run(metrics={"loss": 0.1}, params={"lr": "0.001", "epochs": "3"}, status="FAILED")
+
+    board = leaderboard("synthetic", "acc", mode="max")
+
+    assert [r.run_id for r in board.rows] == [high, low, none]  # a run without the metric sorts last
+    assert board.best().run_id == high
+    assert board.varied_params == ["lr"]  # epochs is 3 everywhere: noise, not shown
+    assert board.rows[0].params == {"lr": "0.01"}
+    top = board.rows[0]
+    assert (top.commit, top.platform, top.instances) == ("b" * 40, "sagemaker", "ml.p3.2xlarge × 4")
+    assert top.duration_s == pytest.approx(3600, abs=1)
+    assert top.instance_hours == pytest.approx(4.0, abs=0.01)
+    assert board.rows[1].instance_hours == pytest.approx(1.0, abs=0.01)
+    assert board.rows[2].status == "FAILED" and board.rows[2].metrics == {}
+
+    assert [r.run_id for r in leaderboard("synthetic", ["loss", "acc"], mode="min").rows] == [none, high, low]
+    assert leaderboard("synthetic", ["loss", "acc"], mode="min").metrics == ["loss", "acc"]
+
+
+def test_without_a_metric_newest_first_and_every_metric_shown(synthetic):
+    first = synthetic.run(metrics={"acc": 0.9})
+    second = synthetic.run(metrics={"loss": 0.3})
+    board = leaderboard("synthetic")
+    assert board.metric is None and board.metrics == ["acc", "loss"]
+    assert {r.run_id for r in board.rows} == {first, second}
+
+
+def test_pages_are_followed_and_keep_the_order(synthetic, client):
+    ids = [synthetic.run(metrics={"acc": i / 10}, model=False) for i in range(7)]
+    runs = search_all(client, [synthetic.experiment_id], order=["metrics.`acc` DESC"], page_size=3)
+    assert [r.info.run_id for r in runs] == ids[::-1]
+    assert len(search_all(client, [synthetic.experiment_id], order=["metrics.`acc` DESC"], page_size=3,
+                          limit=5)) == 5
+
+
+def test_unknown_experiment_and_bad_mode_are_clear(synthetic):
+    synthetic.run(metrics={"acc": 1})
+    with pytest.raises(CompareError, match="no MLflow experiment named 'nope'.*synthetic"):
+        leaderboard("nope", "acc")
+    with pytest.raises(CompareError, match="--mode must be one of max, min"):
+        leaderboard("synthetic", "acc", mode="best")
+
+
+def test_real_runs_leaderboard_table_json_and_plot(real_runs, tmp_path):
+    board = leaderboard("digits-demo", "val_accuracy")
+    assert {r.run_id for r in board.rows} == set(real_runs["run_ids"])
+    assert board.varied_params == ["batch-size", "lr"]
+    values = [r.metrics["val_accuracy"] for r in board.rows]
+    assert values == sorted(values, reverse=True) and all(0 <= v <= 1 for v in values)
+    for row in board.rows:
+        assert row.status == "FINISHED" and row.platform == "local" and len(row.commit) == 40
+        assert row.duration_s > 0 and row.instance_hours == pytest.approx(row.duration_s / 3600)
+
+    result = runner.invoke(app, ["compare", "digits-demo", "--metric", "val_accuracy", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [r["run_id"] for r in data["rows"]] == [r.run_id for r in board.rows]
+    assert data["varied_params"] == ["batch-size", "lr"] and data["rows"][0]["instances"] == "local × 1"
+
+    png = tmp_path / "out" / "board.png"
+    result = runner.invoke(app, ["compare", "digits-demo", "-m", "val_accuracy", "-m", "val_loss", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    for column in ("status", "commit", "platform", "instances", "batch-size", "lr", "val_accuracy", "val_loss",
+                   "duration", "inst-h", board.rows[0].run_id[:8], board.rows[0].commit[:7]):
+        assert column in result.stdout
+    from matplotlib.image import imread
+
+    image = imread(png)
+    assert image.ndim == 3 and image.shape[1] > image.shape[0] * 2  # three panels side by side
+    assert image.std() > 0.01  # something was drawn
+
+
+def test_plot_categorical_param_and_errors(synthetic, tmp_path):
+    for opt, acc in (("adam", 0.8), ("sgd", 0.7), ("adam", 0.85)):
+        synthetic.run(metrics={"acc": acc}, params={"optimizer": opt, "lr": "0.1"})
+    path = plot_leaderboard(leaderboard("synthetic", "acc"), tmp_path / "p.png")
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()
+        assert image.format == "PNG" and image.size[0] > 600
+    with pytest.raises(PlotError, match="--plot needs --metric"):
+        plot_leaderboard(leaderboard("synthetic"), tmp_path / "q.png")
+    with pytest.raises(PlotError, match="logged the metric 'nope'"):
+        plot_leaderboard(leaderboard("synthetic", "nope"), tmp_path / "q.png")
+    result = runner.invoke(app, ["compare", "synthetic", "--plot", str(tmp_path / "q.png")])
+    assert result.exit_code == 1 and "--plot needs --metric" in result.output
+    assert not (tmp_path / "q.png").exists()
+
+
+def test_table_marks_failed_and_missing_values(synthetic):
+    from rich.console import Console
+
+    synthetic.run(metrics={"acc": 0.9}, params={"lr": "0.1"})
+    synthetic.run(metrics={}, params={"lr": "0.2"}, status="FAILED")
+    out = Console(record=True, width=200)
+    out.print(table(leaderboard("synthetic", "acc")))
+    text = out.export_text()
+    assert "FAILED" in text and "—" in text and "0.9" in text and "best by acc (max)" in text
