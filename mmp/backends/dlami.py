@@ -64,6 +64,8 @@ GPU_SLOTS = {
 # passed positionally and the whole list quoted by mmp.ssh (mmp.argv.shell_join).
 FETCH_SCRIPT = r"""set -eu
 IFS= read -r token || token=""
+GIT_TERMINAL_PROMPT=0
+export GIT_TERMINAL_PROMPT
 rm -rf "$3"
 mkdir -p "$3"
 cd "$3"

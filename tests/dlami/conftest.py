@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 REGION = "us-east-1"
+MOTO_AMI = "ami-12c6146b"
 
 
 def free_port() -> int:
@@ -143,7 +144,7 @@ class PlacementStub:
     """An EC2 client on moto whose describe_placement_groups goes to a botocore Stubber
     (moto has no placement groups). Every other call is moto's."""
 
-    def __init__(self, real: Any, groups: list[dict]):
+    def __init__(self, real: Any, groups: list[dict], launched: list[dict] | None = None):
         import boto3
         from botocore.stub import Stubber
 
@@ -151,7 +152,12 @@ class PlacementStub:
         self.stubbed = boto3.client("ec2", region_name=REGION)
         self.stubber = Stubber(self.stubbed)
         self.groups = groups
+        self.launched = launched if launched is not None else []
         self.stubber.activate()
+
+    def run_instances(self, **kwargs):
+        self.launched.append(kwargs)
+        return self._real.run_instances(**kwargs)
 
     def describe_placement_groups(self, **kwargs):
         self.stubber.add_response("describe_placement_groups", {"PlacementGroups": self.groups}, kwargs)
@@ -171,13 +177,14 @@ class Cloud:
     key_secret_arn: str
     token_secret_arn: str
     placement_groups: list[dict]
+    launched: list[dict] = field(default_factory=list)  # RunInstances requests, as sent
 
     def client(self, service: str):
         from mmp import aws
 
         real = aws.client(service)
         if service == "ec2":
-            return PlacementStub(real, self.placement_groups)
+            return PlacementStub(real, self.placement_groups, self.launched)
         return real
 
     def instances(self, states=("pending", "running", "stopping", "stopped")) -> list[dict]:
@@ -202,7 +209,7 @@ def cloud(aws_env, sshd, monkeypatch, tmp_path) -> Cloud:
     ec2 = aws.client("ec2")
     vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.20.1.0/24")["Subnet"]["SubnetId"]
-    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    image = ec2.describe_images(ImageIds=[MOTO_AMI])["Images"][0]["ImageId"]  # one of moto's default AMIs
     lt = ec2.create_launch_template(
         LaunchTemplateName="mmp-training",
         LaunchTemplateData={"IamInstanceProfile": {"Name": "mmp-training"}, "EbsOptimized": True},
@@ -303,8 +310,7 @@ def request_for(make_repo, fsx_datasets):
         return LaunchRequest(
             experiment=exp, experiment_name="dl-test", run_id=run_id, repository="acme/fashion",
             clone_url=str(repo), commit=gitutil.resolve(repo),
-            mlflow_env={"MLFLOW_TRACKING_URI": "sqlite:////nonexistent/mlflow.db",
-                        "MLFLOW_EXPERIMENT_NAME": "dl-test", "MLFLOW_RUN_ID": run_id},
+            mlflow_env={"MLFLOW_EXPERIMENT_NAME": "dl-test", "MLFLOW_RUN_ID": run_id},
             dataset=Dataset("digits"),
         )
 

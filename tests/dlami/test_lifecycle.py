@@ -88,6 +88,12 @@ def test_two_instances_launch_tag_user_data_and_terminate(make_backend, request_
         assert doc["ssh_genkeytypes"] == []
         assert len(doc["ssh_authorized_keys"]) == 2  # MMP's key and the run's cluster key
 
+    assert len(cloud.launched) == 2
+    for sent in cloud.launched:
+        assert sent["Placement"] == {"GroupName": "mmp-cluster"}
+        assert sent["LaunchTemplate"] == {"LaunchTemplateId": cloud.launch_template_id, "Version": "$Default"}
+        assert sent["InstanceInitiatedShutdownBehavior"] == "terminate"
+
     status = backend.wait(handle, poll_seconds=0.05)
     assert status.state is JobState.SUCCEEDED, status.message
     lines, _ = backend.logs(handle)

@@ -1,0 +1,104 @@
+"""`mmp janitor`: terminate MMP-tagged EC2 instances that should no longer exist.
+
+The dlami backend terminates its instances in a `finally`, and each instance's
+user data schedules its own shutdown (which terminates it). The janitor is the
+third line: anything tagged `mmp:managed` whose run has ended in MLflow, or that
+has outlived its `mmp:max-runtime-minutes`, is terminated. Run it on a schedule.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from . import aws
+from .backends.dlami import LIVE_STATES, TAG_MANAGED, TAG_MAX_RUNTIME, TAG_RUN
+
+log = logging.getLogger("mmp.janitor")
+
+ENDED = ("FINISHED", "FAILED", "KILLED")
+
+
+@dataclass
+class Finding:
+    instance_id: str
+    run_id: str | None
+    state: str
+    launched: str
+    reason: str
+    action: str  # "terminate", "would terminate" (dry run) or "keep"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mlflow_run_state(run_id: str) -> str | None:
+    """The run's MLflow status (FINISHED, FAILED, KILLED, RUNNING, ...), None if unknown."""
+    try:
+        from .tracking import RunTracker
+
+        return RunTracker().status(run_id)
+    except Exception as exc:  # unknown run, MLflow down: decide by age alone
+        log.info("no MLflow state for run %s: %s", run_id, exc)
+        return None
+
+
+def _tagged_instances(ec2: Any) -> list[dict]:
+    out = []
+    filters = [{"Name": "tag-key", "Values": [TAG_MANAGED]},
+               {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+        for reservation in page["Reservations"]:
+            out += reservation["Instances"]
+    return out
+
+
+def _as_utc(value: Any) -> dt.datetime:
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def judge(instance: dict, now: dt.datetime, run_state: Callable[[str], str | None]) -> tuple[bool, str]:
+    """(terminate?, why) for one tagged instance."""
+    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+    run_id = tags.get(TAG_RUN)
+    launched = _as_utc(instance["LaunchTime"])
+    age_min = (now - launched).total_seconds() / 60
+    limit = tags.get(TAG_MAX_RUNTIME)
+    try:
+        limit_min = int(limit) if limit is not None else None
+    except ValueError:
+        limit_min = None
+    if limit_min is not None and age_min > limit_min:
+        return True, f"up {age_min:.0f} min, past its max runtime of {limit_min} min"
+    if run_id:
+        state = run_state(run_id)
+        if state in ENDED:
+            return True, f"run {run_id} is {state} in MLflow"
+        return False, f"run {run_id} is {state or 'unknown to MLflow'}; up {age_min:.0f} of {limit or '?'} min"
+    if limit_min is None:
+        return False, "no run id and no max runtime tag; left for a person to judge"
+    return False, f"up {age_min:.0f} of {limit_min} min"
+
+
+def sweep(*, dry_run: bool = False, now: dt.datetime | None = None,
+          run_state: Callable[[str], str | None] = mlflow_run_state,
+          clients: Callable[[str], Any] = aws.client) -> list[Finding]:
+    """Judge every MMP-tagged live instance; terminate the ones past their time."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    ec2 = clients("ec2")
+    findings = []
+    for instance in _tagged_instances(ec2):
+        doomed, reason = judge(instance, now, run_state)
+        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+        action = ("would terminate" if dry_run else "terminate") if doomed else "keep"
+        findings.append(Finding(instance["InstanceId"], tags.get(TAG_RUN), instance["State"]["Name"],
+                                _as_utc(instance["LaunchTime"]).isoformat(), reason, action))
+    doomed_ids = [f.instance_id for f in findings if f.action == "terminate"]
+    if doomed_ids:
+        ec2.terminate_instances(InstanceIds=doomed_ids)
+        log.warning("janitor terminated %s", ", ".join(doomed_ids))
+    return findings

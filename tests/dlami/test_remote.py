@@ -1,0 +1,145 @@
+"""Remote execution for real: horovodrun over SSH on the local sshd, EC2 on moto.
+
+The pipeline trains examples/fashion/train.py with 2 ranks and ends FINISHED in a
+real MLflow (sqlite); hostile hyperparameters and dataset names arrive literally;
+the GitHub token reaches git on the leader through stdin only.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+
+import pytest
+
+from mmp import gitutil
+from mmp.backends import BackendError, JobState
+from mmp.datasets import Dataset
+from mmp.experiment import ExperimentError, parse_experiment
+
+from .conftest import ARGV_TRAIN, GITHUB_TOKEN
+
+
+def test_pipeline_trains_the_example_over_ssh_and_ends_finished(make_backend, make_repo, cloud, fsx_datasets,
+                                                               monkeypatch, mmp_home):
+    from mlflow.tracking import MlflowClient
+
+    from mmp.pipeline.runner import Pipeline
+    from mmp.pipeline.runs import local_trigger
+    from mmp.pipeline.store import RunStore
+    from mmp.tracking import RunTracker
+
+    monkeypatch.setenv("MMP_DLAMI_INSTALL_REQUIREMENTS", "1")  # requirements.txt is already satisfied here
+    monkeypatch.setenv("MMP_GITHUB_TOKEN_SECRET_ARN", cloud.token_secret_arn)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    repo = make_repo("fashion-dlami", experiment={
+        "Platform": "dlami", "Dataset_Name": "digits", "Training_Instance": "p3.8xlarge", "Instance_Count": "1",
+        "Processes_Per_Host": "2", "Hyperparameters": "{'epochs': '1', 'batch-size': '64'}"})
+    backend = make_backend()
+    streamed: list[str] = []
+    launched = {}
+    pipeline = Pipeline(tracker=RunTracker(), store=RunStore(), backend_factory=lambda platform: backend,
+                        on_log=streamed.append, on_launch=lambda run_id, handle: launched.update(handle=handle))
+    outcome = pipeline.run(local_trigger(repo, gitutil.resolve(repo)))
+
+    assert outcome.state == "SUCCEEDED", outcome.message + "\n" + "\n".join(streamed[-30:])
+    client = MlflowClient(RunTracker().tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "2"  # logged by train.py's rank 0, through MLFLOW_RUN_ID
+    assert "val_accuracy" in run.data.metrics
+    assert run.data.tags["mmp.platform"] == "dlami"
+    log_text = (mmp_home / "artifacts").rglob("train.log").__next__().read_text()
+    assert "epoch 1/1" in log_text and "train.py: 2 rank(s)" in log_text
+    assert any("epoch 1/1" in line for line in streamed)
+    handle = launched["handle"]
+    argv = handle.data["argv"]
+    assert argv[:6] == [os.environ["MMP_DLAMI_HOROVODRUN"], "-np", "2", "-H", "localhost:2", "--gloo"]
+    output = handle.data["paths"]["output"]
+    assert output.endswith(f"/output/{outcome.experiment.resolved_name('fashion-dlami')}/{outcome.run_id}")
+    assert os.path.exists(os.path.join(output, "model.pt"))
+    assert cloud.instances() == []  # torn down
+    # the token was read (the secret is configured) but went nowhere visible
+    everything = log_text + json.dumps(handle.to_dict()) + json.dumps(run.data.tags) + json.dumps(run.data.params)
+    assert GITHUB_TOKEN not in everything and GITHUB_TOKEN not in "\n".join(streamed)
+
+
+def _argv_from(lines: list[str]) -> list[str]:
+    marked = [ln for ln in lines if "ARGV " in ln]
+    assert marked, "\n".join(lines)
+    return json.loads(marked[0].split("ARGV ", 1)[1])
+
+
+HOSTILE = {
+    "semicolon": "0.1; touch {canary}",
+    "subst": "$(touch {canary})",
+    "backticks": "`touch {canary}`",
+    "quotes": "it's \"double\" and 'single'",
+    "newline": "first\nsecond && touch {canary}",
+    "glob": "* ~ $HOME",
+}
+
+
+def test_hostile_hyperparameters_and_dataset_names_arrive_literally(make_backend, request_for, cloud, tmp_path):
+    from mmp.argv import train_args
+
+    canary = tmp_path / "canary"
+    hyper = {k: v.format(canary=canary) for k, v in HOSTILE.items()}
+    evil_dataset = f"digits;touch {canary};$(touch {canary})`touch {canary}`'\"\nx"
+    with pytest.raises(ExperimentError, match="Dataset_Name"):
+        parse_experiment({"Platform": "dlami", "Dataset_Name": evil_dataset, "Training_Instance": "p3.2xlarge"})
+
+    request = request_for(train=ARGV_TRAIN, Hyperparameters=hyper)
+    # the model refuses such a name; a request built around it must still be passed literally
+    request.experiment = request.experiment.model_copy(update={"dataset_name": evil_dataset})
+    request.dataset = Dataset(evil_dataset)
+    backend = make_backend()
+    handle = backend.launch(request)
+    try:
+        status = backend.wait(handle, poll_seconds=0.1)
+        lines, _ = backend.logs(handle)
+    finally:
+        backend.teardown(handle)
+    assert status.state is JobState.SUCCEEDED, status.message
+    paths = backend.paths(request)
+    assert _argv_from(lines) == train_args(paths.dataset, paths.output, evil_dataset, hyper)
+    assert not canary.exists()
+    assert cloud.instances() == []
+
+
+def test_github_token_reaches_git_through_stdin_only(make_backend, request_for, cloud, httpserver, monkeypatch):
+    """git asks for credentials; the helper answers from stdin; the token is on no command line."""
+    from werkzeug import Response
+
+    seen: list[str | None] = []
+
+    def refs(req):
+        seen.append(req.headers.get("Authorization"))
+        if not req.headers.get("Authorization"):
+            return Response("auth", status=401, headers={"WWW-Authenticate": 'Basic realm="GitHub"'})
+        return Response("not found", status=404)
+
+    httpserver.expect_request("/acme/fashion.git/info/refs").respond_with_handler(refs)
+    monkeypatch.setenv("MMP_GITHUB_TOKEN_SECRET_ARN", cloud.token_secret_arn)
+    backend = make_backend()
+    request = request_for()
+    request.clone_url = httpserver.url_for("/acme/fashion.git")
+    sent_commands: list[str] = []
+    original = backend._remote
+
+    def spy(job, session, argv, what, **kw):
+        from mmp.argv import shell_join
+
+        sent_commands.append(shell_join(argv))
+        return original(job, session, argv, what, **kw)
+
+    backend._remote = spy
+    with pytest.raises(BackendError, match="fetch acme/fashion") as info:
+        backend.launch(request)
+    expected = "Basic " + base64.b64encode(f"x-access-token:{GITHUB_TOKEN}".encode()).decode()
+    assert expected in seen
+    assert GITHUB_TOKEN not in str(info.value)
+    assert sent_commands and all(GITHUB_TOKEN not in c for c in sent_commands)
+    assert cloud.instances() == []
