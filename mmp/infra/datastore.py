@@ -76,7 +76,7 @@ class DataStore(pulumi.ComponentResource):
                 f"{name}-fsx", deployment_type="PERSISTENT_2", storage_type="SSD",
                 storage_capacity=settings.fsx_storage_gb, per_unit_storage_throughput=settings.fsx_throughput,
                 file_system_type_version="2.15", data_compression_type="LZ4",
-                subnet_ids=network.private_subnet_ids.apply(lambda ids: ids[:1]),
+                subnet_ids=network.private_subnet_ids.apply(lambda ids: ids[0]),  # one subnet (a string in v7)
                 security_group_ids=[network.fsx_sg.id], automatic_backup_retention_days=0,
                 tags={**tags, "Name": f"{settings.prefix}-datasets"}, opts=child)
             aws.fsx.DataRepositoryAssociation(

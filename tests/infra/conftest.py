@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import runpy
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import pulumi
 import pytest
 from pulumi.runtime import settings as runtime_settings
+from pulumi.runtime.mocks import MockMonitor
 from pulumi.runtime.stack import _sync_await, run_pulumi_func
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +53,8 @@ class Res:
     inputs: dict
     outputs: dict
     parent: str | None = None
+    urn: str = ""
+    secret_inputs: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -58,6 +63,8 @@ class StackRun:
     exports: dict[str, Any] = field(default_factory=dict)
     secret_exports: set[str] = field(default_factory=set)
     namespace: dict = field(default_factory=dict)
+    components: dict[str, str] = field(default_factory=dict)  # urn → type
+    registered_outputs: dict[str, set[str]] = field(default_factory=dict)
 
     def of_type(self, typ: str) -> list[Res]:
         return [r for r in self.resources if r.typ == typ]
@@ -139,10 +146,44 @@ class Mocks(pulumi.runtime.Mocks):
         raise AssertionError(f"the program made an unexpected call: {args.token}")
 
 
+SECRET_SIG_KEY = "4dabf18193072939515e22adb298388d"
+SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
+
+
+class Monitor(MockMonitor):
+    """The mock monitor, also noting each resource's parent, which inputs arrive as
+    secrets, and the outputs each component registers."""
+
+    def __init__(self, mocks: Mocks):
+        super().__init__(mocks)
+        self.run = mocks.run
+        self.lock = threading.Lock()
+
+    def RegisterResource(self, request):
+        response = super().RegisterResource(request)
+        if request.type == "pulumi:pulumi:Stack":
+            return response
+        with self.lock:
+            res = next(r for r in self.run.resources if r.typ == request.type and r.name == request.name)
+            res.urn = response.urn
+            res.parent = request.parent or None
+            res.secret_inputs = {k for k, v in request.object.fields.items()
+                                 if v.HasField("struct_value") and SECRET_SIG_KEY in v.struct_value.fields
+                                 and v.struct_value.fields[SECRET_SIG_KEY].string_value == SECRET_SIG}
+            if not request.custom:
+                self.run.components[response.urn] = request.type
+        return response
+
+    def RegisterResourceOutputs(self, request):
+        self.run.registered_outputs[request.urn] = set(request.outputs.fields)
+        return super().RegisterResourceOutputs(request)
+
+
 def run_stack(stack: str, config: dict[str, str], secret_keys: list[str] | None = None) -> StackRun:
     run = StackRun()
     runtime_settings.set_root_resource(None)
-    pulumi.runtime.set_mocks(Mocks(run), project="mmp", stack=stack, preview=False)
+    mocks = Mocks(run)
+    pulumi.runtime.set_mocks(mocks, project="mmp", stack=stack, preview=False, monitor=Monitor(mocks))
     keys = [k for k in (SECRETS if secret_keys is None else secret_keys) if k in config]
     pulumi.runtime.set_all_config(dict(config), keys)
     root = runtime_settings.get_root_resource()
@@ -167,3 +208,9 @@ def dev() -> StackRun:
 @pytest.fixture(scope="module")
 def prod() -> StackRun:
     return run_stack("prod", PROD_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def h():
+    """This module (constants and run_stack): importlib mode cannot import conftest by name."""
+    return sys.modules[__name__]
