@@ -256,3 +256,69 @@ def test_teardown_finds_instances_by_tag_even_if_unrecorded(make_backend, reques
     assert len(cloud.instances()) == 1
     make_backend().teardown(JobHandle("dlami", request.run_id, {"instance_ids": []}))
     assert_nothing_running(cloud, request.run_id)
+
+
+def test_environment_with_a_newline_is_refused_and_terminates(make_backend, request_for, cloud):
+    backend = make_backend()
+    request = request_for()
+    request.mlflow_env["MLFLOW_TRACKING_URI"] = "http://mlflow\nMMP_EVIL=1"
+    with pytest.raises(BackendError, match="'MLFLOW_TRACKING_URI' cannot be sent"):
+        backend.launch(request)
+    assert_nothing_running(cloud, request.run_id)
+
+
+OUTPUT_TRAIN = """\
+import os, sys
+out = sys.argv[sys.argv.index("--output-path") + 1]
+os.makedirs(out, exist_ok=True)
+open(os.path.join(out, "model.pt"), "w").write("weights")
+print("train.py: wrote", out, flush=True)
+"""
+
+AWS_CLI = """#!{python}
+# Stands in for the AWS CLI on the instance (its role would give the credentials):
+# `aws s3 sync --only-show-errors SRC s3://bucket/prefix/`, done with boto3 against moto.
+import os, sys
+import boto3
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+assert args[:2] == ["s3", "sync"], args
+src, dst = args[2], args[3]
+bucket, _, prefix = dst[len("s3://"):].partition("/")
+s3 = boto3.client("s3", endpoint_url={endpoint!r}, region_name="us-east-1",
+                  aws_access_key_id="testing", aws_secret_access_key="testing")
+for root, _, files in os.walk(src):
+    for name in files:
+        path = os.path.join(root, name)
+        s3.upload_file(path, bucket, prefix + os.path.relpath(path, src))
+"""
+
+
+def test_output_is_copied_to_s3_when_configured(make_backend, request_for, cloud, tmp_path, monkeypatch, aws_env):
+    cli = tmp_path / "aws"
+    cli.write_text(AWS_CLI.format(python=os.environ["MMP_DLAMI_PYTHON"], endpoint=aws_env))
+    cli.chmod(0o755)
+    aws.client("s3").create_bucket(Bucket="mmp-artifacts")
+    monkeypatch.setenv("MMP_ARTIFACTS_BUCKET", "mmp-artifacts")
+    monkeypatch.setenv("MMP_DLAMI_AWS_CLI", str(cli))
+    backend = make_backend()
+    request = request_for(train=OUTPUT_TRAIN)
+    handle = backend.launch(request)
+    try:
+        status = backend.wait(handle, poll_seconds=0.1)
+    finally:
+        backend.teardown(handle)
+    assert status.state is JobState.SUCCEEDED, status.message
+    key = f"output/dl-test/{request.run_id}/model.pt"
+    assert handle.data["output_s3"] == f"s3://mmp-artifacts/output/dl-test/{request.run_id}/"
+    assert aws.client("s3").get_object(Bucket="mmp-artifacts", Key=key)["Body"].read() == b"weights"
+
+    aws.client("s3").delete_object(Bucket="mmp-artifacts", Key=key)
+    aws.client("s3").delete_bucket(Bucket="mmp-artifacts")  # the copy now fails: so must the run
+    request = request_for(train=OUTPUT_TRAIN, name="dl-repo-2")
+    handle = backend.launch(request)
+    try:
+        status = backend.wait(handle, poll_seconds=0.1)
+    finally:
+        backend.teardown(handle)
+    assert status.state is JobState.FAILED and "training succeeded but copy the output" in status.message
+    assert_nothing_running(cloud, request.run_id)
