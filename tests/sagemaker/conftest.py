@@ -4,6 +4,7 @@ and a catalogue dataset with an S3 location, and a helper running the real Pipel
 
 from __future__ import annotations
 
+import shutil
 import socket
 import urllib.request
 from datetime import datetime, timezone
@@ -35,6 +36,22 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory):
+    """One migrated MLflow SQLite database; creating the tables costs seconds per test."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_db(mmp_home, _mlflow_template):
+    """Each test still gets its own database (a copy), where config.tracking_uri() looks."""
+    shutil.copy(_mlflow_template, mmp_home / "mlflow.db")
 
 
 @pytest.fixture(scope="session")

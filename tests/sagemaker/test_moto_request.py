@@ -211,3 +211,27 @@ def test_tracking_uri_with_a_password_never_reaches_the_request(aws_env, stack_e
         SageMakerBackend(sagemaker_client=client).launch(request)
     assert sent == []
     assert "hunter2" not in str(info.value) and ":p@" not in str(info.value)
+
+
+def test_the_registry_backend_runs_against_moto_with_env_configuration(aws_env, stack_env, sm_repo, sm):
+    """No injection: Pipeline's default factory finds `sagemaker` by name, reads MMP_* vars."""
+    from mmp.backends import get_backend
+    from mmp.pipeline.runner import Pipeline
+    from mmp.tracking import RunTracker
+
+    assert SageMakerBackend.poll_seconds == 30.0
+    stack_env.setenv("MMP_SAGEMAKER_POLL_SECONDS", "0.01")
+    backend = get_backend("sagemaker")
+    assert type(backend) is SageMakerBackend and backend.poll_seconds == 0.01
+    assert type(get_backend("sagemaker-fsx")) is SageMakerFsxBackend
+
+    repo = sm_repo()
+    tracker = RunTracker()
+    outcome = Pipeline(tracker=tracker).run(sm.trigger_for(repo, delivery_id=None))
+    assert outcome.state == "SUCCEEDED", outcome.message
+    trigger = sm.trigger_for(repo, delivery_id=None)
+    name = job_name("mmp", "fashion-demo", trigger.commit)
+    job = aws.client("sagemaker").describe_training_job(TrainingJobName=name)
+    assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{sm.BUCKET}/fashion-demo/{outcome.run_id}"
+    tags = {t["Key"]: t["Value"] for t in aws.client("sagemaker").list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]}
+    assert tags["mmp:delivery-id"] == "none" and tags["mmp:mlflow-run-id"] == outcome.run_id
