@@ -121,11 +121,8 @@ class Settings(BaseModel):
     @classmethod
     def _ssh_closed(cls, value: list[str]) -> list[str]:
         for cidr in value:
-            try:
-                if _is_open(cidr):
-                    raise ValueError(f"{cidr} would open SSH to the whole internet; name your own network")
-            except ValueError as exc:
-                raise ValueError(str(exc)) from None
+            if _is_open(cidr):  # an invalid CIDR raises ValueError here too, with ipaddress's message
+                raise ValueError(f"{cidr} would open SSH to the whole internet; name your own network")
         return value
 
     @field_validator("mlflow_allowed_cidrs", "ssh_cidrs", mode="after")
