@@ -47,6 +47,8 @@ class _Server(ThreadingHTTPServer):
 class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: GitHub and the bench reuse connections
     timeout = READ_TIMEOUT_S
+    disable_nagle_algorithm = True  # small answers go out at once, not after a delayed ACK
+    wbufsize = 64 * 1024  # headers and body leave in one write when the request is done
     server: _Server
     server_version = "mmp-webhook"
 
