@@ -1,0 +1,1 @@
+"""The pipeline: fetch → validate → launch → wait → notify, shared by AWS and the local stack."""
