@@ -215,6 +215,8 @@ def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEF
         if mv is None:
             tags = {"mmp.experiment": experiment, "mmp.run_id": run.info.run_id, "mmp.commit": commit or "",
                     "mmp.metric": metric, f"mmp.metric.{metric}": repr(value), "mmp.mode": mode}
+            if ref.model_id:  # MLflow's SQL registry does not keep model_id itself
+                tags["mmp.model_id"] = ref.model_id
             mv = client.create_model_version(name, ref.source, run_id=run.info.run_id, tags=tags,
                                              model_id=ref.model_id)
         version = str(mv.version)

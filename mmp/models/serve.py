@@ -59,6 +59,16 @@ def serve_argv(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
             "-h", host, "-p", str(port), "-w", str(workers)]
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - a reused id we do not own
+        return False
+
+
 class ModelServer:
     """One `mlflow models serve` process: start, wait until it answers, predict, stop."""
 
@@ -155,20 +165,21 @@ class ModelServer:
             return 130
 
     def stop(self, grace: float = 10) -> None:
+        """SIGTERM the server's process group, wait until every member is gone, SIGKILL if not."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
+        if proc is not None:
             for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+                if not _group_alive(proc.pid):
+                    break
                 try:
-                    os.killpg(proc.pid, sig)  # the group we made with start_new_session
+                    os.killpg(proc.pid, sig)  # the group start_new_session made: mlflow and its uvicorn
                 except ProcessLookupError:
                     break
-                try:
-                    proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if proc is not None and proc.poll() is None:
-            proc.kill()
+                deadline = time.monotonic() + wait
+                while time.monotonic() < deadline and _group_alive(proc.pid):
+                    proc.poll()  # reap the leader so it does not linger as a zombie
+                    time.sleep(0.05)
+            proc.poll()
         if self._log is not None:
             self._log.close()
             self._log = None

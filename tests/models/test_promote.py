@@ -1,0 +1,132 @@
+"""Promotion: the best FINISHED run with a model, alias moves, history, rollback, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mmp.cli import app
+from mmp.models.promote import PromotionError, current, history_tag, promote, rollback
+
+runner = CliRunner()
+
+
+def _alias(client, name="synthetic", alias="production"):
+    value = client.get_registered_model(name).aliases.get(alias)
+    return None if value is None else str(value)
+
+
+def test_promote_moves_the_alias_tags_the_version_and_rolls_back(synthetic, client):
+    first = synthetic.run(metrics={"acc": 0.7}, commit="1" * 40)
+    p1 = promote("synthetic", "acc", deployer=None)
+    assert (p1.action, p1.version, p1.run_id, p1.previous_version) == ("promoted", "1", first, None)
+    assert _alias(client) == "1"
+    tags = client.get_model_version("synthetic", "1").tags
+    assert tags["mmp.commit"] == "1" * 40 and tags["mmp.metric"] == "acc" and float(tags["mmp.metric.acc"]) == 0.7
+    assert tags["mmp.run_id"] == first
+
+    better = synthetic.run(metrics={"acc": 0.9}, commit="2" * 40)
+    p2 = promote("synthetic", "acc", deployer=None)
+    assert (p2.version, p2.run_id, p2.previous_version) == ("2", better, "1")
+    assert _alias(client) == "2"
+    assert json.loads(client.get_registered_model("synthetic").tags[history_tag("production")]) == ["1"]
+    assert "promoted synthetic v2 @production" in p2.summary() and "was v1" in p2.summary()
+
+    again = promote("synthetic", "acc", deployer=None)  # same best run: no new version, nothing moves
+    assert again.action == "unchanged" and again.version == "2"
+    assert len(client.search_model_versions("name = 'synthetic'")) == 2
+
+    back = rollback("synthetic", deployer=None)
+    assert (back.action, back.version, back.run_id, back.previous_version) == ("rolled back", "1", first, "2")
+    assert back.commit == "1" * 40 and back.value == pytest.approx(0.7)
+    assert str(current("synthetic", client=client).version) == "1"
+    with pytest.raises(PromotionError, match="no earlier holder"):
+        rollback("synthetic", deployer=None)
+
+    forward = promote("synthetic", "acc", deployer=None)  # the best run takes the alias back, same version
+    assert (forward.action, forward.version, forward.previous_version) == ("promoted", "2", "1")
+    assert len(client.search_model_versions("name = 'synthetic'")) == 2
+
+
+def test_aliases_are_independent_and_model_name_comes_from_config(synthetic, client, monkeypatch):
+    synthetic.run(metrics={"loss": 0.3})
+    best = synthetic.run(metrics={"loss": 0.1})
+    monkeypatch.setenv("MMP_MODEL_NAME", "digits-classifier")
+    p = promote("synthetic", "loss", mode="min", alias="staging", deployer=None)
+    assert (p.model_name, p.run_id) == ("digits-classifier", best)
+    model = client.get_registered_model("digits-classifier")
+    assert {k: str(v) for k, v in model.aliases.items()} == {"staging": "1"}
+
+
+def test_skips_better_runs_without_a_model_and_ignores_unfinished(synthetic):
+    with_model = synthetic.run(metrics={"acc": 0.6})
+    no_model = synthetic.run(metrics={"acc": 0.95}, model=False)
+    synthetic.run(metrics={"acc": 0.99}, status="FAILED")
+    synthetic.run(metrics={"acc": 0.98}, status="RUNNING")
+    p = promote("synthetic", "acc", deployer=None)
+    assert p.run_id == with_model and p.skipped == [no_model]
+
+
+def test_refusals_are_clear_and_write_nothing(synthetic, client):
+    lonely = synthetic.run(metrics={"acc": 0.95}, model=False)
+    with pytest.raises(PromotionError, match="none of the 1 FINISHED run.* logged a model"):
+        promote("synthetic", "acc", deployer=None)
+    with pytest.raises(PromotionError, match=f"run {lonely} logged no model"):
+        promote("synthetic", "acc", run_id=lonely, deployer=None)
+    synthetic.run(metrics={"acc": 0.8})
+    with pytest.raises(PromotionError, match=r"acc=0.8, below the required 0.9; nothing promoted"):
+        promote("synthetic", "acc", require=0.9, deployer=None)
+    synthetic.run(metrics={"loss": 0.5})
+    with pytest.raises(PromotionError, match=r"loss=0.5, above the required 0.2"):
+        promote("synthetic", "loss", mode="min", require=0.2, deployer=None)
+    with pytest.raises(PromotionError, match="logged the metric 'f1'"):
+        promote("synthetic", "f1", deployer=None)
+    with pytest.raises(PromotionError, match="no MLflow experiment named 'ghost'"):
+        promote("ghost", "acc", deployer=None)
+    with pytest.raises(PromotionError, match="--mode must be one of max, min"):
+        promote("synthetic", "acc", mode="up", deployer=None)
+    assert client.search_registered_models() == []
+    with pytest.raises(PromotionError, match="no registered model 'synthetic'"):
+        rollback("synthetic", deployer=None)
+
+
+def test_reaching_the_threshold_promotes(synthetic):
+    synthetic.run(metrics={"acc": 0.9})
+    assert promote("synthetic", "acc", require=0.9, deployer=None).action == "promoted"
+
+
+def test_cli_promote_and_rollback(synthetic, client):
+    synthetic.run(metrics={"acc": 0.5})
+    result = runner.invoke(app, ["promote", "synthetic", "--metric", "acc", "--require", "0.9"])
+    assert result.exit_code == 1 and "below the required 0.9" in result.output
+    result = runner.invoke(app, ["promote", "synthetic"])
+    assert result.exit_code == 1 and "--metric is required" in result.output
+    result = runner.invoke(app, ["promote", "synthetic", "--metric", "acc"])
+    assert result.exit_code == 0, result.output
+    assert "promoted synthetic v1 @production" in result.output
+    best = synthetic.run(metrics={"acc": 0.7})
+    synthetic.run(metrics={"acc": 0.8}, model=False)
+    result = runner.invoke(app, ["promote", "synthetic", "--metric", "acc", "--json"])
+    data = json.loads(result.stdout)
+    assert (data["version"], data["run_id"], data["previous_version"]) == ("2", best, "1")
+    result = runner.invoke(app, ["promote", "synthetic", "--metric", "acc"])
+    assert "already holds" in result.output and "logged no model; skipped" in result.output
+    result = runner.invoke(app, ["promote", "synthetic", "--rollback"])
+    assert result.exit_code == 0 and "rolled back to synthetic v1 @production" in result.output
+    assert _alias(client) == "1"
+
+
+def test_promote_a_real_run_registers_its_logged_model(real_runs, client):
+    from mlflow.tracking import MlflowClient
+
+    best = max(real_runs["run_ids"], key=lambda r: client.get_run(r).data.metrics["val_accuracy"])
+    p = promote("digits-demo", "val_accuracy", deployer=None)
+    assert p.run_id == best and p.model_name == "digits-demo" and p.commit == client.get_run(best).data.tags[
+        "mlflow.source.git.commit"]
+    mv = client.get_model_version_by_alias("digits-demo", "production")
+    logged = MlflowClient(client.tracking_uri).search_logged_models(
+        [client.get_run(best).info.experiment_id], filter_string=f"source_run_id = '{best}'")
+    assert mv.run_id == best and mv.source == logged[0].artifact_location
+    assert mv.tags["mmp.model_id"] == logged[0].model_id
