@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import select
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,12 +38,11 @@ def load_private_key(text: str) -> Any:
     """A paramiko key from OpenSSH/PEM private key text (ed25519, ECDSA or RSA)."""
     import paramiko
 
-    errors = []
     for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
         try:
             return cls.from_private_key(io.StringIO(text))
-        except Exception as exc:  # wrong type: try the next one
-            errors.append(type(exc).__name__)
+        except Exception:  # wrong type: try the next one (never echo the key text)
+            continue
     raise SshError("the SSH private key is not an ed25519, ECDSA or RSA private key")
 
 
@@ -254,8 +252,6 @@ def connect_when_ready(make: Callable[[], Session], *, deadline: float, interval
             if "authentication failed" in str(exc):
                 raise
             last = str(exc)
-        except socket.timeout as exc:
-            last = f"timed out: {exc}"
         remaining = deadline - time.time()
         if remaining <= 0:
             raise SshUnreachable(f"SSH did not answer before the deadline (last error: {last})")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -156,6 +157,14 @@ class DlamiConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "DlamiConfig":
         env = os.environ if env is None else env
         get = lambda name: (env.get(name) or "").strip() or None  # noqa: E731
+
+        def number(name: str, default: float, kind: type = int) -> Any:
+            raw = get(name)
+            try:
+                return kind(raw) if raw is not None else default
+            except ValueError:
+                raise BackendError(f"{name} must be a number, got {raw!r}") from None
+
         d = cls()
         return cls(
             ssm_parameter=get("MMP_DLAMI_SSM_PARAMETER") or d.ssm_parameter,
@@ -166,9 +175,9 @@ class DlamiConfig:
             ssh_key_secret_arn=get("MMP_SSH_KEY_SECRET_ARN"),
             ssh_key_ssm_parameter=get("MMP_SSH_KEY_SSM_PARAMETER"),
             ssh_user=get("MMP_SSH_USER") or d.ssh_user,
-            ssh_port=int(get("MMP_SSH_PORT") or d.ssh_port),
+            ssh_port=number("MMP_SSH_PORT", d.ssh_port),
             ssh_address=get("MMP_DLAMI_SSH_ADDRESS") or d.ssh_address,
-            ssh_timeout=float(get("MMP_DLAMI_SSH_TIMEOUT") or d.ssh_timeout),
+            ssh_timeout=number("MMP_DLAMI_SSH_TIMEOUT", d.ssh_timeout, float),
             fsx_dns_name=get("MMP_FSX_DNS_NAME"),
             fsx_mount_name=get("MMP_FSX_MOUNT_NAME"),
             fsx_mount_point=get("MMP_FSX_MOUNT_POINT") or d.fsx_mount_point,
@@ -182,7 +191,7 @@ class DlamiConfig:
             path_prefix=env.get("MMP_DLAMI_PATH", d.path_prefix),
             aws_cli=get("MMP_DLAMI_AWS_CLI") or d.aws_cli,
             install_requirements=_env_flag(env.get("MMP_DLAMI_INSTALL_REQUIREMENTS"), True),
-            watchdog_slack_minutes=int(get("MMP_DLAMI_WATCHDOG_SLACK_MINUTES") or d.watchdog_slack_minutes),
+            watchdog_slack_minutes=number("MMP_DLAMI_WATCHDOG_SLACK_MINUTES", d.watchdog_slack_minutes),
         )
 
     def problems(self) -> list[str]:
@@ -386,7 +395,10 @@ class DlamiBackend(Backend):
         finally:
             if not started:  # launch error, SSH failure, setup failure, Ctrl-C: nothing survives
                 job.final = JobStatus(JobState.FAILED, "launch failed")
-                self.teardown(handle)
+                try:
+                    self.teardown(handle)
+                except Exception as exc:  # keep the launch error; say loudly what may be left
+                    log.error("teardown after a failed launch of %s failed: %s", request.run_id, exc)
 
     def _provision(self, request: LaunchRequest, job: _Job, handle: JobHandle) -> list[dict]:
         from ..ssh import generate_ed25519, public_key_line
@@ -410,6 +422,7 @@ class DlamiBackend(Backend):
             {"Key": TAG_REPOSITORY, "Value": request.repository[:255]},
             {"Key": TAG_MAX_RUNTIME, "Value": str(watchdog)},
         ]
+        nonce = secrets.token_hex(4)
         for index in range(exp.instance_count):
             host_key = self.new_host_key()
             params: dict[str, Any] = dict(
@@ -419,7 +432,7 @@ class DlamiBackend(Backend):
                 UserData=self.user_data(host_key, [mmp_public, cluster_public], watchdog),
                 InstanceInitiatedShutdownBehavior="terminate",
                 TagSpecifications=[{"ResourceType": t, "Tags": tags} for t in ("instance", "volume")],
-                ClientToken=f"{request.run_id}-{index}"[:64],
+                ClientToken=f"{request.run_id[:40]}-{nonce}-{index}",  # retried calls launch once
             )
             if cfg.placement_group:
                 params["Placement"] = {"GroupName": cfg.placement_group}

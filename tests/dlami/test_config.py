@@ -27,6 +27,8 @@ def test_registry_builds_it_lazily_and_config_defaults():
     assert (cfg.dataset_root, cfg.output_root) == ("/fsx/datasets", "/fsx/output")
     cfg = DlamiConfig.from_env({"MMP_SUBNET_IDS": "subnet-a, subnet-b", "MMP_DLAMI_INSTALL_REQUIREMENTS": "no"})
     assert cfg.subnet_ids == ("subnet-a", "subnet-b") and cfg.install_requirements is False
+    with pytest.raises(BackendError, match="MMP_SSH_PORT must be a number, got 'twenty-two'"):
+        DlamiConfig.from_env({"MMP_SSH_PORT": "twenty-two"})
 
 
 def test_module_import_stays_light():
@@ -49,7 +51,7 @@ def test_check_names_each_problem_before_any_api_call():
         "Training_Instance: 'local' is not an EC2 instance type")
 
 
-def test_paths_follow_the_design(cloud):
+def test_paths_follow_the_design():
     from mmp.backends import LaunchRequest
 
     backend = DlamiBackend(DlamiConfig())

