@@ -90,7 +90,10 @@ def safe_name(text: str, limit: int = 63) -> str:
 
 def resource_name(endpoint: str, version: str, stamp: str | None = None) -> str:
     """The model / endpoint-config name of one deployment: unique, and says which version."""
-    suffix = f"-v{version}-{stamp or time.strftime('%Y%m%d%H%M%S', time.gmtime())}"
+    if stamp is None:
+        now = time.time()
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}"
+    suffix = f"-v{version}-{stamp}"
     return safe_name(endpoint, 63 - len(suffix)) + suffix
 
 

@@ -90,11 +90,12 @@ def client(mmp_home, _empty_db):
 class Synthetic:
     """Runs made directly through MlflowClient: tags like the pipeline's, any metrics and params."""
 
-    def __init__(self, client, experiment: str = "synthetic"):
+    def __init__(self, client, experiment: str = "synthetic", artifact_location: str | None = None):
         self.client = client
         self.experiment = experiment
         found = client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        self.experiment_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=artifact_location)
 
     def run(self, *, metrics: dict | None = None, params: dict | None = None, status: str = "FINISHED",
             model: bool = True, commit: str = "a" * 40, platform: str = "sagemaker",
