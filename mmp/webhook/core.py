@@ -31,6 +31,7 @@ TRIGGER_FILES = (*EXPERIMENT_FILES, PROMOTE_FILE)
 MAX_LISTED_COMMITS = 20  # a push payload may stop listing commits here: ask the compare API
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _DELIVERY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_BRANCH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]{0,254}$")  # never an option to git
 
 
 @dataclass
@@ -239,7 +240,7 @@ class WebhookHandler:
         commits = payload["commits"]
         if len(commits) >= MAX_LISTED_COMMITS and self.compare is not None:
             base = before if before != ZERO_SHA else (repo.get("default_branch") or repo.get("master_branch"))
-            if base:
+            if isinstance(base, str) and _BRANCH_RE.match(base) and ".." not in base:
                 try:
                     changes = self.compare(repo["full_name"], repo["clone_url"], base, after)
                 except Exception as exc:

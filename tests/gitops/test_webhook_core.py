@@ -258,3 +258,12 @@ def test_local_compare_uses_git(make_repo, gh):
     subprocess.run(["git", "-C", str(repo), "commit", "-qam", "more"], check=True)
     after = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert local_compare("x", str(repo), before, after)["modified"] == ["experiment.json"]
+
+
+def test_default_branch_that_looks_like_an_option_is_never_compared(queue, gh):
+    seen = []
+    handler = WebhookHandler(gh.SECRET, queue, compare=lambda n, u, b, h: seen.append(b) or {"added": []})
+    payload = gh.with_files("push-branch-created.json", added=["x"], commits=20)
+    payload["repository"]["default_branch"] = "--output=/tmp/pwned"
+    assert deliver(handler, gh, payload).body["status"] == "ignored"
+    assert seen == []
