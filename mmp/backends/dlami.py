@@ -587,17 +587,23 @@ class DlamiBackend(Backend):
         job = self._jobs.get(handle.job_id)
         if job is not None:
             job.cancelled = True
-            if job.process is not None and job.sessions and job.pid_file:
-                try:
-                    job.sessions[0].run(["bash", "-c", KILL_SCRIPT, "mmp-kill", job.pid_file], timeout=30)
-                except Exception as exc:  # the instances go anyway
-                    log.warning("could not stop training on the leader: %s", exc)
-                job.process.wait(10)
+            self._stop_training(job)
         self._terminate(handle)
+
+    def _stop_training(self, job: _Job) -> None:
+        """SIGTERM, then SIGKILL, horovodrun's process group on the leader."""
+        if job.process is None or job.process.done.is_set() or not job.sessions or not job.pid_file:
+            return
+        try:
+            job.sessions[0].run(["bash", "-c", KILL_SCRIPT, "mmp-kill", job.pid_file], timeout=30)
+        except Exception as exc:  # the instances go anyway
+            log.warning("could not stop training on the leader: %s", exc)
+        job.process.wait(10)
 
     def teardown(self, handle: JobHandle) -> None:
         job = self._jobs.get(handle.job_id)
         if job is not None:
+            self._stop_training(job)  # only if still running (an error while following it)
             if job.process is not None and not job.process.done.is_set():
                 job.process.close()
             for session in job.sessions:

@@ -309,3 +309,19 @@ def test_output_is_copied_to_s3_when_configured(make_backend, request_for, cloud
     assert handle.data["output_s3"] == f"s3://mmp-artifacts/output/dl-test/{request.run_id}/"
     assert aws.client("s3").get_object(Bucket="mmp-artifacts", Key=key)["Body"].read() == b"weights"
     assert_nothing_running(cloud, request.run_id)
+
+
+def test_teardown_while_training_still_runs_stops_it(make_backend, request_for, cloud):
+    """An error while following the job goes straight to teardown: nothing may keep running."""
+    backend = make_backend()
+    request = request_for(train=SLEEP_TRAIN)
+    handle = backend.launch(request)
+    deadline = time.time() + 30
+    while not any("train.py: sleeping" in ln for ln in backend.logs(handle)[0]) and time.time() < deadline:
+        time.sleep(0.1)
+    backend.teardown(handle)
+    assert_nothing_running(cloud, request.run_id)
+    deadline = time.time() + 10
+    while tagged_processes(request.run_id) and time.time() < deadline:
+        time.sleep(0.2)
+    assert tagged_processes(request.run_id) == []
