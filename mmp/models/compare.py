@@ -208,7 +208,8 @@ def table(board: Leaderboard, *, max_rows: int | None = None):
 
     shown = board.rows if max_rows is None else board.rows[:max_rows]
     sort = f", best by {board.metric} ({board.mode})" if board.metric else ", newest first"
-    caption = f"{len(shown)} of {len(board.rows)} runs" if len(shown) < len(board.rows) else None
+    caption = (f"the best {len(shown)} of {len(board.rows)} runs; --limit N or --json for more"
+               if len(shown) < len(board.rows) else None)
     t = Table(title=f"{board.experiment}: {len(board.rows)} runs{sort}", caption=caption)
     for name in ("#", "run", "status", "commit", "platform", "instances"):
         t.add_column(name, no_wrap=True)
