@@ -143,7 +143,8 @@ def varied_params(runs: Sequence["Run"]) -> list[str]:
     return [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
 
 
-def to_rows(runs: Sequence["Run"], metrics: Sequence[str], varied: Sequence[str], now: float | None = None) -> list[Row]:
+def to_rows(runs: Sequence["Run"], metrics: Sequence[str], varied: Sequence[str],
+            now: float | None = None) -> list[Row]:
     now = time.time() if now is None else now
     rows = []
     for rank, run in enumerate(runs, start=1):

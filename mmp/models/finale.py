@@ -22,8 +22,15 @@ def sample_digit(index: int = -1) -> tuple[Any, int]:
     return pixels.astype(np.float32).reshape(1, 1, 8, 8), int(digits.target[index])
 
 
-def demo_finale(experiment_name: str, console: Any, *, metric: str = DEMO_METRIC, mode: str = "max") -> dict:
-    """Print the leaderboard, promote the best run, serve it and print one prediction."""
+def demo_finale(experiment_name: str, console: Any = None, *, metric: str = DEMO_METRIC, mode: str = "max") -> dict:
+    """Print the leaderboard, promote the best run, serve it and print one prediction.
+
+    `console` is a rich Console (None: a new one on stdout).
+    """
+    if console is None:
+        from rich.console import Console
+
+        console = Console(highlight=False)
     board = leaderboard(experiment_name, metric, mode=mode)
     console.print(table(board, max_rows=20))
     promotion = promote(experiment_name, metric, mode=mode, deployer=None)  # the local demo deploys nothing

@@ -78,6 +78,14 @@ def model_name_for(experiment: str) -> str:
     return os.environ.get("MMP_MODEL_NAME") or experiment
 
 
+def checked_name(name: str) -> str:
+    """A registered-model name safe to put in an MLflow filter string."""
+    if not name or any(ch in name for ch in "'\"\\`") or name != name.strip():
+        raise PromotionError(f"model name {name!r} is not allowed (no quotes, backslashes or outer spaces); "
+                             "set MMP_MODEL_NAME or --model-name")
+    return name
+
+
 def history_tag(alias: str) -> str:
     return f"mmp.alias.{alias}.history"
 
@@ -109,11 +117,14 @@ def choose(client: "MlflowClient", experiment: str, metric: str, mode: str, run_
            ) -> tuple["Run", ModelRef, list[str]]:
     """The run to promote and its model; better runs without a model are returned as skipped."""
     clauses = order_by(metric, mode)
+    exp_id = experiment_id(client, experiment)
     if run_id:
         try:
             run = client.get_run(run_id)
         except Exception as exc:
             raise PromotionError(f"no run {run_id!r}: {exc}") from None
+        if run.info.experiment_id != exp_id:
+            raise PromotionError(f"run {run_id} belongs to another experiment than {experiment!r}")
         if run.info.status != "FINISHED":
             raise PromotionError(f"run {run_id} is {run.info.status}; only FINISHED runs are promoted")
         if metric not in run.data.metrics:
@@ -123,7 +134,6 @@ def choose(client: "MlflowClient", experiment: str, metric: str, mode: str, run_
             raise PromotionError(f"run {run_id} logged no model (train.py must call mlflow.<flavor>.log_model); "
                                  "nothing promoted")
         return run, ref, []
-    exp_id = experiment_id(client, experiment)
     finished = search_all(client, [exp_id], filter_string="attributes.status = 'FINISHED'", order=clauses)
     runs = [r for r in finished if metric in r.data.metrics]
     if not runs:
@@ -192,7 +202,7 @@ def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEF
         raise PromotionError(str(exc)) from None
     deployer = resolve_deployer(deployer, alias)  # bad endpoint settings stop us before any write
     client = client or make_client()
-    name = model_name or model_name_for(experiment)
+    name = checked_name(model_name or model_name_for(experiment))
     try:
         run, ref, skipped = choose(client, experiment, metric, mode, run_id)
     except CompareError as exc:
@@ -223,7 +233,8 @@ def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEF
         deployment = _deploy(deployer, alias, name, mv)
         history = _history(model, alias) + ([str(previous)] if previous is not None else [])
         _move_alias(client, name, alias, version, history)
-        client.set_model_version_tag(name, version, "mmp.promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        client.set_model_version_tag(name, version, "mmp.promoted_at", stamp)
     except MlflowException as exc:
         raise PromotionError(f"MLflow refused: {exc.message}") from None
     return Promotion("promoted", name, version, alias, run.info.run_id, commit, metric, value,
@@ -243,8 +254,8 @@ def rollback(experiment: str, *, alias: str = DEFAULT_ALIAS, model_name: str | N
     except MlflowException:
         raise PromotionError(f"no registered model {name!r}; nothing to roll back") from None
     history = _history(model, alias)
-    current = model.aliases.get(alias)
-    while history and current is not None and history[-1] == str(current):
+    holder = model.aliases.get(alias)
+    while history and holder is not None and history[-1] == str(holder):
         history.pop()  # a holder equal to the current one is no step back
     if not history:
         raise PromotionError(f"{name} @{alias} has no earlier holder to roll back to")
@@ -260,7 +271,7 @@ def rollback(experiment: str, *, alias: str = DEFAULT_ALIAS, model_name: str | N
     metric = tags.get("mmp.metric")
     value = tags.get(f"mmp.metric.{metric}") if metric else None
     return Promotion("rolled back", name, target, alias, mv.run_id, tags.get("mmp.commit") or None, metric,
-                     float(value) if value else None, None if current is None else str(current),
+                     float(value) if value else None, None if holder is None else str(holder),
                      deployment=deployment)
 
 

@@ -127,18 +127,20 @@ class ModelServer:
             return False
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Poll /ping until it answers; on any failure or Ctrl-C the server is stopped, not orphaned."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.stop()
-                raise ServeError(f"the scoring server for {self.uri} exited with code {code} before answering"
-                                 + (f"; see {self.log_path}" if self.log_path else ""))
-            if self.ping():
-                return
-            time.sleep(0.25)
-        self.stop()
-        raise ServeError(f"the scoring server for {self.uri} did not answer /ping within {timeout:.0f} s")
+        try:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise ServeError(f"the scoring server for {self.uri} exited with code {self.proc.returncode} "
+                                     "before answering" + (f"; see {self.log_path}" if self.log_path else ""))
+                if self.ping():
+                    return
+                time.sleep(0.25)
+            raise ServeError(f"the scoring server for {self.uri} did not answer /ping within {timeout:.0f} s")
+        except BaseException:
+            self.stop()
+            raise
 
     def predict(self, inputs: Any, timeout: float = 60) -> Any:
         """POST {"inputs": ...} to /invocations and return the predictions."""

@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from mmp.cli import app
 from mmp.models.promote import PromotionError, current, history_tag, promote, rollback
 
+from .conftest import Synthetic
+
 runner = CliRunner()
 
 
@@ -87,6 +89,11 @@ def test_refusals_are_clear_and_write_nothing(synthetic, client):
         promote("ghost", "acc", deployer=None)
     with pytest.raises(PromotionError, match="--mode must be one of max, min"):
         promote("synthetic", "acc", mode="up", deployer=None)
+    other = Synthetic(client, "other").run(metrics={"acc": 1.0})
+    with pytest.raises(PromotionError, match=f"run {other} belongs to another experiment"):
+        promote("synthetic", "acc", run_id=other, deployer=None)
+    with pytest.raises(PromotionError, match="model name \"it's\" is not allowed"):
+        promote("synthetic", "acc", model_name="it's", deployer=None)
     assert client.search_registered_models() == []
     with pytest.raises(PromotionError, match="no registered model 'synthetic'"):
         rollback("synthetic", deployer=None)
