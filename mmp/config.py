@@ -57,6 +57,20 @@ def datasets_root() -> Path:
     return Path(os.environ.get("MMP_DATASETS_ROOT") or mmp_home() / "datasets")
 
 
+# Never inherited by training processes (train.py is user code that logs freely).
+SECRET_ENV_VARS = ("GITHUB_TOKEN", "MMP_WEBHOOK_SECRET", "MMP_GITHUB_TOKEN")
+
+
+def training_environ() -> dict[str, str]:
+    """This process's environment minus MMP's secrets, for launching training."""
+    return {k: v for k, v in os.environ.items() if k not in SECRET_ENV_VARS}
+
+
+def local_stack_file() -> Path:
+    """Written by `mmp up` while it runs: the URLs of its webhook and MLflow server."""
+    return home_path() / "stack.json"
+
+
 def webhook_secret() -> str:
     """`MMP_WEBHOOK_SECRET`, else a random secret made on first use under MMP_HOME."""
     if os.environ.get("MMP_WEBHOOK_SECRET"):

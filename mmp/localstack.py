@@ -10,6 +10,7 @@ is restarted, and on start it fails the job it was running (see mmp.pipeline.wor
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -105,6 +106,9 @@ class LocalStack:
                 with self._log_file("mlflow") as out:
                     self.mlflow_proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                                         stderr=subprocess.STDOUT, start_new_session=True)
+        config.local_stack_file().write_text(json.dumps({
+            "pid": os.getpid(), "webhook_url": f"http://{self.host}:{self.port}/webhook",
+            "mlflow_url": self.ui_url if self.ui else None}))
         return self
 
     def wait_for_ui(self, timeout: float = 60.0) -> bool:
@@ -138,6 +142,7 @@ class LocalStack:
 
     def stop(self) -> None:
         self._stop.set()
+        config.local_stack_file().unlink(missing_ok=True)
         if self.server is not None:
             self.server.stop()
             self.server = None

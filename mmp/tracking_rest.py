@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any, Mapping
 
 from .argv import hyperparameter_text
@@ -141,6 +142,10 @@ class RestRunTracker(TrackerBase):
         if parsed.scheme == "mlflow-artifacts":
             path = f"/api/2.0/mlflow-artifacts/artifacts{parsed.path}/{artifact_file}"
             self._call("PUT", urllib.parse.quote(path), raw=text.encode(), content_type="text/plain")
+        elif parsed.scheme == "file":
+            target = Path(urllib.parse.unquote(parsed.path)) / artifact_file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
         elif parsed.scheme == "s3":
             from .aws import client
 

@@ -81,7 +81,7 @@ class LocalBackend(Backend):
             horovodrun=self.horovodrun or "horovodrun",
         )
         env = {
-            **os.environ,
+            **config.training_environ(),
             **request.mlflow_env,
             "MMP_RUN_ID": request.run_id,
             "PYTHONUNBUFFERED": "1",

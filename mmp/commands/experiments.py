@@ -83,6 +83,12 @@ def run(
             console().print(f"started in the background (pid {proc.pid}); follow with [bold]mmp runs[/] "
                             f"and [bold]mmp logs RUN[/]")
         return
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        from ..pipeline.runs import local_stack_tracking_uri
+
+        stack_uri = local_stack_tracking_uri()
+        if stack_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = stack_uri
     trigger = local_trigger(repo, sha, experiment_file=file)
     on_log = None if (quiet or as_json) else _print_line
     outcome = run_trigger(trigger, on_log=on_log, on_launch=None if as_json else _announce)

@@ -58,6 +58,10 @@ class Started:
     request: LaunchRequest
 
 
+class MissingExperimentFile(ExperimentError):
+    """Neither experiment file exists at the commit."""
+
+
 def read_experiment(trigger: Trigger) -> tuple[Experiment, str]:
     """The experiment file at the commit, validated against the catalogue and platforms."""
     for name in EXPERIMENT_FILES:
@@ -67,7 +71,7 @@ def read_experiment(trigger: Trigger) -> tuple[Experiment, str]:
                 raw, datasets=load_catalogue().keys(), platforms=available_platforms(), source=name
             )
             return experiment, name
-    raise ExperimentError(
+    raise MissingExperimentFile(
         [FieldProblem(field="(file)", message=f"no {' or '.join(EXPERIMENT_FILES)} at the repository root")]
     )
 
@@ -126,6 +130,11 @@ class Pipeline:
         try:
             experiment, _ = read_experiment(trigger)
         except ExperimentError as exc:
+            listed = [name for name in EXPERIMENT_FILES if name in trigger.changed_files]
+            if listed and isinstance(exc, MissingExperimentFile):
+                # the push said it changed the file, yet the source says it is not there
+                return self._reject(trigger, [f"{listed[0]}: listed in the push but not found at "
+                                              f"{trigger.commit[:12]} (404 from the source)"], state="ERROR")
             return self._reject(trigger, [str(p) for p in exc.problems])
         if trigger.source.read_file("train.py") is None:
             return self._reject(trigger, ["train.py: not found at the repository root (the pipeline runs ./train.py)"])

@@ -37,3 +37,4 @@ class Trigger:
     source: CommitSource
     delivery_id: str | None = None
     ref: str | None = None
+    changed_files: tuple[str, ...] = ()  # trigger files the push said it added or modified

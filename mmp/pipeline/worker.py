@@ -31,7 +31,7 @@ from .sources import LocalGitSource, Trigger
 log = logging.getLogger("mmp.worker")
 
 INTERRUPTED = "interrupted: the worker stopped (crash or kill -9) while this job was in flight; not re-run"
-SECRET_ENV = ("GITHUB_TOKEN", "MMP_WEBHOOK_SECRET")
+SECRET_ENV = config.SECRET_ENV_VARS
 
 
 class WorkerBusy(RuntimeError):
@@ -106,14 +106,14 @@ class Worker:
         if path is not None:
             source = LocalGitSource(path, job.after)
             trigger = Trigger(repository=job.repository, clone_url=str(path), commit=job.after, source=source,
-                              delivery_id=job.delivery_id, ref=job.ref)
+                              delivery_id=job.delivery_id, ref=job.ref, changed_files=tuple(job.trigger_files))
             return trigger, LocalStatusReporter()
         from ..github import GitHubSource, GitHubStatusReporter
 
         client = self.github()
         trigger = Trigger(repository=job.repository, clone_url=job.clone_url, commit=job.after,
                           source=GitHubSource(client, job.repository, job.after), delivery_id=job.delivery_id,
-                          ref=job.ref)
+                          ref=job.ref, changed_files=tuple(job.trigger_files))
         return trigger, CompositeReporter(LocalStatusReporter(), GitHubStatusReporter(client))
 
     def pipeline(self, reporter: StatusReporter, delivery_id: str):

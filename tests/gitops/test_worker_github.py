@@ -55,12 +55,14 @@ def assert_secret_free(caplog, statuses, notes, job):
     assert TOKEN not in blob
 
 
-def test_missing_file_404_gives_failure_status_and_notice(httpserver, run_job, caplog):
+def test_missing_file_404_gives_error_status_and_notice(httpserver, run_job, caplog):
+    """The push listed experiment.json, yet GitHub answers 404 at that commit: an API fault."""
     contents(httpserver, Response(json.dumps({"message": "Not Found"}), status=404))
     job, statuses, notes = run_job()
-    assert [s["state"] for s in statuses] == ["failure"]
-    assert "no experiment.json" in statuses[0]["description"] and statuses[0]["context"] == "mmp/training"
-    assert notes[0]["state"] == "INVALID" and notes[0]["delivery_id"] == "gh-job-1"
+    assert [s["state"] for s in statuses] == ["error"]
+    assert "experiment.json: listed in the push but not found" in statuses[0]["description"]
+    assert statuses[0]["context"] == "mmp/training"
+    assert notes[0]["state"] == "ERROR" and notes[0]["delivery_id"] == "gh-job-1"
     assert job.state == "failed" and no_runs()
     assert_secret_free(caplog, statuses, notes, job)
 

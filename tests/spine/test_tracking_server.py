@@ -1,0 +1,107 @@
+"""`mmp run` against a real MLflow tracking server, through the light REST tracker.
+
+With `mmp up` running (its stack.json present), `mmp run` uses the stack's MLflow
+server instead of loading MLflow itself; training gets the server's URI, and
+secrets in the caller's environment never reach train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mmp import config
+from mmp.backends import JobState
+from mmp.tracking_rest import MlflowRestError, RestRunTracker
+
+ENV_TRAIN = """
+import json, os, sys
+out = sys.argv[sys.argv.index("--output-path") + 1]
+os.makedirs(out, exist_ok=True)
+json.dump(dict(os.environ), open(os.path.join(out, "env.json"), "w"))
+print("env written", flush=True)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--default-artifact-root", (root / "artifacts").as_uri(), "--no-serve-artifacts"],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("mlflow server did not start")
+            time.sleep(0.3)
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def test_rest_tracker_owns_a_run_like_the_client_does(mlflow_server):
+    tracker = RestRunTracker(mlflow_server)
+    run_id = tracker.start("rest-exp", run_name="r1", tags={"mmp.platform": "local"}, params={"epochs": 3, "lr": 0.1})
+    assert tracker.run_url(run_id).endswith(f"/runs/{run_id}")
+    tracker.log_metrics(run_id, {"billable_seconds": 42})
+    assert tracker.finish(run_id, JobState.FAILED, message="boom", log_text="line 1\nline 2") == "FAILED"
+    run = MlflowClient(mlflow_server).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.params == {"epochs": "3", "lr": "0.1"}
+    assert run.data.tags["mmp.outcome"] == "boom" and run.data.tags["mlflow.runName"] == "r1"
+    assert run.data.metrics["billable_seconds"] == 42
+    tail = MlflowClient(mlflow_server).download_artifacts(run_id, "logs/log-tail.txt")
+    assert open(tail).read() == "line 1\nline 2"
+    # the same experiment is found, not made twice
+    assert RestRunTracker(mlflow_server).experiment_id("rest-exp") == tracker.experiment_id("rest-exp")
+
+
+def test_rest_errors_name_the_call_and_never_the_password(mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pw")
+    with pytest.raises(MlflowRestError) as info:
+        RestRunTracker(mlflow_server, retries=0).get_run("no-such-run")
+    assert "runs/get" in str(info.value) and "s3cret-pw" not in str(info.value)
+
+
+def test_mmp_run_uses_the_local_stacks_server_and_keeps_secrets_from_training(
+        mlflow_server, make_repo, digits):
+    config.local_stack_file().write_text(json.dumps({"pid": os.getpid(), "mlflow_url": mlflow_server}))
+    repo = make_repo(experiment={"Platform": "local", "Dataset_Name": "digits", "Training_Instance": "local"},
+                     files={"train.py": ENV_TRAIN})
+    env = {**os.environ, "GITHUB_TOKEN": "ghp_secret_token", "MMP_WEBHOOK_SECRET": "hook-secret"}
+    proc = subprocess.run([sys.executable, "-m", "mmp", "run", "--repo", str(repo), "--json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    outcome = json.loads(proc.stdout)
+    assert outcome["state"] == "SUCCEEDED"
+    assert MlflowClient(mlflow_server).get_run(outcome["run_id"]).info.status == "FINISHED"
+    assert not (config.home_path() / "mlflow.db").exists(), "the sqlite store must not be used"
+    seen = json.loads(next(config.runs_root().glob("*/*/output/env.json")).read_text())
+    assert seen["MLFLOW_TRACKING_URI"] == mlflow_server and seen["MLFLOW_RUN_ID"] == outcome["run_id"]
+    assert "GITHUB_TOKEN" not in seen and "MMP_WEBHOOK_SECRET" not in seen
+    assert outcome["run_id"] and json.loads(proc.stdout)["run_url"].endswith(outcome["run_id"])
