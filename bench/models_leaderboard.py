@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TARGET_S = 0.5
 
 
-def make_runs(uri: str, n: int) -> str:
+def make_runs(uri: str, n: int, artifacts: str) -> str:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("bench", artifact_location=tempfile.mkdtemp(prefix="mmp-bench-art-"))
+    exp_id = client.create_experiment("bench", artifact_location=artifacts)
     rng = random.Random(0)
     for i in range(n):
         start = int(time.time() * 1000) - rng.randint(60_000, 3_600_000)
@@ -62,7 +62,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="mmp-bench-leaderboard-"))
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     started = time.perf_counter()
-    make_runs(uri, args.runs)
+    artifacts = tempfile.mkdtemp(prefix="mmp-bench-art-")
+    make_runs(uri, args.runs, artifacts)
     print(f"setup: {args.runs} runs made in {time.perf_counter() - started:.1f} s ({uri})")
 
     client = MlflowClient(tracking_uri=uri)
@@ -98,11 +99,15 @@ def main() -> None:
     unpaused = statistics.median(no_pause() for _ in range(3))
     median = statistics.median(warm)
     print(f"leaderboard of {args.runs} runs (search_runs order_by + pages, rows, varied params):")
-    print(f"  cold (first call, new engine): {cold:.3f} s")
+    print(f"  cold (first leaderboard call): {cold:.3f} s")
     print(f"  warm median of 5:              {median:.3f} s   (min {min(warm):.3f}, max {max(warm):.3f})")
     print(f"  warm without the GC pause:     {unpaused:.3f} s   (median of 3)")
     print(f"  rich table render, 50 rows:    {render:.3f} s   (what `mmp compare` prints by default)")
     print(f"target ≤ {TARGET_S} s (warm): {'MET' if median <= TARGET_S else 'MISSED'}")
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(artifacts, ignore_errors=True)
 
 
 if __name__ == "__main__":
