@@ -160,7 +160,10 @@ def show_results(ctx: DemoContext) -> dict[str, list[dict]]:
 
 
 def finale(experiment_name: str) -> None:
-    """Hook point for the model steps (leaderboard, promote, predict); empty for now."""
+    """The leaderboard, promotion of the best run, and one prediction from the served model."""
+    from .models.finale import demo_finale
+
+    demo_finale(experiment_name)
 
 
 def run_demo(workdir: Path | None = None, *, ui: bool = False, mlflow_port: int = 5000,

@@ -224,5 +224,6 @@ class GitHubStatusReporter:
     client: GitHubClient
     context: str = STATUS_CONTEXT
 
-    def report(self, repository: str, commit: str, state: str, description: str, target_url: str | None) -> None:
-        self.client.create_status(repository, commit, state, description, target_url, self.context)
+    def report(self, repository: str, commit: str, state: str, description: str, target_url: str | None,
+               context: str | None = None) -> None:
+        self.client.create_status(repository, commit, state, description, target_url, context or self.context)

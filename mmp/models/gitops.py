@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..experiment import NAME_PATTERN
-from ..pipeline.reporting import Notifier, StatusReporter, short_description
+from ..pipeline.reporting import PROMOTION_CONTEXT, Notifier, StatusReporter, short_description
 from ..pipeline.sources import Trigger
 
 log = logging.getLogger("mmp.models")
@@ -103,7 +103,8 @@ def run_promotion(trigger: Trigger, reporter: StatusReporter, notifier: Notifier
 
     def status(state: str, description: str, url: str | None = None) -> None:
         try:
-            reporter.report(trigger.repository, trigger.commit, state, short_description(description), url)
+            reporter.report(trigger.repository, trigger.commit, state, short_description(description), url,
+                            context=PROMOTION_CONTEXT)
         except Exception as exc:  # a status we cannot set must not undo a promotion
             log.warning("could not set commit status %s: %s", state, exc)
 

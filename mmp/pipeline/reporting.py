@@ -21,6 +21,9 @@ log = logging.getLogger("mmp.pipeline")
 
 STATES = ("pending", "success", "failure", "error")
 DESCRIPTION_LIMIT = 140  # GitHub's limit for a commit status description
+# One status per concern on a commit: a push that trains and promotes shows both.
+TRAINING_CONTEXT = "mmp/training"
+PROMOTION_CONTEXT = "mmp/promotion"
 
 
 def short_description(text: str) -> str:
@@ -29,7 +32,8 @@ def short_description(text: str) -> str:
 
 
 class StatusReporter(Protocol):
-    def report(self, repository: str, commit: str, state: str, description: str, target_url: str | None) -> None: ...
+    def report(self, repository: str, commit: str, state: str, description: str, target_url: str | None,
+               context: str = TRAINING_CONTEXT) -> None: ...
 
 
 class Notifier(Protocol):
@@ -46,11 +50,12 @@ class LocalStatusReporter:
     def __init__(self, root: Path | None = None):
         self.root = Path(root or config.mmp_home() / "statuses")
 
-    def report(self, repository: str, commit: str, state: str, description: str, target_url: str | None) -> None:
+    def report(self, repository: str, commit: str, state: str, description: str, target_url: str | None,
+               context: str = TRAINING_CONTEXT) -> None:
         if state not in STATES:
             raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
         entry = {"state": state, "description": short_description(description), "target_url": target_url,
-                 "context": "mmp/training", "repository": repository, "sha": commit, "at": time.time()}
+                 "context": context, "repository": repository, "sha": commit, "at": time.time()}
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / f"{_slug(repository)}-{commit}.jsonl", "a") as fh:
             fh.write(json.dumps(entry) + "\n")

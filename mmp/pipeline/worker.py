@@ -25,7 +25,7 @@ from typing import Any, Callable
 from .. import config
 from ..webhook.core import Job
 from .queue import JobQueue, QueuedJob, worker_id
-from .reporting import LocalNotifier, LocalStatusReporter, Notifier, StatusReporter
+from .reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter
 from .sources import LocalGitSource, Trigger
 
 log = logging.getLogger("mmp.worker")
@@ -44,11 +44,12 @@ class CompositeReporter:
     def __init__(self, *reporters: StatusReporter):
         self.reporters = reporters
 
-    def report(self, repository: str, commit: str, state: str, description: str, target_url: str | None) -> None:
+    def report(self, repository: str, commit: str, state: str, description: str, target_url: str | None,
+               context: str = TRAINING_CONTEXT) -> None:
         errors = []
         for reporter in self.reporters:
             try:
-                reporter.report(repository, commit, state, description, target_url)
+                reporter.report(repository, commit, state, description, target_url, context)
             except Exception as exc:
                 errors.append(f"{type(reporter).__name__}: {exc}")
         if errors:

@@ -44,6 +44,7 @@ def test_promote_json_promotes_reports_success_and_notifies(make_repo, synthetic
     assert "promoting the best acc run to @production" in states[0][1]
     record = LocalStatusReporter().history(trigger.repository, trigger.commit)[-1]
     assert record["target_url"].endswith("/#/models/synthetic/versions/1")
+    assert record["context"] == "mmp/promotion"  # never overwrites the training status on the same commit
     note = _notification(mmp_home)
     assert note["kind"] == "promotion" and note["state"] == "SUCCEEDED" and note["promotion"]["run_id"] == best
     assert note["commit"] == trigger.commit and note["delivery_id"] == "d-1"
