@@ -17,17 +17,19 @@ app = typer.Typer(
 )
 
 
-def console():
+PIPED_WIDTH = 140  # rich assumes 80 columns when output is not a terminal: too narrow for tables
+
+
+def console(stderr: bool = False):
     """A rich console, made on first use (rich is not on the launch path)."""
     from rich.console import Console
 
-    return Console(highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(highlight=False, stderr=stderr, width=None if stream.isatty() else PIPED_WIDTH)
 
 
 def err_console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
+    return console(stderr=True)
 
 
 def print_json(data: Any) -> None:

@@ -28,9 +28,9 @@ def demo_finale(experiment_name: str, console: Any = None, *, metric: str = DEMO
     `console` is a rich Console (None: a new one on stdout).
     """
     if console is None:
-        from rich.console import Console
+        from ..commands import console as make_console
 
-        console = Console(highlight=False)
+        console = make_console()
     board = leaderboard(experiment_name, metric, mode=mode)
     console.print(table(board, max_rows=20))
     promotion = promote(experiment_name, metric, mode=mode, deployer=None)  # the local demo deploys nothing
