@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .. import config
 from ..argv import mlflow_env
 from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, available_platforms, get_backend
 from ..datasets import load_catalogue

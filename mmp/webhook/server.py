@@ -9,7 +9,6 @@ request never stops the server. Nothing here waits for training.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

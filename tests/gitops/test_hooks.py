@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from mmp.hooks import MARKER, HookError, install
+
+from ..conftest import free_port
 
 ZERO = "0" * 40
 
@@ -29,12 +30,6 @@ def bump(repo: Path, epochs: str = "1", name: str = "experiment.json") -> None:
     data = json.loads((repo / "experiment.json").read_text())
     data["Hyperparameters"] = json.dumps({"epochs": epochs, "batch-size": "64"})
     (repo / name).write_text(json.dumps(data, indent=2))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_install_picks_the_hook_by_repository_kind(make_repo, tmp_path):

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -23,42 +19,19 @@ import pytest
 
 from mmp.pipeline import aws_stages
 
+from ..conftest import mlflow_server as start_mlflow_server
+
 TOKEN = "ghp_stagetokenthatmustnotleak000000000000"
 REPO = "octo-org/fashion-demo"
 OK_TRAIN = "import sys\nprint('epoch 1 loss 0.5', flush=True)\nprint('args', sys.argv[1:], flush=True)\n"
 SLOW_TRAIN = "import time\nprint('training', flush=True)\ntime.sleep(120)\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--serve-artifacts",
-         "--artifacts-destination", str(root / "artifacts")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except Exception:
-            time.sleep(0.3)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("mlflow server did not start")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=20)
+    with start_mlflow_server(root, "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")) as url:
+        yield url
 
 
 @pytest.fixture

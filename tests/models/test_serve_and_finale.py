@@ -15,7 +15,8 @@ import pytest
 from mmp.models.promote import promote
 from mmp.models.serve import ModelServer, ServeError, model_uri, serve_argv
 
-from .conftest import ROOT, free_port
+from ..conftest import free_port
+from .conftest import ROOT
 
 
 def test_model_references_become_model_uris():

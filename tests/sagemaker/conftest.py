@@ -5,8 +5,6 @@ and a catalogue dataset with an S3 location, and a helper running the real Pipel
 from __future__ import annotations
 
 import shutil
-import socket
-import urllib.request
 from datetime import datetime, timezone
 
 import pytest
@@ -32,12 +30,6 @@ STACK_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def _mlflow_template(tmp_path_factory):
     """One migrated MLflow SQLite database; creating the tables costs seconds per test."""
@@ -52,30 +44,6 @@ def _mlflow_template(tmp_path_factory):
 def _fresh_mlflow_db(mmp_home, _mlflow_template):
     """Each test still gets its own database (a copy), where config.tracking_uri() looks."""
     shutil.copy(_mlflow_template, mmp_home / "mlflow.db")
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def aws_env(moto_endpoint, monkeypatch):
-    """Every boto3 client in this test talks to a freshly reset moto server."""
-    urllib.request.urlopen(urllib.request.Request(f"{moto_endpoint}/moto-api/reset", method="POST")).read()
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    return moto_endpoint
 
 
 @pytest.fixture

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -21,6 +18,8 @@ from mlflow.tracking import MlflowClient
 from mmp import config
 from mmp.backends import JobState
 from mmp.tracking_rest import MlflowRestError, RestRunTracker
+
+from ..conftest import mlflow_server as start_mlflow_server
 
 ENV_TRAIN = """
 import json, os, sys
@@ -31,36 +30,10 @@ print("env written", flush=True)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--default-artifact-root", (root / "artifacts").as_uri(), "--no-serve-artifacts"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("mlflow server did not start")
-            time.sleep(0.3)
-    yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
 
 
 def test_rest_tracker_owns_a_run_like_the_client_does(mlflow_server):
