@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .argv import horovodrun_argv, shell_join, train_args
+from .horovod import failure_summary, find_horovodrun
 
 DEFAULT_ROOT = "/opt/ml"
 FAILURE_LIMIT = 1024  # SageMaker keeps the first 1024 characters as FailureReason
@@ -148,9 +148,8 @@ def processes_per_host(environ: Mapping[str, str]) -> int:
     return max(gpu_count(), 1)
 
 
-def find_horovodrun() -> str:
-    beside = Path(sys.executable).with_name("horovodrun")
-    found = str(beside) if beside.exists() else shutil.which("horovodrun")
+def require_horovodrun() -> str:
+    found = find_horovodrun()
     if not found:
         raise EntrypointError("horovodrun is not installed in the training image")
     return found
@@ -177,7 +176,7 @@ def build_plan(environ: Mapping[str, str] = os.environ, *, horovodrun: str | Non
                 current_host=cfg.current_host, hosts=hosts, leader=leader, env=env, cwd=cwd)
     if plan.role == "worker":
         return plan
-    runner = horovodrun or find_horovodrun()
+    runner = horovodrun or require_horovodrun()
     interpreter = python or sys.executable
     if plan.role == "single":
         plan.argv = horovodrun_argv([("localhost", procs)], args, python=interpreter, horovodrun=runner)
@@ -302,9 +301,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         write_failure(root, f"entrypoint error: {type(exc).__name__}: {exc}")
         return 1
     if code != 0:
-        from .backends.local import failure_summary
-
-        write_failure(root, failure_summary(log_path, code))
+        write_failure(root, failure_summary(log_path.read_text(errors="replace").splitlines(), code))
     return code
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 from .. import aws
 from ..argv import horovodrun_argv, train_args
 from ..experiment import Experiment
+from ..horovod import failure_summary
 from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
 
 log = logging.getLogger("mmp.dlami")
@@ -546,7 +547,7 @@ class DlamiBackend(Backend):
             elif code == 0:
                 job.final = self._copy_output(job, handle) or JobStatus(JobState.SUCCEEDED, "horovodrun exited 0", 0)
             else:
-                job.final = JobStatus(JobState.FAILED, _failure_summary(job.lines, code), code)
+                job.final = JobStatus(JobState.FAILED, failure_summary(job.lines, code), code)
             return job.final
 
     def _copy_output(self, job: _Job, handle: JobHandle) -> JobStatus | None:
@@ -641,10 +642,3 @@ class DlamiBackend(Backend):
             raise BackendError(f"could not terminate {', '.join(ids)}: {exc}") from None
         handle.data["terminated"] = ids
         return ids
-
-
-def _failure_summary(lines: list[str], code: int) -> str:
-    """horovodrun exits 1 whichever rank failed; the rank's own lines say which."""
-    picked = [ln.strip() for ln in lines if "exit with status code" in ln or "Traceback" in ln or "Error" in ln]
-    detail = picked[-1] if picked else (lines[-1].strip() if lines else "")
-    return f"horovodrun exited {code}" + (f": {detail[:300]}" if detail else "")

@@ -21,16 +21,12 @@ from .. import config, gitutil
 from ..argv import horovodrun_argv, train_args
 from ..datasets import Dataset, missing_files
 from ..experiment import Experiment
+from ..horovod import failure_summary, find_horovodrun
 from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
 
 EXIT_FILE = "exit-code"
 CANCEL_FILE = "cancelled"
 LOG_FILE = "train.log"
-
-
-def _find_horovodrun() -> str | None:
-    beside = Path(sys.executable).with_name("horovodrun")
-    return str(beside) if beside.exists() else shutil.which("horovodrun")
 
 
 class LocalBackend(Backend):
@@ -40,7 +36,7 @@ class LocalBackend(Backend):
     def __init__(self, runs_root: Path | None = None, python: str | None = None, horovodrun: str | None = None):
         self.runs_root = Path(runs_root or config.runs_root())
         self.python = python or sys.executable
-        self.horovodrun = horovodrun or _find_horovodrun()
+        self.horovodrun = horovodrun or find_horovodrun()
         self._procs: dict[str, subprocess.Popen] = {}
 
     def run_dir(self, request: LaunchRequest) -> Path:
@@ -126,7 +122,7 @@ class LocalBackend(Backend):
             return JobStatus(JobState.CANCELLED, "cancelled", code)
         if code == 0:
             return JobStatus(JobState.SUCCEEDED, "train.py exited 0", 0)
-        return JobStatus(JobState.FAILED, failure_summary(Path(handle.data["log"]), code), code)
+        return JobStatus(JobState.FAILED, failure_summary(_read_lines(Path(handle.data["log"])), code), code)
 
     def logs(self, handle: JobHandle, cursor: Any = None) -> tuple[list[str], Any]:
         offset = int(cursor or 0)
@@ -210,15 +206,8 @@ def _tagged_processes(run_id: str) -> list:
     return found
 
 
-def failure_summary(log_path: Path, code: int) -> str:
-    """horovodrun exits 1 whichever rank failed; the rank's own lines say which."""
-    failing = []
+def _read_lines(path: Path) -> list[str]:
     try:
-        lines = log_path.read_text(errors="replace").splitlines()
+        return path.read_text(errors="replace").splitlines()
     except FileNotFoundError:
-        lines = []
-    for line in lines:
-        if "exit with status code" in line or "Traceback" in line or "Error" in line.split(":", 1)[-1][:60]:
-            failing.append(line.strip())
-    detail = failing[-1] if failing else (lines[-1].strip() if lines else "")
-    return f"horovodrun exited {code}" + (f": {detail[:300]}" if detail else "")
+        return []
