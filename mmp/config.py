@@ -11,6 +11,8 @@ import secrets
 from pathlib import Path
 
 PLATFORMS = ("sagemaker", "sagemaker-fsx", "dlami", "local")
+# The seed names both; the first one wins when a repository has both.
+EXPERIMENT_FILES = ("experiment.json", "experiment_config.json")
 DEFAULT_MAX_RUNTIME_MINUTES = 240
 MAX_RUNTIME_CAP_MINUTES = 5 * 24 * 60  # SageMaker allows 28 days; five is a sane ceiling
 

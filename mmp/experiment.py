@@ -27,7 +27,7 @@ from pydantic import (
 from . import config
 from .argv import horovodrun_ambiguity
 
-EXPERIMENT_FILES = ("experiment.json", "experiment_config.json")
+EXPERIMENT_FILES = config.EXPERIMENT_FILES
 MAX_FILE_BYTES = 256 * 1024
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _NAME_RE = re.compile(NAME_PATTERN)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import gitutil
+from .. import config, gitutil
 from .sources import LocalGitSource, Trigger
 
-EXPERIMENT_NAMES = ("experiment.json", "experiment_config.json")
 
 
 @dataclass
@@ -21,8 +22,8 @@ class OverrideSource:
     experiment_text: bytes
 
     def read_file(self, path: str) -> bytes | None:
-        if path in EXPERIMENT_NAMES:
-            return self.experiment_text if path == EXPERIMENT_NAMES[0] else None
+        if path in config.EXPERIMENT_FILES:
+            return self.experiment_text if path == config.EXPERIMENT_FILES[0] else None
         return self.base.read_file(path)
 
 
@@ -43,11 +44,6 @@ def local_trigger(repo: str | Path, commit: str, *, experiment_file: Path | None
 
 def local_stack_tracking_uri() -> str | None:
     """The MLflow server of a running `mmp up`, so `mmp run` need not load MLflow itself."""
-    import json
-    import os
-
-    from .. import config
-
     path = config.local_stack_file()
     try:
         stack = json.loads(path.read_text())

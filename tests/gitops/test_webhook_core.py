@@ -8,8 +8,7 @@ import urllib.parse
 
 import pytest
 
-from mmp.experiment import EXPERIMENT_FILES
-from mmp.webhook.core import MAX_BODY_BYTES, TRIGGER_FILES, WebhookHandler, sign, verify_signature
+from mmp.webhook.core import MAX_BODY_BYTES, WebhookHandler, sign, verify_signature
 
 PUSH = "push-added-and-modified.json"
 
@@ -33,10 +32,6 @@ def test_github_signature_test_vector(gh):
     assert not verify_signature("another secret", payload, vector["x_hub_signature_256"])
     assert not verify_signature(vector["secret"], payload, "sha1=" + vector["signature_hex"])
     assert not verify_signature(vector["secret"], payload, None)
-
-
-def test_trigger_file_names_match_the_experiment_model():
-    assert TRIGGER_FILES[: len(EXPERIMENT_FILES)] == EXPERIMENT_FILES
 
 
 @pytest.mark.parametrize("name", ["ping-docs.json", "ping-organization.json", "ping-repository.json",
