@@ -106,13 +106,20 @@ def serve(
 
     try:
         server = ModelServer(model, host=host, port=port)
-        server.start(wait=False)
-        server.wait_ready()
     except ServeError as exc:
         fail(str(exc))
         return
-    console().print(f"[green]✓[/] serving {server.uri} at {server.url} — POST {server.url}/invocations "
-                    '{"inputs": ...}; Ctrl-C stops it')
-    code = server.wait()
-    server.stop()
+    code = 130
+    try:  # from the first process started to the end, Ctrl-C anywhere still stops the server
+        server.start(wait=False)
+        server.wait_ready()
+        console().print(f"[green]✓[/] serving {server.uri} at {server.url} — POST {server.url}/invocations "
+                        '{"inputs": ...}; Ctrl-C stops it')
+        code = server.wait()
+    except ServeError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
     raise typer.Exit(0 if code in (0, 130, -15) else code)
