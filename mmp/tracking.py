@@ -41,7 +41,16 @@ def make_tracker(tracking_uri: str | None = None):
 class TrackerBase:
     """What both trackers share: how a run is ended from the backend's outcome."""
 
-    tracking_uri: str
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self._run_experiments: dict[str, str] = {}  # runs made here → experiment id (saves a lookup)
+
+    def _remember(self, run_id: str, experiment_id: str) -> str:
+        self._run_experiments[run_id] = experiment_id
+        return run_id
+
+    def _known_experiment(self, run_id: str) -> str | None:
+        return self._run_experiments.get(run_id)
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         raise NotImplementedError
@@ -70,7 +79,7 @@ class RunTracker(TrackerBase):
     """MLflow's own client: any tracking URI, including the local SQLite store."""
 
     def __init__(self, tracking_uri: str | None = None):
-        self.tracking_uri = tracking_uri or config.tracking_uri()
+        super().__init__(tracking_uri or config.tracking_uri())
         self._client: MlflowClient | None = None
 
     @property
@@ -111,14 +120,13 @@ class RunTracker(TrackerBase):
 
         exp_id = self.experiment_id(experiment_name)
         run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags))
-        run_id = run.info.run_id
+        run_id = self._remember(run.info.run_id, exp_id)
         if params:
             self.client.log_batch(run_id, params=[Param(k, hyperparameter_text(v)) for k, v in params.items()])
         return run_id
 
     def run_url(self, run_id: str, experiment_id: str | None = None) -> str:
-        if experiment_id is None:
-            experiment_id = self.client.get_run(run_id).info.experiment_id
+        experiment_id = experiment_id or self._known_experiment(run_id) or self.client.get_run(run_id).info.experiment_id
         return f"{ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:

@@ -31,7 +31,7 @@ class RestRunTracker(TrackerBase):
     """The RunTracker interface over HTTP(S) (see mmp.tracking.RunTracker)."""
 
     def __init__(self, tracking_uri: str, *, timeout: float = 15.0, retries: int = 3):
-        self.tracking_uri = tracking_uri.rstrip("/")
+        super().__init__(tracking_uri.rstrip("/"))
         self.timeout = timeout
         self.retries = retries
         self._experiment_ids: dict[str, str] = {}
@@ -108,7 +108,7 @@ class RestRunTracker(TrackerBase):
             "experiment_id": exp_id, "run_name": run_name, "start_time": int(time.time() * 1000),
             "tags": [{"key": k, "value": str(v)} for k, v in {**tags, "mlflow.runName": run_name}.items()],
         })["run"]
-        run_id = run["info"]["run_id"]
+        run_id = self._remember(run["info"]["run_id"], exp_id)
         if params:
             self._call("POST", "/api/2.0/mlflow/runs/log-batch", {
                 "run_id": run_id, "params": [{"key": k, "value": hyperparameter_text(v)} for k, v in params.items()],
@@ -119,8 +119,8 @@ class RestRunTracker(TrackerBase):
         return self._call("GET", "/api/2.0/mlflow/runs/get", query={"run_id": run_id})["run"]
 
     def run_url(self, run_id: str, experiment_id: str | None = None) -> str:
-        if experiment_id is None:
-            experiment_id = self.get_run(run_id)["info"]["experiment_id"]
+        experiment_id = (experiment_id or self._known_experiment(run_id)
+                         or self.get_run(run_id)["info"]["experiment_id"])
         base = os.environ.get("MMP_MLFLOW_UI_URL") and ui_url() or self.tracking_uri
         return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
