@@ -4,8 +4,8 @@ Steps, each a function over one `DemoContext`, run in order by `run_demo`:
 prepare the digits dataset, make a repository from examples/fashion, start the
 local stack (webhook + worker, MLflow UI with --ui), install the hook, commit two
 experiment.json files with different hyperparameters, wait for both runs, show the
-commit statuses and MLflow runs, then `finale` — the hook point where the model
-steps (leaderboard / promote / predict) go.
+commit statuses and MLflow runs, then `finale`: the leaderboard, promotion of the
+best run and one prediction from the served model.
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def run_demo(workdir: Path | None = None, *, ui: bool = False, mlflow_port: int 
         commit_experiments(ctx)
         wait_for_runs(ctx, timeout)
         statuses = show_results(ctx)
-        finale(ctx.experiment_name)
+        if ctx.runs and all(r is not None and r.state == "SUCCEEDED" for r in ctx.runs):
+            finale(ctx.experiment_name)
         if ui:
             say(f"MLflow UI at {ctx.stack.ui_url}; Ctrl-C stops the stack")
             ctx.stack.serve()
