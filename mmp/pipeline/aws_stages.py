@@ -88,7 +88,8 @@ def trigger_of(job: dict[str, Any]) -> Trigger:
     repository, commit = job["repository"], job["after"]
     return Trigger(repository=repository, clone_url=job.get("clone_url") or "", commit=commit,
                    source=GitHubSource(GitHubClient.from_env(), repository, commit),
-                   delivery_id=job.get("delivery_id"), ref=job.get("ref"))
+                   delivery_id=job.get("delivery_id"), ref=job.get("ref"),
+                   changed_files=tuple(job.get("trigger_files") or ()))
 
 
 # -- (de)serialising what the steps hand over ------------------------------------------
@@ -137,7 +138,7 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         prepared: Prepared | Outcome = pipeline.prepare(trigger)
     except Exception as exc:  # GitHub unreachable, bad token, ...: the same answer as Pipeline.run
         log.warning("could not read %s@%s: %s", trigger.repository, trigger.commit[:12], exc)
-        prepared = pipeline._reject(trigger, [f"could not read the commit: {exc}"], state="ERROR")
+        prepared = pipeline.reject(trigger, [f"could not read the commit: {exc}"], state="ERROR")
     if isinstance(prepared, Outcome):
         state["outcome"] = outcome_to_dict(prepared)
         return state
@@ -146,7 +147,7 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     except Exception as exc:  # MLflow down: nothing launched, say so
         log.error("could not create the MLflow run: %s", exc)
         state["outcome"] = outcome_to_dict(
-            pipeline._reject(trigger, [f"could not create the MLflow run: {exc}"], state="ERROR"))
+            pipeline.reject(trigger, [f"could not create the MLflow run: {exc}"], state="ERROR"))
         return state
     platform = prepared.experiment.platform
     state.update(accepted=True, platform=platform, build_image=platform in IMAGE_PLATFORMS,

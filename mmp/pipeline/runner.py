@@ -116,7 +116,8 @@ class Pipeline:
         except Exception as exc:
             log.warning("could not send notification: %s", exc)
 
-    def _reject(self, trigger: Trigger, problems: list[str], state: str = "INVALID") -> Outcome:
+    def reject(self, trigger: Trigger, problems: list[str], state: str = "INVALID") -> Outcome:
+        """Stop before launch: failure (invalid input) or error status, and a notification."""
         message = "; ".join(problems)
         outcome = Outcome(state=state, message=message, problems=problems)
         self._status(trigger, "failure" if state == "INVALID" else "error", message)
@@ -132,19 +133,19 @@ class Pipeline:
             listed = [name for name in EXPERIMENT_FILES if name in trigger.changed_files]
             if listed and isinstance(exc, MissingExperimentFile):
                 # the push said it changed the file, yet the source says it is not there
-                return self._reject(trigger, [f"{listed[0]}: listed in the push but not found at "
+                return self.reject(trigger, [f"{listed[0]}: listed in the push but not found at "
                                               f"{trigger.commit[:12]} (404 from the source)"], state="ERROR")
-            return self._reject(trigger, [str(p) for p in exc.problems])
+            return self.reject(trigger, [str(p) for p in exc.problems])
         if trigger.source.read_file("train.py") is None:
-            return self._reject(trigger, ["train.py: not found at the repository root (the pipeline runs ./train.py)"])
+            return self.reject(trigger, ["train.py: not found at the repository root (the pipeline runs ./train.py)"])
         dataset = load_catalogue()[experiment.dataset_name]
         try:
             backend = self.backend_factory(experiment.platform)
         except BackendError as exc:
-            return self._reject(trigger, [f"Platform: {exc}"])
+            return self.reject(trigger, [f"Platform: {exc}"])
         problems = backend.check(experiment, dataset)
         if problems:
-            return self._reject(trigger, problems)
+            return self.reject(trigger, problems)
         return Prepared(experiment=experiment, backend=backend, dataset=dataset)
 
     def start(self, trigger: Trigger, prepared: Prepared) -> Started:
@@ -205,7 +206,7 @@ class Pipeline:
             prepared = self.prepare(trigger)
         except Exception as exc:  # the source could not be read (GitHub down, bad token, ...)
             log.warning("could not read %s@%s: %s", trigger.repository, trigger.commit[:12], exc)
-            return self._reject(trigger, [f"could not read the commit: {exc}"], state="ERROR")
+            return self.reject(trigger, [f"could not read the commit: {exc}"], state="ERROR")
         if isinstance(prepared, Outcome):
             return prepared
         started = self.start(trigger, prepared)
