@@ -33,6 +33,8 @@ from typing import Any
 from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, get_backend
 from ..datasets import Dataset
 from ..experiment import EXPERIMENT_FILES, Experiment
+from ..webhook.core import PROMOTE_FILE
+from .reporting import PROMOTION_CONTEXT
 from .runner import Outcome, Pipeline, Prepared, Started
 from .sources import Trigger
 
@@ -43,6 +45,8 @@ DEFAULT_PLATFORMS = ("sagemaker", "sagemaker-fsx")
 IMAGE_PLATFORMS = {"sagemaker", "sagemaker-fsx"}  # run the image CodeBuild makes from horovod_docker/
 LOG_LINES_MAX = 100_000
 LOG_PAGES_MAX = 200
+PROMOTION_MESSAGE = ("promote.json is not run by the AWS pipeline (promotion needs the MLflow client, too heavy "
+                     "for Lambda); run `mmp promote` against the stack's MLflow (docs/models.md)")
 DLAMI_MESSAGE = ("Platform: dlami drives training over SSH for the whole job, longer than a Lambda may run; "
                  "this stack does not run it from a push. Start it with `mmp run` on a machine that can reach "
                  "the cluster (docs/infra.md, 'DLAMI'), or use sagemaker / sagemaker-fsx")
@@ -128,11 +132,15 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     """Fetch + validate the experiment at the commit; if it may run, create the MLflow run."""
     job = dict(event.get("job") or event)
     state: dict[str, Any] = {"job": job, "accepted": False, "build_image": False}
-    files = job.get("trigger_files")
+    files = job.get("trigger_files") or []
+    pipeline = make_pipeline() if files else None
+    if PROMOTE_FILE in files:  # say so on the commit rather than leave the push unanswered
+        trigger = trigger_of(job)
+        pipeline.report_status(trigger, "error", PROMOTION_MESSAGE, None, context=PROMOTION_CONTEXT)
     if files and not any(name in EXPERIMENT_FILES for name in files):
         state["outcome"] = {"state": "SKIPPED", "message": f"no experiment file in this push ({', '.join(files)})"}
         return state
-    pipeline = make_pipeline()
+    pipeline = pipeline or make_pipeline()
     trigger = trigger_of(job)
     try:
         prepared: Prepared | Outcome = pipeline.prepare(trigger)

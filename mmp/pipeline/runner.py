@@ -17,7 +17,7 @@ from ..argv import mlflow_env
 from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, available_platforms, get_backend
 from ..datasets import load_catalogue
 from ..experiment import EXPERIMENT_FILES, Experiment, ExperimentError, FieldProblem, parse_experiment
-from .reporting import LocalNotifier, LocalStatusReporter, Notifier, StatusReporter, short_description
+from .reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter, short_description
 from .sources import Trigger
 
 log = logging.getLogger("mmp.pipeline")
@@ -100,9 +100,12 @@ class Pipeline:
         self.on_launch = on_launch
 
     # -- reporting helpers ---------------------------------------------------
-    def _status(self, trigger: Trigger, state: str, description: str, url: str | None = None) -> None:
+    def report_status(self, trigger: Trigger, state: str, description: str, url: str | None = None,
+                      context: str = TRAINING_CONTEXT) -> None:
+        """Set a commit status; one that cannot be set is logged and never stops the pipeline."""
         try:
-            self.reporter.report(trigger.repository, trigger.commit, state, short_description(description), url)
+            self.reporter.report(trigger.repository, trigger.commit, state, short_description(description), url,
+                                 context=context)
         except Exception as exc:  # a status we cannot set must not stop training
             log.warning("could not set commit status %s: %s", state, exc)
 
@@ -120,7 +123,7 @@ class Pipeline:
         """Stop before launch: failure (invalid input) or error status, and a notification."""
         message = "; ".join(problems)
         outcome = Outcome(state=state, message=message, problems=problems)
-        self._status(trigger, "failure" if state == "INVALID" else "error", message)
+        self.report_status(trigger, "failure" if state == "INVALID" else "error", message)
         self._notify(trigger, outcome)
         return outcome
 
@@ -178,7 +181,7 @@ class Pipeline:
             mlflow_env=mlflow_env(self.tracker.tracking_uri, name, run_id), dataset=prepared.dataset,
             delivery_id=trigger.delivery_id,
         )
-        self._status(trigger, "pending", f"training on {experiment.platform}", run_url)
+        self.report_status(trigger, "pending", f"training on {experiment.platform}", run_url)
         return Started(run_id=run_id, run_url=run_url, request=request)
 
     def conclude(self, trigger: Trigger, started: Started, status: JobStatus, log_text: str | None) -> Outcome:
@@ -196,7 +199,7 @@ class Pipeline:
         outcome = Outcome(state=state, message=status.message, run_id=started.run_id, run_url=started.run_url,
                           experiment=started.request.experiment)
         github_state = {"SUCCEEDED": "success", "CANCELLED": "error"}.get(state, "failure")
-        self._status(trigger, github_state, f"{state.lower()}: {status.message}", started.run_url)
+        self.report_status(trigger, github_state, f"{state.lower()}: {status.message}", started.run_url)
         self._notify(trigger, outcome)
         return outcome
 

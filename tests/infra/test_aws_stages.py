@@ -228,10 +228,14 @@ def test_a_failed_image_build_is_reported(stack, make_repo):
     assert stack.statuses[-1]["state"] == "failure"
 
 
-def test_a_push_without_an_experiment_file_is_skipped(monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never called
-    state = aws_stages.prepare({"repository": REPO, "after": "a" * 40, "trigger_files": ["promote.json"]})
+def test_a_promote_json_push_is_answered_on_the_commit_not_run(stack, make_repo):
+    repo = make_repo(experiment=_experiment(), files={"train.py": OK_TRAIN})
+    sha = _sha(repo)
+    stack.serve(repo, sha)
+    state = aws_stages.prepare(_job(repo, sha, files=("promote.json",)))
     assert state["accepted"] is False and state["outcome"]["state"] == "SKIPPED"
+    assert [(s["state"], s["context"]) for s in stack.statuses] == [("error", "mmp/promotion")]
+    assert "mmp promote" in stack.statuses[0]["description"] and len(stack.statuses[0]["description"]) <= 140
 
 
 def test_the_lambda_refuses_a_local_tracking_store(monkeypatch):
