@@ -2,21 +2,26 @@
 PY := .venv/bin/python
 export MMP_HOME ?= $(HOME)/.mmp
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-dev demo test bench clean
 
-setup: .venv/.mmp-ready
+setup: .venv/.mmp-ready          # what the demo needs: torch, Horovod, mmp
+setup-dev: .venv/.mmp-ready-dev  # plus the test and infrastructure extras
 
 .venv/.mmp-ready: pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
 	touch $@
 
+.venv/.mmp-ready-dev: .venv/.mmp-ready
+	MMP_EXTRAS=dev bash scripts/bootstrap.sh
+	touch $@
+
 demo: setup
 	$(PY) -m mmp demo
 
-test: setup
+test: setup-dev
 	$(PY) -m pytest -q
 
-bench: setup
+bench: setup-dev
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:

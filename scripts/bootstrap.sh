@@ -5,6 +5,9 @@
 # that fails against torch 2.x with C++14; we patch it to C++17 (the fix merged
 # upstream after 0.28.1) and cache the built wheel under build/wheels/, keyed by
 # the Horovod, torch and Python versions, so later set-ups and CI skip the build.
+# The Horovod build (CPU-bound) runs while mmp's own dependencies install.
+#
+#   MMP_EXTRAS=dev bash scripts/bootstrap.sh    # what `make test` uses; `make demo` needs none
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -14,44 +17,66 @@ PYTHON="${PYTHON:-python3}"
 HOROVOD_VERSION="${HOROVOD_VERSION:-0.28.1}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 VENV="$ROOT/.venv"
-EXTRAS="${MMP_EXTRAS:-dev}"
+EXTRAS="${MMP_EXTRAS:-}"
+LOG_DIR="$ROOT/build/logs"
+mkdir -p "$LOG_DIR"
+
+stamp() { printf '[%4ss] %s\n' "$SECONDS" "$*"; }
 
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "==> creating $VENV"
+  stamp "creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --disable-pip-version-check -q)
+# --no-compile: bytecode is written on first import instead, for what is imported
+PIP=("$PY" -m pip install --disable-pip-version-check --no-compile -q)
 
-"${PIP[@]}" --upgrade "pip>=23" setuptools wheel packaging
+"${PIP[@]}" --upgrade "pip>=23" "setuptools>=77" wheel packaging
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" 2>/dev/null; then
-  echo "==> installing torch==$TORCH_VERSION (CPU)"
-  "${PIP[@]}" "torch==$TORCH_VERSION"
+  stamp "installing torch==$TORCH_VERSION (CPU)"
+  "${PIP[@]}" "torch==$TORCH_VERSION" numpy  # numpy now: the Horovod build imports torch, which imports it
 fi
 
 PYTAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')"
 CACHE="$ROOT/build/wheels/horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-$PYTAG"
-if ! "$PY" -c "import horovod.torch" 2>/dev/null; then
-  if ! ls "$CACHE"/horovod-*.whl >/dev/null 2>&1; then
-    echo "==> building Horovod $HOROVOD_VERSION against torch $TORCH_VERSION (gloo, C++17; ~3 min, once)"
-    SRC="$ROOT/build/src"
-    rm -rf "$SRC" && mkdir -p "$SRC" "$CACHE"
-    "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$SRC"
-    tar -xzf "$SRC"/horovod-"$HOROVOD_VERSION".tar.gz -C "$SRC"
-    HSRC="$SRC/horovod-$HOROVOD_VERSION"
-    sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/' "$HSRC/CMakeLists.txt" "$HSRC/horovod/torch/CMakeLists.txt"
-    grep -q 'CMAKE_CXX_STANDARD 17' "$HSRC/CMakeLists.txt"
-    "${PIP[@]}" cmake 2>/dev/null || true
-    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
-    HOROVOD_WITHOUT_MPI=1 HOROVOD_WITH_GLOO=1 MAKEFLAGS="-j$(nproc)" \
-      "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$CACHE" "$HSRC"
-    rm -rf "$SRC"
-  fi
-  echo "==> installing Horovod from $CACHE"
-  "${PIP[@]}" "$CACHE"/horovod-*.whl
+
+build_horovod() {
+  # pip wheel only builds (nothing is installed), so it may run beside the install below
+  local src="$ROOT/build/src"
+  rm -rf "$src" && mkdir -p "$src" "$CACHE.partial"
+  "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$src"
+  tar -xzf "$src/horovod-$HOROVOD_VERSION.tar.gz" -C "$src"
+  local hsrc="$src/horovod-$HOROVOD_VERSION"
+  sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/' "$hsrc/CMakeLists.txt" "$hsrc/horovod/torch/CMakeLists.txt"
+  grep -q 'CMAKE_CXX_STANDARD 17' "$hsrc/CMakeLists.txt"
+  HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
+  HOROVOD_WITHOUT_MPI=1 HOROVOD_WITH_GLOO=1 MAKEFLAGS="-j$(nproc)" \
+    "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$CACHE.partial" "$hsrc"
+  rm -rf "$CACHE" && mv "$CACHE.partial" "$CACHE" && rm -rf "$src"
+}
+
+build_pid=""
+if ! "$PY" -c "import horovod.torch" 2>/dev/null && ! ls "$CACHE"/horovod-*.whl >/dev/null 2>&1; then
+  command -v cmake >/dev/null || "${PIP[@]}" cmake
+  stamp "building Horovod $HOROVOD_VERSION against torch $TORCH_VERSION (gloo, C++17; once, log: build/logs/horovod.log)"
+  build_horovod > "$LOG_DIR/horovod.log" 2>&1 &
+  build_pid=$!
 fi
 
-echo "==> installing mmp[$EXTRAS]"
-"${PIP[@]}" -e ".[$EXTRAS]"
+stamp "installing mmp${EXTRAS:+[$EXTRAS]} and its dependencies"
+"${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
+
+if [ -n "$build_pid" ]; then
+  if ! wait "$build_pid"; then
+    tail -40 "$LOG_DIR/horovod.log" >&2
+    echo "Horovod build failed; full log: build/logs/horovod.log" >&2
+    exit 1
+  fi
+fi
+if ! "$PY" -c "import horovod.torch" 2>/dev/null; then
+  stamp "installing Horovod from $CACHE"
+  "${PIP[@]}" "$CACHE"/horovod-*.whl
+fi
 "$PY" -c "import horovod.torch, mmp; print('horovod', horovod.__version__, '| torch', __import__('torch').__version__)"
+stamp "ready"

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -46,20 +47,19 @@ def test_mmp_serve_answers_a_real_prediction(real_runs, mmp_home):
     port = free_port()
     env = {**os.environ, "MMP_HOME": str(mmp_home), "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "mmp", "serve", "digits-demo@production", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, b"")), daemon=True)
+    reader.start()
+    ready = f"serving models:/digits-demo@production at http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 150
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mmp serve did not answer /ping"
-            time.sleep(0.3)
+        # mmp serve says it is ready once its own /ping answered: wait for that, not only the port
+        while not any(ready in line.decode(errors="replace") for line in list(lines)):
+            assert proc.poll() is None, b"".join(lines).decode(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "mmp serve never said it was serving"
+            time.sleep(0.2)
         image, label = sample_digit()
         body = json.dumps({"inputs": image.tolist()}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
@@ -74,8 +74,8 @@ def test_mmp_serve_answers_a_real_prediction(real_runs, mmp_home):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    output = proc.stdout.read().decode(errors="replace")
-    assert f"serving models:/digits-demo@production at http://127.0.0.1:{port}" in output
+    reader.join(timeout=30)
+    assert proc.returncode in (0, 130), b"".join(lines).decode(errors="replace")[-3000:]
     assert promotion.version == "1"
     with pytest.raises(OSError):  # nothing left listening
         urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
