@@ -28,8 +28,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-# --no-compile: bytecode is written on first import instead, for what is imported
-PIP=("$PY" -m pip install --disable-pip-version-check --no-compile -q)
+PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
 "${PIP[@]}" --upgrade "pip>=23" "setuptools>=77" wheel packaging
 
@@ -65,7 +64,7 @@ if ! "$PY" -c "import horovod.torch" 2>/dev/null && ! ls "$CACHE"/horovod-*.whl 
 fi
 
 stamp "installing mmp${EXTRAS:+[$EXTRAS]} and its dependencies"
-"${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
+nice -n 15 "${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"  # the build is the critical path: it gets the CPU first
 
 if [ -n "$build_pid" ]; then
   if ! wait "$build_pid"; then
