@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import Callable
 
 from . import config
@@ -106,17 +105,22 @@ class LocalStack:
                 with self._log_file("mlflow") as out:
                     self.mlflow_proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                                         stderr=subprocess.STDOUT, start_new_session=True)
-        config.local_stack_file().write_text(json.dumps({
-            "pid": os.getpid(), "webhook_url": f"http://{self.host}:{self.port}/webhook",
-            "mlflow_url": self.ui_url if self.ui else None}))
+        self._publish(mlflow_url=None)
         return self
 
-    def wait_for_ui(self, timeout: float = 60.0) -> bool:
+    def _publish(self, mlflow_url: str | None) -> None:
+        """stack.json: how `mmp run` finds this stack (and its MLflow server, once it answers)."""
+        config.local_stack_file().write_text(json.dumps({
+            "pid": os.getpid(), "webhook_url": f"http://{self.host}:{self.port}/webhook", "mlflow_url": mlflow_url}))
+
+    def wait_for_ui(self, timeout: float = 90.0) -> bool:
+        """Wait until the MLflow server answers /health; then `mmp run` may track through it."""
         deadline = time.time() + timeout
         while time.time() < deadline and self.mlflow_proc is not None and self.mlflow_proc.poll() is None:
             try:
                 with urllib.request.urlopen(f"{self.ui_url}/health", timeout=2) as resp:
                     if resp.status == 200:
+                        self._publish(mlflow_url=self.ui_url)
                         return True
             except OSError:
                 pass
@@ -168,7 +172,3 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def worker_log() -> Path:
-    return config.mmp_home() / "logs" / "worker.log"

@@ -79,6 +79,9 @@ class JobHandle:
         return cls(platform=raw["platform"], job_id=raw["job_id"], data=dict(raw.get("data") or {}))
 
 
+MAX_RUNTIME_MESSAGE = "stopped: Max_Runtime reached"
+
+
 class BackendError(RuntimeError):
     """A request this backend cannot run (raised before anything is started)."""
 
@@ -141,7 +144,7 @@ class Backend(ABC):
                     for line in lines:
                         on_log(line)
                 if timed_out:
-                    status = JobStatus(JobState.FAILED, "stopped: Max_Runtime reached", status.exit_code, status.detail)
+                    status = JobStatus(JobState.FAILED, MAX_RUNTIME_MESSAGE, status.exit_code, status.detail)
                 return status
             if deadline is not None and time.time() > deadline and not timed_out:
                 timed_out = True

@@ -34,7 +34,10 @@ def up(
         fail(f"could not listen on {host}:{port}: {exc.strerror or exc}", 1)
     c.print(f"[bold]webhook[/]  http://{host}:{stack.port}/webhook   (health: /healthz)")
     if stack.ui:
-        c.print(f"[bold]MLflow[/]   {stack.ui_url}")
+        if stack.wait_for_ui():
+            c.print(f"[bold]MLflow[/]   {stack.ui_url}")
+        else:
+            c.print("[yellow]MLflow UI did not answer; see $MMP_HOME/logs/mlflow.log[/]")
     c.print(f"[bold]state[/]    {config.mmp_home()}  (worker log: logs/worker.log)")
     c.print("install the hook in a repository with [bold]mmp hook install REPO[/]; Ctrl-C stops everything")
     stack.serve()

@@ -22,7 +22,6 @@ from .. import config
 from .promote import DEFAULT_ALIAS
 
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 5001  # 5000 is the MLflow UI of `mmp up`
 START_TIMEOUT_S = 120.0
 
 

@@ -31,6 +31,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, get_backend
+from ..backends.base import MAX_RUNTIME_MESSAGE
 from ..datasets import Dataset
 from ..experiment import EXPERIMENT_FILES, Experiment
 from ..webhook.core import PROMOTE_FILE
@@ -133,15 +134,13 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     job = dict(event.get("job") or event)
     state: dict[str, Any] = {"job": job, "accepted": False, "build_image": False}
     files = job.get("trigger_files") or []
-    pipeline = make_pipeline() if files else None
+    pipeline = make_pipeline()
+    trigger = trigger_of(job)
     if PROMOTE_FILE in files:  # say so on the commit rather than leave the push unanswered
-        trigger = trigger_of(job)
         pipeline.report_status(trigger, "error", PROMOTION_MESSAGE, None, context=PROMOTION_CONTEXT)
     if files and not any(name in EXPERIMENT_FILES for name in files):
         state["outcome"] = {"state": "SKIPPED", "message": f"no experiment file in this push ({', '.join(files)})"}
         return state
-    pipeline = pipeline or make_pipeline()
-    trigger = trigger_of(job)
     try:
         prepared: Prepared | Outcome = pipeline.prepare(trigger)
     except Exception as exc:  # GitHub unreachable, bad token, ...: the same answer as Pipeline.run
@@ -195,7 +194,7 @@ def poll(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         timed_out = True
         status = backend.status(handle)
     if status.state.terminal and timed_out:
-        status = JobStatus(JobState.FAILED, "stopped: Max_Runtime reached", status.exit_code, status.detail)
+        status = JobStatus(JobState.FAILED, MAX_RUNTIME_MESSAGE, status.exit_code, status.detail)
     state["status"] = status_to_dict(status, timed_out=timed_out)
     state["polls"] = int(state.get("polls") or 0) + 1
     return state

@@ -185,13 +185,19 @@ def test_training_failure_fails_the_job_and_teardown_terminates(make_backend, re
     assert_nothing_running(cloud, request.run_id)
 
 
-def test_cancel_mid_run_kills_training_and_terminates(make_backend, request_for, cloud):
-    backend = make_backend()
-    request = request_for(train=SLEEP_TRAIN)
+def launch_until_sleeping(backend, request):
+    """Launch SLEEP_TRAIN and return once the host says it is sleeping (up to 30 s)."""
     handle = backend.launch(request)
     deadline = time.time() + 30
     while not any("train.py: sleeping" in ln for ln in backend.logs(handle)[0]) and time.time() < deadline:
         time.sleep(0.1)
+    return handle
+
+
+def test_cancel_mid_run_kills_training_and_terminates(make_backend, request_for, cloud):
+    backend = make_backend()
+    request = request_for(train=SLEEP_TRAIN)
+    handle = launch_until_sleeping(backend, request)
     assert tagged_processes(request.run_id), "training should be running on the host"
     assert backend.status(handle).state is JobState.RUNNING
     backend.cancel(handle)
@@ -315,10 +321,7 @@ def test_teardown_while_training_still_runs_stops_it(make_backend, request_for, 
     """An error while following the job goes straight to teardown: nothing may keep running."""
     backend = make_backend()
     request = request_for(train=SLEEP_TRAIN)
-    handle = backend.launch(request)
-    deadline = time.time() + 30
-    while not any("train.py: sleeping" in ln for ln in backend.logs(handle)[0]) and time.time() < deadline:
-        time.sleep(0.1)
+    handle = launch_until_sleeping(backend, request)
     backend.teardown(handle)
     assert_nothing_running(cloud, request.run_id)
     deadline = time.time() + 10

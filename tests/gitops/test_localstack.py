@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from mmp import config
+
 from ..conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +57,12 @@ def test_up_serves_then_stops_cleanly(sig, mmp_home, secret_env, gh):
             assert resp.status == 202 and json.loads(resp.read())["status"] == "ignored"
         if ui:
             wait_for(f"http://127.0.0.1:{mlflow_port}/health", proc, 90)
+        # stack.json tells `mmp run` where MLflow is, and only once it answers
+        expected = f"http://127.0.0.1:{mlflow_port}" if ui else None
+        deadline = time.time() + 10
+        while json.loads(config.local_stack_file().read_text())["mlflow_url"] != expected:
+            assert time.time() < deadline, config.local_stack_file().read_text()
+            time.sleep(0.2)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert any("mmp.pipeline.worker" in " ".join(c.cmdline()) for c in children)
         assert ui == any("mlflow" in " ".join(c.cmdline()) and "server" in c.cmdline() for c in children)
@@ -63,6 +71,7 @@ def test_up_serves_then_stops_cleanly(sig, mmp_home, secret_env, gh):
         out, _ = proc.communicate(timeout=40)
         assert proc.returncode == 0, out
         assert "stopped" in out
+        assert not config.local_stack_file().exists()
         gone, alive = psutil.wait_procs(children, timeout=5)
         assert alive == [], [p.cmdline() for p in alive]
     finally:
