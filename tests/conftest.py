@@ -1,5 +1,5 @@
 """Shared test fixtures: an isolated MMP_HOME per test, the real GitHub/SageMaker
-fixtures from ../shared/fixtures, the digits dataset, and example git repositories."""
+fixtures in tests/fixtures (sources in its README), the digits dataset, and example git repositories."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"
 EXAMPLE = ROOT / "examples" / "fashion"
 
 GIT_ENV = {

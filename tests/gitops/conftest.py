@@ -11,7 +11,7 @@ import pytest
 
 from mmp.webhook.core import sign
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "github"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "github"
 SECRET = "gitops-test-secret-5f1c9e"
 
 

@@ -1,5 +1,5 @@
 """The `train` entrypoint under a fake /opt/ml tree: SageMaker's real config files from
-../shared/fixtures/sagemaker, a tiny IDX dataset, real `horovodrun -np 2` and the
+tests/fixtures/sagemaker, a tiny IDX dataset, real `horovodrun -np 2` and the
 example train.py; the multi-host command for the fixtures' 3 hosts in 2 groups; SSH
 waits against real sockets on 127.0.0.1."""
 
@@ -19,7 +19,7 @@ import pytest
 from mmp import sagemaker_entrypoint as ep
 
 ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "sagemaker"
+FIXTURES = ROOT / "tests" / "fixtures" / "sagemaker"
 HOROVODRUN = str(Path(sys.executable).with_name("horovodrun"))
 
 
