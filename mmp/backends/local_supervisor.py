@@ -1,0 +1,144 @@
+"""The small process between the local backend and horovodrun that owns a run's tree.
+
+It makes itself a child subreaper (prctl PR_SET_CHILD_SUBREAPER), so whatever
+train.py starts stays its descendant even after a double fork and setsid, and
+(where the backend made one) joins the run's cgroup v2 directory before starting
+anything. When horovodrun ends, or on SIGTERM/SIGINT/SIGHUP (graceful: TERM, then
+KILL after the grace period) or SIGUSR1 (KILL now), every remaining descendant is
+killed and reaped; only then is the exit code written, so a recorded end means
+nothing of the run is left.
+
+Run by path with `python -I` (stdlib + psutil only): it must not import mmp, whose
+environment train.py does not get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+KILL_DEADLINE_S = 30
+
+
+def _prctl(option: int, value: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def descendants() -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return []
+
+
+def signal_descendants(sig: int) -> None:
+    for proc in descendants():
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def kill_everything() -> None:
+    """SIGKILL every descendant until none is left (orphans re-parent to us meanwhile)."""
+    deadline = time.monotonic() + KILL_DEADLINE_S
+    while time.monotonic() < deadline:
+        left = descendants()
+        if not left:
+            break
+        for proc in left:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        time.sleep(0.02)
+        reap()
+    reap()
+
+
+def write_exit_code(path: str, code: int) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(str(code))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--exit-file", required=True)
+    parser.add_argument("--cgroup")
+    parser.add_argument("--grace", type=float, default=5.0)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+
+    if args.cgroup:
+        try:
+            with open(os.path.join(args.cgroup, "cgroup.procs"), "w") as fh:
+                fh.write(str(os.getpid()))
+        except OSError as exc:
+            print(f"mmp: could not join cgroup {args.cgroup} ({exc}); tracking descendants instead", flush=True)
+    if not _prctl(PR_SET_CHILD_SUBREAPER, 1):
+        print("mmp: could not become a child subreaper; escaped processes are found by the backend", flush=True)
+
+    stopping = []
+
+    def on_stop(signum, _frame):
+        if not stopping:
+            stopping.append(signum)
+            signal_descendants(signal.SIGTERM)
+            signal.setitimer(signal.ITIMER_REAL, max(args.grace, 0.01))
+
+    def on_kill_now(signum, _frame):
+        stopping.append(signum)
+        signal_descendants(signal.SIGKILL)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_stop)
+    signal.signal(signal.SIGUSR1, on_kill_now)
+    signal.signal(signal.SIGALRM, lambda *_: signal_descendants(signal.SIGKILL))
+
+    code = -signal.SIGTERM
+    if not stopping:
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                 preexec_fn=lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            if pid == child.pid:
+                code = os.waitstatus_to_exitcode(status)
+                child.returncode = code
+                break
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    kill_everything()
+    write_exit_code(args.exit_file, code)
+    return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
