@@ -17,6 +17,7 @@ from typing import Mapping
 BASICS = (
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
     "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "CUDA_HOME",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",  # a private CA in front of MLflow
 )
 # how train.py reaches an MLflow server that asks for credentials (the URI itself comes from the run)
 MLFLOW_CONNECTION = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -171,6 +172,48 @@ def test_teardown_after_the_worker_died_kills_the_tree(backend_under_test, start
     fresh.teardown(saved)
     assert not escapee_alive(marker)
     assert fresh.status(saved).state.terminal
+
+
+def test_interrupting_the_runner_leaves_nothing(make_repo, digits):
+    """Ctrl-C of `mmp run`, and SIGTERM of `mmp up`'s worker, go through the runner's interrupt path."""
+    repo = make_repo(experiment={**LOCAL, "Processes_Per_Host": 2, "Hyperparameters": {"mode": "sleep"}},
+                     files={"train.py": ESCAPING_TRAIN})
+    proc = subprocess.Popen([sys.executable, "-m", "mmp", "run", "--repo", str(repo), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    markers = []
+    try:
+        def escaped():
+            markers[:] = list(config.runs_root().glob("*/*/output/escapee.json"))
+            return bool(markers)
+
+        wait_for(escaped, what="the escapee")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        assert not escapee_alive(markers[0]), out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for marker in markers:
+            if escapee_alive(marker):
+                os.kill(json.loads(marker.read_text())["pid"], signal.SIGKILL)
+
+
+def test_a_handle_saved_before_start_times_still_stops_its_own_run(tmp_path):
+    """Old handles name horovodrun's group leader by pid only; it is ours if it carries the run id."""
+    old = subprocess.Popen(["sleep", "600"], start_new_session=True, env={**os.environ, "MMP_RUN_ID": "old-run"})
+    try:
+        wait_for(lambda: "MMP_RUN_ID=old-run" in Path(f"/proc/{old.pid}/environ").read_bytes().decode(errors="replace")
+                 .replace("\0", "\n").splitlines(), what="the old run's environment")
+        handle = JobHandle("local", "old-run", {"pid": old.pid, "run_dir": str(tmp_path), "log": str(tmp_path / "log")})
+        backend = LocalBackend()
+        assert backend.status(handle).state == JobState.RUNNING
+        backend.teardown(handle)
+        assert old.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
 
 
 @pytest.fixture
