@@ -122,9 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGALRM, lambda *_: signal_descendants(signal.SIGKILL))
 
     code = -signal.SIGTERM
+    child = None
     if not stopping:
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                 preexec_fn=lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
+        try:
+            child = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                     preexec_fn=lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
+        except OSError as exc:
+            print(f"mmp: could not start {command[0]}: {exc}", flush=True)
+            code = 127
+    if child is not None:
         while True:
             try:
                 pid, status = os.waitpid(-1, 0)
