@@ -2,8 +2,9 @@
 
 The contract (DESIGN.md): `--dataset-path P --output-path O --dataset NAME` then one
 `--key value` per hyperparameter, in the file's order, as a list, never a shell
-string. Backends only supply paths, hosts and a way to run the list; where a list
-must cross a shell (SSH), `shell_join` quotes it, here and nowhere else.
+string. A boolean follows argparse's `store_true` convention: true → a bare `--key`,
+false → nothing. Backends only supply paths, hosts and a way to run the list; where
+a list must cross a shell (SSH), `shell_join` quotes it, here and nowhere else.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ import shlex
 from typing import Mapping, Sequence
 
 TRAIN_SCRIPT = "train.py"
+# The flags the pipeline sets; train.py declares them (DESIGN.md "Contract with train.py").
+CONTRACT_FLAGS = ("--dataset-path", "--output-path", "--dataset")
+
+# horovodrun (gloo) hands each rank's whole command, exported environment included, to
+# `sh -c` as ONE argument, and Linux caps one argument at MAX_ARG_STRLEN (32 pages,
+# 128 KiB): past it exec fails with "Argument list too long". train.py's part may
+# use half, leaving the rest for the environment and the paths.
+MAX_ARG_STRLEN = 32 * 4096
+COMMAND_LINE_BUDGET = MAX_ARG_STRLEN // 2
 
 # horovodrun (0.28.1) runs argparse over its whole command line, train.py's part
 # included, and stops with "ambiguous option" on any token that is a prefix of two
@@ -48,8 +58,21 @@ def horovodrun_ambiguity(token: str) -> list[str]:
     return matches if len(matches) > 1 else []
 
 
+def contract_flag_clash(token: str) -> list[str]:
+    """The contract flags `token` is a prefix of (empty when none).
+
+    argparse takes any unique prefix of a declared option (`--output` for
+    `--output-path`), so a hyperparameter named like that would override the path
+    the pipeline chose in a train.py that declares only the contract's flags.
+    """
+    if not token.startswith("--") or token == "--":
+        return []
+    prefix = token.split("=", 1)[0]
+    return [flag for flag in CONTRACT_FLAGS if flag.startswith(prefix)]
+
+
 def hyperparameter_text(value: object) -> str:
-    """How a hyperparameter value is spelled on the command line."""
+    """How a value is written where only text fits (MLflow params, SageMaker's map)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -57,14 +80,35 @@ def hyperparameter_text(value: object) -> str:
     return str(value)
 
 
+def hyperparameter_args(hyperparameters: Mapping[str, object]) -> list[str]:
+    """`--key value` per hyperparameter in order; true → bare `--key`, false → nothing."""
+    argv: list[str] = []
+    for name, value in hyperparameters.items():
+        if value is True:
+            argv.append(f"--{name}")
+        elif value is not False:
+            argv += [f"--{name}", hyperparameter_text(value)]
+    return argv
+
+
 def train_args(
     dataset_path: str, output_path: str, dataset: str, hyperparameters: Mapping[str, object]
 ) -> list[str]:
     """train.py's arguments: the three mandatory flags, then the hyperparameters."""
-    argv = ["--dataset-path", str(dataset_path), "--output-path", str(output_path), "--dataset", dataset]
-    for name, value in hyperparameters.items():
-        argv += [f"--{name}", hyperparameter_text(value)]
-    return argv
+    argv = [CONTRACT_FLAGS[0], str(dataset_path), CONTRACT_FLAGS[1], str(output_path), CONTRACT_FLAGS[2], dataset]
+    return argv + hyperparameter_args(hyperparameters)
+
+
+def boolean_names(hyperparameters: Mapping[str, object]) -> str:
+    """The boolean hyperparameters' names, comma-separated: how they survive a
+    string-only channel (SageMaker's HyperParameters) as booleans."""
+    return ",".join(name for name, value in hyperparameters.items() if isinstance(value, bool))
+
+
+def restore_booleans(values: Mapping[str, str], names: str | None) -> dict[str, object]:
+    """Undo `hyperparameter_text` for the names `boolean_names` listed."""
+    flags = set((names or "").split(",")) - {""}
+    return {k: (v == "true") if k in flags else v for k, v in values.items()}
 
 
 def hosts_spec(hosts: Sequence[tuple[str, int]]) -> str:

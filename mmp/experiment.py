@@ -21,17 +21,35 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
 )
 
 from . import config
-from .argv import horovodrun_ambiguity
+from .argv import (
+    COMMAND_LINE_BUDGET,
+    contract_flag_clash,
+    horovodrun_ambiguity,
+    hyperparameter_args,
+    shell_join,
+)
 
 EXPERIMENT_FILES = config.EXPERIMENT_FILES
 MAX_FILE_BYTES = 256 * 1024
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _NAME_RE = re.compile(NAME_PATTERN)
 MAX_HYPERPARAMETERS = 100
+MAX_VALUE_CHARS = 2500
+# An experiment file needs two levels (the file, its Hyperparameters); the bound keeps
+# json/ast from recursing until Python gives up (RecursionError) on hostile input.
+MAX_NESTING = 16
+# ASCII digits only: Python's int() also reads "٣" (Arabic-Indic three) as 3.
+WHOLE_NUMBER_PATTERN = r"^ *[+-]?[0-9]{1,18} *$"
+_WHOLE_RE = re.compile(WHOLE_NUMBER_PATTERN)
+POSITIVE_NUMBER_PATTERN = r"^ *[+]?0*[1-9][0-9]{0,17} *$"  # the schema's string form of a count ≥ 1
+TAG_PROCESSES = "mmp.processes"
+TAG_PROCESSES_PER_HOST = "mmp.processes_per_host"
+AUTO_PROCESSES = "auto"  # one per GPU, decided on the instance (cloud platforms)
 
 Scalar = Union[bool, int, float, str]
 
@@ -59,20 +77,108 @@ class ExperimentError(ValueError):
         return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+class _JsonObject(dict):
+    """A JSON object that remembers the keys it saw twice (json keeps only the last)."""
+
+    duplicates: list[str]
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    obj = _JsonObject()
+    obj.duplicates = []
+    for key, value in pairs:
+        if key in obj:
+            obj.duplicates.append(key)
+        obj[key] = value
+    return obj
+
+
+# A string token's closing quote is optional, so an unclosed one ends the scan in one
+# pass instead of being retried from every later quote (quadratic on hostile input).
+_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"?|\'(?:[^\'\\]|\\.)*\'?|[\[\]{}()]', re.S)
+
+
+def _too_deep(text: str) -> str | None:
+    """Where `text` (JSON or a Python literal) nests past MAX_NESTING: the keys leading
+    there ("" at the top), or None. A scan of brackets outside strings, no recursion."""
+    stack: list[tuple[str, str | None]] = []  # per open bracket: it, and the key it is the value of
+    last_string: str | None = None
+    for match in _TOKEN_RE.finditer(text):
+        token = match.group()
+        if token[0] in "\"'":
+            last_string = token[1:-1]
+        elif token in "[{(":
+            in_object = bool(stack) and stack[-1][0] == "{"
+            stack.append((token, last_string if in_object else None))
+            last_string = None
+            if len(stack) > MAX_NESTING:
+                keys = [key for _, key in stack[1:3]]
+                return ".".join(keys[: keys.index(None)] if None in keys else keys)
+        elif stack:
+            stack.pop()
+    return None
+
+
+def _nesting_message() -> str:
+    return f"is nested more than {MAX_NESTING} levels deep; values are strings, numbers or booleans"
+
+
+def load_json(text: str | bytes) -> Any:
+    """json.loads for experiment files: bounded nesting, duplicate keys kept visible."""
+    return json.loads(text, object_pairs_hook=_json_object)
+
+
 def _strict_int(value: Any) -> Any:
-    """Accept 3 and "3" but not True, 1.5, "1.5" or "abc" (pydantic would take some)."""
+    """Accept 3 and "3" but not True, 1.5, "1.5", "abc" or "٣" (pydantic would take some)."""
     if isinstance(value, bool):
         raise ValueError("must be a whole number, not a boolean")
     if isinstance(value, str):
-        text = value.strip()
-        if not re.fullmatch(r"[+-]?\d+", text):
-            raise ValueError(f"must be a whole number, got {value!r}")
-        return int(text)
+        if not _WHOLE_RE.fullmatch(value):
+            raise ValueError(f"must be a whole number written with the digits 0-9, got {value!r}")
+        return int(value)
     if isinstance(value, float):
         if not value.is_integer():
             raise ValueError(f"must be a whole number, got {value!r}")
         return int(value)
     return value
+
+
+def _whole_number(minimum: int, maximum: int | None = None) -> Any:
+    """An int that may be written as the seed does ("1"); its schema says both forms,
+    with JSON Schema's own `minimum`/`maximum` (pydantic would leak `ge`/`le` here)."""
+    number: dict[str, Any] = {"type": "integer", "minimum": minimum}
+    if maximum is not None:
+        number["maximum"] = maximum
+    text = {"type": "string", "pattern": POSITIVE_NUMBER_PATTERN if minimum >= 1 else WHOLE_NUMBER_PATTERN}
+    return Annotated[
+        int,
+        BeforeValidator(_strict_int),
+        Field(ge=minimum, le=maximum),
+        WithJsonSchema({"anyOf": [number, text]}),
+    ]
+
+
+_HYPERPARAMETERS_FORMS = ('must be an object of name → value, as JSON ({"epochs": "40"}) '
+                          "or a Python-literal string (\"{'epochs': '40'}\")")
+
+
+def _python_literal(text: str) -> Any:
+    """`ast.literal_eval`, after refusing a dict literal that repeats a key."""
+    try:
+        node = ast.parse(text, mode="eval").body
+    except (SyntaxError, MemoryError, RecursionError, ValueError):
+        raise ValueError(_HYPERPARAMETERS_FORMS) from None
+    if isinstance(node, ast.Dict):
+        seen: set[Any] = set()
+        for key in node.keys:
+            if isinstance(key, ast.Constant) and key.value in seen:
+                raise ValueError(f"{key.value!r} is given twice; keep one")
+            if isinstance(key, ast.Constant):
+                seen.add(key.value)
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise ValueError(_HYPERPARAMETERS_FORMS) from None
 
 
 def _parse_hyperparameters(value: Any) -> Any:
@@ -83,16 +189,17 @@ def _parse_hyperparameters(value: Any) -> Any:
         text = value.strip()
         if not text:
             return {}
+        if _too_deep(text) is not None:
+            raise ValueError(_nesting_message())
         try:
-            value = json.loads(text)
+            value = load_json(text)
+        except RecursionError:
+            raise ValueError(_nesting_message()) from None
         except ValueError:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError, MemoryError, RecursionError):
-                raise ValueError(
-                    "must be an object of name → value, as JSON "
-                    '({"epochs": "40"}) or a Python-literal string ("{\'epochs\': \'40\'}")'
-                ) from None
+            value = _python_literal(text)
+        repeated = getattr(value, "duplicates", None)
+        if repeated:
+            raise ValueError(f"{repeated[0]!r} is given twice; keep one")
     if not isinstance(value, dict):
         raise ValueError(f"must be an object of name → value, got {type(value).__name__}")
     return value
@@ -101,6 +208,12 @@ def _parse_hyperparameters(value: Any) -> Any:
 def _hyperparameter_name(name: str) -> str:
     if not _NAME_RE.fullmatch(name) or len(name) > 128:
         raise ValueError(f"bad name {name!r}; names match {NAME_PATTERN} (no spaces, no leading '-')")
+    flags = contract_flag_clash(f"--{name}")
+    if flags:
+        raise ValueError(
+            f"'--{name}' is a prefix of {' and '.join(flags)}, which the pipeline sets (argparse takes a prefix "
+            "of an option for that option); use another name"
+        )
     clash = horovodrun_ambiguity(f"--{name}")
     if clash:
         raise ValueError(
@@ -110,8 +223,32 @@ def _hyperparameter_name(name: str) -> str:
     return name
 
 
+def _hyperparameter_value(value: Scalar) -> Scalar:
+    if not isinstance(value, str):
+        return value
+    if "\0" in value:
+        raise ValueError("contains a NUL byte, which no command line can carry")
+    if len(value) > MAX_VALUE_CHARS:
+        raise ValueError(f"is longer than {MAX_VALUE_CHARS} characters")
+    flags = contract_flag_clash(value)
+    if flags:
+        raise ValueError(f"{value!r} is a prefix of {' and '.join(flags)}, which the pipeline sets (argparse "
+                         "takes a prefix of an option for that option)")
+    clash = horovodrun_ambiguity(value)
+    if clash:
+        raise ValueError(f"{value!r} is an ambiguous abbreviation to horovodrun (could be {', '.join(clash[:3])}, …)")
+    return value
+
+
 StrictInt = Annotated[int, BeforeValidator(_strict_int)]
 HyperparameterName = Annotated[str, AfterValidator(_hyperparameter_name)]
+HyperparameterValue = Annotated[Scalar, AfterValidator(_hyperparameter_value)]
+HYPERPARAMETERS_DESCRIPTION = (
+    "Passed to train.py after the contract flags, in order: a string or number as `--name value` "
+    "(strings exactly as written), true as a bare `--name` (argparse's store_true), false not at all. "
+    "A JSON object, or the seed's string form: JSON or a Python literal, where True/False are booleans "
+    "and 'True' (quoted) is the string True."
+)
 
 
 class Experiment(BaseModel):
@@ -136,12 +273,21 @@ class Experiment(BaseModel):
         description="Instance type, e.g. ml.p3.16xlarge (sagemaker), p3.8xlarge (dlami), local.",
         json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"},
     )
-    instance_count: StrictInt = Field(default=1, alias="Instance_Count", ge=1, le=256)
-    hyperparameters: Annotated[dict[HyperparameterName, Scalar], BeforeValidator(_parse_hyperparameters)] = Field(
-        default_factory=dict,
-        alias="Hyperparameters",
-        description="Passed to train.py as --name value, in order.",
+    instance_count: _whole_number(1, 256) = Field(  # type: ignore[valid-type]
+        default=1, alias="Instance_Count", description="Hosts (instances) to train on."
     )
+    hyperparameters: Annotated[
+        dict[HyperparameterName, HyperparameterValue],
+        BeforeValidator(_parse_hyperparameters),
+        WithJsonSchema({
+            "anyOf": [
+                {"type": "object", "maxProperties": MAX_HYPERPARAMETERS,
+                 "propertyNames": {"pattern": NAME_PATTERN, "maxLength": 128},
+                 "additionalProperties": {"type": ["string", "number", "boolean"]}},
+                {"type": "string"},
+            ],
+        }),
+    ] = Field(default_factory=dict, alias="Hyperparameters", description=HYPERPARAMETERS_DESCRIPTION)
     experiment_name: str | None = Field(
         default=None,
         alias="Experiment_Name",
@@ -149,14 +295,15 @@ class Experiment(BaseModel):
         description="MLflow experiment; defaults to the repository's name.",
         json_schema_extra={"pattern": NAME_PATTERN},
     )
-    max_runtime: StrictInt | None = Field(
+    max_runtime: _whole_number(1) | None = Field(  # type: ignore[valid-type]
         default=None,
         alias="Max_Runtime",
-        ge=1,
         description="Minutes before the job is stopped.",
     )
-    processes_per_host: StrictInt | None = Field(
-        default=None, alias="Processes_Per_Host", ge=1, le=64, description="Horovod ranks per host."
+    processes_per_host: _whole_number(1, 64) | None = Field(  # type: ignore[valid-type]
+        default=None, alias="Processes_Per_Host",
+        description="Horovod ranks per host; the run has Instance_Count × Processes_Per_Host. "
+                    "Default: 1 on the local platform, one per GPU on the cloud ones.",
     )
     use_spot: bool = Field(default=False, alias="Use_Spot", description="SageMaker managed spot.")
 
@@ -209,18 +356,12 @@ class Experiment(BaseModel):
     def _safe_hyperparameters(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
         if len(value) > MAX_HYPERPARAMETERS:
             raise ValueError(f"at most {MAX_HYPERPARAMETERS} hyperparameters, got {len(value)}")
-        reserved = {"dataset-path", "output-path", "dataset"} & set(value)
-        if reserved:
-            raise ValueError(f"{', '.join(sorted(reserved))} is set by the pipeline, not a hyperparameter")
-        for name, item in value.items():
-            if isinstance(item, str) and len(item) > 2500:
-                raise ValueError(f"value of {name!r} is longer than 2500 characters")
-            clash = horovodrun_ambiguity(item) if isinstance(item, str) else []
-            if clash:
-                raise ValueError(
-                    f"value {item!r} of {name!r} is an ambiguous abbreviation to horovodrun "
-                    f"(could be {', '.join(clash[:3])}, …)"
-                )
+        size = len(shell_join(hyperparameter_args(value)).encode())
+        if size > COMMAND_LINE_BUDGET:
+            raise ValueError(
+                f"make a command line of {size} bytes; the limit is {COMMAND_LINE_BUDGET} (horovodrun runs each "
+                "rank through `sh -c` with one argument, which Linux caps at 128 KiB: 'Argument list too long')"
+            )
         return value
 
     # -- derived values -------------------------------------------------------
@@ -235,6 +376,34 @@ class Experiment(BaseModel):
     @property
     def total_processes(self) -> int:
         return self.instance_count * self.processes
+
+    def processes_per_host_known(self) -> int | None:
+        """Ranks per host when the file decides it; None: one per GPU, decided on the instance."""
+        return self.processes_per_host or (1 if self.platform == "local" else None)
+
+    def process_tags(self) -> dict[str, str]:
+        """MLflow tags saying how many training processes the run has (Instance_Count × per host)."""
+        per_host = self.processes_per_host_known()
+        if per_host is None:
+            return {TAG_PROCESSES: AUTO_PROCESSES, TAG_PROCESSES_PER_HOST: AUTO_PROCESSES}
+        return {TAG_PROCESSES: str(self.instance_count * per_host), TAG_PROCESSES_PER_HOST: str(per_host)}
+
+    def notes(self) -> list[str]:
+        """Valid but likely unintended: a boolean written as a string passes `--name True`,
+        which a store_true flag refuses (plain text, for `mmp validate`)."""
+        return [
+            f"Hyperparameters.{name}: the string {value!r} passes '--{name} {value}'; for an on/off flag "
+            f"write {value.lower()} (JSON) or {value.capitalize()} (Python literal) without quotes"
+            for name, value in self.hyperparameters.items()
+            if isinstance(value, str) and value.lower() in ("true", "false")
+        ]
+
+    def describe(self) -> str:
+        """One line for people: platform, dataset, hosts and processes."""
+        per_host = self.processes_per_host_known()
+        procs = (f"one process per GPU on each host" if per_host is None else
+                 f"{self.instance_count * per_host} process(es) ({self.instance_count} × {per_host} per host)")
+        return f"{self.platform}, {self.dataset_name}, {self.instance_count} × {self.training_instance}, {procs}"
 
     def resolved_name(self, repository: str) -> str:
         return self.experiment_name or safe_name(repository)
@@ -291,6 +460,9 @@ def _problems(exc: ValidationError) -> list[FieldProblem]:
     return list(unique.values())
 
 
+_REPEATED = "appears more than once; JSON would keep only the last, so keep one"
+
+
 def parse_experiment(
     data: str | bytes | Mapping[str, Any],
     *,
@@ -305,22 +477,34 @@ def parse_experiment(
                 [FieldProblem(field="(file)", message=f"is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")],
                 source,
             )
+        text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+        deep = _too_deep(text)
+        if deep is not None:
+            raise ExperimentError([FieldProblem(field=deep or "(file)", message=_nesting_message())], source)
         try:
-            data = json.loads(data)
+            data = load_json(data)
+        except RecursionError:  # brackets the scan could not see (a stray quote): still a field error
+            raise ExperimentError([FieldProblem(field="(file)", message=_nesting_message())], source) from None
         except ValueError as exc:
             raise ExperimentError([FieldProblem(field="(file)", message=f"is not valid JSON: {exc}")], source) from None
     if not isinstance(data, Mapping):
         raise ExperimentError(
             [FieldProblem(field="(file)", message=f"must hold a JSON object, got {type(data).__name__}")], source
         )
+    repeated = [FieldProblem(field=key, message=_REPEATED) for key in getattr(data, "duplicates", [])]
+    repeated += [FieldProblem(field=f"Hyperparameters.{key}", message=_REPEATED)
+                 for key in getattr(data.get("Hyperparameters"), "duplicates", [])]
     context = {
         "datasets": set(datasets) if datasets is not None else None,
         "platforms": tuple(platforms) if platforms is not None else None,
     }
     try:
-        return Experiment.model_validate(dict(data), context=context)
+        experiment = Experiment.model_validate(dict(data), context=context)
     except ValidationError as exc:
-        raise ExperimentError(_problems(exc), source) from None
+        raise ExperimentError(repeated + _problems(exc), source) from None
+    if repeated:
+        raise ExperimentError(repeated, source)
+    return experiment
 
 
 def find_experiment_file(folder: Path) -> Path | None:

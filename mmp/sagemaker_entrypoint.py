@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .argv import horovodrun_argv, shell_join, train_args
+from .argv import horovodrun_argv, restore_booleans, shell_join, train_args
 from .horovod import failure_summary, find_horovodrun
 
 DEFAULT_ROOT = "/opt/ml"
@@ -161,8 +161,9 @@ def build_plan(environ: Mapping[str, str] = os.environ, *, horovodrun: str | Non
     root = sm_root(environ)
     cfg = read_config(root)
     dataset = pick_dataset(cfg.channels, environ)
-    args = train_args(str(root / "input" / "data" / dataset), str(root / "model"), dataset,
-                      user_hyperparameters(cfg.hyperparameters, environ.get("MMP_HYPERPARAMETER_ORDER")))
+    hyperparameters = restore_booleans(user_hyperparameters(cfg.hyperparameters, environ.get("MMP_HYPERPARAMETER_ORDER")),
+                                       environ.get("MMP_BOOLEAN_HYPERPARAMETERS"))
+    args = train_args(str(root / "input" / "data" / dataset), str(root / "model"), dataset, hyperparameters)
     procs = processes_per_host(environ)
     hosts = sorted(cfg.hosts, key=natural_key)
     leader = hosts[0]

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from .. import aws
-from ..argv import hyperparameter_text
+from ..argv import boolean_names, hyperparameter_text
 from ..experiment import Experiment
 from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
 
@@ -283,6 +283,8 @@ class SageMakerBackend(Backend):
         order = ",".join(experiment.hyperparameters)
         if order and len(order) <= ENV_MAX_VALUE:
             env["MMP_HYPERPARAMETER_ORDER"] = order
+        if boolean_names(experiment.hyperparameters):  # HyperParameters holds text only: keep true → bare flag
+            env["MMP_BOOLEAN_HYPERPARAMETERS"] = boolean_names(experiment.hyperparameters)
         if experiment.processes_per_host:
             env["MMP_PROCESSES_PER_HOST"] = str(experiment.processes_per_host)
         if checkpoints:

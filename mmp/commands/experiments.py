@@ -45,10 +45,11 @@ def validate(
     except FileNotFoundError as exc:
         fail(f"{exc.filename}: no such file", 1)
     if as_json:
-        print_json({"valid": True, "experiment": experiment.to_file_dict()})
+        print_json({"valid": True, "experiment": experiment.to_file_dict(), "notes": experiment.notes()})
     else:
-        console().print(f"[green]✓[/] valid: {experiment.platform}, {experiment.dataset_name}, "
-                        f"{experiment.instance_count} × {experiment.training_instance}")
+        console().print(f"[green]✓[/] valid: {experiment.describe()}")
+        for note in experiment.notes():
+            console().print(f"  note: {note}", markup=False)
 
 
 @app.command()

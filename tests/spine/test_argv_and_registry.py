@@ -17,7 +17,7 @@ from mmp.experiment import parse_experiment
 def test_train_args_follow_the_contract_in_order():
     argv = train_args("/data/fashion", "/out", "fashion", {"epochs": "40", "batch-size": 32, "lr": 0.5, "aug": True})
     assert argv == ["--dataset-path", "/data/fashion", "--output-path", "/out", "--dataset", "fashion",
-                    "--epochs", "40", "--batch-size", "32", "--lr", "0.5", "--aug", "true"]
+                    "--epochs", "40", "--batch-size", "32", "--lr", "0.5", "--aug"]
 
 
 def test_horovodrun_argv_is_a_list_with_hosts_and_slots():

@@ -119,7 +119,7 @@ def test_python_literal_is_never_evaluated(tmp_path):
 
 def test_reserved_names_cannot_be_hyperparameters():
     found = problems({**SEED, "Hyperparameters": {"dataset-path": "/etc"}})
-    assert "set by the pipeline" in found["Hyperparameters"]
+    assert "which the pipeline sets" in found["Hyperparameters.dataset-path (name)"]
 
 
 def test_file_of_several_megabytes_is_refused_before_parsing(tmp_path):
