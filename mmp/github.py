@@ -144,15 +144,39 @@ class GitHubClient:
         return None
 
     # -- calls ---------------------------------------------------------------------
-    def get_file(self, repository: str, path: str, ref: str) -> bytes | None:
-        """A file's bytes at `ref` (a sha), None when GitHub says 404."""
+    def _contents(self, repository: str, path: str, ref: str) -> tuple[str, Any]:
+        """(API path, the contents API's answer for `path` at `ref`), answer None on a 404."""
         api_path = f"/repos/{_split(repository)}/contents/{urllib.parse.quote(path.lstrip('/'), safe='/')}"
         try:
             _, data, _ = self.request("GET", api_path, query={"ref": ref})
         except GitHubError as exc:
             if exc.status == 404:
-                return None
+                return api_path, None
             raise
+        return api_path, data
+
+    def entry_type(self, repository: str, path: str, ref: str) -> str | None:
+        """"file", "symlink", "dir" or "submodule" at `ref`; None when absent.
+
+        The contents API answers a symlink whose target is a regular file in the
+        repository with that file, under the target's own `path`: a path that differs
+        from the one asked for is a symlink too.
+        """
+        _, data = self._contents(repository, path, ref)
+        if data is None:
+            return None
+        if isinstance(data, list):
+            return "dir"
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind == "file" and data.get("path") not in (None, path.lstrip("/")):
+            return "symlink"
+        return kind or "unknown entry"
+
+    def get_file(self, repository: str, path: str, ref: str) -> bytes | None:
+        """A file's bytes at `ref` (a sha), None when GitHub says 404."""
+        api_path, data = self._contents(repository, path, ref)
+        if data is None:
+            return None
         if isinstance(data, list) or not isinstance(data, dict) or data.get("type") not in (None, "file"):
             raise GitHubError(f"GitHub GET {api_path}: {path} is not a file at {ref[:12]}")
         if data.get("encoding") == "base64":
@@ -215,6 +239,9 @@ class GitHubSource:
         if path not in self._cache:
             self._cache[path] = self.client.get_file(self.repository, path, self.commit)
         return self._cache[path]
+
+    def entry_type(self, path: str) -> str | None:
+        return self.client.entry_type(self.repository, path, self.commit)
 
 
 @dataclass

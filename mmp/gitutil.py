@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import subprocess
 import tarfile
+import zipfile
 from pathlib import Path
 
 ZERO_SHA = "0" * 40
@@ -38,6 +39,29 @@ def read_file(repo: str | Path, commit: str, path: str) -> bytes | None:
             return None
         raise GitError(f"git show {commit}:{path} failed: {proc.stderr.decode(errors='replace').strip()}")
     return proc.stdout
+
+
+# `git ls-tree` modes → what the entry is (a regular file may be executable or not)
+_MODES = {"100644": "file", "100755": "file", "120000": "symlink", "040000": "dir", "160000": "submodule"}
+
+
+def entry_type(repo: str | Path, commit: str, path: str) -> str | None:
+    """"file", "symlink", "dir" or "submodule" for `path` at `commit`; None when absent."""
+    out = git(repo, "ls-tree", "-z", commit, "--", path).decode(errors="replace")
+    for record in out.split("\0"):
+        meta, _, name = record.partition("\t")
+        if name == path:
+            return _MODES.get(meta.split(" ", 1)[0], "unknown entry")
+    return None
+
+
+def archived(repo: str | Path, commit: str, path: str) -> bool:
+    """Whether `git archive` of the commit (what `export` writes) holds `path`:
+    export-ignore in .gitattributes, or in $GIT_DIR/info/attributes, leaves it out."""
+    # zip, not tar: Python's tarfile cannot read git's empty tar (a pax header, then EOF)
+    data = git(repo, "archive", "--format=zip", "-0", commit, "--", path)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return path in archive.namelist()
 
 
 def changed_files(repo: str | Path, before: str, after: str) -> dict[str, list[str]]:

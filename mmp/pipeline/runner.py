@@ -18,7 +18,7 @@ from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, La
 from ..datasets import load_catalogue
 from ..experiment import EXPERIMENT_FILES, Experiment, ExperimentError, FieldProblem, parse_experiment
 from .reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter, short_description
-from .sources import Trigger
+from .sources import Trigger, train_script_problem
 
 log = logging.getLogger("mmp.pipeline")
 
@@ -139,8 +139,9 @@ class Pipeline:
                 return self.reject(trigger, [f"{listed[0]}: listed in the push but not found at "
                                               f"{trigger.commit[:12]} (404 from the source)"], state="ERROR")
             return self.reject(trigger, [str(p) for p in exc.problems])
-        if trigger.source.read_file("train.py") is None:
-            return self.reject(trigger, ["train.py: not found at the repository root (the pipeline runs ./train.py)"])
+        script_problem = train_script_problem(trigger.source)
+        if script_problem:
+            return self.reject(trigger, [script_problem])
         dataset = load_catalogue()[experiment.dataset_name]
         try:
             backend = self.backend_factory(experiment.platform)
@@ -163,6 +164,7 @@ class Pipeline:
             "mmp.instance_type": experiment.training_instance,
             "mmp.instance_count": str(experiment.instance_count),
             "mmp.dataset": experiment.dataset_name,
+            **experiment.process_tags(),
         }
         if trigger.delivery_id:
             tags["mmp.delivery_id"] = trigger.delivery_id

@@ -26,6 +26,9 @@ class OverrideSource:
             return self.experiment_text if path == config.EXPERIMENT_FILES[0] else None
         return self.base.read_file(path)
 
+    def entry_type(self, path: str) -> str | None:
+        return self.base.entry_type(path)
+
 
 def local_trigger(repo: str | Path, commit: str, *, experiment_file: Path | None = None,
                   delivery_id: str | None = None, ref: str | None = None) -> Trigger:

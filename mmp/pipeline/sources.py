@@ -1,8 +1,8 @@
 """Where the pipeline reads the commit from: a local git repository or GitHub.
 
-A source answers one question, a file's bytes at the trigger's commit (None when
-the file is absent), so the pipeline's fetch and validate steps are the same for
-the local stack and for AWS.
+A source answers two questions, a file's bytes at the trigger's commit (None when
+the file is absent) and what kind of entry a path is, so the pipeline's fetch and
+validate steps are the same for the local stack and for AWS.
 """
 
 from __future__ import annotations
@@ -12,10 +12,31 @@ from pathlib import Path
 from typing import Protocol
 
 from .. import gitutil
+from ..argv import TRAIN_SCRIPT
 
 
 class CommitSource(Protocol):
     def read_file(self, path: str) -> bytes | None: ...
+
+    def entry_type(self, path: str) -> str | None:
+        """One of ENTRY_PROBLEMS' kinds or "file"; None when the path is absent."""
+
+
+# What train.py must not be at the commit, and why: each would fail only after launch.
+ENTRY_PROBLEMS = {
+    None: "not found at the repository root (the pipeline runs ./train.py)",
+    "symlink": "is a symbolic link; commit the script itself (a link may point anywhere)",
+    "dir": "is a directory; the pipeline runs the file ./train.py",
+    "submodule": "is a git submodule; the pipeline runs the file ./train.py",
+    "export-ignored": "is excluded by export-ignore in .gitattributes, and the local platform exports the commit "
+                      "with git archive, which leaves it out",
+}
+
+
+def train_script_problem(source: CommitSource) -> str | None:
+    """Why the commit's train.py cannot run, naming it; None when it is a regular file."""
+    kind = source.entry_type(TRAIN_SCRIPT)
+    return None if kind == "file" else f"{TRAIN_SCRIPT}: {ENTRY_PROBLEMS.get(kind, f'is a {kind}, not a file')}"
 
 
 @dataclass
@@ -25,6 +46,12 @@ class LocalGitSource:
 
     def read_file(self, path: str) -> bytes | None:
         return gitutil.read_file(self.repo, self.commit, path)
+
+    def entry_type(self, path: str) -> str | None:
+        kind = gitutil.entry_type(self.repo, self.commit, path)
+        if kind == "file" and not gitutil.archived(self.repo, self.commit, path):
+            return "export-ignored"
+        return kind
 
 
 @dataclass
