@@ -1,7 +1,7 @@
 """The leaderboard: one MLflow search, paginated, turned into rows people can compare.
 
 A row carries what decides between runs: the status, the commit and platform, the
-instance type × count, the hyperparameters that differ across runs (equal ones are
+instance type × count, the training processes (hosts × per host), the hyperparameters that differ across runs (equal ones are
 noise), the chosen metrics, the duration and the instance-hours it cost. Sorting is
 MLflow's own `order_by`, so the best run comes first without loading a metric
 history. Garbage collection is paused while MLflow builds thousands of run objects:
@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .. import config
+from ..experiment import AUTO_PROCESSES, TAG_PROCESSES, TAG_PROCESSES_PER_HOST
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities import Run
@@ -44,6 +45,8 @@ class Row:
     platform: str | None
     instance_type: str | None
     instance_count: int
+    processes: str | None  # total ranks, as tagged at launch ("auto": one per GPU); None on older runs
+    processes_per_host: str | None
     params: dict[str, str]  # only the hyperparameters that vary across the runs
     metrics: dict[str, float]
     start_time: float | None  # seconds since the epoch
@@ -53,6 +56,15 @@ class Row:
     @property
     def instances(self) -> str:
         return f"{self.instance_type or '?'} × {self.instance_count}"
+
+    @property
+    def process_count(self) -> str:
+        """`4 (2 × 2)`: all ranks, then hosts × ranks per host; `2 × auto` when one per GPU."""
+        if self.processes is None:
+            return "—"
+        if AUTO_PROCESSES in (self.processes, self.processes_per_host):
+            return f"{self.instance_count} × {AUTO_PROCESSES}"
+        return f"{self.processes} ({self.instance_count} × {self.processes_per_host or '?'})"
 
 
 @dataclass
@@ -76,6 +88,7 @@ class Leaderboard:
         data = asdict(self)
         for row, raw in zip(self.rows, data["rows"]):
             raw["instances"] = row.instances
+            raw["process_count"] = row.process_count
         return data
 
 
@@ -157,6 +170,7 @@ def to_rows(runs: Sequence["Run"], metrics: Sequence[str], varied: Sequence[str]
             rank=rank, run_id=info.run_id, run_name=info.run_name or "", status=info.status,
             commit=data.tags.get(TAG_COMMIT), platform=data.tags.get(TAG_PLATFORM),
             instance_type=data.tags.get(TAG_INSTANCE_TYPE), instance_count=count,
+            processes=data.tags.get(TAG_PROCESSES), processes_per_host=data.tags.get(TAG_PROCESSES_PER_HOST),
             params={k: data.params[k] for k in varied if k in data.params},
             metrics={m: data.metrics[m] for m in metrics if m in data.metrics},
             start_time=start, duration_s=duration,
@@ -212,7 +226,7 @@ def table(board: Leaderboard, *, max_rows: int | None = None):
     caption = (f"the best {len(shown)} of {len(board.rows)} runs; --limit N or --json for more"
                if len(shown) < len(board.rows) else None)
     t = Table(title=f"{board.experiment}: {len(board.rows)} runs{sort}", caption=caption)
-    for name in ("#", "run", "status", "commit", "platform", "instances"):
+    for name in ("#", "run", "status", "commit", "platform", "instances", "processes"):
         t.add_column(name, no_wrap=True)
     for name in board.varied_params:
         t.add_column(name, style="magenta")
@@ -224,7 +238,7 @@ def table(board: Leaderboard, *, max_rows: int | None = None):
     for row in shown:
         t.add_row(
             str(row.rank), row.run_id[:8], f"[{STATUS_STYLE.get(row.status, 'white')}]{row.status}[/]",
-            (row.commit or "—")[:7], row.platform or "—", row.instances,
+            (row.commit or "—")[:7], row.platform or "—", row.instances, row.process_count,
             *(row.params.get(p, "—") for p in board.varied_params),
             *(_number(row.metrics.get(m)) for m in board.metrics),
             _duration(row.duration_s), "—" if row.instance_hours is None else f"{row.instance_hours:.3f}",
