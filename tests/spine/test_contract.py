@@ -419,3 +419,31 @@ def test_github_symlinked_train_py_creates_no_run(httpserver, digits):
     outcome = Pipeline().run(trigger)
     assert outcome.state == "INVALID" and "train.py: is a symbolic link" in outcome.message
     assert _runs_in_mlflow() == 0
+
+
+# -- end to end through real horovodrun ----------------------------------------------------
+@pytest.mark.horovod
+def test_flags_and_a_command_line_at_the_budget_run_through_horovodrun(make_repo, digits):
+    """Two ranks of a store_true train.py with hyperparameters filling the argv budget:
+    horovodrun's `sh -c` takes it (environment included) and argparse sees bare flags."""
+    from mmp.pipeline.runs import local_trigger, run_trigger
+
+    script = ARGPARSE_TRAIN.replace("print(json.dumps(vars(parser.parse_args())))",
+                                    "known, _ = parser.parse_known_args()\n"
+                                    "print('ARGS ' + json.dumps(vars(known)), flush=True)")
+    padding = {f"p{i}": "y" * 2400 for i in range(100)}
+    hyper = {"fp16-allreduce": True, "use-adasum": False, "name": "True", **padding}
+    while len(shell_join(train_args("/d", "/o", "x", hyper)).encode()) > COMMAND_LINE_BUDGET - 512:
+        hyper.popitem()
+    repo = make_repo(experiment={**BASE, "Processes_Per_Host": 2, "Hyperparameters": hyper},
+                     files={"train.py": script})
+    lines: list[str] = []
+    outcome = run_trigger(local_trigger(repo, _head(repo)), on_log=lines.append)
+    assert outcome.state == "SUCCEEDED", (outcome.message, lines[-20:])
+    parsed = [json.loads(line.split("ARGS ", 1)[1]) for line in lines if "ARGS " in line]
+    assert len(parsed) == 2  # both ranks
+    assert all(p["fp16_allreduce"] is True and p["use_adasum"] is False and p["name"] == "True" for p in parsed)
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(config.tracking_uri()).get_run(outcome.run_id).data.tags
+    assert (tags["mmp.processes"], tags["mmp.processes_per_host"]) == ("2", "2")
