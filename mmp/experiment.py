@@ -123,8 +123,8 @@ def _nesting_message() -> str:
     return f"is nested more than {MAX_NESTING} levels deep; values are strings, numbers or booleans"
 
 
-def load_json(text: str | bytes) -> Any:
-    """json.loads for experiment files: bounded nesting, duplicate keys kept visible."""
+def _load_json(text: str | bytes) -> Any:
+    """json.loads that keeps duplicate keys visible (call `_too_deep` first)."""
     return json.loads(text, object_pairs_hook=_json_object)
 
 
@@ -192,7 +192,7 @@ def _parse_hyperparameters(value: Any) -> Any:
         if _too_deep(text) is not None:
             raise ValueError(_nesting_message())
         try:
-            value = load_json(text)
+            value = _load_json(text)
         except RecursionError:
             raise ValueError(_nesting_message()) from None
         except ValueError:
@@ -240,7 +240,6 @@ def _hyperparameter_value(value: Scalar) -> Scalar:
     return value
 
 
-StrictInt = Annotated[int, BeforeValidator(_strict_int)]
 HyperparameterName = Annotated[str, AfterValidator(_hyperparameter_name)]
 HyperparameterValue = Annotated[Scalar, AfterValidator(_hyperparameter_value)]
 HYPERPARAMETERS_DESCRIPTION = (
@@ -482,7 +481,7 @@ def parse_experiment(
         if deep is not None:
             raise ExperimentError([FieldProblem(field=deep or "(file)", message=_nesting_message())], source)
         try:
-            data = load_json(data)
+            data = _load_json(data)
         except RecursionError:  # brackets the scan could not see (a stray quote): still a field error
             raise ExperimentError([FieldProblem(field="(file)", message=_nesting_message())], source) from None
         except ValueError as exc:
