@@ -125,7 +125,7 @@ def test_crash_on_rank_1_fails_the_run_and_keeps_the_log(make_repo, digits):
 def test_hyperparameters_with_shell_metacharacters_reach_train_py_literally(make_repo, digits, tmp_path):
     canary = tmp_path / "pwned"
     hyper = {"sub": f"$(touch {canary})", "semi": "x;touch " + str(canary), "tick": f"`touch {canary}`",
-             "quote": "it's \"quoted\"", "nl": "two\nlines", "flag": "--output-path", "verbose": "--verbose"}
+             "quote": "it's \"quoted\"", "nl": "two\nlines", "flag": "--lr", "verbose": "--verbose"}
     repo = make_repo(experiment={**LOCAL, "Hyperparameters": hyper}, files={"train.py": ARGV_TRAIN})
     # an uncommitted edit in the user's tree must not be what runs
     (repo / "train.py").write_text("raise SystemExit('working tree used')\n")
