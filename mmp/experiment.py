@@ -400,8 +400,9 @@ class Experiment(BaseModel):
     def describe(self) -> str:
         """One line for people: platform, dataset, hosts and processes."""
         per_host = self.processes_per_host_known()
-        procs = (f"one process per GPU on each host" if per_host is None else
-                 f"{self.instance_count * per_host} process(es) ({self.instance_count} × {per_host} per host)")
+        total = None if per_host is None else self.instance_count * per_host
+        procs = ("one process per GPU on each host" if total is None else
+                 f"{total} process{'es' if total > 1 else ''} ({self.instance_count} × {per_host} per host)")
         return f"{self.platform}, {self.dataset_name}, {self.instance_count} × {self.training_instance}, {procs}"
 
     def resolved_name(self, repository: str) -> str:

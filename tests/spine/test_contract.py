@@ -129,7 +129,7 @@ def test_booleans_survive_sagemakers_text_only_hyperparameters(tmp_path, monkeyp
 def test_process_tags_and_description():
     two = parse_experiment(json.dumps({**BASE, "Instance_Count": "1", "Processes_Per_Host": "2"}))
     assert two.process_tags() == {"mmp.processes": "2", "mmp.processes_per_host": "2"}
-    assert "2 process(es) (1 × 2 per host)" in two.describe()
+    assert "2 processes (1 × 2 per host)" in two.describe()
     assert parse_experiment(json.dumps(BASE)).process_tags() == {"mmp.processes": "1", "mmp.processes_per_host": "1"}
     cloud = parse_experiment(json.dumps({**SEED, "Instance_Count": "3", "Processes_Per_Host": 8}))
     assert cloud.process_tags() == {"mmp.processes": "24", "mmp.processes_per_host": "8"}
@@ -142,7 +142,7 @@ def test_validate_names_the_processes(tmp_path):
     path.write_text(json.dumps({**BASE, "Processes_Per_Host": 2}))
     proc = _mmp("validate", str(path), "--no-catalogue")
     assert proc.returncode == 0, proc.stderr
-    assert "2 process(es) (1 × 2 per host)" in proc.stdout
+    assert "2 processes (1 × 2 per host)" in proc.stdout
 
 
 def test_a_two_process_run_is_tagged_and_compare_shows_it(make_repo, digits):
