@@ -130,3 +130,80 @@ def test_the_github_tarball_is_the_commits_tree(httpserver, make_repo):
     httpserver.expect_request(f"/repos/{REPO}/tarball/{'0' * 40}").respond_with_data("<html>", status=200)
     with pytest.raises(GitHubError, match="not a gzip archive"):
         client.tarball(REPO, "0" * 40)
+
+
+# -- through the stage handlers: Prepare decides, Launch sends the staged request -----------------
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory):
+    from ..conftest import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
+
+
+def serve_commit(httpserver, repo, sha: str) -> None:
+    import base64
+
+    for name in ("experiment.json", "train.py", "requirements.txt", "pyproject.toml", "setup.py", "setup.cfg"):
+        path = repo / name
+        uri = f"/repos/{REPO}/contents/{name}"
+        if path.exists():
+            httpserver.expect_request(uri, query_string={"ref": sha}).respond_with_json(
+                {"type": "file", "encoding": "base64", "name": name, "path": name,
+                 "content": base64.encodebytes(path.read_bytes()).decode()})
+        else:
+            httpserver.expect_request(uri, query_string={"ref": sha}).respond_with_json({"message": "Not Found"},
+                                                                                        status=404)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar.gz", f"--prefix=x-{sha[:7]}/", sha],
+                             capture_output=True, check=True).stdout
+    httpserver.expect_request(f"/repos/{REPO}/tarball/{sha}").respond_with_data(archive)
+    httpserver.expect_request(f"/repos/{REPO}/statuses/{sha}", method="POST").respond_with_json({"id": 1},
+                                                                                                  status=201)
+
+
+def test_experiment_json_pushes_go_from_prepare_to_create_training_job_with_one_build(
+        stack, stack_env, sm, sm_dataset, make_repo, httpserver, mlflow_url, monkeypatch):
+    import json as _json
+
+    from mmp.pipeline import aws_stages
+
+    from ..conftest import commit_all
+
+    s3, ecr, uri = stack
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    monkeypatch.setenv("MMP_GITHUB_API_URL", httpserver.url_for("").rstrip("/"))
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_test")
+    monkeypatch.setenv("MMP_PIPELINE_PLATFORMS", "sagemaker")
+    monkeypatch.setenv("MMP_ECR_REPOSITORY_URI", uri)
+    monkeypatch.setenv("MMP_ARTIFACTS_BUCKET", "acme-artifacts")
+    monkeypatch.setenv("MMP_IMAGE_CONTEXT_DIGEST", CONTEXT)
+    monkeypatch.setenv("MMP_SAGEMAKER_MAX_INSTANCES", "4")
+    monkeypatch.setenv("MMP_NOTIFY_TOPIC_ARN", aws.client("sns").create_topic(Name="mmp-notify")["TopicArn"])
+    aws_stages._BACKENDS.clear()
+    repo = make_repo(experiment={**sm.SM_EXPERIMENT, "Instance_Count": "1"})
+    builds, images = [], []
+    for epochs in range(1, 4):
+        experiment = _json.loads((repo / "experiment.json").read_text())
+        experiment["Hyperparameters"] = f"{{'epochs': '{epochs}'}}"
+        (repo / "experiment.json").write_text(_json.dumps(experiment))
+        sha = commit_all(repo, f"epochs {epochs}")
+        serve_commit(httpserver, repo, sha)
+        job = {"repository": REPO, "clone_url": "https://github.com/octo-org/fashion-demo.git", "after": sha,
+               "before": "0" * 40, "ref": "refs/heads/main", "delivery_id": f"d-{epochs}",
+               "trigger_files": ["experiment.json"]}
+        state = _json.loads(_json.dumps(aws_stages.prepare(job)))
+        assert state["accepted"], state.get("outcome")
+        builds.append(state["build_image"])
+        if state["build_image"]:  # BuildImage: the state machine hands CodeBuild $.image.tag/requirements_uri
+            assert state["image"]["requirements_uri"].endswith(f"/{state['image']['tag']}/requirements.txt")
+            push_image(ecr, state["image"]["tag"])
+        state = aws_stages.launch(state)
+        assert not state["status"]["terminal"], state["status"]
+        job_desc = aws.client("sagemaker").describe_training_job(TrainingJobName=state["handle"]["job_id"])
+        images.append(job_desc["AlgorithmSpecification"]["TrainingImage"])
+        channels = {c["ChannelName"]: c for c in job_desc["InputDataConfig"]}
+        assert channels["mmp-code"]["DataSource"]["S3DataSource"]["S3Uri"] == \
+            f"s3://acme-artifacts/{code_key(REPO, sha)}"
+    assert builds == [True, False, False]
+    assert len(set(images)) == 1 and images[0] == f"{uri}:{state['image']['tag']}"
+    aws_stages._BACKENDS.clear()
