@@ -172,3 +172,15 @@ def test_the_runner_has_codebuilds_semantics_on_the_old_defects(codebuild):
         failed, _ = run_phases(skip, env, source, one_shell=one_shell)
         assert failed == "build"  # the file is absent: `[ -e ]` exits 1, and the phase fails
     assert not (source / ".mmp-skip").exists() and os.path.isdir(source)
+
+
+def test_the_state_machine_hands_codebuild_prepares_image_fields():
+    from mmp.infra.pipeline import state_machine_definition
+
+    definition = state_machine_definition({s: f"arn:{s}" for s in ("prepare", "launch", "poll", "conclude")},
+                                          "acme-image", poll_seconds=60, timeout_seconds=3600)
+    build = definition["States"]["BuildImage"]
+    assert build["Parameters"] == {"ProjectName": "acme-image",
+                                   "EnvironmentVariablesOverride": build_environment_overrides()}
+    choice = definition["States"]["Accepted?"]["Choices"]
+    assert {"Variable": "$.build_image", "BooleanEquals": True, "Next": "BuildImage"} in choice
