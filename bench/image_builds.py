@@ -12,29 +12,16 @@ Run: .venv/bin/python bench/image_builds.py
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import statistics
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 COMMITS = 5
-
-
-def tarball(files: dict[str, str]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(f"acme-fashion-0000000/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def main() -> None:
@@ -46,6 +33,7 @@ def main() -> None:
     from mmp import aws
     from mmp.image import context_digest, image_tag, requirements_text
     from mmp.pipeline.image_stage import plan_image
+    from tests.sagemaker.test_image_stage import ECR_NAME, push_image, tarball_of  # the tests' stand-ins
 
     example = ROOT / "examples" / "fashion"
     files = {name: (example / name).read_text() for name in ("requirements.txt", "train.py", "experiment.json")}
@@ -53,7 +41,7 @@ def main() -> None:
     with mock_aws():
         s3, ecr = aws.client("s3"), aws.client("ecr")
         s3.create_bucket(Bucket="acme-artifacts")
-        uri = ecr.create_repository(repositoryName="acme-training")["repository"]["repositoryUri"]
+        uri = ecr.create_repository(repositoryName=ECR_NAME)["repository"]["repositoryUri"]
         builds, per_commit_tags, prepare_ms = [], set(), []
         for number in range(COMMITS):
             commit = f"{number + 1:x}" * 40
@@ -62,15 +50,12 @@ def main() -> None:
             files["experiment.json"] = json.dumps(experiment)
             started = time.perf_counter()
             plan = plan_image(read=lambda name: files[name].encode() if name in files else None,
-                              tarball=lambda: tarball(files), repository="acme/fashion", commit=commit,
+                              tarball=lambda: tarball_of(files), repository="acme/fashion", commit=commit,
                               bucket="acme-artifacts", ecr_repository_uri=uri, context=context)
             prepare_ms.append((time.perf_counter() - started) * 1000)
             builds.append(plan.build)
             if plan.build:  # CodeBuild pushes the tag
-                manifest = {"schemaVersion": 2, "config": {"digest": "sha256:" + "0" * 64, "size": 1,
-                                                           "mediaType": "application/vnd.docker.container.image.v1+json"},
-                            "layers": [], "mediaType": "application/vnd.docker.distribution.manifest.v2+json"}
-                ecr.put_image(repositoryName="acme-training", imageManifest=json.dumps(manifest), imageTag=plan.tag)
+                push_image(ecr, plan.tag)
             per_commit_tags.add(commit)  # the previous design: tag = commit sha, built when new
 
     key_runs = []

@@ -95,12 +95,7 @@ def test_hostile_hyperparameters_and_dataset_names_arrive_literally(make_backend
     request.experiment = request.experiment.model_copy(update={"dataset_name": evil_dataset})
     request.dataset = Dataset(evil_dataset)
     backend = make_backend()
-    handle = backend.launch(request)
-    try:
-        status = backend.wait(handle, poll_seconds=0.1)
-        lines, _ = backend.logs(handle)
-    finally:
-        backend.teardown(handle)
+    handle, status, lines = run_to_end(backend, request)
     assert status.state is JobState.SUCCEEDED, status.message
     paths = backend.paths(request)
     assert _argv_from(lines) == train_args(paths.dataset, paths.output, evil_dataset, hyper)
@@ -144,6 +139,17 @@ def test_github_token_reaches_git_through_stdin_only(make_backend, request_for, 
     assert cloud.instances() == []
 
 
+def run_to_end(backend, request):
+    """Launch, follow to the end, read the logs, tear down (on every path)."""
+    handle = backend.launch(request)
+    try:
+        status = backend.wait(handle, poll_seconds=0.1)
+        lines, _ = backend.logs(handle)
+    finally:
+        backend.teardown(handle)
+    return handle, status, lines
+
+
 PASSWORD_TRAIN = """\
 import os
 pw = os.environ.get("MLFLOW_TRACKING_PASSWORD")
@@ -184,12 +190,7 @@ def test_each_rank_reads_the_mlflow_password_with_the_hosts_role_and_no_command_
         return original(job, session, argv, what, **kw)
 
     backend._remote = spy
-    handle = backend.launch(request)
-    try:
-        status = backend.wait(handle, poll_seconds=0.1)
-        lines, _ = backend.logs(handle)
-    finally:
-        backend.teardown(handle)
+    handle, status, lines = run_to_end(backend, request)
     assert status.state is JobState.SUCCEEDED, status.message
     assert "PASSWORD ok user mmp cmdline-leaks 0" in "\n".join(lines)
     argv = handle.data["argv"]
@@ -220,12 +221,7 @@ def test_the_commits_archive_from_s3_is_what_runs(make_backend, request_for, clo
     request.clone_url = "https://github.invalid/never/fetched.git"
     request.code_uri = f"s3://acme-artifacts/{key}"
     backend = make_backend()
-    handle = backend.launch(request)
-    try:
-        status = backend.wait(handle, poll_seconds=0.1)
-        lines, _ = backend.logs(handle)
-    finally:
-        backend.teardown(handle)
+    handle, status, lines = run_to_end(backend, request)
     assert status.state is JobState.SUCCEEDED, status.message
     assert "FROM THE ARCHIVE" in "\n".join(lines)
     assert cloud.instances() == []
