@@ -124,10 +124,13 @@ def horovodrun_argv(
     horovodrun: str = "horovodrun",
     script: str = TRAIN_SCRIPT,
     extra: Sequence[str] = (),
+    launcher: Sequence[str] = (),
 ) -> list[str]:
-    """`horovodrun -np N -H h:s,… --gloo [extra] python train.py …` as a list."""
+    """`horovodrun -np N -H h:s,… --gloo [extra] python [launcher] train.py …` as a list
+    (launcher: e.g. mmp.rank's `-m mmp.rank`, which reads the MLflow secret in each rank)."""
     total = sum(slots for _, slots in hosts)
-    return [horovodrun, "-np", str(total), "-H", hosts_spec(hosts), "--gloo", *extra, python, script, *train_arguments]
+    return [horovodrun, "-np", str(total), "-H", hosts_spec(hosts), "--gloo", *extra, python, *launcher, script,
+            *train_arguments]
 
 
 def mlflow_env(tracking_uri: str, experiment_name: str, run_id: str) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """A small GitHub REST client (stdlib urllib, so the Lambda can use it) and its pipeline faces.
 
-It reads a file at a commit (contents API, `ref=<sha>`), lists the files changed
+It reads a file at a commit (contents API, `ref=<sha>`), downloads the commit's tree
+as a tarball (what `git archive` makes; the code the training job runs), lists the files changed
 between two commits (compare API) and sets commit statuses. 5xx answers, network
 errors and rate limits (403/429 with `x-ratelimit-remaining: 0` or `retry-after`)
 are retried with backoff; other 4xx are not. The token comes from `GITHUB_TOKEN` or
@@ -90,8 +91,9 @@ class GitHubClient:
 
     # -- transport ---------------------------------------------------------------
     def request(self, method: str, path: str, *, query: dict[str, str] | None = None, body: Any = None,
-                accept: str = "application/vnd.github+json") -> tuple[int, Any, dict[str, str]]:
-        """One API call with retries; returns (status, decoded JSON or text, lower-cased headers)."""
+                accept: str = "application/vnd.github+json", raw: bool = False) -> tuple[int, Any, dict[str, str]]:
+        """One API call with retries; returns (status, decoded JSON or text — bytes when `raw` —,
+        lower-cased headers). Redirects (the archive endpoints answer 302) are followed."""
         url = self.base_url + path + ("?" + urllib.parse.urlencode(query) if query else "")
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Accept": accept, "User-Agent": "mmp", "X-GitHub-Api-Version": API_VERSION}
@@ -106,7 +108,7 @@ class GitHubClient:
                 req = urllib.request.Request(url, data=data, method=method, headers=headers)
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     content = resp.read()
-                    return (resp.status, content if accept.endswith(".raw") else _decode(content),
+                    return (resp.status, content if raw or accept.endswith(".raw") else _decode(content),
                             {k.lower(): v for k, v in resp.headers.items()})
             except urllib.error.HTTPError as exc:
                 status, resp_headers = exc.code, {k.lower(): v for k, v in (exc.headers or {}).items()}
@@ -184,6 +186,15 @@ class GitHubClient:
         # files over 1 MB come back with encoding "none": ask for the raw bytes
         _, raw, _ = self.request("GET", api_path, query={"ref": ref}, accept="application/vnd.github.raw")
         return raw
+
+    def tarball(self, repository: str, ref: str) -> bytes:
+        """The tree at `ref` (a sha) as a gzipped tarball under one top folder (GitHub's
+        `owner-repo-sha7/`): the commit's files only, never a working tree."""
+        _, data, _ = self.request("GET", f"/repos/{_split(repository)}/tarball/{urllib.parse.quote(ref, safe='')}",
+                                  raw=True)
+        if not isinstance(data, bytes) or data[:2] != b"\x1f\x8b":
+            raise GitHubError(f"GitHub tarball of {repository}@{ref[:12]} is not a gzip archive")
+        return data
 
     def compare(self, repository: str, base: str, head: str) -> dict[str, list[str]]:
         """added / modified / removed paths between two commits (a rename counts as both)."""

@@ -2,8 +2,9 @@
 
 SageMaker starts the same container on every host and runs `train`. This module
 reads /opt/ml/input/config/{resourceconfig,hyperparameters,inputdataconfig}.json,
-builds train.py's argv with mmp.argv (dataset `/opt/ml/input/data/<dataset>`,
-output `/opt/ml/model`), then:
+unpacks the commit's code from the `mmp-code` channel (the archive Prepare staged; the
+image holds only the dependencies) into /opt/ml/code, builds train.py's argv with
+mmp.argv (dataset `/opt/ml/input/data/<dataset>`, output `/opt/ml/model`), then:
 
 * one host: `horovodrun -np <procs>` here;
 * several hosts: the leader (first host in sorted order) starts sshd, waits until
@@ -12,7 +13,8 @@ output `/opt/ml/model`), then:
 
 On any error it writes the reason to /opt/ml/output/failure (SageMaker's
 FailureReason) and exits with the training status. `MMP_SM_ROOT` replaces /opt/ml
-so tests run it anywhere. Stdlib + mmp.argv; boto3 only to fetch the MLflow password.
+so tests run it anywhere. Stdlib + mmp.argv; boto3 only to check the MLflow password
+secret is readable (each rank reads it itself, mmp.rank).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,8 @@ from typing import Callable, Mapping, Sequence
 
 from .argv import horovodrun_argv, restore_booleans, shell_join, train_args
 from .horovod import failure_summary, find_horovodrun
+from .image import CODE_CHANNEL
+from .rank import LAUNCHER, PASSWORD_VAR, CredentialsError, load_mlflow_password
 
 DEFAULT_ROOT = "/opt/ml"
 FAILURE_LIMIT = 1024  # SageMaker keeps the first 1024 characters as FailureReason
@@ -123,6 +128,7 @@ def user_hyperparameters(raw: Mapping[str, str], order: str | None) -> dict[str,
 
 
 def pick_dataset(channels: Mapping[str, dict], environ: Mapping[str, str]) -> str:
+    channels = {name: c for name, c in channels.items() if name != CODE_CHANNEL}
     wanted = environ.get("MMP_DATASET")
     if wanted:
         if wanted not in channels:
@@ -132,6 +138,45 @@ def pick_dataset(channels: Mapping[str, dict], environ: Mapping[str, str]) -> st
         raise EntrypointError(f"inputdataconfig.json has channels {', '.join(channels) or 'none'}; "
                               "set MMP_DATASET to the one train.py reads")
     return next(iter(channels))
+
+
+def unpack_code(archive_dir: Path, dest: Path) -> Path:
+    """Unpack the one archive in `archive_dir` into `dest` (GitHub's single top folder stripped),
+    refusing members that would land outside it; return `dest`, which must then hold train.py."""
+    archives = sorted(p for p in archive_dir.iterdir() if p.is_file()) if archive_dir.is_dir() else []
+    if len(archives) != 1:
+        raise EntrypointError(f"channel {CODE_CHANNEL} must hold one code archive, found {len(archives)}")
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archives[0]) as tar:
+            members = [m for m in tar.getmembers() if m.name.removeprefix("./") not in ("", ".")]
+            tops = {m.name.removeprefix("./").split("/", 1)[0] for m in members}
+            strip = len(tops) == 1 and all(m.isdir() for m in members if m.name.removeprefix("./") in tops)
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            for member in members:
+                name = member.name.removeprefix("./").rstrip("/")
+                if strip:
+                    name = name.split("/", 1)[1] if "/" in name else ""
+                if not name:
+                    continue
+                target = (dest / name).resolve()
+                if dest.resolve() not in target.parents or member.issym() or member.islnk() or member.isdev():
+                    raise EntrypointError(f"code archive member {member.name!r} is a link, a device or leaves "
+                                          "the code folder")
+                member.name = name
+                tar.extract(member, dest, set_attrs=False, **safe)
+    except (tarfile.TarError, OSError) as exc:
+        raise EntrypointError(f"could not unpack the code archive {archives[0].name}: {exc}") from None
+    if not (dest / "train.py").is_file():
+        raise EntrypointError("train.py not found at the root of the commit's code")
+    return dest
+
+
+def code_dir(root: Path, channels: Mapping[str, dict], environ: Mapping[str, str]) -> str:
+    """Where train.py runs: the unpacked `mmp-code` channel, else MMP_CODE_DIR, else here."""
+    if CODE_CHANNEL in channels:
+        return str(unpack_code(root / "input" / "data" / CODE_CHANNEL, root / "code"))
+    return environ.get("MMP_CODE_DIR") or os.getcwd()
 
 
 def gpu_count() -> int:
@@ -172,7 +217,7 @@ def build_plan(environ: Mapping[str, str] = os.environ, *, horovodrun: str | Non
         str(root / "checkpoints") if (root / "checkpoints").is_dir() else None)
     if checkpoints:
         env["MMP_CHECKPOINT_DIR"] = checkpoints
-    cwd = environ.get("MMP_CODE_DIR") or os.getcwd()
+    cwd = code_dir(root, cfg.channels, environ)
     plan = Plan(role="single" if len(hosts) == 1 else ("leader" if cfg.current_host == leader else "worker"),
                 current_host=cfg.current_host, hosts=hosts, leader=leader, env=env, cwd=cwd)
     if plan.role == "worker":
@@ -180,7 +225,8 @@ def build_plan(environ: Mapping[str, str] = os.environ, *, horovodrun: str | Non
     runner = horovodrun or require_horovodrun()
     interpreter = python or sys.executable
     if plan.role == "single":
-        plan.argv = horovodrun_argv([("localhost", procs)], args, python=interpreter, horovodrun=runner)
+        plan.argv = horovodrun_argv([("localhost", procs)], args, python=interpreter, horovodrun=runner,
+                                    launcher=LAUNCHER)
     else:
         extra: list[str] = []
         if cfg.network_interface:
@@ -188,7 +234,7 @@ def build_plan(environ: Mapping[str, str] = os.environ, *, horovodrun: str | Non
         if environ.get("MMP_SSH_PORT"):
             extra += ["-p", environ["MMP_SSH_PORT"]]
         plan.argv = horovodrun_argv([(host, procs) for host in hosts], args, python=interpreter,
-                                    horovodrun=runner, extra=extra)
+                                    horovodrun=runner, extra=extra, launcher=LAUNCHER)
     return plan
 
 
@@ -239,17 +285,17 @@ def start_sshd(environ: Mapping[str, str]) -> None:
 
 # -- running ------------------------------------------------------------------------
 def child_env(plan: Plan, environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment train.py gets; the MLflow password is fetched here, never passed in."""
-    env = {**environ, **plan.env}
-    arn = environ.get("MMP_MLFLOW_PASSWORD_SECRET_ARN")
-    if arn and not env.get("MLFLOW_TRACKING_PASSWORD"):
-        from . import aws
+    """The environment horovodrun (and so every rank) gets: never a secret's value.
 
-        try:
-            env["MLFLOW_TRACKING_PASSWORD"] = aws.secret(arn)
-        except Exception as exc:  # the ARN is not secret; the value never reaches this message
-            raise EntrypointError(f"could not read the MLflow password secret {arn}: "
-                                  f"{type(exc).__name__}") from None
+    horovodrun puts its whole environment on each rank's command line (`env K=V … python`,
+    and `ssh host '…'` for other hosts), so the MLflow password stays out of it: each rank
+    reads it from MMP_MLFLOW_PASSWORD_SECRET_ARN itself (mmp.rank). Here the secret is only
+    read once, so a role without access fails the job at once with a clear reason."""
+    env = {key: value for key, value in {**environ, **plan.env}.items() if key != PASSWORD_VAR}
+    try:
+        load_mlflow_password(dict(env))  # a throwaway copy: the value goes nowhere
+    except CredentialsError as exc:
+        raise EntrypointError(str(exc)) from None
     return env
 
 

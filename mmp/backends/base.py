@@ -59,6 +59,8 @@ class LaunchRequest:
     mlflow_env: dict[str, str]
     dataset: Any  # mmp.datasets.Dataset
     delivery_id: str | None = None
+    image_tag: str | None = None  # the dependency set's training image (mmp.image), image platforms only
+    code_uri: str | None = None  # s3:// URI of the commit's code archive the job unpacks (mmp.image)
 
     @property
     def short_commit(self) -> str:

@@ -1,6 +1,14 @@
 """The `dlami` backend: a cluster of EC2 Deep Learning AMI instances on FSx, driven over SSH.
 
-Launch: the image comes from its public SSM parameter (or a configured AMI id); one
+Every host runs the same training image as SageMaker (horovod_docker/: Python, torch,
+Horovod, the repository's dependencies), started by user data on an AMI that ships
+Docker and the NVIDIA container toolkit (the DLAMI Base OSS Nvidia driver AMIs):
+`docker run --gpus all --network host -v /fsx:/fsx`, its sshd on a port of its own
+(MMP_DLAMI_CONTAINER_SSH_PORT) for horovodrun between the hosts' containers. No AMI
+Python is used. MMP's own commands reach the container through `docker exec`
+(MMP_DLAMI_CONTAINER_EXEC; tests put a stand-in container runtime there).
+
+Launch: the AMI comes from its public SSM parameter (or a configured AMI id); one
 instance per RunInstances call from the stack's launch template, in its cluster
 placement group and private subnet, tagged with the run, experiment and commit.
 Each instance gets its own ed25519 host key through cloud-init user data, and that
@@ -8,11 +16,14 @@ key is the only one MMP accepts (never AutoAddPolicy). User data also mounts FSx
 for Lustre on /fsx and schedules `shutdown -h +<max runtime>` with
 InstanceInitiatedShutdownBehavior=terminate, so an instance dies even if MMP does.
 
-Run: on the leader, fetch the repository at the commit (the GitHub token travels on
-the SSH channel's stdin, never on a command line), install requirements on every
-host, hand the leader a per-run cluster key for horovodrun's own SSH, then run
-`horovodrun -np N -H localhost:s,ip2:s,… python train.py …` built by mmp.argv and
-quoted by mmp.ssh, with the MLflow environment sent on stdin. Output streams live;
+Run: on the leader, unpack the commit's archive that Prepare staged in S3 (or, for a
+run started outside the AWS pipeline, fetch the repository at the commit: the GitHub
+token travels on the SSH channel's stdin, never on a command line), hand the leader a
+per-run cluster key for horovodrun's own SSH, then run, in the leader's container,
+`horovodrun -np N -H localhost:s,ip2:s,… python -m mmp.rank train.py …` built by
+mmp.argv and quoted by mmp.ssh, with the MLflow environment sent on stdin; each rank
+reads the MLflow password from Secrets Manager with the instance's role (mmp.rank),
+so it is on no command line. Output streams live;
 the exit status decides the state. Every failure path terminates the instances.
 """
 
@@ -22,6 +33,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,13 +44,15 @@ from .. import aws
 from ..argv import horovodrun_argv, train_args
 from ..experiment import Experiment
 from ..horovod import failure_summary
+from ..rank import LAUNCHER, SECRET_ARN_VAR
 from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
 
 log = logging.getLogger("mmp.dlami")
 
-DEFAULT_SSM_PARAMETER = (
-    "/aws/service/deeplearning/ami/x86_64/oss-nvidia-driver-gpu-pytorch-2.9-ubuntu-24.04/latest/ami-id"
-)
+# Docker + NVIDIA container toolkit, no framework: the training image brings its own.
+DEFAULT_SSM_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+CONTAINER_NAME = "mmp-train"
+DEFAULT_CONTAINER_EXEC = ("sudo", "docker", "exec", "-i", CONTAINER_NAME)
 
 # Tags every instance carries; `mmp janitor` finds strays by them.
 TAG_MANAGED = "mmp:managed"
@@ -81,6 +95,37 @@ else
 fi
 git -c advice.detachedHead=false checkout -q FETCH_HEAD
 echo "fetched $2"
+"""
+CODE_SCRIPT = r"""set -eu
+rm -rf "$3"
+mkdir -p "$3"
+"$1" s3 cp --only-show-errors "$2" - | tar -xz --strip-components=1 -C "$3"
+test -f "$3/train.py" || { echo "train.py not found at the root of $2" >&2; exit 1; }
+echo "unpacked $2"
+"""
+# User data, as root: log in to ECR, pull the image, run it with the GPUs, the host's
+# network and /fsx; its sshd (the container's main process) listens on its own port and
+# trusts only the run's cluster key. Arguments: image, sshd port, region.
+CONTAINER_SCRIPT = r"""set -euo pipefail
+image=$1 port=$2 region=$3
+for attempt in 1 2 3 4 5 6; do
+  if aws ecr get-login-password --region "$region" | docker login --username AWS --password-stdin "${image%%/*}"; then
+    break
+  fi
+  [ "$attempt" -lt 6 ] || exit 1
+  sleep 10
+done
+docker pull "$image"
+nvidia-smi -L
+docker run -d --name mmp-train --gpus all --network host --ipc host --ulimit memlock=-1   -v /fsx:/fsx -v /etc/mmp:/etc/mmp:ro --entrypoint /usr/sbin/sshd "$image"   -D -e -p "$port" -o AuthorizedKeysFile=/etc/mmp/authorized_keys -o PermitRootLogin=prohibit-password
+"""
+READY_SCRIPT = r"""set -eu
+i=0
+until "$@" true 2>/dev/null; do
+  i=$((i+1))
+  [ "$i" -lt 300 ] || { echo "the training container did not start" >&2; exit 1; }
+  sleep 2
+done
 """
 INSTALL_SCRIPT = r"""set -eu
 cd "$1"
@@ -147,12 +192,17 @@ class DlamiConfig:
     dataset_root: str = "/fsx/datasets"
     output_root: str = "/fsx/output"
     work_root: str = "/fsx/mmp"
-    python: str = "/opt/pytorch/bin/python"
-    horovodrun: str = "/opt/pytorch/bin/horovodrun"
-    path_prefix: str = "/opt/pytorch/bin"
+    python: str = "python"  # inside the training image
+    horovodrun: str = "horovodrun"
+    path_prefix: str = ""
     aws_cli: str = "aws"
-    install_requirements: bool = True
+    install_requirements: bool = False  # the image holds the dependencies
     watchdog_slack_minutes: int = 15
+    image_repository_uri: str | None = None  # the training image's ECR repository (MMP_ECR_REPOSITORY_URI)
+    container_exec: tuple[str, ...] = DEFAULT_CONTAINER_EXEC  # how MMP runs a command in the container
+    container_ssh_port: int = 2222  # the container's sshd (host network), for horovodrun between hosts
+    mlflow_username: str | None = None
+    mlflow_password_secret_arn: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "DlamiConfig":
@@ -191,8 +241,14 @@ class DlamiConfig:
             horovodrun=get("MMP_DLAMI_HOROVODRUN") or d.horovodrun,
             path_prefix=env.get("MMP_DLAMI_PATH", d.path_prefix),
             aws_cli=get("MMP_DLAMI_AWS_CLI") or d.aws_cli,
-            install_requirements=_env_flag(env.get("MMP_DLAMI_INSTALL_REQUIREMENTS"), True),
+            install_requirements=_env_flag(env.get("MMP_DLAMI_INSTALL_REQUIREMENTS"), d.install_requirements),
             watchdog_slack_minutes=number("MMP_DLAMI_WATCHDOG_SLACK_MINUTES", d.watchdog_slack_minutes),
+            image_repository_uri=get("MMP_ECR_REPOSITORY_URI"),
+            container_exec=(tuple(shlex.split(env["MMP_DLAMI_CONTAINER_EXEC"]))
+                            if "MMP_DLAMI_CONTAINER_EXEC" in env else d.container_exec),
+            container_ssh_port=number("MMP_DLAMI_CONTAINER_SSH_PORT", d.container_ssh_port),
+            mlflow_username=get("MMP_MLFLOW_USERNAME"),
+            mlflow_password_secret_arn=get("MMP_MLFLOW_PASSWORD_SECRET_ARN"),
         )
 
     def problems(self) -> list[str]:
@@ -208,6 +264,11 @@ class DlamiConfig:
             out.append("MMP_FSX_DNS_NAME and MMP_FSX_MOUNT_NAME must name the FSx for Lustre file system")
         if self.ssh_address not in ("private", "public"):
             out.append(f"MMP_DLAMI_SSH_ADDRESS must be 'private' or 'public', got {self.ssh_address!r}")
+        if not self.image_repository_uri:
+            out.append("MMP_ECR_REPOSITORY_URI is not set (the training image every host runs)")
+        if self.container_ssh_port == self.ssh_port:
+            out.append(f"MMP_DLAMI_CONTAINER_SSH_PORT must differ from MMP_SSH_PORT ({self.ssh_port}): "
+                       "the host's sshd has that port")
         return out
 
 
@@ -294,8 +355,16 @@ class DlamiBackend(Backend):
     def watchdog_minutes(self, experiment: Experiment) -> int:
         return experiment.runtime_minutes + self.config.watchdog_slack_minutes
 
-    def user_data(self, host_key: tuple[str, str], authorized: list[str], watchdog_minutes: int) -> str:
-        """cloud-config: pinned host key, authorized keys, FSx mount, shutdown watchdog."""
+    def image(self, request: LaunchRequest) -> str:
+        """The training image: Prepare's dependency-set tag, else the commit's (as SageMaker)."""
+        from .sagemaker import image_uri
+
+        return image_uri(self.config.image_repository_uri or "", request.image_tag or request.commit)
+
+    def user_data(self, host_key: tuple[str, str], authorized: list[str], watchdog_minutes: int, *,
+                  image: str, cluster_public: str) -> str:
+        """cloud-config: pinned host key, authorized keys, watchdog, FSx mount, then the training
+        container (its sshd trusts only the run's cluster key)."""
         import yaml
 
         cfg = self.config
@@ -306,10 +375,13 @@ class DlamiBackend(Backend):
             "ssh_genkeytypes": [],
             "ssh_keys": {"ed25519_private": host_key[0], "ed25519_public": host_key[1]},
             "ssh_authorized_keys": authorized,
+            "write_files": [{"path": "/etc/mmp/authorized_keys", "permissions": "0644",
+                             "content": cluster_public + "\n"}],
             "runcmd": [
                 ["shutdown", "-h", f"+{int(watchdog_minutes)}"],
                 ["mkdir", "-p", mount_point],
                 ["mount", "-t", "lustre", "-o", "relatime,flock", source, mount_point],
+                ["bash", "-c", CONTAINER_SCRIPT, "mmp-container", image, str(cfg.container_ssh_port), aws.region()],
             ],
             "mounts": [[source, mount_point, "lustre", "defaults,relatime,flock,_netdev", "0", "0"]],
         }
@@ -414,6 +486,8 @@ class DlamiBackend(Backend):
         job.cluster_key, cluster_public = generate_ed25519()
         mmp_public = public_key_line(self._private_key())
         watchdog = self.watchdog_minutes(exp)
+        image_ref = self.image(request)
+        handle.data["image"] = image_ref
         tags = [
             {"Key": "Name", "Value": f"mmp-{request.experiment_name}-{request.run_id[:8]}"[:255]},
             {"Key": TAG_MANAGED, "Value": "true"},
@@ -430,7 +504,8 @@ class DlamiBackend(Backend):
                 ImageId=image, InstanceType=exp.training_instance, MinCount=1, MaxCount=1,
                 SubnetId=cfg.subnet_ids[0],
                 LaunchTemplate={"LaunchTemplateId": cfg.launch_template_id, "Version": "$Default"},
-                UserData=self.user_data(host_key, [mmp_public, cluster_public], watchdog),
+                UserData=self.user_data(host_key, [mmp_public], watchdog, image=image_ref,
+                                        cluster_public=cluster_public),
                 InstanceInitiatedShutdownBehavior="terminate",
                 TagSpecifications=[{"ResourceType": t, "Tags": tags} for t in ("instance", "volume")],
                 ClientToken=f"{request.run_id[:40]}-{nonce}-{index}",  # retried calls launch once
@@ -486,16 +561,31 @@ class DlamiBackend(Backend):
             tail = " | ".join(lines[-5:])
             raise BackendError(f"{what} failed on {session.host} (exit {code})" + (f": {tail[:500]}" if tail else ""))
 
+    def in_container(self, argv: list[str]) -> list[str]:
+        """`argv` as run inside the host's training container (MMP_DLAMI_CONTAINER_EXEC)."""
+        return [*self.config.container_exec, *argv]
+
     def _prepare(self, request: LaunchRequest, job: _Job) -> None:
         cfg = self.config
         leader = job.sessions[0]
         run_dir, paths = self.run_dir(request), self.paths(request)
         code = f"{run_dir}/code"
+        if cfg.container_exec:  # user data pulls and starts it; wait until every host's runs
+            argv = ["sh", "-c", READY_SCRIPT, "mmp-ready", *self.in_container([])]
+            with ThreadPoolExecutor(max_workers=len(job.sessions)) as pool:
+                for future in [pool.submit(self._remote, job, s, argv, "wait for the training container",
+                                           timeout=900) for s in job.sessions]:
+                    future.result()
         self._remote(job, leader, ["mkdir", "-p", run_dir, paths.output], "create the run folders")
-        self._remote(job, leader, ["sh", "-c", FETCH_SCRIPT, "mmp-fetch", request.clone_url, request.commit, code],
-                     f"fetch {request.repository}@{request.short_commit}", stdin=self._github_token() + "\n")
+        if request.code_uri:  # staged by Prepare: the tree at the commit, no GitHub access needed
+            self._remote(job, leader, ["sh", "-c", CODE_SCRIPT, "mmp-code", cfg.aws_cli, request.code_uri, code],
+                         f"unpack {request.repository}@{request.short_commit}")
+        else:
+            self._remote(job, leader, ["sh", "-c", FETCH_SCRIPT, "mmp-fetch", request.clone_url, request.commit,
+                                       code],
+                         f"fetch {request.repository}@{request.short_commit}", stdin=self._github_token() + "\n")
         if cfg.install_requirements:
-            argv = ["sh", "-c", INSTALL_SCRIPT, "mmp-install", code, cfg.python]
+            argv = self.in_container(["sh", "-c", INSTALL_SCRIPT, "mmp-install", code, cfg.python])
             with ThreadPoolExecutor(max_workers=len(job.sessions)) as pool:
                 for future in [pool.submit(self._remote, job, s, argv, "install requirements") for s in job.sessions]:
                     future.result()
@@ -509,11 +599,15 @@ class DlamiBackend(Backend):
         hosts = [("localhost", slots)] + [(i["PrivateIpAddress"], slots) for i in instances[1:]]
         argv = horovodrun_argv(
             hosts, train_args(paths.dataset, paths.output, exp.dataset_name, exp.hyperparameters),
-            python=cfg.python, horovodrun=cfg.horovodrun,
-            extra=["--ssh-identity-file", f"{run_dir}/.ssh/cluster_key"],
+            python=cfg.python, horovodrun=cfg.horovodrun, launcher=LAUNCHER,
+            extra=["--ssh-identity-file", f"{run_dir}/.ssh/cluster_key", "-p", str(cfg.container_ssh_port)],
         )
         env = {**request.mlflow_env, "MMP_RUN_ID": request.run_id, "PYTHONUNBUFFERED": "1",
                "MMP_PATH_PREFIX": cfg.path_prefix}
+        if cfg.mlflow_username:
+            env["MLFLOW_TRACKING_USERNAME"] = cfg.mlflow_username
+        if cfg.mlflow_password_secret_arn:  # each rank reads the value itself (mmp.rank)
+            env[SECRET_ARN_VAR] = cfg.mlflow_password_secret_arn
         for key, value in env.items():
             if not _ENV_KEY.fullmatch(key) or "\n" in str(value) or "\r" in str(value):
                 raise BackendError(f"environment variable {key!r} cannot be sent to the hosts (name or newline)")
@@ -522,8 +616,9 @@ class DlamiBackend(Backend):
         job.output = paths.output
         handle.data.update(argv=argv, run_dir=run_dir, pid_file=job.pid_file)
         job.lines.append(f"[mmp] starting {exp.instance_count} host(s) x {slots} slot(s)")
-        job.process = job.sessions[0].start(["sh", "-c", TRAIN_SCRIPT, "mmp-train", f"{run_dir}/code", job.pid_file,
-                                             *argv], stdin=stdin, on_output=job.sink)
+        job.process = job.sessions[0].start(self.in_container(
+            ["sh", "-c", TRAIN_SCRIPT, "mmp-train", f"{run_dir}/code", job.pid_file, *argv]),
+            stdin=stdin, on_output=job.sink)
 
     # -- following -----------------------------------------------------------------
     def status(self, handle: JobHandle) -> JobStatus:
@@ -596,7 +691,7 @@ class DlamiBackend(Backend):
         if job.process is None or job.process.done.is_set() or not job.sessions or not job.pid_file:
             return
         try:
-            job.sessions[0].run(["bash", "-c", KILL_SCRIPT, "mmp-kill", job.pid_file], timeout=30)
+            job.sessions[0].run(self.in_container(["bash", "-c", KILL_SCRIPT, "mmp-kill", job.pid_file]), timeout=30)
         except Exception as exc:  # the instances go anyway
             log.warning("could not stop training on the leader: %s", exc)
         job.process.wait(10)

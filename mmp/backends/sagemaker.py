@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from .. import aws
 from ..argv import boolean_names, hyperparameter_text
 from ..experiment import Experiment
+from ..image import CODE_CHANNEL
 from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
 
 OPT_ML = "/opt/ml"
@@ -126,12 +127,12 @@ def job_name(prefix: str, experiment_name: str, commit: str, delivery_id: str | 
     return "-".join(part for part in (head, slug, *tail) if part)[:JOB_NAME_MAX].strip("-")
 
 
-def image_uri(repository_uri: str, commit: str) -> str:
-    """The commit's image: `<repo>:<full commit sha>`, unless the URI already pins a tag/digest."""
+def image_uri(repository_uri: str, tag: str) -> str:
+    """`<repo>:<tag>` (the dependency set's tag, mmp.image), unless the URI already pins a tag/digest."""
     last = repository_uri.rsplit("/", 1)[-1]
     if ":" in last or "@" in last:
         return repository_uri
-    return f"{repository_uri}:{commit}"
+    return f"{repository_uri}:{tag}"
 
 
 def _tag_value(text: str) -> str:
@@ -193,6 +194,9 @@ class SageMakerBackend(Backend):
         if experiment.runtime_minutes * 60 > MAX_SECONDS:
             problems.append(f"Max_Runtime: SageMaker allows at most {MAX_SECONDS // 60} minutes")
         problems += self._check_dataset(dataset)
+        if experiment.dataset_name == CODE_CHANNEL:
+            problems.append(f"Dataset_Name: {CODE_CHANNEL!r} is the channel that carries the commit's code; "
+                            "rename the dataset")
         if experiment.use_spot:
             if not s.checkpoint_s3_uri:
                 problems.append(
@@ -270,6 +274,15 @@ class SageMakerBackend(Backend):
             "InputMode": self.input_mode(),
         }
 
+    @staticmethod
+    def code_channels(request: LaunchRequest) -> list[dict[str, Any]]:
+        """The commit's code archive as channel `mmp-code` (File: a few MB, unpacked by the entrypoint)."""
+        if not request.code_uri:
+            return []
+        return [{"ChannelName": CODE_CHANNEL, "DataSource": {"S3DataSource": {
+            "S3DataType": "S3Prefix", "S3Uri": request.code_uri, "S3DataDistributionType": "FullyReplicated"}},
+            "InputMode": "File"}]
+
     def environment(self, request: LaunchRequest, *, checkpoints: bool) -> dict[str, str]:
         """What the entrypoint needs: MLflow's variables and MMP's, never a secret's value."""
         uri = request.mlflow_env.get("MLFLOW_TRACKING_URI", "")
@@ -313,12 +326,13 @@ class SageMakerBackend(Backend):
         body: dict[str, Any] = {
             "TrainingJobName": name,
             "AlgorithmSpecification": {
-                "TrainingImage": image_uri(s.ecr_repository_uri or "", request.commit),
+                # Prepare's dependency-set tag; a caller without one (mmp run) names the commit's image.
+                "TrainingImage": image_uri(s.ecr_repository_uri or "", request.image_tag or request.commit),
                 "TrainingInputMode": self.input_mode(),
             },
             "RoleArn": s.role_arn,
             "HyperParameters": {k: hyperparameter_text(v) for k, v in experiment.hyperparameters.items()},
-            "InputDataConfig": [self.input_channel(request)],
+            "InputDataConfig": [self.input_channel(request)] + self.code_channels(request),
             "OutputDataConfig": {"S3OutputPath": f"s3://{s.artifacts_bucket}/{request.experiment_name}/{request.run_id}"},
             "ResourceConfig": {
                 "InstanceType": experiment.training_instance,

@@ -1,7 +1,8 @@
 """DlamiResources: what the `dlami` backend launches into (config `mmp:dlami`).
 
 A cluster placement group (low-latency Horovod traffic), an instance profile that
-reads datasets and writes artifacts, the SSH key (the public half as an EC2 key
+reads datasets, writes artifacts, pulls the training image and reads the MLflow
+password (each rank fetches it, mmp.rank), the SSH key (the public half as an EC2 key
 pair, the private half as a Secrets Manager secret the backend connects with),
 and a launch template: DLAMI from its public SSM parameter, IMDSv2 only,
 encrypted root volume, the training security group, `terminate` on shutdown, and
@@ -61,15 +62,22 @@ class DlamiResources(pulumi.ComponentResource):
         self.placement_group = aws.ec2.PlacementGroup(f"{name}-cluster", strategy="cluster", tags=tags, opts=child)
 
         datasets, artifacts = data.datasets_bucket.arn, data.artifacts_bucket.arn
+        # The training image (TrainingPipeline's ECR repository, named by the prefix): user data pulls it.
+        training_images = pulumi.Output.concat("arn:aws:ecr:", settings.region, ":",
+                                               aws.get_caller_identity_output().account_id, ":repository/",
+                                               f"{settings.prefix}-training")
         statements = [
             iam.statement(["s3:ListBucket", "s3:GetBucketLocation"], [datasets, artifacts]),
             iam.statement(["s3:GetObject"], [pulumi.Output.concat(datasets, "/*")]),
             iam.statement(["s3:GetObject", "s3:PutObject"], [pulumi.Output.concat(artifacts, "/*")]),
+            iam.statement(["ecr:GetAuthorizationToken"], ["*"]),  # no resource form
+            iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
+                          [training_images]),
         ]
         if mlflow_password_secret_arn:
             statements.append(iam.statement(["secretsmanager:GetSecretValue"], [mlflow_password_secret_arn]))
         self.role = iam.service_role(f"{name}-host", "ec2.amazonaws.com", statements, self,
-                                     description="DLAMI training hosts: datasets, artifacts, MLflow password")
+                                     description="DLAMI training hosts: datasets, artifacts, MLflow password, image")
         self.instance_profile = aws.iam.InstanceProfile(f"{name}-host", role=self.role.name, opts=child)
 
         self.key_pair = aws.ec2.KeyPair(f"{name}-key", public_key=settings.ssh_public_key, tags=tags, opts=child)

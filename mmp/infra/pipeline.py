@@ -10,10 +10,10 @@ Step Functions (Standard) rather than SQS + Lambdas, because:
 It costs $0.025 per 1,000 state transitions (about 2 per poll): a 4-hour job
 polled each minute is ~500 transitions, about $0.0125.
 
-Stages (mmp.pipeline.aws_stages): Prepare (fetch + validate + MLflow run) → Build
-(CodeBuild: horovod_docker/ with the repository at the commit → ECR, tagged with
-the commit sha; skipped when that tag exists) → Launch → (Wait → Poll)* →
-Conclude (teardown, MLflow, GitHub commit status, SNS e-mail).
+Stages (mmp.pipeline.aws_stages): Prepare (fetch + validate + MLflow run; upload the
+commit's archive; the dependency set's image tag, mmp.image) → Build (CodeBuild,
+mmp.infra.image_build: only when that tag is not in ECR yet) → Launch → (Wait →
+Poll)* → Conclude (teardown, MLflow, GitHub commit status, SNS e-mail).
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ import pulumi
 import pulumi_aws as aws
 
 from ..config import MAX_RUNTIME_CAP_MINUTES
+from ..image import CODE_PREFIX, REQUIREMENTS_PREFIX, context_digest
 from . import iam
+from .image_build import (BUILD_CACHE_TAG, BUILDSPEC, CODEBUILD_IMAGE, PER_BUILD_VARIABLES,
+                          build_environment_overrides, image_context)
 from .datastore import DataStore
 from .lambda_package import HANDLERS, LambdaPackage
 from .mlflow_server import MlflowServer
@@ -39,47 +42,6 @@ SAGEMAKER_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 LAMBDA_RETRY = [{"ErrorEquals": ["Lambda.ServiceException", "Lambda.AWSLambdaException",
                                  "Lambda.SdkClientException", "Lambda.TooManyRequestsException"],
                  "IntervalSeconds": 2, "MaxAttempts": 6, "BackoffRate": 2.0}]
-BUILD_CACHE_TAG = "buildcache"
-CODEBUILD_IMAGE = "aws/codebuild/standard:7.0"
-
-# The build (context as horovod_docker/Dockerfile expects: repo/, mmp/, horovod_docker/):
-# clone the pushed repository at the commit into repo/, then build the
-# training image from horovod_docker/ with a registry layer cache, tag = commit sha.
-BUILDSPEC = r"""version: 0.2
-env:
-  shell: bash
-  secrets-manager:
-    GITHUB_TOKEN: "${GITHUB_TOKEN_SECRET_ARN}"
-phases:
-  pre_build:
-    commands:
-      - set -euo pipefail
-      - '[[ "$MMP_COMMIT" =~ ^[0-9a-f]{40}$ ]] || { echo "MMP_COMMIT is not a commit sha"; exit 1; }'
-      - '[[ "$MMP_CLONE_URL" =~ ^https:// ]] || { echo "MMP_CLONE_URL must be https"; exit 1; }'
-      - REGISTRY="${ECR_REPOSITORY_URI%%/*}"
-      - aws ecr get-login-password --region "$AWS_REGION" | docker login --username AWS --password-stdin "$REGISTRY"
-      - |
-        if aws ecr describe-images --repository-name "$ECR_REPOSITORY_NAME" --image-ids imageTag="$MMP_COMMIT" >/dev/null 2>&1; then
-          echo "image for $MMP_COMMIT exists; nothing to build"; touch .mmp-skip
-        fi
-  build:
-    commands:
-      - set -euo pipefail
-      - '[ -e .mmp-skip ] && exit 0'
-      - mkdir -p repo && git -C repo init -q
-      - AUTH=$(printf 'x-access-token:%s' "$GITHUB_TOKEN" | base64 -w0)
-      - git -C repo -c http.extraHeader="Authorization: Basic $AUTH" fetch -q --depth 1 "$MMP_CLONE_URL" "$MMP_COMMIT"
-      - git -C repo checkout -q FETCH_HEAD && rm -rf repo/.git
-      - docker buildx create --use --name mmp >/dev/null
-      - >-
-        docker buildx build --push -f horovod_docker/Dockerfile
-        --cache-from "type=registry,ref=$ECR_REPOSITORY_URI:${BUILD_CACHE_TAG}"
-        --cache-to "type=registry,ref=$ECR_REPOSITORY_URI:${BUILD_CACHE_TAG},mode=max,image-manifest=true,oci-mediatypes=true"
-        --label "mmp.repository=$MMP_REPOSITORY" --label "mmp.commit=$MMP_COMMIT"
-        -t "$ECR_REPOSITORY_URI:$MMP_COMMIT" .
-"""
-
-
 def lambda_task(function_arn: Any, *, next_state: str, catch_to: str | None = "Conclude",
                 retry_failures: int = 0) -> dict:
     state: dict[str, Any] = {
@@ -111,11 +73,8 @@ def state_machine_definition(functions: Mapping[str, str], build_project: str, *
             "NotRun": {"Type": "Succeed", "Comment": "invalid or not an experiment: reported by Prepare"},
             "BuildImage": {
                 "Type": "Task", "Resource": "arn:aws:states:::codebuild:startBuild.sync",
-                "Parameters": {"ProjectName": build_project, "EnvironmentVariablesOverride": [
-                    {"Name": "MMP_CLONE_URL", "Type": "PLAINTEXT", "Value.$": "$.job.clone_url"},
-                    {"Name": "MMP_COMMIT", "Type": "PLAINTEXT", "Value.$": "$.job.after"},
-                    {"Name": "MMP_REPOSITORY", "Type": "PLAINTEXT", "Value.$": "$.job.repository"},
-                ]},
+                "Parameters": {"ProjectName": build_project,
+                               "EnvironmentVariablesOverride": build_environment_overrides()},
                 "ResultSelector": {"id.$": "$.Build.Id", "status.$": "$.Build.BuildStatus"},
                 "ResultPath": "$.build",
                 "Retry": [{"ErrorEquals": ["CodeBuild.AWSCodeBuildException"], "IntervalSeconds": 30,
@@ -138,19 +97,6 @@ def state_machine_definition(functions: Mapping[str, str], build_project: str, *
                                "Cause": "the run failed; see the MLflow run and the notification"},
         },
     }
-
-
-def image_context(root: Path) -> pulumi.AssetArchive:
-    """What CodeBuild builds in: horovod_docker/ and the mmp package (no caches); repo/ is cloned there."""
-    files: dict[str, pulumi.Asset] = {}
-    for folder in ("horovod_docker", "mmp"):
-        base = root / folder
-        if folder == "horovod_docker" and not (base / "Dockerfile").is_file():
-            raise pulumi.RunError(f"{base}/Dockerfile not found: the training image cannot be built")
-        for path in sorted(base.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
-                files[str(path.relative_to(root))] = pulumi.FileAsset(str(path))
-    return pulumi.AssetArchive(files)
 
 
 class TrainingPipeline(pulumi.ComponentResource):
@@ -199,12 +145,12 @@ class TrainingPipeline(pulumi.ComponentResource):
         artifacts_arn = data.artifacts_bucket.arn
         build_role = iam.service_role(f"{name}-build", "codebuild.amazonaws.com", [
             iam.logs_statement(region, account, [build_logs.name]),
-            iam.statement(["s3:GetObject", "s3:GetObjectVersion"], [pulumi.Output.concat(artifacts_arn, "/codebuild/*")]),
+            iam.statement(["s3:GetObject", "s3:GetObjectVersion"], [pulumi.Output.concat(artifacts_arn, "/codebuild/*"),
+                                                                    pulumi.Output.concat(artifacts_arn, f"/{REQUIREMENTS_PREFIX}/*")]),
             iam.statement(["ecr:GetAuthorizationToken"], ["*"]),  # account-wide by design: no resource form
             iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
                            "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload",
                            "ecr:PutImage", "ecr:DescribeImages"], [self.repository.arn]),
-            iam.statement(["secretsmanager:GetSecretValue"], [self.github_token_secret.arn]),
         ], self, description="CodeBuild: build the training image into ECR")
         self.build_project = aws.codebuild.Project(
             f"{name}-build", name=f"{settings.prefix}-image", service_role=build_role.arn, build_timeout=60,
@@ -218,11 +164,8 @@ class TrainingPipeline(pulumi.ComponentResource):
                          "image_pull_credentials_type": "CODEBUILD", "environment_variables": [
                              {"name": "ECR_REPOSITORY_URI", "value": self.repository.repository_url},
                              {"name": "ECR_REPOSITORY_NAME", "value": self.repository.name},
-                             {"name": "GITHUB_TOKEN_SECRET_ARN", "value": self.github_token_secret.arn},
-                             {"name": "BUILD_CACHE_TAG", "value": BUILD_CACHE_TAG},
-                             {"name": "MMP_CLONE_URL", "value": "set-per-build"},
-                             {"name": "MMP_COMMIT", "value": "set-per-build"},
-                             {"name": "MMP_REPOSITORY", "value": "set-per-build"}]},
+                             {"name": "BUILD_CACHE_TAG", "value": BUILD_CACHE_TAG}]
+                         + [{"name": var, "value": "set-per-build"} for var in PER_BUILD_VARIABLES]},
             logs_config={"cloudwatch_logs": {"group_name": build_logs.name, "status": "ENABLED"}},
             tags=tags, opts=child)
 
@@ -273,10 +216,14 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["secretsmanager:GetSecretValue"], secret_arns),
             iam.statement(["sns:Publish"], [self.topic.arn]),
             iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_arn, "/mlflow/*")]),
+            # Prepare: is the dependency set's image built? upload the commit's code and requirements
+            iam.statement(["ecr:DescribeImages"], [self.repository.arn]),
+            iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_arn, f"/{CODE_PREFIX}/*"),
+                                             pulumi.Output.concat(artifacts_arn, f"/{REQUIREMENTS_PREFIX}/*")]),
         ]
         stage_role = iam.service_role(f"{name}-stages", "lambda.amazonaws.com", stage_statements, self,
                                       description="Step Functions stage Lambdas")
-        self.environment = self._environment(settings, network, data, mlflow)
+        self.environment = self._environment(settings, network, data, mlflow, context_digest(project_root))
         self.functions: dict[str, aws.lambda_.Function] = {}
         for stage, fn in function_names.items():
             self.functions[stage] = aws.lambda_.Function(
@@ -321,7 +268,7 @@ class TrainingPipeline(pulumi.ComponentResource):
         })
 
     def _environment(self, settings: Settings, network: Network, data: DataStore,
-                     mlflow: MlflowServer) -> pulumi.Output[dict[str, str]]:
+                     mlflow: MlflowServer, image_context_digest: str) -> pulumi.Output[dict[str, str]]:
         """What the stages and the backends they run read (see mmp.backends.sagemaker)."""
         fsx_on = data.fsx is not None
         return pulumi.Output.all(
@@ -343,6 +290,7 @@ class TrainingPipeline(pulumi.ComponentResource):
             "MMP_DEFAULT_PLATFORM": "sagemaker",
             "MMP_PIPELINE_PLATFORMS": "sagemaker,sagemaker-fsx" if fsx_on else "sagemaker",
             "MMP_ECR_REPOSITORY_URI": a["ecr"],
+            "MMP_IMAGE_CONTEXT_DIGEST": image_context_digest,
             "MMP_SAGEMAKER_ROLE_ARN": a["role"],
             "MMP_ARTIFACTS_BUCKET": a["artifacts"],
             "MMP_CHECKPOINT_S3_URI": f"s3://{a['artifacts']}/checkpoints",

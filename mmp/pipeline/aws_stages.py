@@ -34,7 +34,9 @@ from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, La
 from ..backends.base import MAX_RUNTIME_MESSAGE
 from ..datasets import Dataset
 from ..experiment import EXPERIMENT_FILES, Experiment
+from ..image import ImageError
 from ..webhook.core import PROMOTE_FILE
+from .image_stage import ImagePlan, plan_image
 from .reporting import PROMOTION_CONTEXT
 from .runner import Outcome, Pipeline, Prepared, Started
 from .sources import Trigger
@@ -103,7 +105,8 @@ def started_to_dict(started: Started) -> dict[str, Any]:
     return {"run_id": started.run_id, "run_url": started.run_url, "request": {
         "experiment": r.experiment.to_file_dict(), "experiment_name": r.experiment_name, "run_id": r.run_id,
         "repository": r.repository, "clone_url": r.clone_url, "commit": r.commit, "mlflow_env": r.mlflow_env,
-        "dataset": asdict(r.dataset), "delivery_id": r.delivery_id}}
+        "dataset": asdict(r.dataset), "delivery_id": r.delivery_id, "image_tag": r.image_tag,
+        "code_uri": r.code_uri}}
 
 
 def started_from_dict(raw: dict[str, Any]) -> Started:
@@ -149,6 +152,16 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     if isinstance(prepared, Outcome):
         state["outcome"] = outcome_to_dict(prepared)
         return state
+    image: ImagePlan | None = None
+    if prepared.experiment.platform in IMAGE_PLATFORMS:
+        try:
+            image = plan_image_for(trigger)
+        except Exception as exc:  # dependency files the build cannot use, or S3/ECR/GitHub refused
+            bad_input = isinstance(exc, ImageError)
+            state["outcome"] = outcome_to_dict(pipeline.reject(
+                trigger, [str(exc) if bad_input else f"could not stage the code or image: {exc}"],
+                state="INVALID" if bad_input else "ERROR"))
+            return state
     try:
         started = pipeline.start(trigger, prepared)
     except Exception as exc:  # MLflow down: nothing launched, say so
@@ -157,9 +170,23 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
             pipeline.reject(trigger, [f"could not create the MLflow run: {exc}"], state="ERROR"))
         return state
     platform = prepared.experiment.platform
-    state.update(accepted=True, platform=platform, build_image=platform in IMAGE_PLATFORMS,
+    if image is not None:
+        started.request.image_tag, started.request.code_uri = image.tag, image.code_uri
+        state["image"] = image.to_dict()
+    state.update(accepted=True, platform=platform, build_image=bool(image and image.build),
                  started=started_to_dict(started))
     return state
+
+
+def plan_image_for(trigger: Trigger) -> ImagePlan:
+    """The commit's code archive in the artifacts bucket, and the image tag of its dependencies."""
+    from ..github import GitHubClient
+
+    return plan_image(read=trigger.source.read_file,
+                      tarball=lambda: GitHubClient.from_env(timeout=60).tarball(trigger.repository, trigger.commit),
+                      repository=trigger.repository, commit=trigger.commit,
+                      bucket=os.environ["MMP_ARTIFACTS_BUCKET"], ecr_repository_uri=os.environ["MMP_ECR_REPOSITORY_URI"],
+                      context=os.environ["MMP_IMAGE_CONTEXT_DIGEST"])
 
 
 def launch(event: dict[str, Any], context: Any = None) -> dict[str, Any]:

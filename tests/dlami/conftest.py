@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 REGION = "us-east-1"
 MOTO_AMI = "ami-12c6146b"
+ECR_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mmp-training"
+CONTAINER_STANDIN = Path(__file__).resolve().parent / "bin" / "docker"
 
 
 def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 15) -> None:
@@ -87,6 +89,7 @@ MaxSessions 64
 MaxStartups 64
 PrintMotd no
 LogLevel ERROR
+SetEnv PYTHONPATH={ROOT}
 """)
     os.makedirs("/run/sshd", exist_ok=True)
     log = folder / "sshd.log"
@@ -200,11 +203,15 @@ def cloud(aws_env, sshd, monkeypatch, tmp_path) -> Cloud:
         "MMP_DLAMI_PATH": str(VENV_BIN),
         "MMP_DLAMI_SSH_TIMEOUT": "3",
         "MMP_DLAMI_INSTALL_REQUIREMENTS": "0",
+        "MMP_ECR_REPOSITORY_URI": ECR_URI,
+        # the launch commands run as written, through a stand-in `docker exec -i mmp-train`
+        "MMP_DLAMI_CONTAINER_EXEC": f"{CONTAINER_STANDIN} exec -i mmp-train",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     for key in ("MMP_DLAMI_AMI_ID", "MMP_SSH_KEY_SSM_PARAMETER", "MMP_ARTIFACTS_BUCKET",
-                "MMP_GITHUB_TOKEN_SECRET_ARN", "MMP_DLAMI_SSH_ADDRESS"):
+                "MMP_GITHUB_TOKEN_SECRET_ARN", "MMP_DLAMI_SSH_ADDRESS", "MMP_MLFLOW_USERNAME",
+                "MMP_MLFLOW_PASSWORD_SECRET_ARN", "MMP_DLAMI_CONTAINER_SSH_PORT"):
         monkeypatch.delenv(key, raising=False)
     return Cloud(subnet, lt, image, key_arn, token_arn,
                  [{"GroupName": "mmp-cluster", "Strategy": "cluster", "State": "available",

@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 from mmp import aws
 from mmp.backends import BackendError, JobState
 
-from .conftest import FAIL_TRAIN, SLEEP_TRAIN, PlacementStub, tagged_processes
+from .conftest import ECR_URI, FAIL_TRAIN, SLEEP_TRAIN, PlacementStub, tagged_processes
 
 FAKE_HOROVODRUN = """#!{python}
 # Stands in for horovodrun on a 2-instance cluster whose worker IP (moto's) is not
@@ -83,7 +83,12 @@ def test_two_instances_launch_tag_user_data_and_terminate(make_backend, request_
                                         "/fsx", "lustre"]
         assert doc["ssh_keys"]["ed25519_public"] == handle.data["host_keys"][iid]
         assert doc["ssh_genkeytypes"] == []
-        assert len(doc["ssh_authorized_keys"]) == 2  # MMP's key and the run's cluster key
+        assert len(doc["ssh_authorized_keys"]) == 1  # MMP's key: the host's sshd is MMP's way in
+        cluster = [f for f in doc["write_files"] if f["path"] == "/etc/mmp/authorized_keys"]
+        assert cluster[0]["content"].startswith("ssh-ed25519 ")  # the container's sshd trusts the run's key
+        container = doc["runcmd"][-1]  # after the mount: the training image, /fsx inside it
+        assert container[:2] == ["bash", "-c"] and container[3:] == [
+            "mmp-container", f"{ECR_URI}:{request.commit}", "2222", "us-east-1"]
 
     assert len(cloud.launched) == 2
     for sent in cloud.launched:
@@ -98,6 +103,9 @@ def test_two_instances_launch_tag_user_data_and_terminate(make_backend, request_
     worker_ip = instances[ids[1]]["PrivateIpAddress"]
     argv = record["argv"]
     assert argv[:4] == ["-np", "2", "-H", f"localhost:1,{worker_ip}:1"]
+    assert argv[argv.index("-p") + 1] == "2222"  # the workers' container sshd
+    assert argv[argv.index("--ssh-identity-file") + 2:][:3] == ["-p", "2222", os.environ["MMP_DLAMI_PYTHON"]]
+    assert argv[argv.index(os.environ["MMP_DLAMI_PYTHON"]) + 1:][:3] == ["-m", "mmp.rank", "train.py"]
     assert argv[argv.index("--ssh-identity-file") + 1].endswith(f"/dl-test/{request.run_id}/.ssh/cluster_key")
     assert record["key_mode"] == 0o600 and record["key_head"] == "-----BEGIN OPENSSH PRIVATE KEY-----"
     assert record["cwd"].endswith(f"/dl-test/{request.run_id}/code")

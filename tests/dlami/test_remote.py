@@ -95,12 +95,7 @@ def test_hostile_hyperparameters_and_dataset_names_arrive_literally(make_backend
     request.experiment = request.experiment.model_copy(update={"dataset_name": evil_dataset})
     request.dataset = Dataset(evil_dataset)
     backend = make_backend()
-    handle = backend.launch(request)
-    try:
-        status = backend.wait(handle, poll_seconds=0.1)
-        lines, _ = backend.logs(handle)
-    finally:
-        backend.teardown(handle)
+    handle, status, lines = run_to_end(backend, request)
     assert status.state is JobState.SUCCEEDED, status.message
     paths = backend.paths(request)
     assert _argv_from(lines) == train_args(paths.dataset, paths.output, evil_dataset, hyper)
@@ -141,4 +136,92 @@ def test_github_token_reaches_git_through_stdin_only(make_backend, request_for, 
     assert expected in seen
     assert GITHUB_TOKEN not in str(info.value)
     assert sent_commands and all(GITHUB_TOKEN not in c for c in sent_commands)
+    assert cloud.instances() == []
+
+
+def run_to_end(backend, request):
+    """Launch, follow to the end, read the logs, tear down (on every path)."""
+    handle = backend.launch(request)
+    try:
+        status = backend.wait(handle, poll_seconds=0.1)
+        lines, _ = backend.logs(handle)
+    finally:
+        backend.teardown(handle)
+    return handle, status, lines
+
+
+PASSWORD_TRAIN = """\
+import os
+pw = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+leaks = 0
+for entry in os.listdir("/proc"):
+    if entry.isdigit():
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                leaks += pw is not None and pw.encode() in f.read()
+        except OSError:
+            pass
+print("PASSWORD", "ok" if pw == "dlami-mlflow-pw" else "missing", "user", os.environ.get("MLFLOW_TRACKING_USERNAME"),
+      "cmdline-leaks", leaks, flush=True)
+"""
+
+
+def test_each_rank_reads_the_mlflow_password_with_the_hosts_role_and_no_command_carries_it(
+        make_backend, request_for, cloud, monkeypatch, aws_env):
+    """The stack gives the backend the secret's ARN; the ARN travels on stdin with the MLflow
+    variables, and each rank (mmp.rank, in the container) reads the value from Secrets Manager."""
+    from mmp import aws
+
+    arn = aws.client("secretsmanager").create_secret(Name="mlflow-pw", SecretString="dlami-mlflow-pw")["ARN"]
+    monkeypatch.setenv("MMP_MLFLOW_PASSWORD_SECRET_ARN", arn)
+    monkeypatch.setenv("MMP_MLFLOW_USERNAME", "mmp")
+    request = request_for(train=PASSWORD_TRAIN)
+    # on EC2 the instance profile answers; here the hosts reach moto with test credentials
+    request.mlflow_env.update({"AWS_ENDPOINT_URL": aws_env, "AWS_ACCESS_KEY_ID": "testing",
+                               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    backend = make_backend()
+    sent: list[str] = []
+    original = backend._remote
+
+    def spy(job, session, argv, what, **kw):
+        from mmp.argv import shell_join
+
+        sent.append(shell_join(argv) + " " + str(kw.get("stdin") or ""))
+        return original(job, session, argv, what, **kw)
+
+    backend._remote = spy
+    handle, status, lines = run_to_end(backend, request)
+    assert status.state is JobState.SUCCEEDED, status.message
+    assert "PASSWORD ok user mmp cmdline-leaks 0" in "\n".join(lines)
+    argv = handle.data["argv"]
+    assert "dlami-mlflow-pw" not in " ".join(argv) + " ".join(sent) + "\n".join(lines).replace(
+        "PASSWORD ok", "")
+    assert cloud.instances() == []
+
+
+def test_the_commits_archive_from_s3_is_what_runs(make_backend, request_for, cloud, tmp_path, monkeypatch):
+    """A launch Prepare staged: the leader unpacks the archive (GitHub's single top folder) with the
+    AWS CLI (a stand-in reading a local 'bucket' here) instead of fetching the repository."""
+    import io
+    import tarfile
+
+    bucket = tmp_path / "bucket"
+    key = f"code/acme/fashion/{'e' * 40}.tar.gz"
+    (bucket / key).parent.mkdir(parents=True)
+    with tarfile.open(bucket / key, "w:gz") as tar:
+        data = ARGV_TRAIN.encode() + b"print('FROM THE ARCHIVE', flush=True)\n"
+        info = tarfile.TarInfo("acme-fashion-eeeeeee/train.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    cli = tmp_path / "aws"
+    cli.write_text(f'#!/bin/sh\n[ "$1 $2" = "s3 cp" ] || exit 2\nexec cat "{bucket}/${{4#s3://acme-artifacts/}}"\n')
+    cli.chmod(0o755)
+    monkeypatch.setenv("MMP_DLAMI_AWS_CLI", str(cli))
+    request = request_for()
+    request.clone_url = "https://github.invalid/never/fetched.git"
+    request.code_uri = f"s3://acme-artifacts/{key}"
+    backend = make_backend()
+    handle, status, lines = run_to_end(backend, request)
+    assert status.state is JobState.SUCCEEDED, status.message
+    assert "FROM THE ARCHIVE" in "\n".join(lines)
     assert cloud.instances() == []

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def test_the_fixtures_multi_host_command_on_the_leader(tmp_path):
     assert plan.role == "leader" and plan.leader == "algo-1"
     assert plan.argv == [
         "horovodrun", "-np", "24", "-H", "algo-1:8,algo-2:8,algo-3:8", "--gloo",
-        "/usr/bin/python3", "train.py",
+        "/usr/bin/python3", "-m", "mmp.rank", "train.py",
         "--dataset-path", f"{root}/input/data/train", "--output-path", f"{root}/model", "--dataset", "train",
         "--learning_rate", "0.001", "--batch_size", "32",
     ]
@@ -130,10 +131,17 @@ def single_host_job(tmp_path, digits):
                                               "RecordWrapperType": "None"}})
     data = root / "input" / "data" / "digits"
     shutil.copytree(digits, data)
-    code = tmp_path / "code"
-    shutil.copytree(ROOT / "examples" / "fashion", code)
+    # the commit's code as Prepare stages it: an archive with one top folder, in channel mmp-code
+    channels = json.loads((root / "input" / "config" / "inputdataconfig.json").read_text())
+    channels["mmp-code"] = {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"}
+    (root / "input" / "config" / "inputdataconfig.json").write_text(json.dumps(channels))
+    code_channel = root / "input" / "data" / "mmp-code"
+    code_channel.mkdir(parents=True)
+    with tarfile.open(code_channel / f"{'a' * 40}.tar.gz", "w:gz") as tar:
+        tar.add(ROOT / "examples" / "fashion", arcname="acme-fashion-demo-aaaaaaa",
+                filter=lambda info: None if "__pycache__" in info.name else info)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MMP_", "AWS_"))}
-    env.update({"MMP_SM_ROOT": str(root), "MMP_CODE_DIR": str(code), "MMP_DATASET": "digits",
+    env.update({"MMP_SM_ROOT": str(root), "MMP_DATASET": "digits",
                 "MMP_PROCESSES_PER_HOST": "2", "MMP_HYPERPARAMETER_ORDER": "epochs,batch-size",
                 "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
                 "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
@@ -163,6 +171,8 @@ def test_the_train_script_really_trains_with_horovodrun_np_2(single_host_job, aw
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert f"mmp: single on algo-1: {HOROVODRUN} -np 2 -H localhost:2 --gloo" in out
+    assert "-m mmp.rank train.py" in out
+    assert (root / "code" / "train.py").is_file()  # unpacked from the channel, run from there
     assert "train.py: 2 rank(s), dataset digits" in out
     assert "epoch 1/1" in out
     assert (root / "model" / "model.pt").is_file()
@@ -174,16 +184,117 @@ def test_the_train_script_really_trains_with_horovodrun_np_2(single_host_job, aw
     assert "s3cr3t-pw" not in out  # fetched for train.py, never printed
 
 
-def test_the_password_is_fetched_from_secrets_manager_for_train_py(aws_env):
+def test_horovodruns_environment_never_holds_the_password(aws_env):
+    """horovodrun writes its environment onto each rank's command line (`env K=V … python`, and an
+    `ssh host '…'` that lives as long as the job): only the ARN may be there."""
     from mmp import aws
 
     arn = aws.client("secretsmanager").create_secret(Name="mlflow-pw-2", SecretString="pw-123")["ARN"]
     plan = ep.Plan(role="single", current_host="algo-1", hosts=["algo-1"], leader="algo-1", env={"A": "1"})
-    env = ep.child_env(plan, {"MMP_MLFLOW_PASSWORD_SECRET_ARN": arn, "PATH": "/bin"})
-    assert env["MLFLOW_TRACKING_PASSWORD"] == "pw-123" and env["A"] == "1"
+    env = ep.child_env(plan, {"MMP_MLFLOW_PASSWORD_SECRET_ARN": arn, "PATH": "/bin",
+                              "MLFLOW_TRACKING_PASSWORD": "pw-123"})
+    assert "pw-123" not in json.dumps(env) and env["A"] == "1"
+    assert env["MMP_MLFLOW_PASSWORD_SECRET_ARN"] == arn
     with pytest.raises(ep.EntrypointError, match="could not read the MLflow password secret") as info:
         ep.child_env(plan, {"MMP_MLFLOW_PASSWORD_SECRET_ARN": arn + "-gone"})
     assert "pw-123" not in str(info.value)
+
+
+RANK_PROBE = """import os, sys
+pid = str(os.getpid())
+leaks = []
+for entry in os.listdir('/proc'):
+    if entry.isdigit():
+        try:
+            with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                if b'pw-secret-xyz' in f.read():
+                    leaks.append(entry)
+        except OSError:
+            pass
+ok = os.environ.get('MLFLOW_TRACKING_PASSWORD') == 'pw-secret-xyz'
+print('rank', os.environ.get('HOROVOD_RANK'), 'password', 'ok' if ok else 'missing', 'cmdline-leaks', len(leaks),
+      'args', sys.argv[1:], flush=True)
+"""
+
+
+@pytest.mark.horovod
+def test_each_rank_reads_the_password_itself_and_no_command_line_shows_it(tmp_path, aws_env):
+    """Real horovodrun -np 2 with `python -m mmp.rank probe.py`: every rank has the password from
+    Secrets Manager (moto server) in its environment; no process's command line (`ps`) holds it."""
+    from mmp import aws
+    from mmp.argv import horovodrun_argv
+    from mmp.rank import LAUNCHER
+
+    arn = aws.client("secretsmanager").create_secret(Name="mlflow-pw-3", SecretString="pw-secret-xyz")["ARN"]
+    (tmp_path / "probe.py").write_text(RANK_PROBE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MMP_"))}
+    env.update({"MMP_MLFLOW_PASSWORD_SECRET_ARN": arn, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL": aws_env,
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    argv = horovodrun_argv([("localhost", 2)], ["--x", "1"], python=sys.executable, horovodrun=HOROVODRUN,
+                           script="probe.py", launcher=LAUNCHER)
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("password ok cmdline-leaks 0 args ['--x', '1']") == 2, out[-3000:]
+    assert "pw-secret-xyz" not in out
+
+
+def test_a_rank_without_access_to_the_secret_stops_naming_the_arn(tmp_path, aws_env):
+    (tmp_path / "t.py").write_text("print('ran')\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL": aws_env, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "MMP_MLFLOW_PASSWORD_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:gone"}
+    env.pop("MLFLOW_TRACKING_PASSWORD", None)
+    proc = subprocess.run([sys.executable, "-m", "mmp.rank", "t.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "could not read the MLflow password secret" in proc.stderr
+    assert "ran" not in proc.stdout
+
+
+# -- the commit's code, from channel mmp-code ----------------------------------------------
+def make_archive(path: Path, members: dict[str, bytes], *, links: dict[str, str] | None = None) -> None:
+    import io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+
+
+def test_githubs_top_folder_is_stripped_and_git_archives_without_one_work(tmp_path):
+    make_archive(tmp_path / "a" / "x.tar.gz", {"o-r-abc/train.py": b"print(1)", "o-r-abc/pkg/m.py": b"",
+                                               "o-r-abc/.gitignore": b"*.pyc"})
+    dest = ep.unpack_code(tmp_path / "a", tmp_path / "code-a")
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
+        ".gitignore", "pkg/m.py", "train.py"]
+    make_archive(tmp_path / "b" / "x.tar.gz", {"train.py": b"print(2)", "lib/u.py": b""})
+    assert (ep.unpack_code(tmp_path / "b", tmp_path / "code-b") / "train.py").read_bytes() == b"print(2)"
+
+
+@pytest.mark.parametrize("members, links, words", [
+    ({"top/../../evil.py": b"x", "top/train.py": b""}, None, "leaves the code folder"),
+    ({"top/train.py": b""}, {"top/data": "/etc"}, "is a link"),
+    ({"top/readme.md": b""}, None, "train.py not found"),
+])
+def test_unsafe_or_incomplete_archives_fail_clearly(tmp_path, members, links, words):
+    make_archive(tmp_path / "in" / "x.tar.gz", members, links=links)
+    with pytest.raises(ep.EntrypointError, match=words):
+        ep.unpack_code(tmp_path / "in", tmp_path / "code")
+    assert not (tmp_path / "evil.py").exists()
+
+
+def test_the_code_channel_is_never_taken_for_the_dataset(tmp_path):
+    root = opt_ml(tmp_path, resourceconfig={"current_host": "algo-1", "hosts": ["algo-1"]}, hyperparameters={},
+                  inputdataconfig={"fashion": {}, "mmp-code": {}})
+    make_archive(root / "input" / "data" / "mmp-code" / "c.tar.gz", {"t/train.py": b""})
+    plan = ep.build_plan({"MMP_SM_ROOT": str(root), "MMP_PROCESSES_PER_HOST": "1"}, horovodrun="h", python="p")
+    assert plan.argv[-2:] == ["--dataset", "fashion"] and plan.cwd == str(root / "code")
 
 
 @pytest.mark.horovod

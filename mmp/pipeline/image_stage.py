@@ -1,0 +1,84 @@
+"""Prepare's part for the image platforms: the code archive, the image tag, build or not.
+
+Why here and not in CodeBuild: deciding costs two API calls (ECR DescribeImages, S3
+HeadObject), while a build costs minutes, so the state machine starts CodeBuild only
+for a dependency set ECR has not seen (mmp.image). The commit's code goes to the
+artifacts bucket as GitHub's tarball of the commit (the tree at that sha), for the
+job to unpack at start; the image never holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from .. import aws
+from ..image import code_key, image_tag, requirements_key, requirements_text
+
+log = logging.getLogger("mmp.pipeline.image")
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """What Prepare hands the state machine (`$.image`) and Launch (the LaunchRequest)."""
+
+    tag: str
+    build: bool  # no image with this tag in ECR yet: the BuildImage state runs
+    code_uri: str  # s3://<artifacts>/code/<owner>/<name>/<sha>.tar.gz
+    requirements_uri: str  # what CodeBuild installs (written only when it builds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _missing(exc: Exception, codes: tuple[str, ...]) -> bool:
+    return getattr(exc, "response", {}).get("Error", {}).get("Code") in codes
+
+
+def image_exists(ecr: Any, repository_name: str, tag: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        ecr.describe_images(repositoryName=repository_name, imageIds=[{"imageTag": tag}])
+    except ClientError as exc:
+        if _missing(exc, ("ImageNotFoundException",)):
+            return False
+        raise
+    return True
+
+
+def object_exists(s3: Any, bucket: str, key: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if _missing(exc, ("404", "NoSuchKey", "NotFound")):
+            return False
+        raise
+    return True
+
+
+def plan_image(*, read: Callable[[str], bytes | None], tarball: Callable[[], bytes], repository: str,
+               commit: str, bucket: str, ecr_repository_uri: str, context: str,
+               clients: Callable[[str], Any] = aws.client) -> ImagePlan:
+    """Upload the commit's code (once per commit), decide the image tag and whether to build it.
+
+    Raises mmp.image.ImageError for dependency files the build cannot use (a bad-input answer)."""
+    requirements = requirements_text(read)
+    tag = image_tag(requirements, context)
+    s3 = clients("s3")
+    key = code_key(repository, commit)
+    if not object_exists(s3, bucket, key):
+        s3.put_object(Bucket=bucket, Key=key, Body=tarball(), ContentType="application/gzip")
+    repository_name = ecr_repository_uri.split("/", 1)[-1]
+    pinned = ":" in repository_name or "@" in repository_name  # the operator pinned an image: never build
+    build = not pinned and not image_exists(clients("ecr"), repository_name, tag)
+    req_key = requirements_key(tag)
+    if build:
+        s3.put_object(Bucket=bucket, Key=req_key, Body=requirements, ContentType="text/plain")
+    log.info("%s@%s: image %s (%s), code s3://%s/%s", repository, commit[:12], tag,
+             "to build" if build else "built", bucket, key)
+    return ImagePlan(tag=tag, build=build, code_uri=f"s3://{bucket}/{key}",
+                     requirements_uri=f"s3://{bucket}/{req_key}")

@@ -1,0 +1,186 @@
+"""The CodeBuild buildspec, read and run the way CodeBuild does.
+
+PyYAML parses it (CodeBuild rejects a command that YAML reads as a mapping:
+`YAML_FILE_ERROR: Expected Commands[N] to be of string type`). Its phases then run
+under bash with stand-in `aws`, `docker` and `git` on PATH, with CodeBuild's rule
+that any command's non-zero exit fails the phase (and skips the later phases). The
+CodeBuild docs say buildspec 0.2 keeps one shell's state across commands while 0.1
+ran each in its own; the buildspec relies on neither, so both models must agree.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmp.image import requirements_key
+from mmp.infra.image_build import BUILDSPEC, PER_BUILD_VARIABLES, build_environment_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+TAG = "deps-" + "0123456789abcdef" * 2
+REPO_URI = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/acme-training"
+
+AWS_STANDIN = r"""#!/bin/bash
+printf 'aws %s\n' "$*" >> "$STANDIN_LOG"
+case "$1 $2" in
+  "ecr get-login-password") [ -z "${STANDIN_LOGIN_FAILS:-}" ] || { echo "Unable to locate credentials" >&2; exit 253; }
+                            echo "ecr-password" ;;
+  "ecr describe-images") [ -n "${STANDIN_IMAGE_EXISTS:-}" ] && { echo '{"imageDetails": [{}]}'; exit 0; }
+                         echo "An error occurred (ImageNotFoundException)" >&2; exit 254 ;;
+  "s3 cp") src="${@: -2:1}"; dst="${@: -1}"
+           [ -f "$STANDIN_S3/${src#s3://}" ] || { echo "fatal error: (404) Not Found" >&2; exit 1; }
+           cp "$STANDIN_S3/${src#s3://}" "$dst" ;;
+  *) echo "stand-in aws: unexpected $*" >&2; exit 2 ;;
+esac
+"""
+DOCKER_STANDIN = r"""#!/bin/bash
+printf 'docker %s\n' "$*" >> "$STANDIN_LOG"
+case "$1" in
+  login) IFS= read -r password; [ "$password" = ecr-password ] || { echo "login: wrong password" >&2; exit 1; } ;;
+  buildx) if [ "$2" = build ]; then
+            [ -f repo/requirements.txt ] && [ -f horovod_docker/Dockerfile ] || { echo "context incomplete" >&2; exit 1; }
+            [ -z "${STANDIN_BUILD_FAILS:-}" ] || exit 1
+          fi ;;
+  *) echo "stand-in docker: unexpected $*" >&2; exit 2 ;;
+esac
+"""
+GIT_STANDIN = "#!/bin/bash\nprintf 'git %s\\n' \"$*\" >> \"$STANDIN_LOG\"\n"
+
+
+def commands(spec: dict, phase: str) -> list:
+    return spec["phases"][phase]["commands"]
+
+
+def run_phases(spec: dict, env: dict, cwd: Path, *, one_shell: bool) -> tuple[str | None, str]:
+    """Run pre_build then build as CodeBuild would: (the failed phase or None, output)."""
+    output = ""
+    for phase in ("install", "pre_build", "build"):
+        if phase not in spec["phases"]:
+            continue
+        if one_shell:
+            script = "".join(f"{c}\nrc=$?; [ $rc -eq 0 ] || exit $rc\n" for c in commands(spec, phase))
+            proc = subprocess.run(["bash"], input=script, env=env, cwd=cwd, capture_output=True, text=True,
+                                  timeout=60)
+            output += proc.stdout + proc.stderr
+            if proc.returncode != 0:
+                return phase, output
+        else:
+            for command in commands(spec, phase):
+                proc = subprocess.run(["bash", "-c", command], env=env, cwd=cwd, capture_output=True, text=True,
+                                      timeout=60)
+                output += proc.stdout + proc.stderr
+                if proc.returncode != 0:
+                    return phase, output
+    return None, output
+
+
+@pytest.fixture
+def codebuild(tmp_path):
+    """The build's source folder (the context zip), stand-in tools, and a fake S3."""
+    source = tmp_path / "src"
+    (source / "horovod_docker").mkdir(parents=True)
+    (source / "horovod_docker" / "Dockerfile").write_text((ROOT / "horovod_docker" / "Dockerfile").read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("aws", AWS_STANDIN), ("docker", DOCKER_STANDIN), ("git", GIT_STANDIN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    s3 = tmp_path / "s3"
+    requirements = s3 / "acme-artifacts" / requirements_key(TAG)
+    requirements.parent.mkdir(parents=True)
+    requirements.write_text("mlflow>=3.1,<4\nnumpy\n")
+    log = tmp_path / "calls.log"
+    log.touch()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STANDIN_LOG": str(log),
+           "STANDIN_S3": str(s3), "AWS_REGION": "eu-west-1", "ECR_REPOSITORY_URI": REPO_URI,
+           "ECR_REPOSITORY_NAME": "acme-training", "BUILD_CACHE_TAG": "buildcache",
+           "MMP_IMAGE_TAG": TAG, "MMP_REQUIREMENTS_S3_URI": f"s3://acme-artifacts/{requirements_key(TAG)}"}
+    return source, env, log
+
+
+def test_the_buildspec_is_yaml_codebuild_accepts():
+    spec = yaml.safe_load(BUILDSPEC)
+    assert spec["version"] == 0.2 and spec["env"]["shell"] == "bash"
+    for phase, body in spec["phases"].items():
+        assert all(isinstance(c, str) for c in body["commands"]), phase  # never a mapping
+    assert "secrets-manager" not in spec["env"]  # the build reads no repository: no GitHub token
+    text = "\n".join(c for body in spec["phases"].values() for c in body["commands"])
+    assert "exit" not in text.split() and "git" not in text.split()
+
+
+def test_the_build_variables_are_the_ones_the_state_machine_sets():
+    spec_text = BUILDSPEC
+    overrides = build_environment_overrides()
+    assert [o["Name"] for o in overrides] == list(PER_BUILD_VARIABLES)
+    assert all(o["Type"] == "PLAINTEXT" and o["Value.$"].startswith("$.image.") for o in overrides)
+    for name in PER_BUILD_VARIABLES:
+        assert f"${name}" in spec_text or f"${{{name}}}" in spec_text
+
+
+@pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-command", "one-shell"])
+def test_a_new_dependency_set_is_built_and_pushed_with_its_tag(codebuild, one_shell):
+    source, env, log = codebuild
+    failed, output = run_phases(yaml.safe_load(BUILDSPEC), env, source, one_shell=one_shell)
+    assert failed is None, output
+    calls = log.read_text().splitlines()
+    assert (source / "repo" / "requirements.txt").read_text() == "mlflow>=3.1,<4\nnumpy\n"
+    assert "docker login --username AWS --password-stdin 123456789012.dkr.ecr.eu-west-1.amazonaws.com" in calls
+    build = [c for c in calls if c.startswith("docker buildx build")]
+    assert len(build) == 1 and f"-t {REPO_URI}:{TAG} ." in build[0] and "--push" in build[0]
+    assert not [c for c in calls if c.startswith("git")]
+
+
+@pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-command", "one-shell"])
+def test_an_image_made_meanwhile_is_not_built_again_and_the_phase_passes(codebuild, one_shell):
+    source, env, log = codebuild
+    failed, output = run_phases(yaml.safe_load(BUILDSPEC), {**env, "STANDIN_IMAGE_EXISTS": "1"}, source,
+                                one_shell=one_shell)
+    assert failed is None, output
+    assert f"image {TAG} exists" in output
+    assert not [c for c in log.read_text().splitlines() if c.startswith("docker buildx")]
+
+
+@pytest.mark.parametrize("change, phase, words", [
+    ({"MMP_IMAGE_TAG": "0" * 40}, "pre_build", "MMP_IMAGE_TAG must be deps-"),
+    ({"MMP_REQUIREMENTS_S3_URI": "https://example.com/r.txt"}, "pre_build", "must be an s3:// object"),
+    ({"MMP_REQUIREMENTS_S3_URI": "s3://acme-artifacts/images/other/requirements.txt"}, "pre_build", "404"),
+    ({"STANDIN_LOGIN_FAILS": "1"}, "pre_build", "login: wrong password"),  # pipefail: the login sees no password
+    ({"STANDIN_BUILD_FAILS": "1"}, "build", ""),
+])
+@pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-command", "one-shell"])
+def test_every_failure_fails_its_phase(codebuild, change, phase, words, one_shell):
+    source, env, log = codebuild
+    failed, output = run_phases(yaml.safe_load(BUILDSPEC), {**env, **change}, source, one_shell=one_shell)
+    assert failed == phase, output
+    assert words in output
+    if phase == "pre_build":
+        assert not [c for c in log.read_text().splitlines() if c.startswith("docker buildx")]
+
+
+def test_the_runner_has_codebuilds_semantics_on_the_old_defects(codebuild):
+    """The two commands issue 13 names, as CodeBuild treats them (the runner above is faithful)."""
+    old = ("phases:\n  build:\n    commands:\n"
+           "      - git -C repo -c http.extraHeader=\"Authorization: Basic $AUTH\" fetch -q x y\n")
+    assert not isinstance(commands(yaml.safe_load(old), "build")[0], str)  # a mapping: YAML_FILE_ERROR
+    source, env, _ = codebuild
+    skip = {"phases": {"build": {"commands": ["[ -e .mmp-skip ] && exit 0", "echo built"]}}}
+    for one_shell in (False, True):
+        failed, _ = run_phases(skip, env, source, one_shell=one_shell)
+        assert failed == "build"  # the file is absent: `[ -e ]` exits 1, and the phase fails
+    assert not (source / ".mmp-skip").exists() and os.path.isdir(source)
+
+
+def test_the_state_machine_hands_codebuild_prepares_image_fields():
+    from mmp.infra.pipeline import state_machine_definition
+
+    definition = state_machine_definition({s: f"arn:{s}" for s in ("prepare", "launch", "poll", "conclude")},
+                                          "acme-image", poll_seconds=60, timeout_seconds=3600)
+    build = definition["States"]["BuildImage"]
+    assert build["Parameters"] == {"ProjectName": "acme-image",
+                                   "EnvironmentVariablesOverride": build_environment_overrides()}
+    choice = definition["States"]["Accepted?"]["Choices"]
+    assert {"Variable": "$.build_image", "BooleanEquals": True, "Next": "BuildImage"} in choice
