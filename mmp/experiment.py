@@ -33,6 +33,7 @@ from .argv import (
     hyperparameter_args,
     shell_join,
 )
+from .tuning.spec import Tuning, field_path
 
 EXPERIMENT_FILES = config.EXPERIMENT_FILES
 MAX_FILE_BYTES = 256 * 1024
@@ -305,6 +306,10 @@ class Experiment(BaseModel):
                     "Default: 1 on the local platform, one per GPU on the cloud ones.",
     )
     use_spot: bool = Field(default=False, alias="Use_Spot", description="SageMaker managed spot.")
+    tuning: Tuning | None = Field(
+        default=None, alias="Tuning",
+        description="Hyperparameter search: one commit runs a study of many trials (see README).",
+    )
 
     @field_validator("platform")
     @classmethod
@@ -436,6 +441,8 @@ def _problems(exc: ValidationError) -> list[FieldProblem]:
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
         field = loc[0] if loc else "(file)"
+        if field == "Tuning":  # name the nested field: Tuning.Ranges.lr, Tuning.Parallel
+            field = field_path(loc)
         if len(loc) > 1 and field == "Hyperparameters":
             field = f"Hyperparameters.{loc[1]}"
             if len(loc) > 2 and loc[2] == "[key]":
@@ -495,6 +502,7 @@ def parse_experiment(
     repeated += [FieldProblem(field=f"Hyperparameters.{key}", message=_REPEATED)
                  for key in getattr(data.get("Hyperparameters"), "duplicates", [])]
     context = {
+        "platform": data.get("Platform", config.default_platform()),  # for Tuning.Parallel's platform limit
         "datasets": set(datasets) if datasets is not None else None,
         "platforms": tuple(platforms) if platforms is not None else None,
     }

@@ -1,0 +1,118 @@
+"""The Tuning block: every problem at once, each naming its field; plain files unchanged; the schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mmp.experiment import ExperimentError, json_schema, parse_experiment
+from mmp.tuning.spec import parallel_limit
+
+BASE = {"Platform": "local", "Dataset_Name": "digits", "Training_Instance": "local",
+        "Hyperparameters": "{'epochs': '3', 'batch-size': '32'}"}
+
+
+def parse(tuning: dict, **base):
+    return parse_experiment(json.dumps({**BASE, **base, "Tuning": tuning}), datasets=["digits"])
+
+
+def problems(tuning: dict, **base) -> dict[str, str]:
+    with pytest.raises(ExperimentError) as info:
+        parse(tuning, **base)
+    return {p.field: p.message for p in info.value.problems}
+
+
+def test_plain_experiment_files_are_unchanged():
+    experiment = parse_experiment(json.dumps(BASE), datasets=["digits"])
+    assert experiment.tuning is None
+    assert experiment.hyperparameters == {"epochs": "3", "batch-size": "32"}
+
+
+def test_a_full_block_is_read_with_inferred_types():
+    tuning = parse({
+        "Objective_Metric": "val_accuracy", "Direction": "maximize", "Strategy": "bayesian", "Max_Runs": "12",
+        "Parallel": 2, "Early_Stopping": True,
+        "Ranges": {"lr": {"Min": 0.0001, "Max": 0.1, "Scale": "log"}, "epochs": {"Min": 2, "Max": 8},
+                   "optimizer": {"Values": ["sgd", "adam"]}, "momentum": {"Min": "0.5", "Max": "0.99"}},
+    }).tuning
+    assert tuning.max_runs == 12 and tuning.total_runs == 12 and tuning.parallel == 2
+    kinds = {name: r.kind for name, r in tuning.ranges.items()}
+    assert kinds == {"lr": "float", "epochs": "integer", "optimizer": "categorical", "momentum": "float"}
+
+
+def test_every_problem_is_reported_at_once_naming_the_field():
+    found = problems({
+        "Objective_Metric": "val acc!", "Strategy": "random", "Max_Runs": 3, "Parallel": 4,
+        "Ranges": {"lr": {"Min": 0.1, "Max": 0.01}, "wd": {"Min": 0.0, "Max": 1.0, "Scale": "log"},
+                   "opt": {"Values": []}},
+    })
+    assert "not a valid MLflow metric key" in found["Tuning.Objective_Metric"]
+    assert found["Tuning.Ranges.lr"] == "Min (0.1) must be below Max (0.01)"
+    assert "log scale needs Min above 0" in found["Tuning.Ranges.wd"]
+    assert "non-empty Values" in found["Tuning.Ranges.opt"]
+    assert "more than the 3 trial(s)" in found["Tuning.Parallel"]
+
+
+def test_grid_refuses_float_ranges_and_a_budget_that_is_not_the_grid():
+    found = problems({"Objective_Metric": "loss", "Strategy": "grid", "Max_Runs": 3,
+                      "Ranges": {"lr": {"Min": 0.01, "Max": 0.1}, "n": {"Values": [1, 2]}}})
+    assert "lr is a float range" in found["Tuning.Ranges"]
+    found = problems({"Objective_Metric": "loss", "Strategy": "grid", "Max_Runs": 3,
+                      "Ranges": {"bs": {"Min": 1, "Max": 2}, "opt": {"Values": ["x", "y"]}}})
+    assert "each of the 4 combinations once" in found["Tuning.Max_Runs"]
+
+
+def test_random_and_bayesian_need_a_budget():
+    assert "is required for Strategy random" in problems(
+        {"Objective_Metric": "loss", "Strategy": "random", "Ranges": {"bs": {"Min": 1, "Max": 2}}})["Tuning.Max_Runs"]
+
+
+def test_parallel_is_capped_by_the_platform():
+    limit = parallel_limit("local")
+    found = problems({"Objective_Metric": "loss", "Strategy": "random", "Max_Runs": 100, "Parallel": limit + 1,
+                      "Ranges": {"bs": {"Min": 1, "Max": 2}}})
+    assert f"above the local limit of {limit}" in found["Tuning.Parallel"]
+    assert parallel_limit("dlami") == 4 and parallel_limit("some-plugin") == 1
+
+
+@pytest.mark.parametrize("name, message", [
+    ("--lr", "bad name"), ("a", "ambiguous abbreviation to horovodrun"),
+])
+def test_range_names_follow_the_hyperparameter_rules(name, message):
+    found = problems({"Objective_Metric": "loss", "Strategy": "random", "Max_Runs": 2,
+                      "Ranges": {name: {"Min": 1, "Max": 2}}})
+    assert message in found["Tuning.Ranges"]
+
+
+def test_unknown_tuning_fields_are_named():
+    found = problems({"Objective_Metric": "loss", "Strategy": "random", "Max_Runs": 2, "Trials": 5,
+                      "Ranges": {"lr": {"Min": 1, "Max": 2, "Scaling": "log"}}})
+    assert set(found) == {"Tuning.Trials", "Tuning.Ranges.lr.Scaling"}
+
+
+def test_schema_describes_the_block_and_validate_names_fields(tmp_path):
+    schema = json_schema()
+    assert "Tuning" in schema["properties"] and {"Tuning", "Range"} <= set(schema["$defs"])
+    assert set(schema["$defs"]["Tuning"]["properties"]) >= {"Objective_Metric", "Strategy", "Ranges", "Parallel"}
+    path = tmp_path / "experiment.json"
+    path.write_text(json.dumps({**BASE, "Tuning": {"Objective_Metric": "loss", "Strategy": "grid",
+                                                   "Ranges": {"x": {"Min": 0.5, "Max": 1.5}}}}))
+    out = subprocess.run([sys.executable, "-m", "mmp", "validate", str(path), "--no-catalogue", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    fields = {p["field"] for p in json.loads(out.stdout)["problems"]}
+    assert fields == {"Tuning.Ranges"}
+
+
+def test_the_readme_example_block_validates():
+    from pathlib import Path
+
+    from mmp.experiment import load_experiment
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "fashion" / "experiment.tuning.json"
+    tuning = load_experiment(path, datasets=["digits"]).tuning
+    assert tuning.strategy == "bayesian" and set(tuning.ranges) == {"lr", "batch-size"}
+    assert tuning.ranges["lr"].scale == "log" and tuning.ranges["batch-size"].kind == "categorical"
