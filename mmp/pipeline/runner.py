@@ -177,14 +177,18 @@ class Pipeline:
         if self.store is not None:
             self.store.add(run_id=run_id, experiment=name, repository=trigger.repository, commit_sha=trigger.commit,
                            platform=experiment.platform, delivery_id=trigger.delivery_id, run_url=run_url)
-        request = LaunchRequest(
-            experiment=experiment, experiment_name=name, run_id=run_id, repository=trigger.repository,
-            clone_url=trigger.clone_url, commit=trigger.commit,
-            mlflow_env=mlflow_env(self.tracker.tracking_uri, name, run_id), dataset=prepared.dataset,
-            delivery_id=trigger.delivery_id,
-        )
+        request = self.launch_request(trigger, prepared, name, run_id)
         self.report_status(trigger, "pending", f"training on {experiment.platform}", run_url)
         return Started(run_id=run_id, run_url=run_url, request=request)
+
+    def launch_request(self, trigger: Trigger, prepared: Prepared, experiment_name: str, run_id: str) -> LaunchRequest:
+        """What the backend gets to run `prepared` as the MLflow run `run_id`."""
+        return LaunchRequest(
+            experiment=prepared.experiment, experiment_name=experiment_name, run_id=run_id,
+            repository=trigger.repository, clone_url=trigger.clone_url, commit=trigger.commit,
+            mlflow_env=mlflow_env(self.tracker.tracking_uri, experiment_name, run_id), dataset=prepared.dataset,
+            delivery_id=trigger.delivery_id,
+        )
 
     def conclude(self, trigger: Trigger, started: Started, status: JobStatus, log_text: str | None) -> Outcome:
         """End the MLflow run from the backend's outcome, then report and notify."""
@@ -214,8 +218,11 @@ class Pipeline:
             return self.reject(trigger, [f"could not read the commit: {exc}"], state="ERROR")
         if isinstance(prepared, Outcome):
             return prepared
+        if prepared.experiment.tuning is not None:
+            from ..tuning.study import run_study  # Optuna is imported only for studies
+
+            return run_study(self, trigger, prepared)
         started = self.start(trigger, prepared)
-        backend = prepared.backend
         lines: collections.deque[str] = collections.deque(maxlen=LOG_KEEP_LINES)
 
         def sink(line: str) -> None:
@@ -223,6 +230,18 @@ class Pipeline:
             if self.on_log:
                 self.on_log(line)
 
+        status, interrupted = self.execute(prepared.backend, started, sink)
+        outcome = self.conclude(trigger, started, status, "\n".join(lines))
+        if interrupted is not None:
+            raise interrupted
+        return outcome
+
+    def execute(self, backend: Backend, started: Started, sink: Callable[[str], None],
+                deadline: float | None = None) -> tuple[JobStatus, BaseException | None]:
+        """Launch, follow to the end (Max_Runtime or `deadline`, whichever comes first), always tear down.
+
+        Returns the final status, and the Ctrl-C/SystemExit that interrupted it (for the caller to
+        re-raise once the run is concluded)."""
         handle: JobHandle | None = None
         status = JobStatus(JobState.FAILED, "did not start")
         interrupted: BaseException | None = None
@@ -232,8 +251,8 @@ class Pipeline:
                 self.store.update(started.run_id, state="RUNNING", handle=handle.to_dict())
             if self.on_launch:
                 self.on_launch(started.run_id, handle)
-            deadline = time.time() + prepared.experiment.runtime_minutes * 60
-            status = backend.wait(handle, on_log=sink, deadline=deadline)
+            limit = time.time() + started.request.experiment.runtime_minutes * 60
+            status = backend.wait(handle, on_log=sink, deadline=limit if deadline is None else min(limit, deadline))
         except (KeyboardInterrupt, SystemExit) as exc:
             interrupted = exc
             if handle is not None:
@@ -251,7 +270,4 @@ class Pipeline:
                 except Exception as exc:  # surfaced, never swallowed silently
                     log.error("teardown of %s failed: %s", handle.job_id, exc)
                     status.message += f" (teardown failed: {exc})"
-        outcome = self.conclude(trigger, started, status, "\n".join(lines))
-        if interrupted is not None:
-            raise interrupted
-        return outcome
+        return status, interrupted
