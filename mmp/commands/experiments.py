@@ -201,9 +201,14 @@ def cancel(run_id: str) -> None:
     """Stop a run and everything it started; the pipeline then marks it KILLED."""
     from ..backends import JobHandle, get_backend
 
+    from ..tuning import control as study_control
+
     record = _record(run_id)
     if record.state not in ("PENDING", "RUNNING"):
         fail(f"run {record.run_id} is already {record.state}", 1)
+    if study_control.request_cancel(record.run_id):
+        console().print(f"cancel sent to study {record.run_id}: its running trials stop and it ends as KILLED")
+        return
     if not record.handle:
         fail(f"run {record.run_id} has no job to cancel yet", 1)
     handle = JobHandle.from_dict(record.handle)

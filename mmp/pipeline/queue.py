@@ -133,6 +133,11 @@ class JobQueue:
         self._db().execute("UPDATE jobs SET state = ?, message = ?, finished_at = ? WHERE delivery_id = ?",
                            (state, message[:2000], time.time(), delivery_id))
 
+    def requeue(self, delivery_id: str) -> None:
+        """Put a job a dead worker left running back in line (a study resumes; it re-runs no trial)."""
+        self._db().execute("UPDATE jobs SET state = 'queued', worker = NULL, started_at = NULL "
+                           "WHERE delivery_id = ? AND state = 'running'", (delivery_id,))
+
     def running(self) -> list[QueuedJob]:
         rows = self._db().execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY started_at").fetchall()
         return [_row(r) for r in rows]

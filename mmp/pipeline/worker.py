@@ -5,7 +5,9 @@ even on `kill -9`). So when a worker starts, any job still marked `running` lost
 worker mid-flight: it is marked failed (never re-run, since training may already
 have started), its MLflow run is set FAILED, whatever it left running is killed,
 and the commit gets an `error` status and a notification. Queued jobs then run
-exactly once, oldest first. A push that changed `promote.json` is handed to
+exactly once, oldest first. A study (an experiment with a Tuning block) is the
+exception: it is put back in the queue and resumes, replacing the trials that were
+running (mmp.tuning.study). A push that changed `promote.json` is handed to
 `mmp.models.gitops.run_promotion`; one that changed an experiment file trains.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import config
+from ..tuning import control as study_control
 from ..webhook.core import Job
 from .queue import JobQueue, QueuedJob, worker_id
 from .reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter
@@ -173,6 +176,10 @@ class Worker:
         recovered = []
         for queued in self.queue.running():
             job = Job.from_dict(queued.payload)
+            if job.trains and study_control.resumable(job.delivery_id):
+                log.warning("job %s is a study; it resumes where it was", job.delivery_id)
+                self.queue.requeue(job.delivery_id)
+                continue
             log.warning("job %s (%s@%s) was interrupted; marking it failed", job.delivery_id, job.repository,
                         job.after[:12])
             run_ids = self._fail_runs(job.delivery_id, queued.run_id)

@@ -1,0 +1,453 @@
+"""Run a study: Optuna asks for hyperparameters, each trial is an ordinary MMP run, Optuna is told how it did.
+
+Why ask/tell and not `study.optimize`: a trial is a backend job (minutes to hours,
+maybe on another machine). This loop launches up to `Parallel` of them through the
+same `Pipeline.execute` a single run uses, follows each in a thread, feeds the
+objective's intermediate values from MLflow to the pruner, stops pruned trials with
+the backend's `cancel`, and tells Optuna each final value. So every platform,
+plugins included, can be tuned without backend code.
+
+Optuna's state lives in SQLite (`$MMP_HOME/studies.db`), so a restarted worker
+resumes the same study: a trial that was running when the worker died is failed
+(processes torn down, MLflow run ended) and replaced by a new trial with the same
+hyperparameters; it is never continued and never counted twice.
+
+In MLflow the study is one parent run (strategy, ranges, best trial, value and
+parameters) with each trial a child run (`mlflow.parentRunId`), tagged with its
+number and state.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import config
+from ..backends import JobHandle, JobState, JobStatus
+from ..pipeline.runner import LOG_KEEP_LINES, Outcome, Pipeline, Prepared, Started
+from ..pipeline.sources import Trigger
+from . import control
+from .spec import Tuning
+
+if TYPE_CHECKING:  # pragma: no cover
+    import optuna
+
+log = logging.getLogger("mmp.tuning")
+
+STUDIES_DB = "studies.db"
+PRUNER_STARTUP_TRIALS = 2  # the median needs a few finished trials before it may prune
+INTERRUPTED_TRIAL = "interrupted: the worker stopped while this trial ran; replaced by a new trial"
+ATTR_PARENT = "mmp.parent_run_id"
+ATTR_STARTED = "mmp.started_at"
+ATTR_INTERRUPTED = "mmp.interrupted_trials"
+ATTR_RUN = "mmp.run_id"
+
+TAG_STUDY = "mmp.study"  # "true" on the parent run
+TAG_PARENT = "mlflow.parentRunId"
+TAG_TRIAL = "mmp.trial.number"
+TAG_TRIAL_STATE = "mmp.trial.state"  # complete, pruned, failed, cancelled
+
+
+def storage_url() -> str:
+    return f"sqlite:///{config.mmp_home() / STUDIES_DB}"
+
+
+def study_name(trigger: Trigger) -> str:
+    return f"mmp-{trigger.delivery_id or trigger.commit}"
+
+
+def distributions(tuning: Tuning) -> dict[str, Any]:
+    """Optuna distributions for the ranges (ask() samples every one at once)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    result: dict[str, Any] = {}
+    for name, r in tuning.ranges.items():
+        if r.kind == "categorical":
+            result[name] = CategoricalDistribution(list(r.values or []))
+        elif r.kind == "integer":
+            result[name] = IntDistribution(int(r.min), int(r.max), log=r.scale == "log", step=int(r.step or 1))
+        else:
+            result[name] = FloatDistribution(float(r.min), float(r.max), log=r.scale == "log")
+    return result
+
+
+def make_sampler(tuning: Tuning):
+    """TPE for bayesian; random otherwise (a grid study enqueues every point, so its sampler never picks)."""
+    import optuna
+
+    if tuning.strategy == "bayesian":
+        startup = max(2, min(10, tuning.total_runs // 4))  # TPE models once a quarter of the budget is random
+        return optuna.samplers.TPESampler(seed=tuning.seed, n_startup_trials=startup)
+    return optuna.samplers.RandomSampler(seed=tuning.seed)
+
+
+def make_pruner(tuning: Tuning):
+    import optuna
+
+    if not tuning.early_stopping:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=0)
+
+
+def open_study(name: str, tuning: Tuning, storage: str | None = None) -> "optuna.Study":
+    """Create the study, or load it after a restart; a grid's points are enqueued once, in order."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=storage or storage_url(), load_if_exists=True,
+                                direction=tuning.direction, sampler=make_sampler(tuning), pruner=make_pruner(tuning))
+    if tuning.strategy == "grid":
+        for params in tuning.grid():
+            study.enqueue_trial(params, skip_if_exists=True)
+    return study
+
+
+def metric_history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs train.py logged for `key`, in step order (the latest write wins per step)."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
+        by_step[m.step] = (m.timestamp, m.value)
+    return [(step, value) for step, (_, value) in sorted(by_step.items())]
+
+
+@dataclasses.dataclass
+class TrialRun:
+    """One trial in flight: its Optuna trial, MLflow run, log and outcome."""
+
+    trial: Any  # optuna.Trial
+    started: Started
+    lines: collections.deque
+    status: JobStatus | None = None
+    reported_step: int | None = None
+    pruned: str | None = None  # why, once the pruner said stop
+    cancelled: bool = False
+
+
+class _Quiet:
+    """Trials report nothing to the commit or by e-mail: the study reports progress instead."""
+
+    def report(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def notify(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class StudyRunner:
+    def __init__(self, pipeline: Pipeline, trigger: Trigger, prepared: Prepared, *, poll_seconds: float = 1.0,
+                 storage: str | None = None):
+        assert prepared.experiment.tuning is not None
+        self.pipeline = pipeline
+        self.trigger = trigger
+        self.prepared = prepared
+        self.tuning: Tuning = prepared.experiment.tuning
+        self.backend = prepared.backend
+        self.tracker = pipeline.tracker
+        self.poll_seconds = poll_seconds
+        self.storage = storage
+        self.key = trigger.delivery_id or trigger.commit
+        self.name = study_name(trigger)
+        self.handles: dict[str, JobHandle] = {}
+        self.running: dict[int, TrialRun] = {}
+        self.finished: queue.Queue[TrialRun] = queue.Queue()
+        self.trials = Pipeline(tracker=pipeline.tracker, store=pipeline.store, reporter=_Quiet(), notifier=_Quiet(),
+                               backend_factory=pipeline.backend_factory, on_launch=self._on_launch)
+        self.deadline = 0.0
+        self.parent: Started | None = None
+        self._client = None
+
+    def history(self, run_id: str) -> list[tuple[int, float]]:
+        """The objective's values so far, through one MLflow client (a new one per call costs a store start-up)."""
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracker.tracking_uri)
+        return metric_history(self._client, run_id, self.tuning.objective_metric)
+
+    # -- the study's parent run ------------------------------------------------------
+    def _open_parent(self, study) -> Started:
+        """The parent run: made with the study, found again after a restart."""
+        run_id = study.user_attrs.get(ATTR_PARENT)
+        if run_id:
+            name = self.prepared.experiment.resolved_name(self.trigger.repository)
+            request = self.pipeline.launch_request(self.trigger, self.prepared, name, run_id)
+            return Started(run_id=run_id, run_url=self.tracker.run_url(run_id), request=request)
+        started = self.pipeline.start(self.trigger, self.prepared)
+        name = started.request.experiment_name
+        self.tracker.set_tags(started.run_id, {
+            TAG_STUDY: "true", "mlflow.runName": f"{name}-{self.trigger.commit[:7]}-study",
+            "mmp.tuning.objective": self.tuning.objective_metric, "mmp.tuning.direction": self.tuning.direction,
+            "mmp.tuning.strategy": self.tuning.strategy, "mmp.tuning.max_runs": str(self.tuning.total_runs),
+            "mmp.tuning.parallel": str(self.tuning.parallel),
+            "mmp.tuning.early_stopping": str(self.tuning.early_stopping).lower(),
+            "mmp.tuning.ranges": json.dumps(self.tuning.describe()["Ranges"]),
+        })
+        study.set_user_attr(ATTR_PARENT, started.run_id)
+        study.set_user_attr(ATTR_STARTED, time.time())
+        if self.pipeline.store is not None:
+            self.pipeline.store.update(started.run_id, state="RUNNING")
+        return started
+
+    # -- trials -----------------------------------------------------------------------
+    def _on_launch(self, run_id: str, handle: JobHandle) -> None:
+        self.handles[run_id] = handle  # called from the trial's thread; read by cancel in the loop
+
+    def _interrupted(self, study) -> set[int]:
+        return set(study.user_attrs.get(ATTR_INTERRUPTED, []))
+
+    def _replace_interrupted(self, study) -> None:
+        """Trials left running by a dead worker: tear down, fail, and enqueue the same parameters again."""
+        from optuna.trial import TrialState
+
+        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not stale:
+            return
+        study.set_user_attr(ATTR_INTERRUPTED, sorted(self._interrupted(study) | {t.number for t in stale}))
+        for t in stale:
+            run_id = t.user_attrs.get(ATTR_RUN)
+            if run_id:
+                self._end_interrupted_run(run_id)
+            study.tell(t.number, state=TrialState.FAIL)
+            study.enqueue_trial(t.params, user_attrs={"mmp.replaces": t.number})
+            log.warning("study %s: trial %d was interrupted; replaced", self.name, t.number)
+
+    def _end_interrupted_run(self, run_id: str) -> None:
+        store = self.pipeline.store
+        record = store.get(run_id) if store is not None else None
+        if record is not None and record.handle:
+            try:
+                handle = JobHandle.from_dict(record.handle)
+                self.pipeline.backend_factory(handle.platform).teardown(handle)
+            except Exception as exc:
+                log.error("could not tear down interrupted trial run %s: %s", run_id, exc)
+        try:
+            self.tracker.set_tags(run_id, {TAG_TRIAL_STATE: "failed"})
+            self.tracker.finish(run_id, JobState.FAILED, message=INTERRUPTED_TRIAL)
+        except Exception as exc:
+            log.error("could not end interrupted trial run %s: %s", run_id, exc)
+        if store is not None:
+            store.update(run_id, state="FAILED", message=INTERRUPTED_TRIAL)
+
+    def _counts(self, study) -> collections.Counter:
+        """Finished trials by state (interrupted ones were replaced and do not count)."""
+        skip = self._interrupted(study)
+        return collections.Counter(t.state.name for t in study.get_trials(deepcopy=False)
+                                   if t.state.is_finished() and t.number not in skip)
+
+    def _remaining(self, study) -> int:
+        return max(self.tuning.total_runs - sum(self._counts(study).values()) - len(self.running), 0)
+
+    def _launch_one(self, study, dists: dict[str, Any]) -> None:
+        from optuna.trial import TrialState
+
+        trial = study.ask(dists)
+        experiment = self.prepared.experiment
+        hyperparameters = {**experiment.hyperparameters, **trial.params}
+        prepared = Prepared(experiment=experiment.model_copy(update={"hyperparameters": hyperparameters,
+                                                                      "tuning": None}),
+                            backend=self.backend, dataset=self.prepared.dataset)
+        try:
+            started = self.trials.start(self.trigger, prepared)
+            self.tracker.set_tags(started.run_id, {
+                TAG_PARENT: self.parent.run_id, TAG_TRIAL: str(trial.number), TAG_TRIAL_STATE: "running",
+                "mlflow.runName": f"{started.request.experiment_name}-{self.trigger.commit[:7]}-trial-{trial.number}",
+            })
+        except Exception as exc:  # MLflow refused: the trial fails, the study goes on (or stops on failures)
+            log.error("study %s: could not create the run of trial %d: %s", self.name, trial.number, exc)
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        trial.set_user_attr(ATTR_RUN, started.run_id)
+        # Each trial is its own job on platforms that name jobs after the delivery (SageMaker).
+        started.request = dataclasses.replace(started.request,
+                                              delivery_id=f"{self.key}-trial-{trial.number}")
+        tr = TrialRun(trial=trial, started=started, lines=collections.deque(maxlen=LOG_KEEP_LINES))
+        self.running[trial.number] = tr
+        threading.Thread(target=self._follow, args=(tr,), name=f"trial-{trial.number}", daemon=True).start()
+
+    def _follow(self, tr: TrialRun) -> None:
+        """In the trial's thread: the same launch → wait → teardown as a single run."""
+        prefix = f"[trial {tr.trial.number}] "
+
+        def sink(line: str) -> None:
+            tr.lines.append(line)
+            if self.pipeline.on_log:
+                self.pipeline.on_log(prefix + line)
+
+        try:
+            tr.status, _ = self.trials.execute(self.backend, tr.started, sink, deadline=self.deadline)
+        except BaseException as exc:  # never lose a trial: the loop must hear of it
+            tr.status = JobStatus(JobState.FAILED, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.finished.put(tr)
+
+    def _cancel(self, tr: TrialRun) -> None:
+        handle = self.handles.get(tr.started.run_id)
+        if handle is None or tr.cancelled:
+            return  # not launched yet: the next tick tries again
+        tr.cancelled = True
+        try:
+            self.backend.cancel(handle)
+        except Exception as exc:
+            log.error("could not cancel trial %d: %s", tr.trial.number, exc)
+
+    def _prune(self) -> None:
+        """Report new intermediate values of running trials; cancel those the pruner rejects."""
+        if not self.tuning.early_stopping:
+            return
+        metric = self.tuning.objective_metric
+        for tr in list(self.running.values()):
+            if tr.pruned or tr.started.run_id not in self.handles:
+                continue
+            try:
+                history = self.history(tr.started.run_id)
+            except Exception as exc:
+                log.warning("could not read %s of trial %d: %s", metric, tr.trial.number, exc)
+                continue
+            for step, value in history:
+                if tr.reported_step is None or step > tr.reported_step:
+                    tr.trial.report(value, step)
+                    tr.reported_step = step
+            if tr.reported_step is not None and tr.trial.should_prune():
+                value = history[-1][1]
+                tr.pruned = (f"pruned at step {tr.reported_step}: {metric} {value:.4g} is worse than the "
+                             "median of earlier trials")
+                self._cancel(tr)
+
+    def _conclude_trial(self, study, tr: TrialRun) -> None:
+        """End the trial's MLflow run and tell Optuna: complete (with the final value), pruned or failed."""
+        from optuna.trial import TrialState
+
+        del self.running[tr.trial.number]
+        status = tr.status or JobStatus(JobState.FAILED, "no outcome")
+        metric = self.tuning.objective_metric
+        value = None
+        if tr.pruned:
+            status, state, tag = JobStatus(JobState.CANCELLED, tr.pruned), TrialState.PRUNED, "pruned"
+        elif status.state == JobState.SUCCEEDED:
+            try:
+                history = self.history(tr.started.run_id)
+            except Exception as exc:
+                history = []
+                status = JobStatus(JobState.FAILED, f"could not read {metric}: {exc}")
+            if history:
+                value = history[-1][1]
+                state, tag = TrialState.COMPLETE, "complete"
+            else:
+                status = JobStatus(JobState.FAILED, f"train.py logged no {metric!r} metric (the study's objective)")
+        if value is None and not tr.pruned:
+            state, tag = TrialState.FAIL, ("cancelled" if tr.cancelled else "failed")
+        try:
+            self.tracker.set_tags(tr.started.run_id, {TAG_TRIAL_STATE: tag})
+        except Exception as exc:
+            log.warning("could not tag trial %d: %s", tr.trial.number, exc)
+        self.trials.conclude(self.trigger, tr.started, status, "\n".join(tr.lines))
+        study.tell(tr.trial, value if state == TrialState.COMPLETE else None, state=state)
+        self._report_progress(study)
+
+    # -- progress and the end ----------------------------------------------------------
+    def _best(self, study):
+        try:
+            return study.best_trial
+        except ValueError:  # no complete trial yet
+            return None
+
+    def _report_progress(self, study) -> None:
+        done = sum(self._counts(study).values())
+        best = self._best(study)
+        text = f"{done}/{self.tuning.total_runs} trials"
+        if best is not None:
+            text += f", best {self.tuning.objective_metric} {best.value:.4g}"
+        self.pipeline.report_status(self.trigger, "pending", text, self.parent.run_url)
+
+    def _stop_reason(self, study) -> str | None:
+        if control.cancel_requested(self.key):
+            return "cancelled"
+        if time.time() > self.deadline:
+            return "stopped: Max_Runtime reached"
+        failed = self._counts(study).get("FAIL", 0)
+        if self.tuning.max_failures is not None and failed >= self.tuning.max_failures:
+            return f"{failed} trials failed (Max_Failures {self.tuning.max_failures})"
+        return None
+
+    def _final_status(self, study, stop: str | None) -> JobStatus:
+        counts = self._counts(study)
+        done = sum(counts.values())
+        parts = [f"{counts.get(k, 0)} {word}" for k, word in
+                 (("COMPLETE", "complete"), ("PRUNED", "pruned"), ("FAIL", "failed")) if counts.get(k)]
+        summary = f"{done}/{self.tuning.total_runs} trials ({', '.join(parts) or 'none finished'})"
+        best = self._best(study)
+        detail: dict[str, Any] = {}
+        if best is not None:
+            metric = self.tuning.objective_metric
+            summary += f", best {metric} {best.value:.4g} (trial {best.number})"
+            detail["metrics"] = {metric: best.value}
+            best_run = best.user_attrs.get(ATTR_RUN, "")
+            self.tracker.set_tags(self.parent.run_id, {
+                "mmp.tuning.best_trial": str(best.number), "mmp.tuning.best_value": repr(best.value),
+                "mmp.tuning.best_run_id": best_run, "mmp.tuning.best_params": json.dumps(best.params),
+            })
+        self.tracker.set_tags(self.parent.run_id, {f"mmp.tuning.trials_{k.lower()}": str(v)
+                                                   for k, v in counts.items()})
+        if stop in ("cancelled", "stopped: Max_Runtime reached"):
+            return JobStatus(JobState.CANCELLED, f"{stop} after {summary}", detail=detail)
+        if stop is not None:
+            return JobStatus(JobState.FAILED, f"{stop}; {summary}", detail=detail)
+        if best is None:
+            return JobStatus(JobState.FAILED, f"no trial completed: {summary}", detail=detail)
+        return JobStatus(JobState.SUCCEEDED, summary, detail=detail)
+
+    def run(self) -> Outcome:
+        control.register(self.key, self.name)
+        study = open_study(self.name, self.tuning, self.storage)
+        self.parent = self._open_parent(study)
+        control.set_parent(self.key, self.parent.run_id)
+        self._replace_interrupted(study)
+        self.deadline = float(study.user_attrs[ATTR_STARTED]) + self.prepared.experiment.runtime_minutes * 60
+        dists = distributions(self.tuning)
+        stop: str | None = None
+        try:
+            self._report_progress(study)
+            while True:
+                while not self.finished.empty():
+                    self._conclude_trial(study, self.finished.get())
+                stop = stop or self._stop_reason(study)
+                if stop:
+                    for tr in self.running.values():
+                        self._cancel(tr)
+                else:
+                    while len(self.running) < self.tuning.parallel and self._remaining(study) > 0:
+                        self._launch_one(study, dists)
+                    self._prune()
+                if not self.running and (stop or self._remaining(study) == 0):
+                    break
+                try:
+                    self._conclude_trial(study, self.finished.get(timeout=self.poll_seconds))
+                except queue.Empty:
+                    pass
+        except (KeyboardInterrupt, SystemExit):
+            # The worker is stopping: stop every trial, record each, end the study as cancelled.
+            while self.running:
+                for tr in self.running.values():
+                    self._cancel(tr)
+                try:
+                    self._conclude_trial(study, self.finished.get(timeout=self.poll_seconds))
+                except queue.Empty:
+                    pass
+            control.finish(self.key, "cancelled")
+            self.pipeline.conclude(self.trigger, self.parent, JobStatus(JobState.CANCELLED, "interrupted"), None)
+            raise
+        status = self._final_status(study, stop)
+        control.finish(self.key, {JobState.SUCCEEDED: "finished", JobState.CANCELLED: "cancelled"}
+                       .get(status.state, "failed"))
+        return self.pipeline.conclude(self.trigger, self.parent, status, None)
+
+
+def run_study(pipeline: Pipeline, trigger: Trigger, prepared: Prepared) -> Outcome:
+    """`Pipeline.run`'s path for an experiment with a Tuning block."""
+    return StudyRunner(pipeline, trigger, prepared).run()
