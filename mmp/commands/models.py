@@ -25,9 +25,12 @@ def compare(
     experiment: str = typer.Argument(..., help="MLflow experiment (by default the repository's name)."),
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m",
                                                help="Metric to show; repeat for more. The first one ranks the runs."),
-    mode: str = typer.Option("max", "--mode", help="max: higher is better; min: lower is better."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="max: higher is better; min: lower is better "
+                                                            "(default max, or the study's direction)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: the metric per run and against each "
-                                                              "varied hyperparameter."),
+                                                              "varied hyperparameter (per trial with --study)."),
+    study: Optional[str] = typer.Option(None, "--study", help="Only this study's trials (its parent run id or a "
+                                                             "prefix), ranked by its objective."),
     as_json: bool = typer.Option(False, "--json", help="Print the leaderboard as JSON."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1,
                                         help=f"Only the best N runs (the table shows {TABLE_ROWS} unless given)."),
@@ -37,7 +40,7 @@ def compare(
     from ..models.plot import PlotError, plot_leaderboard
 
     try:
-        board = leaderboard(experiment, metric or None, mode=mode, limit=limit)
+        board = leaderboard(experiment, metric or None, mode=mode, limit=limit, study=study)
         written = plot_leaderboard(board, plot) if plot else None
     except (CompareError, PlotError) as exc:
         fail(str(exc))
@@ -62,6 +65,8 @@ def promote(
     require: Optional[float] = typer.Option(None, "--require",
                                             help="Refuse unless the best run's metric reaches this value."),
     run_id: Optional[str] = typer.Option(None, "--run", help="Promote this run instead of the best one."),
+    study: Optional[str] = typer.Option(None, "--study", help="Promote this study's best trial (parent run id or "
+                                                             "prefix); --metric defaults to its objective."),
     model_name: Optional[str] = typer.Option(None, "--model-name",
                                              help="Registered model (default: $MMP_MODEL_NAME, else EXPERIMENT)."),
     rollback: bool = typer.Option(False, "--rollback", help="Give the alias back to its previous holder."),
@@ -77,6 +82,8 @@ def promote(
         if rollback:
             result = promotion.rollback(experiment, alias=alias, model_name=model_name, deployer=deployer)
         else:
+            if study:
+                metric, mode, run_id = _study_choice(experiment, study, metric, mode)
             if not metric:
                 fail("--metric is required: say which metric decides the best run (e.g. --metric val_accuracy)")
             result = promotion.promote(experiment, metric or "", mode=mode, alias=alias, require=require,
@@ -93,6 +100,20 @@ def promote(
     if result.deployment:
         d = result.deployment
         console().print(f"  SageMaker endpoint {d['endpoint']} {d['action']} ({d['endpoint_config']})")
+
+
+def _study_choice(experiment: str, study: str, metric: str | None, mode: str) -> tuple[str, str, str]:
+    """The metric, mode and run that promoting a study's best trial means."""
+    from ..models.compare import CompareError, make_client
+    from ..models.studies import best_trial, find_study, objective
+
+    try:
+        parent = find_study(make_client(), experiment, study)
+        objective_metric, objective_mode = objective(parent)
+        return metric or objective_metric, objective_mode, best_trial(parent)
+    except CompareError as exc:
+        fail(str(exc))
+        raise
 
 
 @app.command()

@@ -29,6 +29,9 @@ TAG_COMMIT = "mlflow.source.git.commit"
 TAG_PLATFORM = "mmp.platform"
 TAG_INSTANCE_TYPE = "mmp.instance_type"
 TAG_INSTANCE_COUNT = "mmp.instance_count"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_TRIAL = "mmp.trial.number"
+TAG_STUDY = "mmp.study"
 
 
 class CompareError(ValueError):
@@ -52,6 +55,9 @@ class Row:
     start_time: float | None  # seconds since the epoch
     duration_s: float | None
     instance_hours: float | None
+    parent_run_id: str | None = None  # a study's trial: its parent run
+    trial: int | None = None
+    study: bool = False  # a study's parent run (its metric is the best trial's)
 
     @property
     def instances(self) -> str:
@@ -76,10 +82,13 @@ class Leaderboard:
     metrics: list[str]
     varied_params: list[str]
     rows: list[Row] = field(default_factory=list)
+    study: str | None = None  # the parent run when the board is one study's trials
 
     def best(self) -> Row | None:
-        """The first row that has the sort metric (runs without it sort last)."""
+        """The first run (not a study's parent) that has the sort metric (runs without it sort last)."""
         for row in self.rows:
+            if row.study:
+                continue
             if self.metric is None or self.metric in row.metrics:
                 return row
         return None
@@ -175,27 +184,60 @@ def to_rows(runs: Sequence["Run"], metrics: Sequence[str], varied: Sequence[str]
             metrics={m: data.metrics[m] for m in metrics if m in data.metrics},
             start_time=start, duration_s=duration,
             instance_hours=None if duration is None else duration / 3600 * count,
+            parent_run_id=data.tags.get(TAG_PARENT), study=data.tags.get(TAG_STUDY) == "true",
+            trial=int(data.tags[TAG_TRIAL]) if data.tags.get(TAG_TRIAL, "").isdigit() else None,
         ))
     return rows
 
 
-def leaderboard(experiment: str, metrics: Sequence[str] | str | None = None, *, mode: str = "max",
+def group_studies(rows: list[Row]) -> list[Row]:
+    """Each study's trials right under its parent (in the board's order), ranks renumbered."""
+    shown = {row.run_id for row in rows}
+    trials: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.parent_run_id in shown:
+            trials.setdefault(row.parent_run_id, []).append(row)
+    grouped: list[Row] = []
+    for row in rows:
+        if row.parent_run_id not in shown:
+            grouped.append(row)
+            grouped.extend(trials.get(row.run_id, []))
+    for rank, row in enumerate(grouped, start=1):
+        row.rank = rank
+    return grouped
+
+
+def leaderboard(experiment: str, metrics: Sequence[str] | str | None = None, *, mode: str | None = "max",
                 limit: int | None = None, client: "MlflowClient | None" = None,
-                tracking_uri: str | None = None) -> Leaderboard:
+                tracking_uri: str | None = None, study: str | None = None) -> Leaderboard:
     """The experiment's runs, best first by the first metric (newest first when none is chosen).
 
-    With no metrics chosen, every metric any run logged is shown.
+    With no metrics chosen, every metric any run logged is shown. A study's trials are
+    listed under its parent run; `study` (a parent run id or prefix) shows that study's
+    trials alone, ranked by its objective unless a metric is given.
     """
     chosen = [metrics] if isinstance(metrics, str) else [m for m in (metrics or []) if m]
-    sort_metric = chosen[0] if chosen else None
-    clauses = order_by(sort_metric, mode)
     client = client or make_client(tracking_uri)
     exp_id = experiment_id(client, experiment)
-    runs = search_all(client, [exp_id], order=clauses, limit=limit)
+    filter_string, parent_id = "", None
+    if study:
+        from .studies import TAG_PARENT as parent_tag, find_study, objective
+
+        parent = find_study(client, experiment, study)
+        parent_id = parent.info.run_id
+        filter_string = f"tags.`{parent_tag}` = '{parent_id}'"
+        study_metric, study_mode = objective(parent)
+        chosen = chosen or [study_metric]
+        mode = mode or study_mode
+    mode = mode or "max"
+    sort_metric = chosen[0] if chosen else None
+    clauses = order_by(sort_metric, mode)
+    runs = search_all(client, [exp_id], filter_string=filter_string, order=clauses, limit=limit)
     shown = chosen or sorted({k for run in runs for k in run.data.metrics})
     varied = varied_params(runs)
     return Leaderboard(experiment=experiment, experiment_id=exp_id, metric=sort_metric, mode=mode,
-                       metrics=shown, varied_params=varied, rows=to_rows(runs, shown, varied))
+                       metrics=shown, varied_params=varied, rows=group_studies(to_rows(runs, shown, varied)),
+                       study=parent_id)
 
 
 # -- presentation ------------------------------------------------------------------
@@ -236,8 +278,13 @@ def table(board: Leaderboard, *, max_rows: int | None = None):
     t.add_column("inst-h", justify="right")
     best = board.best()
     for row in shown:
+        name = row.run_id[:8]
+        if row.study:
+            name += " (study)"
+        elif row.trial is not None:
+            name = f"{'' if board.study else '└ '}{name} #{row.trial}"
         t.add_row(
-            str(row.rank), row.run_id[:8], f"[{STATUS_STYLE.get(row.status, 'white')}]{row.status}[/]",
+            str(row.rank), name, f"[{STATUS_STYLE.get(row.status, 'white')}]{row.status}[/]",
             (row.commit or "—")[:7], row.platform or "—", row.instances, row.process_count,
             *(row.params.get(p, "—") for p in board.varied_params),
             *(_number(row.metrics.get(m)) for m in board.metrics),

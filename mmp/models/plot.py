@@ -1,4 +1,5 @@
-"""The leaderboard as a PNG: the metric per run, and the metric against each varied hyperparameter.
+"""The leaderboard as a PNG: the metric per run, and the metric against each varied hyperparameter;
+for one study, the objective per trial (with the best so far) and against each tuned parameter.
 
 Drawn with matplotlib's object API on the Agg canvas, so it works headless and never
 touches pyplot's global state (safe inside the long-running local stack).
@@ -33,7 +34,9 @@ def plot_leaderboard(board: Leaderboard, path: str | Path, *, dpi: int = 100) ->
     metric = board.metric
     if not metric:
         raise PlotError("--plot needs --metric: say which metric to draw")
-    rows = [r for r in board.rows if metric in r.metrics]
+    if board.study:
+        return plot_study(board, path, dpi=dpi)
+    rows = [r for r in board.rows if metric in r.metrics and not r.study]
     if not rows:
         raise PlotError(f"no run of {board.experiment!r} logged the metric {metric!r}")
     params = board.varied_params[:MAX_PARAM_PANELS]
@@ -53,9 +56,42 @@ def plot_leaderboard(board: Leaderboard, path: str | Path, *, dpi: int = 100) ->
     ax.set_xlabel("run (oldest → newest)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per run ({board.mode} is best)")
+    _against_params(axes[1:], params, rows, metric)
+    fig.suptitle(f"{board.experiment}: {len(rows)} runs with {metric}")
+    return _save(fig, path, dpi)
 
-    # The metric against each hyperparameter that varies.
-    for ax, name in zip(axes[1:], params):
+
+def plot_study(board: Leaderboard, path: str | Path, *, dpi: int = 100) -> Path:
+    """One study: the objective against the trial number (with the best so far), and against each tuned parameter."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric = board.metric
+    rows = sorted((r for r in board.rows if metric in r.metrics and r.trial is not None), key=lambda r: r.trial)
+    if not rows:
+        raise PlotError(f"no trial of study {board.study} logged the objective {metric!r} yet")
+    params = board.varied_params[:MAX_PARAM_PANELS]
+    fig = Figure(figsize=(PANEL_INCHES[0] * (1 + len(params)), PANEL_INCHES[1]), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 1 + len(params), squeeze=False)[0]
+    ax = axes[0]
+    numbers, values = [r.trial for r in rows], [r.metrics[metric] for r in rows]
+    pick = max if board.mode == "max" else min
+    best_so_far = [pick(values[: i + 1]) for i in range(len(values))]
+    ax.scatter(numbers, values, alpha=0.7, label="trial")
+    ax.step(numbers, best_so_far, where="post", color="tab:orange", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial ({board.mode} is best)")
+    ax.legend(fontsize=8)
+    _against_params(axes[1:], params, rows, metric)
+    fig.suptitle(f"{board.experiment}: study {board.study[:8]}, {len(rows)} trials")
+    return _save(fig, path, dpi)
+
+
+def _against_params(axes, params: list[str], rows, metric: str) -> None:
+    """The metric against each hyperparameter that varies (log axis over wide positive ranges)."""
+    for ax, name in zip(axes, params):
         have = [r for r in rows if name in r.params]
         values = [r.params[name] for r in have]
         ys = [r.metrics[metric] for r in have]
@@ -71,7 +107,9 @@ def plot_leaderboard(board: Leaderboard, path: str | Path, *, dpi: int = 100) ->
         ax.set_xlabel(name)
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} vs {name}")
-    fig.suptitle(f"{board.experiment}: {len(rows)} runs with {metric}")
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", dpi=dpi)

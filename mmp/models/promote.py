@@ -135,7 +135,8 @@ def choose(client: "MlflowClient", experiment: str, metric: str, mode: str, run_
                                  "nothing promoted")
         return run, ref, []
     finished = search_all(client, [exp_id], filter_string="attributes.status = 'FINISHED'", order=clauses)
-    runs = [r for r in finished if metric in r.data.metrics]
+    runs = [r for r in finished if metric in r.data.metrics
+            and r.data.tags.get("mmp.study") != "true"]  # a study's parent holds no model: its trials do
     if not runs:
         raise PromotionError(f"no FINISHED run of {experiment!r} logged the metric {metric!r}; nothing promoted")
     skipped: list[str] = []
