@@ -58,6 +58,10 @@ _BACKENDS: dict[str, Backend] = {}
 
 
 # -- wiring ---------------------------------------------------------------------------
+STUDY_MESSAGE = ("Tuning: hyperparameter studies run on the local stack and with `mmp run` for now; on AWS "
+                 "they need the pipeline's runner task (not deployed yet)")
+
+
 def pipeline_platforms() -> tuple[str, ...]:
     raw = os.environ.get("MMP_PIPELINE_PLATFORMS", "")
     return tuple(p.strip() for p in raw.split(",") if p.strip()) or DEFAULT_PLATFORMS
@@ -149,6 +153,8 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     except Exception as exc:  # GitHub unreachable, bad token, ...: the same answer as Pipeline.run
         log.warning("could not read %s@%s: %s", trigger.repository, trigger.commit[:12], exc)
         prepared = pipeline.reject(trigger, [f"could not read the commit: {exc}"], state="ERROR")
+    if not isinstance(prepared, Outcome) and prepared.experiment.tuning is not None:
+        prepared = pipeline.reject(trigger, [STUDY_MESSAGE])  # a study is many jobs: not one Lambda-driven job
     if isinstance(prepared, Outcome):
         state["outcome"] = outcome_to_dict(prepared)
         return state

@@ -185,6 +185,18 @@ def test_a_dlami_push_is_refused_with_the_reason(stack, make_repo):
     assert stack.statuses[-1]["state"] == "failure"
 
 
+def test_a_study_is_refused_on_aws_before_mlflow(stack, make_repo):
+    tuning = {"Objective_Metric": "val_accuracy", "Strategy": "grid", "Ranges": {"lr": {"Values": [0.1, 0.01]}}}
+    repo = make_repo(experiment=_experiment(Tuning=tuning), files={"train.py": OK_TRAIN})
+    sha = _sha(repo)
+    stack.serve(repo, sha)
+    state = aws_stages.prepare(_job(repo, sha))
+    assert state["accepted"] is False and "started" not in state
+    assert state["outcome"]["message"].startswith("Tuning: ") and "runner task" in state["outcome"]["message"]
+    assert stack.statuses[-1]["state"] == "failure"
+    assert _runs_for_commit(stack.mlflow, sha) == []
+
+
 def test_max_runtime_cancels_the_job(stack, make_repo):
     repo = make_repo(experiment=_experiment(Max_Runtime="1"), files={"train.py": SLOW_TRAIN})
     sha = _sha(repo)
