@@ -1,0 +1,151 @@
+"""Hyperparameter search: what a study costs per trial, and how fast TPE finds the best.
+
+1. Per-trial overhead of a study over single runs, side by side in one process: the
+   same tiny train.py (it logs the objective through MLflow) run K times with
+   `mmp run`'s path, then as a K-trial random study (Parallel 1) on the local
+   platform. Figure: (study seconds per trial) / (single-run seconds) - 1. Goal ≤ 5 %.
+2. Time to the best value on a synthetic objective with a known optimum (no training):
+   Optuna's TPE (what `Strategy: bayesian` uses, with MMP's start-up rule) against
+   random search, over several seeds: the median number of trials to come within 1 %
+   of the optimum's range, and the median best value after the budget.
+
+Run: .venv/bin/python bench/tuning.py [--trials 4] [--seeds 20] [--budget 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TRAIN = """
+import argparse
+p = argparse.ArgumentParser()
+for flag in ("--dataset-path", "--output-path", "--dataset"):
+    p.add_argument(flag)
+p.add_argument("--shift", type=float, default=0.0)
+a = p.parse_args()
+import mlflow
+with mlflow.start_run():
+    mlflow.log_metric("score", -abs(a.shift - 0.3), step=0)
+"""
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
+
+
+def make_repo(root: Path, experiment: dict) -> tuple[Path, str]:
+    repo = root / ("study" if "Tuning" in experiment else "single")
+    repo.mkdir()
+    (repo / "train.py").write_text(TRAIN)
+    (repo / "experiment.json").write_text(json.dumps(experiment))
+    env = {**os.environ, **GIT_ENV}
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "bench"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, env=env, capture_output=True)
+    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, env=env, capture_output=True,
+                         text=True).stdout.strip()
+    return repo, sha
+
+
+def overhead(trials: int) -> None:
+    home = Path(tempfile.mkdtemp(prefix="mmp-bench-tuning-"))
+    os.environ["MMP_HOME"] = str(home)
+    try:
+        from mmp.datasets import prepare_digits
+        from mmp.pipeline.runs import local_trigger, run_trigger
+
+        prepare_digits(home / "datasets" / "digits")
+        base = {"Platform": "local", "Dataset_Name": "digits", "Training_Instance": "local",
+                "Hyperparameters": {"shift": 0.5}}
+        single, single_sha = make_repo(home, base)
+        study, study_sha = make_repo(home, {**base, "Tuning": {
+            "Objective_Metric": "score", "Strategy": "random", "Max_Runs": trials, "Seed": 3,
+            "Ranges": {"shift": {"Min": 0.0, "Max": 1.0}}}})
+        run_trigger(local_trigger(single, single_sha))  # warm: MLflow's store, git, the page cache
+        singles = []
+        for _ in range(trials):
+            t0 = time.perf_counter()
+            outcome = run_trigger(local_trigger(single, single_sha))
+            singles.append(time.perf_counter() - t0)
+            assert outcome.ok, outcome.message
+        t0 = time.perf_counter()
+        outcome = run_trigger(local_trigger(study, study_sha))
+        study_s = time.perf_counter() - t0
+        assert outcome.ok, outcome.message
+        per_single = statistics.mean(singles)
+        per_trial = study_s / trials
+        print(f"single run: mean {per_single:.2f} s over {trials} (min {min(singles):.2f}, max {max(singles):.2f})")
+        print(f"study of {trials} trials: {study_s:.2f} s, {per_trial:.2f} s per trial")
+        print(f"per-trial overhead of the study: {100 * (per_trial / per_single - 1):+.1f} % (goal ≤ 5 %)")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def synthetic(params: dict) -> float:
+    """A 4-parameter objective with its maximum 0 at lr=1e-2, momentum=0.9, layers=4, opt='adam'."""
+    return -((math.log10(params["lr"]) + 2) ** 2 + 4 * (params["momentum"] - 0.9) ** 2
+             + 0.1 * (params["layers"] - 4) ** 2 + (0 if params["opt"] == "adam" else 0.5))
+
+
+def time_to_best(seeds: int, budget: int) -> None:
+    import optuna
+
+    from mmp.tuning.spec import Tuning
+    from mmp.tuning.study import distributions, make_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ranges = {"lr": {"Min": 1e-5, "Max": 1.0, "Scale": "log"}, "momentum": {"Min": 0.0, "Max": 0.99},
+              "layers": {"Min": 1, "Max": 12}, "opt": {"Values": ["sgd", "adam", "rmsprop"]}}
+    worst = synthetic({"lr": 1.0, "momentum": 0.0, "layers": 12, "opt": "sgd"})
+    target = 0.01 * worst  # within 1 % of the objective's range from the optimum (0)
+    print(f"\nsynthetic objective (optimum 0, worst {worst:.2f}); target ≥ {target:.3f}; "
+          f"budget {budget} trials; {seeds} seeds")
+    for strategy in ("random", "bayesian"):
+        reached, bests, seconds = [], [], []
+        for seed in range(seeds):
+            tuning = Tuning.model_validate({"Objective_Metric": "score", "Strategy": strategy, "Max_Runs": budget,
+                                            "Seed": seed, "Ranges": ranges})
+            study = optuna.create_study(direction="maximize", sampler=make_sampler(tuning))
+            dists = distributions(tuning)
+            t0, hit = time.perf_counter(), None
+            for n in range(budget):
+                trial = study.ask(dists)
+                value = synthetic(trial.params)
+                study.tell(trial, value)
+                if hit is None and value >= target:
+                    hit = n + 1
+            seconds.append(time.perf_counter() - t0)
+            reached.append(hit if hit is not None else budget + 1)
+            bests.append(study.best_value)
+        hits = sum(r <= budget for r in reached)
+        print(f"{strategy:>9}: reached the target in {hits}/{seeds} seeds; median trials to target "
+              f"{statistics.median(reached):.0f}{'+' if statistics.median(reached) > budget else ''}; "
+              f"median best {statistics.median(bests):.4f}; sampler time {statistics.median(seconds) * 1000:.0f} ms "
+              f"per study")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--budget", type=int, default=60)
+    parser.add_argument("--skip-overhead", action="store_true", help="only the synthetic comparison")
+    args = parser.parse_args()
+    if not args.skip_overhead:
+        overhead(args.trials)
+    time_to_best(args.seeds, args.budget)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Real studies on the local platform: real git, real horovodrun, real MLflow, Optuna's SQLite storage.
+
+The tiny train.py logs the objective `score` per step. Where a test needs trials to
+overlap or to be caught mid-flight, train.py waits for a file the test writes (with a
+deadline of its own), so nothing depends on timing luck.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mmp import config
+from mmp.pipeline.queue import JobQueue
+from mmp.pipeline.reporting import LocalStatusReporter
+from mmp.pipeline.runs import local_trigger, run_trigger
+from mmp.tuning.spec import Tuning
+from mmp.tuning.study import distributions, make_sampler
+from mmp.webhook.core import Job
+
+pytestmark = pytest.mark.horovod
+
+TRAIN = r'''
+import argparse, json, os, sys, time
+p = argparse.ArgumentParser()
+for flag in ("--dataset-path", "--output-path", "--dataset", "--opt", "--marks", "--gate"):
+    p.add_argument(flag, default="")
+p.add_argument("--units", type=int, default=1)
+p.add_argument("--shift", type=float, default=0.0)
+p.add_argument("--steps", type=int, default=2)
+p.add_argument("--together", type=int, default=0)
+a = p.parse_args()
+run_id = os.environ["MLFLOW_RUN_ID"]
+
+def wait_for(test, seconds=240):
+    deadline = time.time() + seconds
+    while not test():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+if a.marks:  # one file per run; O_EXCL: a run started twice would crash here
+    fd = os.open(os.path.join(a.marks, run_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, json.dumps({"pid": os.getpid(), "units": a.units, "opt": a.opt, "shift": a.shift}).encode()); os.close(fd)
+if a.opt == "crash":
+    sys.exit("error: this configuration always fails")
+overlap = 1.0
+if a.together:  # wait until that many trials have started: only true if they run at once
+    overlap = float(wait_for(lambda: len(os.listdir(a.marks)) >= a.together, 120))
+import mlflow
+score = a.units + (10 if a.opt == "b" else 0) - abs(a.shift - 0.3)
+with mlflow.start_run():
+    for step in range(a.steps):
+        mlflow.log_metric("score", score, step=step)
+        mlflow.log_metric("overlap", overlap, step=step)
+        if a.gate and step == 0:  # hold here until the test lets this run finish
+            wait_for(lambda: os.path.exists(os.path.join(a.gate, run_id)), 300)
+'''
+
+LOCAL = {"Platform": "local", "Dataset_Name": "digits", "Training_Instance": "local", "Instance_Count": "1"}
+
+
+@pytest.fixture
+def study_repo(make_repo, tmp_path, digits):
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks.mkdir()
+    gate.mkdir()
+
+    def _make(tuning: dict, hyperparameters: dict | None = None) -> Path:
+        experiment = {**LOCAL, "Hyperparameters": {"marks": str(marks), **(hyperparameters or {})},
+                      "Tuning": tuning}
+        return make_repo(name=f"study-{len(list(tmp_path.glob('study-*')))}", experiment=experiment,
+                         files={"train.py": TRAIN}, drop=("requirements.txt",))
+
+    _make.marks, _make.gate = marks, gate
+    return _make
+
+
+def mmp(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "mmp", *args], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def client() -> MlflowClient:
+    return MlflowClient(config.tracking_uri())
+
+
+def study_runs(parent_id: str):
+    parent = client().get_run(parent_id)
+    children = client().search_runs([parent.info.experiment_id],
+                                    filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return parent, sorted(children, key=lambda r: int(r.data.tags["mmp.trial.number"]))
+
+
+def head(repo: Path) -> str:
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def wait_until(test, seconds: float = 240, what: str = "condition"):
+    deadline = time.time() + seconds
+    while not test():
+        if time.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def marked(marks: Path) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text() or "{}") for p in marks.iterdir() if p.stat().st_size}
+
+
+def no_process_from(marks: Path) -> bool:
+    pids = {m["pid"] for m in marked(marks).values()}
+    return not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+
+
+# -- sampling: no training needed ----------------------------------------------------
+@pytest.mark.parametrize("strategy", ["random", "bayesian"])
+def test_random_and_tpe_sample_inside_the_ranges(strategy):
+    tuning = Tuning.model_validate({
+        "Objective_Metric": "score", "Strategy": strategy, "Max_Runs": 40, "Seed": 7,
+        "Ranges": {"lr": {"Min": 1e-4, "Max": 1e-1, "Scale": "log"}, "layers": {"Min": 2, "Max": 9, "Step": 7},
+                   "width": {"Min": 8, "Max": 512, "Scale": "log"}, "opt": {"Values": ["sgd", "adam", True]},
+                   "momentum": {"Min": 0.5, "Max": 0.99}}})
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(tuning))
+    dists = distributions(tuning)
+    seen = []
+    for _ in range(40):
+        trial = study.ask(dists)
+        params = trial.params
+        seen.append(params)
+        for name, value in params.items():
+            assert tuning.ranges[name].contains(value), (name, value)
+        assert isinstance(params["layers"], int) and params["layers"] in (2, 9)
+        assert isinstance(params["width"], int)
+        study.tell(trial, -abs(params["lr"] - 0.01))
+    lrs = sorted(p["lr"] for p in seen)
+    assert lrs[0] < 1e-3 < lrs[-1]  # log scale: small values are drawn as often as large ones
+    assert {p["opt"] for p in seen} == {"sgd", "adam", True}
+
+
+# -- real studies ---------------------------------------------------------------------
+def test_grid_over_2x2_runs_exactly_4_trials_under_one_parent(study_repo):
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid",
+                       "Ranges": {"units": {"Min": 1, "Max": 2}, "opt": {"Values": ["a", "b"]}}})
+    outcome = run_trigger(local_trigger(repo, head(repo)))
+    assert outcome.state == "SUCCEEDED", outcome.message
+    parent, trials = study_runs(outcome.run_id)
+    assert len(trials) == 4
+    assert sorted((t.data.params["units"], t.data.params["opt"]) for t in trials) == [
+        ("1", "a"), ("1", "b"), ("2", "a"), ("2", "b")]
+    assert {t.data.tags["mmp.trial.state"] for t in trials} == {"complete"}
+    assert {t.info.status for t in trials} == {"FINISHED"}
+    assert parent.info.status == "FINISHED" and parent.data.tags["mmp.study"] == "true"
+    assert parent.data.tags["mmp.tuning.strategy"] == "grid"
+    assert json.loads(parent.data.tags["mmp.tuning.best_params"]) == {"units": 2, "opt": "b"}
+    best = next(t for t in trials if t.info.run_id == parent.data.tags["mmp.tuning.best_run_id"])
+    assert best.data.metrics["score"] == parent.data.metrics["score"] == 11.7
+    assert "4/4 trials (4 complete), best score 11.7" in outcome.message
+    history = LocalStatusReporter().history(repo.name, head(repo))
+    descriptions = [h["description"] for h in history]
+    assert "2/4 trials, best score " in " ".join(descriptions)
+    assert history[-1]["state"] == "success" and "best score 11.7" in history[-1]["description"]
+
+    # mmp compare groups the trials under their parent; --study shows one study by its objective
+    experiment = parent.data.tags["mlflow.source.name"]
+    board = json.loads(mmp("compare", experiment, "--json"))
+    order = [(r["study"], r["parent_run_id"]) for r in board["rows"]]
+    assert order == [(True, None)] + [(False, parent.info.run_id)] * 4
+    png = Path(parent.info.artifact_uri.removeprefix("file://")).parent / "study.png"
+    board = json.loads(mmp("compare", experiment, "--study", parent.info.run_id[:10], "--plot", str(png), "--json"))
+    assert board["metric"] == "score" and board["study"] == parent.info.run_id
+    assert board["rows"][0]["trial"] == int(best.data.tags["mmp.trial.number"]) and len(board["rows"]) == 4
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # mmp promote --study takes the best trial (this train.py logs no model, so it says which run it chose)
+    out = subprocess.run([sys.executable, "-m", "mmp", "promote", experiment, "--study", parent.info.run_id[:10]],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 1 and f"run {best.info.run_id} logged no model" in out.stderr
+
+
+def test_early_stopping_prunes_a_trial_with_a_bad_intermediate_value(study_repo):
+    # Grid order is the Values order: two good trials, then one that logs a bad first value
+    # and holds; the median pruner must stop it through the backend's cancel.
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Early_Stopping": True,
+                       "Ranges": {"shift": {"Values": [0.3, 0.4, 9.0]}}},
+                      {"gate": str(study_repo.gate), "units": 1})
+
+    def release_good():
+        for run_id, mark in marked(study_repo.marks).items():
+            if mark["shift"] != 9.0:
+                (study_repo.gate / run_id).touch()
+        return False
+
+    stop = threading.Event()
+    releaser = threading.Thread(target=lambda: [release_good() or stop.wait(0.2) for _ in iter(stop.is_set, True)],
+                                daemon=True)
+    releaser.start()
+    try:
+        outcome = run_trigger(local_trigger(repo, head(repo)))
+    finally:
+        stop.set()
+    assert outcome.state == "SUCCEEDED", outcome.message
+    parent, trials = study_runs(outcome.run_id)
+    states = {float(t.data.params["shift"]): (t.data.tags["mmp.trial.state"], t.info.status) for t in trials}
+    assert states == {0.3: ("complete", "FINISHED"), 0.4: ("complete", "FINISHED"), 9.0: ("pruned", "KILLED")}
+    pruned = next(t for t in trials if t.data.tags["mmp.trial.state"] == "pruned")
+    assert "pruned at step 0" in pruned.data.tags["mmp.outcome"]
+    assert "1 pruned" in outcome.message
+    assert no_process_from(study_repo.marks)
+
+
+def test_parallel_2_runs_two_trials_at_once(study_repo):
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "random", "Max_Runs": 2, "Parallel": 2, "Seed": 1,
+                       "Ranges": {"shift": {"Min": 0.0, "Max": 1.0}}}, {"together": 2})
+    outcome = run_trigger(local_trigger(repo, head(repo)))
+    assert outcome.state == "SUCCEEDED", outcome.message
+    _, trials = study_runs(outcome.run_id)
+    assert len(trials) == 2
+    assert [t.data.metrics["overlap"] for t in trials] == [1.0, 1.0]  # each saw the other start first
+    for t in trials:
+        assert 0.0 <= float(t.data.params["shift"]) <= 1.0
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(study_repo):
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Ranges": {"opt": {"Values": ["crash", "a"]}}})
+    outcome = run_trigger(local_trigger(repo, head(repo)))
+    assert outcome.state == "SUCCEEDED", outcome.message
+    _, trials = study_runs(outcome.run_id)
+    assert [(t.data.params["opt"], t.data.tags["mmp.trial.state"]) for t in trials] == [
+        ("crash", "failed"), ("a", "complete")]
+    assert "1 complete, 1 failed" in outcome.message
+
+
+def test_failures_past_max_failures_end_the_study(study_repo):
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Max_Failures": 1,
+                       "Ranges": {"opt": {"Values": ["crash", "a", "b"]}}})
+    outcome = run_trigger(local_trigger(repo, head(repo)))
+    assert outcome.state == "FAILED"
+    assert "1 trials failed (Max_Failures 1)" in outcome.message
+    parent, trials = study_runs(outcome.run_id)
+    assert len(trials) == 1 and parent.info.status == "FAILED"
+
+
+def test_cancelling_the_parent_stops_every_trial(study_repo):
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "random", "Max_Runs": 6, "Parallel": 2,
+                       "Ranges": {"shift": {"Min": 0.0, "Max": 1.0}}}, {"gate": str(study_repo.gate)})
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(outcome=run_trigger(local_trigger(repo, head(repo)))))
+    runner.start()
+    try:
+        wait_until(lambda: len(marked(study_repo.marks)) >= 2, what="two trials running")
+        parent_id = json.loads(subprocess.run([sys.executable, "-m", "mmp", "runs", "--json"], capture_output=True,
+                                              text=True, check=True).stdout)
+        parent_id = next(r["run_id"] for r in parent_id if r["state"] == "RUNNING" and r["run_id"] not in
+                         {t for t in marked(study_repo.marks)})
+        out = subprocess.run([sys.executable, "-m", "mmp", "cancel", parent_id[:12]], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0 and "cancel sent to study" in out.stdout
+    finally:
+        runner.join(timeout=240)
+        if runner.is_alive():  # never leave trials behind: open every gate
+            for run_id in marked(study_repo.marks):
+                (study_repo.gate / run_id).touch()
+            runner.join(timeout=120)
+    outcome = result["outcome"]
+    assert outcome.state == "CANCELLED" and outcome.message.startswith("cancelled after")
+    parent, trials = study_runs(outcome.run_id)
+    assert parent.info.status == "KILLED"
+    assert len(trials) == 2 and {t.data.tags["mmp.trial.state"] for t in trials} == {"cancelled"}
+    assert {t.info.status for t in trials} == {"KILLED"}
+    assert no_process_from(study_repo.marks)
+
+
+def test_a_worker_killed_mid_study_resumes_without_running_a_trial_twice(study_repo, tmp_path):
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Ranges": {"units": {"Values": [1, 2]}}},
+                      {"gate": str(study_repo.gate)})
+    sha = head(repo)
+    JobQueue().submit(Job(repository=repo.name, clone_url=str(repo), before="0" * 40, after=sha,
+                          ref="refs/heads/main", delivery_id="study-delivery-1", trigger_files=["experiment.json"]),
+                      "digest-1")
+    logs = tmp_path / "worker.log"
+
+    def start_worker():
+        with open(logs, "ab") as out:
+            return subprocess.Popen([sys.executable, "-m", "mmp.pipeline.worker", "--poll", "0.2"], stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    first = start_worker()
+    second = None
+    try:
+        # Trial 0 (n=1) finishes; trial 1 (n=2) is caught holding at its gate when the worker dies.
+        def release(n):
+            for run_id, mark in marked(study_repo.marks).items():
+                if mark["units"] == n:
+                    (study_repo.gate / run_id).touch()
+        wait_until(lambda: release(1) or any(m["units"] == 2 for m in marked(study_repo.marks).values()),
+                   what="trial 1 to start")
+        interrupted = next(r for r, m in marked(study_repo.marks).items() if m["units"] == 2)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+
+        second = start_worker()
+        wait_until(lambda: len(marked(study_repo.marks)) == 3, what="the replacement trial to start")
+        replacement = next(r for r in marked(study_repo.marks) if r != interrupted and marked(study_repo.marks)[r]
+                           ["units"] == 2)
+        (study_repo.gate / replacement).touch()
+        wait_until(lambda: (JobQueue().get("study-delivery-1").state in ("done", "failed")), what="the study to end")
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
+    job = JobQueue().get("study-delivery-1")
+    assert job.state == "done", (job.message, logs.read_text()[-3000:])
+    parent_id = job.run_id
+    parent, trials = study_runs(parent_id)
+    assert [(t.data.params["units"], t.data.tags["mmp.trial.state"]) for t in trials] == [
+        ("1", "complete"), ("2", "failed"), ("2", "complete")]
+    assert trials[1].info.run_id == interrupted and "interrupted" in trials[1].data.tags["mmp.outcome"]
+    assert len(marked(study_repo.marks)) == 3  # three runs, each started once (O_EXCL marks)
+    assert "2/2 trials" in parent.data.tags["mmp.outcome"]
+    assert no_process_from(study_repo.marks)
