@@ -29,7 +29,7 @@ from mmp.tuning.spec import Tuning
 from mmp.tuning.study import distributions, make_sampler
 from mmp.webhook.core import Job
 
-pytestmark = pytest.mark.horovod
+pytestmark = [pytest.mark.horovod, pytest.mark.timeout(900)]  # several trials each: slow on a loaded machine
 
 TRAIN = r'''
 import argparse, json, os, sys, time
