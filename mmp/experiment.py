@@ -33,6 +33,7 @@ from .argv import (
     hyperparameter_args,
     shell_join,
 )
+from .numbers import whole_number
 from .tuning.spec import Tuning, field_path
 
 EXPERIMENT_FILES = config.EXPERIMENT_FILES
@@ -45,9 +46,6 @@ MAX_VALUE_CHARS = 2500
 # json/ast from recursing until Python gives up (RecursionError) on hostile input.
 MAX_NESTING = 16
 # ASCII digits only: Python's int() also reads "٣" (Arabic-Indic three) as 3.
-WHOLE_NUMBER_PATTERN = r"^ *[+-]?[0-9]{1,18} *$"
-_WHOLE_RE = re.compile(WHOLE_NUMBER_PATTERN)
-POSITIVE_NUMBER_PATTERN = r"^ *[+]?0*[1-9][0-9]{0,17} *$"  # the schema's string form of a count ≥ 1
 TAG_PROCESSES = "mmp.processes"
 TAG_PROCESSES_PER_HOST = "mmp.processes_per_host"
 AUTO_PROCESSES = "auto"  # one per GPU, decided on the instance (cloud platforms)
@@ -127,36 +125,6 @@ def _nesting_message() -> str:
 def _load_json(text: str | bytes) -> Any:
     """json.loads that keeps duplicate keys visible (call `_too_deep` first)."""
     return json.loads(text, object_pairs_hook=_json_object)
-
-
-def _strict_int(value: Any) -> Any:
-    """Accept 3 and "3" but not True, 1.5, "1.5", "abc" or "٣" (pydantic would take some)."""
-    if isinstance(value, bool):
-        raise ValueError("must be a whole number, not a boolean")
-    if isinstance(value, str):
-        if not _WHOLE_RE.fullmatch(value):
-            raise ValueError(f"must be a whole number written with the digits 0-9, got {value!r}")
-        return int(value)
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"must be a whole number, got {value!r}")
-        return int(value)
-    return value
-
-
-def _whole_number(minimum: int, maximum: int | None = None) -> Any:
-    """An int that may be written as the seed does ("1"); its schema says both forms,
-    with JSON Schema's own `minimum`/`maximum` (pydantic would leak `ge`/`le` here)."""
-    number: dict[str, Any] = {"type": "integer", "minimum": minimum}
-    if maximum is not None:
-        number["maximum"] = maximum
-    text = {"type": "string", "pattern": POSITIVE_NUMBER_PATTERN if minimum >= 1 else WHOLE_NUMBER_PATTERN}
-    return Annotated[
-        int,
-        BeforeValidator(_strict_int),
-        Field(ge=minimum, le=maximum),
-        WithJsonSchema({"anyOf": [number, text]}),
-    ]
 
 
 _HYPERPARAMETERS_FORMS = ('must be an object of name → value, as JSON ({"epochs": "40"}) '
@@ -273,7 +241,7 @@ class Experiment(BaseModel):
         description="Instance type, e.g. ml.p3.16xlarge (sagemaker), p3.8xlarge (dlami), local.",
         json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"},
     )
-    instance_count: _whole_number(1, 256) = Field(  # type: ignore[valid-type]
+    instance_count: whole_number(1, 256) = Field(  # type: ignore[valid-type]
         default=1, alias="Instance_Count", description="Hosts (instances) to train on."
     )
     hyperparameters: Annotated[
@@ -295,12 +263,12 @@ class Experiment(BaseModel):
         description="MLflow experiment; defaults to the repository's name.",
         json_schema_extra={"pattern": NAME_PATTERN},
     )
-    max_runtime: _whole_number(1) | None = Field(  # type: ignore[valid-type]
+    max_runtime: whole_number(1) | None = Field(  # type: ignore[valid-type]
         default=None,
         alias="Max_Runtime",
         description="Minutes before the job is stopped.",
     )
-    processes_per_host: _whole_number(1, 64) | None = Field(  # type: ignore[valid-type]
+    processes_per_host: whole_number(1, 64) | None = Field(  # type: ignore[valid-type]
         default=None, alias="Processes_Per_Host",
         description="Horovod ranks per host; the run has Instance_Count × Processes_Per_Host. "
                     "Default: 1 on the local platform, one per GPU on the cloud ones.",

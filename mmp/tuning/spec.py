@@ -14,8 +14,9 @@ import posixpath
 import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-from typing_extensions import Annotated
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from ..numbers import Number, whole_number
 
 STRATEGIES = ("grid", "random", "bayesian")
 DIRECTIONS = ("maximize", "minimize")
@@ -49,30 +50,6 @@ def metric_key_problem(name: str) -> str | None:
     return None
 
 
-def _number(value: Any) -> Any:
-    """Numbers as JSON numbers or ASCII numeric strings (the seed writes numbers as strings)."""
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not a boolean")
-    if isinstance(value, str):
-        text = value.strip()
-        if not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", text):
-            raise ValueError(f"must be a number, got {value!r}")
-        number = float(text)
-        return int(number) if re.fullmatch(r"[+-]?\d+", text) else number
-    return value
-
-
-def _whole(value: Any) -> Any:
-    value = _number(value)
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"must be a whole number, got {value!r}")
-        return int(value)
-    return value
-
-
-Number = Annotated[Union[int, float], BeforeValidator(_number)]
-Whole = Annotated[int, BeforeValidator(_whole)]
 Category = Union[bool, int, float, str]
 
 
@@ -170,16 +147,19 @@ class Tuning(BaseModel):
         description="grid (every combination once), random, or bayesian (Optuna's TPE).")
     ranges: dict[str, Range] = Field(alias="Ranges", min_length=1,
                                      description="Hyperparameter name → range; other hyperparameters stay fixed.")
-    max_runs: Whole | None = Field(default=None, alias="Max_Runs", ge=1, le=MAX_RUNS_CAP, validate_default=True,
+    max_runs: whole_number(1, MAX_RUNS_CAP) | None = Field(  # type: ignore[valid-type]
+                                   default=None, alias="Max_Runs", validate_default=True,
                                    description="Trials in all (grid: defaults to the grid's size).")
-    parallel: Whole = Field(default=1, alias="Parallel", ge=1, description="Trials running at once.")
+    parallel: whole_number(1) = Field(default=1, alias="Parallel",  # type: ignore[valid-type]
+                                      description="Trials running at once.")
     early_stopping: bool = Field(default=False, alias="Early_Stopping",
                                  description="Stop trials whose intermediate objective is below the median "
                                              "of earlier trials at the same step (Optuna's MedianPruner).")
-    max_failures: Whole | None = Field(default=None, alias="Max_Failures", ge=1,
+    max_failures: whole_number(1) | None = Field(default=None, alias="Max_Failures",  # type: ignore[valid-type]
                                        description="Stop and fail the study once this many trials failed "
                                                    "(default: it fails only if every trial failed).")
-    seed: Whole | None = Field(default=None, alias="Seed", description="Sampler seed, for repeatable studies.")
+    seed: whole_number(0) | None = Field(default=None, alias="Seed",  # type: ignore[valid-type]
+                                         description="Sampler seed, for repeatable studies.")
 
     @field_validator("objective_metric")
     @classmethod
