@@ -30,8 +30,13 @@ PROMOTE_FILE = "promote.json"
 TRIGGER_FILES = (*EXPERIMENT_FILES, PROMOTE_FILE)
 MAX_LISTED_COMMITS = 20  # a push payload may stop listing commits here: ask the compare API
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+_SIGNATURE_RE = re.compile(r"^sha256=[0-9a-fA-F]{64}$")
 _DELIVERY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BRANCH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]{0,254}$")  # never an option to git
+MAX_REF_CHARS = 1024
+MAX_JSON_DEPTH = 64  # GitHub's push payloads nest about 5 deep; a deeper body is not GitHub's
+# what `git check-ref-format` refuses anywhere in a ref: control characters, space, ~ ^ : ? * [ \ and "@{"
+_REF_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|@\{")
 
 
 @dataclass
@@ -135,9 +140,62 @@ def decode_body(body: bytes, content_type: str | None) -> Any:
         raise TypeError(f"Content-Type {kind!r} is not supported: use application/json "
                         "or application/x-www-form-urlencoded")
     try:
-        return json.loads(text)
+        payload = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:  # the C parser recurses once per nesting level
+        raise ValueError(f"body nests JSON deeper than {MAX_JSON_DEPTH} levels") from None
+    if json_depth(payload) > MAX_JSON_DEPTH:
+        raise ValueError(f"body nests JSON deeper than {MAX_JSON_DEPTH} levels")
+    return payload
+
+
+def ref_problem(ref: str) -> str | None:
+    """Why git would refuse `ref` (git check-ref-format's rules, and --branch's for refs/heads/), else None.
+
+    Checked in Python so a hostile ref such as `refs/heads/--upload-pack=x` never reaches a queue
+    or a git command line, without spawning git per delivery.
+    """
+    if not ref or len(ref) > MAX_REF_CHARS:
+        return f"must be 1 to {MAX_REF_CHARS} characters"
+    if not ref.startswith("refs/"):
+        return "must start with 'refs/'"
+    bad = _REF_FORBIDDEN_RE.search(ref)
+    if bad:
+        return f"contains {bad.group()!r} (git refuses control characters, space, ~ ^ : ? * [ \\ and @{{)"
+    if ".." in ref:
+        return "contains '..'"
+    if ref.endswith("/") or ref.endswith("."):
+        return "ends with '/' or '.'"
+    for part in ref.split("/"):
+        if not part:
+            return "has an empty path component ('//' or a trailing '/')"
+        if part.startswith("."):
+            return f"has a component starting with '.' ({part!r})"
+        if part.endswith(".lock"):
+            return f"has a component ending with '.lock' ({part!r})"
+    if ref.startswith("refs/heads/"):
+        branch = ref.removeprefix("refs/heads/")
+        if branch.startswith("-"):
+            return "names a branch starting with '-' (git reads it as an option)"
+        if branch == "HEAD":
+            return "names the branch 'HEAD'"
+    return None
+
+
+def json_depth(value: Any) -> int:
+    """How deep objects and arrays nest in parsed JSON (iterative: no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def net_changes(commits: list[Mapping[str, Any]]) -> dict[str, str]:
@@ -157,6 +215,10 @@ def _push_problems(payload: Any) -> list[str]:
     for key in ("ref", "before", "after"):
         if not isinstance(payload.get(key), str):
             problems.append(f"'{key}' is missing or not a string")
+    if isinstance(payload.get("ref"), str):
+        why = ref_problem(payload["ref"])
+        if why:
+            problems.append(f"'ref' {why}")
     for key in ("before", "after"):
         if isinstance(payload.get(key), str) and not _SHA_RE.match(payload[key]):
             problems.append(f"'{key}' must be a 40-character hex commit sha")
@@ -194,17 +256,28 @@ class WebhookHandler:
     def secret(self) -> str | bytes | None:
         return self._secret() if callable(self._secret) else self._secret
 
-    def handle(self, headers: Mapping[str, str] | Headers, body: bytes) -> Response:
+    def check_headers(self, headers: Mapping[str, str] | Headers) -> Response | None:
+        """The refusals that need no body: a server calls this before reading one (so an unsigned
+        25 MB request costs nothing), and `handle` calls it again."""
         h = headers if isinstance(headers, Headers) else Headers(headers)
-        if len(body) > MAX_BODY_BYTES:
-            return _bad(413, f"body is {len(body)} bytes; GitHub sends at most {MAX_BODY_BYTES}")
-        secret = self.secret()
-        if not secret:
+        if not self.secret():
             log.error("no webhook secret configured; refusing every delivery")
             return _bad(500, "the webhook secret is not configured")
         signature = h.get("X-Hub-Signature-256")
         if not signature:
             return _bad(401, "X-Hub-Signature-256 header is missing")
+        if not _SIGNATURE_RE.match(signature.strip()):
+            return _bad(401, "X-Hub-Signature-256 must be 'sha256=' and 64 hex digits")
+        return None
+
+    def handle(self, headers: Mapping[str, str] | Headers, body: bytes) -> Response:
+        h = headers if isinstance(headers, Headers) else Headers(headers)
+        if len(body) > MAX_BODY_BYTES:
+            return _bad(413, f"body is {len(body)} bytes; GitHub sends at most {MAX_BODY_BYTES}")
+        refused = self.check_headers(h)
+        if refused is not None:
+            return refused
+        secret, signature = self.secret(), h.get("X-Hub-Signature-256")
         if not verify_signature(secret, body, signature):
             return _bad(401, "X-Hub-Signature-256 does not match the body (wrong secret or altered body)")
         event = h.get("X-GitHub-Event")

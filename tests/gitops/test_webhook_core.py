@@ -262,3 +262,54 @@ def test_default_branch_that_looks_like_an_option_is_never_compared(queue, gh):
     payload["repository"]["default_branch"] = "--output=/tmp/pwned"
     assert deliver(handler, gh, payload).body["status"] == "ignored"
     assert seen == []
+
+
+# refs git would refuse (git check-ref-format, and --branch for refs/heads/) never reach the queue
+HOSTILE_REFS = [
+    "refs/heads/--upload-pack=touch /tmp/pwned", "refs/heads/--upload-pack=evil", "refs/heads/-x", "refs/heads/a..b", "refs/heads/a b",
+    "refs/heads/a~1", "refs/heads/a^", "refs/heads/a:b", "refs/heads/a?", "refs/heads/a*", "refs/heads/a[b",
+    "refs/heads/a\\b", "refs/heads/a@{1}", "refs/heads/.hidden", "refs/heads/x.lock", "refs/heads/a/", "refs/heads/a.",
+    "refs/heads//a", "refs/heads/a\x00b", "refs/heads/a\tb", "refs/heads/a\x7fb", "refs/heads/HEAD", "main",
+    "refs/heads/" + "x" * 1100,
+]
+GOOD_REFS = ["refs/heads/main", "refs/heads/feature/new-model", "refs/heads/v1.2_rc", "refs/heads/a-", "refs/heads/é",
+             "refs/heads/a@b", "refs/heads/feature/-x"]
+
+
+def git_accepts_branch_ref(ref: str) -> bool:
+    """The real git's verdict: `git check-ref-format --branch` on the branch part."""
+    if "\x00" in ref:
+        return False  # cannot even be passed as an argument
+    if not ref.startswith("refs/heads/"):
+        return False
+    return subprocess.run(["git", "check-ref-format", "--branch", ref.removeprefix("refs/heads/")],
+                          capture_output=True).returncode == 0 and \
+        subprocess.run(["git", "check-ref-format", ref], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("ref", HOSTILE_REFS)
+def test_refs_git_refuses_get_400_and_are_not_queued(handler, gh, queue, ref):
+    if len(ref) < 1000:
+        assert not git_accepts_branch_ref(ref), f"git accepts {ref!r}: the test case is wrong"
+    response = deliver(handler, gh, gh.with_files(PUSH, modified=["experiment.json"], ref=ref))
+    assert response.status == 400 and "'ref'" in response.body["error"], response.body
+    assert queue.counts()["queued"] == 0
+
+
+@pytest.mark.parametrize("ref", GOOD_REFS)
+def test_refs_git_accepts_are_queued(handler, gh, queue, ref):
+    assert git_accepts_branch_ref(ref)
+    response = deliver(handler, gh, gh.with_files(PUSH, modified=["experiment.json"], ref=ref))
+    assert response.status == 202 and response.body["job"]["ref"] == ref
+
+
+@pytest.mark.parametrize("kind", ["array", "object"])
+def test_deeply_nested_json_gets_400_not_a_crash(handler, gh, queue, kind):
+    nest = (b"[" * 100_000 + b"]" * 100_000) if kind == "array" else (b'{"a":' * 100_000 + b"1" + b"}" * 100_000)
+    for body in (nest, b'{"ref": ' + (b"[" * 200 + b"]" * 200) + b"}"):  # past the parser's limit, and past ours
+        response = handler.handle(gh.headers_for(body), body)
+        assert response.status == 400 and "nests JSON deeper than" in response.body["error"], response.body
+    form = b"payload=" + urllib.parse.quote(nest.decode()).encode()
+    response = handler.handle(gh.headers_for(form, content_type="application/x-www-form-urlencoded"), form)
+    assert response.status == 400 and "nests JSON deeper than" in response.body["error"]
+    assert queue.counts()["queued"] == 0
