@@ -6,26 +6,101 @@ supervisor, which then stops them in order: the server first (no new jobs), then
 the worker with SIGTERM (it cancels the job in flight, marks the MLflow run KILLED
 and exits), then MLflow; whatever ignores SIGTERM gets SIGKILL. A worker that dies
 is restarted, and on start it fails the job it was running (see mmp.pipeline.worker).
+
+One stack per MMP_HOME: `stack.lock` is flocked for the stack's life (the kernel
+releases it on any death), so a second `mmp up` is refused at once, naming the first.
+Each child runs under `mmp.childguard`, so it dies with this process even on
+`kill -9`; and should anything survive anyway, `stack.json` records each child's pid
+and start time, and the next `mmp up` stops what matches both (never a reused pid).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from typing import Callable
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
 
 from . import config
 
 log = logging.getLogger("mmp.localstack")
 
 STOP_GRACE_S = 20.0
+MLFLOW_GRACE_S = 10.0
+GUARD = Path(__file__).with_name("childguard.py")
+STACK_ID_ENV = "MMP_STACK_ID"  # inherited by everything the stack starts: finds leftovers after a crash
+
+
+class StackRunning(RuntimeError):
+    """Another `mmp up` holds this MMP_HOME (or its worker lock); the message names it."""
+
+
+def _lock_holder_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def running_stack_description(home: Path) -> str:
+    """`pid N, webhook URL, MLflow URL, up since T` from the running stack's stack.json (or its lock file)."""
+    try:
+        info = json.loads(config.local_stack_file().read_text())
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or not info.get("pid"):
+        try:
+            info = json.loads(_lock_holder_text(home / "stack.lock") or "{}")
+        except ValueError:
+            info = {}
+    parts = [f"pid {info.get('pid', '?')}"]
+    if info.get("webhook_url"):
+        parts.append(f"webhook {info['webhook_url']}")
+    if info.get("mlflow_url"):
+        parts.append(f"MLflow {info['mlflow_url']}")
+    if info.get("started"):
+        parts.append("up since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])))
+    return ", ".join(parts)
+
+
+def _process_started(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _same_process(record: Any) -> psutil.Process | None:
+    """The process a stack.json record names, only if its pid AND start time still match (no reused pid)."""
+    try:
+        proc = psutil.Process(int(record["pid"]))
+        if abs(proc.create_time() - float(record["started"])) < 0.05:
+            return proc
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        pass
+    return None
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def mlflow_server_argv(host: str, port: int) -> list[str] | None:
@@ -55,6 +130,52 @@ def _stop_process(proc: subprocess.Popen | None, name: str, grace: float = STOP_
     proc.wait(timeout=10)
 
 
+def _stop_orphan(proc: psutil.Process, grace: float) -> None:
+    """Stop a child (guard) of a dead stack: SIGTERM to it (its guard stops the group), SIGKILL to the group
+    if it outlives the guard's own grace period. Identity was checked by the caller, and is again before SIGKILL."""
+    started = proc.create_time()
+    try:
+        proc.terminate()
+        proc.wait(timeout=grace + 5)
+        return
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        pass
+    if _same_process({"pid": proc.pid, "started": started}) is not None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
+
+
+def _stop_stack_leftovers(stack_id: Any, started: Any) -> list[str]:
+    """Kill processes still carrying a dead stack's id in their environment (started after it: not reused)."""
+    if not isinstance(stack_id, str) or not stack_id or not isinstance(started, (int, float)):
+        return []
+    found = []
+    for proc in psutil.process_iter(["pid", "create_time", "name"]):
+        if proc.pid == os.getpid() or (proc.info["create_time"] or 0) < started - 0.05:
+            continue
+        try:
+            if proc.environ().get(STACK_ID_ENV) == stack_id:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    for proc in found:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    gone, alive = psutil.wait_procs(found, timeout=5)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return [f"{p.info['name']} (pid {p.pid})" for p in found]
+
+
 class LocalStack:
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, mlflow_port: int = 5000, *, ui: bool = True,
                  worker: bool = True, say: Callable[[str], None] = print):
@@ -63,6 +184,10 @@ class LocalStack:
         self.server = None
         self.worker_proc: subprocess.Popen | None = None
         self.mlflow_proc: subprocess.Popen | None = None
+        self.id = uuid.uuid4().hex
+        self.started = _process_started(os.getpid()) or time.time()
+        self._mlflow_url: str | None = None
+        self._lock_fh = None
         self._restarts: list[float] = []
         self._stop = threading.Event()
 
@@ -70,9 +195,68 @@ class LocalStack:
     def ui_url(self) -> str:
         return f"http://{self.host}:{self.mlflow_port}"
 
+    # -- one stack per MMP_HOME ----------------------------------------------------------
+    def _claim_home(self) -> None:
+        """Hold stack.lock for this stack's life, or refuse at once, naming the stack that holds it."""
+        home = config.mmp_home()
+        fh = open(home / "stack.lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise StackRunning(f"another `mmp up` is running on MMP_HOME={home} ({running_stack_description(home)}); "
+                               "stop it first (Ctrl-C in its terminal, or kill its pid)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "started": self.started}))
+        fh.flush()
+        self._lock_fh = fh
+
+    def _release_home(self) -> None:
+        if self._lock_fh is not None:
+            self._lock_fh.close()  # the kernel drops the flock; the file stays (deleting lock files races)
+            self._lock_fh = None
+
+    def _clean_up_after_dead_stack(self) -> None:
+        """Stop what an `mmp up` that died (kill -9, OOM) left running, after checking each is really its."""
+        path = config.local_stack_file()
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(old, dict):
+            old = {}
+        stopped = []
+        children = old.get("children")
+        for role, record in (children.items() if isinstance(children, dict) else ()):
+            proc = _same_process(record)
+            if proc is None:
+                continue
+            self.say(f"stopping the {role} left by an `mmp up` that died (pid {old.get('pid')}): pid {proc.pid}")
+            _stop_orphan(proc, float(record.get("grace") or STOP_GRACE_S))
+            stopped.append(f"{role} (pid {proc.pid})")
+        stopped += _stop_stack_leftovers(old.get("stack_id"), old.get("started"))
+        if stopped:
+            self.say(f"cleaned up after the `mmp up` that died (pid {old.get('pid')}): stopped {', '.join(stopped)}")
+        path.unlink(missing_ok=True)
+
+    def _check_worker_lock(self) -> None:
+        """A worker this stack did not start (e.g. `mmp worker`) holding the queue: say so now, not after 5 crashes."""
+        path = config.mmp_home() / "worker.lock"
+        with open(path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder_text(path) or "?"
+                raise StackRunning(f"another worker ({holder}) holds {path}; stop it first "
+                                   "(one worker per MMP_HOME)") from None
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -- children ------------------------------------------------------------------------
     def _child_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "MMP_WEBHOOK_SECRET"}
         env["MMP_HOME"] = str(config.mmp_home())
+        env[STACK_ID_ENV] = self.id
         if self.ui and "MMP_MLFLOW_UI_URL" not in env:
             env["MMP_MLFLOW_UI_URL"] = self.ui_url
         return env
@@ -82,17 +266,32 @@ class LocalStack:
         folder.mkdir(parents=True, exist_ok=True)
         return open(folder / f"{name}.log", "ab")
 
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], grace: float) -> subprocess.Popen:
+        """`argv` under mmp.childguard, in its own session: it dies with this process, even on kill -9."""
+        guarded = [sys.executable, "-I", "-S", str(GUARD), str(os.getpid()), str(int(grace)), "--", *argv]
+        with self._log_file(name) as out:
+            return subprocess.Popen(guarded, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
     def start_worker(self) -> None:
-        with self._log_file("worker") as out:
-            self.worker_proc = subprocess.Popen([sys.executable, "-m", "mmp.pipeline.worker"], env=self._child_env(),
-                                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+        self.worker_proc = self._spawn("worker", [sys.executable, "-m", "mmp.pipeline.worker"], self._child_env(),
+                                       STOP_GRACE_S)
+        self._publish()
 
     def start(self) -> "LocalStack":
         from .webhook.server import local_server
 
-        self.server = local_server(self.host, self.port).start()
+        self._claim_home()
+        try:
+            self._clean_up_after_dead_stack()
+            if self.run_worker:
+                self._check_worker_lock()
+            self.server = local_server(self.host, self.port).start()
+        except BaseException:
+            self._release_home()
+            raise
         self.port = self.server.port
+        self._publish()
         if self.run_worker:
             self.start_worker()
         if self.ui:
@@ -100,21 +299,37 @@ class LocalStack:
             if argv is None:
                 self.say(f"MLflow: using the tracking server at {config.tracking_uri()} (no local UI started)")
                 self.ui = False
+            elif _port_in_use(self.host, self.mlflow_port):
+                self.say(f"MLflow UI not started: {self.host}:{self.mlflow_port} is in use by another program "
+                         "(choose another with --mlflow-port)")
+                self.ui = False
             else:
                 env = self._child_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-                with self._log_file("mlflow") as out:
-                    self.mlflow_proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                                        stderr=subprocess.STDOUT, start_new_session=True)
-        self._publish(mlflow_url=None)
+                self.mlflow_proc = self._spawn("mlflow", argv, env, MLFLOW_GRACE_S)
+                self._publish()
         return self
 
-    def _publish(self, mlflow_url: str | None) -> None:
-        """stack.json: how `mmp run` finds this stack (and its MLflow server, once it answers)."""
-        config.local_stack_file().write_text(json.dumps({
-            "pid": os.getpid(), "webhook_url": f"http://{self.host}:{self.port}/webhook", "mlflow_url": mlflow_url}))
+    def _publish(self, mlflow_url: str | None = None) -> None:
+        """stack.json: how `mmp run` finds this stack (and its MLflow server, once it answers), and what
+        the next `mmp up` must stop should this one die without cleaning up (pid + start time of each child)."""
+        if mlflow_url is not None:
+            self._mlflow_url = mlflow_url
+        children = {}
+        for role, proc, grace in (("worker", self.worker_proc, STOP_GRACE_S),
+                                  ("mlflow", self.mlflow_proc, MLFLOW_GRACE_S)):
+            started = _process_started(proc.pid) if proc is not None and proc.poll() is None else None
+            if started is not None:
+                children[role] = {"pid": proc.pid, "started": started, "grace": grace}
+        path = config.local_stack_file()
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({
+            "pid": os.getpid(), "started": self.started, "stack_id": self.id,
+            "webhook_url": f"http://{self.host}:{self.port}/webhook", "mlflow_url": self._mlflow_url,
+            "children": children}))
+        tmp.replace(path)  # readers never see half a file
 
     def wait_for_ui(self, timeout: float = 90.0) -> bool:
-        """Wait until the MLflow server answers /health; then `mmp run` may track through it."""
+        """Wait until our MLflow server answers /health; then `mmp run` may track through it."""
         deadline = time.time() + timeout
         while time.time() < deadline and self.mlflow_proc is not None and self.mlflow_proc.poll() is None:
             try:
@@ -143,15 +358,20 @@ class LocalStack:
         if self.mlflow_proc is not None and self.mlflow_proc.poll() is not None and not self._stop.is_set():
             self.say(f"MLflow UI exited with {self.mlflow_proc.returncode}; see $MMP_HOME/logs/mlflow.log")
             self.mlflow_proc = None
+            self._publish()
 
     def stop(self) -> None:
         self._stop.set()
-        config.local_stack_file().unlink(missing_ok=True)
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-        _stop_process(self.worker_proc, "worker")
-        _stop_process(self.mlflow_proc, "mlflow server", grace=10)
+        try:
+            if self.server is not None:
+                self.server.stop()
+                self.server = None
+            _stop_process(self.worker_proc, "worker")
+            _stop_process(self.mlflow_proc, "mlflow server", grace=MLFLOW_GRACE_S)
+            if self._lock_fh is not None:
+                config.local_stack_file().unlink(missing_ok=True)
+        finally:
+            self._release_home()
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()

@@ -24,12 +24,14 @@ def up(
     import logging
 
     from .. import config
-    from ..localstack import LocalStack
+    from ..localstack import LocalStack, StackRunning
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     c = console()
     try:
         stack = LocalStack(host, port, mlflow_port, ui=ui, say=c.print).start()
+    except StackRunning as exc:
+        fail(str(exc), 1)
     except OSError as exc:
         fail(f"could not listen on {host}:{port}: {exc.strerror or exc}", 1)
     c.print(f"[bold]webhook[/]  http://{host}:{stack.port}/webhook   (health: /healthz)")

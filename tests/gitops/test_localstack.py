@@ -77,3 +77,175 @@ def test_up_serves_then_stops_cleanly(sig, mmp_home, secret_env, gh):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# -- faults: kill -9, a second `mmp up`, leftovers of a dead stack ------------------------------------
+
+@pytest.fixture
+def stray_processes(mmp_home):
+    """Teardown: kill every process this test started, found by its MMP_HOME (kill -9 orphans them)."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    strays = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("MMP_HOME") == str(mmp_home):
+                strays.append(proc)
+        except psutil.Error:
+            continue
+    for proc in strays:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(strays, timeout=10)
+
+
+def start_up(started: list, port: int, mlflow_port: int | None = None) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "mmp", "up", "--port", str(port)]
+    argv += ["--mlflow-port", str(mlflow_port)] if mlflow_port else ["--no-ui"]
+    proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    started.append(proc)
+    return proc
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            pytest.fail(f"{what}: not within {timeout}s")
+        time.sleep(0.2)
+
+
+def worker_lock_holder(home: Path) -> int | None:
+    """The pid of the worker holding worker.lock (its content is host:pid), None if the lock is free."""
+    import fcntl
+
+    path = home / "worker.lock"
+    if not path.exists():
+        return None
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            return int(fh.read().strip().rsplit(":", 1)[1])
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return None
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+@pytest.mark.slow
+def test_kill_9_of_up_takes_its_worker_and_mlflow_with_it_and_the_next_up_starts(mmp_home, secret_env,
+                                                                                 stray_processes):
+    port, mlflow_port = free_port(), free_port()
+    first = start_up(stray_processes, port, mlflow_port)
+    wait_for(f"http://127.0.0.1:{port}/healthz", first, 30)
+    wait_for(f"http://127.0.0.1:{mlflow_port}/health", first, 120)
+    wait_until(lambda: worker_lock_holder(mmp_home) is not None, 60, "the first worker holds its lock")
+    children = descendants(first.pid)
+    assert any("mlflow" in " ".join(c.cmdline()) for c in children)
+    first.kill()  # SIGKILL: no handler, no cleanup in mmp up itself
+    first.wait(timeout=10)
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert alive == [], [" ".join(p.cmdline())[:120] for p in alive]
+    assert worker_lock_holder(mmp_home) is None
+
+    second = start_up(stray_processes, port, mlflow_port)
+    wait_for(f"http://127.0.0.1:{port}/healthz", second, 30)
+    wait_for(f"http://127.0.0.1:{mlflow_port}/health", second, 120)
+    wait_until(lambda: worker_lock_holder(mmp_home) in {p.pid for p in descendants(second.pid)}, 60,
+               "the new stack's own worker holds the lock")
+    stack = json.loads(config.local_stack_file().read_text())
+    assert stack["pid"] == second.pid and stack["mlflow_url"] == f"http://127.0.0.1:{mlflow_port}"
+    assert stack["children"]["mlflow"]["pid"] in {p.pid for p in descendants(second.pid)}
+    children = descendants(second.pid)
+    second.send_signal(signal.SIGTERM)
+    out, _ = second.communicate(timeout=60)
+    assert second.returncode == 0 and "keeps dying" not in out, out
+    assert psutil.wait_procs(children, timeout=10)[1] == []
+
+
+def test_a_second_up_on_the_same_home_is_refused_at_once_naming_the_first(mmp_home, secret_env, stray_processes):
+    port = free_port()
+    first = start_up(stray_processes, port)
+    wait_for(f"http://127.0.0.1:{port}/healthz", first, 30)
+    before = config.local_stack_file().read_text()
+    second = start_up(stray_processes, free_port())
+    out, _ = second.communicate(timeout=30)  # at once: no waiting for a worker lock
+    assert second.returncode == 1, out
+    assert "another `mmp up` is running" in out and f"pid {first.pid}" in out
+    assert f"http://127.0.0.1:{port}/webhook" in out
+    assert config.local_stack_file().read_text() == before  # the first one's stack.json is untouched
+    assert get_json(f"http://127.0.0.1:{port}/healthz")["ok"]
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, out
+
+
+def start_worker_alone(started: list, home: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "mmp.pipeline.worker"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    started.append(proc)
+    wait_until(lambda: worker_lock_holder(home) == proc.pid, 60, "the lone worker holds the lock")
+    return proc
+
+
+def test_up_stops_what_a_dead_stack_left_only_after_checking_pid_and_start_time(mmp_home, secret_env,
+                                                                               stray_processes):
+    """A dead stack's worker that survived (no parent-death signal: another OS, an older mmp) is stopped;
+    a process that merely got a recorded pid back (different start time) is not touched."""
+    leftover = start_worker_alone(stray_processes, mmp_home)
+    bystander = subprocess.Popen(["sleep", "300"])
+    stray_processes.append(bystander)
+    config.local_stack_file().write_text(json.dumps({
+        "pid": 999999, "started": time.time() - 60, "stack_id": "dead-stack", "webhook_url": "x", "mlflow_url": None,
+        "children": {
+            "worker": {"pid": leftover.pid, "started": psutil.Process(leftover.pid).create_time(), "grace": 20},
+            "mlflow": {"pid": bystander.pid, "started": psutil.Process(bystander.pid).create_time() - 3600},
+        }}))
+    port = free_port()
+    up = start_up(stray_processes, port)
+    wait_for(f"http://127.0.0.1:{port}/healthz", up, 60)
+    assert leftover.wait(timeout=10) is not None  # stopped before the new stack served
+    assert bystander.poll() is None  # same pid, another start time: not ours, left alone
+    wait_until(lambda: worker_lock_holder(mmp_home) in {p.pid for p in descendants(up.pid)}, 60,
+               "the new stack's own worker holds the lock")
+    up.send_signal(signal.SIGTERM)
+    out, _ = up.communicate(timeout=60)
+    assert up.returncode == 0 and "cleaned up after the `mmp up` that died (pid 999999)" in out, out
+    assert "keeps dying" not in out
+
+
+def test_up_refuses_at_once_while_a_worker_it_did_not_start_holds_the_queue(mmp_home, secret_env, stray_processes):
+    lone = start_worker_alone(stray_processes, mmp_home)
+    up = start_up(stray_processes, free_port())
+    out, _ = up.communicate(timeout=30)
+    assert up.returncode == 1 and f":{lone.pid}" in out and "worker.lock" in out, out
+    assert lone.poll() is None  # not ours to stop
+
+
+def test_childguard_stops_the_whole_group_when_its_parent_is_killed(tmp_path, stray_processes):
+    """The guard's own contract, without `mmp up`: parent kill -9 → the command and its children get SIGTERM."""
+    marker = tmp_path / "pids"
+    command = f"sleep 300 & echo $! > {marker}; trap 'kill $!; exit 0' TERM; wait"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-I', '-S', {str(ROOT / 'mmp' / 'childguard.py')!r}, str(os.getpid()), "
+        f"'5', '--', 'sh', '-c', {command!r}], start_new_session=True)\n"
+        "time.sleep(300)\n")], env={**os.environ, "MMP_HOME": os.environ["MMP_HOME"]})
+    stray_processes.append(parent)
+    wait_until(lambda: marker.exists() and marker.read_text().strip(), 30, "the guarded command started")
+    group = descendants(parent.pid)
+    assert len(group) >= 3  # guard, sh, sleep
+    parent.kill()
+    parent.wait(timeout=10)
+    assert psutil.wait_procs(group, timeout=30)[1] == []
