@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "github" / "push-added-and-modified.json"
+FIXTURE = ROOT / "tests" / "fixtures" / "github" / "push-added-and-modified.json"
 SECRET = "bench-secret"
 sys.path.insert(0, str(ROOT))
 

@@ -173,6 +173,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         super().setup()
         self._reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader, 64 * 1024)
+        self._opened = time.monotonic()
         self._client = self.client_address[0]
         self._refusal = self.server.admit(self._client)
         limits = self.server.limits
@@ -191,9 +192,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _drain(self) -> None:
         """Read and drop an unread body (bounded) so closing does not reset the connection."""
+        limits = self.server.limits
         try:
             self.connection.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + self.server.limits.refusal_seconds
+            # as long as the request itself could have taken (a 25 MB body needs time), never under refusal_seconds
+            deadline = max(time.monotonic() + limits.refusal_seconds, self._opened + limits.request_seconds)
             left = min(self._unread, MAX_BODY_BYTES) + 65536
             while left > 0 and (wait := deadline - time.monotonic()) > 0:
                 self.connection.settimeout(wait)
