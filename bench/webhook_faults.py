@@ -30,36 +30,17 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "github" / "push-added-and-modified.json"
-SECRET = "bench-secret"
 sys.path.insert(0, str(ROOT))
 
-from mmp.webhook.core import MAX_BODY_BYTES, sign  # noqa: E402
+from mmp.webhook.core import MAX_BODY_BYTES  # noqa: E402
 from mmp.webhook.server import Limits  # noqa: E402
-
-_made = 0
-
-
-def pushes(n: int) -> list[tuple[bytes, dict]]:
-    """n signed pushes that change experiment.json, each with its own body and delivery id."""
-    global _made
-    base = json.loads(FIXTURE.read_text())
-    base["commits"][0]["modified"].append("experiment.json")
-    out = []
-    for _ in range(n):
-        _made += 1
-        base["after"] = f"{_made:040x}"
-        body = json.dumps(base).encode()
-        out.append((body, {"Content-Type": "application/json", "X-GitHub-Event": "push",
-                           "X-GitHub-Delivery": str(uuid.uuid4()), "X-Hub-Signature-256": sign(SECRET, body)}))
-    return out
+from webhook_ack import SECRET, deliveries as pushes, free_port  # noqa: E402  (bench/ is this script's folder)
 
 
 def post(port: int, body: bytes, headers: dict, source: str = "127.0.0.1", timeout: float = 60) -> str:
@@ -229,9 +210,7 @@ def main() -> None:
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="mmp-bench-faults-"))
     env = {**os.environ, "MMP_HOME": str(home), "MMP_WEBHOOK_SECRET": SECRET, "PYTHONPATH": str(ROOT)}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-c", (
         "from mmp.webhook.server import local_server; "
         f"s = local_server(port={port}); s.httpd.serve_forever()")], env=env)
