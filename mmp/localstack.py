@@ -226,6 +226,9 @@ class LocalStack:
             return
         if not isinstance(old, dict):
             old = {}
+        if _same_process(old) is not None:  # alive without the lock: an mmp from before stack.lock existed
+            raise StackRunning(f"another `mmp up` is running on MMP_HOME={config.mmp_home()} "
+                               f"({running_stack_description(config.mmp_home())}); stop it first")
         stopped = []
         children = old.get("children")
         for role, record in (children.items() if isinstance(children, dict) else ()):
