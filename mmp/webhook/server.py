@@ -179,32 +179,32 @@ class _RequestHandler(BaseHTTPRequestHandler):
         limits = self.server.limits
         self._reader.deadline = time.monotonic() + (limits.request_seconds if self._refusal is None
                                                     else limits.refusal_seconds)
-        self._unread = 0  # body bytes left on the socket when the answer went out
+        self._unread = 0  # body bytes not read when the answer went out (drained before closing)
 
     def finish(self) -> None:
         try:
-            super().finish()
             if self._unread:
                 self._drain()
+            super().finish()
         finally:
             if self._refusal is None:
                 self.server.leave(self._client)
 
     def _drain(self) -> None:
-        """Read and drop an unread body (bounded) so closing does not reset the connection."""
+        """Read and drop an unread body so closing does not reset the connection (a reset can destroy the
+        answer before the client reads it). Bounded by the request's own deadline, never under refusal_seconds."""
         limits = self.server.limits
         try:
-            self.connection.shutdown(socket.SHUT_WR)
-            # as long as the request itself could have taken (a 25 MB body needs time), never under refusal_seconds
-            deadline = max(time.monotonic() + limits.refusal_seconds, self._opened + limits.request_seconds)
-            left = min(self._unread, MAX_BODY_BYTES) + 65536
-            while left > 0 and (wait := deadline - time.monotonic()) > 0:
-                self.connection.settimeout(wait)
-                chunk = self.connection.recv(65536)
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client may read it now
+            self._reader.deadline = max(time.monotonic() + limits.refusal_seconds, self._opened + limits.request_seconds)
+            left = min(self._unread, 2 * MAX_BODY_BYTES)
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 65536))  # what the header read buffered first, then the socket
                 if not chunk:
                     break
                 left -= len(chunk)
-        except OSError:
+        except OSError:  # the deadline (TimeoutError) or the client went away
             pass
 
     def log_message(self, format: str, *args: Any) -> None:  # no headers, no bodies in logs
@@ -232,13 +232,13 @@ class _RequestHandler(BaseHTTPRequestHandler):
                    retry_after=retry)
 
     def _declared_length(self) -> int:
-        """The body a refused request may still send (drained, never read): its Content-Length, or the cap."""
+        """The body a refused request may still send (drained, never read): its Content-Length, or until it ends."""
         lengths = self.headers.get_all("Content-Length") or []
         if self.command == "GET" and not lengths:
             return 0
-        if len(lengths) == 1 and _DIGITS_RE.match(lengths[0].strip()):
+        if len(lengths) == 1 and _DIGITS_RE.match(lengths[0].strip()) and not self.headers.get("Transfer-Encoding"):
             return int(lengths[0])
-        return MAX_BODY_BYTES
+        return 2 * MAX_BODY_BYTES
 
     def _refused(self) -> bool:
         """Answer a connection that got no serving slot (503/429); its body is drained, not read."""

@@ -127,7 +127,7 @@ def test_burst_of_200_concurrent_signed_pushes_is_all_queued_once(server, gh, qu
 
 
 def test_past_the_connection_limit_the_answer_is_503_never_a_reset(limited, holders, gh, queue):
-    srv = limited(connections=4, refusals=3, request_seconds=120)
+    srv = limited(connections=4, refusals=3, request_seconds=120, refusal_seconds=30)
     hold(srv.port, holders, 4)
     wait_until(lambda: srv.httpd.load()["serving"] == 4, what="4 connections held")
     results = concurrently([lambda b=b, h=h: post(srv.port, b, h) for b, h in pushes(gh, 12)])
@@ -143,7 +143,7 @@ def test_past_the_connection_limit_the_answer_is_503_never_a_reset(limited, hold
 
 
 def test_one_client_is_capped_and_other_clients_are_still_served(limited, holders, gh, queue):
-    srv = limited(per_client=3, request_seconds=120)
+    srv = limited(per_client=3, request_seconds=120, refusal_seconds=30)
     hold(srv.port, holders, 3)
     wait_until(lambda: srv.httpd.load()["serving"] == 3, what="3 connections held")
     (body, headers), (other_body, other_headers) = pushes(gh, 2)
