@@ -114,6 +114,13 @@ def start_up(started: list, port: int, mlflow_port: int | None = None) -> subpro
     return proc
 
 
+def stack_json() -> dict:
+    try:
+        return json.loads(config.local_stack_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def wait_until(condition, timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -249,3 +256,35 @@ def test_childguard_stops_the_whole_group_when_its_parent_is_killed(tmp_path, st
     parent.kill()
     parent.wait(timeout=10)
     assert psutil.wait_procs(group, timeout=30)[1] == []
+
+
+def test_up_never_announces_another_program_on_the_mlflow_port_as_its_own(mmp_home, secret_env, stray_processes):
+    """An MLflow server left by someone else answers /health on the port: `mmp up` says the port is taken."""
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        port, taken = free_port(), other.server_address[1]
+        up = start_up(stray_processes, port, taken)
+        wait_for(f"http://127.0.0.1:{port}/healthz", up, 30)
+        wait_until(lambda: "worker" in stack_json().get("children", {}), 30, "the worker listed")
+        assert stack_json()["mlflow_url"] is None
+        up.send_signal(signal.SIGTERM)
+        out, _ = up.communicate(timeout=60)
+        assert f"MLflow UI not started: 127.0.0.1:{taken} is in use" in out, out
+        assert f"MLflow   http://127.0.0.1:{taken}" not in out
+    finally:
+        other.shutdown()
+        other.server_close()
