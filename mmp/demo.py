@@ -84,9 +84,12 @@ def make_repository(ctx: DemoContext) -> None:
 
 
 def start_stack(ctx: DemoContext) -> None:
-    from .localstack import LocalStack
+    from .localstack import LocalStack, StackRunning
 
-    ctx.stack = LocalStack(port=0, mlflow_port=ctx.mlflow_port, ui=ctx.ui, say=ctx.say).start()
+    try:
+        ctx.stack = LocalStack(port=0, mlflow_port=ctx.mlflow_port, ui=ctx.ui, say=ctx.say).start()
+    except StackRunning as exc:  # an `mmp up` already serves this MMP_HOME
+        raise DemoError(str(exc)) from None
     ctx.say(f"3. local stack: webhook {ctx.stack.server.url}, worker running"
             + (f", MLflow UI {ctx.stack.ui_url}" if ctx.stack.ui else ""))
 

@@ -288,3 +288,15 @@ def test_up_never_announces_another_program_on_the_mlflow_port_as_its_own(mmp_ho
     finally:
         other.shutdown()
         other.server_close()
+
+
+def test_demo_is_refused_cleanly_while_up_serves_the_same_home(mmp_home, secret_env, stray_processes, tmp_path):
+    port = free_port()
+    up = start_up(stray_processes, port)
+    wait_for(f"http://127.0.0.1:{port}/healthz", up, 30)
+    demo = subprocess.run([sys.executable, "-m", "mmp", "demo", "--dir", str(tmp_path / "demo")],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 1 and "another `mmp up` is running" in demo.stderr + demo.stdout
+    assert "Traceback" not in demo.stderr
+    up.send_signal(signal.SIGTERM)
+    assert up.wait(timeout=60) == 0
