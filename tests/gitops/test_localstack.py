@@ -171,8 +171,10 @@ def test_kill_9_of_up_takes_its_worker_and_mlflow_with_it_and_the_next_up_starts
     wait_for(f"http://127.0.0.1:{mlflow_port}/health", second, 120)
     wait_until(lambda: worker_lock_holder(mmp_home) in {p.pid for p in descendants(second.pid)}, 60,
                "the new stack's own worker holds the lock")
-    stack = json.loads(config.local_stack_file().read_text())
-    assert stack["pid"] == second.pid and stack["mlflow_url"] == f"http://127.0.0.1:{mlflow_port}"
+    wait_until(lambda: stack_json().get("mlflow_url") == f"http://127.0.0.1:{mlflow_port}", 30,
+               "stack.json names the new MLflow server once it answers")
+    stack = stack_json()
+    assert stack["pid"] == second.pid
     assert stack["children"]["mlflow"]["pid"] in {p.pid for p in descendants(second.pid)}
     children = descendants(second.pid)
     second.send_signal(signal.SIGTERM)
@@ -300,3 +302,26 @@ def test_demo_is_refused_cleanly_while_up_serves_the_same_home(mmp_home, secret_
     assert "Traceback" not in demo.stderr
     up.send_signal(signal.SIGTERM)
     assert up.wait(timeout=60) == 0
+
+
+def test_childguard_ignores_the_death_of_the_thread_that_started_it(tmp_path, stray_processes):
+    """PR_SET_PDEATHSIG fires when the spawning *thread* ends; the guard stops its command only when the
+    parent *process* is gone (its parent pid changed)."""
+    marker = tmp_path / "thread-done"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, threading, time\n"
+        "def spawn():\n"
+        f"    subprocess.Popen([sys.executable, '-I', '-S', {str(ROOT / 'mmp' / 'childguard.py')!r}, "
+        "str(os.getpid()), '5', '--', 'sleep', '300'], start_new_session=True)\n"
+        "t = threading.Thread(target=spawn); t.start(); t.join()\n"
+        f"open({str(marker)!r}, 'w').close()\n"
+        "time.sleep(300)\n")])
+    stray_processes.append(parent)
+    wait_until(marker.exists, 30, "the spawning thread ended")
+    wait_until(lambda: len(descendants(parent.pid)) == 2, 30, "guard and command running")
+    group = descendants(parent.pid)
+    alive = psutil.wait_procs(group, timeout=2)[1]
+    assert {p.pid for p in alive} == {p.pid for p in group}  # still running after the thread's death
+    parent.kill()
+    parent.wait(timeout=10)
+    assert psutil.wait_procs(group, timeout=30)[1] == []
