@@ -307,12 +307,15 @@ def test_demo_is_refused_cleanly_while_up_serves_the_same_home(mmp_home, secret_
 def test_childguard_ignores_the_death_of_the_thread_that_started_it(tmp_path, stray_processes):
     """PR_SET_PDEATHSIG fires when the spawning *thread* ends; the guard stops its command only when the
     parent *process* is gone (its parent pid changed)."""
-    marker = tmp_path / "thread-done"
+    marker, started = tmp_path / "thread-done", tmp_path / "command-started"
+    command = f"touch {started}; exec sleep 300"
     parent = subprocess.Popen([sys.executable, "-c", (
-        "import os, subprocess, sys, threading, time\n"
+        "import os, pathlib, subprocess, sys, threading, time\n"
         "def spawn():\n"
         f"    subprocess.Popen([sys.executable, '-I', '-S', {str(ROOT / 'mmp' / 'childguard.py')!r}, "
-        "str(os.getpid()), '5', '--', 'sleep', '300'], start_new_session=True)\n"
+        f"str(os.getpid()), '5', '--', 'sh', '-c', {command!r}], start_new_session=True)\n"
+        f"    while not pathlib.Path({str(started)!r}).exists():  # the guard has asked for the signal by now\n"
+        "        time.sleep(0.05)\n"
         "t = threading.Thread(target=spawn); t.start(); t.join()\n"
         f"open({str(marker)!r}, 'w').close()\n"
         "time.sleep(300)\n")])
