@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import psutil
 
-from . import config
+from . import config, procs
 
 log = logging.getLogger("mmp.localstack")
 
@@ -75,22 +75,12 @@ def running_stack_description(home: Path) -> str:
     return ", ".join(parts)
 
 
-def _process_started(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
 def _same_process(record: Any) -> psutil.Process | None:
     """The process a stack.json record names, only if its pid AND start time still match (no reused pid)."""
-    try:
-        proc = psutil.Process(int(record["pid"]))
-        if abs(proc.create_time() - float(record["started"])) < 0.05:
-            return proc
-    except (psutil.Error, KeyError, TypeError, ValueError):
-        pass
-    return None
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int) \
+            or not isinstance(record.get("started"), (int, float)):
+        return None
+    return procs.find_process(record["pid"], record["started"])
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -133,20 +123,17 @@ def _stop_process(proc: subprocess.Popen | None, name: str, grace: float = STOP_
 def _stop_orphan(proc: psutil.Process, grace: float) -> None:
     """Stop a child (guard) of a dead stack: SIGTERM to it (its guard stops the group), SIGKILL to the group
     if it outlives the guard's own grace period. Identity was checked by the caller, and is again before SIGKILL."""
-    started = proc.create_time()
     try:
-        proc.terminate()
-        proc.wait(timeout=grace + 5)
+        started = proc.create_time()
+    except psutil.Error:
         return
-    except psutil.NoSuchProcess:
+    if not procs.signal_process(proc, signal.SIGTERM) or procs.wait_gone(proc, grace + 5):
         return
-    except psutil.TimeoutExpired:
-        pass
-    if _same_process({"pid": proc.pid, "started": started}) is not None:
+    if procs.find_process(proc.pid, started) is not None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except OSError:
-            proc.kill()
+            procs.signal_process(proc, signal.SIGKILL)
 
 
 def _stop_stack_leftovers(stack_id: Any, started: Any) -> list[str]:
@@ -185,7 +172,7 @@ class LocalStack:
         self.worker_proc: subprocess.Popen | None = None
         self.mlflow_proc: subprocess.Popen | None = None
         self.id = uuid.uuid4().hex
-        self.started = _process_started(os.getpid()) or time.time()
+        self.started = procs.start_time(os.getpid()) or time.time()
         self._mlflow_url: str | None = None
         self._lock_fh = None
         self._restarts: list[float] = []
@@ -320,7 +307,7 @@ class LocalStack:
         children = {}
         for role, proc, grace in (("worker", self.worker_proc, STOP_GRACE_S),
                                   ("mlflow", self.mlflow_proc, MLFLOW_GRACE_S)):
-            started = _process_started(proc.pid) if proc is not None and proc.poll() is None else None
+            started = procs.start_time(proc.pid) if proc is not None and proc.poll() is None else None
             if started is not None:
                 children[role] = {"pid": proc.pid, "started": started, "grace": grace}
         path = config.local_stack_file()
