@@ -9,7 +9,9 @@ status links to). The database password is managed by RDS in Secrets
 Manager (`manage_master_user_password`) and the admin password is the
 `mmp:mlflowAdminPassword` secret; ECS injects both, so neither sits in the task
 definition or the Pulumi state in clear. The basic-auth app keeps its users in
-the same PostgreSQL database (its own tables and `alembic_version_auth`).
+its own database on the same PostgreSQL instance (`mlflow_auth`, made at start:
+the auth app's migrations use alembic's default version table, so it cannot share
+the tracking store's database).
 
 `mmp:mlflowMode sagemaker` makes a SageMaker managed MLflow tracking server
 instead (no ALB, RDS or Fargate); its API takes SigV4-signed requests, which the
@@ -45,12 +47,29 @@ STARTUP = "set -eu\n" + STARTUP_INSTALL + r"""umask 077
 export MLFLOW_AUTH_CONFIG_PATH="${TMPDIR:-/tmp}/mlflow-auth.ini"
 MLFLOW_BACKEND_STORE_URI=$(python - <<'PY'
 import configparser, os, urllib.parse
+import psycopg2
+from psycopg2 import sql
 env = os.environ
+server = {"host": env["DB_HOST"], "port": env.get("DB_PORT", "5432"), "user": env["DB_USER"],
+          "password": env["DB_PASSWORD"]}
+# The auth app migrates with alembic's default version table, like the tracking store: sharing one
+# database they read each other's revision and fail. Its own database on the same instance.
+auth_db = env["DB_NAME"] + "_auth"
+conn = psycopg2.connect(dbname=env["DB_NAME"], **server)
+try:
+    conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (auth_db,))
+        if cur.fetchone() is None:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(auth_db)))
+finally:
+    conn.close()
 password = urllib.parse.quote(env["DB_PASSWORD"], safe="")
-uri = f"postgresql://{env['DB_USER']}:{password}@{env['DB_HOST']}:{env.get('DB_PORT', '5432')}/{env['DB_NAME']}"
+base = f"postgresql://{env['DB_USER']}:{password}@{env['DB_HOST']}:{env.get('DB_PORT', '5432')}"
+uri = f"{base}/{env['DB_NAME']}"
 ini = configparser.ConfigParser()
 ini["mlflow"] = {key: value.replace("%", "%%") for key, value in {
-    "default_permission": "READ", "database_uri": uri,
+    "default_permission": "READ", "database_uri": f"{base}/{auth_db}",
     "admin_username": env["MLFLOW_ADMIN_USERNAME"], "admin_password": env["MLFLOW_ADMIN_PASSWORD"],
     "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}.items()}
 with open(env["MLFLOW_AUTH_CONFIG_PATH"], "w") as out:
