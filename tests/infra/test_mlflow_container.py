@@ -82,10 +82,12 @@ def postgres():
     if not shutil.which("initdb") or not shutil.which("pg_ctl"):
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
     base = Path(tempfile.mkdtemp(prefix="mmp-pg-"))
-    os.chmod(base, 0o755)
-    shutil.chown(base, "postgres")
     port = _free_port()
-    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    as_pg = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
+        os.chmod(base, 0o755)
+        shutil.chown(base, "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
     data = base / "data"
     try:
         _run([*as_pg, "initdb", "-D", str(data), "-U", "postgres", "--auth-local=trust",
