@@ -34,6 +34,7 @@ from .network import Network
 from .settings import Settings
 
 PORT = 5000
+REQUEST_TIMEOUT_S = 120  # the ALB's idle timeout and the workers' request timeout
 
 # Run by /bin/sh inside the official image (python:3.x-slim + `pip install mlflow==VERSION`), which
 # lacks the PostgreSQL driver and the basic-auth app's Flask-WTF (MLflow's `auth` extra, pinned to the
@@ -81,9 +82,11 @@ export MLFLOW_BACKEND_STORE_URI  # read by `mlflow server` from the environment:
 MLFLOW_FLASK_SERVER_SECRET_KEY=$(python -c 'import secrets; print(secrets.token_hex(32))')
 export MLFLOW_FLASK_SERVER_SECRET_KEY  # one key for every worker, so CSRF tokens hold across them
 unset DB_PASSWORD MLFLOW_ADMIN_PASSWORD
+# gunicorn's default 30 s kills a sync worker mid-request (a model upload through --serve-artifacts):
+# give requests as long as the load balancer's idle timeout.
 exec mlflow server --host 0.0.0.0 --port "${MLFLOW_PORT:-__PORT__}" --workers 2 --app-name basic-auth \
-  --serve-artifacts --artifacts-destination "${ARTIFACTS_DESTINATION}"
-""".replace("__PORT__", str(PORT))
+  --gunicorn-opts "--timeout __TIMEOUT__" --serve-artifacts --artifacts-destination "${ARTIFACTS_DESTINATION}"
+""".replace("__PORT__", str(PORT)).replace("__TIMEOUT__", str(REQUEST_TIMEOUT_S))
 
 
 class MlflowServer(pulumi.ComponentResource):
@@ -198,7 +201,7 @@ class MlflowServer(pulumi.ComponentResource):
 
         alb = aws.lb.LoadBalancer(f"{name}-alb", load_balancer_type="application", internal=False,
                                   security_groups=[network.alb_sg.id], subnets=network.public_subnet_ids,
-                                  drop_invalid_header_fields=True, idle_timeout=120, tags=tags, opts=child)
+                                  drop_invalid_header_fields=True, idle_timeout=REQUEST_TIMEOUT_S, tags=tags, opts=child)
         target = aws.lb.TargetGroup(f"{name}-tg", port=PORT, protocol="HTTP", target_type="ip",
                                     vpc_id=network.vpc_id, deregistration_delay=30, health_check={
                                         "path": "/health", "matcher": "200", "interval": 30,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from mmp.infra.mlflow_server import STARTUP, STARTUP_INSTALL
+from mmp.infra.mlflow_server import REQUEST_TIMEOUT_S, STARTUP, STARTUP_INSTALL
 from mmp.infra.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +111,9 @@ def _request(url: str, *, auth: tuple[str, str] | None = None, body: dict | None
         headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
     data = json.dumps(body).encode() if body is not None else None
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=10) as resp:
+        # A worker's first request loads MLflow's handlers: slow on a loaded machine, bounded by the server's own timeout.
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers),
+                                    timeout=REQUEST_TIMEOUT_S) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
