@@ -85,7 +85,7 @@ unset DB_PASSWORD MLFLOW_ADMIN_PASSWORD
 # gunicorn's default 30 s kills a sync worker mid-request (a model upload through --serve-artifacts):
 # give requests as long as the load balancer's idle timeout.
 exec mlflow server --host 0.0.0.0 --port "${MLFLOW_PORT:-__PORT__}" --workers 2 --app-name basic-auth \
-  --gunicorn-opts "--timeout __TIMEOUT__" --serve-artifacts --artifacts-destination "${ARTIFACTS_DESTINATION}"
+  --gunicorn-opts "--timeout ${MLFLOW_REQUEST_TIMEOUT:-__TIMEOUT__}" --serve-artifacts --artifacts-destination "${ARTIFACTS_DESTINATION}"
 """.replace("__PORT__", str(PORT)).replace("__TIMEOUT__", str(REQUEST_TIMEOUT_S))
 
 

@@ -40,6 +40,7 @@ IMAGE_BUILT = "2025-07-01T00:00:00Z"
 AS_OF_IMAGE = ("sqlalchemy<2.1",)
 DB_PASSWORD = "p%4a:s@s/w#o?r&d=1+2;'\"\\$`!%%x"
 ADMIN_PASSWORD = "a%dm;in #pa:ss@%%x"
+TEST_REQUEST_TIMEOUT_S = 600
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first run builds the venv
 
@@ -111,9 +112,9 @@ def _request(url: str, *, auth: tuple[str, str] | None = None, body: dict | None
         headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
     data = json.dumps(body).encode() if body is not None else None
     try:
-        # A worker's first request loads MLflow's handlers: slow on a loaded machine, bounded by the server's own timeout.
+        # Bounded by the server's own request timeout (a worker past it is killed and the socket reset).
         with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers),
-                                    timeout=REQUEST_TIMEOUT_S) as resp:
+                                    timeout=TEST_REQUEST_TIMEOUT_S + 30) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -125,6 +126,9 @@ def test_the_container_command_serves_with_basic_auth_and_a_punctuated_password(
         "PATH": f"{image_venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
         "PIP_NO_INDEX": "1",  # everything the start-up installs is in the venv already: no network here
         "MLFLOW_PORT": str(port), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        # A worker's first request imports MLflow's handlers: on a loaded 2-core machine that can pass the
+        # task's 120 s, and gunicorn would kill the worker mid-request. The test waits longer instead.
+        "MLFLOW_REQUEST_TIMEOUT": str(TEST_REQUEST_TIMEOUT_S),
         # what the task definition gives the container (mmp.infra.mlflow_server), secrets included
         "DB_HOST": "127.0.0.1", "DB_PORT": str(postgres["port"]), "DB_NAME": "mlflow", "DB_USER": "mlflow",
         "DB_PASSWORD": DB_PASSWORD, "MLFLOW_ADMIN_USERNAME": "admin", "MLFLOW_ADMIN_PASSWORD": ADMIN_PASSWORD,
@@ -149,16 +153,20 @@ def test_the_container_command_serves_with_basic_auth_and_a_punctuated_password(
             time.sleep(0.5)
         assert body.strip() == b"OK"
 
+        def call(path: str, **kwargs) -> tuple[int, bytes]:
+            try:
+                return _request(f"{url}{path}", **kwargs)
+            except OSError as exc:  # say why, from the server's side
+                pytest.fail(f"{path}: {exc!r}; the server said:\n{log.read_text()[-4000:]}")
+
         admin = ("admin", ADMIN_PASSWORD)
-        status, _ = _request(f"{url}/api/2.0/mlflow/experiments/search", body={"max_results": 1},
-                             auth=("admin", "wrong"))
+        status, _ = call("/api/2.0/mlflow/experiments/search", body={"max_results": 1}, auth=("admin", "wrong"))
         assert status == 401
-        status, body = _request(f"{url}/api/2.0/mlflow/experiments/create", body={"name": "container-check"},
-                                auth=admin)
+        status, body = call("/api/2.0/mlflow/experiments/create", body={"name": "container-check"}, auth=admin)
         assert status == 200, body
         experiment_id = json.loads(body)["experiment_id"]
-        status, body = _request(f"{url}/api/2.0/mlflow/runs/create", auth=admin,
-                                body={"experiment_id": experiment_id, "start_time": int(time.time() * 1000)})
+        status, body = call("/api/2.0/mlflow/runs/create", auth=admin,
+                            body={"experiment_id": experiment_id, "start_time": int(time.time() * 1000)})
         assert status == 200, body
         run_id = json.loads(body)["run"]["info"]["run_id"]
 
@@ -168,6 +176,7 @@ def test_the_container_command_serves_with_basic_auth_and_a_punctuated_password(
                     timeout=60).stdout.strip()
         assert rows == "1"
         group = os.getpgid(proc.pid)
+        argvs = []
         for pid in (p for p in os.listdir("/proc") if p.isdigit()):
             try:
                 if os.getpgid(int(pid)) != group:
@@ -176,6 +185,9 @@ def test_the_container_command_serves_with_basic_auth_and_a_punctuated_password(
             except (ProcessLookupError, FileNotFoundError, PermissionError):
                 continue
             assert DB_PASSWORD not in argv and ADMIN_PASSWORD not in argv and "p%254a" not in argv, argv
+            argvs.append(argv)
+        assert any("gunicorn" in a and f"--timeout {TEST_REQUEST_TIMEOUT_S}" in a for a in argvs), argvs
+        assert f'--timeout ${{MLFLOW_REQUEST_TIMEOUT:-{REQUEST_TIMEOUT_S}}}' in STARTUP  # the task's default
         assert DB_PASSWORD not in log.read_text() and ADMIN_PASSWORD not in log.read_text()
     finally:
         _stop_group(proc)
