@@ -75,6 +75,7 @@ pulumi.export("webhookUrl", webhook.url)
 pulumi.export("webhookSecret", pulumi.Output.secret(cfg.require_secret("webhookSecret")))
 pulumi.export("mlflowUrl", mlflow.url)
 pulumi.export("mlflowUsername", mlflow.username)
+pulumi.export("mlflowLoadBalancerDnsName", mlflow.load_balancer_dns_name)  # CNAME target for mlflowDomainName
 pulumi.export("datasetsBucket", data.datasets_bucket.bucket)
 pulumi.export("artifactsBucket", data.artifacts_bucket.bucket)
 pulumi.export("fsxMountName", data.fsx_mount_name)

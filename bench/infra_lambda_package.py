@@ -1,5 +1,7 @@
 """Lambda package figures: zip size, build time, and the handlers' cold import time
-from the unpacked zip with only boto3 beside it (what a Lambda cold start pays)."""
+from the unpacked zip with only boto3 beside it (what a Lambda cold start pays).
+The build time includes pip's install for the runtime on the first run only
+(cached under build/lambda-site/ afterwards)."""
 
 from __future__ import annotations
 

@@ -52,16 +52,25 @@ class RestRunTracker(TrackerBase):
             return {"Authorization": f"Basic {raw}"}
         return {}
 
+    @staticmethod
+    def _sign(method: str, url: str, data: bytes | None, headers: dict[str, str]) -> dict[str, str]:
+        """SigV4 when the server is SageMaker managed MLflow (MMP_MLFLOW_TRACKING_SERVER_ARN set)."""
+        from .tracking_sigv4 import sign, tracking_server_arn
+
+        arn = tracking_server_arn()
+        return sign(method, url, data, headers, arn) if arn else headers
+
     def _call(self, method: str, path: str, body: Any = None, *, query: Mapping[str, str] | None = None,
               raw: bytes | None = None, content_type: str = "application/json") -> dict:
         url = f"{self.tracking_uri}{path}"
         if query:
-            url += "?" + urllib.parse.urlencode(query)
+            url += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)  # %20, as SigV4 signs
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         headers = {"Content-Type": content_type, **self._auth_header()}
         delay = 0.5
         for attempt in range(self.retries + 1):
-            request = urllib.request.Request(url, data=data, method=method, headers=headers)
+            signed = self._sign(method, url, data, headers)
+            request = urllib.request.Request(url, data=data, method=method, headers=signed)
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                     payload = resp.read()

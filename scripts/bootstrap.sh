@@ -77,5 +77,15 @@ if ! "$PY" -c "import horovod.torch" 2>/dev/null; then
   stamp "installing Horovod from $CACHE"
   "${PIP[@]}" "$CACHE"/horovod-*.whl
 fi
+
+# PostgreSQL server binaries: tests/infra/test_mlflow_container.py runs the MLflow task's start-up
+# against a real database (it skips without them). Debian keeps them off PATH.
+if [[ "$EXTRAS" == *dev* ]] && ! command -v initdb >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  stamp "installing PostgreSQL server binaries"
+  apt-get install -y -q postgresql >/dev/null
+  for bin in /usr/lib/postgresql/*/bin/initdb /usr/lib/postgresql/*/bin/pg_ctl /usr/lib/postgresql/*/bin/postgres; do
+    ln -sf "$bin" /usr/local/bin/
+  done
+fi
 "$PY" -c "import horovod.torch, mmp; print('horovod', horovod.__version__, '| torch', __import__('torch').__version__)"
 stamp "ready"

@@ -74,6 +74,7 @@ class SageMakerSettings:
     checkpoint_s3_uri: str | None = None
     mlflow_password_secret_arn: str | None = None
     mlflow_username: str | None = None
+    mlflow_tracking_server_arn: str | None = None
     spot_extra_wait_minutes: int = 60
     poll_seconds: float | None = None
     region: str = field(default_factory=aws.region)
@@ -97,6 +98,7 @@ class SageMakerSettings:
             checkpoint_s3_uri=(env("MMP_CHECKPOINT_S3_URI") or "").rstrip("/") or None,
             mlflow_password_secret_arn=env("MMP_MLFLOW_PASSWORD_SECRET_ARN") or None,
             mlflow_username=env("MMP_MLFLOW_USERNAME") or None,
+            mlflow_tracking_server_arn=env("MMP_MLFLOW_TRACKING_SERVER_ARN") or None,
             spot_extra_wait_minutes=_int_env("MMP_SAGEMAKER_SPOT_EXTRA_WAIT_MINUTES", 60),
             poll_seconds=float(poll) if poll else None,
         )
@@ -152,6 +154,8 @@ class SageMakerBackend(Backend):
     """A SageMaker training job reading the dataset's S3 prefix (File or FastFile)."""
 
     name: ClassVar[str] = "sagemaker"
+    # SageMaker stops the job itself at Max_Runtime (StoppingCondition); callers must not add a deadline.
+    bounds_runtime: ClassVar[bool] = True
     poll_seconds: ClassVar[float] = 30.0  # DescribeTrainingJob is rate-limited; jobs take minutes
 
     def __init__(self, settings: SageMakerSettings | None = None, *, sagemaker_client: Any = None,
@@ -306,6 +310,10 @@ class SageMakerBackend(Backend):
             env["MLFLOW_TRACKING_USERNAME"] = s.mlflow_username
         if s.mlflow_password_secret_arn:
             env["MMP_MLFLOW_PASSWORD_SECRET_ARN"] = s.mlflow_password_secret_arn
+        if s.mlflow_tracking_server_arn:
+            # SageMaker managed MLflow: train.py's client signs through the sagemaker-mlflow plugin,
+            # which takes the server's ARN as the tracking URI (and the job role's credentials).
+            env["MLFLOW_TRACKING_URI"] = s.mlflow_tracking_server_arn
         long = [key for key, value in env.items() if len(value) > ENV_MAX_VALUE]
         if long:
             raise BackendError(f"Environment {', '.join(long)} longer than SageMaker's {ENV_MAX_VALUE} characters")
@@ -382,19 +390,17 @@ class SageMakerBackend(Backend):
             # A retried launch (same trigger): follow the job the first try started.
             existing = self.sagemaker.describe_training_job(TrainingJobName=name)
             arn, attached = existing["TrainingJobArn"], True
-        grace = stopping_grace(body["StoppingCondition"])
         return JobHandle(platform=self.name, job_id=name, data={
             "job_name": name, "arn": arn, "region": self.settings.region, "attached": attached,
-            "spot": body["EnableManagedSpotTraining"], "deadline_grace_seconds": grace, "launched": time.time(),
+            "spot": body["EnableManagedSpotTraining"], "launched": time.time(),
         })
 
     def wait(self, handle: JobHandle, *, on_log=None, deadline: float | None = None,
              poll_seconds: float | None = None) -> JobStatus:
-        """SageMaker enforces Max_Runtime itself (MaxWait for spot) and the clock starts after
-        provisioning, so the pipeline's deadline gets the job's own grace on top."""
-        if deadline is not None:
-            deadline += float(handle.data.get("deadline_grace_seconds", 0))
-        return super().wait(handle, on_log=on_log, deadline=deadline, poll_seconds=poll_seconds)
+        """Follow the job until SageMaker ends it. Its StoppingCondition bounds it (MaxRuntime from
+        when training starts, MaxWait for spot including the wait for capacity), so a deadline
+        counted from launch would stop jobs still provisioning or waiting: it is not applied."""
+        return super().wait(handle, on_log=on_log, deadline=None, poll_seconds=poll_seconds)
 
     def status(self, handle: JobHandle) -> JobStatus:
         from botocore.exceptions import ClientError
@@ -533,13 +539,6 @@ class SageMakerFsxBackend(SageMakerBackend):
             }},
             "InputMode": self.input_mode(),
         }
-
-
-def stopping_grace(stopping: dict[str, int]) -> int:
-    """Seconds past Max_Runtime the pipeline waits before stopping the job itself:
-    provisioning time plus, for spot, the time SageMaker may wait for capacity."""
-    wait = stopping.get("MaxWaitTimeInSeconds", stopping["MaxRuntimeInSeconds"])
-    return wait - stopping["MaxRuntimeInSeconds"] + 3600
 
 
 def job_status(job: dict[str, Any]) -> JobStatus:

@@ -3,7 +3,9 @@
 Both buckets are versioned, encrypted (SSE-S3; no per-key KMS cost), block all
 public access and enforce bucket-owner object ownership. The catalogue is the JSON
 the backends read from `MMP_DATASETS`: digits and fashion plus `mmp:datasets`, each
-with its S3 prefix and, when FSx is on, its path under `/fsx`. FSx for Lustre
+with its S3 prefix and, when FSx is on, its path inside the file system
+(`/datasets/<name>`: SageMaker's DirectoryPath is `/<MountName>/datasets/<name>`,
+a DLAMI host mounting at `/fsx` sees `/fsx/datasets/<name>`). FSx for Lustre
 (`mmp:fsx`, off by default: it is the stack's most expensive resource at rest) is
 PERSISTENT_2, linked to `s3://<datasets>/datasets/` by a data repository
 association at `/datasets` (so a dataset is at `/fsx/datasets/<name>` when mounted
@@ -48,8 +50,8 @@ def catalogue(bucket: str, settings: Settings) -> dict[str, dict[str, str]]:
         entry = {"s3": (configured.s3 if configured and configured.s3 else f"s3://{bucket}/datasets/{name}/")}
         if configured and configured.fsx:
             entry["fsx"] = configured.fsx
-        elif settings.fsx:
-            entry["fsx"] = f"{FSX_MOUNT_POINT}{FSX_DATASETS_PATH}/{name}"
+        elif settings.fsx:  # the path inside the file system: SageMaker reads /<MountName><path>
+            entry["fsx"] = f"{FSX_DATASETS_PATH}/{name}"
         entries[name] = entry
     return entries
 

@@ -52,8 +52,14 @@ def service_role(name: str, service: str, statements: Sequence[dict], parent: pu
     """A role `service` may assume, with one inline policy made of `statements`."""
     opts = pulumi.ResourceOptions(parent=parent)
     role = aws.iam.Role(name, assume_role_policy=assume_policy(service), description=description, opts=opts)
-    aws.iam.RolePolicy(name, role=role.id, policy=document(statements), opts=opts)
+    role.mmp_policy = aws.iam.RolePolicy(name, role=role.id, policy=document(statements), opts=opts)
     return role
+
+
+def policy_of(role: aws.iam.Role) -> aws.iam.RolePolicy:
+    """The inline policy `service_role` attached: depend on it, not on the role, before a service
+    first uses the role (the role alone exists before its permissions do)."""
+    return role.mmp_policy
 
 
 def log_group_arns(region: str, account: pulumi.Input[str], group: pulumi.Input[str]) -> list[pulumi.Output[str]]:
@@ -65,3 +71,35 @@ def log_group_arns(region: str, account: pulumi.Input[str], group: pulumi.Input[
 def logs_statement(region: str, account: pulumi.Input[str], groups: Sequence[pulumi.Input[str]]) -> dict:
     resources = [arn for g in groups for arn in log_group_arns(region, account, g)]
     return statement(["logs:CreateLogStream", "logs:PutLogEvents"], resources)
+
+
+# SageMaker managed MLflow authorises each REST call as an action on the tracking server's ARN.
+MLFLOW_PIPELINE_ACTIONS = ("GetExperimentByName", "CreateExperiment", "CreateRun", "GetRun", "LogBatch",
+                           "UpdateRun")  # what mmp.tracking_rest calls
+MLFLOW_TRAINING_ACTIONS = ("Get*", "Search*", "List*", "Log*", "Set*", "Create*", "Update*", "StartTrace",
+                           "EndTrace")  # train.py's MLflow client; not AccessUI (people, "*" only) nor Delete*
+
+
+def mlflow_statement(tracking_server_arn: pulumi.Input[str], actions: Sequence[str] = MLFLOW_PIPELINE_ACTIONS) -> dict:
+    """Call one SageMaker managed MLflow tracking server, and no other."""
+    return statement([f"sagemaker-mlflow:{a}" for a in actions], [tracking_server_arn])
+
+
+def eni_statements(region: str, account: pulumi.Input[str], actions: Sequence[str]) -> list[dict]:
+    """Network interfaces in this account and region (VPC mode of SageMaker jobs and Lambdas): the
+    changing actions on their ARNs, the Describe* ones on "*" (EC2 has no resource form for those)."""
+    base = pulumi.Output.concat("arn:aws:ec2:", region, ":", account, ":")
+    arns = [pulumi.Output.concat(base, kind, "/*") for kind in ("network-interface", "subnet", "security-group")]
+    change = [a for a in actions if not a.startswith("ec2:Describe")]
+    describe = [a for a in actions if a.startswith("ec2:Describe")]
+    return [statement(change, arns), statement(describe, ["*"])]
+
+
+# AWSLambdaVPCAccessExecutionRole's actions: a Lambda in a VPC manages its own ENIs.
+LAMBDA_VPC_ACTIONS = ("ec2:CreateNetworkInterface", "ec2:DeleteNetworkInterface", "ec2:AssignPrivateIpAddresses",
+                      "ec2:UnassignPrivateIpAddresses", "ec2:DescribeNetworkInterfaces", "ec2:DescribeSubnets")
+# SageMaker training in VPC mode (AWS's "Give SageMaker training jobs access to resources in your VPC").
+SAGEMAKER_VPC_ACTIONS = ("ec2:CreateNetworkInterface", "ec2:CreateNetworkInterfacePermission",
+                         "ec2:DeleteNetworkInterface", "ec2:DeleteNetworkInterfacePermission",
+                         "ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
+                         "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups")

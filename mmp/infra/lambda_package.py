@@ -7,9 +7,10 @@ pydantic and boto3 fails the build: that is what keeps mlflow, torch, pulumi,
 sagemaker, paramiko, typer and rich off the cold start. Imports inside functions
 are the lazy ones the Lambda never takes (e.g. MLflow's client in mmp.tracking);
 they are not followed outside mmp. boto3/botocore come with the Lambda runtime;
-pydantic and its dependencies are copied from this environment's wheels, so the
-zip is built on (and for) Linux x86_64 CPython 3.11, matching the functions'
-runtime and architecture. The zip is deterministic (sorted entries, fixed
+pydantic and its dependencies (pydantic_core is native code) are installed by pip
+for the functions' runtime, not for the interpreter that builds: CPython 3.11,
+manylinux2014 x86_64, binary wheels only (`TARGET`), whatever the host's Python
+version, OS or CPU. That install is cached under build/ by its versions. The zip is deterministic (sorted entries, fixed
 timestamps): the same code gives the same hash, so `pulumi up` only updates the
 functions when the code changed.
 """
@@ -20,6 +21,8 @@ import ast
 import hashlib
 import importlib.metadata
 import importlib.util
+import shutil
+import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -35,8 +38,9 @@ HANDLERS = {
 }
 # Looked up by name in the backend registry, so no import statement names them.
 EXTRA_ROOTS = ("mmp.backends.sagemaker",)
-# Distributions copied into the zip (with their own requirements); boto3 is the runtime's.
+# Distributions installed into the zip (with their own requirements); boto3 is the runtime's.
 BUNDLED = ("pydantic",)
+BUILD_ROOT = MMP_ROOT.parent / "build" / "lambda-site"
 RUNTIME_PROVIDED = {"boto3", "botocore", "s3transfer", "jmespath", "urllib3", "dateutil", "six"}
 ALLOWED_TOP_LEVEL = {"mmp", "pydantic", "pydantic_core", "typing_extensions", "annotated_types",
                      "typing_inspection", *RUNTIME_PROVIDED}
@@ -51,6 +55,23 @@ LAZY_ONLY = {"mmp.backends.local", "mmp.backends.dlami", "mmp.pipeline.store", "
 
 class PackageError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """The Lambda runtime the wheels are for (LAMBDA_RUNTIME python3.11, architectures x86_64)."""
+
+    python_version: str = "3.11"
+    platform: str = "manylinux2014_x86_64"
+    implementation: str = "cp"
+
+    @property
+    def abi_tag(self) -> str:
+        """The CPython extension suffix tag its native modules carry, e.g. cpython-311-x86_64-linux-gnu."""
+        return f"cpython-{self.python_version.replace('.', '')}-{self.platform.split('_', 1)[1]}-linux-gnu"
+
+
+TARGET = Target()
 
 
 @dataclass(frozen=True)
@@ -154,47 +175,61 @@ def mmp_modules(roots: tuple[str, ...] | None = None) -> tuple[str, ...]:
     return tuple(sorted(seen))
 
 
-def _distribution_files(name: str, seen: set[str]) -> list[tuple[str, Path]]:
-    """(archive name, file) for a distribution and its requirements, minus the runtime's own."""
-    from packaging.requirements import Requirement  # comes with pip/setuptools in every venv
+def _requirements() -> list[str]:
+    """BUNDLED pinned to the versions this checkout runs and tests with."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in BUNDLED]
 
-    key = name.lower().replace("-", "_")
-    if key in seen or key in RUNTIME_PROVIDED:
-        return []
-    seen.add(key)
-    dist = importlib.metadata.distribution(name)
+
+def site_packages(target: Target = TARGET, *, root: Path | None = None) -> Path:
+    """pip's install of BUNDLED for `target` (binary wheels only), cached by versions and target."""
+    requirements = _requirements()
+    key = hashlib.sha256(repr((requirements, target)).encode()).hexdigest()[:12]
+    dest = (root or BUILD_ROOT) / f"py{target.python_version}-{target.platform}-{key}"
+    if (dest / ".complete").is_file():
+        return dest
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
+               "--target", str(tmp), "--only-binary=:all:", "--platform", target.platform,
+               "--python-version", target.python_version, "--implementation", target.implementation,
+               *requirements]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise PackageError(f"pip could not install {', '.join(requirements)} for {target}:\n{done.stderr[-2000:]}")
+    (tmp / ".complete").write_text("\n".join(requirements) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.replace(dest)
+    return dest
+
+
+def _site_files(site: Path) -> list[tuple[str, Path]]:
     out = []
-    for file in dist.files or []:
-        rel = str(file)
-        if ".dist-info/" in rel or rel.endswith((".pyc",)) or "__pycache__" in rel or rel.startswith(".."):
+    for path in sorted(site.rglob("*")):
+        rel = path.relative_to(site).as_posix()
+        top = rel.split("/")[0]
+        if (not path.is_file() or top.endswith(".dist-info") or top in ("bin", ".complete")
+                or "__pycache__" in rel or rel.endswith(".pyc") or top.split(".")[0] in RUNTIME_PROVIDED):
             continue
-        out.append((rel, Path(dist.locate_file(file))))
-    for req in dist.requires or []:
-        parsed = Requirement(req)
-        if parsed.marker is not None and not parsed.marker.evaluate({"extra": ""}):
-            continue
-        out += _distribution_files(parsed.name, seen)
+        out.append((rel, path))
     return out
 
 
-def contents() -> tuple[list[tuple[str, Path]], tuple[str, ...]]:
+def contents(target: Target = TARGET, *, site_root: Path | None = None) -> tuple[list[tuple[str, Path]], tuple[str, ...]]:
     modules = mmp_modules()
     files = [("/".join(m.split(".")) + ("/__init__.py" if p.name == "__init__.py" else ".py"), p)
              for m, p in ((m, _module_file(m)) for m in modules) if p is not None and p.is_file()]
-    seen: set[str] = set()
-    for dist in BUNDLED:
-        files += _distribution_files(dist, seen)
+    files += _site_files(site_packages(target, root=site_root))
     bad = sorted({name for name, _ in files if name.split("/")[0].split(".")[0] in NEVER})
     if bad:
         raise PackageError(f"heavy packages would enter the Lambda zip: {bad[:5]}")
     return sorted(dict(files).items()), modules
 
 
-def build(dest: Path | str) -> LambdaPackage:
-    """Write the zip to `dest` (a file path) and say what is in it."""
+def build(dest: Path | str, target: Target = TARGET, *, site_root: Path | None = None) -> LambdaPackage:
+    """Write the zip for `target` to `dest` (a file path) and say what is in it."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    files, modules = contents()
+    files, modules = contents(target, site_root=site_root)
     tmp = dest.with_suffix(".tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
         for name, path in files:

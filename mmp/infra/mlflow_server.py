@@ -3,16 +3,21 @@
 Default (`mmp:mlflowMode fargate`): one ECS Fargate task running `mlflow server`
 with job execution off, `--serve-artifacts` into the artifacts bucket, the
 basic-auth app, and an RDS PostgreSQL backend store, behind an internet-facing
-ALB (HTTPS when `mmp:mlflowCertificateArn` is set; the UI is what the GitHub
-commit status links to). The database password is managed by RDS in Secrets
+ALB (HTTPS at `mmp:mlflowDomainName` when `mmp:mlflowCertificateArn` is set, with an
+alias record when `mmp:mlflowHostedZoneId` is; the UI is what the GitHub commit
+status links to). The database password is managed by RDS in Secrets
 Manager (`manage_master_user_password`) and the admin password is the
 `mmp:mlflowAdminPassword` secret; ECS injects both, so neither sits in the task
 definition or the Pulumi state in clear. The basic-auth app keeps its users in
-the same PostgreSQL database (its own tables and `alembic_version_auth`).
+its own database on the same PostgreSQL instance (`mlflow_auth`, made at start:
+the auth app's migrations use alembic's default version table, so it cannot share
+the tracking store's database).
 
 `mmp:mlflowMode sagemaker` makes a SageMaker managed MLflow tracking server
-instead (no ALB, RDS or Fargate); its API needs SigV4-signed requests, see
-docs/infra.md for what that means for the stage Lambdas.
+instead (no ALB, RDS or Fargate); its API takes SigV4-signed requests, which the
+stage Lambdas' REST tracker makes (mmp.tracking_sigv4) with their role's
+`sagemaker-mlflow:*` on this server, and train.py's MLflow client makes through
+the sagemaker-mlflow plugin with the training role's.
 """
 
 from __future__ import annotations
@@ -22,33 +27,66 @@ import json
 import pulumi
 import pulumi_aws as aws
 
+from ..tracking_sigv4 import endpoint as sigv4_endpoint
 from . import iam
 from .datastore import DataStore
 from .network import Network
 from .settings import Settings
 
 PORT = 5000
-AUTH_INI = "/tmp/mlflow-auth.ini"
+REQUEST_TIMEOUT_S = 120  # the ALB's idle timeout and the workers' request timeout
 
-# Written and run inside the container: the official image has mlflow but not the PostgreSQL driver.
-STARTUP = r"""set -eu
-pip install --quiet --no-cache-dir 'psycopg2-binary>=2.9' 'boto3>=1.34'
-DB_PASSWORD_Q=$(python -c 'import os,urllib.parse;print(urllib.parse.quote(os.environ["DB_PASSWORD"],safe=""))')
-DB_URI="postgresql://${DB_USER}:${DB_PASSWORD_Q}@${DB_HOST}:5432/${DB_NAME}"
-umask 077
-cat > __AUTH_INI__ <<INI
-[mlflow]
-default_permission = READ
-database_uri = ${DB_URI}
-admin_username = ${MLFLOW_ADMIN_USERNAME}
-admin_password = ${MLFLOW_ADMIN_PASSWORD}
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-INI
-unset DB_PASSWORD DB_PASSWORD_Q MLFLOW_ADMIN_PASSWORD
-export MLFLOW_AUTH_CONFIG_PATH=__AUTH_INI__
-exec mlflow server --host 0.0.0.0 --port __PORT__ --workers 2 --app-name basic-auth \
-  --backend-store-uri "${DB_URI}" --serve-artifacts --artifacts-destination "${ARTIFACTS_DESTINATION}"
-""".replace("__AUTH_INI__", AUTH_INI).replace("__PORT__", str(PORT))
+# Run by /bin/sh inside the official image (python:3.x-slim + `pip install mlflow==VERSION`), which
+# lacks the PostgreSQL driver and the basic-auth app's Flask-WTF (MLflow's `auth` extra, pinned to the
+# image's own MLflow version). The auth INI is written by Python's configparser with every `%` doubled:
+# MLflow reads it with ConfigParser, whose interpolation rejects the `%XX` of a URL-quoted password.
+STARTUP_INSTALL = r"""MLFLOW_VERSION=$(python -c 'import importlib.metadata as m; print(m.version("mlflow"))')
+pip install --quiet --no-cache-dir --disable-pip-version-check \
+  "mlflow[auth]==${MLFLOW_VERSION}" 'psycopg2-binary>=2.9,<3' 'boto3>=1.34,<2'
+"""
+STARTUP = "set -eu\n" + STARTUP_INSTALL + r"""umask 077
+export MLFLOW_AUTH_CONFIG_PATH="${TMPDIR:-/tmp}/mlflow-auth.ini"
+MLFLOW_BACKEND_STORE_URI=$(python - <<'PY'
+import configparser, os, urllib.parse
+import psycopg2
+from psycopg2 import sql
+env = os.environ
+server = {"host": env["DB_HOST"], "port": env.get("DB_PORT", "5432"), "user": env["DB_USER"],
+          "password": env["DB_PASSWORD"]}
+# The auth app migrates with alembic's default version table, like the tracking store: sharing one
+# database they read each other's revision and fail. Its own database on the same instance.
+auth_db = env["DB_NAME"] + "_auth"
+conn = psycopg2.connect(dbname=env["DB_NAME"], **server)
+try:
+    conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (auth_db,))
+        if cur.fetchone() is None:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(auth_db)))
+finally:
+    conn.close()
+password = urllib.parse.quote(env["DB_PASSWORD"], safe="")
+base = f"postgresql://{env['DB_USER']}:{password}@{env['DB_HOST']}:{env.get('DB_PORT', '5432')}"
+uri = f"{base}/{env['DB_NAME']}"
+ini = configparser.ConfigParser()
+ini["mlflow"] = {key: value.replace("%", "%%") for key, value in {
+    "default_permission": "READ", "database_uri": f"{base}/{auth_db}",
+    "admin_username": env["MLFLOW_ADMIN_USERNAME"], "admin_password": env["MLFLOW_ADMIN_PASSWORD"],
+    "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}.items()}
+with open(env["MLFLOW_AUTH_CONFIG_PATH"], "w") as out:
+    ini.write(out)
+print(uri)
+PY
+)
+export MLFLOW_BACKEND_STORE_URI  # read by `mlflow server` from the environment: not in argv, not in ps
+MLFLOW_FLASK_SERVER_SECRET_KEY=$(python -c 'import secrets; print(secrets.token_hex(32))')
+export MLFLOW_FLASK_SERVER_SECRET_KEY  # one key for every worker, so CSRF tokens hold across them
+unset DB_PASSWORD MLFLOW_ADMIN_PASSWORD
+# gunicorn's default 30 s kills a sync worker mid-request (a model upload through --serve-artifacts):
+# give requests as long as the load balancer's idle timeout.
+exec mlflow server --host 0.0.0.0 --port "${MLFLOW_PORT:-__PORT__}" --workers 2 --app-name basic-auth \
+  --gunicorn-opts "--timeout ${MLFLOW_REQUEST_TIMEOUT:-__TIMEOUT__}" --serve-artifacts --artifacts-destination "${ARTIFACTS_DESTINATION}"
+""".replace("__PORT__", str(PORT)).replace("__TIMEOUT__", str(REQUEST_TIMEOUT_S))
 
 
 class MlflowServer(pulumi.ComponentResource):
@@ -61,6 +99,7 @@ class MlflowServer(pulumi.ComponentResource):
         self.username = settings.mlflow_username
         self.password_secret: aws.secretsmanager.Secret | None = None
         self.tracking_server_arn: pulumi.Output[str] | str = ""
+        self.load_balancer_dns_name: pulumi.Output[str] | str = ""
         if settings.mlflow_mode == "sagemaker":
             self._sagemaker(name, settings, data)
         else:
@@ -68,7 +107,7 @@ class MlflowServer(pulumi.ComponentResource):
         self.register_outputs({
             "url": self.url, "username": self.username,
             "passwordSecretArn": self.password_secret.arn if self.password_secret else "",
-            "trackingServerArn": self.tracking_server_arn,
+            "trackingServerArn": self.tracking_server_arn, "loadBalancerDnsName": self.load_balancer_dns_name,
         })
 
     # -- SageMaker managed MLflow -----------------------------------------------------
@@ -84,8 +123,10 @@ class MlflowServer(pulumi.ComponentResource):
             artifact_store_uri=pulumi.Output.concat("s3://", data.artifacts_bucket.bucket, "/mlflow"),
             role_arn=role.arn, tracking_server_size=settings.sagemaker_mlflow_size,
             automatic_model_registration=False, opts=child)
-        self.url = server.tracking_server_url
+        self.url = server.tracking_server_url  # the UI
         self.tracking_server_arn = server.arn
+        # The API: the regional endpoint, SigV4-signed, the server named in a header (mmp.tracking_sigv4).
+        self.api_url = server.arn.apply(sigv4_endpoint)
 
     # -- ECS Fargate + RDS + ALB --------------------------------------------------------
     def _fargate(self, name: str, settings: Settings, network: Network, data: DataStore, account: pulumi.Input[str],
@@ -160,7 +201,7 @@ class MlflowServer(pulumi.ComponentResource):
 
         alb = aws.lb.LoadBalancer(f"{name}-alb", load_balancer_type="application", internal=False,
                                   security_groups=[network.alb_sg.id], subnets=network.public_subnet_ids,
-                                  drop_invalid_header_fields=True, idle_timeout=120, tags=tags, opts=child)
+                                  drop_invalid_header_fields=True, idle_timeout=REQUEST_TIMEOUT_S, tags=tags, opts=child)
         target = aws.lb.TargetGroup(f"{name}-tg", port=PORT, protocol="HTTP", target_type="ip",
                                     vpc_id=network.vpc_id, deregistration_delay=30, health_check={
                                         "path": "/health", "matcher": "200", "interval": 30,
@@ -171,12 +212,20 @@ class MlflowServer(pulumi.ComponentResource):
                                        ssl_policy="ELBSecurityPolicy-TLS13-1-2-2021-06",
                                        default_actions=[{"type": "forward", "target_group_arn": target.arn}],
                                        opts=child)
-            scheme = "https"
+            # The certificate covers mlflowDomainName, never *.elb.amazonaws.com: the URL must be that name.
+            self.url = pulumi.Output.from_input(f"https://{settings.mlflow_domain_name}")
+            if settings.mlflow_hosted_zone_id:
+                aws.route53.Record(f"{name}-dns", zone_id=settings.mlflow_hosted_zone_id,
+                                   name=settings.mlflow_domain_name, type="A", aliases=[{
+                                       "name": alb.dns_name, "zone_id": alb.zone_id,
+                                       "evaluate_target_health": False}], opts=child)
         else:
             listener = aws.lb.Listener(f"{name}-http", load_balancer_arn=alb.arn, port=80, protocol="HTTP",
                                        default_actions=[{"type": "forward", "target_group_arn": target.arn}],
                                        opts=child)
-            scheme = "http"
+            self.url = pulumi.Output.concat("http://", alb.dns_name)
+        self.load_balancer_dns_name = alb.dns_name
+        self.api_url = self.url
         # Without a NAT gateway the task needs a public IP to pull its image (its group still admits only the ALB).
         public_ip = not (settings.nat_gateway or settings.vpc_id)
         subnets_for_tasks = network.public_subnet_ids if public_ip else network.private_subnet_ids
@@ -188,4 +237,3 @@ class MlflowServer(pulumi.ComponentResource):
                                    "assign_public_ip": public_ip},
             load_balancers=[{"target_group_arn": target.arn, "container_name": "mlflow", "container_port": PORT}],
             tags=tags, opts=pulumi.ResourceOptions(parent=self, depends_on=[listener]))
-        self.url = pulumi.Output.concat(f"{scheme}://", alb.dns_name)

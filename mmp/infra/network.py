@@ -6,6 +6,10 @@ PostgreSQL (5432) to 0.0.0.0/0: SSH comes from the training group itself and the
 `sshCidrs` you name (0.0.0.0/0 is refused), the database only from MLflow's tasks.
 A single NAT gateway (config `natGateway`) lets private tasks pull images and reach
 the MLflow URL; an existing VPC can be reused with `vpcId` and its subnet ids.
+When `mlflowAllowedCidrs` is narrowed, the load balancer also admits the NAT's
+address (or `egressCidrs` for a reused VPC): the stage Lambdas and every training
+job then run in the private subnets and leave through it, so the pipeline always
+reaches its own MLflow.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Network(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         tags = {"mmp:deployment": settings.prefix}
 
+        self.nat_public_ip: pulumi.Output[str] | None = None
         if settings.vpc_id:
             self.vpc_id = pulumi.Output.from_input(settings.vpc_id)
             self.private_subnet_ids = pulumi.Output.from_input(list(settings.private_subnet_ids))
@@ -61,6 +66,7 @@ class Network(pulumi.ComponentResource):
                 nat = aws.ec2.NatGateway(f"{name}-nat", allocation_id=eip.id, subnet_id=public[0].id, tags=tags,
                                          opts=pulumi.ResourceOptions(parent=self, depends_on=[igw]))
                 routes.append(aws.ec2.RouteTableRouteArgs(cidr_block="0.0.0.0/0", nat_gateway_id=nat.id))
+                self.nat_public_ip = eip.public_ip
             private_rt = aws.ec2.RouteTable(f"{name}-private", vpc_id=vpc.id, routes=routes, tags=tags, opts=child)
             for i, priv in enumerate(private):
                 aws.ec2.RouteTableAssociation(f"{name}-private-{i}", subnet_id=priv.id,
@@ -88,10 +94,17 @@ class Network(pulumi.ComponentResource):
                 description="SSH from the operators' networks (mmp:sshCidrs)"))
         self.training_sg = group("training", "MMP training hosts (SageMaker VPC mode, DLAMI)", training_ingress)
 
-        https = 443 if settings.mlflow_certificate_arn else 80
-        self.alb_sg = group("mlflow-alb", "MLflow load balancer", [aws.ec2.SecurityGroupIngressArgs(
-            protocol="tcp", from_port=https, to_port=https, cidr_blocks=list(settings.mlflow_allowed_cidrs),
-            description="MLflow UI and API (basic auth)")])
+        port = 443 if settings.mlflow_certificate_arn else 80
+        alb_ingress = [aws.ec2.SecurityGroupIngressArgs(
+            protocol="tcp", from_port=port, to_port=port, cidr_blocks=list(settings.mlflow_allowed_cidrs),
+            description="MLflow UI and API (basic auth)")]
+        if settings.pipeline_in_vpc:  # the pipeline's own callers: stage Lambdas and training jobs, via NAT
+            egress = (list(settings.egress_cidrs) if settings.vpc_id
+                      else [self.nat_public_ip.apply(lambda ip: f"{ip}/32")])
+            alb_ingress.append(aws.ec2.SecurityGroupIngressArgs(
+                protocol="tcp", from_port=port, to_port=port, cidr_blocks=egress,
+                description="the pipeline's Lambdas and training jobs (their NAT address)"))
+        self.alb_sg = group("mlflow-alb", "MLflow load balancer", alb_ingress)
         self.mlflow_sg = group("mlflow-task", "MLflow server tasks", [aws.ec2.SecurityGroupIngressArgs(
             protocol="tcp", from_port=5000, to_port=5000, security_groups=[self.alb_sg.id, self.training_sg.id],
             description="from the load balancer and training hosts")])
@@ -102,6 +115,9 @@ class Network(pulumi.ComponentResource):
             aws.ec2.SecurityGroupIngressArgs(protocol="tcp", from_port=lo, to_port=hi, self=True,
                                              security_groups=[self.training_sg.id], description="Lustre")
             for lo, hi in LUSTRE_PORTS])
+
+        # Stage Lambdas run in the private subnets when MLflow is narrowed (settings.pipeline_in_vpc).
+        self.lambda_sg = group("lambda", "MMP stage Lambdas (egress only)", []) if settings.pipeline_in_vpc else None
 
         self.register_outputs({
             "vpcId": self.vpc_id, "privateSubnetIds": self.private_subnet_ids,

@@ -99,6 +99,16 @@ def state_machine_definition(functions: Mapping[str, str], build_project: str, *
     }
 
 
+def dataset_locations(settings: Settings) -> dict[str, set[str]]:
+    """bucket → key prefixes of the datasets `mmp:datasets` keeps in buckets other than the stack's."""
+    out: dict[str, set[str]] = {}
+    for entry in settings.datasets.values():
+        if entry.s3:
+            bucket, _, prefix = entry.s3.removeprefix("s3://").partition("/")
+            out.setdefault(bucket, set()).add(prefix)
+    return out
+
+
 class TrainingPipeline(pulumi.ComponentResource):
     def __init__(self, name: str, settings: Settings, network: Network, data: DataStore, mlflow: MlflowServer, *,
                  account: pulumi.Input[str], package: LambdaPackage, github_token: pulumi.Input[str],
@@ -145,8 +155,10 @@ class TrainingPipeline(pulumi.ComponentResource):
         artifacts_arn = data.artifacts_bucket.arn
         build_role = iam.service_role(f"{name}-build", "codebuild.amazonaws.com", [
             iam.logs_statement(region, account, [build_logs.name]),
+            # What AWS documents for an S3 source: the objects (and their versions) and the bucket's identity.
             iam.statement(["s3:GetObject", "s3:GetObjectVersion"], [pulumi.Output.concat(artifacts_arn, "/codebuild/*"),
                                                                     pulumi.Output.concat(artifacts_arn, f"/{REQUIREMENTS_PREFIX}/*")]),
+            iam.statement(["s3:GetBucketAcl", "s3:GetBucketLocation"], [artifacts_arn]),
             iam.statement(["ecr:GetAuthorizationToken"], ["*"]),  # account-wide by design: no resource form
             iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
                            "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload",
@@ -171,9 +183,13 @@ class TrainingPipeline(pulumi.ComponentResource):
 
         # -- SageMaker execution role ------------------------------------------------------
         datasets_arn = data.datasets_bucket.arn
+        shared = dataset_locations(settings)  # datasets the catalogue names in other buckets
         sm_statements = [
-            iam.statement(["s3:ListBucket", "s3:GetBucketLocation"], [datasets_arn, artifacts_arn]),
-            iam.statement(["s3:GetObject"], [pulumi.Output.concat(datasets_arn, "/*")]),
+            iam.statement(["s3:ListBucket", "s3:GetBucketLocation"],
+                          [datasets_arn, artifacts_arn, *(f"arn:aws:s3:::{b}" for b in sorted(shared))]),
+            iam.statement(["s3:GetObject"], [pulumi.Output.concat(datasets_arn, "/*"),
+                                             *(f"arn:aws:s3:::{b}/{p}*" for b, ps in sorted(shared.items())
+                                               for p in sorted(ps))]),
             iam.statement(["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
                           [pulumi.Output.concat(artifacts_arn, "/*")]),
             iam.statement(["ecr:GetAuthorizationToken"], ["*"]),
@@ -183,16 +199,15 @@ class TrainingPipeline(pulumi.ComponentResource):
                            "logs:DescribeLogStreams"], iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
             iam.statement(["cloudwatch:PutMetricData"], ["*"],
                           {"StringEquals": {"cloudwatch:namespace": "/aws/sagemaker/TrainingJobs"}}),
-            # VPC mode (sagemaker-fsx): ENIs in the stack's subnets; EC2 has no resource form for Describe*.
-            iam.statement(["ec2:CreateNetworkInterface", "ec2:CreateNetworkInterfacePermission",
-                           "ec2:DeleteNetworkInterface", "ec2:DeleteNetworkInterfacePermission",
-                           "ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
-                           "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"], ["*"]),
+            # VPC mode (sagemaker-fsx, or every job when MLflow is narrowed): ENIs in the stack's subnets.
+            *iam.eni_statements(region, account, iam.SAGEMAKER_VPC_ACTIONS),
         ]
         if mlflow.password_secret is not None:
             sm_statements.append(iam.statement(["secretsmanager:GetSecretValue"], [mlflow.password_secret.arn]))
-        if data.fsx is not None:
-            sm_statements.append(iam.statement(["fsx:DescribeFileSystems"], [data.fsx.arn]))
+        if mlflow.tracking_server_arn:  # train.py logs to SageMaker managed MLflow (sagemaker-mlflow plugin)
+            sm_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn, iam.MLFLOW_TRAINING_ACTIONS))
+        if data.fsx is not None:  # DescribeFileSystems has no resource-level form: AWS evaluates it on "*"
+            sm_statements.append(iam.statement(["fsx:DescribeFileSystems"], ["*"]))
         self.sagemaker_role = iam.service_role(f"{name}-sagemaker", "sagemaker.amazonaws.com", sm_statements, self,
                                                description="SageMaker training jobs of this stack")
 
@@ -221,8 +236,15 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_arn, f"/{CODE_PREFIX}/*"),
                                              pulumi.Output.concat(artifacts_arn, f"/{REQUIREMENTS_PREFIX}/*")]),
         ]
+        if mlflow.tracking_server_arn:  # the REST tracker signs with SigV4 (mmp.tracking_rest)
+            stage_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn))
+        vpc_config = None
+        if settings.pipeline_in_vpc:  # MLflow admits only its NAT address: the stages leave through it
+            stage_statements += iam.eni_statements(region, account, iam.LAMBDA_VPC_ACTIONS)
+            vpc_config = {"subnet_ids": network.private_subnet_ids, "security_group_ids": [network.lambda_sg.id]}
         stage_role = iam.service_role(f"{name}-stages", "lambda.amazonaws.com", stage_statements, self,
                                       description="Step Functions stage Lambdas")
+        stage_policy = iam.policy_of(stage_role)
         self.environment = self._environment(settings, network, data, mlflow, context_digest(project_root))
         self.functions: dict[str, aws.lambda_.Function] = {}
         for stage, fn in function_names.items():
@@ -231,11 +253,13 @@ class TrainingPipeline(pulumi.ComponentResource):
                 handler=HANDLERS[stage], code=pulumi.FileArchive(str(package.path)),
                 source_code_hash=package.source_code_hash, memory_size=512,
                 timeout=900 if stage == "conclude" else 300, environment={"variables": self.environment},
-                logging_config={"log_format": "Text", "log_group": log_groups[stage].name}, tags=tags,
-                opts=pulumi.ResourceOptions(parent=self, depends_on=[log_groups[stage]]))
+                logging_config={"log_format": "Text", "log_group": log_groups[stage].name}, vpc_config=vpc_config,
+                tags=tags, opts=pulumi.ResourceOptions(parent=self, depends_on=[log_groups[stage], stage_policy]))
 
         # -- the state machine --------------------------------------------------------------
-        sfn_logs = aws.cloudwatch.LogGroup(f"{name}-sfn-logs", name=f"/mmp/{settings.prefix}/pipeline",
+        # Under /aws/vendedlogs/: CloudWatch Logs' resource policy for vended logs has a size limit
+        # that busy accounts reach with other prefixes (AWS's Step Functions logging guide).
+        sfn_logs = aws.cloudwatch.LogGroup(f"{name}-sfn-logs", name=f"/aws/vendedlogs/states/{settings.prefix}-pipeline",
                                            retention_in_days=settings.log_retention_days, tags=tags, opts=child)
         function_arns = [f.arn for f in self.functions.values()]
         sfn_role = iam.service_role(f"{name}-sfn", "states.amazonaws.com", [
@@ -259,7 +283,9 @@ class TrainingPipeline(pulumi.ComponentResource):
             f"{name}-sfn", name=f"{settings.prefix}-pipeline", type="STANDARD", role_arn=sfn_role.arn,
             definition=self.definition, logging_configuration={
                 "level": "ERROR", "include_execution_data": False,
-                "log_destination": pulumi.Output.concat(sfn_logs.arn, ":*")}, tags=tags, opts=child)
+                "log_destination": pulumi.Output.concat(sfn_logs.arn, ":*")}, tags=tags,
+            # The role's inline policy must exist first, or creation races IAM and fails on the log delivery.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[iam.policy_of(sfn_role)]))
 
         self.register_outputs({
             "stateMachineArn": self.state_machine.arn, "notificationTopicArn": self.topic.arn,
@@ -271,8 +297,10 @@ class TrainingPipeline(pulumi.ComponentResource):
                      mlflow: MlflowServer, image_context_digest: str) -> pulumi.Output[dict[str, str]]:
         """What the stages and the backends they run read (see mmp.backends.sagemaker)."""
         fsx_on = data.fsx is not None
+        in_vpc = fsx_on or settings.pipeline_in_vpc
         return pulumi.Output.all(
-            tracking=mlflow.url, password=mlflow.password_secret.arn if mlflow.password_secret else "",
+            tracking=mlflow.api_url, ui=mlflow.url, server_arn=mlflow.tracking_server_arn,
+            password=mlflow.password_secret.arn if mlflow.password_secret else "",
             token=self.github_token_secret.arn, topic=self.topic.arn, catalogue=data.catalogue_json,
             ecr=self.repository.repository_url, role=self.sagemaker_role.arn, artifacts=data.artifacts_bucket.bucket,
             subnets=network.private_subnet_ids, sgs=[network.training_sg.id], fsx_id=data.fsx_id, fsx_mount=data.fsx_mount_name,
@@ -282,7 +310,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             "MLFLOW_TRACKING_USERNAME": mlflow.username,
             "MMP_MLFLOW_USERNAME": mlflow.username,
             "MMP_MLFLOW_PASSWORD_SECRET_ARN": a["password"],
-            "MMP_MLFLOW_UI_URL": a["tracking"],
+            "MMP_MLFLOW_UI_URL": a["ui"],
+            "MMP_MLFLOW_TRACKING_SERVER_ARN": a["server_arn"] or "",
             "MMP_GITHUB_TOKEN_SECRET_ARN": a["token"],
             "MMP_GITHUB_API_URL": settings.github_api_url,
             "MMP_NOTIFY_TOPIC_ARN": a["topic"],
@@ -298,8 +327,9 @@ class TrainingPipeline(pulumi.ComponentResource):
             "MMP_SAGEMAKER_VOLUME_GB": str(settings.sagemaker_volume_gb),
             "MMP_SAGEMAKER_MAX_INSTANCES": str(settings.sagemaker_max_instances),
             "MMP_JOB_NAME_PREFIX": settings.job_prefix,
-            "MMP_SUBNET_IDS": ",".join(a["subnets"]) if fsx_on else "",
-            "MMP_SECURITY_GROUP_IDS": ",".join(a["sgs"]) if fsx_on else "",
+            # VPC mode for FSx, and for every job when MLflow admits only the NAT address.
+            "MMP_SUBNET_IDS": ",".join(a["subnets"]) if in_vpc else "",
+            "MMP_SECURITY_GROUP_IDS": ",".join(a["sgs"]) if in_vpc else "",
             "MMP_FSX_FILE_SYSTEM_ID": a["fsx_id"] or "",
             "MMP_FSX_MOUNT_NAME": a["fsx_mount"] or "",
         })

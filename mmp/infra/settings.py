@@ -19,6 +19,8 @@ NAME_RULE = "3-20 characters: lower-case letters, digits and '-', starting with 
 SECRET_KEYS = ("githubToken", "webhookSecret", "mlflowAdminPassword", "sshPrivateKey")
 DEFAULT_DLAMI_SSM = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+DOMAIN_RE = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+INPUT_MODES = ("File", "FastFile")  # what mmp.backends.sagemaker runs (Pipe needs a record reader)
 
 
 class SettingsError(ValueError):
@@ -36,6 +38,11 @@ def validate_email(value: str) -> str:
     if not EMAIL_RE.fullmatch(value or ""):
         raise ValueError(f"{value!r} is not an e-mail address")
     return value
+
+
+def valid_fsx_capacity(gib: int) -> bool:
+    """FSx for Lustre PERSISTENT_2 SSD: 1200 GiB, 2400 GiB, then increments of 2400 GiB (FSx API docs)."""
+    return gib == 1200 or (gib > 0 and gib % 2400 == 0)
 
 
 def _is_open(cidr: str) -> bool:
@@ -78,7 +85,7 @@ class Settings(BaseModel):
     # -- pipeline
     job_name_prefix: str | None = Field(default=None, alias="jobNamePrefix")
     poll_seconds: int = Field(default=60, alias="pollSeconds", ge=10, le=3600)
-    sagemaker_input_mode: Literal["File", "FastFile", "Pipe"] = Field(default="File", alias="sagemakerInputMode")
+    sagemaker_input_mode: str = Field(default="File", alias="sagemakerInputMode")
     sagemaker_volume_gb: int = Field(default=100, alias="sagemakerVolumeGb", ge=1, le=16384)
     sagemaker_max_instances: int = Field(default=4, alias="sagemakerMaxInstances", ge=1, le=256)
     image_keep_count: int = Field(default=20, alias="imageKeepCount", ge=1)
@@ -90,6 +97,9 @@ class Settings(BaseModel):
     mlflow_username: str = Field(default="admin", alias="mlflowUsername")
     mlflow_allowed_cidrs: list[str] = Field(default_factory=lambda: ["0.0.0.0/0"], alias="mlflowAllowedCidrs")
     mlflow_certificate_arn: str | None = Field(default=None, alias="mlflowCertificateArn")
+    mlflow_domain_name: str | None = Field(default=None, alias="mlflowDomainName")
+    mlflow_hosted_zone_id: str | None = Field(default=None, alias="mlflowHostedZoneId")
+    egress_cidrs: list[str] = Field(default_factory=list, alias="egressCidrs")
     mlflow_cpu: int = Field(default=1024, alias="mlflowCpu")
     mlflow_memory: int = Field(default=2048, alias="mlflowMemory")
     sagemaker_mlflow_size: Literal["Small", "Medium", "Large"] = Field(default="Small", alias="sagemakerMlflowSize")
@@ -125,7 +135,22 @@ class Settings(BaseModel):
                 raise ValueError(f"{cidr} would open SSH to the whole internet; name your own network")
         return value
 
-    @field_validator("mlflow_allowed_cidrs", "ssh_cidrs", mode="after")
+    @field_validator("sagemaker_input_mode")
+    @classmethod
+    def _input_mode(cls, value: str) -> str:
+        if value not in INPUT_MODES:
+            raise ValueError(f"{value!r} is not run by the sagemaker backend; use {' or '.join(INPUT_MODES)}"
+                             + (" (Pipe streams records to a reader train.py does not have)" if value == "Pipe" else ""))
+        return value
+
+    @field_validator("mlflow_domain_name")
+    @classmethod
+    def _domain(cls, value: str | None) -> str | None:
+        if value is not None and not DOMAIN_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a DNS name such as mlflow.example.com")
+        return value
+
+    @field_validator("mlflow_allowed_cidrs", "ssh_cidrs", "egress_cidrs", mode="after")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
         for cidr in value:
@@ -160,8 +185,30 @@ class Settings(BaseModel):
             problems.append("dlami: needs sshPublicKey and the secret sshPrivateKey (the key the backend connects with)")
         if self.dlami and not self.fsx:
             problems.append("dlami: the DLAMI cluster reads datasets from FSx; set mmp:fsx true as well")
-        if self.fsx and self.fsx_storage_gb % 1200:
-            problems.append(f"fsxStorageGb: PERSISTENT_2 takes multiples of 1200, got {self.fsx_storage_gb}")
+        if self.fsx and not valid_fsx_capacity(self.fsx_storage_gb):
+            problems.append(f"fsxStorageGb: PERSISTENT_2 SSD takes 1200, 2400 or a multiple of 2400 GiB, "
+                            f"got {self.fsx_storage_gb}")
+        if self.fsx and not self.nat_gateway and not self.vpc_id:
+            problems.append("natGateway: false with fsx true leaves sagemaker-fsx jobs and DLAMI hosts in private "
+                            "subnets with no route to ECR, Secrets Manager or MLflow; keep natGateway true")
+        if self.mlflow_certificate_arn and not self.mlflow_domain_name:
+            problems.append("mlflowCertificateArn: needs mlflowDomainName, the name the certificate covers (an ACM "
+                            "certificate cannot cover the load balancer's *.elb.amazonaws.com name)")
+        if self.mlflow_domain_name and not self.mlflow_certificate_arn:
+            problems.append("mlflowDomainName: only with mlflowCertificateArn (HTTPS for that name)")
+        if self.mlflow_hosted_zone_id and not self.mlflow_domain_name:
+            problems.append("mlflowHostedZoneId: only with mlflowDomainName (the record it creates)")
+        if self.mlflow_mode == "fargate" and not self.mlflow_open:
+            if self.vpc_id and not self.egress_cidrs:
+                problems.append("egressCidrs: required with vpcId when mlflowAllowedCidrs is narrowed: the public "
+                                "addresses the reused VPC's private subnets leave through (its NAT), so the "
+                                "pipeline's own Lambdas and training jobs can reach MLflow")
+            if not self.vpc_id and not self.nat_gateway:
+                problems.append("natGateway: false with a narrowed mlflowAllowedCidrs cuts the pipeline off from "
+                                "MLflow (its callers leave through the NAT address); keep natGateway true or "
+                                "open mlflowAllowedCidrs")
+        if self.egress_cidrs and not self.vpc_id:
+            problems.append("egressCidrs: only with vpcId (a stack-made VPC admits its own NAT address)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -179,6 +226,17 @@ class Settings(BaseModel):
     @property
     def production(self) -> bool:
         return self.stack.startswith("prod")
+
+    @property
+    def mlflow_open(self) -> bool:
+        """Whether the MLflow load balancer admits the whole internet (then no caller needs admitting)."""
+        return any(_is_open(c) for c in self.mlflow_allowed_cidrs)
+
+    @property
+    def pipeline_in_vpc(self) -> bool:
+        """Run the stage Lambdas and every training job in the private subnets, so they reach a
+        narrowed MLflow from the NAT's (or egressCidrs') address."""
+        return self.mlflow_mode == "fargate" and not self.mlflow_open
 
     @property
     def zones(self) -> list[str]:

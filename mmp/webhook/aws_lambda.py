@@ -90,10 +90,27 @@ class StepFunctionsSink:
         return True
 
 
+# API Gateway gives the Lambda 9 s (mmp.infra.webhook_api): the compare call, retries included, must
+# end well inside that, after the secret and before DynamoDB and Step Functions, or GitHub gets a
+# gateway timeout instead of the handler's own "redeliver later".
+COMPARE_BUDGET_S = 4.0
+
+
 def _github_compare(full_name: str, clone_url: str, base: str, head: str):
+    """The compare API within COMPARE_BUDGET_S in all (a socket timeout bounds each read, not a
+    slow answer as a whole, hence the worker thread); past it, raise TimeoutError."""
+    from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+
     from ..github import GitHubClient
 
-    return GitHubClient.from_env(retries=2, timeout=3).compare(full_name, base, head)
+    client = GitHubClient.from_env(retries=1, timeout=COMPARE_BUDGET_S / 2, max_wait=0.5)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmp-compare")
+    try:
+        return pool.submit(client.compare, full_name, base, head).result(timeout=COMPARE_BUDGET_S)
+    except FutureTimeout:
+        raise TimeoutError(f"GitHub compare did not answer within {COMPARE_BUDGET_S:.0f} s") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _secret() -> str | None:

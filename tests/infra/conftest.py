@@ -42,6 +42,7 @@ PROD_CONFIG = {
     "mmp:dbInstanceClass": "db.t4g.small",
     "mmp:sshCidrs": json.dumps(["203.0.113.0/24"]),
     "mmp:mlflowCertificateArn": f"arn:aws:acm:{REGION}:{ACCOUNT}:certificate/abc",
+    "mmp:mlflowDomainName": "mlflow.acme.example",
     "mmp:datasets": json.dumps({"cifar": {"s3": "s3://shared-data/cifar/"}}),
 }
 
@@ -55,6 +56,7 @@ class Res:
     parent: str | None = None
     urn: str = ""
     secret_inputs: set[str] = field(default_factory=set)
+    dependencies: set[str] = field(default_factory=set)  # URNs named in depends_on
 
 
 @dataclass
@@ -125,8 +127,14 @@ class Mocks(pulumi.runtime.Mocks):
             out["executionArn"] = f"arn:aws:execute-api:{REGION}:{ACCOUNT}:abc123"
         elif typ == "aws:lb/loadBalancer:LoadBalancer":
             out["dnsName"] = f"{name}.{REGION}.elb.amazonaws.com"
+            out["zoneId"] = "Z32O12XQLNTSW2"
+        elif typ == "aws:iam/role:Role":
+            out["arn"] = f"arn:aws:iam::{ACCOUNT}:role/{name}"  # IAM ARNs have no region
+        elif typ == "aws:ec2/eip:Eip":
+            out["publicIp"] = "198.51.100.77"
         elif typ == "aws:sagemaker/mlflowTrackingServer:MlflowTrackingServer":
             out["trackingServerUrl"] = f"https://t-abc.{REGION}.experiments.sagemaker.aws"
+            out["arn"] = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:mlflow-tracking-server/{inputs['trackingServerName']}"
         elif typ == "aws:secretsmanager/secret:Secret":
             out["arn"] = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:{name}-AbCdEf"
         elif typ == "aws:sns/topic:Topic":
@@ -167,6 +175,7 @@ class Monitor(MockMonitor):
             res = next(r for r in self.run.resources if r.typ == request.type and r.name == request.name)
             res.urn = response.urn
             res.parent = request.parent or None
+            res.dependencies = set(request.dependencies)
             res.secret_inputs = {k for k, v in request.object.fields.items()
                                  if v.HasField("struct_value") and SECRET_SIG_KEY in v.struct_value.fields
                                  and v.struct_value.fields[SECRET_SIG_KEY].string_value == SECRET_SIG}

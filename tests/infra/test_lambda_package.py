@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,6 +13,7 @@ import pytest
 
 from mmp.infra import lambda_package
 
+ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("pulumi", "pulumi_aws", "mlflow", "torch", "sagemaker", "paramiko", "typer", "rich", "horovod")
 
 
@@ -38,31 +41,72 @@ def test_zip_is_deterministic(package, tmp_path):
     assert again.sha256 == package.sha256 and again.source_code_hash == package.source_code_hash
 
 
-def test_handlers_import_from_the_zip_alone(package, tmp_path):
-    """A clean interpreter with only the unpacked zip (Lambda unpacks it to /var/task) and boto3,
-    as Lambda has: every handler imports, and nothing heavy gets loaded on the way."""
+# The oldest boto3 mmp supports (pyproject's floor): no newer than what any python3.11 Lambda runtime ships.
+RUNTIME_BOTO3 = "boto3==1.34.0"
+
+
+@pytest.fixture(scope="session")
+def runtime_venv() -> Path:
+    """A clean venv of the runtime's Python (3.11) holding only boto3, cached under build/venvs/."""
+    python = shutil.which(f"python{lambda_package.TARGET.python_version}")
+    if python is None:
+        pytest.skip(f"no python{lambda_package.TARGET.python_version} on this machine")
+    venv = ROOT / "build" / "venvs" / f"lambda-py{lambda_package.TARGET.python_version}-{RUNTIME_BOTO3.replace('==', '-')}"
+    if not (venv / ".complete").is_file():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=300)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", RUNTIME_BOTO3], check=True, timeout=900)
+        (venv / ".complete").write_text(RUNTIME_BOTO3 + "\n")
+    return venv
+
+
+def test_handlers_import_from_the_zip_in_a_clean_runtime(package, runtime_venv, tmp_path):
+    """The runtime's Python with only boto3, the unpacked zip first on the path (Lambda unpacks it
+    to /var/task): every handler imports, pydantic_core's native module loads, nothing heavy comes."""
     task = tmp_path / "task"
     zipfile.ZipFile(package.path).extractall(task)
-    site = Path(__import__("boto3").__file__).parents[1]
-    runtime = tmp_path / "runtime"
-    runtime.mkdir()
-    for name in ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "urllib3", "six.py"):
-        (runtime / name).symlink_to(site / name)
     code = f"""
 import sys, importlib
-sys.path[:0] = [{str(task)!r}, {str(runtime)!r}]
+sys.path.insert(0, {str(task)!r})
 for handler in {list(lambda_package.HANDLERS.values())!r}:
     module, _, attr = handler.rpartition(".")
     assert callable(getattr(importlib.import_module(module), attr)), handler
 importlib.import_module("mmp.backends.sagemaker")
+import pydantic_core._pydantic_core as native
+print("NATIVE", native.__file__)
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {list(FORBIDDEN)!r})
 print("HEAVY", heavy)
 print("FROM", importlib.import_module("mmp").__file__)
 """
-    out = subprocess.run([sys.executable, "-S", "-I", "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([str(runtime_venv / "bin" / "python"), "-I", "-c", code], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
     assert f"FROM {task}/mmp/__init__.py" in out.stdout  # mmp came from the zip, not the checkout
+    assert f"NATIVE {task}/pydantic_core/" in out.stdout
+
+
+def _native_modules(names: list[str]) -> list[str]:
+    return [n for n in names if n.endswith(".so")]
+
+
+def test_native_wheels_are_the_runtimes_whatever_the_host(package, tmp_path):
+    """The zip's native code is CPython 3.11 manylinux x86_64 (the functions' runtime). Asking for
+    another target gets that target's wheels from the same host, so the choice is pip's
+    --platform/--python-version, never the building interpreter's."""
+    assert _native_modules(zipfile.ZipFile(package.path).namelist()) == [
+        "pydantic_core/_pydantic_core.cpython-311-x86_64-linux-gnu.so"]
+    site = lambda_package.site_packages()
+    wheel = next(site.glob("pydantic_core-*.dist-info")) / "WHEEL"
+    tags = [line.split(": ", 1)[1] for line in wheel.read_text().splitlines() if line.startswith("Tag: ")]
+    assert tags and all(t.startswith("cp311-cp311-manylinux") and t.endswith("_x86_64") for t in tags), tags
+
+    other = lambda_package.Target(python_version="3.12", platform="manylinux2014_aarch64")
+    assert (sys.version_info[:2], os.uname().machine) != ((3, 12), "aarch64")  # a host that is not the target
+    built = lambda_package.build(tmp_path / "other.zip", other)
+    assert _native_modules(zipfile.ZipFile(built.path).namelist()) == [
+        f"pydantic_core/_pydantic_core.{other.abi_tag}.so"] == [
+        "pydantic_core/_pydantic_core.cpython-312-aarch64-linux-gnu.so"]
 
 
 def test_a_heavy_module_level_import_fails_the_build(tmp_path, monkeypatch):

@@ -230,8 +230,31 @@ def test_fsx_flag_adds_exactly_the_file_system(dev, fsx):
     assert fsx.exports["fsxMountName"] == "abcdefgh"
     env = fsx.exports["backendEnv"]
     assert env["MMP_FSX_FILE_SYSTEM_ID"] and env["MMP_FSX_MOUNT_NAME"] == "abcdefgh" and env["MMP_SUBNET_IDS"]
-    assert json.loads(env["MMP_DATASETS"])["digits"]["fsx"] == "/fsx/datasets/digits"
+    assert json.loads(env["MMP_DATASETS"])["digits"]["fsx"] == "/datasets/digits"  # inside the file system
     assert dev.exports["backendEnv"]["MMP_FSX_FILE_SYSTEM_ID"] == ""
+
+
+def test_fsx_jobs_read_the_directory_the_stack_made(fsx, monkeypatch):
+    """The stack's own catalogue and settings, through the backend, give SageMaker the
+    DirectoryPath it documents: /<MountName>/<path inside the file system>, where the data
+    repository association put the datasets (/datasets)."""
+    from mmp.backends import LaunchRequest
+    from mmp.backends.sagemaker import SageMakerFsxBackend
+    from mmp.datasets import Dataset
+    from mmp.experiment import parse_experiment
+
+    for key, value in fsx.exports["backendEnv"].items():
+        monkeypatch.setenv(key, value)
+    entry = json.loads(fsx.exports["backendEnv"]["MMP_DATASETS"])["fashion"]
+    experiment = parse_experiment({"Platform": "sagemaker-fsx", "Dataset_Name": "fashion",
+                                   "Training_Instance": "ml.g5.xlarge", "Instance_Count": "1"})
+    request = LaunchRequest(experiment=experiment, experiment_name="e", run_id="r1", repository="a/b", clone_url="",
+                            commit="c" * 40, mlflow_env={}, dataset=Dataset(name="fashion", **entry))
+    channel = SageMakerFsxBackend().training_job_request(request)["InputDataConfig"][0]
+    dra = fsx.one("aws:fsx/dataRepositoryAssociation:DataRepositoryAssociation").inputs
+    source = channel["DataSource"]["FileSystemDataSource"]
+    assert source["DirectoryPath"] == f"/{fsx.exports['fsxMountName']}{dra['fileSystemPath']}/fashion"
+    assert source["DirectoryPath"] == "/abcdefgh/datasets/fashion"
 
 
 def test_dlami_flag_adds_its_resources(fsx, h):
@@ -279,6 +302,14 @@ def test_reused_vpc_creates_no_network(h):
     ({"mmp:sshCidrs": '["0.0.0.0/0"]'}, "whole internet"),
     ({"mmp:notifyEmail": "not-an-address"}, "e-mail"),
     ({"mmp:fsx": "true", "mmp:fsxStorageGb": "1000"}, "fsxStorageGb"),
+    ({"mmp:fsx": "true", "mmp:fsxStorageGb": "3600"}, "fsxStorageGb: PERSISTENT_2 SSD takes 1200, 2400 or a multiple of 2400"),
+    ({"mmp:sagemakerInputMode": "Pipe"}, "mmp:sagemakerInputMode: Value error, 'Pipe' is not run by the sagemaker backend; use File or FastFile"),
+    ({"mmp:fsx": "true", "mmp:natGateway": "false"}, "natGateway: false with fsx true"),
+    ({"mmp:mlflowCertificateArn": "arn:aws:acm:eu-west-1:123456789012:certificate/x"}, "mlflowCertificateArn: needs mlflowDomainName"),
+    ({"mmp:mlflowDomainName": "mlflow.acme.example"}, "mlflowDomainName: only with mlflowCertificateArn"),
+    ({"mmp:mlflowAllowedCidrs": '["198.51.100.0/24"]', "mmp:natGateway": "false"}, "natGateway: false with a narrowed mlflowAllowedCidrs"),
+    ({"mmp:mlflowAllowedCidrs": '["198.51.100.0/24"]', "mmp:vpcId": "vpc-0abc", "mmp:privateSubnetIds": '["subnet-a"]',
+      "mmp:publicSubnetIds": '["subnet-c"]'}, "egressCidrs: required with vpcId"),
     ({"mmp:dlami": "true"}, "dlami"),
     ({"mmp:sagemakerInputMode": "Stream"}, "mmp:sagemakerInputMode"),
     ({"mmp:mlflowPort": "5000"}, "unknown config key(s) mmp:mlflowPort"),

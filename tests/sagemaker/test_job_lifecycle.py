@@ -200,25 +200,29 @@ def test_other_create_errors_fail_the_run_without_retrying(stubbed, sm_repo, sm)
 
 
 # -- the backend alone ---------------------------------------------------------------
-def test_max_runtime_deadline_stops_the_job_and_fails(stubbed, sm):
+def test_sagemakers_own_max_runtime_stop_is_a_failure(stubbed, sm):
+    """SageMaker ends the job at MaxRuntime (StoppingCondition); mmp reports that as a failure."""
     client, stubber = stubbed
     backend = SageMakerBackend(sagemaker_client=client, poll_seconds=0)
-    handle = JobHandle("sagemaker", "mmp-x-1", {"job_name": "mmp-x-1", "deadline_grace_seconds": 3600})
+    handle = JobHandle("sagemaker", "mmp-x-1", {"job_name": "mmp-x-1"})
     stubber.add_response("describe_training_job", sm.describe_response("mmp-x-1", "InProgress", "Training"))
-    stubber.add_response("stop_training_job", {}, {"TrainingJobName": "mmp-x-1"})
-    stubber.add_response("describe_training_job", sm.describe_response("mmp-x-1", "Stopped", "Stopped"))
-    status = backend.wait(handle, deadline=time.time() - 3601)
-    assert status.state is JobState.FAILED and "Max_Runtime" in status.message
+    stubber.add_response("describe_training_job", sm.describe_response("mmp-x-1", "Stopped", "MaxRuntimeExceeded"))
+    status = backend.wait(handle, deadline=time.time() - 3601)  # no StopTrainingJob from mmp
+    assert status.state is JobState.FAILED and "MaxRuntimeExceeded" in status.message
 
 
-def test_the_deadline_gets_the_jobs_grace(stubbed, sm):
-    """Provisioning (and spot waits) do not count against Max_Runtime on SageMaker."""
+def test_no_deadline_from_launch_stops_a_job_still_provisioning_or_waiting_for_spot(stubbed, sm):
+    """Provisioning and the spot wait do not count against Max_Runtime on SageMaker: a job launched
+    two hours before a one-hour Max_Runtime ran out is left to SageMaker's StoppingCondition."""
     client, stubber = stubbed
     backend = SageMakerBackend(sagemaker_client=client, poll_seconds=0)
-    handle = JobHandle("sagemaker", "mmp-x-1", {"job_name": "mmp-x-1", "deadline_grace_seconds": 3600})
+    assert backend.bounds_runtime is True
+    handle = JobHandle("sagemaker", "mmp-x-1", {"job_name": "mmp-x-1"})
+    stubber.add_response("describe_training_job", sm.describe_response("mmp-x-1", "InProgress", "Starting"))
     stubber.add_response("describe_training_job", sm.describe_response("mmp-x-1", "InProgress", "Training"))
     stubber.add_response("describe_training_job", sm.describe_response("mmp-x-1", "Completed", "Completed"))
-    assert backend.wait(handle, deadline=time.time() - 60).state is JobState.SUCCEEDED  # no stop call
+    assert backend.wait(handle, deadline=time.time() - 2 * 3600).state is JobState.SUCCEEDED  # no stop call
+    stubber.assert_no_pending_responses()
 
 
 def test_teardown_stops_a_running_job_once_and_is_idempotent(stubbed, sm):

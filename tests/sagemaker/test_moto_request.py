@@ -235,3 +235,26 @@ def test_the_registry_backend_runs_against_moto_with_env_configuration(aws_env, 
     assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{sm.BUCKET}/fashion-demo/{outcome.run_id}"
     tags = {t["Key"]: t["Value"] for t in aws.client("sagemaker").list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]}
     assert tags["mmp:delivery-id"] == "none" and tags["mmp:mlflow-run-id"] == outcome.run_id
+
+
+def test_managed_mlflow_jobs_log_through_the_plugin_with_the_servers_arn(aws_env, stack_env, sm_dataset, sm):
+    """mlflowMode sagemaker: train.py's MLflow client takes the tracking server's ARN as its URI
+    (the sagemaker-mlflow plugin signs with the job role); no username or password goes along."""
+    from mmp.backends import LaunchRequest
+    from mmp.datasets import load_catalogue
+    from mmp.experiment import parse_experiment
+
+    arn = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/acme-ml-dev-mlflow"
+    stack_env.setenv("MMP_MLFLOW_TRACKING_SERVER_ARN", arn)
+    stack_env.delenv("MMP_MLFLOW_PASSWORD_SECRET_ARN", raising=False)
+    client = aws.client("sagemaker")
+    sent = capture_requests(client)
+    request = LaunchRequest(experiment=parse_experiment(sm.SM_EXPERIMENT), experiment_name="fashion-demo",
+                            run_id="r1", repository="a/b", clone_url="/x", commit="c" * 40,
+                            dataset=load_catalogue()["fashion-s3"],
+                            mlflow_env={"MLFLOW_TRACKING_URI": "https://us-east-1.experiments.sagemaker.aws",
+                                        "MLFLOW_EXPERIMENT_NAME": "fashion-demo", "MLFLOW_RUN_ID": "r1"})
+    SageMakerBackend(sagemaker_client=client).launch(request)
+    env = sent[0]["Environment"]
+    assert env["MLFLOW_TRACKING_URI"] == arn and env["MLFLOW_RUN_ID"] == "r1"
+    assert "MMP_MLFLOW_PASSWORD_SECRET_ARN" not in env
