@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export MMP_HOME ?= $(HOME)/.mmp
 
-.PHONY: setup setup-dev demo test bench clean
+.PHONY: setup setup-dev system-packages demo test bench clean
 
 setup: .venv/.mmp-ready          # what the demo needs: torch, Horovod, mmp
 setup-dev: .venv/.mmp-ready-dev  # plus the test and infrastructure extras
@@ -18,7 +18,10 @@ setup-dev: .venv/.mmp-ready-dev  # plus the test and infrastructure extras
 demo: setup
 	$(PY) -m mmp demo
 
-test: setup-dev
+system-packages:  # what the tests need from the system (sshd); installs as root, else says the command
+	MMP_ONLY_SYSTEM=1 bash scripts/bootstrap.sh
+
+test: system-packages setup-dev
 	$(PY) -m pytest -q
 
 bench: setup-dev

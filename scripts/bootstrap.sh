@@ -23,6 +23,41 @@ mkdir -p "$LOG_DIR"
 
 stamp() { printf '[%4ss] %s\n' "$SECONDS" "$*"; }
 
+# -- system packages the tests need -------------------------------------------------------
+# Installed with apt-get when this runs as root; otherwise the script stops at once with the
+# exact command to run. Each need is one `need_system PROGRAM PACKAGE` line (append yours).
+#   MMP_ONLY_SYSTEM=1 bash scripts/bootstrap.sh   # only this part (what `make test` runs first)
+SBIN_PATH="${MMP_SBIN_PATH-/usr/local/sbin:/usr/sbin:/sbin}"  # sshd lives there, off a user's PATH
+MISSING_PACKAGES=()
+need_system() {  # need_system PROGRAM PACKAGE: PACKAGE is installed unless PROGRAM is found
+  PATH="$PATH${SBIN_PATH:+:$SBIN_PATH}" command -v "$1" >/dev/null 2>&1 || MISSING_PACKAGES+=("$2")
+}
+install_system_packages() {
+  [ "${#MISSING_PACKAGES[@]}" -eq 0 ] && return 0
+  local packages="${MISSING_PACKAGES[*]}"
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    stamp "installing system packages: $packages (apt-get)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${MISSING_PACKAGES[@]}" >/dev/null; }; then
+      echo "error: apt-get could not install $packages; run: apt-get update && apt-get install -y $packages" >&2
+      exit 1
+    fi
+  elif command -v apt-get >/dev/null 2>&1; then
+    echo "error: the tests need system packages that are missing: $packages" >&2
+    echo "run:   sudo apt-get update && sudo apt-get install -y $packages" >&2
+    echo "then run \`make test\` again" >&2
+    exit 1
+  else
+    echo "error: the tests need system packages that are missing (Debian/Ubuntu names): $packages" >&2
+    echo "install them with this system's package manager (e.g. sudo dnf install -y $packages), then run \`make test\` again" >&2
+    exit 1
+  fi
+}
+if [ -n "${MMP_ONLY_SYSTEM:-}" ] || [[ ",$EXTRAS," == *",dev,"* ]]; then
+  need_system sshd openssh-server  # the dlami backend's tests run a real sshd on 127.0.0.1
+  install_system_packages
+fi
+[ -n "${MMP_ONLY_SYSTEM:-}" ] && exit 0
+
 if [ ! -x "$VENV/bin/python" ]; then
   stamp "creating $VENV"
   "$PYTHON" -m venv "$VENV"
