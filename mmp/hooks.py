@@ -36,7 +36,12 @@ class HookError(RuntimeError):
 
 
 def webhook_url() -> str:
-    return os.environ.get("MMP_WEBHOOK_URL") or DEFAULT_URL
+    """Where a firing hook posts: MMP_WEBHOOK_URL (set by `--url` at install), else the webhook of
+    the `mmp up` running on MMP_HOME (its stack.json, read now, so `mmp up --port P` is found),
+    else the default :8080."""
+    from .pipeline.runs import running_stack
+
+    return os.environ.get("MMP_WEBHOOK_URL") or (running_stack() or {}).get("webhook_url") or DEFAULT_URL
 
 
 # -- the event ------------------------------------------------------------------------
@@ -154,17 +159,34 @@ def run_hook(kind: str, stdin_lines: list[str] | None = None, cwd: str | Path = 
 
 # -- installing -------------------------------------------------------------------------
 def hook_script(kind: str, url: str | None) -> str:
+    """The hook: plain assignments of single-quoted values (shlex.quote), so no path or URL,
+    whatever characters it holds (`$(...)`, quotes, spaces, newlines), is ever run or split.
+    Without `--url` it names no URL: the hook finds the running stack when it fires."""
     package_root = str(Path(__file__).resolve().parents[1])
-    return "\n".join([
+    lines = [
         "#!/bin/sh",
         f"{MARKER}: sends a signed GitHub-style push event to the local MMP webhook.",
-        f': "${{MMP_WEBHOOK_URL:={url or webhook_url()}}}"',
-        f': "${{MMP_HOME:={config.home_path()}}}"',
-        "export MMP_WEBHOOK_URL MMP_HOME",
-        f'PYTHONPATH={shlex.quote(package_root)}${{PYTHONPATH:+:$PYTHONPATH}}; export PYTHONPATH',
-        f"exec {shlex.quote(sys.executable)} -m mmp.hooks {kind}",
+        f'if [ -z "${{MMP_HOME:-}}" ]; then MMP_HOME={shlex.quote(str(config.home_path()))}; fi',
+        "export MMP_HOME",
+    ]
+    if url:
+        lines += [f'if [ -z "${{MMP_WEBHOOK_URL:-}}" ]; then MMP_WEBHOOK_URL={shlex.quote(url)}; fi',
+                  "export MMP_WEBHOOK_URL"]
+    lines += [
+        f'PYTHONPATH={shlex.quote(package_root)}${{PYTHONPATH:+:"$PYTHONPATH"}}; export PYTHONPATH',
+        f"exec {shlex.quote(sys.executable)} -m mmp.hooks {shlex.quote(kind)}",
         "",
-    ])
+    ]
+    return "\n".join(lines)
+
+
+def check_url(url: str) -> None:
+    """An http(s) URL with a host and no whitespace or control characters, or HookError."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() or ord(c) < 32 for c in url):
+        raise HookError(f"--url {url!r} is not an http(s) URL such as http://127.0.0.1:8080/webhook")
 
 
 def install(repo: str | Path, *, url: str | None = None, force: bool = False) -> Path:
@@ -173,6 +195,8 @@ def install(repo: str | Path, *, url: str | None = None, force: bool = False) ->
         path, bare = repo_info(repo)
     except gitutil.GitError as exc:
         raise HookError(f"{repo} is not a git repository ({exc})") from None
+    if url is not None:
+        check_url(url)
     kind = "post-receive" if bare else "post-commit"
     hooks_dir = Path(gitutil.git(path, "rev-parse", "--git-path", "hooks").decode().strip())
     if not hooks_dir.is_absolute():

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, console, err_console, fail, print_json
+from . import app, console, err_console, esc, fail, print_json
 
 hook_app = typer.Typer(help="Git hooks that post push events to the local webhook.", no_args_is_help=True)
 app.add_typer(hook_app, name="hook")
@@ -40,7 +40,7 @@ def up(
             c.print(f"[bold]MLflow[/]   {stack.ui_url}")
         else:
             c.print("[yellow]MLflow UI did not answer; see $MMP_HOME/logs/mlflow.log[/]")
-    c.print(f"[bold]state[/]    {config.mmp_home()}  (worker log: logs/worker.log)")
+    c.print(f"[bold]state[/]    {esc(config.mmp_home())}  (worker log: logs/worker.log)")
     c.print("install the hook in a repository with [bold]mmp hook install REPO[/]; Ctrl-C stops everything")
     stack.serve()
     c.print("stopped")
@@ -49,17 +49,20 @@ def up(
 @hook_app.command("install")
 def hook_install(
     repo: Path = typer.Argument(Path("."), help="Working repository (post-commit) or bare repository (post-receive)."),
-    url: Optional[str] = typer.Option(None, "--url", help="Webhook URL (default MMP_WEBHOOK_URL or http://127.0.0.1:8080/webhook)."),
+    url: Optional[str] = typer.Option(None, "--url", help="Always post to this webhook URL. Default: decided each "
+                                      "time the hook fires: $MMP_WEBHOOK_URL, else the `mmp up` running on "
+                                      "$MMP_HOME (its stack.json), else http://127.0.0.1:8080/webhook."),
     force: bool = typer.Option(False, "--force", help="Replace a hook mmp did not install (kept as .bak)."),
 ) -> None:
     """Make commits (or pushes, for a bare repository) post signed push events to the local webhook."""
-    from ..hooks import HookError, install, webhook_url
+    from ..hooks import HookError, install
 
     try:
         path = install(repo, url=url, force=force)
     except HookError as exc:
         fail(str(exc), 2)
-    console().print(f"installed {path.name} in {path.parent} → {url or webhook_url()}")
+    target = url or "the `mmp up` running on MMP_HOME when the hook fires (else http://127.0.0.1:8080/webhook)"
+    console().print(f"installed {path.name} in {path.parent} → {target}", markup=False)
 
 
 @app.command()
@@ -85,8 +88,8 @@ def jobs(limit: int = typer.Option(20, "--limit", "-n"), as_json: bool = typer.O
     for col in ("delivery", "state", "repository", "commit", "run", "message"):
         table.add_column(col, overflow="fold")
     for j in items:
-        table.add_row(j.delivery_id[:13], j.state, j.repository, j.commit_sha[:7], (j.run_id or "-")[:12],
-                      j.message[:70])
+        table.add_row(esc(j.delivery_id[:13]), j.state, esc(j.repository), j.commit_sha[:7], (j.run_id or "-")[:12],
+                      esc(j.message[:70]))
     console().print(table)
 
 
@@ -100,7 +103,9 @@ def demo(
     from ..demo import DemoError, run_demo
 
     try:
-        result = run_demo(directory, ui=ui, mlflow_port=mlflow_port, say=console().print)
+        out = console()
+        result = run_demo(directory, ui=ui, mlflow_port=mlflow_port,
+                          say=lambda text: out.print(text, markup=False, soft_wrap=True))  # paths print as they are
     except DemoError as exc:
         fail(str(exc), 1)
     if not result.ok:

@@ -45,15 +45,14 @@ def local_trigger(repo: str | Path, commit: str, *, experiment_file: Path | None
                    source=source, delivery_id=delivery_id or f"manual-{uuid.uuid4().hex[:12]}", ref=ref)
 
 
-def local_stack_tracking_uri() -> str | None:
-    """The MLflow server of a running `mmp up`, so `mmp run` need not load MLflow itself."""
-    path = config.local_stack_file()
+def running_stack() -> dict | None:
+    """What a running `mmp up` published in `$MMP_HOME/stack.json`; None when none runs."""
     try:
-        stack = json.loads(path.read_text())
+        stack = json.loads(config.local_stack_file().read_text())
         os.kill(int(stack["pid"]), 0)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return stack.get("mlflow_url")
+    return stack if isinstance(stack, dict) else None
 
 
 def run_trigger(trigger: Trigger, *, on_log: Callable[[str], None] | None = None, on_launch=None):
@@ -62,3 +61,24 @@ def run_trigger(trigger: Trigger, *, on_log: Callable[[str], None] | None = None
     from .store import RunStore
 
     return Pipeline(store=RunStore(), on_log=on_log, on_launch=on_launch).run(trigger)
+
+
+def ui_answers(base_url: str, timeout: float = 2.0) -> bool:
+    """Whether an MLflow server answers /health at `base_url` (links elsewhere lead nowhere)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{base_url.rstrip('/')}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def mlflow_link(run_url: str) -> str:
+    """`MLflow run: URL` when a UI answers there; otherwise the command that starts one
+    (a link to a port where nothing listens is a dead end)."""
+    base = run_url.split("/#", 1)[0]
+    if ui_answers(base):
+        return f"MLflow run: {run_url}"
+    return (f"MLflow: no UI answers at {base}; start one with `mmp up` (it serves $MMP_HOME's runs there), "
+            f"then open {run_url.removeprefix(base)}")

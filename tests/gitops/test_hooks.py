@@ -184,3 +184,87 @@ def test_push_to_bare_repository_trains_and_finishes_in_mlflow(make_repo, digits
                          if p.is_file() and p.suffix in (".json", ".jsonl", ".log", ".txt"))
     for value in (secret, token):
         assert value not in mlflow_text and value not in caplog.text and value not in files_text
+
+
+def _commit_env(**extra: str) -> dict[str, str]:
+    """The committing shell's environment: no MMP_HOME / MMP_WEBHOOK_URL unless given."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MMP_HOME", "MMP_WEBHOOK_URL")}
+    return {**env, **extra}
+
+
+@pytest.fixture
+def stack(secret_env):
+    """A real `mmp up` stack (webhook only) on a free port: it publishes stack.json in MMP_HOME."""
+    from mmp.localstack import LocalStack
+
+    running = LocalStack("127.0.0.1", 0, ui=False, worker=False, say=lambda *_: None).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_hook_finds_the_running_stack_when_it_fires(make_repo, stack, monkeypatch):
+    """Installed before `mmp up --port P` started or not: the hook reads stack.json when it fires."""
+    from mmp.hooks import DEFAULT_URL, webhook_url
+    from mmp.pipeline.queue import JobQueue
+
+    repo = make_repo()
+    install(repo)  # no --url: nothing about a port is baked into the hook
+    assert "8080" not in (repo / ".git" / "hooks" / "post-commit").read_text()
+    bump(repo, "2")
+    done = subprocess.run(["git", "-C", str(repo), "commit", "-qam", "two"], capture_output=True, text=True,
+                          timeout=60, env=_commit_env(MMP_HOME=os.environ["MMP_HOME"]))
+    assert done.returncode == 0 and "webhook 202 queued" in done.stderr, done.stderr
+    assert stack.port != 8080 and len(JobQueue().list()) == 1
+    stack.stop()  # no stack any more: back to the default
+    assert webhook_url() == DEFAULT_URL
+    monkeypatch.setenv("MMP_WEBHOOK_URL", "http://127.0.0.1:9/webhook")  # the explicit override wins
+    assert webhook_url() == "http://127.0.0.1:9/webhook"
+
+
+def test_url_override_is_kept_in_the_hook(make_repo, server, queue, tmp_path):
+    repo = make_repo()
+    install(repo, url=server.url)
+    (tmp_path / "stack-home").mkdir()
+    bump(repo, "2")
+    done = subprocess.run(["git", "-C", str(repo), "commit", "-qam", "two"], capture_output=True, text=True,
+                          timeout=60, env=_commit_env(MMP_HOME=str(tmp_path / "stack-home")))
+    assert "webhook 202 queued" in done.stderr and len(queue.list()) == 1
+
+
+HOSTILE = 'home $(touch pwned) `touch pwned2` "dq" \'sq\' ; touch pwned3 \\\nline2 $HOME'
+
+
+def test_hostile_mmp_home_and_url_are_never_run(make_repo, tmp_path, monkeypatch, secret_env):
+    """Values written into the hook are data: `$(...)`, backticks, quotes, `;`, newlines stay literal."""
+    from mmp.localstack import LocalStack
+    from mmp.pipeline.queue import JobQueue
+
+    home = tmp_path / HOSTILE
+    home.mkdir()
+    monkeypatch.setenv("MMP_HOME", str(home))
+    repo = make_repo()
+    hook = install(repo)  # MMP_HOME (the hostile one) is baked into the hook as its default
+    check = subprocess.run(["sh", "-n", str(hook)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    running = LocalStack("127.0.0.1", 0, ui=False, worker=False, say=lambda *_: None).start()
+    try:
+        bump(repo, "2")
+        done = subprocess.run(["git", "-C", str(repo), "commit", "-qam", "two"], capture_output=True, text=True,
+                              timeout=60, env=_commit_env())
+        # the hook found the stack.json under the hostile MMP_HOME, so the path reached Python intact
+        assert "webhook 202 queued" in done.stderr, done.stderr
+        assert len(JobQueue().list()) == 1
+    finally:
+        running.stop()
+    with pytest.raises(HookError, match="--url"):
+        install(repo, url="http://127.0.0.1:9/x $(touch pwned6)")  # not a URL at all: refused
+    bad_url = "http://127.0.0.1:9/x$(touch${IFS}pwned4)\"'`touch${IFS}pwned5`;touch${IFS}pwned7"
+    install(repo, url=bad_url)
+    bump(repo, "3")
+    done = subprocess.run(["git", "-C", str(repo), "commit", "-qam", "three"], capture_output=True, text=True,
+                          timeout=60, env=_commit_env())
+    assert done.returncode == 0 and "could not reach the webhook at " + bad_url in done.stderr, done.stderr
+    for place in (repo, tmp_path, home, Path.cwd()):
+        assert not [p for p in place.iterdir() if p.name.startswith("pwned")], place
