@@ -145,6 +145,7 @@ def wait_for_runs(ctx: DemoContext, timeout: float = WAIT_S) -> None:
 
 def show_results(ctx: DemoContext) -> dict[str, list[dict]]:
     from .pipeline.reporting import LocalStatusReporter
+    from .pipeline.runs import mlflow_link
 
     reporter = LocalStatusReporter()
     repository = gitutil.repository_name(ctx.repo)
@@ -156,7 +157,8 @@ def show_results(ctx: DemoContext) -> dict[str, list[dict]]:
         trail = " → ".join(h["state"] for h in history) or "(none)"
         ctx.say(f"   {sha[:7]} statuses: {trail}")
         if run is not None:
-            ctx.say(f"           run {run.run_id} {run.state}: {run.run_url}")
+            link = mlflow_link(run.run_url) if run.run_url else ""
+            ctx.say(f"           run {run.run_id} {run.state}. {link}")
     ctx.say(f"   MLflow experiment {ctx.experiment_name!r} in {config.tracking_uri()}; "
             "browse with `mmp up` and open the MLflow URL")
     return statuses

@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FINAL_STATUS = {JobState.SUCCEEDED: "FINISHED", JobState.FAILED: "FAILED", JobState.CANCELLED: "KILLED"}
 LOG_TAIL_LINES = 200
+# MLflow 3's UI opens an experiment without a kind in its GenAI view (traces, no runs table):
+# MMP's experiments are model training, so they are tagged to open on their runs.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def ui_url() -> str:
@@ -95,12 +98,15 @@ class RunTracker(TrackerBase):
         if existing is not None:
             if existing.lifecycle_stage == "deleted":
                 self.client.restore_experiment(existing.experiment_id)
+            for key, value in EXPERIMENT_TAGS.items():
+                if key not in existing.tags:  # made by train.py or an older MMP
+                    self.client.set_experiment_tag(existing.experiment_id, key, value)
             return existing.experiment_id
         location = None
         if self.tracking_uri.startswith("sqlite:") or "://" not in self.tracking_uri:
             location = f"{config.artifact_root()}/{name}"
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except Exception:  # created concurrently by another worker
             found = self.client.get_experiment_by_name(name)
             if found is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .argv import hyperparameter_text
-from .tracking import TrackerBase, ui_url
+from .tracking import EXPERIMENT_TAGS, TrackerBase, ui_url
 
 
 class MlflowRestError(RuntimeError):
@@ -98,11 +98,18 @@ class RestRunTracker(TrackerBase):
         try:
             found = self._call("GET", "/api/2.0/mlflow/experiments/get-by-name", query={"experiment_name": name})
             exp_id = found["experiment"]["experiment_id"]
+            have = {t.get("key") for t in found["experiment"].get("tags", [])}
+            for key, value in EXPERIMENT_TAGS.items():
+                if key not in have:
+                    self._call("POST", "/api/2.0/mlflow/experiments/set-experiment-tag",
+                               {"experiment_id": exp_id, "key": key, "value": value})
         except MlflowRestError as exc:
             if "RESOURCE_DOES_NOT_EXIST" not in str(exc):
                 raise
             try:
-                exp_id = self._call("POST", "/api/2.0/mlflow/experiments/create", {"name": name})["experiment_id"]
+                tags = [{"key": k, "value": v} for k, v in EXPERIMENT_TAGS.items()]
+                exp_id = self._call("POST", "/api/2.0/mlflow/experiments/create",
+                                    {"name": name, "tags": tags})["experiment_id"]
             except MlflowRestError as create_exc:  # made concurrently
                 if "RESOURCE_ALREADY_EXISTS" not in str(create_exc):
                     raise

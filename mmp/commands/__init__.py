@@ -36,6 +36,14 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def esc(value: Any) -> str:
+    """User text (paths, names, messages, values) made literal for a console that reads rich markup:
+    `[/x]` in an experiment file must print, not crash."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
 def fail(message: str, code: int = 1) -> None:
-    err_console().print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    err_console().print(f"[bold red]error:[/] {esc(message)}", markup=True, soft_wrap=True)
     raise typer.Exit(code)

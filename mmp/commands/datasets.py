@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, console, fail, print_json
+from . import app, console, esc, fail, print_json
 
 datasets_app = typer.Typer(help="The dataset catalogue: a name and its location per platform.", invoke_without_command=True)
 app.add_typer(datasets_app, name="datasets")
@@ -34,7 +34,8 @@ def list_datasets(ctx: typer.Context, as_json: bool = typer.Option(False, "--jso
     for col in ("name", "local", "ready", "s3", "fsx"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["local"], "yes" if r["local_ready"] else "no", r["s3"] or "-", r["fsx"] or "-")
+        table.add_row(esc(r["name"]), esc(r["local"]), "yes" if r["local_ready"] else "no", esc(r["s3"] or "-"),
+                      esc(r["fsx"] or "-"))
     console().print(table)
 
 
@@ -52,7 +53,7 @@ def add(
         entry = add_dataset(name, local=str(local) if local else None, s3=s3, fsx=fsx)
     except ValueError as exc:
         fail(str(exc), 2)
-    console().print(f"added dataset [bold]{entry.name}[/]")
+    console().print(f"added dataset [bold]{esc(entry.name)}[/]")
 
 
 @datasets_app.command("prepare")
@@ -64,4 +65,4 @@ def prepare(name: str = typer.Argument(..., help="digits (bundled with scikit-le
         fail(f"only 'digits' can be prepared offline; put Fashion-MNIST IDX files in a folder and "
              f"`mmp datasets add {name} --local DIR`", 2)
     path = prepare_digits()
-    console().print(f"prepared [bold]digits[/] in {path}")
+    console().print(f"prepared [bold]digits[/] in {esc(path)}")

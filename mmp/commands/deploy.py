@@ -20,7 +20,7 @@ from pathlib import Path
 
 import typer
 
-from . import app, console, fail
+from . import app, console, esc, fail
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
@@ -128,7 +128,7 @@ def deploy(
     commands = plan(stack=stack, region=region, name=name, email=email, github_token=github_token,
                     existing=_existing(stack, cwd), yes=yes)
     for command in commands:
-        console().print(f"[dim]$ {command.shown()}[/]")
+        console().print(f"[dim]$ {esc(command.shown())}[/]")
         done = subprocess.run(list(command.argv), cwd=cwd, input=command.stdin, text=True)
         if done.returncode != 0:
             fail(f"`{command.shown()}` failed (exit {done.returncode})", done.returncode)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from . import app, console, err_console, fail, print_json
+from . import app, console, err_console, esc, fail, print_json
 
 
 @app.command()
@@ -38,16 +38,16 @@ def validate(
         if as_json:
             print_json({"valid": False, "problems": [p.model_dump() for p in exc.problems]})
         else:
-            err_console().print(f"[bold red]{exc.source} is invalid[/]")
+            err_console().print(f"[bold red]{esc(exc.source)} is invalid[/]")
             for p in exc.problems:
-                err_console().print(f"  [red]✗[/] [bold]{p.field}[/]: {p.message}", soft_wrap=True)
+                err_console().print(f"  [red]✗[/] [bold]{esc(p.field)}[/]: {esc(p.message)}", soft_wrap=True)
         raise typer.Exit(1)
     except FileNotFoundError as exc:
         fail(f"{exc.filename}: no such file", 1)
     if as_json:
         print_json({"valid": True, "experiment": experiment.to_file_dict(), "notes": experiment.notes()})
     else:
-        console().print(f"[green]✓[/] valid: {experiment.describe()}")
+        console().print(f"[green]✓[/] valid: {esc(experiment.describe())}")
         for note in experiment.notes():
             console().print(f"  note: {note}", markup=False)
 
@@ -57,56 +57,98 @@ def run(
     file: Optional[Path] = typer.Argument(None, help="Experiment file to use instead of the committed one."),
     repo: Path = typer.Option(Path("."), "--repo", help="The git repository holding train.py."),
     commit: str = typer.Option("HEAD", "--commit", help="Commit to train (default HEAD)."),
-    detach: bool = typer.Option(False, "--detach", help="Return at once; follow with `mmp runs` / `mmp logs`."),
+    detach: bool = typer.Option(False, "--detach", help="Return once the run is created; follow with "
+                                                        "`mmp status RUN` / `mmp logs RUN`."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the training log."),
     as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
+    started_file: Optional[Path] = typer.Option(None, "--started-file", hidden=True,
+                                                help="(--detach's child) write the run id here once launched."),
 ) -> None:
     """Launch the experiment at the repository's commit without a push, and follow it."""
     from .. import gitutil
-    from ..pipeline.runs import local_trigger, run_trigger
+    from ..pipeline.runs import local_trigger, mlflow_link, run_trigger, running_stack
 
     try:
         sha = gitutil.resolve(repo, commit)
     except gitutil.GitError as exc:
         fail(str(exc), 2)
+    if file is not None and not file.is_file():
+        fail(f"{file}: no such experiment file", 2)
     if detach:
-        log_dir = _detached_log_dir()
-        log_file = log_dir / f"run-{sha[:12]}-{int(time.time())}.log"
-        argv = [sys.executable, "-m", "mmp", "run", "--repo", str(Path(repo).resolve()), "--commit", sha, "--quiet"]
-        if file:
-            argv.insert(3, str(Path(file).resolve()))
-        with open(log_file, "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-        if as_json:
-            print_json({"detached": True, "pid": proc.pid, "commit": sha, "log": str(log_file)})
-        else:
-            console().print(f"started in the background (pid {proc.pid}); follow with [bold]mmp runs[/] "
-                            f"and [bold]mmp logs RUN[/]")
+        _run_detached(file, repo, sha, as_json)
         return
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        from ..pipeline.runs import local_stack_tracking_uri
-
-        stack_uri = local_stack_tracking_uri()
-        if stack_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = stack_uri
+    stack = running_stack() or {}
+    if not os.environ.get("MLFLOW_TRACKING_URI") and stack.get("mlflow_url"):
+        os.environ["MLFLOW_TRACKING_URI"] = stack["mlflow_url"]  # the stack's server: links point at its UI
+        os.environ.setdefault("MMP_MLFLOW_UI_URL", stack["mlflow_url"])
     trigger = local_trigger(repo, sha, experiment_file=file)
     on_log = None if (quiet or as_json) else _print_line
-    outcome = run_trigger(trigger, on_log=on_log, on_launch=None if as_json else _announce)
+    on_launch = _started_writer(started_file, None if as_json else _announce)
+    outcome = run_trigger(trigger, on_log=on_log, on_launch=on_launch)
     if as_json:
         print_json({"state": outcome.state, "message": outcome.message, "run_id": outcome.run_id,
                     "run_url": outcome.run_url, "problems": outcome.problems})
     elif outcome.state == "INVALID":
         err_console().print("[bold red]not launched:[/]")
         for problem in outcome.problems:
-            err_console().print(f"  [red]✗[/] {problem}", soft_wrap=True)
+            err_console().print(f"  [red]✗[/] {esc(problem)}", soft_wrap=True)
     else:
         colour = "green" if outcome.ok else "red"
-        console().print(f"[bold {colour}]{outcome.state}[/] run {outcome.run_id}: {outcome.message}")
+        console().print(f"[bold {colour}]{outcome.state}[/] " + esc(f"run {outcome.run_id}: {outcome.message}"),
+                        soft_wrap=True)
         if outcome.run_url:
-            console().print(f"MLflow run: {outcome.run_url}")
+            console().print(mlflow_link(outcome.run_url), soft_wrap=True, markup=False)
     if not outcome.ok:
         raise typer.Exit(2 if outcome.state == "INVALID" else 1)
+
+
+def _started_writer(path: Optional[Path], then):
+    """on_launch for the detached child: record the run id for the waiting parent, then `then`."""
+    if path is None:
+        return then
+
+    def on_launch(run_id: str, handle) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(run_id)
+        tmp.replace(path)  # atomic: the parent never reads half an id
+        if then is not None:
+            then(run_id, handle)
+
+    return on_launch
+
+
+def _run_detached(file: Optional[Path], repo: Path, sha: str, as_json: bool) -> None:
+    """Start `mmp run` in its own session and wait until it has launched its run or died, and say which."""
+    stem = _detached_log_dir() / f"run-{sha[:12]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    log_file, started = stem.with_suffix(".log"), stem.with_suffix(".started")
+    argv = [sys.executable, "-m", "mmp", "run"]
+    if file is not None:
+        argv.append(str(file.resolve()))
+    argv += ["--repo", str(Path(repo).resolve()), "--commit", sha, "--quiet", "--started-file", str(started)]
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    while not started.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    run_id = started.read_text().strip() if started.exists() else None
+    if run_id is not None:
+        started.unlink(missing_ok=True)
+        if as_json:
+            print_json({"detached": True, "run_id": run_id, "pid": proc.pid, "commit": sha, "log": str(log_file)})
+        else:
+            console().print(esc(f"run {run_id} launched in the background (pid {proc.pid}, log {log_file}); ")
+                            + f"follow with [bold]mmp logs -f {esc(run_id)}[/] or [bold]mmp status {esc(run_id)}[/]",
+                            soft_wrap=True)
+        return
+    output = log_file.read_text(errors="replace").strip()
+    if as_json:
+        print_json({"detached": True, "run_id": None, "pid": proc.pid, "exit_code": proc.returncode,
+                    "commit": sha, "log": str(log_file), "output": output[-4000:]})
+    else:
+        err_console().print(f"[bold red]the background run exited ({proc.returncode}) before launching[/] "
+                            + esc(f"(log {log_file}):"), soft_wrap=True)
+        err_console().print(output[-4000:], markup=False, soft_wrap=True)
+    raise typer.Exit(proc.returncode or 1)
 
 
 def _detached_log_dir() -> Path:
@@ -123,7 +165,7 @@ def _print_line(line: str) -> None:
 
 
 def _announce(run_id: str, handle) -> None:
-    err_console().print(f"[dim]launched run {run_id} on {handle.platform} (job {handle.job_id})[/]")
+    err_console().print("[dim]" + esc(f"launched run {run_id} on {handle.platform} (job {handle.job_id})") + "[/]")
 
 
 @app.command("runs")
@@ -147,8 +189,8 @@ def list_runs(
     colours = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow", "RUNNING": "cyan"}
     for r in records:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
-        table.add_row(r.run_id[:12], f"[{colours.get(r.state, 'white')}]{r.state}[/]", r.experiment,
-                      r.commit_sha[:7], r.platform, started, r.message[:60])
+        table.add_row(r.run_id[:12], f"[{colours.get(r.state, 'white')}]{r.state}[/]", esc(r.experiment),
+                      r.commit_sha[:7], esc(r.platform), started, esc(r.message[:60]))
     console().print(table)
 
 
@@ -163,14 +205,27 @@ def _record(run_id: str):
 
 @app.command()
 def status(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """One run's state, platform and links."""
+    """One run's state, platform and links, and its commit's statuses (as GitHub would show them)."""
+    from ..pipeline.reporting import LocalStatusReporter
+    from ..pipeline.runs import mlflow_link
+
     record = _record(run_id)
+    statuses = LocalStatusReporter().history(record.repository, record.commit_sha)
     if as_json:
-        print_json(record.to_dict())
+        print_json({**record.to_dict(), "statuses": statuses})
         return
     c = console()
-    for key in ("run_id", "state", "message", "experiment", "repository", "commit_sha", "platform", "run_url"):
-        c.print(f"[bold]{key:>11}[/] {getattr(record, key) or '-'}", soft_wrap=True)
+    for key in ("run_id", "state", "message", "experiment", "repository", "commit_sha", "platform"):
+        c.print(f"[bold]{key:>11}[/] " + esc(getattr(record, key) or "-"), soft_wrap=True)
+    if record.run_url:
+        c.print(f"[bold]{'MLflow':>11}[/] " + esc(mlflow_link(record.run_url).removeprefix("MLflow run: ")
+                                                   .removeprefix("MLflow: ")), soft_wrap=True)
+    c.print(f"[bold]{'statuses':>11}[/] " + ("" if statuses else "none recorded (in $MMP_HOME/statuses/)"))
+    for entry in statuses:
+        at = time.strftime("%H:%M:%S", time.localtime(entry.get("at", 0)))
+        link = f" → {entry['target_url']}" if entry.get("target_url") else ""
+        c.print("            " + esc(f"{at} {entry.get('context', '')} {entry.get('state', '')}: "
+                                     f"{entry.get('description', '')}{link}"), soft_wrap=True)
 
 
 @app.command()
@@ -213,4 +268,4 @@ def cancel(run_id: str) -> None:
         fail(f"run {record.run_id} has no job to cancel yet", 1)
     handle = JobHandle.from_dict(record.handle)
     get_backend(handle.platform).cancel(handle)
-    console().print(f"cancel sent to run {record.run_id}")
+    console().print(esc(f"cancel sent to run {record.run_id}"))

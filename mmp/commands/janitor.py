@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import app, console, fail, print_json
+from . import app, console, esc, fail, print_json
 
 
 @app.command()
@@ -28,5 +28,5 @@ def janitor(
         return
     for f in findings:
         colour = {"keep": "green", "terminate": "red", "would terminate": "yellow"}[f.action]
-        out.print(f"[{colour}]{f.action:>15}[/] {f.instance_id} run={f.run_id or '-'} {f.state}: {f.reason}",
+        out.print(f"[{colour}]{f.action:>15}[/] " + esc(f"{f.instance_id} run={f.run_id or '-'} {f.state}: {f.reason}"),
                   soft_wrap=True)

@@ -27,6 +27,8 @@ def demo_finale(experiment_name: str, console: Any = None, *, metric: str = DEMO
 
     `console` is a rich Console (None: a new one on stdout).
     """
+    from rich.markup import escape
+
     if console is None:
         from ..commands import console as make_console
 
@@ -34,10 +36,10 @@ def demo_finale(experiment_name: str, console: Any = None, *, metric: str = DEMO
     board = leaderboard(experiment_name, metric, mode=mode)
     console.print(table(board, max_rows=20))
     promotion = promote(experiment_name, metric, mode=mode, deployer=None)  # the local demo deploys nothing
-    console.print(f"[green]✓[/] {promotion.summary()}")
+    console.print(f"[green]✓[/] {escape(promotion.summary())}")
     image, label = sample_digit()
     ref = f"{promotion.model_name}@{promotion.alias}"
-    console.print(f"starting the scoring server for {ref} (mlflow models serve) …")
+    console.print(f"starting the scoring server for {ref} (mlflow models serve) …", markup=False)
     with ModelServer(ref, log_path=str(config.mmp_home() / "serve.log")) as server:
         scores = server.predict(image)
         url = server.url
