@@ -27,8 +27,67 @@ GIT_ENV = {
 }
 
 
+TEST_MARK = "MMP_TEST_PROCESS_MARK"
+
+
+def _marked_processes(mark: str) -> list:
+    """Live processes started under this test: they inherited its mark in their environment."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(TEST_MARK) == mark \
+                    and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found
+
+
 @pytest.fixture(autouse=True)
-def mmp_home(tmp_path, monkeypatch) -> Path:
+def no_process_left_behind(monkeypatch):
+    """Whatever a test starts (servers, workers, MLflow, horovodrun) dies with it, passed or failed.
+
+    Each test marks the environment its processes inherit; after the test's own fixtures have
+    stopped what they started, anything still carrying the mark (own process group, reparented
+    to init, or not) is killed with its descendants, and the leak is reported as a warning.
+    """
+    import uuid
+
+    import psutil
+
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(TEST_MARK, mark)
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    leftovers = {p.pid: p for p in _marked_processes(mark)}
+    for child in me.children(recursive=True):  # those that cleared their environment but are still ours
+        try:
+            if child.pid not in before and child.status() != psutil.STATUS_ZOMBIE:
+                leftovers[child.pid] = child
+        except psutil.NoSuchProcess:
+            continue
+    leftovers = list(leftovers.values())
+    if not leftovers:
+        return
+    import warnings
+
+    described = []
+    for proc in leftovers:
+        try:
+            described.append(" ".join(proc.cmdline())[:120])
+            for member in [*proc.children(recursive=True), proc]:
+                member.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    psutil.wait_procs(leftovers, timeout=10)
+    warnings.warn(f"test left {len(leftovers)} process(es) running, killed: {described}", stacklevel=1)
+
+
+@pytest.fixture(autouse=True)
+def mmp_home(tmp_path, monkeypatch, no_process_left_behind) -> Path:
     """Every test gets its own MMP_HOME, MLflow DB and git identity."""
     home = tmp_path / "mmp-home"
     home.mkdir()

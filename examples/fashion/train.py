@@ -146,7 +146,9 @@ def main():
         os.makedirs(args.output_path, exist_ok=True)
         torch.save(model.state_dict(), os.path.join(args.output_path, "model.pt"))
         if run is not None:
-            example = train[0][0].unsqueeze(0).numpy()
+            # MLflow exports the model with torch.export, traced on this example: a batch of one
+            # would fix the served model's batch size at 1, so the example holds two images.
+            example = torch.stack([train[i][0] for i in range(2)]).numpy()
             mlflow.pytorch.log_model(model.eval(), name="model", input_example=example,
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"])
             mlflow.end_run()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from . import app, console, err_console, fail, print_json
+from . import app, console, err_console, esc, fail, print_json
 
 WIDE = 200  # columns for the leaderboard when stdout is not a terminal (pipes, CI logs)
 TABLE_ROWS = 50  # rich renders ~2 ms a row: the table shows the best 50 unless --limit says otherwise
@@ -22,7 +24,8 @@ def _wide_console():
 
 @app.command()
 def compare(
-    experiment: str = typer.Argument(..., help="MLflow experiment (by default the repository's name)."),
+    experiment: str = typer.Argument(..., help="MLflow experiment: the repository's name unless its "
+                                               "experiment.json sets Experiment_Name."),
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m",
                                                help="Metric to show; repeat for more. The first one ranks the runs."),
     mode: Optional[str] = typer.Option(None, "--mode", help="max: higher is better; min: lower is better "
@@ -53,7 +56,7 @@ def compare(
         return
     _wide_console().print(table(board, max_rows=limit or TABLE_ROWS))
     if written:
-        console().print(f"plot written to {written}")
+        console().print(f"plot written to {esc(written)}")
 
 
 @app.command()
@@ -95,11 +98,11 @@ def promote(
         print_json(result.to_dict())
         return
     for other in result.skipped:
-        err_console().print(f"[yellow]![/] run {other} ranks higher but logged no model; skipped")
-    console().print(f"[green]✓[/] {result.summary()}")
+        err_console().print(f"[yellow]![/] run {esc(other)} ranks higher but logged no model; skipped")
+    console().print(f"[green]✓[/] {esc(result.summary())}")
     if result.deployment:
         d = result.deployment
-        console().print(f"  SageMaker endpoint {d['endpoint']} {d['action']} ({d['endpoint_config']})")
+        console().print(esc(f"  SageMaker endpoint {d['endpoint']} {d['action']} ({d['endpoint_config']})"))
 
 
 def _study_choice(experiment: str, study: str, metric: str | None, mode: str) -> tuple[str, str, str]:
@@ -118,11 +121,15 @@ def _study_choice(experiment: str, study: str, metric: str | None, mode: str) ->
 
 @app.command()
 def serve(
-    model: str = typer.Argument(..., help="NAME[@ALIAS] (default alias: production), NAME/VERSION, or a model URI."),
+    model: str = typer.Argument(..., help="NAME[@ALIAS] (default alias: production), NAME/VERSION, "
+                                          "models:/… or runs:/RUN_ID/PATH (no other URIs or paths)."),
     port: int = typer.Option(5001, "--port", "-p", min=1, max=65535, help="Port on 127.0.0.1."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (keep 127.0.0.1 unless you mean it)."),
 ) -> None:
-    """Serve a registered model locally with MLflow's pyfunc scoring server (POST /invocations)."""
+    """Serve a registered model locally with MLflow's pyfunc scoring server (POST /invocations).
+
+    Ctrl-C, SIGTERM or SIGHUP stops the scoring server (its whole process group) within seconds.
+    """
     from ..models.serve import ModelServer, ServeError
 
     try:
@@ -130,17 +137,18 @@ def serve(
     except ServeError as exc:
         fail(str(exc))
         return
-    code = 130
-    try:  # from the first process started to the end, Ctrl-C anywhere still stops the server
-        server.start(wait=False)
-        server.wait_ready()
-        console().print(f"[green]✓[/] serving {server.uri} at {server.url} — POST {server.url}/invocations "
+
+    def ready() -> None:
+        console().print(f"[green]✓[/] serving {esc(server.uri)} at {server.url} — POST {server.url}/invocations "
                         '{"inputs": ...}; Ctrl-C stops it')
-        code = server.wait()
+
+    try:
+        code = server.serve_until_stopped(on_ready=ready)
     except ServeError as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    raise typer.Exit(0 if code in (0, 130, -15) else code)
+        return
+    if code > 128:  # stopped by a signal, the server is gone: leave now, not after seconds of
+        sys.stdout.flush()  # tearing down MLflow's modules (what made Ctrl-C seem ignored under load)
+        sys.stderr.flush()
+        os._exit(0)
+    raise typer.Exit(code)

@@ -23,19 +23,63 @@ from .promote import DEFAULT_ALIAS
 
 DEFAULT_HOST = "127.0.0.1"
 START_TIMEOUT_S = 120.0
+STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL: `mmp serve` is gone within seconds whatever the load
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, `kill`, a closed terminal
 
 
 class ServeError(RuntimeError):
     """The model could not be served (bad reference, server died, no answer in time)."""
 
 
+class Stopped(BaseException):
+    """A stop signal arrived (BaseException: no `except Exception` on the way may swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
+    """In the scoring server: unblock the stop signals (the mask is inherited) and, on Linux,
+    get SIGTERM when the process that started it dies, even by SIGKILL."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _load_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
 def model_uri(ref: str) -> str:
-    """`name@alias`, `name/3` or `name` (meaning @production) as a `models:/` URI; URIs pass through."""
+    """`name@alias`, `name/3` or `name` (meaning @production) as a `models:/` URI.
+
+    Only the registry (`models:/…`) and a run's artifacts (`runs:/RUN_ID/PATH`) are
+    served: any other URI or a path (`file:///etc`, `s3://…`, `/tmp/x`) would make
+    MLflow copy whatever it names, so it is refused here, before anything starts.
+    """
     ref = ref.strip()
     if not ref:
         raise ServeError("MODEL is empty; give NAME, NAME@ALIAS or NAME/VERSION")
-    if "://" in ref or ref.startswith("models:/") or ref.startswith("runs:/"):
+    if ref.startswith(("models:/", "runs:/")):
+        scheme, _, rest = ref.partition(":/")
+        parts = rest.strip("/").split("/")
+        if not rest.strip("/") or any(p in ("", ".", "..") for p in parts) or (scheme == "runs" and len(parts) < 2):
+            raise ServeError(f"{ref!r}: expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
         return ref
+    if ":" in ref or ref.startswith(("/", ".", "~")) or "\\" in ref:
+        raise ServeError(f"{ref!r}: mmp serve serves registered models (NAME, NAME@ALIAS, NAME/VERSION, "
+                         "models:/…) and run artifacts (runs:/RUN_ID/PATH) only, not other URIs or paths")
     if "@" in ref:
         name, alias = ref.rsplit("@", 1)
         if not name or not alias:
@@ -59,13 +103,25 @@ def serve_argv(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs. A zombie does not count: a member that
+    outlived its parent waits for init to reap it, which under load takes seconds."""
     try:
         os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or a reused id we do not own
+        return False
+    if not os.path.isdir("/proc/self"):  # pragma: no cover - not Linux: no cheaper way to tell
         return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - a reused id we do not own
-        return False
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                state, _ppid, pgrp = fh.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
 
 
 class ModelServer:
@@ -92,9 +148,15 @@ class ModelServer:
         env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "PATH": path}
         self._log = open(self.log_path, "ab") if self.log_path else None
         out = self._log if self._log else subprocess.DEVNULL if wait else None
-        self.proc = subprocess.Popen(serve_argv(self.uri, self.host, self.port), env=env, stdout=out,
-                                     stderr=subprocess.STDOUT if out is not None else None,
-                                     start_new_session=True)
+        # A stop signal between fork and `self.proc = …` would orphan the server: hold them until
+        # the handle is kept (a signal that came meanwhile is delivered right after).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.proc = subprocess.Popen(serve_argv(self.uri, self.host, self.port), env=env, stdout=out,
+                                         stderr=subprocess.STDOUT if out is not None else None,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if wait:
             self.wait_ready(timeout)
         return self
@@ -162,7 +224,7 @@ class ModelServer:
         try:
             return self.proc.wait()
         except KeyboardInterrupt:
-            self.stop()
+            self.stop(grace=STOP_GRACE_S)
             return 130
 
     def stop(self, grace: float = 10) -> None:
@@ -179,11 +241,38 @@ class ModelServer:
                 deadline = time.monotonic() + wait
                 while time.monotonic() < deadline and _group_alive(proc.pid):
                     proc.poll()  # reap the leader so it does not linger as a zombie
-                    time.sleep(0.05)
+                    time.sleep(0.1)
             proc.poll()
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def serve_until_stopped(self, on_ready=None) -> int:
+        """Start, wait until it answers, call `on_ready`, run until the server exits or a stop
+        signal (SIGINT, SIGTERM, SIGHUP) arrives; always stop the server's whole process group.
+        Returns the server's exit code, or 128 + the signal number."""
+        def _stop(signum: int, _frame: object) -> None:
+            raise Stopped(signum)
+
+        previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
+        try:
+            self.start(wait=False)
+            self.wait_ready()
+            if on_ready is not None:
+                on_ready()
+            return self.proc.wait()
+        except Stopped as stop:
+            return 128 + stop.signum
+        finally:
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a second Ctrl-C waits
+            try:
+                self.stop(grace=STOP_GRACE_S)
+            finally:
+                for sig in STOP_SIGNALS:  # stop signals that came during the clean-up are dropped
+                    signal.signal(sig, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     def __enter__(self) -> "ModelServer":
         if self.proc is None:
