@@ -45,13 +45,37 @@ def _marked_processes(mark: str) -> list:
     return found
 
 
+def kill_left_behind(mark: str, before: set[int] = frozenset()) -> list[str]:
+    """Kill what a test left running: processes carrying its mark (own session, reparented to
+    init, or not) and new descendants of this process, each with its own descendants.
+    Returns their command lines."""
+    import psutil
+
+    leftovers = {p.pid: p for p in _marked_processes(mark)}
+    for child in psutil.Process().children(recursive=True):  # those that cleared their environment
+        try:
+            if child.pid not in before and child.status() != psutil.STATUS_ZOMBIE:
+                leftovers[child.pid] = child
+        except psutil.NoSuchProcess:
+            continue
+    described = []
+    for proc in leftovers.values():
+        try:
+            described.append(" ".join(proc.cmdline())[:120])
+            for member in [*proc.children(recursive=True), proc]:
+                member.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    psutil.wait_procs(list(leftovers.values()), timeout=10)
+    return described
+
+
 @pytest.fixture(autouse=True)
 def no_process_left_behind(monkeypatch):
     """Whatever a test starts (servers, workers, MLflow, horovodrun) dies with it, passed or failed.
 
     Each test marks the environment its processes inherit; after the test's own fixtures have
-    stopped what they started, anything still carrying the mark (own process group, reparented
-    to init, or not) is killed with its descendants, and the leak is reported as a warning.
+    stopped what they started, anything still running is killed and reported as a warning.
     """
     import uuid
 
@@ -59,31 +83,13 @@ def no_process_left_behind(monkeypatch):
 
     mark = uuid.uuid4().hex
     monkeypatch.setenv(TEST_MARK, mark)
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield
-    leftovers = {p.pid: p for p in _marked_processes(mark)}
-    for child in me.children(recursive=True):  # those that cleared their environment but are still ours
-        try:
-            if child.pid not in before and child.status() != psutil.STATUS_ZOMBIE:
-                leftovers[child.pid] = child
-        except psutil.NoSuchProcess:
-            continue
-    leftovers = list(leftovers.values())
-    if not leftovers:
-        return
-    import warnings
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield mark
+    killed = kill_left_behind(mark, before)
+    if killed:
+        import warnings
 
-    described = []
-    for proc in leftovers:
-        try:
-            described.append(" ".join(proc.cmdline())[:120])
-            for member in [*proc.children(recursive=True), proc]:
-                member.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    psutil.wait_procs(leftovers, timeout=10)
-    warnings.warn(f"test left {len(leftovers)} process(es) running, killed: {described}", stacklevel=1)
+        warnings.warn(f"test left {len(killed)} process(es) running, killed: {killed}", stacklevel=1)
 
 
 @pytest.fixture(autouse=True)
