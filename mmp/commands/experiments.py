@@ -128,8 +128,12 @@ def _run_detached(file: Optional[Path], repo: Path, sha: str, as_json: bool) -> 
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-    while not started.exists() and proc.poll() is None:
-        time.sleep(0.1)
+    try:
+        while not started.exists() and proc.poll() is None:
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # stop waiting, not the run
+        err_console().print(esc(f"still starting in the background (pid {proc.pid}, log {log_file})"))
+        raise typer.Exit(130) from None
     run_id = started.read_text().strip() if started.exists() else None
     if run_id is not None:
         started.unlink(missing_ok=True)
