@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +45,16 @@ def local_trigger(repo: str | Path, commit: str, *, experiment_file: Path | None
 
 
 def running_stack() -> dict | None:
-    """What a running `mmp up` published in `$MMP_HOME/stack.json`; None when none runs."""
+    """What a running `mmp up` published in `$MMP_HOME/stack.json`; None when none runs (its pid
+    and start time must still match, so a dead stack's file or a reused pid does not count)."""
+    from ..procs import find_process
+
     try:
         stack = json.loads(config.local_stack_file().read_text())
-        os.kill(int(stack["pid"]), 0)
+        alive = find_process(int(stack["pid"]), float(stack["started"])) is not None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return stack if isinstance(stack, dict) else None
+    return stack if alive else None
 
 
 def run_trigger(trigger: Trigger, *, on_log: Callable[[str], None] | None = None, on_launch=None):
