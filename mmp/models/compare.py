@@ -260,8 +260,9 @@ STATUS_STYLE = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNI
 
 
 def table(board: Leaderboard, *, max_rows: int | None = None):
-    """A rich Table of the leaderboard (the best row in bold)."""
+    """A rich Table of the leaderboard (the best row in bold); run data is shown as text, never as markup."""
     from rich.table import Table
+    from rich.text import Text
 
     shown = board.rows if max_rows is None else board.rows[:max_rows]
     sort = f", best by {board.metric} ({board.mode})" if board.metric else ", newest first"
@@ -285,8 +286,8 @@ def table(board: Leaderboard, *, max_rows: int | None = None):
             name = f"{'' if board.study else '└ '}{name} #{row.trial}"
         t.add_row(
             str(row.rank), name, f"[{STATUS_STYLE.get(row.status, 'white')}]{row.status}[/]",
-            (row.commit or "—")[:7], row.platform or "—", row.instances, row.process_count,
-            *(row.params.get(p, "—") for p in board.varied_params),
+            (row.commit or "—")[:7], Text(row.platform or "—"), Text(row.instances), row.process_count,
+            *(Text(row.params.get(p, "—")) for p in board.varied_params),
             *(_number(row.metrics.get(m)) for m in board.metrics),
             _duration(row.duration_s), "—" if row.instance_hours is None else f"{row.instance_hours:.3f}",
             style="bold" if best is not None and row is best and board.metric else None,

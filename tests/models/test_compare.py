@@ -117,3 +117,21 @@ def test_table_marks_failed_and_missing_values(synthetic):
     out.print(table(leaderboard("synthetic", "acc")))
     text = out.export_text()
     assert "FAILED" in text and "—" in text and "0.9" in text and "best by acc (max)" in text
+
+
+def test_table_shows_run_data_as_text_not_markup():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from mmp.models.compare import Leaderboard, Row
+
+    row = Row(rank=1, run_id="a" * 32, run_name="r", status="FINISHED", commit="c" * 40, platform="local[/x]",
+              instance_type="[bold]local", instance_count=1, processes="1", processes_per_host="1",
+              params={"opt": "[/x] [red]"}, metrics={"acc": 0.5}, start_time=None, duration_s=None,
+              instance_hours=None)
+    board = Leaderboard(experiment="e", experiment_id="1", metric="acc", mode="max", metrics=["acc"],
+                        varied_params=["opt"], rows=[row])
+    out = StringIO()
+    Console(file=out, width=200).print(table(board))  # markup would raise MarkupError on "[/x]"
+    assert "[/x] [red]" in out.getvalue() and "local[/x]" in out.getvalue() and "[bold]local" in out.getvalue()
