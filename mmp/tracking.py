@@ -10,9 +10,10 @@ lazily: it is heavy, and the webhook/Lambda path must never load it.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+import sys
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from . import config
+from . import config, ownership
 from .argv import hyperparameter_text
 from .backends.base import JobState
 
@@ -24,6 +25,61 @@ LOG_TAIL_LINES = 200
 # MLflow 3's UI opens an experiment without a kind in its GenAI view (traces, no runs table):
 # MMP's experiments are model training, so they are tagged to open on their runs.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+OPEN_RUNS_CHUNK = 100  # experiment ids per run search
+PAGE_SIZE = 1000
+_SQLITE_FILES: dict[str, tuple[int, int] | None] = {}  # SQLite store path → the file MLflow's cached store opened
+
+
+def sqlite_path(tracking_uri: str) -> str | None:
+    """The file behind a `sqlite:///` URI (None for other stores and in-memory DBs)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]  # sqlite:////abs keeps its leading /
+    return path if path and path != ":memory:" else None
+
+
+def fresh_store(tracking_uri: str) -> None:
+    """Make MLflow reopen a SQLite store: it must not stay broken after the file was.
+
+    MLflow keeps one store and one SQLAlchemy engine per URI for the life of the
+    process. A connection pooled while `mlflow.db` was read-only stays read-only after
+    the file is writable again; once the file is deleted, the cached store writes into
+    the unlinked file, or into a new, empty one without tables. Either way every later
+    job would fail until a restart. So each new tracker drops the pooled connections,
+    and when the file was replaced or deleted also the cached stores (a new store
+    creates the schema in a new file).
+    """
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        return
+    try:
+        st = os.stat(path)
+        now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+    except FileNotFoundError:
+        now = None
+    replaced = now is None or _SQLITE_FILES.get(path, now) != now
+    _SQLITE_FILES[path] = now
+    if "mlflow" in sys.modules:  # nothing is cached before MLflow's first use
+        _reopen_mlflow_store(tracking_uri, forget_stores=replaced)
+
+
+def _reopen_mlflow_store(tracking_uri: str, *, forget_stores: bool) -> None:
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    for store_class in (TrackingStore, RegistryStore):
+        engine = getattr(store_class, "_engine_map", {}).get(tracking_uri)
+        if engine is not None:
+            engine.dispose()  # pooled connections go; the next one opens the path afresh
+    if not forget_stores:
+        return
+    for registry in (getattr(tracking_utils, "_tracking_store_registry", None),
+                     getattr(registry_utils, "_model_registry_store_registry", None)):
+        cached = getattr(registry, "_get_store_with_resolved_uri", None)
+        if cached is not None and hasattr(cached, "cache_clear"):
+            cached.cache_clear()  # a new store checks the schema again and creates it in a new file
 
 
 def ui_url() -> str:
@@ -58,6 +114,69 @@ class TrackerBase:
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         raise NotImplementedError
 
+    def find_experiment(self, name: str) -> tuple[str, dict[str, str]] | None:
+        """(id, tags) of the experiment called `name`, deleted ones included; None if there is none."""
+        raise NotImplementedError
+
+    def _experiment_page(self, token: str | None) -> tuple[list[str], str | None]:
+        """One page of experiment ids (deleted ones too) and the next page's token."""
+        raise NotImplementedError
+
+    def _run_page(self, experiment_ids: list[str], filter_string: str, token: str | None
+                  ) -> tuple[list[tuple[str, dict[str, str]]], str | None]:
+        """One page of (run id, tags) and the next page's token."""
+        raise NotImplementedError
+
+    def _runs(self, experiment_ids: list[str], filter_string: str = "") -> Iterator[tuple[str, dict[str, str]]]:
+        token = None
+        while True:
+            runs, token = self._run_page(experiment_ids, filter_string, token)
+            yield from runs
+            if not token:
+                return
+
+    def run_sources(self, experiment_id: str) -> set[str | None]:
+        """The repositories (`mlflow.source.name`) the experiment's runs came from."""
+        return {tags.get(ownership.SOURCE_TAG) for _, tags in self._runs([experiment_id])}
+
+    def open_runs(self, tag: str) -> list[tuple[str, str]]:
+        """(run id, value of `tag`) for every RUNNING run that carries `tag`, in every experiment."""
+        ids, token = [], None
+        while True:
+            page, token = self._experiment_page(token)
+            ids += page
+            if not token:
+                break
+        found = []
+        for start in range(0, len(ids), OPEN_RUNS_CHUNK):
+            found += [(run_id, tags[tag]) for run_id, tags in
+                      self._runs(ids[start:start + OPEN_RUNS_CHUNK], "attributes.status = 'RUNNING'") if tags.get(tag)]
+        return found
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        raise NotImplementedError
+
+    def ownership_problem(self, name: str, repository: str) -> str | None:
+        """Why `repository` may not train into experiment `name` (see mmp.ownership), or None."""
+        found = self.find_experiment(name)
+        if found is None:
+            return None
+        experiment_id, tags = found
+        sources = () if ownership.OWNER_TAG in tags else self.run_sources(experiment_id)
+        return ownership.check(name, tags, sources, repository)
+
+    def claim(self, name: str, experiment_id: str, tags: Mapping[str, str], repository: str) -> None:
+        """Refuse a foreign repository; an experiment nobody owns yet becomes `repository`'s."""
+        if ownership.OWNER_TAG in tags:
+            problem = ownership.check(name, dict(tags), (), repository)
+        else:
+            sources = self.run_sources(experiment_id)
+            problem = ownership.check(name, dict(tags), sources, repository)
+            if problem is None and ownership.claimable(sources, repository):
+                self.set_experiment_tag(experiment_id, ownership.OWNER_TAG, repository)
+        if problem:
+            raise ownership.OwnershipError(problem)
+
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         raise NotImplementedError
 
@@ -90,28 +209,39 @@ class RunTracker(TrackerBase):
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            fresh_store(self.tracking_uri)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
-    def experiment_id(self, name: str) -> str:
+    def experiment_id(self, name: str, owner: str | None = None) -> str:
+        """The experiment's id, made (tagged with its `owner` repository) if missing; a foreign owner is refused."""
         existing = self.client.get_experiment_by_name(name)
-        if existing is not None:
-            if existing.lifecycle_stage == "deleted":
-                self.client.restore_experiment(existing.experiment_id)
-            for key, value in EXPERIMENT_TAGS.items():
-                if key not in existing.tags:  # made by train.py or an older MMP
-                    self.client.set_experiment_tag(existing.experiment_id, key, value)
-            return existing.experiment_id
-        location = None
-        if self.tracking_uri.startswith("sqlite:") or "://" not in self.tracking_uri:
-            location = f"{config.artifact_root()}/{name}"
-        try:
-            return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
-        except Exception:  # created concurrently by another worker
-            found = self.client.get_experiment_by_name(name)
-            if found is None:
-                raise
-            return found.experiment_id
+        if existing is None:
+            location = None
+            if self.tracking_uri.startswith("sqlite:") or "://" not in self.tracking_uri:
+                location = f"{config.artifact_root()}/{name}"
+            tags = {**EXPERIMENT_TAGS, **({ownership.OWNER_TAG: owner} if owner else {})}
+            try:
+                return self.client.create_experiment(name, artifact_location=location, tags=tags)
+            except Exception:  # created concurrently by another worker
+                existing = self.client.get_experiment_by_name(name)
+                if existing is None:
+                    raise
+        if owner is not None:
+            self.claim(name, existing.experiment_id, existing.tags, owner)
+        if existing.lifecycle_stage == "deleted":
+            self.client.restore_experiment(existing.experiment_id)
+        for key, value in EXPERIMENT_TAGS.items():
+            if key not in existing.tags:  # made by train.py or an older MMP
+                self.client.set_experiment_tag(existing.experiment_id, key, value)
+        return existing.experiment_id
+
+    def find_experiment(self, name: str) -> tuple[str, dict[str, str]] | None:
+        found = self.client.get_experiment_by_name(name)
+        return None if found is None else (found.experiment_id, dict(found.tags))
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        self.client.set_experiment_tag(experiment_id, key, value)
 
     def start(
         self,
@@ -120,11 +250,16 @@ class RunTracker(TrackerBase):
         run_name: str,
         tags: Mapping[str, str],
         params: Mapping[str, Any],
+        owner: str | None = None,
     ) -> str:
-        """Create the run (status RUNNING) with tags and params; return its id."""
+        """Create the run (status RUNNING) with tags and params; return its id.
+
+        With `owner` (the repository), the experiment must be that repository's or shared
+        with it (mmp.ownership); a new experiment is tagged as its.
+        """
         from mlflow.entities import Param
 
-        exp_id = self.experiment_id(experiment_name)
+        exp_id = self.experiment_id(experiment_name, owner)
         run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags))
         run_id = self._remember(run.info.run_id, exp_id)
         if params:
@@ -151,3 +286,17 @@ class RunTracker(TrackerBase):
 
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
+
+    def _experiment_page(self, token: str | None) -> tuple[list[str], str | None]:
+        from mlflow.entities import ViewType
+
+        page = self.client.search_experiments(view_type=ViewType.ALL, max_results=PAGE_SIZE, page_token=token)
+        return [e.experiment_id for e in page], page.token
+
+    def _run_page(self, experiment_ids: list[str], filter_string: str, token: str | None
+                  ) -> tuple[list[tuple[str, dict[str, str]]], str | None]:
+        from mlflow.entities import ViewType
+
+        page = self.client.search_runs(experiment_ids, filter_string, run_view_type=ViewType.ALL,
+                                       max_results=PAGE_SIZE, page_token=token)
+        return [(r.info.run_id, r.data.tags) for r in page], page.token

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .argv import hyperparameter_text
-from .tracking import EXPERIMENT_TAGS, TrackerBase, ui_url
+from .ownership import OWNER_TAG
+from .tracking import EXPERIMENT_TAGS, PAGE_SIZE, TrackerBase, ui_url
 
 
 class MlflowRestError(RuntimeError):
@@ -92,34 +93,64 @@ class RestRunTracker(TrackerBase):
         raise AssertionError("unreachable")
 
     # -- RunTracker interface -----------------------------------------------------
-    def experiment_id(self, name: str) -> str:
-        if name in self._experiment_ids:
+    def experiment_id(self, name: str, owner: str | None = None) -> str:
+        if owner is None and name in self._experiment_ids:
             return self._experiment_ids[name]
-        try:
-            found = self._call("GET", "/api/2.0/mlflow/experiments/get-by-name", query={"experiment_name": name})
-            exp_id = found["experiment"]["experiment_id"]
-            have = {t.get("key") for t in found["experiment"].get("tags", [])}
-            for key, value in EXPERIMENT_TAGS.items():
-                if key not in have:
-                    self._call("POST", "/api/2.0/mlflow/experiments/set-experiment-tag",
-                               {"experiment_id": exp_id, "key": key, "value": value})
-        except MlflowRestError as exc:
-            if "RESOURCE_DOES_NOT_EXIST" not in str(exc):
-                raise
+        found = self.find_experiment(name)
+        if found is None:
+            tags = [{"key": k, "value": v} for k, v in
+                    {**EXPERIMENT_TAGS, **({OWNER_TAG: owner} if owner else {})}.items()]
             try:
-                tags = [{"key": k, "value": v} for k, v in EXPERIMENT_TAGS.items()]
-                exp_id = self._call("POST", "/api/2.0/mlflow/experiments/create",
-                                    {"name": name, "tags": tags})["experiment_id"]
+                exp_id = self._call("POST", "/api/2.0/mlflow/experiments/create", {"name": name, "tags": tags})[
+                    "experiment_id"]
+                self._experiment_ids[name] = exp_id
+                return exp_id
             except MlflowRestError as create_exc:  # made concurrently
                 if "RESOURCE_ALREADY_EXISTS" not in str(create_exc):
                     raise
-                found = self._call("GET", "/api/2.0/mlflow/experiments/get-by-name", query={"experiment_name": name})
-                exp_id = found["experiment"]["experiment_id"]
+                found = self.find_experiment(name)
+                if found is None:
+                    raise
+        exp_id, tags = found
+        if owner is not None:
+            self.claim(name, exp_id, tags, owner)
+        for key, value in EXPERIMENT_TAGS.items():
+            if key not in tags:  # made by train.py or an older MMP
+                self.set_experiment_tag(exp_id, key, value)
         self._experiment_ids[name] = exp_id
         return exp_id
 
-    def start(self, experiment_name: str, *, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> str:
-        exp_id = self.experiment_id(experiment_name)
+    def find_experiment(self, name: str) -> tuple[str, dict[str, str]] | None:
+        try:
+            found = self._call("GET", "/api/2.0/mlflow/experiments/get-by-name", query={"experiment_name": name})
+        except MlflowRestError as exc:
+            if "RESOURCE_DOES_NOT_EXIST" not in str(exc):
+                raise
+            return None
+        experiment = found["experiment"]
+        return experiment["experiment_id"], {t["key"]: t["value"] for t in experiment.get("tags", [])}
+
+    def _experiment_page(self, token: str | None) -> tuple[list[str], str | None]:
+        page = self._call("POST", "/api/2.0/mlflow/experiments/search",
+                          {"max_results": PAGE_SIZE, "view_type": "ALL", **({"page_token": token} if token else {})})
+        return [e["experiment_id"] for e in page.get("experiments", [])], page.get("next_page_token")
+
+    def _run_page(self, experiment_ids: list[str], filter_string: str, token: str | None
+                  ) -> tuple[list[tuple[str, dict[str, str]]], str | None]:
+        page = self._call("POST", "/api/2.0/mlflow/runs/search", {
+            "experiment_ids": experiment_ids, "filter": filter_string, "max_results": PAGE_SIZE,
+            "run_view_type": "ALL", **({"page_token": token} if token else {})})
+        runs = [(run["info"]["run_id"], {t["key"]: t["value"] for t in run.get("data", {}).get("tags", [])})
+                for run in page.get("runs", [])]
+        return runs, page.get("next_page_token")
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        self._call("POST", "/api/2.0/mlflow/experiments/set-experiment-tag",
+                   {"experiment_id": experiment_id, "key": key, "value": value})
+
+    def start(self, experiment_name: str, *, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any],
+              owner: str | None = None) -> str:
+        exp_id = self.experiment_id(experiment_name, owner)
         run = self._call("POST", "/api/2.0/mlflow/runs/create", {
             "experiment_id": exp_id, "run_name": run_name, "start_time": int(time.time() * 1000),
             "tags": [{"key": k, "value": str(v)} for k, v in {**tags, "mlflow.runName": run_name}.items()],

@@ -258,8 +258,7 @@ def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help=
 @app.command()
 def cancel(run_id: str) -> None:
     """Stop a run and everything it started; the pipeline then marks it KILLED."""
-    from ..backends import JobHandle, get_backend
-
+    from ..pipeline.runs import cancel_run
     from ..tuning import control as study_control
 
     record = _record(run_id)
@@ -270,6 +269,7 @@ def cancel(run_id: str) -> None:
         return
     if not record.handle:
         fail(f"run {record.run_id} has no job to cancel yet", 1)
-    handle = JobHandle.from_dict(record.handle)
-    get_backend(handle.platform).cancel(handle)
-    console().print(esc(f"cancel sent to run {record.run_id}"))
+    stopped, message = cancel_run(record)
+    console().print(esc(message), soft_wrap=True)
+    if not stopped:
+        raise typer.Exit(1)

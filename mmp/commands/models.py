@@ -99,6 +99,8 @@ def promote(
         return
     for other in result.skipped:
         err_console().print(f"[yellow]![/] run {esc(other)} ranks higher but logged no model; skipped")
+    for other in result.foreign:
+        err_console().print(f"[yellow]![/] run {esc(other)} ranks higher but came from another repository; skipped")
     console().print(f"[green]✓[/] {esc(result.summary())}")
     if result.deployment:
         d = result.deployment

@@ -8,6 +8,8 @@ notification either way. promote.json:
     {"Experiment": "fashion-demo", "Metric": "val_accuracy", "Mode": "max", "Alias": "production"}
 
 optionally with "Require": 0.9 (refuse a best run below it) or "Rollback": true.
+Only the repository that owns the experiment and its registered model (or one the
+stack shares them with, see mmp.ownership) may promote or roll back.
 """
 
 from __future__ import annotations
@@ -136,10 +138,12 @@ def run_promotion(trigger: Trigger, reporter: StatusReporter, notifier: Notifier
     status("pending", f"{what} ({spec.experiment})")
     try:
         if spec.rollback:
-            promotion = rollback(spec.experiment, alias=spec.alias, client=client, deployer=deployer)
+            promotion = rollback(spec.experiment, alias=spec.alias, client=client, deployer=deployer,
+                                 repository=trigger.repository)
         else:
             promotion = promote(spec.experiment, spec.metric or "", mode=spec.mode, alias=spec.alias,
-                                require=spec.require, client=client, deployer=deployer)
+                                require=spec.require, client=client, deployer=deployer,
+                                repository=trigger.repository)
     except PromotionError as exc:
         return finish(PromotionOutcome("REFUSED", str(exc), problems=[str(exc)]), "failure")
     except Exception as exc:

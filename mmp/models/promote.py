@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from .. import ownership
 from .compare import CompareError, experiment_id, make_client, order_by, search_all
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,6 +58,7 @@ class Promotion:
     previous_version: str | None = None
     skipped: list[str] = field(default_factory=list)  # better runs that logged no model
     deployment: dict | None = None
+    foreign: list[str] = field(default_factory=list)  # better runs from a repository that does not own the experiment
 
     def summary(self) -> str:
         what = f"{self.model_name} v{self.version} @{self.alias}"
@@ -113,9 +115,33 @@ def _beats(value: float, require: float, mode: str) -> bool:
     return value >= require if mode == "max" else value <= require
 
 
-def choose(client: "MlflowClient", experiment: str, metric: str, mode: str, run_id: str | None = None
-           ) -> tuple["Run", ModelRef, list[str]]:
-    """The run to promote and its model; better runs without a model are returned as skipped."""
+def experiment_owner(client: "MlflowClient", experiment: str, repository: str | None) -> str | None:
+    """The repository owning `experiment` (mmp.ownership); refuses a `repository` that may not promote it."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None  # choose() says there is no such experiment
+    owner = found.tags.get(ownership.OWNER_TAG)
+    if repository is not None:
+        sources = () if owner is not None else {
+            r.data.tags.get(ownership.SOURCE_TAG) for r in search_all(client, [found.experiment_id])}
+        problem = ownership.check(experiment, dict(found.tags), sources, repository)
+        if problem:
+            raise PromotionError(f"{problem}; nothing promoted")
+    return owner
+
+
+def foreign_source(experiment: str, owner: str | None, run: "Run") -> str | None:
+    """The repository a run came from when it may not be promoted in `owner`'s experiment, else None."""
+    if owner is None:
+        return None  # an experiment made before ownership: every run counts, as before
+    source = run.data.tags.get(ownership.SOURCE_TAG) or "(unknown)"
+    return None if ownership.may_use(experiment, owner, source) else source
+
+
+def choose(client: "MlflowClient", experiment: str, metric: str, mode: str, run_id: str | None = None,
+           owner: str | None = None) -> tuple["Run", ModelRef, list[str], list[str]]:
+    """The run to promote, its model, the better runs skipped for having no model, and those skipped
+    for coming from a repository other than the experiment's `owner` (unless shared)."""
     clauses = order_by(metric, mode)
     exp_id = experiment_id(client, experiment)
     if run_id:
@@ -129,41 +155,72 @@ def choose(client: "MlflowClient", experiment: str, metric: str, mode: str, run_
             raise PromotionError(f"run {run_id} is {run.info.status}; only FINISHED runs are promoted")
         if metric not in run.data.metrics:
             raise PromotionError(f"run {run_id} has no metric {metric!r}")
+        source = foreign_source(experiment, owner, run)
+        if source is not None:
+            raise PromotionError(f"run {run_id} came from repository {source!r}, but experiment {experiment!r} "
+                                 f"belongs to {owner!r}; nothing promoted")
         ref = find_model(client, run)
         if ref is None:
             raise PromotionError(f"run {run_id} logged no model (train.py must call mlflow.<flavor>.log_model); "
                                  "nothing promoted")
-        return run, ref, []
+        return run, ref, [], []
     finished = search_all(client, [exp_id], filter_string="attributes.status = 'FINISHED'", order=clauses)
     runs = [r for r in finished if metric in r.data.metrics
             and r.data.tags.get("mmp.study") != "true"]  # a study's parent holds no model: its trials do
     if not runs:
         raise PromotionError(f"no FINISHED run of {experiment!r} logged the metric {metric!r}; nothing promoted")
     skipped: list[str] = []
+    foreign: list[str] = []
     for run in runs:
+        source = foreign_source(experiment, owner, run)
+        if source is not None:
+            log.warning("run %s ranks higher on %s but came from repository %r, not %r (the owner); skipped",
+                        run.info.run_id, metric, source, owner)
+            foreign.append(run.info.run_id)
+            continue
         ref = find_model(client, run)
         if ref is not None:
-            return run, ref, skipped
+            return run, ref, skipped, foreign
         skipped.append(run.info.run_id)
+    if foreign:
+        raise PromotionError(f"none of the {len(runs)} FINISHED run(s) of {experiment!r} with {metric!r} is both "
+                             f"from its owner {owner!r} (or a shared repository) and has a model; nothing promoted")
     raise PromotionError(
         f"none of the {len(runs)} FINISHED run(s) of {experiment!r} with {metric!r} logged a model "
         "(train.py must call mlflow.<flavor>.log_model); nothing promoted")
 
 
-def _ensure_registered(client: "MlflowClient", name: str) -> Any:
+def model_owner_problem(name: str, model: Any, requester: str | None) -> str | None:
+    """Why `requester` may not move an alias of registered model `name`, or None."""
+    owner = (model.tags or {}).get(ownership.OWNER_TAG) if model is not None else None
+    if owner is None or requester is None or ownership.may_use(name, owner, requester):
+        return None
+    return ownership.refusal(f"registered model {name!r}", owner, requester) + "; nothing promoted"
+
+
+def _ensure_registered(client: "MlflowClient", name: str, owner: str | None) -> Any:
+    """The registered model, made (tagged with its owner repository) if missing; a foreign owner is refused."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_registered_model(name)
+        model = client.get_registered_model(name)
     except MlflowException as exc:
         if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
             raise
+    else:
+        problem = model_owner_problem(name, model, owner)
+        if problem:
+            raise PromotionError(problem)
+        if owner is not None and ownership.OWNER_TAG not in (model.tags or {}):
+            client.set_registered_model_tag(name, ownership.OWNER_TAG, owner)  # made before ownership: claim it
+        return model
     try:
-        client.create_registered_model(name, description="Registered by mmp promote")
+        client.create_registered_model(name, tags={ownership.OWNER_TAG: owner} if owner else None,
+                                       description="Registered by mmp promote")
     except MlflowException as exc:  # registered concurrently
         if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
             raise
-    return client.get_registered_model(name)
+    return _ensure_registered(client, name, owner)
 
 
 def _existing_version(client: "MlflowClient", name: str, run_id: str, ref: ModelRef) -> "ModelVersion | None":
@@ -187,11 +244,15 @@ def _move_alias(client: "MlflowClient", name: str, alias: str, version: str, his
 
 def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEFAULT_ALIAS,
             require: float | None = None, model_name: str | None = None, run_id: str | None = None,
-            client: "MlflowClient | None" = None, deployer: Deployer | None | str = "auto") -> Promotion:
+            client: "MlflowClient | None" = None, deployer: Deployer | None | str = "auto",
+            repository: str | None = None) -> Promotion:
     """Register the best FINISHED run's model as a version and point `alias` at it.
 
     `deployer="auto"` deploys a SageMaker endpoint when configured for this alias
-    (see mmp.models.endpoint); pass None to never deploy.
+    (see mmp.models.endpoint); pass None to never deploy. Only runs from the
+    experiment's owner repository (or one it is shared with) are candidates; with
+    `repository` (a promote.json's), that repository must own or share the experiment
+    and the registered model too.
     """
     from mlflow.exceptions import MlflowException
 
@@ -205,8 +266,9 @@ def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEF
     client = client or make_client()
     name = checked_name(model_name or model_name_for(experiment))
     try:
-        run, ref, skipped = choose(client, experiment, metric, mode, run_id)
-    except CompareError as exc:
+        owner = experiment_owner(client, experiment, repository)
+        run, ref, skipped, foreign = choose(client, experiment, metric, mode, run_id, owner)
+    except (CompareError, ownership.OwnershipError) as exc:
         raise PromotionError(str(exc)) from None
     value = run.data.metrics[metric]
     commit = run.data.tags.get("mlflow.source.git.commit")
@@ -217,12 +279,12 @@ def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEF
     for other in skipped:
         log.warning("run %s ranks higher on %s but logged no model; skipped", other, metric)
     try:
-        model = _ensure_registered(client, name)
+        model = _ensure_registered(client, name, repository or owner)
         previous = model.aliases.get(alias)
         mv = _existing_version(client, name, run.info.run_id, ref)
         if mv is not None and previous is not None and str(previous) == str(mv.version):
             return Promotion("unchanged", name, str(mv.version), alias, run.info.run_id, commit, metric, value,
-                             str(previous), skipped)
+                             str(previous), skipped, foreign=foreign)
         if mv is None:
             tags = {"mmp.experiment": experiment, "mmp.run_id": run.info.run_id, "mmp.commit": commit or "",
                     "mmp.metric": metric, f"mmp.metric.{metric}": repr(value), "mmp.mode": mode}
@@ -239,12 +301,14 @@ def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEF
     except MlflowException as exc:
         raise PromotionError(f"MLflow refused: {exc.message}") from None
     return Promotion("promoted", name, version, alias, run.info.run_id, commit, metric, value,
-                     None if previous is None else str(previous), skipped, deployment)
+                     None if previous is None else str(previous), skipped, deployment, foreign)
 
 
 def rollback(experiment: str, *, alias: str = DEFAULT_ALIAS, model_name: str | None = None,
-             client: "MlflowClient | None" = None, deployer: Deployer | None | str = "auto") -> Promotion:
-    """Point `alias` back at the version that held it before the last promotion."""
+             client: "MlflowClient | None" = None, deployer: Deployer | None | str = "auto",
+             repository: str | None = None) -> Promotion:
+    """Point `alias` back at the version that held it before the last promotion (for `repository`,
+    only if it owns or shares the experiment and the model)."""
     from mlflow.exceptions import MlflowException
 
     deployer = resolve_deployer(deployer, alias)
@@ -254,6 +318,14 @@ def rollback(experiment: str, *, alias: str = DEFAULT_ALIAS, model_name: str | N
         model = client.get_registered_model(name)
     except MlflowException:
         raise PromotionError(f"no registered model {name!r}; nothing to roll back") from None
+    if repository is not None:
+        try:
+            experiment_owner(client, experiment, repository)
+        except ownership.OwnershipError as exc:
+            raise PromotionError(str(exc)) from None
+        problem = model_owner_problem(name, model, repository)
+        if problem:
+            raise PromotionError(problem.replace("nothing promoted", "nothing rolled back"))
     history = _history(model, alias)
     holder = model.aliases.get(alias)
     while history and holder is not None and history[-1] == str(holder):

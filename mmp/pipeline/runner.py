@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,6 +19,8 @@ from ..argv import mlflow_env
 from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, available_platforms, get_backend
 from ..datasets import load_catalogue
 from ..experiment import EXPERIMENT_FILES, Experiment, ExperimentError, FieldProblem, parse_experiment
+from ..ownership import OwnershipError
+from ..tracking import FINAL_STATUS
 from .reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter, short_description
 from .sources import Trigger, train_script_problem
 
@@ -55,6 +59,12 @@ class Started:
     run_id: str
     run_url: str
     request: LaunchRequest
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the recovery tests: `MMP_CRASH_AT=<name>` SIGKILLs this process here."""
+    if os.environ.get("MMP_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class MissingExperimentFile(ExperimentError):
@@ -150,6 +160,14 @@ class Pipeline:
         problems = backend.check(experiment, dataset)
         if problems:
             return self.reject(trigger, problems)
+        try:
+            problem = self.tracker.ownership_problem(experiment.resolved_name(trigger.repository), trigger.repository)
+        except OwnershipError as exc:  # the sharing setting itself is bad
+            return self.reject(trigger, [str(exc)], state="ERROR")
+        except Exception as exc:
+            return self.reject(trigger, [f"could not check the experiment's owner in MLflow: {exc}"], state="ERROR")
+        if problem:
+            return self.reject(trigger, [f"Experiment_Name: {problem}"])
         return Prepared(experiment=experiment, backend=backend, dataset=dataset)
 
     def start(self, trigger: Trigger, prepared: Prepared) -> Started:
@@ -171,12 +189,22 @@ class Pipeline:
         if trigger.ref:
             tags["mmp.ref"] = trigger.ref
         run_id = self.tracker.start(
-            name, run_name=f"{name}-{trigger.commit[:7]}", tags=tags, params=experiment.hyperparameters
+            name, run_name=f"{name}-{trigger.commit[:7]}", tags=tags, params=experiment.hyperparameters,
+            owner=trigger.repository,
         )
-        run_url = self.tracker.run_url(run_id)
-        if self.store is not None:
-            self.store.add(run_id=run_id, experiment=name, repository=trigger.repository, commit_sha=trigger.commit,
-                           platform=experiment.platform, delivery_id=trigger.delivery_id, run_url=run_url)
+        crash_point("after-create-run")
+        try:
+            run_url = self.tracker.run_url(run_id)
+            if self.store is not None:
+                self.store.add(run_id=run_id, experiment=name, repository=trigger.repository,
+                               commit_sha=trigger.commit, platform=experiment.platform,
+                               delivery_id=trigger.delivery_id, run_url=run_url)
+        except Exception as exc:  # a run nobody records would stay RUNNING: end it now (recovery retries)
+            try:
+                self.tracker.finish(run_id, JobState.FAILED, message=f"could not record the run: {exc}")
+            except Exception as finish_exc:
+                log.warning("could not end MLflow run %s: %s", run_id, finish_exc)
+            raise
         request = self.launch_request(trigger, prepared, name, run_id)
         self.report_status(trigger, "pending", f"training on {experiment.platform}", run_url)
         return Started(run_id=run_id, run_url=run_url, request=request)
@@ -198,12 +226,22 @@ class Pipeline:
                 self.tracker.log_metrics(started.run_id, metrics)
             except Exception as exc:
                 log.warning("could not log platform metrics for %s: %s", started.run_id, exc)
-        final = self.tracker.finish(started.run_id, status.state, message=status.message, log_text=log_text)
+        tracking_problem = None
+        try:
+            final = self.tracker.finish(started.run_id, status.state, message=status.message, log_text=log_text)
+        except Exception as exc:  # the store is down or read-only: report anyway, the worker ends the run later
+            log.error("could not end MLflow run %s: %s", started.run_id, exc)
+            final = FINAL_STATUS.get(status.state, "FAILED")
+            tracking_problem = f"MLflow not updated ({type(exc).__name__}: {exc}); ended later by the worker"
         state = {"FINISHED": "SUCCEEDED", "KILLED": "CANCELLED"}.get(final, "FAILED")
         if self.store is not None:
-            self.store.update(started.run_id, state=state, message=status.message)
+            try:
+                self.store.update(started.run_id, state=state, message=status.message)
+            except Exception as exc:
+                log.error("could not record the end of run %s: %s", started.run_id, exc)
         outcome = Outcome(state=state, message=status.message, run_id=started.run_id, run_url=started.run_url,
-                          experiment=started.request.experiment)
+                          experiment=started.request.experiment,
+                          problems=[tracking_problem] if tracking_problem else [])
         github_state = {"SUCCEEDED": "success", "CANCELLED": "error"}.get(state, "failure")
         self.report_status(trigger, github_state, f"{state.lower()}: {status.message}", started.run_url)
         self._notify(trigger, outcome)
@@ -222,7 +260,14 @@ class Pipeline:
             from ..tuning.study import run_study  # Optuna is imported only for studies
 
             return run_study(self, trigger, prepared)
-        started = self.start(trigger, prepared)
+        try:
+            started = self.start(trigger, prepared)
+        except OwnershipError as exc:  # claimed by another repository since prepare()
+            return self.reject(trigger, [f"Experiment_Name: {exc}"])
+        except Exception as exc:  # MLflow (or the local record) refused: nothing launched
+            log.exception("could not start a run for %s@%s", trigger.repository, trigger.commit[:12])
+            return self.reject(trigger, [f"could not start the MLflow run: {type(exc).__name__}: {exc}"],
+                               state="ERROR")
         lines: collections.deque[str] = collections.deque(maxlen=LOG_KEEP_LINES)
 
         def sink(line: str) -> None:

@@ -84,3 +84,25 @@ def mlflow_link(run_url: str) -> str:
         return f"MLflow run: {run_url}"
     return (f"MLflow: no UI answers at {base}; start one with `mmp up` (it serves $MMP_HOME's runs there), "
             f"then open {run_url.removeprefix(base)}")
+
+
+def cancel_run(record) -> tuple[bool, str]:
+    """Cancel a recorded run's job and say what really happened: (stopped something, message).
+
+    A record can say RUNNING after its job ended (its worker died, or could not write
+    the end): the backend's own status decides, before and after the cancel.
+    """
+    from ..backends import JobHandle, get_backend
+
+    handle = JobHandle.from_dict(record.handle)
+    backend = get_backend(handle.platform)
+    before = backend.status(handle)
+    if before.state.terminal:
+        return False, (f"run {record.run_id} was not running: its job had already ended "
+                       f"({before.state.value}{': ' + before.message if before.message else ''}); nothing cancelled")
+    backend.cancel(handle)
+    after = backend.status(handle)
+    if after.state.terminal:
+        return True, f"cancelled run {record.run_id}: its job stopped ({after.state.value})"
+    return True, (f"cancel sent to run {record.run_id}; its job is still {after.state.value} on {handle.platform} "
+                  "(the pipeline marks it CANCELLED once it stops)")

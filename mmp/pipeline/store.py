@@ -64,6 +64,11 @@ def connect(path: Path | None = None) -> sqlite3.Connection:
     return db
 
 
+def like_prefix(text: str) -> str:
+    """A LIKE pattern matching strings that start with `text` literally (escape char: backslash)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 class RunStore:
     def __init__(self, path: Path | None = None):
         self.path = Path(path or config.mmp_home() / "mmp.db")
@@ -96,9 +101,10 @@ class RunStore:
             db.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", (*args, run_id))
 
     def get(self, run_id: str) -> RunRecord | None:
-        """A run by full id or unique prefix (as people type them)."""
+        """A run by full id or unique prefix (as people type them); `%` and `_` match only themselves."""
         with closing(self._db()) as db:
-            rows = db.execute("SELECT * FROM runs WHERE run_id LIKE ? LIMIT 2", (run_id + "%",)).fetchall()
+            rows = db.execute("SELECT * FROM runs WHERE run_id LIKE ? ESCAPE '\\' LIMIT 2",
+                              (like_prefix(run_id),)).fetchall()
         if len(rows) != 1:
             return None
         return _record(rows[0])

@@ -3,11 +3,14 @@
 One worker at a time holds `$MMP_HOME/worker.lock` (an flock, released by the kernel
 even on `kill -9`). So when a worker starts, any job still marked `running` lost its
 worker mid-flight: it is marked failed (never re-run, since training may already
-have started), its MLflow run is set FAILED, whatever it left running is killed,
-and the commit gets an `error` status and a notification. Queued jobs then run
-exactly once, oldest first. A study (an experiment with a Tuning block) is the
-exception: it is put back in the queue and resumes, replacing the trials that were
-running (mmp.tuning.study). A push that changed `promote.json` is handed to
+have started), its MLflow runs are set FAILED (found by their `mmp.delivery_id` tag
+too, so a run created just before the crash is not left RUNNING), whatever it left
+running is killed, and the commit gets an `error` status and a notification. Queued
+jobs then run exactly once, oldest first. A study (an experiment with a Tuning block)
+is the exception: it is put back in the queue and resumes, replacing the trials that
+were running (mmp.tuning.study). While idle the worker retries ending runs the MLflow
+store refused to end (read-only, deleted, down), so it recovers without a restart.
+A push that changed `promote.json` is handed to
 `mmp.models.gitops.run_promotion`; one that changed an experiment file trains.
 """
 
@@ -33,6 +36,8 @@ from .sources import LocalGitSource, Trigger
 
 log = logging.getLogger("mmp.worker")
 
+DELIVERY_TAG = "mmp.delivery_id"  # set by Pipeline.start on every run a delivery creates
+RECONCILE_SECONDS = 30.0  # how often an idle worker retries ending runs the MLflow store refused to end
 INTERRUPTED = "interrupted: the worker stopped (crash or kill -9) while this job was in flight; not re-run"
 SECRET_ENV = config.SECRET_ENV_VARS
 
@@ -66,9 +71,11 @@ def local_path(clone_url: str) -> Path | None:
 
 class Worker:
     def __init__(self, queue: JobQueue | None = None, *, poll_seconds: float = 0.5, github: Any = None,
-                 notifier: Notifier | None = None, pipeline_factory: Callable[..., Any] | None = None):
+                 notifier: Notifier | None = None, pipeline_factory: Callable[..., Any] | None = None,
+                 reconcile_seconds: float | None = None):
         self.queue = queue or JobQueue()
         self.poll_seconds = poll_seconds
+        self.reconcile_seconds = RECONCILE_SECONDS if reconcile_seconds is None else reconcile_seconds
         self._github = github
         self.notifier = notifier or LocalNotifier()
         self.pipeline_factory = pipeline_factory
@@ -172,8 +179,13 @@ class Worker:
         return str(result.state), str(result.message)
 
     def recover(self) -> list[str]:
-        """Fail jobs a dead worker left `running`, with their MLflow runs and processes."""
-        recovered = []
+        """Fail jobs a dead worker left `running`, with their MLflow runs and processes.
+
+        The MLflow side is reconciled from the runs' delivery tags as well as from the
+        local record, so a run created just before the crash (and never recorded) is
+        ended too. Each interrupted job then gets an error status and a notification.
+        """
+        interrupted = []
         for queued in self.queue.running():
             job = Job.from_dict(queued.payload)
             if job.trains and study_control.resumable(job.delivery_id):
@@ -184,6 +196,10 @@ class Worker:
                         job.after[:12])
             run_ids = self._fail_runs(job.delivery_id, queued.run_id)
             self.queue.finish(job.delivery_id, "failed", INTERRUPTED)
+            interrupted.append((job, run_ids))
+        ended = self.reconcile()
+        for job, run_ids in interrupted:
+            run_ids += [run_id for run_id, delivery in ended if delivery == job.delivery_id and run_id not in run_ids]
             try:
                 reporter = LocalStatusReporter() if local_path(job.clone_url) else self.trigger_for(job)[1]
                 reporter.report(job.repository, job.after, "error", INTERRUPTED, None)
@@ -195,8 +211,55 @@ class Worker:
                                       "commit": job.after, "state": "INTERRUPTED", "run_ids": run_ids})
             except Exception as exc:
                 log.warning("could not notify: %s", exc)
-            recovered.append(job.delivery_id)
-        return recovered
+        return [job.delivery_id for job, _ in interrupted]
+
+    def reconcile(self) -> list[tuple[str, str]]:
+        """End MLflow runs left RUNNING by a job that is over; returns (run id, delivery id) of each.
+
+        Two ways a run outlives its job: the worker died between MLflow's create_run and
+        the local record (so only the run's `mmp.delivery_id` tag knows it), or the
+        MLflow store refused the final write (read-only, deleted, down). The run's end
+        comes from the local record when it has one (SUCCEEDED → FINISHED, ...), else
+        FAILED with the job's reason. A run whose delivery is not in the queue (`mmp run`)
+        is ended only once its local record says it ended. Failures are retried on the
+        next pass, so a store that comes back gets its runs ended without a restart.
+        """
+        from ..backends import JobState
+        from ..tracking import make_tracker, sqlite_path
+        from .store import RunStore
+
+        path = sqlite_path(config.tracking_uri())
+        if path is not None and not os.path.exists(path):
+            return []  # no store yet (or it was deleted): no run to end, and no need to create it here
+        try:
+            tracker = make_tracker()
+            open_runs = tracker.open_runs(DELIVERY_TAG)
+        except Exception as exc:
+            log.warning("could not look for unfinished MLflow runs (retried later): %s", exc)
+            return []
+        store, ended = RunStore(), []
+        for run_id, delivery_id in open_runs:
+            job = self.queue.get(delivery_id)
+            record = store.get(run_id)
+            if job is not None and job.state in ("queued", "running"):
+                continue  # live (recover() has already failed what a dead worker left running)
+            if record is not None and JobState(record.state) in (JobState.PENDING, JobState.RUNNING):
+                continue  # its record says it runs: whoever launched it still follows it
+            if job is None and record is None:
+                continue  # not ours to judge: `mmp run` in another process may be recording it now
+            if record is not None:
+                state, message = JobState(record.state), record.message
+            else:
+                state = JobState.FAILED
+                message = f"{job.message or INTERRUPTED} (ended by recovery: the run was never recorded locally)"
+            try:
+                tracker.finish(run_id, state, message=message)
+            except Exception as exc:
+                log.warning("could not end MLflow run %s (retried later): %s", run_id, exc)
+                continue
+            log.warning("ended MLflow run %s of delivery %s as %s: %s", run_id, delivery_id, state.value, message)
+            ended.append((run_id, delivery_id))
+        return ended
 
     def _fail_runs(self, delivery_id: str, run_id: str | None) -> list[str]:
         from ..backends import JobHandle, JobState, get_backend
@@ -234,12 +297,16 @@ class Worker:
         done = 0
         try:
             self.recover()
+            next_reconcile = time.monotonic() + self.reconcile_seconds
             while stop is None or not stop.is_set():
                 if self.run_once():
                     done += 1
                     continue
                 if once:
                     break
+                if time.monotonic() >= next_reconcile:  # idle: end runs a failing store left RUNNING
+                    self.reconcile()
+                    next_reconcile = time.monotonic() + self.reconcile_seconds
                 if stop is not None:
                     stop.wait(self.poll_seconds)
                 else:
@@ -258,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmp worker", description=__doc__.split("\n")[0])
     parser.add_argument("--once", action="store_true", help="run what is queued, then exit")
     parser.add_argument("--poll", type=float, default=0.5)
+    parser.add_argument("--reconcile", type=float, default=RECONCILE_SECONDS,
+                        help="seconds between idle passes that end MLflow runs the store refused to end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MMP_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -269,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in SECRET_ENV:  # training subprocesses inherit the environment: keep secrets out of it
         os.environ.pop(name, None)
     signal.signal(signal.SIGTERM, _raise_exit)
-    worker = Worker(poll_seconds=args.poll, github=github)
+    worker = Worker(poll_seconds=args.poll, github=github, reconcile_seconds=args.reconcile)
     try:
         worker.run(once=args.once)
     except WorkerBusy as exc:

@@ -102,3 +102,26 @@ def test_refusal_and_missing_file_and_rollback(make_repo, synthetic, client, mmp
     assert outcome.ok and outcome.promotion.version == "1" and "rolled back" in outcome.message
     assert str(client.get_registered_model("synthetic").aliases["production"]) == "1"
     assert [s for s, _ in _statuses(back)] == ["pending", "success"]
+
+
+def test_promote_json_from_another_repository_is_refused(make_repo, synthetic, client, mmp_home):
+    """Issue 11.10: a promote.json cannot move an alias of a model another repository owns."""
+    client.set_experiment_tag(synthetic.experiment_id, "mmp.owner", "acme/fashion")
+    owned = synthetic.run(metrics={"acc": 0.7})
+    client.set_tag(owned, "mlflow.source.name", "acme/fashion")
+    from mmp.models.promote import promote
+
+    promote("synthetic", "acc", deployer=None)  # the owner's own promotion: v1 @production
+    trigger, _ = _commit_promote(make_repo, {"Experiment": "synthetic", "Metric": "acc"})
+    assert trigger.repository == "fashion-demo"
+    outcome = run_promotion(trigger, LocalStatusReporter(), LocalNotifier(), deployer=None)
+    assert outcome.state == "REFUSED"
+    assert "experiment 'synthetic' belongs to repository 'acme/fashion', not 'fashion-demo'" in outcome.message
+    assert _statuses(trigger)[-1][0] == "failure"
+    assert _notification(mmp_home)["state"] == "REFUSED"
+    assert {k: str(v) for k, v in client.get_registered_model("synthetic").aliases.items()} == {"production": "1"}
+    repo = make_repo(name="other-team", files={"promote.json": json.dumps({"Experiment": "synthetic",
+                                                                          "Rollback": True})})
+    rollback = local_trigger(repo, _git(repo, "rev-parse", "HEAD"), delivery_id="d-2")
+    outcome = run_promotion(rollback, LocalStatusReporter(), LocalNotifier(), deployer=None)
+    assert outcome.state == "REFUSED" and "'other-team'" in outcome.message

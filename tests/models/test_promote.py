@@ -137,3 +137,47 @@ def test_promote_a_real_run_registers_its_logged_model(real_runs, client):
         [client.get_run(best).info.experiment_id], filter_string=f"source_run_id = '{best}'")
     assert mv.run_id == best and mv.source == logged[0].artifact_location
     assert mv.tags["mmp.model_id"] == logged[0].model_id
+
+
+def _owned(client, synthetic, owner="acme/fashion"):
+    client.set_experiment_tag(synthetic.experiment_id, "mmp.owner", owner)
+
+
+def _from(client, run_id, repository):
+    client.set_tag(run_id, "mlflow.source.name", repository)
+    return run_id
+
+
+def test_an_intruders_better_run_is_never_promoted(synthetic, client):
+    """Issue 11.10: a run another repository logged into this one's experiment is not a candidate."""
+    _owned(client, synthetic)
+    own = _from(client, synthetic.run(metrics={"acc": 0.8}), "acme/fashion")
+    intruder = _from(client, synthetic.run(metrics={"acc": 0.99}), "evil/intruder")
+    result = runner.invoke(app, ["promote", "synthetic", "--metric", "acc"])
+    assert result.exit_code == 0, result.output
+    assert f"run {intruder} ranks higher but came from another repository; skipped" in result.output
+    assert _alias(client) == "1" and client.get_model_version("synthetic", "1").run_id == own
+    assert client.get_registered_model("synthetic").tags["mmp.owner"] == "acme/fashion"
+    with pytest.raises(PromotionError, match="came from repository 'evil/intruder'"):
+        promote("synthetic", "acc", run_id=intruder, deployer=None)
+
+
+def test_sharing_lets_another_repository_in(synthetic, client, monkeypatch, mmp_home):
+    _owned(client, synthetic)
+    _from(client, synthetic.run(metrics={"acc": 0.8}), "acme/fashion")
+    tuner = _from(client, synthetic.run(metrics={"acc": 0.99}), "acme/tuning")
+    (mmp_home / "shared-experiments.json").write_text(json.dumps({"synthetic": ["acme/tuning"]}))
+    assert promote("synthetic", "acc", deployer=None).run_id == tuner
+    monkeypatch.setenv("MMP_SHARED_EXPERIMENTS", "{not json")  # the variable wins, and a bad one is named
+    with pytest.raises(PromotionError, match="MMP_SHARED_EXPERIMENTS: not valid JSON"):
+        promote("synthetic", "acc", deployer=None)
+
+
+def test_a_model_owned_by_another_repository_is_refused(synthetic, client):
+    _owned(client, synthetic)
+    _from(client, synthetic.run(metrics={"acc": 0.8}), "acme/fashion")
+    client.create_registered_model("synthetic", tags={"mmp.owner": "other/team"})
+    with pytest.raises(PromotionError, match="registered model 'synthetic' belongs to repository 'other/team'"):
+        promote("synthetic", "acc", deployer=None)
+    assert client.get_registered_model("synthetic").aliases == {}
+    assert client.search_model_versions("name = 'synthetic'") == []

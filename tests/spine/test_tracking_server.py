@@ -78,3 +78,26 @@ def test_mmp_run_uses_the_local_stacks_server_and_keeps_secrets_from_training(
     assert seen["MLFLOW_TRACKING_URI"] == mlflow_server and seen["MLFLOW_RUN_ID"] == outcome["run_id"]
     assert "GITHUB_TOKEN" not in seen and "MMP_WEBHOOK_SECRET" not in seen
     assert outcome["run_id"] and json.loads(proc.stdout)["run_url"].endswith(outcome["run_id"])
+
+
+def test_rest_tracker_records_and_enforces_the_owner_and_finds_open_runs(mlflow_server):
+    from mmp.ownership import OwnershipError
+
+    tracker = RestRunTracker(mlflow_server)
+    run_id = tracker.start("owned-exp", run_name="r1", tags={"mmp.delivery_id": "d-rest",
+                                                              "mlflow.source.name": "acme/a"}, params={},
+                           owner="acme/a")
+    assert MlflowClient(mlflow_server).get_experiment_by_name("owned-exp").tags["mmp.owner"] == "acme/a"
+    assert tracker.ownership_problem("owned-exp", "acme/a") is None
+    assert "belongs to repository 'acme/a', not 'evil/b'" in tracker.ownership_problem("owned-exp", "evil/b")
+    with pytest.raises(OwnershipError):
+        RestRunTracker(mlflow_server).start("owned-exp", run_name="r2", tags={}, params={}, owner="evil/b")
+    assert (run_id, "d-rest") in tracker.open_runs("mmp.delivery_id")
+    tracker.finish(run_id, JobState.FAILED, message="ended")
+    assert run_id not in [r for r, _ in tracker.open_runs("mmp.delivery_id")]
+    # an experiment made before ownership is claimed by the repository whose runs it holds
+    legacy = MlflowClient(mlflow_server).create_experiment("legacy-exp")
+    MlflowClient(mlflow_server).create_run(legacy, tags={"mlflow.source.name": "acme/a"})
+    assert "cannot claim it" in tracker.ownership_problem("legacy-exp", "evil/b")
+    tracker.start("legacy-exp", run_name="r3", tags={}, params={}, owner="acme/a")
+    assert MlflowClient(mlflow_server).get_experiment(legacy).tags["mmp.owner"] == "acme/a"
