@@ -63,7 +63,10 @@ def test_rest_errors_name_the_call_and_never_the_password(mlflow_server, monkeyp
 
 def test_mmp_run_uses_the_local_stacks_server_and_keeps_secrets_from_training(
         mlflow_server, make_repo, digits):
-    config.local_stack_file().write_text(json.dumps({"pid": os.getpid(), "mlflow_url": mlflow_server}))
+    from mmp.procs import start_time
+
+    config.local_stack_file().write_text(json.dumps({"pid": os.getpid(), "started": start_time(os.getpid()),
+                                                     "mlflow_url": mlflow_server}))
     repo = make_repo(experiment={"Platform": "local", "Dataset_Name": "digits", "Training_Instance": "local"},
                      files={"train.py": ENV_TRAIN})
     env = {**os.environ, "GITHUB_TOKEN": "ghp_secret_token", "MMP_WEBHOOK_SECRET": "hook-secret"}
