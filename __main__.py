@@ -59,17 +59,16 @@ network = Network("network", settings)
 data = DataStore("data", settings, network)
 mlflow = MlflowServer("mlflow", settings, network, data, account=account,
                       admin_password=cfg.get_secret("mlflowAdminPassword"))
-pipeline = TrainingPipeline("pipeline", settings, network, data, mlflow, account=account, package=package,
-                            github_token=cfg.require_secret("githubToken"), project_root=ROOT)
-webhook = WebhookApi("webhook", settings, account=account, package=package,
-                     webhook_secret=cfg.require_secret("webhookSecret"),
-                     github_token_secret_arn=pipeline.github_token_secret.arn,
-                     state_machine_arn=pipeline.state_machine.arn)
 dlami = None
 if settings.dlami:
     dlami = DlamiResources("dlami", settings, network, data, ssh_private_key=cfg.require_secret("sshPrivateKey"),
                            mlflow_password_secret_arn=mlflow.password_secret.arn if mlflow.password_secret else None)
-
+pipeline = TrainingPipeline("pipeline", settings, network, data, mlflow, account=account, package=package,
+                            github_token=cfg.require_secret("githubToken"), project_root=ROOT, dlami=dlami)
+webhook = WebhookApi("webhook", settings, account=account, package=package,
+                     webhook_secret=cfg.require_secret("webhookSecret"),
+                     github_token_secret_arn=pipeline.github_token_secret.arn,
+                     state_machine_arn=pipeline.state_machine.arn)
 # -- what people need -------------------------------------------------------------------
 pulumi.export("webhookUrl", webhook.url)
 pulumi.export("webhookSecret", pulumi.Output.secret(cfg.require_secret("webhookSecret")))

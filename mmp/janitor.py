@@ -3,7 +3,9 @@
 The dlami backend terminates its instances in a `finally`, and each instance's
 user data schedules its own shutdown (which terminates it). The janitor is the
 third line: anything tagged `mmp:managed` whose run has ended in MLflow, or that
-has outlived its `mmp:max-runtime-minutes`, is terminated. Run it on a schedule.
+has outlived its `mmp:max-runtime-minutes` (the run's Max_Runtime plus the
+backend's slack), is terminated. On AWS it runs as a Lambda (`handler`) every 15
+minutes (mmp.infra.pipeline) and e-mails what it terminated.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ class Finding:
 def mlflow_run_state(run_id: str) -> str | None:
     """The run's MLflow status (FINISHED, FAILED, KILLED, RUNNING, ...), None if unknown."""
     try:
-        from .tracking import RunTracker
+        from .tracking import make_tracker
 
-        return RunTracker().status(run_id)
+        return make_tracker().status(run_id)
     except Exception as exc:  # unknown run, MLflow down: decide by age alone
         log.info("no MLflow state for run %s: %s", run_id, exc)
         return None
@@ -102,3 +104,16 @@ def sweep(*, dry_run: bool = False, now: dt.datetime | None = None,
         ec2.terminate_instances(InstanceIds=doomed_ids)
         log.warning("janitor terminated %s", ", ".join(doomed_ids))
     return findings
+
+
+def handler(event: dict, context: Any = None) -> dict:
+    """The scheduled Lambda: sweep, and tell the team (SNS) about every instance terminated."""
+    findings = sweep()
+    doomed = [f.to_dict() for f in findings if f.action == "terminate"]
+    if doomed:
+        from .pipeline.sns import SnsNotifier
+
+        SnsNotifier().notify(f"[mmp] janitor terminated {len(doomed)} stray instance(s)",
+                             "; ".join(f"{f['instance_id']}: {f['reason']}" for f in doomed),
+                             {"state": "JANITOR", "terminated": doomed})
+    return {"findings": [f.to_dict() for f in findings]}

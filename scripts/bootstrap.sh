@@ -124,3 +124,15 @@ if [[ "$EXTRAS" == *dev* ]] && ! command -v initdb >/dev/null && command -v apt-
 fi
 "$PY" -c "import horovod.torch, mmp; print('horovod', horovod.__version__, '| torch', __import__('torch').__version__)"
 stamp "ready"
+
+# Node tools the state-machine tests run (tests/infra): asl-validator checks the ASL the
+# Pulumi program makes, and jsonata evaluates its JSONata expressions as Step Functions does.
+NODE_TOOLS="$ROOT/build/node"
+if command -v npm >/dev/null 2>&1; then
+  if [ ! -x "$NODE_TOOLS/node_modules/.bin/asl-validator" ] || [ ! -d "$NODE_TOOLS/node_modules/jsonata" ]; then
+    stamp "installing asl-validator and jsonata (npm) into build/node"
+    npm install --silent --no-audit --no-fund --prefix "$NODE_TOOLS" asl-validator@3.16.0 jsonata@2.2.2
+  fi
+else
+  echo "npm not found: the state-machine tests need Node.js and npm (apt-get install -y nodejs npm)" >&2
+fi

@@ -33,11 +33,11 @@ HANDLERS = {
     "webhook": "mmp.webhook.lambda_handler",
     "prepare": "mmp.pipeline.aws_stages.prepare",
     "launch": "mmp.pipeline.aws_stages.launch",
-    "poll": "mmp.pipeline.aws_stages.poll",
     "conclude": "mmp.pipeline.aws_stages.conclude",
+    "janitor": "mmp.janitor.handler",
 }
 # Looked up by name in the backend registry, so no import statement names them.
-EXTRA_ROOTS = ("mmp.backends.sagemaker",)
+EXTRA_ROOTS = ("mmp.backends.sagemaker", "mmp.backends.dlami")
 # Distributions installed into the zip (with their own requirements); boto3 is the runtime's.
 BUNDLED = ("pydantic",)
 BUILD_ROOT = MMP_ROOT.parent / "build" / "lambda-site"
@@ -49,7 +49,7 @@ NEVER = ("pulumi", "pulumi_aws", "mlflow", "torch", "sagemaker", "paramiko", "ty
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 # mmp modules that never belong in the Lambda, and ones it only reaches lazily on paths it never takes.
 HEAVY_MMP = ("mmp.commands", "mmp.infra", "mmp.cli", "mmp.__main__")
-LAZY_ONLY = {"mmp.backends.local", "mmp.backends.dlami", "mmp.pipeline.store", "mmp.pipeline.queue",
+LAZY_ONLY = {"mmp.backends.local", "mmp.pipeline.store", "mmp.pipeline.queue",
              "mmp.webhook.server"}
 
 

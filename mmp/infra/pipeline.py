@@ -1,19 +1,22 @@
 """TrainingPipeline: the hand-off from the webhook, and the stages that train and report.
 
 Step Functions (Standard) rather than SQS + Lambdas, because:
-- a training job runs for hours: a `Wait` state polls every `mmp:pollSeconds` for
-  free, where SQS would need a delay-queue re-enqueue loop with its own bookkeeping;
-- the image build is one native `codebuild:startBuild.sync` task, no glue code;
+- every wait is a native `.sync` integration: SageMaker's `createTrainingJob.sync`,
+  CodeBuild's `startBuild.sync` and ECS's `runTask.sync` for the runner task
+  (mmp.infra.runner: DLAMI training, promotion), so no loop grows the execution's
+  history (25,000 events at most) with the job's length and nothing polls;
 - every run has a visible, replayable execution history (state by state), and
   Retry/Catch per state sends every failure to Conclude, which tears down;
+  what ASL cannot catch (the execution's own timeout, an abort) reaches Conclude
+  through an EventBridge rule on the execution's status;
 - executions are named after the GitHub delivery id, a second line of dedupe.
-It costs $0.025 per 1,000 state transitions (about 2 per poll): a 4-hour job
-polled each minute is ~500 transitions, about $0.0125.
+It costs $0.025 per 1,000 state transitions: a run is about 10, whatever its length.
 
 Stages (mmp.pipeline.aws_stages): Prepare (fetch + validate + MLflow run; upload the
-commit's archive; the dependency set's image tag, mmp.image) → Build (CodeBuild,
-mmp.infra.image_build: only when that tag is not in ECR yet) → Launch → (Wait →
-Poll)* → Conclude (teardown, MLflow, GitHub commit status, SNS e-mail).
+commit's archive; the dependency set's image tag, mmp.image) → [RunnerImage → Promote
+(runner task)] → Build (CodeBuild, mmp.infra.image_build: only when that tag is not in
+ECR yet) → Launch (the CreateTrainingJob request) → Train (.sync) — or RunTraining
+(runner task) for dlami — → Conclude (teardown, MLflow, GitHub commit status, SNS).
 """
 
 from __future__ import annotations
@@ -31,12 +34,18 @@ from . import iam
 from .image_build import (BUILD_CACHE_TAG, BUILDSPEC, CODEBUILD_IMAGE, PER_BUILD_VARIABLES,
                           build_environment_overrides, image_context)
 from .datastore import DataStore
+from .dlami import DlamiResources
 from .lambda_package import HANDLERS, LambdaPackage
 from .mlflow_server import MlflowServer
 from .network import Network
+from .runner import RunnerTask, ec2_statements, runner_secrets
 from .settings import Settings
 
-STAGES = ("prepare", "launch", "poll", "conclude")
+STAGES = ("prepare", "launch", "conclude")
+RUNNER_CONTAINER = "runner"
+RUNNER_STATE_VARIABLE = "MMP_RUNNER_STATE"  # mmp.pipeline.aws_runner.STATE_VARIABLE
+PROMOTION_TIMEOUT_SECONDS = 3600
+JANITOR_SCHEDULE = "rate(15 minutes)"
 LAMBDA_RUNTIME = "python3.11"
 SAGEMAKER_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 LAMBDA_RETRY = [{"ErrorEquals": ["Lambda.ServiceException", "Lambda.AWSLambdaException",
@@ -57,20 +66,77 @@ def lambda_task(function_arn: Any, *, next_state: str, catch_to: str | None = "C
     return state
 
 
-def state_machine_definition(functions: Mapping[str, str], build_project: str, *, poll_seconds: int,
-                             timeout_seconds: int) -> dict:
-    """The Amazon States Language document (functions: stage → Lambda ARN)."""
+def _merge(extra: str) -> str:
+    """A JSONata Output: the state as it came in, plus `extra` (a JSONata object)."""
+    return "{% $merge([$states.input, " + extra + "]) %}"
+
+
+def sync_task(resource: str, arguments: Any, *, timeout: Any, result: str, next_state: str, error_key: str = "error",
+              catch_to: str = "Conclude") -> dict:
+    """A `.sync` Task in JSONata, so whole objects and per-run timeouts can come from the state;
+    its output is the state plus `result`, and any failure (timeout included) goes on with the
+    state plus `error_key`."""
     return {
-        "Comment": "MMP: prepare, build the image, launch, poll until terminal, conclude",
+        "Type": "Task", "QueryLanguage": "JSONata", "Resource": resource, "Arguments": arguments,
+        "TimeoutSeconds": timeout, "Output": _merge(result),
+        "Catch": [{"ErrorEquals": ["States.ALL"], "Next": catch_to, "Output": _merge(f"{{'{error_key}': $states.errorOutput}}")}],
+        "Next": next_state,
+    }
+
+
+def runner_task(runner: Mapping[str, Any], command: str, fields: tuple[str, ...], **kwargs: Any) -> dict:
+    """`ecs:runTask.sync` of the runner task definition (mmp.infra.runner) in the private subnets,
+    with the state it needs (only `fields`, never a secret) in MMP_RUNNER_STATE."""
+    value = "{% $string({" + ", ".join(f"'{f}': $states.input.{f}" for f in fields) + "}) %}"
+    arguments = {
+        "Cluster": runner["cluster"], "TaskDefinition": runner["task_definition"], "LaunchType": "FARGATE",
+        "NetworkConfiguration": {"AwsvpcConfiguration": {
+            "Subnets": list(runner["subnets"]), "SecurityGroups": list(runner["security_groups"]),
+            "AssignPublicIp": "DISABLED"}},
+        "Overrides": {"ContainerOverrides": [{"Name": RUNNER_CONTAINER, "Command": [command],
+                                              "Environment": [{"Name": RUNNER_STATE_VARIABLE, "Value": value}]}]},
+    }
+    return sync_task("arn:aws:states:::ecs:runTask.sync", arguments, **kwargs)
+
+
+def state_machine_definition(functions: Mapping[str, str], build_project: str, runner: Mapping[str, Any], *,
+                             timeout_seconds: int) -> dict:
+    """The Amazon States Language document (functions: stage → Lambda ARN; runner: cluster,
+    task_definition, subnets, security_groups, build_project). No loop anywhere: every wait
+    is a `.sync`, and every Task but Conclude catches into Conclude (or, for the promotion,
+    into the training path, which ends there)."""
+    return {
+        "Comment": "MMP: prepare, [promote], build the image, train (SageMaker .sync or the runner task), conclude",
         "StartAt": "Prepare",
         "TimeoutSeconds": timeout_seconds,
         "States": {
-            "Prepare": lambda_task(functions["prepare"], next_state="Accepted?", catch_to=None),
+            "Prepare": lambda_task(functions["prepare"], next_state="NeedsRunner?"),
+            "NeedsRunner?": {"Type": "Choice", "Choices": [{"Or": [
+                {"Variable": "$.promote", "BooleanEquals": True},
+                {"Variable": "$.runner", "BooleanEquals": True}], "Next": "RunnerImage"}], "Default": "Accepted?"},
+            "RunnerImage": {
+                "Type": "Task", "Resource": "arn:aws:states:::codebuild:startBuild.sync",
+                "Parameters": {"ProjectName": runner["build_project"]},
+                "ResultSelector": {"id.$": "$.Build.Id", "status.$": "$.Build.BuildStatus"},
+                "ResultPath": "$.runner_image",
+                "Retry": [{"ErrorEquals": ["CodeBuild.AWSCodeBuildException"], "IntervalSeconds": 30,
+                           "MaxAttempts": 2, "BackoffRate": 2.0}],
+                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Conclude"}],
+                "Next": "Promote?",
+            },
+            "Promote?": {"Type": "Choice", "Choices": [
+                {"Variable": "$.promote", "BooleanEquals": True, "Next": "Promote"}], "Default": "Accepted?"},
+            "Promote": runner_task(runner, "promote", ("job",), timeout=PROMOTION_TIMEOUT_SECONDS,
+                                   result="{'promotion_task': $states.result.TaskArn}", next_state="Accepted?",
+                                   error_key="promotion_error", catch_to="Accepted?"),
             "Accepted?": {"Type": "Choice", "Choices": [
-                {"Variable": "$.accepted", "BooleanEquals": False, "Next": "NotRun"},
+                {"Variable": "$.accepted", "BooleanEquals": False, "Next": "Conclude"},
+                {"Variable": "$.runner", "BooleanEquals": True, "Next": "RunTraining"},
                 {"Variable": "$.build_image", "BooleanEquals": True, "Next": "BuildImage"},
             ], "Default": "Launch"},
-            "NotRun": {"Type": "Succeed", "Comment": "invalid or not an experiment: reported by Prepare"},
+            "RunTraining": runner_task(runner, "train", ("job", "started"),
+                                       timeout="{% $states.input.runner_timeout_seconds %}",
+                                       result="{'runner_task': $states.result.TaskArn}", next_state="Conclude"),
             "BuildImage": {
                 "Type": "Task", "Resource": "arn:aws:states:::codebuild:startBuild.sync",
                 "Parameters": {"ProjectName": build_project,
@@ -84,17 +150,18 @@ def state_machine_definition(functions: Mapping[str, str], build_project: str, *
             },
             "Launch": lambda_task(functions["launch"], next_state="Launched?"),
             "Launched?": {"Type": "Choice", "Choices": [
-                {"Variable": "$.status.terminal", "BooleanEquals": True, "Next": "Conclude"}], "Default": "Wait"},
-            "Wait": {"Type": "Wait", "Seconds": poll_seconds, "Next": "Poll"},
-            "Poll": lambda_task(functions["poll"], next_state="Finished?", retry_failures=3),
-            "Finished?": {"Type": "Choice", "Choices": [
-                {"Variable": "$.status.terminal", "BooleanEquals": True, "Next": "Conclude"}], "Default": "Wait"},
+                {"Variable": "$.status.terminal", "BooleanEquals": True, "Next": "Conclude"}], "Default": "Train"},
+            "Train": sync_task("arn:aws:states:::sagemaker:createTrainingJob.sync",
+                               "{% $states.input.training_request %}",
+                               timeout="{% $states.input.train_timeout_seconds %}",
+                               result="{'training': {'status': $states.result.TrainingJobStatus}}",
+                               next_state="Conclude"),
             "Conclude": lambda_task(functions["conclude"], next_state="Succeeded?", catch_to=None, retry_failures=3),
             "Succeeded?": {"Type": "Choice", "Choices": [
-                {"Variable": "$.succeeded", "BooleanEquals": True, "Next": "Done"}], "Default": "TrainingFailed"},
+                {"Variable": "$.succeeded", "BooleanEquals": True, "Next": "Done"}], "Default": "Failed"},
             "Done": {"Type": "Succeed"},
-            "TrainingFailed": {"Type": "Fail", "Error": "TrainingFailed",
-                               "Cause": "the run failed; see the MLflow run and the notification"},
+            "Failed": {"Type": "Fail", "Error": "RunFailed",
+                       "Cause": "the run or the promotion failed; see the commit status, MLflow and the notification"},
         },
     }
 
@@ -112,7 +179,7 @@ def dataset_locations(settings: Settings) -> dict[str, set[str]]:
 class TrainingPipeline(pulumi.ComponentResource):
     def __init__(self, name: str, settings: Settings, network: Network, data: DataStore, mlflow: MlflowServer, *,
                  account: pulumi.Input[str], package: LambdaPackage, github_token: pulumi.Input[str],
-                 project_root: Path, opts: pulumi.ResourceOptions | None = None):
+                 project_root: Path, dlami: DlamiResources | None = None, opts: pulumi.ResourceOptions | None = None):
         super().__init__("mmp:infra:TrainingPipeline", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         tags = {"mmp:deployment": settings.prefix}
@@ -212,7 +279,8 @@ class TrainingPipeline(pulumi.ComponentResource):
                                                description="SageMaker training jobs of this stack")
 
         # -- the stage Lambdas ------------------------------------------------------------
-        function_names = {stage: f"{settings.prefix}-{stage}" for stage in STAGES}
+        stages = STAGES + (("janitor",) if dlami is not None else ())  # the janitor sweeps DLAMI instances
+        function_names = {stage: f"{settings.prefix}-{stage}" for stage in stages}
         log_groups = {stage: aws.cloudwatch.LogGroup(f"{name}-{stage}-logs", name=f"/aws/lambda/{fn}",
                                                      retention_in_days=settings.log_retention_days, tags=tags,
                                                      opts=child)
@@ -220,12 +288,12 @@ class TrainingPipeline(pulumi.ComponentResource):
         job_arn = pulumi.Output.concat("arn:aws:sagemaker:", region, ":", account, ":training-job/",
                                        settings.job_prefix, "*")
         secret_arns = [self.github_token_secret.arn] + ([mlflow.password_secret.arn] if mlflow.password_secret else [])
+        machine_name = f"{settings.prefix}-pipeline"
+        runner_folder = pulumi.Output.concat(artifacts_arn, "/runner/*")
         stage_statements = [
             iam.logs_statement(region, account, [g.name for g in log_groups.values()]),
-            iam.statement(["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob",
-                           "sagemaker:StopTrainingJob", "sagemaker:AddTags", "sagemaker:ListTags"], [job_arn]),
-            iam.statement(["iam:PassRole"], [self.sagemaker_role.arn],
-                          {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}),
+            # Step Functions creates the job (Train, .sync); Conclude reads, stops and tears it down.
+            iam.statement(["sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob"], [job_arn]),
             iam.statement(["logs:GetLogEvents", "logs:FilterLogEvents", "logs:DescribeLogStreams"],
                           iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
             iam.statement(["secretsmanager:GetSecretValue"], secret_arns),
@@ -235,9 +303,20 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["ecr:DescribeImages"], [self.repository.arn]),
             iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_arn, f"/{CODE_PREFIX}/*"),
                                              pulumi.Output.concat(artifacts_arn, f"/{REQUIREMENTS_PREFIX}/*")]),
+            iam.statement(["s3:GetObject"], [runner_folder]),  # the runner's result object
+            # Conclude from the execution-failed rule: rebuild the last state from the history.
+            iam.statement(["states:GetExecutionHistory"], [pulumi.Output.concat(
+                "arn:aws:states:", region, ":", account, ":execution:", machine_name, ":*")]),
         ]
         if mlflow.tracking_server_arn:  # the REST tracker signs with SigV4 (mmp.tracking_rest)
             stage_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn))
+        if dlami is not None:  # Conclude terminates every instance tagged with a run the runner left
+            stage_statements += [
+                iam.statement(["ec2:DescribeInstances"], ["*"]),  # no resource-level form
+                iam.statement(["ec2:TerminateInstances"], [pulumi.Output.concat(
+                    "arn:aws:ec2:", region, ":", account, ":instance/*")],
+                    {"StringEquals": {"aws:ResourceTag/mmp:managed": "true"}}),
+            ]
         vpc_config = None
         if settings.pipeline_in_vpc:  # MLflow admits only its NAT address: the stages leave through it
             stage_statements += iam.eni_statements(region, account, iam.LAMBDA_VPC_ACTIONS)
@@ -245,7 +324,7 @@ class TrainingPipeline(pulumi.ComponentResource):
         stage_role = iam.service_role(f"{name}-stages", "lambda.amazonaws.com", stage_statements, self,
                                       description="Step Functions stage Lambdas")
         stage_policy = iam.policy_of(stage_role)
-        self.environment = self._environment(settings, network, data, mlflow, context_digest(project_root))
+        self.environment = self._environment(settings, network, data, mlflow, context_digest(project_root), dlami)
         self.functions: dict[str, aws.lambda_.Function] = {}
         for stage, fn in function_names.items():
             self.functions[stage] = aws.lambda_.Function(
@@ -256,36 +335,97 @@ class TrainingPipeline(pulumi.ComponentResource):
                 logging_config={"log_format": "Text", "log_group": log_groups[stage].name}, vpc_config=vpc_config,
                 tags=tags, opts=pulumi.ResourceOptions(parent=self, depends_on=[log_groups[stage], stage_policy]))
 
+        # -- the runner task (DLAMI training, promotion) --------------------------------------
+        task_statements = [
+            iam.statement(["secretsmanager:GetSecretValue"], secret_arns),
+            iam.statement(["sns:Publish"], [self.topic.arn]),
+        ]
+        if mlflow.tracking_server_arn:  # promotion's MLflow client, signed like the stages
+            task_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn))
+        if dlami is not None:
+            launch_template_arn = pulumi.Output.concat("arn:aws:ec2:", region, ":", account, ":launch-template/",
+                                                       dlami.launch_template.id)
+            task_statements += [*ec2_statements(region, account, launch_template_arn, dlami.role.arn,
+                                                settings.dlami_ssm_parameter),
+                                iam.statement(["secretsmanager:GetSecretValue"], [dlami.ssh_key_secret.arn])]
+        self.runner = RunnerTask(
+            f"{name}-runner", settings, account=account, subnets=network.private_subnet_ids, vpc_id=network.vpc_id,
+            artifacts_bucket=data.artifacts_bucket, environment=self.environment,
+            secrets=runner_secrets(self.github_token_secret.arn,
+                                   mlflow.password_secret.arn if mlflow.password_secret else None),
+            task_statements=task_statements, project_root=project_root, opts=child)
+        if dlami is not None:  # the runner dials the instances' SSH from its own security group
+            aws.vpc.SecurityGroupIngressRule(
+                f"{name}-runner-ssh", security_group_id=network.training_sg.id, ip_protocol="tcp", from_port=22,
+                to_port=22, referenced_security_group_id=self.runner.security_group.id,
+                description="SSH from the MMP runner task", opts=child)
+
         # -- the state machine --------------------------------------------------------------
         # Under /aws/vendedlogs/: CloudWatch Logs' resource policy for vended logs has a size limit
         # that busy accounts reach with other prefixes (AWS's Step Functions logging guide).
         sfn_logs = aws.cloudwatch.LogGroup(f"{name}-sfn-logs", name=f"/aws/vendedlogs/states/{settings.prefix}-pipeline",
                                            retention_in_days=settings.log_retention_days, tags=tags, opts=child)
-        function_arns = [f.arn for f in self.functions.values()]
-        sfn_role = iam.service_role(f"{name}-sfn", "states.amazonaws.com", [
+        function_arns = [self.functions[stage].arn for stage in STAGES]
+        sfn_policy = [
             iam.statement(["lambda:InvokeFunction"], function_arns + [pulumi.Output.concat(a, ":*") for a in function_arns]),
             iam.statement(["codebuild:StartBuild", "codebuild:StopBuild", "codebuild:BatchGetBuilds"],
                           [self.build_project.arn]),
             iam.statement(["events:PutTargets", "events:PutRule", "events:DescribeRule"], [pulumi.Output.concat(
                 "arn:aws:events:", region, ":", account, ":rule/StepFunctionsGetEventForCodeBuildStartBuildRule")]),
+            # Train: createTrainingJob.sync (AWS's documented policy for it, scoped to the job prefix).
+            iam.statement(["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob",
+                           "sagemaker:AddTags"], [job_arn]),
+            iam.statement(["sagemaker:ListTags"], ["*"]),
+            iam.statement(["iam:PassRole"], [self.sagemaker_role.arn],
+                          {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}),
+            iam.statement(["events:PutTargets", "events:PutRule", "events:DescribeRule"], [pulumi.Output.concat(
+                "arn:aws:events:", region, ":", account, ":rule/StepFunctionsGetEventsForSageMakerTrainingJobsRule")]),
+            *self.runner.state_machine_statements(region, account),
             # CloudWatch Logs delivery for Step Functions has no resource-level form (AWS documents "*").
             iam.statement(["logs:CreateLogDelivery", "logs:GetLogDelivery", "logs:UpdateLogDelivery",
                            "logs:DeleteLogDelivery", "logs:ListLogDeliveries", "logs:PutResourcePolicy",
                            "logs:DescribeResourcePolicies", "logs:DescribeLogGroups"], ["*"]),
-        ], self, description="Step Functions: invoke the stages and the image build")
+        ]
+        sfn_role = iam.service_role(f"{name}-sfn", "states.amazonaws.com", sfn_policy, self,
+                                    description="Step Functions: the stages, the image builds, SageMaker, the runner")
+        self.sfn_policy = iam.document(sfn_policy)
         timeout = (MAX_RUNTIME_CAP_MINUTES + 3 * 60) * 60  # the longest Max_Runtime, plus build and queue
         self.definition = pulumi.Output.all(
-            functions={s: f.arn for s, f in self.functions.items()}, project=self.build_project.name,
-        ).apply(lambda a: json.dumps(state_machine_definition(a["functions"], a["project"],
-                                                              poll_seconds=settings.poll_seconds,
-                                                              timeout_seconds=timeout), indent=1))
+            functions={s: self.functions[s].arn for s in STAGES}, project=self.build_project.name,
+            runner=self.runner.target, runner_build=self.runner.build_project.name,
+        ).apply(lambda a: json.dumps(state_machine_definition(
+            a["functions"], a["project"], {**a["runner"], "build_project": a["runner_build"]},
+            timeout_seconds=timeout), indent=1))
         self.state_machine = aws.sfn.StateMachine(
-            f"{name}-sfn", name=f"{settings.prefix}-pipeline", type="STANDARD", role_arn=sfn_role.arn,
+            f"{name}-sfn", name=machine_name, type="STANDARD", role_arn=sfn_role.arn,
             definition=self.definition, logging_configuration={
                 "level": "ERROR", "include_execution_data": False,
                 "log_destination": pulumi.Output.concat(sfn_logs.arn, ":*")}, tags=tags,
             # The role's inline policy must exist first, or creation races IAM and fails on the log delivery.
             opts=pulumi.ResourceOptions(parent=self, depends_on=[iam.policy_of(sfn_role)]))
+
+        # -- an execution that fails anyway still concludes -----------------------------------
+        # ASL cannot catch the execution's own timeout, an abort, or Conclude failing: this rule
+        # hands those to Conclude, which rebuilds the last state and concludes once.
+        failed = aws.cloudwatch.EventRule(
+            f"{name}-failed", description="MMP: conclude executions that ended without Conclude",
+            event_pattern=self.state_machine.arn.apply(lambda arn: json.dumps({
+                "source": ["aws.states"], "detail-type": ["Step Functions Execution Status Change"],
+                "detail": {"status": ["FAILED", "TIMED_OUT", "ABORTED"], "stateMachineArn": [arn]}})),
+            tags=tags, opts=child)
+        aws.lambda_.Permission(f"{name}-failed", action="lambda:InvokeFunction",
+                               function=self.functions["conclude"].name, principal="events.amazonaws.com",
+                               source_arn=failed.arn, opts=child)
+        aws.cloudwatch.EventTarget(f"{name}-failed", rule=failed.name, arn=self.functions["conclude"].arn,
+                                   opts=child)
+        if dlami is not None:  # instances outliving their run's Max_Runtime + slack: terminated and e-mailed
+            sweep = aws.cloudwatch.EventRule(f"{name}-janitor", description="MMP: sweep stray DLAMI instances",
+                                             schedule_expression=JANITOR_SCHEDULE, tags=tags, opts=child)
+            aws.lambda_.Permission(f"{name}-janitor", action="lambda:InvokeFunction",
+                                   function=self.functions["janitor"].name, principal="events.amazonaws.com",
+                                   source_arn=sweep.arn, opts=child)
+            aws.cloudwatch.EventTarget(f"{name}-janitor", rule=sweep.name, arn=self.functions["janitor"].arn,
+                                       opts=child)
 
         self.register_outputs({
             "stateMachineArn": self.state_machine.arn, "notificationTopicArn": self.topic.arn,
@@ -293,8 +433,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             "sagemakerRoleArn": self.sagemaker_role.arn, "githubTokenSecretArn": self.github_token_secret.arn,
         })
 
-    def _environment(self, settings: Settings, network: Network, data: DataStore,
-                     mlflow: MlflowServer, image_context_digest: str) -> pulumi.Output[dict[str, str]]:
+    def _environment(self, settings: Settings, network: Network, data: DataStore, mlflow: MlflowServer,
+                     image_context_digest: str, dlami: DlamiResources | None) -> pulumi.Output[dict[str, str]]:
         """What the stages and the backends they run read (see mmp.backends.sagemaker)."""
         fsx_on = data.fsx is not None
         in_vpc = fsx_on or settings.pipeline_in_vpc
@@ -304,7 +444,9 @@ class TrainingPipeline(pulumi.ComponentResource):
             token=self.github_token_secret.arn, topic=self.topic.arn, catalogue=data.catalogue_json,
             ecr=self.repository.repository_url, role=self.sagemaker_role.arn, artifacts=data.artifacts_bucket.bucket,
             subnets=network.private_subnet_ids, sgs=[network.training_sg.id], fsx_id=data.fsx_id, fsx_mount=data.fsx_mount_name,
+            dlami=self._dlami_environment(settings, data, dlami),
         ).apply(lambda a: {
+            **a["dlami"],
             "MMP_HOME": "/tmp/mmp",
             "MLFLOW_TRACKING_URI": a["tracking"],
             "MLFLOW_TRACKING_USERNAME": mlflow.username,
@@ -317,7 +459,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             "MMP_NOTIFY_TOPIC_ARN": a["topic"],
             "MMP_DATASETS": a["catalogue"],
             "MMP_DEFAULT_PLATFORM": "sagemaker",
-            "MMP_PIPELINE_PLATFORMS": "sagemaker,sagemaker-fsx" if fsx_on else "sagemaker",
+            "MMP_PIPELINE_PLATFORMS": ",".join(["sagemaker", *(["sagemaker-fsx"] if fsx_on else []),
+                                                *(["dlami"] if dlami is not None else [])]),
             "MMP_ECR_REPOSITORY_URI": a["ecr"],
             "MMP_IMAGE_CONTEXT_DIGEST": image_context_digest,
             "MMP_SAGEMAKER_ROLE_ARN": a["role"],
@@ -332,4 +475,16 @@ class TrainingPipeline(pulumi.ComponentResource):
             "MMP_SECURITY_GROUP_IDS": ",".join(a["sgs"]) if in_vpc else "",
             "MMP_FSX_FILE_SYSTEM_ID": a["fsx_id"] or "",
             "MMP_FSX_MOUNT_NAME": a["fsx_mount"] or "",
+        })
+
+    @staticmethod
+    def _dlami_environment(settings: Settings, data: DataStore, dlami: DlamiResources | None) -> pulumi.Output[dict]:
+        """What the dlami backend reads (mmp.backends.dlami.DlamiConfig), in the runner and the stages."""
+        if dlami is None:
+            return pulumi.Output.from_input({})
+        return pulumi.Output.all(template=dlami.launch_template.id, group=dlami.placement_group.name,
+                                 key=dlami.ssh_key_secret.arn, fsx=data.fsx_dns_name).apply(lambda a: {
+            "MMP_DLAMI_SSM_PARAMETER": settings.dlami_ssm_parameter, "MMP_DLAMI_AMI_ID": settings.dlami_ami_id or "",
+            "MMP_LAUNCH_TEMPLATE_ID": a["template"], "MMP_PLACEMENT_GROUP": a["group"],
+            "MMP_SSH_KEY_SECRET_ARN": a["key"], "MMP_SSH_USER": settings.ssh_user, "MMP_FSX_DNS_NAME": a["fsx"] or "",
         })

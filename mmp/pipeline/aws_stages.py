@@ -2,40 +2,50 @@
 
 The state machine (mmp/infra/pipeline.py) runs
 
-    Prepare → [Build image (CodeBuild .sync)] → Launch → (Wait → Poll)* → Conclude
+    Prepare → [Promote: runner task] → [Build image] → Launch → Train (sagemaker .sync) → Conclude
+                                     → RunTraining (runner task, dlami)               → Conclude
 
 and carries one JSON state between them: the webhook's job, the MLflow run made
-by `Pipeline.start` (`started`), the backend's `JobHandle`, the last status and,
-when a task failed, Step Functions' `error`. Each handler is `handler(event,
-context)` and returns the whole new state. The steps are `Pipeline.prepare`,
-`Pipeline.start`, `backend.launch/status/cancel/teardown/logs` and
-`Pipeline.conclude`, so the AWS path and `mmp run` cannot drift apart.
+by `Pipeline.start` (`started`), the backend's `JobHandle` and CreateTrainingJob
+request, and, when a task failed, Step Functions' `error`. Each handler is
+`handler(event, context)` and returns the whole new state. The steps are
+`Pipeline.prepare`, `Pipeline.start`, the backend's request/status/cancel/teardown/
+logs and `Pipeline.conclude`, so the AWS path and `mmp run` cannot drift apart.
 
-Every path ends in Conclude: a failed build, launch or poll is caught (here, or by
-the state machine's Catch) and Conclude cancels a job still running, tears it
-down, ends the MLflow run, sets the GitHub commit status and publishes to SNS.
+Nothing loops: SageMaker is waited on by Step Functions' own `.sync` integration and
+the long stages (DLAMI over SSH, promotion with the MLflow client) run in the runner
+task (mmp.pipeline.aws_runner), so no history grows with the job's length.
+
+Every path ends in Conclude: each Task's Catch routes there, and an execution that
+fails anyway (timed out, aborted, Conclude itself failing) reaches Conclude through
+the stack's EventBridge rule, which hands it the execution's status change;
+Conclude then rebuilds the last state from the execution history. Conclude stops a
+job still running, terminates every instance tagged with the run, ends the MLflow
+run, sets the GitHub commit status and publishes to SNS, once.
 
 Light on purpose (Lambda): stdlib, boto3 (lazily), pydantic and mmp's light modules.
 Environment: MLFLOW_TRACKING_URI (an http(s) tracking server: the REST tracker),
 MLFLOW_TRACKING_USERNAME + MMP_MLFLOW_PASSWORD_SECRET_ARN, MMP_GITHUB_TOKEN_SECRET_ARN,
-MMP_GITHUB_API_URL, MMP_NOTIFY_TOPIC_ARN, MMP_DATASETS, MMP_PIPELINE_PLATFORMS
-(default "sagemaker,sagemaker-fsx") and the backends' own MMP_* variables.
+MMP_GITHUB_API_URL, MMP_NOTIFY_TOPIC_ARN, MMP_DATASETS, MMP_ARTIFACTS_BUCKET,
+MMP_PIPELINE_PLATFORMS (default "sagemaker,sagemaker-fsx") and the backends' own MMP_* variables.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from dataclasses import asdict
 from typing import Any
 
+from .. import aws
 from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, get_backend
-from ..backends.base import MAX_RUNTIME_MESSAGE
 from ..datasets import Dataset
 from ..experiment import EXPERIMENT_FILES, Experiment
 from ..image import ImageError
 from ..webhook.core import PROMOTE_FILE
+from . import runner_results
 from .image_stage import ImagePlan, plan_image
 from .reporting import PROMOTION_CONTEXT
 from .runner import Outcome, Pipeline, Prepared, Started
@@ -46,13 +56,11 @@ logging.getLogger().setLevel(logging.INFO)
 
 DEFAULT_PLATFORMS = ("sagemaker", "sagemaker-fsx")
 IMAGE_PLATFORMS = {"sagemaker", "sagemaker-fsx"}  # run the image CodeBuild makes from horovod_docker/
+RUNNER_PLATFORMS = {"dlami"}  # trained by the runner task (SSH for the whole job outlives a Lambda)
+RUNNER_GRACE_SECONDS = 45 * 60  # past Max_Runtime: provisioning, SSH, requirements, copy-out, teardown
 LOG_LINES_MAX = 100_000
 LOG_PAGES_MAX = 200
-PROMOTION_MESSAGE = ("promote.json is not run by the AWS pipeline (promotion needs the MLflow client, too heavy "
-                     "for Lambda); run `mmp promote` against the stack's MLflow (docs/models.md)")
-DLAMI_MESSAGE = ("Platform: dlami drives training over SSH for the whole job, longer than a Lambda may run; "
-                 "this stack does not run it from a push. Start it with `mmp run` on a machine that can reach "
-                 "the cluster (docs/infra.md, 'DLAMI'), or use sagemaker / sagemaker-fsx")
+STATUS_EVENT = "Step Functions Execution Status Change"
 
 _BACKENDS: dict[str, Backend] = {}
 
@@ -71,8 +79,6 @@ def backend_for(platform: str) -> Backend:
     """The backend for a platform this pipeline runs, one instance per warm Lambda."""
     allowed = pipeline_platforms()
     if platform not in allowed:
-        if platform == "dlami":
-            raise BackendError(DLAMI_MESSAGE.removeprefix("Platform: "))
         raise BackendError(f"{platform!r} is not run by this stack's pipeline; it runs: {', '.join(allowed)}")
     if platform not in _BACKENDS:
         _BACKENDS[platform] = get_backend(platform)
@@ -136,15 +142,21 @@ def status_from_dict(raw: dict[str, Any]) -> JobStatus:
 
 
 # -- the stages ---------------------------------------------------------------------
+def job_of(state: dict[str, Any]) -> dict[str, Any]:
+    """The webhook's job: the execution's input is the job itself; later states carry it as `job`."""
+    return dict(state.get("job") or state)
+
+
 def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
-    """Fetch + validate the experiment at the commit; if it may run, create the MLflow run."""
-    job = dict(event.get("job") or event)
-    state: dict[str, Any] = {"job": job, "accepted": False, "build_image": False}
+    """Fetch + validate the experiment at the commit; if it may run, create the MLflow run.
+
+    Every routing flag the state machine's Choices read is set on every path."""
+    job = job_of(event)
     files = job.get("trigger_files") or []
+    state: dict[str, Any] = {"job": job, "accepted": False, "build_image": False, "runner": False,
+                             "promote": PROMOTE_FILE in files}
     pipeline = make_pipeline()
     trigger = trigger_of(job)
-    if PROMOTE_FILE in files:  # say so on the commit rather than leave the push unanswered
-        pipeline.report_status(trigger, "error", PROMOTION_MESSAGE, None, context=PROMOTION_CONTEXT)
     if files and not any(name in EXPERIMENT_FILES for name in files):
         state["outcome"] = {"state": "SKIPPED", "message": f"no experiment file in this push ({', '.join(files)})"}
         return state
@@ -180,7 +192,9 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         started.request.image_tag, started.request.code_uri = image.tag, image.code_uri
         state["image"] = image.to_dict()
     state.update(accepted=True, platform=platform, build_image=bool(image and image.build),
-                 started=started_to_dict(started))
+                 runner=platform in RUNNER_PLATFORMS, started=started_to_dict(started))
+    if state["runner"]:  # the runner task's own bound; the backend cancels at Max_Runtime before it
+        state["runner_timeout_seconds"] = prepared.experiment.runtime_minutes * 60 + RUNNER_GRACE_SECONDS
     return state
 
 
@@ -196,40 +210,40 @@ def plan_image_for(trigger: Trigger) -> ImagePlan:
 
 
 def launch(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
-    """Start the training job; a launch that fails becomes a terminal FAILED status."""
+    """Build the CreateTrainingJob request the Train state's `.sync` integration sends.
+
+    Step Functions creates the job and waits for it (no polling Lambda, no history
+    growing with the job's length); SageMaker's StoppingCondition bounds the job and
+    `train_timeout_seconds` (Max_Runtime plus the job's own grace) bounds the wait.
+    A request that cannot be built becomes a terminal FAILED status."""
     state = dict(event)
     started = started_from_dict(state["started"])
     state.pop("error", None)
     try:
         backend = backend_for(state["platform"])
-        handle = backend.launch(started.request)
+        build = getattr(backend, "training_job_request", None)
+        if build is None:
+            raise BackendError(f"{state['platform']!r} is not trained by the state machine's SageMaker step")
+        problems = backend.check(started.request.experiment, started.request.dataset)
+        if problems:
+            raise BackendError("; ".join(problems))
+        body = build(started.request)
     except Exception as exc:
         message = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
         log.error("launch of run %s failed: %s", started.run_id, message)
         state["status"] = status_to_dict(JobStatus(JobState.FAILED, f"launch failed: {message}"))
         return state
-    state["handle"] = handle.to_dict()
-    state["deadline"] = time.time() + started.request.experiment.runtime_minutes * 60
-    state["status"] = status_to_dict(JobStatus(JobState.PENDING, "launched"), timed_out=False)
-    return state
+    from ..backends.sagemaker import stopping_grace
 
-
-def poll(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
-    """The job's status now; past Max_Runtime, cancel it once (reported as a failure)."""
-    state = dict(event)
-    backend = backend_for(state["platform"])
-    handle = JobHandle.from_dict(state["handle"])
-    timed_out = bool((state.get("status") or {}).get("timed_out"))
-    status = backend.status(handle)
-    if not status.state.terminal and not timed_out and time.time() > float(state.get("deadline") or "inf"):
-        log.warning("run %s passed Max_Runtime; cancelling", handle.job_id)
-        backend.cancel(handle)
-        timed_out = True
-        status = backend.status(handle)
-    if status.state.terminal and timed_out:
-        status = JobStatus(JobState.FAILED, MAX_RUNTIME_MESSAGE, status.exit_code, status.detail)
-    state["status"] = status_to_dict(status, timed_out=timed_out)
-    state["polls"] = int(state.get("polls") or 0) + 1
+    stopping = body["StoppingCondition"]
+    grace = stopping_grace(stopping)
+    name = body["TrainingJobName"]
+    state["training_request"] = body
+    state["train_timeout_seconds"] = stopping["MaxRuntimeInSeconds"] + grace
+    state["handle"] = JobHandle(platform=backend.name, job_id=name, data={
+        "job_name": name, "region": aws.region(), "spot": body.get("EnableManagedSpotTraining", False),
+        "deadline_grace_seconds": grace, "launched": time.time()}).to_dict()
+    state["status"] = status_to_dict(JobStatus(JobState.PENDING, "request built"))
     return state
 
 
@@ -244,43 +258,159 @@ def collect_logs(backend: Backend, handle: JobHandle) -> str:
     return "\n".join(lines[-LOG_LINES_MAX:])
 
 
-def _error_status(error: dict[str, Any] | None) -> JobStatus:
+def _error_status(error: dict[str, Any] | None, what_failed: str = "") -> JobStatus:
     error = error or {}
     cause = str(error.get("Cause") or "")[:1000]
     what = str(error.get("Error") or "error")
-    return JobStatus(JobState.FAILED, f"{what}: {cause}" if cause else what)
+    text = f"{what}: {cause}" if cause else what
+    return JobStatus(JobState.FAILED, f"{what_failed}{text}")
 
 
-def conclude(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+def _runner_status(state: dict[str, Any]) -> tuple[JobStatus, str | None]:
+    """What the runner task left (runner_results), or why there is nothing."""
+    try:
+        result, log_text = runner_results.read("train", state)
+    except Exception as exc:
+        log.error("could not read the runner's result: %s", exc)
+        result, log_text = None, None
+    if result is None:
+        return _error_status(state.get("error"), "the runner task ended without a result: "), None
+    return status_from_dict({**result, "terminal": True}), log_text
+
+
+def _sagemaker_status(backend: Backend, handle: JobHandle, state: dict[str, Any]) -> JobStatus:
+    """The job's real state: after `.sync` it has ended; after a failed or timed-out wait it may still run."""
+    try:
+        status = backend.status(handle)
+    except Exception as exc:
+        log.warning("could not describe %s: %s", handle.job_id, exc)
+        status = JobStatus(JobState.PENDING, f"could not describe the job: {exc}")
+    if status.state.terminal:
+        return status
+    failed = _error_status(state.get("error"), "the wait for the job failed: ")
+    try:
+        backend.cancel(handle)
+    except Exception as exc:
+        log.error("cancel of %s failed: %s", handle.job_id, exc)
+        failed.message += f" (cancel failed: {exc})"
+    return failed
+
+
+def _teardown(backend: Backend, handle: JobHandle, status: JobStatus) -> None:
+    try:
+        backend.teardown(handle)
+    except Exception as exc:  # surfaced in the outcome, never swallowed
+        log.error("teardown of %s failed: %s", handle.job_id, exc)
+        status.message += f" (teardown failed: {exc})"
+
+
+def conclude_training(pipeline: Pipeline, state: dict[str, Any]) -> Outcome:
     """Stop and tear down whatever runs, end the MLflow run, set the commit status, notify."""
-    state = dict(event)
-    if not state.get("started"):
-        return state
     started = started_from_dict(state["started"])
     raw_status = state.get("status") or {}
-    status = status_from_dict(raw_status) if raw_status.get("terminal") else _error_status(state.get("error"))
-    if state.get("build") is None and state.get("error") and not state.get("handle") and state.get("build_image"):
-        status = JobStatus(JobState.FAILED, f"image build failed: {status.message}")
     log_text = None
-    if state.get("handle"):
+    if state.get("runner"):
+        status, log_text = _runner_status(state)
+        # Whatever the runner managed: no instance tagged with this run outlives Conclude.
+        _teardown(backend_for(state["platform"]), JobHandle(platform=state["platform"], job_id=started.run_id),
+                  status)
+    elif state.get("handle"):
         backend = backend_for(state["platform"])
         handle = JobHandle.from_dict(state["handle"])
-        if not raw_status.get("terminal"):  # a poll or the state machine failed with the job still running
-            try:
-                backend.cancel(handle)
-            except Exception as exc:
-                log.error("cancel of %s failed: %s", handle.job_id, exc)
-                status.message += f" (cancel failed: {exc})"
+        status = status_from_dict(raw_status) if raw_status.get("terminal") else \
+            _sagemaker_status(backend, handle, state)
         try:
             log_text = collect_logs(backend, handle)
         except Exception as exc:
             log.warning("could not read the logs of %s: %s", handle.job_id, exc)
-        try:
-            backend.teardown(handle)
-        except Exception as exc:  # surfaced in the outcome, never swallowed
-            log.error("teardown of %s failed: %s", handle.job_id, exc)
-            status.message += f" (teardown failed: {exc})"
-    outcome = make_pipeline().conclude(trigger_of(state["job"]), started, status, log_text)
-    state["outcome"] = outcome_to_dict(outcome)
-    state["succeeded"] = outcome.ok
+        _teardown(backend, handle, status)
+    elif raw_status.get("terminal"):
+        status = status_from_dict(raw_status)
+    elif state.get("build_image") and state.get("error"):
+        status = _error_status(state.get("error"), "image build failed: ")
+    else:
+        status = _error_status(state.get("error"))
+    return pipeline.conclude(trigger_of(state["job"]), started, status, log_text)
+
+
+def conclude_promotion(pipeline: Pipeline, state: dict[str, Any]) -> dict[str, Any]:
+    """The runner reported its promotion itself (status on mmp/promotion, e-mail); if it
+    left no result it died first, and the commit hears that here."""
+    try:
+        result, _ = runner_results.read("promotion", state)
+    except Exception as exc:
+        log.error("could not read the promotion result: %s", exc)
+        result = None
+    if result is not None:
+        return result
+    reason = _error_status(state.get("promotion_error") or state.get("error")
+                           or {"Error": "the runner task ended without a result"})
+    message = f"promotion did not complete: {reason.message}"
+    trigger = trigger_of(state["job"])
+    pipeline.report_status(trigger, "error", message, None, context=PROMOTION_CONTEXT)
+    record = {"kind": "promotion", "repository": trigger.repository, "commit": trigger.commit,
+              "delivery_id": trigger.delivery_id, "state": "ERROR"}
+    try:
+        pipeline.notifier.notify(f"[mmp] {trigger.repository}@{trigger.commit[:7]}: promotion ERROR", message, record)
+    except Exception as exc:
+        log.warning("could not send notification: %s", exc)
+    return {"kind": "promotion", "state": "ERROR", "message": message}
+
+
+def conclude(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+    """The last state on every path; also the target of the execution-failed EventBridge rule."""
+    if event.get("detail-type") == STATUS_EVENT:
+        recovered = state_from_execution(event["detail"])
+        if recovered is None:
+            return {"concluded": "already"}
+        event = recovered
+    state = dict(event)
+    pipeline = make_pipeline()
+    ok = True
+    if state.get("promote"):
+        promotion = conclude_promotion(pipeline, state)
+        state["promotion"] = promotion
+        ok = promotion.get("state") in ("SUCCEEDED", "SKIPPED")
+    if state.get("started"):
+        outcome = conclude_training(pipeline, state)
+        state["outcome"] = outcome_to_dict(outcome)
+        ok = ok and outcome.ok
+    elif state.get("error") and "outcome" not in state:  # failed before a run existed (Prepare itself)
+        reason = _error_status(state["error"])
+        state["outcome"] = outcome_to_dict(pipeline.reject(trigger_of(job_of(state)), [reason.message],
+                                                           state="ERROR"))
+        ok = False
+    elif (state.get("outcome") or {}).get("state") in ("INVALID", "ERROR"):
+        ok = False  # already reported by Prepare
+    state["succeeded"] = ok
+    return state
+
+
+def state_from_execution(detail: dict[str, Any]) -> dict[str, Any] | None:
+    """The last state of a failed, timed-out or aborted execution, with the reason as `error`;
+    None when Conclude already ran to its end (e.g. the run failed and Fail ended it)."""
+    sfn = aws.client("stepfunctions")
+    latest: dict[str, Any] | None = None
+    pages = sfn.get_paginator("get_execution_history").paginate(
+        executionArn=detail["executionArn"], reverseOrder=True, includeExecutionData=True)
+    for page in pages:
+        for item in page["events"]:
+            exited = item.get("stateExitedEventDetails") or {}
+            if exited.get("name") == "Conclude":
+                return None
+            entered = item.get("stateEnteredEventDetails") or {}
+            if latest is None and entered.get("input"):
+                candidate = json.loads(entered["input"])
+                if isinstance(candidate, dict) and ("job" in candidate or "after" in candidate):
+                    latest = candidate
+    if latest is None:
+        latest = json.loads(detail.get("input") or "{}")
+    state = dict(latest)
+    if "job" not in state:
+        state = {"job": state}
+    status = str(detail.get("status") or "FAILED")
+    cause = detail.get("cause") or detail.get("error") or f"the execution ended {status}"
+    state["error"] = {"Error": f"Execution.{status}", "Cause": str(cause)}
+    if state.get("promote") and "promotion_error" not in state:
+        state["promotion_error"] = state["error"]
     return state

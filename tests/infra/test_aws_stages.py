@@ -1,275 +1,227 @@
-"""The Step Functions stage handlers, run one by one as the state machine would.
+"""The state machine's stages, run one by one in the order its definition routes them.
 
-Real parts: a real `mlflow server` (one per module), GitHub's REST API served by
-pytest-httpserver in the shape of the recorded fixtures, SNS/SQS/Secrets Manager
-from moto, and the local backend (real horovodrun) standing in for SageMaker so
-launch/poll/cancel/teardown act on real processes.
+tests/infra/sfn.py walks the definition the Pulumi program deploys; the Lambda stages
+are the real handlers against a real MLflow server, GitHub's API (pytest-httpserver)
+and moto (server mode) for SNS, SQS, S3, Secrets Manager and SageMaker. What moto
+cannot show (a job still running when the wait fails; the execution history Conclude
+reads after a timeout) comes from botocore Stubbers with the services' own shapes.
 """
 
 from __future__ import annotations
 
-import base64
+import datetime as dt
 import json
-import subprocess
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
+from mmp import aws
+from mmp.backends.sagemaker import SageMakerBackend
 from mmp.pipeline import aws_stages
 
-from ..conftest import mlflow_server as start_mlflow_server
+from .pipeline_stack import OK_TRAIN, REPO, TOKEN, experiment, head, job, stack, stages_mlflow  # noqa: F401
+from .sfn import TaskFailed
 
-TOKEN = "ghp_stagetokenthatmustnotleak000000000000"
-REPO = "octo-org/fashion-demo"
-OK_TRAIN = "import sys\nprint('epoch 1 loss 0.5', flush=True)\nprint('args', sys.argv[1:], flush=True)\n"
-SLOW_TRAIN = "import time\nprint('training', flush=True)\ntime.sleep(120)\n"
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    with start_mlflow_server(root, "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")) as url:
-        yield url
+SAGEMAKER_PATH = ["Prepare", "NeedsRunner?", "Accepted?", "BuildImage", "Launch", "Launched?", "Train", "Conclude",
+                  "Succeeded?"]
 
 
-@pytest.fixture
-def aws(monkeypatch):
-    from moto import mock_aws
-
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "eu-west-1", "AWS_REGION": "eu-west-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        import boto3
-
-        sns, sqs = boto3.client("sns"), boto3.client("sqs")
-        topic = sns.create_topic(Name="mmp-notify")["TopicArn"]
-        queue = sqs.create_queue(QueueName="mail")["QueueUrl"]
-        queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
-        token_arn = boto3.client("secretsmanager").create_secret(Name="gh", SecretString=TOKEN)["ARN"]
-        yield {"topic": topic, "queue": queue, "token_arn": token_arn, "sqs": sqs}
-
-
-@pytest.fixture
-def stack(aws, mlflow_server, httpserver, monkeypatch, digits):
-    """The stage Lambdas' environment, pointed at the real parts above."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("MMP_GITHUB_API_URL", httpserver.url_for("").rstrip("/"))
-    monkeypatch.setenv("MMP_GITHUB_TOKEN_SECRET_ARN", aws["token_arn"])
-    monkeypatch.setenv("MMP_NOTIFY_TOPIC_ARN", aws["topic"])
-    monkeypatch.setenv("MMP_PIPELINE_PLATFORMS", "local")
-    monkeypatch.setenv("MMP_GITHUB_MAX_WAIT", "0")
-    monkeypatch.delenv("GITHUB_TOKEN", raising=False)
-    aws_stages._BACKENDS.clear()
-    statuses: list[dict] = []
-
-    def record_status(request):
-        from werkzeug import Response
-
-        assert request.headers["Authorization"] == f"Bearer {TOKEN}"
-        statuses.append(request.get_json())
-        return Response(json.dumps({"id": 1, **request.get_json()}), status=201, content_type="application/json")
-
-    def serve(repo: Path, sha: str):
-        for name in ("experiment.json", "train.py"):
-            path = repo / name
-            uri = f"/repos/{REPO}/contents/{name}"
-            if path.exists():
-                content = base64.encodebytes(path.read_bytes()).decode()  # wrapped at 76 columns, as GitHub does
-                httpserver.expect_request(uri, query_string={"ref": sha}).respond_with_json(
-                    {"type": "file", "encoding": "base64", "name": name, "path": name, "content": content})
-            else:
-                httpserver.expect_request(uri, query_string={"ref": sha}).respond_with_json(
-                    {"message": "Not Found"}, status=404)
-        httpserver.expect_request(f"/repos/{REPO}/statuses/{sha}", method="POST").respond_with_handler(record_status)
-
-    def messages() -> list[dict]:
-        got = aws["sqs"].receive_message(QueueUrl=aws["queue"], MaxNumberOfMessages=10).get("Messages", [])
-        return [json.loads(m["Body"]) for m in got]
-
-    yield type("Stack", (), {"serve": staticmethod(serve), "statuses": statuses, "messages": staticmethod(messages),
-                             "mlflow": mlflow_server})
-    aws_stages._BACKENDS.clear()
-
-
-def _job(repo: Path, sha: str, files=("experiment.json",)) -> dict:
-    return {"repository": REPO, "clone_url": str(repo), "before": "0" * 40, "after": sha,
-            "ref": "refs/heads/main", "delivery_id": "72d3162e-cc78-11e3-81ab-4c9367dc0958",
-            "trigger_files": list(files)}
-
-
-def _experiment(**extra) -> dict:
-    return {"Platform": "local", "Dataset_Name": "digits", "Training_Instance": "local", "Instance_Count": "1",
-            "Hyperparameters": "{'epochs': '1', 'batch-size': '16'}", **extra}
-
-
-def _sha(repo: Path) -> str:
-    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-def _run(state: dict) -> dict:
-    """What the state machine does between Launch and Conclude (JSON round trips included)."""
-    state = json.loads(json.dumps(aws_stages.launch(json.loads(json.dumps(state)))))
-    deadline = time.time() + 90
-    while not state["status"]["terminal"]:
-        assert time.time() < deadline, "the job never finished"
-        time.sleep(0.3)
-        state = json.loads(json.dumps(aws_stages.poll(state)))
-    return state
-
-
-def _mlflow_run(url: str, run_id: str) -> dict:
-    with urllib.request.urlopen(f"{url}/api/2.0/mlflow/runs/get?run_id={run_id}") as resp:
-        return json.loads(resp.read())["run"]
-
-
-def test_a_push_trains_and_reports_everywhere(stack, make_repo):
-    repo = make_repo(experiment=_experiment(), files={"train.py": OK_TRAIN})
-    sha = _sha(repo)
+def _push(stack, make_repo, files=("experiment.json",), train=OK_TRAIN, **fields):
+    repo = make_repo(experiment=experiment(**fields), files={"train.py": train})
+    sha = head(repo)
     stack.serve(repo, sha)
-    state = aws_stages.prepare(_job(repo, sha))
-    assert state["accepted"] is True and state["platform"] == "local" and state["build_image"] is False
-    run_id = state["started"]["run_id"]
-    assert [s["state"] for s in stack.statuses] == ["pending"]
+    return job(repo, sha, files), sha
 
-    state = _run(state)
-    assert state["status"]["state"] == "SUCCEEDED" and state["polls"] >= 1
-    state = json.loads(json.dumps(aws_stages.conclude(state)))
+
+def test_a_sagemaker_push_trains_through_the_sync_integration_and_reports_everywhere(stack, make_repo, monkeypatch):
+    start, sha = _push(stack, make_repo)
+    run = stack.execution(monkeypatch)
+    end, state = run.run(start)
+    assert end == "Succeed" and run.path == SAGEMAKER_PATH + ["Done"]
+    # Train handed Step Functions the request the SageMaker backend built, whole, and a bounded wait.
+    request = dict(run.calls)["Train"]
+    assert request == state["training_request"] and request["TrainingJobName"] == state["handle"]["job_id"]
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 240 * 60}  # the default Max_Runtime
+    assert run.timeouts["Train"] == 240 * 60 + 3600  # Max_Runtime plus the job's provisioning grace
+    job_seen = aws.client("sagemaker").describe_training_job(TrainingJobName=request["TrainingJobName"])
+    assert job_seen["AlgorithmSpecification"]["TrainingImage"].endswith(f":{sha}")
+    assert state["training"] == {"status": "Completed"}
+    assert stack.builds == [{"ProjectName": "mmp-image", "EnvironmentVariablesOverride": [
+        {"Name": "MMP_CLONE_URL", "Type": "PLAINTEXT", "Value": start["clone_url"]},
+        {"Name": "MMP_COMMIT", "Type": "PLAINTEXT", "Value": sha},
+        {"Name": "MMP_REPOSITORY", "Type": "PLAINTEXT", "Value": REPO}]}]
+
     assert state["outcome"]["state"] == "SUCCEEDED" and state["succeeded"] is True
-
-    run = _mlflow_run(stack.mlflow, run_id)
-    assert run["info"]["status"] == "FINISHED"
-    assert [r["info"]["run_id"] for r in _runs_for_commit(stack.mlflow, sha)] == [run_id]  # the search works
-    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    assert tags["mlflow.source.git.commit"] == sha and tags["mmp.delivery_id"].startswith("72d3162e")
-    params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params == {"epochs": "1", "batch-size": "16"}
+    run_id = state["started"]["run_id"]
+    assert stack.mlflow_run(run_id)["info"]["status"] == "FINISHED"
     assert [s["state"] for s in stack.statuses] == ["pending", "success"]
     assert stack.statuses[-1]["target_url"] == state["started"]["run_url"]
-    assert stack.statuses[-1]["context"] == "mmp/training"
     mails = stack.messages()
     assert len(mails) == 1 and "SUCCEEDED" in mails[0]["Subject"]
-    record = json.loads(mails[0]["Message"].split("\n\n", 1)[1])
-    assert record["run_id"] == run_id and record["commit"] == sha
     assert TOKEN not in json.dumps(state) + json.dumps(mails) + json.dumps(stack.statuses)
 
 
-def test_an_invalid_experiment_is_rejected_before_mlflow(stack, make_repo):
-    repo = make_repo(experiment=_experiment(Instance_Count="two", Colour="red"), files={"train.py": OK_TRAIN})
-    sha = _sha(repo)
-    stack.serve(repo, sha)
-    state = aws_stages.prepare(_job(repo, sha))
-    assert state["accepted"] is False and "started" not in state
-    assert state["outcome"]["state"] == "INVALID"
+def _running_job_backend(name: str):
+    """A SageMaker backend whose job is still InProgress: Conclude must stop it."""
+    from botocore.stub import Stubber
+
+    client = aws.client("sagemaker")
+    stubber = Stubber(client)
+    running = {"TrainingJobName": name, "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{name}",
+               "TrainingJobStatus": "InProgress", "SecondaryStatus": "Training",
+               "AlgorithmSpecification": {"TrainingInputMode": "File"}, "ResourceConfig": {
+                   "InstanceCount": 1, "InstanceType": "ml.m5.xlarge", "VolumeSizeInGB": 50},
+               "StoppingCondition": {"MaxRuntimeInSeconds": 86400}, "CreationTime": dt.datetime(2026, 1, 1),
+               "ModelArtifacts": {"S3ModelArtifacts": ""}}
+    stubber.add_response("describe_training_job", running, {"TrainingJobName": name})
+    stubber.add_response("stop_training_job", {}, {"TrainingJobName": name})
+    stubber.add_response("describe_training_job", {**running, "TrainingJobStatus": "Stopping"},
+                         {"TrainingJobName": name})
+    stubber.activate()
+    return SageMakerBackend(sagemaker_client=client), stubber
+
+
+@pytest.mark.parametrize("error", ["States.Timeout", "States.TaskFailed"])
+def test_a_wait_that_fails_stops_the_job_and_still_concludes(stack, make_repo, monkeypatch, error):
+    """Train's own TimeoutSeconds (or any failure of the wait) is caught into Conclude."""
+    start, _ = _push(stack, make_repo)
+    stubbed: dict = {}
+
+    def wait_fails(arguments, data):
+        backend, stubber = _running_job_backend(arguments["TrainingJobName"])
+        aws_stages._BACKENDS["sagemaker"] = backend  # what Conclude will ask
+        stubbed["stubber"] = stubber
+        raise TaskFailed(error, "the wait for the job ended")
+
+    run = stack.execution(monkeypatch, **{"arn:aws:states:::sagemaker:createTrainingJob.sync": wait_fails})
+    end, state = run.run(start)
+    assert end == "Fail" and run.path == SAGEMAKER_PATH + ["Failed"]
+    stubbed["stubber"].assert_no_pending_responses()  # described, stopped, described again at teardown
+    assert state["outcome"]["state"] == "FAILED" and error in state["outcome"]["message"]
+    assert stack.mlflow_run(state["started"]["run_id"])["info"]["status"] == "FAILED"
+    assert [s["state"] for s in stack.statuses] == ["pending", "failure"]
+    assert "FAILED" in stack.messages()[0]["Subject"]
+
+
+def _history(entered: list[tuple[str, dict]], concluded: bool = False) -> dict:
+    """GetExecutionHistory, newest first, in the service's own shape."""
+    events, when = [], dt.datetime(2026, 1, 1)
+    if concluded:
+        events.append({"timestamp": when, "type": "TaskStateExited", "id": 99,
+                       "stateExitedEventDetails": {"name": "Conclude", "output": "{}"}})
+    for number, (name, state) in enumerate(reversed(entered)):
+        events.append({"timestamp": when, "type": "TaskStateEntered" if not name.endswith("?") else "ChoiceStateEntered",
+                       "id": 50 - number, "previousEventId": 49 - number,
+                       "stateEnteredEventDetails": {"name": name, "input": json.dumps(state)}})
+    return {"events": events}
+
+
+def _status_event(status: str, start: dict) -> dict:
+    arn = "arn:aws:states:us-east-1:123456789012:execution:mmp-pipeline:72d3162e"
+    return {"version": "0", "source": "aws.states", "detail-type": "Step Functions Execution Status Change",
+            "detail": {"executionArn": arn, "status": status, "input": json.dumps(start),
+                       "stateMachineArn": "arn:aws:states:us-east-1:123456789012:stateMachine:mmp-pipeline"}}
+
+
+def _stub_history(monkeypatch, *histories: dict):
+    from botocore.stub import Stubber
+
+    sfn = aws.client("stepfunctions")
+    stubber = Stubber(sfn)
+    for history in histories:
+        stubber.add_response("get_execution_history", history)
+    stubber.activate()
+    real = aws.client
+    monkeypatch.setattr(aws, "client", lambda service, *a, **k: sfn if service == "stepfunctions" else real(service, *a, **k))
+    return stubber
+
+
+@pytest.mark.parametrize("status", ["TIMED_OUT", "ABORTED"])
+def test_an_execution_that_ends_without_conclude_is_concluded_by_the_status_rule(stack, make_repo, monkeypatch,
+                                                                                 status):
+    """The execution's own TimeoutSeconds cannot be caught in ASL: EventBridge hands it to
+    Conclude, which rebuilds the last state from the history and stops the job."""
+    start, _ = _push(stack, make_repo)
+    seen: dict = {}
+
+    class Stopped(Exception):
+        pass
+
+    def execution_ends(arguments, data):
+        seen["train_input"] = data
+        raise Stopped()
+
+    run = stack.execution(monkeypatch, **{"arn:aws:states:::sagemaker:createTrainingJob.sync": execution_ends})
+    with pytest.raises(Stopped):
+        run.run(start)
+    entered = [("Prepare", start), ("Train", seen["train_input"])]
+    backend, stubber = _running_job_backend(seen["train_input"]["training_request"]["TrainingJobName"])
+    aws_stages._BACKENDS["sagemaker"] = backend
+    history = _stub_history(monkeypatch, _history(entered), _history(entered, concluded=True))
+
+    state = aws_stages.conclude(_status_event(status, start))
+    stubber.assert_no_pending_responses()
+    assert state["outcome"]["state"] == "FAILED" and f"Execution.{status}" in state["outcome"]["message"]
+    assert stack.mlflow_run(state["started"]["run_id"])["info"]["status"] == "FAILED"
+    assert [s["state"] for s in stack.statuses] == ["pending", "failure"]
+    assert len(stack.messages()) == 1
+
+    # A run that failed ends the execution FAILED after Conclude: the rule must not conclude twice.
+    assert aws_stages.conclude(_status_event("FAILED", start)) == {"concluded": "already"}
+    history.assert_no_pending_responses()
+    assert len(stack.statuses) == 2 and stack.messages() == []
+
+
+def test_a_prepare_that_fails_is_caught_and_reported(stack, make_repo, monkeypatch):
+    start, sha = _push(stack, make_repo)
+    run = stack.execution(monkeypatch)
+
+    def times_out(event):
+        raise TimeoutError("Task timed out after 300.00 seconds")
+
+    run.lambdas[next(k for k in run.lambdas if k.endswith("prepare"))] = times_out
+    end, state = run.run(start)
+    assert end == "Fail" and run.path == ["Prepare", "Conclude", "Succeeded?", "Failed"]
+    assert state["outcome"]["state"] == "ERROR" and "Task timed out" in state["outcome"]["message"]
+    assert [s["state"] for s in stack.statuses] == ["error"]
+    assert "ERROR" in stack.messages()[0]["Subject"]
+
+
+def test_an_invalid_experiment_is_rejected_before_mlflow_and_reported_once(stack, make_repo, monkeypatch):
+    start, _ = _push(stack, make_repo, Instance_Count="two", Colour="red")
+    run = stack.execution(monkeypatch)
+    end, state = run.run(start)
+    assert end == "Fail" and run.path == ["Prepare", "NeedsRunner?", "Accepted?", "Conclude", "Succeeded?", "Failed"]
+    assert state["outcome"]["state"] == "INVALID" and "started" not in state
     problems = " ".join(state["outcome"]["problems"])
     assert "Instance_Count" in problems and "Colour" in problems
-    assert [s["state"] for s in stack.statuses] == ["failure"]
-    assert "INVALID" in stack.messages()[0]["Subject"]
-    assert _runs_for_commit(stack.mlflow, sha) == []
-    assert aws_stages.conclude(state) == state  # nothing started: Conclude has nothing to do
+    assert [s["state"] for s in stack.statuses] == ["failure"]  # Conclude adds nothing
+    assert len(stack.messages()) == 1
 
 
-def test_a_dlami_push_is_refused_with_the_reason(stack, make_repo):
-    repo = make_repo(experiment=_experiment(Platform="dlami", Training_Instance="p3.2xlarge"),
-                     files={"train.py": OK_TRAIN})
-    sha = _sha(repo)
-    stack.serve(repo, sha)
-    state = aws_stages.prepare(_job(repo, sha))
-    assert state["accepted"] is False
-    assert "dlami" in state["outcome"]["message"] and "mmp run" in state["outcome"]["message"]
-    assert stack.statuses[-1]["state"] == "failure"
+def test_a_failed_image_build_is_reported(stack, make_repo, monkeypatch):
+    start, _ = _push(stack, make_repo)
+
+    def build_fails(arguments, data):
+        raise TaskFailed("States.TaskFailed", '{"Build": {"BuildStatus": "FAILED"}}')
+
+    run = stack.execution(monkeypatch, **{"arn:aws:states:::codebuild:startBuild.sync": build_fails})
+    end, state = run.run(start)
+    assert run.path == ["Prepare", "NeedsRunner?", "Accepted?", "BuildImage", "Conclude", "Succeeded?", "Failed"]
+    assert state["outcome"]["state"] == "FAILED" and state["outcome"]["message"].startswith("image build failed")
+    assert [s["state"] for s in stack.statuses] == ["pending", "failure"]
+    assert stack.mlflow_run(state["started"]["run_id"])["info"]["status"] == "FAILED"
 
 
 def test_a_study_is_refused_on_aws_before_mlflow(stack, make_repo):
     tuning = {"Objective_Metric": "val_accuracy", "Strategy": "grid", "Ranges": {"lr": {"Values": [0.1, 0.01]}}}
-    repo = make_repo(experiment=_experiment(Tuning=tuning), files={"train.py": OK_TRAIN})
-    sha = _sha(repo)
-    stack.serve(repo, sha)
-    state = aws_stages.prepare(_job(repo, sha))
+    start, _ = _push(stack, make_repo, Tuning=tuning)
+    state = aws_stages.prepare(start)
     assert state["accepted"] is False and "started" not in state
     assert state["outcome"]["message"].startswith("Tuning: ") and "runner task" in state["outcome"]["message"]
-    assert stack.statuses[-1]["state"] == "failure"
-    assert _runs_for_commit(stack.mlflow, sha) == []
-
-
-def test_max_runtime_cancels_the_job(stack, make_repo):
-    repo = make_repo(experiment=_experiment(Max_Runtime="1"), files={"train.py": SLOW_TRAIN})
-    sha = _sha(repo)
-    stack.serve(repo, sha)
-    state = json.loads(json.dumps(aws_stages.launch(aws_stages.prepare(_job(repo, sha)))))
-    pid = state["handle"]["data"]["pid"]
-    state["deadline"] = time.time() - 1  # as if a minute had passed
-    state = aws_stages.poll(state)
-    assert state["status"]["terminal"] is True and state["status"]["timed_out"] is True
-    assert state["status"]["message"] == "stopped: Max_Runtime reached"
-    state = aws_stages.conclude(state)
-    assert state["outcome"]["state"] == "FAILED" and state["succeeded"] is False
-    assert _gone(pid)
-    assert _mlflow_run(stack.mlflow, state["started"]["run_id"])["info"]["status"] == "FAILED"
-    assert [s["state"] for s in stack.statuses] == ["pending", "failure"]
-
-
-def test_a_failed_poll_still_cancels_and_tears_down(stack, make_repo):
-    """The state machine's Catch sends a crashed Poll to Conclude with `error` and a running job."""
-    repo = make_repo(experiment=_experiment(), files={"train.py": SLOW_TRAIN})
-    sha = _sha(repo)
-    stack.serve(repo, sha)
-    state = json.loads(json.dumps(aws_stages.launch(aws_stages.prepare(_job(repo, sha)))))
-    pid = state["handle"]["data"]["pid"]
-    state["error"] = {"Error": "Lambda.Unknown", "Cause": "Task timed out after 300.00 seconds"}
-    state = aws_stages.conclude(state)
-    assert _gone(pid)
-    assert state["outcome"]["state"] == "FAILED"
-    assert "Lambda.Unknown" in state["outcome"]["message"]
-    assert _mlflow_run(stack.mlflow, state["started"]["run_id"])["info"]["status"] == "FAILED"
-
-
-def test_a_failed_image_build_is_reported(stack, make_repo):
-    repo = make_repo(experiment=_experiment(), files={"train.py": OK_TRAIN})
-    sha = _sha(repo)
-    stack.serve(repo, sha)
-    state = aws_stages.prepare(_job(repo, sha))
-    state.update(build_image=True, error={"Error": "States.TaskFailed", "Cause": "{\"Build\": {\"BuildStatus\": \"FAILED\"}}"})
-    state = aws_stages.conclude(state)
-    assert state["outcome"]["state"] == "FAILED" and state["outcome"]["message"].startswith("image build failed")
-    assert stack.statuses[-1]["state"] == "failure"
-
-
-def test_a_promote_json_push_is_answered_on_the_commit_not_run(stack, make_repo):
-    repo = make_repo(experiment=_experiment(), files={"train.py": OK_TRAIN})
-    sha = _sha(repo)
-    stack.serve(repo, sha)
-    state = aws_stages.prepare(_job(repo, sha, files=("promote.json",)))
-    assert state["accepted"] is False and state["outcome"]["state"] == "SKIPPED"
-    assert [(s["state"], s["context"]) for s in stack.statuses] == [("error", "mmp/promotion")]
-    assert "mmp promote" in stack.statuses[0]["description"] and len(stack.statuses[0]["description"]) <= 140
+    assert [s["state"] for s in stack.statuses] == ["failure"]
 
 
 def test_the_lambda_refuses_a_local_tracking_store(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
     with pytest.raises(RuntimeError, match="http"):
         aws_stages.make_pipeline()
-
-
-def _runs_for_commit(url: str, sha: str) -> list:
-    with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1000") as resp:
-        ids = [e["experiment_id"] for e in json.loads(resp.read()).get("experiments", [])]
-    body = json.dumps({"experiment_ids": ids, "filter": f"tags.`mlflow.source.git.commit` = '{sha}'"}).encode()
-    request = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request) as resp:
-        return json.loads(resp.read()).get("runs", [])
-
-
-def _gone(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True

@@ -22,11 +22,11 @@ def fsx(h):
 
 def test_dev_inventory(dev):
     types = dev.types()
-    assert types["aws:lambda/function:Function"] == 5  # webhook + prepare, launch, poll, conclude
+    assert types["aws:lambda/function:Function"] == 4  # webhook + prepare, launch, conclude
     assert types["aws:s3/bucket:Bucket"] == 2
     assert types["aws:sfn/stateMachine:StateMachine"] == 1
-    assert types["aws:codebuild/project:Project"] == 1
-    assert types["aws:ecr/repository:Repository"] == 1 and types["aws:ecr/lifecyclePolicy:LifecyclePolicy"] == 1
+    assert types["aws:codebuild/project:Project"] == 2  # the training image, the runner image
+    assert types["aws:ecr/repository:Repository"] == 2 and types["aws:ecr/lifecyclePolicy:LifecyclePolicy"] == 1
     assert types["aws:dynamodb/table:Table"] == 1
     assert types["aws:apigatewayv2/api:Api"] == 1 and types["aws:apigatewayv2/stage:Stage"] == 1
     assert types["aws:rds/instance:Instance"] == 1 and types["aws:ecs/service:Service"] == 1
@@ -36,7 +36,7 @@ def test_dev_inventory(dev):
     assert types["aws:ec2/vpcEndpoint:VpcEndpoint"] == 1
     assert sorted(dev.components.values()) == sorted(
         ["mmp:infra:Network", "mmp:infra:DataStore", "mmp:infra:MlflowServer", "mmp:infra:TrainingPipeline",
-         "mmp:infra:WebhookApi"])
+         "mmp:infra:WebhookApi", "mmp:infra:RunnerTask"])
     assert not FSX_TYPES & set(types), "FSx is off by default"
     assert "aws:ec2/launchTemplate:LaunchTemplate" not in types
 
@@ -77,7 +77,7 @@ def test_state_machine_names_only_the_stacks_resources(dev):
     sm = dev.one("aws:sfn/stateMachine:StateMachine")
     definition = json.loads(sm.inputs["definition"])
     functions = {r.outputs["arn"] for r in dev.of_type("aws:lambda/function:Function")}
-    project = dev.one("aws:codebuild/project:Project").outputs["name"]
+    projects = {r.outputs["name"] for r in dev.of_type("aws:codebuild/project:Project")}
     states = definition["States"]
     assert definition["StartAt"] in states
     named = []
@@ -90,11 +90,10 @@ def test_state_machine_names_only_the_stacks_resources(dev):
             named.append(params["FunctionName"])
             assert params["FunctionName"] in functions
         if "ProjectName" in params:
-            assert params["ProjectName"] == project
+            assert params["ProjectName"] in projects
             assert state["Resource"] == "arn:aws:states:::codebuild:startBuild.sync"
-    assert len(set(named)) == 4  # prepare, launch, poll, conclude
-    assert states["Wait"]["Seconds"] == 60
-    for stage in ("BuildImage", "Launch", "Poll"):  # every failure after the MLflow run ends in Conclude
+    assert len(set(named)) == 3  # prepare, launch, conclude
+    for stage in ("Prepare", "BuildImage", "Launch", "Train", "RunTraining"):  # every failure ends in Conclude
         assert states[stage]["Catch"][0]["Next"] == "Conclude"
     role_policies = [json.loads(p.inputs["policy"]) for p in dev.of_type("aws:iam/rolePolicy:RolePolicy")]
     sfn_role = next(d for d in role_policies if any("lambda:InvokeFunction" in s["Action"] for s in d["Statement"]))
@@ -173,7 +172,7 @@ def test_secrets_stay_secret(h):
         public = {k: v for k, v in res.inputs.items() if k not in res.secret_inputs}
         leaked = [s for s in values if any(s in text for text in _walk_strings(public))]
         assert not leaked, f"{res.typ} {res.name} carries a secret in clear"
-    task = run.one("aws:ecs/taskDefinition:TaskDefinition")
+    task = run.one("aws:ecs/taskDefinition:TaskDefinition", "mlflow")
     container = json.loads(task.inputs["containerDefinitions"])[0]
     assert {s["name"] for s in container["secrets"]} == {"DB_PASSWORD", "MLFLOW_ADMIN_PASSWORD"}
     assert {"name": "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "value": "false"} in container["environment"]
@@ -193,11 +192,11 @@ def _opens(rule: dict, port: int) -> bool:
 def test_security_groups_closed_on_ssh_and_database(which, request):
     run = request.getfixturevalue(which)
     groups = run.of_type("aws:ec2/securityGroup:SecurityGroup")
-    assert len(groups) == 5
+    assert len(groups) == 6  # ... and the runner task's (egress only)
     for group in groups:
         for rule in group.inputs.get("ingress", []):
             assert not _opens(rule, 22) and not _opens(rule, 5432), (group.name, rule)
-    assert not run.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
+    assert not run.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")  # no dlami: no SSH at all
     db = run.one("aws:ec2/securityGroup:SecurityGroup", "database")
     assert [r["fromPort"] for r in db.inputs["ingress"]] == [5432]
     assert db.inputs["ingress"][0]["securityGroups"] == ["network-mlflow-task-id"]  # MLflow's tasks only
@@ -266,6 +265,10 @@ def test_dlami_flag_adds_its_resources(fsx, h):
         "aws:iam/rolePolicy:RolePolicy": 1, "aws:iam/instanceProfile:InstanceProfile": 1,
         "aws:ec2/keyPair:KeyPair": 1, "aws:secretsmanager/secret:Secret": 1,
         "aws:secretsmanager/secretVersion:SecretVersion": 1, "aws:ec2/launchTemplate:LaunchTemplate": 1,
+        # the janitor Lambda on its schedule, and SSH from the runner task to the training hosts
+        "aws:lambda/function:Function": 1, "aws:cloudwatch/logGroup:LogGroup": 1,
+        "aws:cloudwatch/eventRule:EventRule": 1, "aws:cloudwatch/eventTarget:EventTarget": 1,
+        "aws:lambda/permission:Permission": 1, "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule": 1,
     }
     assert run.one("aws:ec2/placementGroup:PlacementGroup").inputs["strategy"] == "cluster"
     template = run.one("aws:ec2/launchTemplate:LaunchTemplate").inputs

@@ -1,0 +1,216 @@
+"""RunnerTask: the ECS Fargate task that runs the pipeline's long stages (mmp.pipeline.aws_runner).
+
+Step Functions starts it with `ecs:runTask.sync` in the stack's private subnets for
+a `Platform: dlami` push (provision, SSH, horovodrun, teardown) and for a
+promote.json push (the MLflow client). Why a Fargate task: both outlive a Lambda
+and need libraries a Lambda zip should not carry (paramiko, mlflow); a task costs
+only while it runs (0.25 vCPU + 0.5 GiB is about $0.012 an hour) and Step Functions
+waits on it for free.
+
+The image (runner_docker/Dockerfile: mmp and its runtime dependencies, no torch) is
+built by CodeBuild from the stack's own sources, tagged with mmp's version (plus a
+hash of those sources); the
+state machine's RunnerImage step starts that build before each runner task and the
+build skips at once when the tag exists, so a new mmp version is built on its first
+use without anything on the deploying machine (a Pulumi image asset would need
+Docker there). Secrets reach the container through the task definition's `secrets`
+(GitHub token, MLflow password) or, for the SSH key, through the backend reading
+its one secret with the task role: never through overrides, state or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+
+from .. import __version__
+from . import iam
+from .settings import Settings
+
+CONTAINER = "runner"
+CPU, MEMORY = 256, 512  # the runner only waits on SSH and HTTP
+STOP_TIMEOUT = 120  # Fargate's maximum: time for the runner to terminate its instances on SIGTERM
+CONTEXT_PATHS = ("runner_docker", "mmp", "pyproject.toml", "README.md")
+
+# Build the runner image once per mmp version; a later start with the tag present exits at once.
+BUILDSPEC = r"""version: 0.2
+env:
+  shell: bash
+phases:
+  build:
+    commands:
+      - set -euo pipefail
+      - REGISTRY="${RUNNER_REPOSITORY_URI%%/*}"
+      - |
+        if aws ecr describe-images --repository-name "$RUNNER_REPOSITORY_NAME" --image-ids imageTag="$RUNNER_TAG" >/dev/null 2>&1; then
+          echo "runner image $RUNNER_TAG exists; nothing to build"; exit 0
+        fi
+      - aws ecr get-login-password --region "$AWS_REGION" | docker login --username AWS --password-stdin "$REGISTRY"
+      - docker build -f runner_docker/Dockerfile -t "$RUNNER_REPOSITORY_URI:$RUNNER_TAG" .
+      - docker push "$RUNNER_REPOSITORY_URI:$RUNNER_TAG"
+"""
+
+
+def context_files(root: Path) -> list[Path]:
+    """What the runner image is built from (no caches, no tests)."""
+    found = []
+    for name in CONTEXT_PATHS:
+        path = root / name
+        for item in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            if "__pycache__" not in item.parts and item.suffix != ".pyc":
+                found.append(item)
+    return found
+
+
+def image_tag(root: Path) -> str:
+    """mmp's version plus a hash of the image's sources: a changed runner gets a new image,
+    an unchanged one is never rebuilt (the repository's tags are immutable)."""
+    digest = hashlib.sha256()
+    for path in context_files(root):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return f"{__version__}-{digest.hexdigest()[:12]}"
+
+
+def ec2_statements(region: str, account: pulumi.Input[str], launch_template_arn: pulumi.Input[str],
+                   host_role_arn: pulumi.Input[str], ssm_parameter: str) -> list[dict]:
+    """What the DLAMI backend calls: RunInstances only through the stack's launch template,
+    tags only at launch, terminate only MMP-managed instances."""
+    ec2 = pulumi.Output.concat("arn:aws:ec2:", region, ":", account, ":")
+    launched = [pulumi.Output.concat(ec2, kind, "/*") for kind in ("instance", "volume", "network-interface")]
+    used = [pulumi.Output.concat(ec2, kind, "/*") for kind in ("subnet", "security-group", "placement-group",
+                                                                "key-pair")]
+    template_condition = {"ArnLike": {"ec2:LaunchTemplate": launch_template_arn}}
+    return [
+        iam.statement(["ec2:RunInstances"], launched, template_condition),
+        iam.statement(["ec2:RunInstances"], [launch_template_arn, *used,
+                                             pulumi.Output.concat("arn:aws:ec2:", region, "::image/*")]),
+        iam.statement(["ec2:CreateTags"], launched[:2], {"StringEquals": {"ec2:CreateAction": "RunInstances"}}),
+        iam.statement(["ec2:TerminateInstances"], [launched[0]],
+                      {"StringEquals": {"aws:ResourceTag/mmp:managed": "true"}}),
+        # EC2's Describe* calls have no resource-level form (AWS documents "*").
+        iam.statement(["ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribePlacementGroups"], ["*"]),
+        iam.statement(["iam:PassRole"], [host_role_arn], {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}),
+        iam.statement(["ssm:GetParameter"], [f"arn:aws:ssm:{region}::parameter{ssm_parameter}"]),
+    ]
+
+
+class RunnerTask(pulumi.ComponentResource):
+    def __init__(self, name: str, settings: Settings, *, account: pulumi.Input[str], subnets: pulumi.Input[list[str]],
+                 vpc_id: pulumi.Input[str], artifacts_bucket: aws.s3.Bucket, environment: pulumi.Input[dict],
+                 secrets: dict[str, pulumi.Input[str]], task_statements: list[dict], project_root: Path,
+                 opts: pulumi.ResourceOptions | None = None):
+        super().__init__("mmp:infra:RunnerTask", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        tags = {"mmp:deployment": settings.prefix}
+        region = settings.region
+        self.tag = image_tag(project_root)
+
+        # -- the image ----------------------------------------------------------------------
+        self.repository = aws.ecr.Repository(
+            f"{name}-images", name=f"{settings.prefix}-runner", image_tag_mutability="IMMUTABLE",
+            image_scanning_configuration={"scan_on_push": True}, encryption_configurations=[{"encryption_type": "AES256"}],
+            force_delete=not settings.production, tags=tags, opts=child)
+        context = aws.s3.BucketObjectv2(f"{name}-context", bucket=artifacts_bucket.id,
+                                        key=f"codebuild/runner-context-{self.tag}.zip",
+                                        source=pulumi.AssetArchive({
+                                            str(p.relative_to(project_root)): pulumi.FileAsset(str(p))
+                                            for p in context_files(project_root)}), opts=child)
+        build_logs = aws.cloudwatch.LogGroup(f"{name}-build-logs", name=f"/aws/vendedlogs/mmp/{settings.prefix}/runner-build",
+                                             retention_in_days=settings.log_retention_days, tags=tags, opts=child)
+        build_role = iam.service_role(f"{name}-build", "codebuild.amazonaws.com", [
+            iam.logs_statement(region, account, [build_logs.name]),
+            iam.statement(["s3:GetObject", "s3:GetObjectVersion"],
+                          [pulumi.Output.concat(artifacts_bucket.arn, "/codebuild/*")]),
+            iam.statement(["s3:GetBucketAcl", "s3:GetBucketLocation"], [artifacts_bucket.arn]),
+            iam.statement(["ecr:GetAuthorizationToken"], ["*"]),  # account-wide by design: no resource form
+            iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
+                           "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload",
+                           "ecr:PutImage", "ecr:DescribeImages"], [self.repository.arn]),
+        ], self, description="CodeBuild: build the runner image into ECR")
+        self.build_project = aws.codebuild.Project(
+            f"{name}-build", name=f"{settings.prefix}-runner-image", service_role=build_role.arn, build_timeout=30,
+            source={"type": "S3", "location": pulumi.Output.concat(artifacts_bucket.bucket, "/", context.key),
+                    "buildspec": BUILDSPEC},
+            artifacts={"type": "NO_ARTIFACTS"},
+            environment={"type": "LINUX_CONTAINER", "compute_type": "BUILD_GENERAL1_SMALL",
+                         "image": "aws/codebuild/standard:7.0", "privileged_mode": True,
+                         "image_pull_credentials_type": "CODEBUILD", "environment_variables": [
+                             {"name": "RUNNER_REPOSITORY_URI", "value": self.repository.repository_url},
+                             {"name": "RUNNER_REPOSITORY_NAME", "value": self.repository.name},
+                             {"name": "RUNNER_TAG", "value": self.tag}]},
+            logs_config={"cloudwatch_logs": {"group_name": build_logs.name, "status": "ENABLED"}},
+            tags=tags, opts=child)
+
+        # -- the task -----------------------------------------------------------------------
+        self.log_group = aws.cloudwatch.LogGroup(f"{name}-logs", name=f"/aws/vendedlogs/mmp/{settings.prefix}/runner",
+                                                 retention_in_days=settings.log_retention_days, tags=tags, opts=child)
+        self.cluster = aws.ecs.Cluster(f"{name}-cluster", name=f"{settings.prefix}-runner", tags=tags, opts=child)
+        self.execution_role = iam.service_role(f"{name}-execution", "ecs-tasks.amazonaws.com", [
+            iam.statement(["ecr:GetAuthorizationToken"], ["*"]),
+            iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
+                          [self.repository.arn]),
+            iam.logs_statement(region, account, [self.log_group.name]),
+            iam.statement(["secretsmanager:GetSecretValue"], list(secrets.values())),
+        ], self, description="ECS: pull the runner image, write its logs, inject its secrets")
+        self.task_role = iam.service_role(f"{name}-task", "ecs-tasks.amazonaws.com", [
+            iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_bucket.arn, "/runner/*")]),
+            *task_statements,
+        ], self, description="The runner task: DLAMI instances of this stack, promotion, its result object")
+        self.security_group = aws.ec2.SecurityGroup(
+            f"{name}-sg", vpc_id=vpc_id, description="MMP runner task: egress only (SSH, MLflow, AWS APIs)",
+            egress=[{"protocol": "-1", "from_port": 0, "to_port": 0, "cidr_blocks": ["0.0.0.0/0"]}],
+            tags=tags, opts=child)
+        container = pulumi.Output.all(image=self.repository.repository_url, env=environment, secrets=secrets,
+                                      logs=self.log_group.name).apply(lambda a: json.dumps([{
+                                          "name": CONTAINER, "image": f"{a['image']}:{self.tag}", "essential": True,
+                                          "stopTimeout": STOP_TIMEOUT,
+                                          "environment": [{"name": k, "value": v} for k, v in sorted(a["env"].items())],
+                                          "secrets": [{"name": k, "valueFrom": v} for k, v in sorted(a["secrets"].items())],
+                                          "logConfiguration": {"logDriver": "awslogs", "options": {
+                                              "awslogs-group": a["logs"], "awslogs-region": region,
+                                              "awslogs-stream-prefix": "runner"}},
+                                      }]))
+        family = f"{settings.prefix}-runner"
+        # The family's ARN: RunTask takes its latest revision, and IAM grants `family:*`.
+        self.task_definition_family_arn = pulumi.Output.concat("arn:aws:ecs:", region, ":", account,
+                                                               ":task-definition/", family)
+        self.task_definition = aws.ecs.TaskDefinition(
+            f"{name}-task", family=family, requires_compatibilities=["FARGATE"],
+            network_mode="awsvpc", cpu=str(CPU), memory=str(MEMORY), execution_role_arn=self.execution_role.arn,
+            task_role_arn=self.task_role.arn, container_definitions=container,
+            runtime_platform={"operating_system_family": "LINUX", "cpu_architecture": "X86_64"}, tags=tags, opts=child)
+        # After the task definition: a run must never start an older revision than this deployment's.
+        self.target = pulumi.Output.all(cluster=self.cluster.arn, task_definition=self.task_definition_family_arn,
+                                        subnets=subnets, security_groups=[self.security_group.id],
+                                        _revision=self.task_definition.revision).apply(
+            lambda a: {k: v for k, v in a.items() if k != "_revision"})
+        self.register_outputs({"cluster": self.cluster.arn, "taskDefinition": self.task_definition.arn,
+                               "repository": self.repository.repository_url, "imageTag": self.tag})
+
+    def state_machine_statements(self, region: str, account: pulumi.Input[str]) -> list[dict]:
+        """What Step Functions needs for `ecs:runTask.sync` of this task and the image build."""
+        return [
+            iam.statement(["ecs:RunTask"], [pulumi.Output.concat(self.task_definition_family_arn, ":*")],
+                          {"ArnEquals": {"ecs:cluster": self.cluster.arn}}),
+            iam.statement(["ecs:StopTask", "ecs:DescribeTasks"], [pulumi.Output.concat(
+                "arn:aws:ecs:", region, ":", account, ":task/", self.cluster.name, "/*")]),
+            iam.statement(["iam:PassRole"], [self.execution_role.arn, self.task_role.arn],
+                          {"StringEquals": {"iam:PassedToService": "ecs-tasks.amazonaws.com"}}),
+            iam.statement(["events:PutTargets", "events:PutRule", "events:DescribeRule"], [pulumi.Output.concat(
+                "arn:aws:events:", region, ":", account, ":rule/StepFunctionsGetEventsForECSTaskRule")]),
+            iam.statement(["codebuild:StartBuild", "codebuild:StopBuild", "codebuild:BatchGetBuilds"],
+                          [self.build_project.arn]),
+        ]
+
+
+def runner_secrets(github_token_arn: pulumi.Input[str], mlflow_password_arn: pulumi.Input[str] | None) -> dict:
+    """Environment name → Secrets Manager ARN, injected by ECS (GitHubClient and MLflow read these names)."""
+    out: dict[str, Any] = {"GITHUB_TOKEN": github_token_arn}
+    if mlflow_password_arn is not None:
+        out["MLFLOW_TRACKING_PASSWORD"] = mlflow_password_arn
+    return out

@@ -1,0 +1,126 @@
+"""The runner task: the pipeline's long stages, in an ECS Fargate task the state machine waits on.
+
+    python -m mmp.pipeline.aws_runner train     # the DLAMI cluster: provision, SSH, horovodrun, wait, teardown
+    python -m mmp.pipeline.aws_runner promote   # promote.json with the MLflow client
+
+Step Functions starts it with `ecs:runTask.sync` (no polling, no history growing with
+the job) and passes the state it needs in MMP_RUNNER_STATE: the webhook's job and,
+for training, the MLflow run Prepare made. Nothing secret travels there: the
+GitHub token and the MLflow password arrive through the task definition's `secrets`,
+and the SSH key is read from Secrets Manager by the backend (mmp.backends.dlami).
+
+Training runs `Pipeline.execute`, the same launch → wait → teardown that `mmp run`
+and the local worker use, and leaves the result object Conclude reads
+(mmp.pipeline.runner_results): Conclude ends the MLflow run, sets the commit status
+and sends the e-mail, as for SageMaker. Promotion runs `run_promotion`, as the local
+worker does, which reports on context mmp/promotion itself. SIGTERM (the task
+stopped, timed out or the execution aborted) cancels training and terminates the
+instances before the task goes; the Catch path and the janitor back that up.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from ..backends import JobState, JobStatus
+from . import runner_results
+
+log = logging.getLogger("mmp.pipeline.runner_task")
+
+STATE_VARIABLE = "MMP_RUNNER_STATE"
+KINDS = ("train", "promote")
+STOPPED_MESSAGE = "stopped: the runner task was stopped before the job ended"
+
+
+def _stop_on_sigterm() -> Any:
+    """ECS stops a task with SIGTERM (then SIGKILL after stopTimeout): unwind through the
+    pipeline's own cancel/teardown rather than die mid-launch with instances up.
+    Returns the previous handler."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def read_state(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    raw = (environ or os.environ).get(STATE_VARIABLE)
+    if not raw:
+        raise SystemExit(f"{STATE_VARIABLE} is not set: the state machine passes the job in it")
+    state = json.loads(raw)
+    if not isinstance(state, dict) or "job" not in state:
+        raise SystemExit(f"{STATE_VARIABLE} must be a JSON object with 'job'")
+    return state
+
+
+def train(state: dict[str, Any]) -> dict[str, Any]:
+    """Launch, follow and tear down the run Prepare started; leave the result for Conclude."""
+    from ..tracking import make_tracker
+    from .aws_stages import backend_for, started_from_dict, status_to_dict
+    from .runner import LOG_KEEP_LINES, Pipeline
+
+    started = started_from_dict(state["started"])
+    platform = started.request.experiment.platform
+    pipeline = Pipeline(tracker=make_tracker(started.request.mlflow_env["MLFLOW_TRACKING_URI"]))
+    lines: collections.deque[str] = collections.deque(maxlen=LOG_KEEP_LINES)
+
+    def sink(line: str) -> None:  # to the task's CloudWatch log and to the result Conclude reads
+        lines.append(line)
+        print(line, flush=True)
+
+    try:
+        backend = backend_for(platform)
+    except Exception as exc:
+        status, interrupted = JobStatus(JobState.FAILED, f"Platform: {exc}"), None
+    else:
+        status, interrupted = pipeline.execute(backend, started, sink)
+    log_text = "\n".join(lines)
+    if interrupted is not None:
+        status = JobStatus(JobState.CANCELLED, STOPPED_MESSAGE, status.exit_code, status.detail)
+    result = {"kind": "train", "run_id": started.run_id, **status_to_dict(status)}
+    runner_results.write("train", state, result, log_text)
+    log.info("run %s: %s %s", started.run_id, status.state.value, status.message)
+    if interrupted is not None:
+        raise interrupted
+    return result
+
+
+def promote(state: dict[str, Any]) -> dict[str, Any]:
+    """promote.json at the commit, as the local worker runs it; it reports on mmp/promotion itself."""
+    from ..github import GitHubClient, GitHubStatusReporter
+    from ..models.gitops import run_promotion
+    from .aws_stages import job_of, trigger_of
+    from .sns import SnsNotifier
+
+    trigger = trigger_of(job_of(state))
+    outcome = run_promotion(trigger, reporter=GitHubStatusReporter(GitHubClient.from_env()), notifier=SnsNotifier())
+    result = {"kind": "promotion", "state": outcome.state, "message": outcome.message,
+              "problems": list(outcome.problems)}
+    runner_results.write("promotion", state, result)
+    log.info("promotion %s: %s", outcome.state, outcome.message)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] not in KINDS:
+        print(f"usage: python -m mmp.pipeline.aws_runner {{{'|'.join(KINDS)}}}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    previous = _stop_on_sigterm()
+    try:
+        state = read_state()
+        (train if args[0] == "train" else promote)(state)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0  # the outcome is in the result object; a non-zero exit means the runner itself broke
+
+
+if __name__ == "__main__":
+    sys.exit(main())
