@@ -1,0 +1,180 @@
+"""A `Platform: dlami` push and a promote.json push through the state machine to Conclude.
+
+The RunTraining/Promote states' `ecs:runTask.sync` runs the runner's entry command
+(`python -m mmp.pipeline.aws_runner ...`) in this process with the overrides the
+definition builds: the DLAMI backend against moto's EC2 (server mode), the real
+sshd standing in for the instances (pinned host key) and real horovodrun, as
+tests/dlami do. The runner leaves its result object in S3 (moto) for Conclude.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from mmp import aws
+from mmp.pipeline import aws_stages, runner_results
+
+from ..dlami.conftest import FAIL_TRAIN, SLEEP_TRAIN, tagged_processes
+from ..dlami.test_lifecycle import AWS_CLI
+from ..infra.pipeline_stack import OK_TRAIN, TOKEN, experiment, head, job
+from ..infra.sfn import TaskFailed
+
+pytestmark = pytest.mark.horovod
+DLAMI_PATH = ["Prepare", "NeedsRunner?", "RunnerImage", "Promote?", "Accepted?", "RunTraining", "Conclude",
+              "Succeeded?"]
+
+
+@pytest.fixture
+def dlami_push(cloud, stack, make_backend, make_repo, fsx_datasets, aws_env, tmp_path, monkeypatch):
+    """Commit a dlami experiment; the backend every stage asks for is the one on the local sshd,
+    whose `aws s3 sync` of the output (the instance profile's job) reaches moto."""
+    cli = tmp_path / "aws"
+    cli.write_text(AWS_CLI.format(python=os.environ["MMP_DLAMI_PYTHON"], endpoint=aws_env))
+    cli.chmod(0o755)
+    monkeypatch.setenv("MMP_DLAMI_AWS_CLI", str(cli))
+    aws_stages._BACKENDS["dlami"] = make_backend()
+
+    def push(train: str = OK_TRAIN, **fields):
+        repo = make_repo(experiment=experiment(Platform="dlami", Training_Instance="p3.2xlarge", **fields),
+                         files={"train.py": train})
+        sha = head(repo)
+        stack.serve(repo, sha)
+        return job(repo, sha)
+
+    return push
+
+
+def _live(cloud) -> list[str]:
+    return [i["InstanceId"] for i in cloud.instances()]
+
+
+def test_a_dlami_push_trains_on_the_runner_and_concludes(cloud, stack, dlami_push, monkeypatch):
+    start = dlami_push()
+    run = stack.execution(monkeypatch)
+    end, state = run.run(start)
+    assert end == "Succeed" and run.path == DLAMI_PATH + ["Done"], run.path
+    assert [b["ProjectName"] for b in stack.builds] == ["mmp-runner-image"]  # the image, not the training one
+
+    # The runner got only the job and the run, nothing secret, and a bound of Max_Runtime + grace.
+    override = dict(run.calls)["RunTraining"]["Overrides"]["ContainerOverrides"][0]
+    assert override["Command"] == ["train"]
+    passed = json.loads(override["Environment"][0]["Value"])
+    assert set(passed) == {"job", "started"} and TOKEN not in override["Environment"][0]["Value"]
+    assert run.timeouts["RunTraining"] == 240 * 60 + aws_stages.RUNNER_GRACE_SECONDS
+
+    run_id = state["started"]["run_id"]
+    result, log_text = runner_results.read("train", state)
+    assert result["state"] == "SUCCEEDED" and result["run_id"] == run_id and result["exit_code"] == 0
+    assert "epoch 1 loss 0.5" in log_text  # train.py's output, through horovodrun on the "leader"
+    assert state["outcome"]["state"] == "SUCCEEDED" and state["succeeded"] is True
+    assert stack.mlflow_run(run_id)["info"]["status"] == "FINISHED"
+    assert [s["state"] for s in stack.statuses] == ["pending", "success"]
+    assert "SUCCEEDED" in stack.messages()[0]["Subject"]
+    assert _live(cloud) == [] and tagged_processes(run_id) == []
+
+
+def test_a_failing_train_py_is_reported_and_leaves_nothing(cloud, stack, dlami_push, monkeypatch):
+    start = dlami_push(train=FAIL_TRAIN)
+    end, state = stack.execution(monkeypatch).run(start)
+    assert end == "Fail"
+    assert state["outcome"]["state"] == "FAILED" and "exit" in state["outcome"]["message"]
+    assert stack.mlflow_run(state["started"]["run_id"])["info"]["status"] == "FAILED"
+    assert [s["state"] for s in stack.statuses] == ["pending", "failure"]
+    assert _live(cloud) == []
+
+
+def test_a_stopped_runner_cancels_training_and_terminates_its_instances(cloud, stack, dlami_push, monkeypatch):
+    """Step Functions stops the task (state timeout, abort): ECS sends SIGTERM."""
+    start = dlami_push(train=SLEEP_TRAIN)
+    stop = threading.Event()
+
+    def sigterm_once_training():
+        deadline = time.time() + 120
+        while not stop.is_set() and time.time() < deadline:
+            ids = [t["Value"] for i in cloud.instances() for t in i.get("Tags", []) if t["Key"] == "mmp:run-id"]
+            if ids and tagged_processes(ids[0]):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=sigterm_once_training, daemon=True)
+    killer.start()
+    try:
+        end, state = stack.execution(monkeypatch).run(start)
+    finally:
+        stop.set()
+        killer.join(10)
+    run_id = state["started"]["run_id"]
+    result, _ = runner_results.read("train", state)
+    assert result["state"] == "CANCELLED" and "runner task was stopped" in result["message"]
+    assert "error" in state  # the task failed (SIGTERM exit) and was caught into Conclude
+    assert state["outcome"]["state"] == "CANCELLED"
+    assert stack.mlflow_run(run_id)["info"]["status"] == "KILLED"
+    assert [s["state"] for s in stack.statuses] == ["pending", "error"]
+    assert _live(cloud) == [] and tagged_processes(run_id) == []
+
+
+def test_a_runner_that_dies_without_a_result_still_leaves_no_instance(cloud, stack, dlami_push, monkeypatch):
+    """SIGKILL, a lost container: no result object; Conclude terminates what is tagged with the run."""
+    start = dlami_push()
+
+    def dies_mid_provisioning(arguments, data):
+        run_id = data["started"]["run_id"]
+        aws.client("ec2").run_instances(ImageId=cloud.image_id, MinCount=2, MaxCount=2, TagSpecifications=[
+            {"ResourceType": "instance", "Tags": [{"Key": "mmp:managed", "Value": "true"},
+                                                  {"Key": "mmp:run-id", "Value": run_id}]}])
+        assert len(_live(cloud)) == 2
+        raise TaskFailed("States.TaskFailed", "Essential container in task exited (137)")
+
+    run = stack.execution(monkeypatch, **{"arn:aws:states:::ecs:runTask.sync": dies_mid_provisioning})
+    end, state = run.run(start)
+    assert end == "Fail" and run.path == DLAMI_PATH + ["Failed"]
+    assert state["outcome"]["state"] == "FAILED"
+    assert "ended without a result" in state["outcome"]["message"] and "exited (137)" in state["outcome"]["message"]
+    assert stack.mlflow_run(state["started"]["run_id"])["info"]["status"] == "FAILED"
+    assert _live(cloud) == []
+
+
+PROMOTE_PATH = ["Prepare", "NeedsRunner?", "RunnerImage", "Promote?", "Promote", "Accepted?", "Conclude",
+                "Succeeded?"]
+
+
+def _promote_push(stack, make_repo, spec: dict):
+    repo = make_repo(experiment=experiment(), files={"train.py": OK_TRAIN, "promote.json": json.dumps(spec)})
+    sha = head(repo)
+    stack.serve(repo, sha)
+    return job(repo, sha, files=("promote.json",))
+
+
+def test_a_promote_json_push_is_run_by_the_runner_with_the_mlflow_client(stack, make_repo, monkeypatch):
+    start = _promote_push(stack, make_repo, {"Experiment": "no-such-experiment", "Metric": "val_accuracy"})
+    run = stack.execution(monkeypatch)
+    end, state = run.run(start)
+    assert run.path == PROMOTE_PATH + ["Failed"], run.path
+    override = dict(run.calls)["Promote"]["Overrides"]["ContainerOverrides"][0]
+    assert override["Command"] == ["promote"] and set(json.loads(override["Environment"][0]["Value"])) == {"job"}
+    # The runner asked the real MLflow, refused (no such experiment) and said so on mmp/promotion.
+    assert state["promotion"]["state"] == "REFUSED" and "no-such-experiment" in state["promotion"]["message"]
+    assert [(s["state"], s["context"]) for s in stack.statuses] == [("pending", "mmp/promotion"),
+                                                                     ("failure", "mmp/promotion")]
+    assert len(stack.messages()) == 1  # the runner's e-mail; Conclude adds none
+
+
+def test_a_promotion_whose_runner_dies_is_reported_by_conclude(stack, make_repo, monkeypatch):
+    start = _promote_push(stack, make_repo, {"Experiment": "fashion-demo", "Metric": "val_accuracy"})
+
+    def dies(arguments, data):
+        raise TaskFailed("States.Timeout", "")
+
+    run = stack.execution(monkeypatch, **{"arn:aws:states:::ecs:runTask.sync": dies})
+    end, state = run.run(start)
+    assert end == "Fail" and run.path == PROMOTE_PATH + ["Failed"]
+    assert state["promotion"]["state"] == "ERROR" and "States.Timeout" in state["promotion"]["message"]
+    assert [(s["state"], s["context"]) for s in stack.statuses] == [("error", "mmp/promotion")]
+    assert "promotion ERROR" in stack.messages()[0]["Subject"]
