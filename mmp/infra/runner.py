@@ -79,7 +79,9 @@ def image_tag(root: Path) -> str:
 def ec2_statements(region: str, account: pulumi.Input[str], launch_template_arn: pulumi.Input[str],
                    host_role_arn: pulumi.Input[str], ssm_parameter: str) -> list[dict]:
     """What the DLAMI backend calls: RunInstances only through the stack's launch template,
-    tags only at launch, terminate only MMP-managed instances."""
+    tags only at launch, terminate only MMP-managed instances. RunInstances is split as
+    AWS's "launch only from a launch template" example does: the instance side carries
+    the ec2:LaunchTemplate condition, the resources it uses are named."""
     ec2 = pulumi.Output.concat("arn:aws:ec2:", region, ":", account, ":")
     launched = [pulumi.Output.concat(ec2, kind, "/*") for kind in ("instance", "volume", "network-interface")]
     used = [pulumi.Output.concat(ec2, kind, "/*") for kind in ("subnet", "security-group", "placement-group",
@@ -95,7 +97,8 @@ def ec2_statements(region: str, account: pulumi.Input[str], launch_template_arn:
         # EC2's Describe* calls have no resource-level form (AWS documents "*").
         iam.statement(["ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribePlacementGroups"], ["*"]),
         iam.statement(["iam:PassRole"], [host_role_arn], {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}),
-        iam.statement(["ssm:GetParameter"], [f"arn:aws:ssm:{region}::parameter{ssm_parameter}"]),
+        # AWS's public parameters have no account in their ARN; `*` matches that empty field.
+        iam.statement(["ssm:GetParameter"], [f"arn:aws:ssm:{region}:*:parameter{ssm_parameter}"]),
     ]
 
 

@@ -1,0 +1,107 @@
+"""The roles the runner and the `.sync` integrations need, linted by parliament (an IAM linter)
+and checked for the scoping issue 14 asks: RunTask on the runner's task definition only,
+PassRole for exactly its two roles, EC2 launches only through the stack's launch template."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REGION = "eu-west-1"
+SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
+
+
+@pytest.fixture(scope="module")
+def dlami_stack(h):
+    return h.run_stack("dev", {**h.DEV_CONFIG, "mmp:fsx": "true", "mmp:dlami": "true",
+                               "mmp:sshPublicKey": "ssh-ed25519 AAAA test", "mmp:sshPrivateKey": SSH_KEY})
+
+
+def _policies(run) -> dict[str, dict]:
+    # The Pulumi mocks give every ARN a region; IAM's have none (arn:aws:iam::ACCOUNT:role/NAME).
+    return {p.name: json.loads(p.inputs["policy"].replace(f"arn:aws:iam:{REGION}:", "arn:aws:iam::"))
+            for p in run.of_type("aws:iam/rolePolicy:RolePolicy")}
+
+
+def _allowing(doc: dict, action: str) -> list[dict]:
+    return [s for s in doc["Statement"] if action in s["Action"]]
+
+
+def parliament():
+    """parliament 1.6.4 still reads its data files through pkg_resources, which setuptools 80+
+    no longer ships; hand it the one function it uses, from importlib."""
+    if "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None:
+        shim = types.ModuleType("pkg_resources")
+        shim.resource_filename = lambda package, name: str(
+            Path(importlib.util.find_spec(package).origin).parent / name)
+        sys.modules["pkg_resources"] = shim
+    import parliament as linter
+
+    return linter
+
+
+MINE = ("pipeline-sfn", "pipeline-stages", "pipeline-runner-build", "pipeline-runner-execution", "pipeline-runner-task")
+
+
+def test_parliament_finds_nothing_in_the_runner_and_state_machine_roles(dlami_stack):
+    linter = parliament()
+    policies = _policies(dlami_stack)
+    assert set(MINE) <= set(policies)
+    for name in MINE:
+        findings = linter.analyze_policy_string(json.dumps(policies[name])).findings
+        findings = [f for f in findings if not _split_run_instances(f, policies[name], linter)]
+        assert not findings, (name, [(f.issue, f.detail) for f in findings])
+
+
+def _split_run_instances(finding, doc: dict, linter) -> bool:
+    """parliament checks each statement alone; AWS's launch-template pattern splits RunInstances
+    in two (instance side with the condition, used resources without). Accept that finding only
+    when the statements together name every resource type RunInstances requires."""
+    if finding.issue != "RESOURCE_MISMATCH" or {d["action"] for d in finding.detail} != {"ec2:RunInstances"}:
+        return False
+    named = [r for s in _allowing(doc, "ec2:RunInstances") for r in s["Resource"]]
+    return all(any(linter.is_arn_match("", d["required_format"], r) for r in named) for d in finding.detail)
+
+
+def test_the_state_machine_runs_only_the_runner_and_passes_only_its_two_roles(dlami_stack):
+    sfn = _policies(dlami_stack)["pipeline-sfn"]
+    (run_task,) = _allowing(sfn, "ecs:RunTask")
+    assert run_task["Resource"] == [f"arn:aws:ecs:eu-west-1:123456789012:task-definition/acme-ml-dev-runner:*"]
+    assert "ecs:cluster" in run_task["Condition"]["ArnEquals"]
+    passes = {r: s.get("Condition") for s in _allowing(sfn, "iam:PassRole") for r in s["Resource"]}
+    runner_roles = [r for r in passes if "runner" in r]
+    assert len(runner_roles) == 2 and all(passes[r] == {"StringEquals": {
+        "iam:PassedToService": "ecs-tasks.amazonaws.com"}} for r in runner_roles)
+    rules = {r.rsplit("/", 1)[1] for s in _allowing(sfn, "events:PutRule") for r in s["Resource"]}
+    assert {"StepFunctionsGetEventsForECSTaskRule", "StepFunctionsGetEventsForSageMakerTrainingJobsRule"} <= rules
+    (create,) = _allowing(sfn, "sagemaker:CreateTrainingJob")
+    assert create["Resource"][0].endswith(":training-job/acme-ml-dev*") or "training-job/" in create["Resource"][0]
+
+
+def test_the_runner_launches_only_through_the_launch_template_and_ends_only_managed_instances(dlami_stack):
+    task = _policies(dlami_stack)["pipeline-runner-task"]
+    launches = _allowing(task, "ec2:RunInstances")
+    instance_side = [s for s in launches if any(":instance/" in r for r in s["Resource"])]
+    assert instance_side and all("ec2:LaunchTemplate" in s["Condition"]["ArnLike"] for s in instance_side)
+    (terminate,) = _allowing(task, "ec2:TerminateInstances")
+    assert terminate["Condition"] == {"StringEquals": {"aws:ResourceTag/mmp:managed": "true"}}
+    (tags,) = _allowing(task, "ec2:CreateTags")
+    assert tags["Condition"] == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}
+    (pass_role,) = _allowing(task, "iam:PassRole")
+    assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+
+
+def test_secrets_reach_the_runner_only_through_the_task_definition(dlami_stack):
+    task = next(t for t in dlami_stack.of_type("aws:ecs/taskDefinition:TaskDefinition") if "runner" in t.name)
+    (container,) = json.loads(task.inputs["containerDefinitions"])
+    assert {s["name"] for s in container["secrets"]} == {"GITHUB_TOKEN", "MLFLOW_TRACKING_PASSWORD"}
+    assert all(s["valueFrom"].startswith("arn:aws:secretsmanager:") for s in container["secrets"])
+    env = {e["name"]: e["value"] for e in container["environment"]}
+    assert "dlami" in env["MMP_PIPELINE_PLATFORMS"] and env["MMP_LAUNCH_TEMPLATE_ID"]
+    assert container["image"].split(":")[-1].startswith("0.1.0-")  # mmp's version (+ a hash of its sources)
+    assert container["stopTimeout"] == 120  # time to terminate the instances on SIGTERM
