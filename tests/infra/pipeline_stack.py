@@ -56,7 +56,8 @@ class Stack:
         self.statuses: list[dict] = []
         self.builds: list[dict] = []
 
-    def serve(self, repo: Path, sha: str, names=("experiment.json", "train.py", "promote.json")) -> None:
+    def serve(self, repo: Path, sha: str, names=("experiment.json", "train.py", "promote.json",
+                                                 "requirements.txt", "pyproject.toml", "setup.py", "setup.cfg")) -> None:
         def record_status(request):
             from werkzeug import Response
 
@@ -75,6 +76,11 @@ class Stack:
                     {"message": "Not Found"}, status=404)
         self.httpserver.expect_request(f"/repos/{REPO}/statuses/{sha}", method="POST").respond_with_handler(
             record_status)
+        archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar.gz",
+                                  f"--prefix=octo-org-fashion-demo-{sha[:7]}/", sha], capture_output=True,
+                                 check=True).stdout  # what GitHub's tarball endpoint serves
+        self.httpserver.expect_request(f"/repos/{REPO}/tarball/{sha}").respond_with_data(
+            archive, content_type="application/x-gzip")
 
     def messages(self) -> list[dict]:
         got = aws.client("sqs").receive_message(QueueUrl=self.queue, MaxNumberOfMessages=10).get("Messages", [])
@@ -144,11 +150,12 @@ def stack(aws_env, stages_mlflow, httpserver, monkeypatch, digits) -> Stack:
     sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn, Attributes={"RawMessageDelivery": "false"})
     token_arn = aws.client("secretsmanager").create_secret(Name="gh", SecretString=TOKEN)["ARN"]
     aws.client("s3").create_bucket(Bucket=BUCKET)
+    ecr_uri = aws.client("ecr").create_repository(repositoryName="mmp-training")["repository"]["repositoryUri"]
     for key, value in {
         "MLFLOW_TRACKING_URI": stages_mlflow, "MMP_GITHUB_API_URL": httpserver.url_for("").rstrip("/"),
         "MMP_GITHUB_TOKEN_SECRET_ARN": token_arn, "MMP_NOTIFY_TOPIC_ARN": topic, "MMP_GITHUB_MAX_WAIT": "0",
         "MMP_ARTIFACTS_BUCKET": BUCKET, "MMP_PIPELINE_PLATFORMS": "sagemaker,dlami",
-        "MMP_ECR_REPOSITORY_URI": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/mmp-training",
+        "MMP_ECR_REPOSITORY_URI": ecr_uri, "MMP_IMAGE_CONTEXT_DIGEST": "0" * 64,
         "MMP_SAGEMAKER_ROLE_ARN": f"arn:aws:iam::{ACCOUNT}:role/mmp-sagemaker",
         "MMP_DATASETS": json.dumps({"digits": {"s3": "s3://mmp-datasets/digits/"}}),
         "MMP_JOB_NAME_PREFIX": "mmp",
