@@ -131,9 +131,11 @@ def state_machine_definition(functions: Mapping[str, str], build_project: str, r
                                    error_key="promotion_error", catch_to="Accepted?"),
             "Accepted?": {"Type": "Choice", "Choices": [
                 {"Variable": "$.accepted", "BooleanEquals": False, "Next": "Conclude"},
-                {"Variable": "$.runner", "BooleanEquals": True, "Next": "RunTraining"},
                 {"Variable": "$.build_image", "BooleanEquals": True, "Next": "BuildImage"},
-            ], "Default": "Launch"},
+            ], "Default": "Train where?"},
+            # SageMaker and the DLAMI hosts both run the dependency set's training image.
+            "Train where?": {"Type": "Choice", "Choices": [
+                {"Variable": "$.runner", "BooleanEquals": True, "Next": "RunTraining"}], "Default": "Launch"},
             "RunTraining": runner_task(runner, "train", ("job", "started"),
                                        timeout="{% $states.input.runner_timeout_seconds %}",
                                        result="{'runner_task': $states.result.TaskArn}", next_state="Conclude"),
@@ -146,7 +148,7 @@ def state_machine_definition(functions: Mapping[str, str], build_project: str, r
                 "Retry": [{"ErrorEquals": ["CodeBuild.AWSCodeBuildException"], "IntervalSeconds": 30,
                            "MaxAttempts": 2, "BackoffRate": 2.0}],
                 "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Conclude"}],
-                "Next": "Launch",
+                "Next": "Train where?",
             },
             "Launch": lambda_task(functions["launch"], next_state="Launched?"),
             "Launched?": {"Type": "Choice", "Choices": [

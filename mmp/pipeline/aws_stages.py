@@ -55,7 +55,7 @@ log = logging.getLogger("mmp.pipeline.aws")
 logging.getLogger().setLevel(logging.INFO)
 
 DEFAULT_PLATFORMS = ("sagemaker", "sagemaker-fsx")
-IMAGE_PLATFORMS = {"sagemaker", "sagemaker-fsx"}  # run the image CodeBuild makes from horovod_docker/
+IMAGE_PLATFORMS = {"sagemaker", "sagemaker-fsx", "dlami"}  # run the image CodeBuild makes from horovod_docker/
 RUNNER_PLATFORMS = {"dlami"}  # trained by the runner task (SSH for the whole job outlives a Lambda)
 RUNNER_GRACE_SECONDS = 45 * 60  # past Max_Runtime: provisioning, SSH, requirements, copy-out, teardown
 LOG_LINES_MAX = 100_000

@@ -21,8 +21,8 @@ from mmp.pipeline import aws_stages
 from .pipeline_stack import OK_TRAIN, REPO, TOKEN, experiment, head, job, stack, stages_mlflow  # noqa: F401
 from .sfn import TaskFailed
 
-SAGEMAKER_PATH = ["Prepare", "NeedsRunner?", "Accepted?", "BuildImage", "Launch", "Launched?", "Train", "Conclude",
-                  "Succeeded?"]
+SAGEMAKER_PATH = ["Prepare", "NeedsRunner?", "Accepted?", "BuildImage", "Train where?", "Launch", "Launched?", "Train",
+                  "Conclude", "Succeeded?"]
 
 
 def _push(stack, make_repo, files=("experiment.json",), train=OK_TRAIN, **fields):

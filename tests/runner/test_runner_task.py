@@ -21,13 +21,36 @@ from mmp import aws
 from mmp.pipeline import aws_stages, runner_results
 
 from ..dlami.conftest import FAIL_TRAIN, SLEEP_TRAIN, tagged_processes
-from ..dlami.test_lifecycle import AWS_CLI
+
+# The AWS CLI on the "leader" (the instance profile's job there): `s3 cp URI -` for the commit's
+# archive Prepare staged, `s3 sync DIR URI` for the output, both against moto.
+AWS_CLI = """#!{python}
+import os, sys
+import boto3
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+s3 = boto3.client("s3", endpoint_url={endpoint!r}, region_name="us-east-1",
+                  aws_access_key_id="testing", aws_secret_access_key="testing")
+def split(uri):
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+if args[:2] == ["s3", "cp"] and args[3] == "-":
+    bucket, key = split(args[2])
+    sys.stdout.buffer.write(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+elif args[:2] == ["s3", "sync"]:
+    bucket, prefix = split(args[3])
+    for root, _, files in os.walk(args[2]):
+        for name in files:
+            path = os.path.join(root, name)
+            s3.upload_file(path, bucket, prefix + os.path.relpath(path, args[2]))
+else:
+    sys.exit(2)
+"""
 from ..infra.pipeline_stack import OK_TRAIN, TOKEN, experiment, head, job
 from ..infra.sfn import TaskFailed
 
 pytestmark = pytest.mark.horovod
-DLAMI_PATH = ["Prepare", "NeedsRunner?", "RunnerImage", "Promote?", "Accepted?", "RunTraining", "Conclude",
-              "Succeeded?"]
+DLAMI_PATH = ["Prepare", "NeedsRunner?", "RunnerImage", "Promote?", "Accepted?", "BuildImage", "Train where?",
+              "RunTraining", "Conclude", "Succeeded?"]
 
 
 @pytest.fixture
@@ -59,7 +82,9 @@ def test_a_dlami_push_trains_on_the_runner_and_concludes(cloud, stack, dlami_pus
     run = stack.execution(monkeypatch)
     end, state = run.run(start)
     assert end == "Succeed" and run.path == DLAMI_PATH + ["Done"], run.path
-    assert [b["ProjectName"] for b in stack.builds] == ["mmp-runner-image"]  # the image, not the training one
+    # the runner's image, then the training image the hosts run (its dependency set was not in ECR yet)
+    assert [b["ProjectName"] for b in stack.builds] == ["mmp-runner-image", "mmp-image"]
+    assert state["started"]["request"]["code_uri"].startswith("s3://")  # the hosts unpack Prepare's archive
 
     # The runner got only the job and the run, nothing secret, and a bound of Max_Runtime + grace.
     override = dict(run.calls)["RunTraining"]["Overrides"]["ContainerOverrides"][0]
