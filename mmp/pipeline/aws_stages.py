@@ -57,6 +57,7 @@ logging.getLogger().setLevel(logging.INFO)
 DEFAULT_PLATFORMS = ("sagemaker", "sagemaker-fsx")
 IMAGE_PLATFORMS = {"sagemaker", "sagemaker-fsx", "dlami"}  # run the image CodeBuild makes from horovod_docker/
 RUNNER_PLATFORMS = {"dlami"}  # trained by the runner task (SSH for the whole job outlives a Lambda)
+PROVISIONING_GRACE_SECONDS = 3600  # past SageMaker's own bound: provisioning, then the Train state gives up
 RUNNER_GRACE_SECONDS = 45 * 60  # past Max_Runtime: provisioning, SSH, requirements, copy-out, teardown
 LOG_LINES_MAX = 100_000
 LOG_PAGES_MAX = 200
@@ -233,16 +234,15 @@ def launch(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         log.error("launch of run %s failed: %s", started.run_id, message)
         state["status"] = status_to_dict(JobStatus(JobState.FAILED, f"launch failed: {message}"))
         return state
-    from ..backends.sagemaker import stopping_grace
-
     stopping = body["StoppingCondition"]
-    grace = stopping_grace(stopping)
     name = body["TrainingJobName"]
     state["training_request"] = body
-    state["train_timeout_seconds"] = stopping["MaxRuntimeInSeconds"] + grace
+    # SageMaker bounds the job (MaxRuntime, MaxWait for spot); this is only the wait's backstop.
+    state["train_timeout_seconds"] = stopping.get("MaxWaitTimeInSeconds", stopping["MaxRuntimeInSeconds"]) \
+        + PROVISIONING_GRACE_SECONDS
     state["handle"] = JobHandle(platform=backend.name, job_id=name, data={
         "job_name": name, "region": aws.region(), "spot": body.get("EnableManagedSpotTraining", False),
-        "deadline_grace_seconds": grace, "launched": time.time()}).to_dict()
+        "launched": time.time()}).to_dict()
     state["status"] = status_to_dict(JobStatus(JobState.PENDING, "request built"))
     return state
 

@@ -177,8 +177,10 @@ def test_the_runner_has_codebuilds_semantics_on_the_old_defects(codebuild):
 def test_the_state_machine_hands_codebuild_prepares_image_fields():
     from mmp.infra.pipeline import state_machine_definition
 
-    definition = state_machine_definition({s: f"arn:{s}" for s in ("prepare", "launch", "poll", "conclude")},
-                                          "acme-image", poll_seconds=60, timeout_seconds=3600)
+    runner = {"cluster": "arn:cluster", "task_definition": "arn:task", "subnets": ["subnet-1"],
+              "security_groups": ["sg-1"], "build_project": "acme-runner-image"}
+    definition = state_machine_definition({s: f"arn:{s}" for s in ("prepare", "launch", "conclude")},
+                                          "acme-image", runner, timeout_seconds=3600)
     build = definition["States"]["BuildImage"]
     assert build["Parameters"] == {"ProjectName": "acme-image",
                                    "EnvironmentVariablesOverride": build_environment_overrides()}
