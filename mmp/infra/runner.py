@@ -79,18 +79,17 @@ def image_tag(root: Path) -> str:
 def ec2_statements(region: str, account: pulumi.Input[str], launch_template_arn: pulumi.Input[str],
                    host_role_arn: pulumi.Input[str], ssm_parameter: str) -> list[dict]:
     """What the DLAMI backend calls: RunInstances only through the stack's launch template,
-    tags only at launch, terminate only MMP-managed instances. RunInstances is split as
-    AWS's "launch only from a launch template" example does: the instance side carries
-    the ec2:LaunchTemplate condition, the resources it uses are named."""
+    tags only at launch, terminate only MMP-managed instances."""
     ec2 = pulumi.Output.concat("arn:aws:ec2:", region, ":", account, ":")
     launched = [pulumi.Output.concat(ec2, kind, "/*") for kind in ("instance", "volume", "network-interface")]
     used = [pulumi.Output.concat(ec2, kind, "/*") for kind in ("subnet", "security-group", "placement-group",
                                                                 "key-pair")]
-    template_condition = {"ArnLike": {"ec2:LaunchTemplate": launch_template_arn}}
+    image = pulumi.Output.concat("arn:aws:ec2:", region, "::image/*")
     return [
-        iam.statement(["ec2:RunInstances"], launched, template_condition),
-        iam.statement(["ec2:RunInstances"], [launch_template_arn, *used,
-                                             pulumi.Output.concat("arn:aws:ec2:", region, "::image/*")]),
+        # AWS's "launch only from this launch template" pattern: every resource the call touches,
+        # on the condition that the request names the stack's template.
+        iam.statement(["ec2:RunInstances"], [*launched, *used, image, launch_template_arn],
+                      {"ArnLike": {"ec2:LaunchTemplate": launch_template_arn}}),
         iam.statement(["ec2:CreateTags"], launched[:2], {"StringEquals": {"ec2:CreateAction": "RunInstances"}}),
         iam.statement(["ec2:TerminateInstances"], [launched[0]],
                       {"StringEquals": {"aws:ResourceTag/mmp:managed": "true"}}),

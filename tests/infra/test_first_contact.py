@@ -150,7 +150,7 @@ def test_codebuild_can_read_its_s3_source(dev):
     """AWS documents s3:GetObject/GetObjectVersion on the source and GetBucketAcl/GetBucketLocation on its bucket."""
     statements = _policy(dev, "pipeline-build")
     bucket = dev.one("aws:s3/bucket:Bucket", "artifacts").outputs["arn"]
-    source = dev.one("aws:codebuild/project:Project").inputs["source"]
+    source = dev.one("aws:codebuild/project:Project", "pipeline-build").inputs["source"]
     assert source["type"] == "S3" and source["location"].startswith(bucket.removeprefix("arn:aws:s3:::") + "/")
     for action in ("s3:GetBucketAcl", "s3:GetBucketLocation"):
         assert _grants(statements, action) == [bucket], action

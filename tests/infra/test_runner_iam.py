@@ -54,18 +54,7 @@ def test_parliament_finds_nothing_in_the_runner_and_state_machine_roles(dlami_st
     assert set(MINE) <= set(policies)
     for name in MINE:
         findings = linter.analyze_policy_string(json.dumps(policies[name])).findings
-        findings = [f for f in findings if not _split_run_instances(f, policies[name], linter)]
         assert not findings, (name, [(f.issue, f.detail) for f in findings])
-
-
-def _split_run_instances(finding, doc: dict, linter) -> bool:
-    """parliament checks each statement alone; AWS's launch-template pattern splits RunInstances
-    in two (instance side with the condition, used resources without). Accept that finding only
-    when the statements together name every resource type RunInstances requires."""
-    if finding.issue != "RESOURCE_MISMATCH" or {d["action"] for d in finding.detail} != {"ec2:RunInstances"}:
-        return False
-    named = [r for s in _allowing(doc, "ec2:RunInstances") for r in s["Resource"]]
-    return all(any(linter.is_arn_match("", d["required_format"], r) for r in named) for d in finding.detail)
 
 
 def test_the_state_machine_runs_only_the_runner_and_passes_only_its_two_roles(dlami_stack):
@@ -85,9 +74,9 @@ def test_the_state_machine_runs_only_the_runner_and_passes_only_its_two_roles(dl
 
 def test_the_runner_launches_only_through_the_launch_template_and_ends_only_managed_instances(dlami_stack):
     task = _policies(dlami_stack)["pipeline-runner-task"]
-    launches = _allowing(task, "ec2:RunInstances")
-    instance_side = [s for s in launches if any(":instance/" in r for r in s["Resource"])]
-    assert instance_side and all("ec2:LaunchTemplate" in s["Condition"]["ArnLike"] for s in instance_side)
+    (launch,) = _allowing(task, "ec2:RunInstances")
+    assert any(":instance/" in r for r in launch["Resource"]) and "*" not in launch["Resource"]
+    assert launch["Condition"]["ArnLike"]["ec2:LaunchTemplate"].startswith("arn:aws:ec2:eu-west-1:123456789012:launch-template/")
     (terminate,) = _allowing(task, "ec2:TerminateInstances")
     assert terminate["Condition"] == {"StringEquals": {"aws:ResourceTag/mmp:managed": "true"}}
     (tags,) = _allowing(task, "ec2:CreateTags")
