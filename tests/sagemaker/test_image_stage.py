@@ -199,6 +199,8 @@ def test_experiment_json_pushes_go_from_prepare_to_create_training_job_with_one_
             push_image(ecr, state["image"]["tag"])
         state = aws_stages.launch(state)
         assert not state["status"]["terminal"], state["status"]
+        # The Train state's createTrainingJob.sync sends the request Launch built (moto stands in for it)
+        aws.client("sagemaker").create_training_job(**state["training_request"])
         job_desc = aws.client("sagemaker").describe_training_job(TrainingJobName=state["handle"]["job_id"])
         images.append(job_desc["AlgorithmSpecification"]["TrainingImage"])
         channels = {c["ChannelName"]: c for c in job_desc["InputDataConfig"]}
