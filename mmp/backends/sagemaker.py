@@ -2,7 +2,7 @@
 
 Plain boto3 through `mmp.aws.client` (this module runs in Lambda: no SageMaker SDK,
 no mlflow, no paramiko). The job runs the image CodeBuild made from
-`horovod_docker/` for the commit; its `train` entrypoint (mmp.sagemaker_entrypoint)
+`horovod_docker/` for the commit's dependency set; its `train` entrypoint (mmp.sagemaker_entrypoint)
 turns SageMaker's /opt/ml contract into a horovodrun command. Everything comes from
 `MMP_*` environment variables the Pulumi stack sets (docs/sagemaker.md lists them),
 and every problem with a request is found by `check()` before any API call.
@@ -61,6 +61,7 @@ class SageMakerSettings:
     """The stack's configuration, read from `MMP_*` environment variables."""
 
     ecr_repository_uri: str | None = None
+    image_context_digest: str | None = None  # part of the image tag (mmp.image); launches outside Prepare need it
     role_arn: str | None = None
     artifacts_bucket: str | None = None
     input_mode: str = "File"
@@ -85,6 +86,7 @@ class SageMakerSettings:
         poll = env("MMP_SAGEMAKER_POLL_SECONDS", "").strip()
         return cls(
             ecr_repository_uri=env("MMP_ECR_REPOSITORY_URI") or None,
+            image_context_digest=env("MMP_IMAGE_CONTEXT_DIGEST") or None,
             role_arn=env("MMP_SAGEMAKER_ROLE_ARN") or None,
             artifacts_bucket=(env("MMP_ARTIFACTS_BUCKET") or "").removeprefix("s3://").strip("/") or None,
             input_mode=env("MMP_SAGEMAKER_INPUT_MODE") or "File",
@@ -334,7 +336,7 @@ class SageMakerBackend(Backend):
         body: dict[str, Any] = {
             "TrainingJobName": name,
             "AlgorithmSpecification": {
-                # Prepare's dependency-set tag; a caller without one (mmp run) names the commit's image.
+                # The dependency-set tag Prepare (or mmp run's LocalPipeline) planned; without one, the commit's.
                 "TrainingImage": image_uri(s.ecr_repository_uri or "", request.image_tag or request.commit),
                 "TrainingInputMode": self.input_mode(),
             },
