@@ -6,14 +6,11 @@ import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from .. import config, gitutil
 from .runner import Outcome, Pipeline, Prepared
 from .sources import LocalGitSource, Trigger
-
-if TYPE_CHECKING:
-    from .image_stage import ImagePlan
 
 
 @dataclass
@@ -52,10 +49,6 @@ class LocalPipeline(Pipeline):
     Prepare's image step before the MLflow run, so the job runs the dependency set's image
     (`:deps-…`) with this commit's `git archive` as its `mmp-code` channel."""
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._images: dict[str, "ImagePlan"] = {}  # commit → its staged code and image
-
     def prepare(self, trigger: Trigger) -> Prepared | Outcome:
         from ..backends.sagemaker import SageMakerBackend
         from ..image import ImageError
@@ -66,7 +59,7 @@ class LocalPipeline(Pipeline):
             return prepared
         s = prepared.backend.settings
         try:
-            self._images[trigger.commit] = plan_run_image(
+            prepared.backend.staged_image = plan_run_image(
                 trigger, bucket=s.artifacts_bucket, ecr_repository_uri=s.ecr_repository_uri,
                 context=s.image_context_digest)
         except ImageError as exc:  # dependency files the build cannot use, or a missing setting
@@ -76,13 +69,6 @@ class LocalPipeline(Pipeline):
         except Exception as exc:  # S3/ECR refused, git failed
             return self.reject(trigger, [f"could not stage the code or image: {exc}"], state="ERROR")
         return prepared
-
-    def launch_request(self, trigger: Trigger, prepared: Prepared, experiment_name: str, run_id: str):
-        request = super().launch_request(trigger, prepared, experiment_name, run_id)
-        image = self._images.get(trigger.commit)
-        if image is not None:
-            request.image_tag, request.code_uri = image.tag, image.code_uri
-        return request
 
 
 def running_stack() -> dict | None:

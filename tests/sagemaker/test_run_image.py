@@ -128,3 +128,39 @@ def test_the_local_worker_takes_the_same_image_step(stack, sm_repo, sm):
     channels = {c["ChannelName"]: c for c in job["InputDataConfig"]}
     assert channels["mmp-code"]["DataSource"]["S3DataSource"]["S3Uri"] == \
         f"s3://{sm.BUCKET}/{code_key('acme/fashion-demo', sha)}"
+
+
+def test_a_studys_trials_run_the_staged_image_too(stack, sm_repo, sm):
+    tuning = {"Objective_Metric": "val_accuracy", "Direction": "maximize", "Strategy": "random", "Max_Runs": 2,
+              "Parallel": 1, "Ranges": {"batch-size": {"Values": [16, 32]}}}
+    repo = sm_repo(Instance_Count="1", Tuning=tuning)
+    sha = gitutil.resolve(repo)
+    tag = dependency_tag(repo, sha)
+    push_image(sm.ECR, tag)
+
+    run_trigger(local_trigger(repo, sha))  # moto's jobs log no metric: the study's own outcome does not matter
+
+    sagemaker = aws.client("sagemaker")
+    names = [s["TrainingJobName"] for s in sagemaker.list_training_jobs()["TrainingJobSummaries"]]
+    assert len(names) == 2
+    for name in names:
+        job = sagemaker.describe_training_job(TrainingJobName=name)
+        assert job["AlgorithmSpecification"]["TrainingImage"] == f"{sm.ECR}:{tag}"
+        assert "mmp-code" in {c["ChannelName"] for c in job["InputDataConfig"]}
+
+
+def test_a_github_trigger_stages_githubs_tarball_of_the_commit(httpserver, monkeypatch, make_repo):
+    """The local worker's GitHub deliveries have no local clone: the archive is GitHub's tarball."""
+    from mmp.pipeline.image_stage import commit_archive
+    from mmp.pipeline.sources import Trigger
+
+    repo = make_repo()
+    sha = gitutil.resolve(repo)
+    archive = gitutil.git(repo, "archive", "--format=tar.gz", f"--prefix=acme-fashion-demo-{sha[:7]}/", sha)
+    httpserver.expect_request(f"/repos/acme/fashion-demo/tarball/{sha}").respond_with_data(archive)
+    monkeypatch.setenv("MMP_GITHUB_API_URL", httpserver.url_for("").rstrip("/"))
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_test")
+    trigger = Trigger(repository="acme/fashion-demo", clone_url="https://github.com/acme/fashion-demo.git",
+                      commit=sha, source=None)
+
+    assert commit_archive(trigger) == archive
