@@ -2,7 +2,7 @@
 
 Plain boto3 through `mmp.aws.client` (this module runs in Lambda: no SageMaker SDK,
 no mlflow, no paramiko). The job runs the image CodeBuild made from
-`horovod_docker/` for the commit; its `train` entrypoint (mmp.sagemaker_entrypoint)
+`horovod_docker/` for the commit's dependency set; its `train` entrypoint (mmp.sagemaker_entrypoint)
 turns SageMaker's /opt/ml contract into a horovodrun command. Everything comes from
 `MMP_*` environment variables the Pulumi stack sets (docs/sagemaker.md lists them),
 and every problem with a request is found by `check()` before any API call.
@@ -10,12 +10,13 @@ and every problem with a request is found by `check()` before any API call.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from .. import aws
@@ -23,6 +24,9 @@ from ..argv import boolean_names, hyperparameter_text
 from ..experiment import Experiment
 from ..image import CODE_CHANNEL
 from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
+
+if TYPE_CHECKING:
+    from ..pipeline.image_stage import ImagePlan
 
 OPT_ML = "/opt/ml"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
@@ -61,6 +65,7 @@ class SageMakerSettings:
     """The stack's configuration, read from `MMP_*` environment variables."""
 
     ecr_repository_uri: str | None = None
+    image_context_digest: str | None = None  # part of the image tag (mmp.image); launches outside Prepare need it
     role_arn: str | None = None
     artifacts_bucket: str | None = None
     input_mode: str = "File"
@@ -85,6 +90,7 @@ class SageMakerSettings:
         poll = env("MMP_SAGEMAKER_POLL_SECONDS", "").strip()
         return cls(
             ecr_repository_uri=env("MMP_ECR_REPOSITORY_URI") or None,
+            image_context_digest=env("MMP_IMAGE_CONTEXT_DIGEST") or None,
             role_arn=env("MMP_SAGEMAKER_ROLE_ARN") or None,
             artifacts_bucket=(env("MMP_ARTIFACTS_BUCKET") or "").removeprefix("s3://").strip("/") or None,
             input_mode=env("MMP_SAGEMAKER_INPUT_MODE") or "File",
@@ -161,6 +167,9 @@ class SageMakerBackend(Backend):
     def __init__(self, settings: SageMakerSettings | None = None, *, sagemaker_client: Any = None,
                  logs_client: Any = None, poll_seconds: float | None = None):
         self.settings = settings or SageMakerSettings.from_env()
+        # The image and code staged for this backend's launches whose request names none: set by
+        # mmp.pipeline.runs.LocalPipeline (mmp run, the local worker), so a study's trials get them too.
+        self.staged_image: ImagePlan | None = None
         self._sm = sagemaker_client
         self._logs = logs_client
         chosen = poll_seconds if poll_seconds is not None else self.settings.poll_seconds
@@ -334,7 +343,7 @@ class SageMakerBackend(Backend):
         body: dict[str, Any] = {
             "TrainingJobName": name,
             "AlgorithmSpecification": {
-                # Prepare's dependency-set tag; a caller without one (mmp run) names the commit's image.
+                # The dependency-set tag Prepare (or LocalPipeline, via staged_image) planned; else the commit's.
                 "TrainingImage": image_uri(s.ecr_repository_uri or "", request.image_tag or request.commit),
                 "TrainingInputMode": self.input_mode(),
             },
@@ -379,6 +388,9 @@ class SageMakerBackend(Backend):
         problems = self.check(request.experiment, request.dataset)
         if problems:  # the pipeline checked already; a direct caller may not have
             raise BackendError("; ".join(problems))
+        if request.image_tag is None and self.staged_image is not None:
+            request = dataclasses.replace(request, image_tag=self.staged_image.tag,
+                                          code_uri=self.staged_image.code_uri)
         body = self.training_job_request(request)
         name = body["TrainingJobName"]
         attached = False

@@ -4,17 +4,23 @@ Why here and not in CodeBuild: deciding costs two API calls (ECR DescribeImages,
 HeadObject), while a build costs minutes, so the state machine starts CodeBuild only
 for a dependency set ECR has not seen (mmp.image). The commit's code goes to the
 artifacts bucket as GitHub's tarball of the commit (the tree at that sha), for the
-job to unpack at start; the image never holds it.
+job to unpack at start; the image never holds it. `mmp run` and the local worker take
+the same step (`plan_run_image`), with `git archive` of a local commit, and no build:
+there a missing image stops the run before anything starts.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
-from .. import aws
-from ..image import code_key, image_tag, requirements_key, requirements_text
+from .. import aws, gitutil
+from ..image import ImageError, code_key, image_tag, requirements_key, requirements_text
+
+if TYPE_CHECKING:
+    from .sources import Trigger
 
 log = logging.getLogger("mmp.pipeline.image")
 
@@ -82,3 +88,45 @@ def plan_image(*, read: Callable[[str], bytes | None], tarball: Callable[[], byt
              "to build" if build else "built", bucket, key)
     return ImagePlan(tag=tag, build=build, code_uri=f"s3://{bucket}/{key}",
                      requirements_uri=f"s3://{bucket}/{req_key}")
+
+
+class ImageNotBuilt(RuntimeError):
+    """A launch outside the state machine found no image for the commit's dependency set."""
+
+
+def commit_archive(trigger: "Trigger") -> bytes:
+    """The tree at the trigger's commit as a .tar.gz: `git archive` of a local repository
+    (committed files only, never the working tree), else GitHub's tarball of the commit."""
+    if Path(trigger.clone_url).is_dir():
+        return gitutil.git(trigger.clone_url, "archive", "--format=tar.gz", trigger.commit)
+    from ..github import GitHubClient
+
+    return GitHubClient.from_env(timeout=60).tarball(trigger.repository, trigger.commit)
+
+
+def plan_run_image(trigger: "Trigger", *, bucket: str | None, ecr_repository_uri: str | None,
+                   context: str | None, clients: Callable[[str], Any] = aws.client) -> ImagePlan:
+    """Prepare's image step for a launch the state machine does not drive (`mmp run`, the local worker).
+
+    Stages the commit's code like Prepare; an image that does not exist yet is an error, since
+    only the stack's BuildImage state builds one. Raises ImageError (bad dependency files or
+    missing settings, named) or ImageNotBuilt."""
+    missing = [f"{var} is not set ({what})" for var, value, what in (
+        ("MMP_ARTIFACTS_BUCKET", bucket, "the bucket the commit's code archive goes to"),
+        ("MMP_ECR_REPOSITORY_URI", ecr_repository_uri, "the ECR repository of the training image"),
+        ("MMP_IMAGE_CONTEXT_DIGEST", context, "the stack's image build context digest, part of the image tag"),
+    ) if not value]
+    if missing:
+        raise ImageError("stack configuration: " + "; ".join(missing)
+                         + " (the stack's `pulumi stack output backendEnv` holds them)")
+    # code_key wants owner/name; a local folder has only a name
+    repository = trigger.repository if "/" in trigger.repository else f"local/{trigger.repository}"
+    plan = plan_image(read=trigger.source.read_file, tarball=lambda: commit_archive(trigger), repository=repository,
+                      commit=trigger.commit, bucket=bucket, ecr_repository_uri=ecr_repository_uri, context=context,
+                      clients=clients)
+    if plan.build:
+        raise ImageNotBuilt(
+            f"the training image for this commit's dependencies ({ecr_repository_uri}:{plan.tag}) has not been "
+            "built yet: push the commit to the repository the stack watches (its pipeline builds the image once "
+            "per dependency set, in CodeBuild), then run again once that build has finished")
+    return plan

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Callable
 
 from .. import config, gitutil
+from .runner import Outcome, Pipeline, Prepared
 from .sources import LocalGitSource, Trigger
-
 
 
 @dataclass
@@ -44,6 +44,33 @@ def local_trigger(repo: str | Path, commit: str, *, experiment_file: Path | None
                    source=source, delivery_id=delivery_id or f"manual-{uuid.uuid4().hex[:12]}", ref=ref)
 
 
+class LocalPipeline(Pipeline):
+    """The pipeline for launches made here (`mmp run`, the local worker): SageMaker platforms get
+    Prepare's image step before the MLflow run, so the job runs the dependency set's image
+    (`:deps-…`) with this commit's `git archive` as its `mmp-code` channel."""
+
+    def prepare(self, trigger: Trigger) -> Prepared | Outcome:
+        from ..backends.sagemaker import SageMakerBackend
+        from ..image import ImageError
+        from .image_stage import ImageNotBuilt, plan_run_image
+
+        prepared = super().prepare(trigger)
+        if isinstance(prepared, Outcome) or not isinstance(prepared.backend, SageMakerBackend):
+            return prepared
+        s = prepared.backend.settings
+        try:
+            prepared.backend.staged_image = plan_run_image(
+                trigger, bucket=s.artifacts_bucket, ecr_repository_uri=s.ecr_repository_uri,
+                context=s.image_context_digest)
+        except ImageError as exc:  # dependency files the build cannot use, or a missing setting
+            return self.reject(trigger, [str(exc)])
+        except ImageNotBuilt as exc:
+            return self.reject(trigger, [str(exc)], state="ERROR")
+        except Exception as exc:  # S3/ECR refused, git failed
+            return self.reject(trigger, [f"could not stage the code or image: {exc}"], state="ERROR")
+        return prepared
+
+
 def running_stack() -> dict | None:
     """What a running `mmp up` published in `$MMP_HOME/stack.json`; None when none runs (its pid
     and start time must still match, so a dead stack's file or a reused pid does not count)."""
@@ -59,10 +86,9 @@ def running_stack() -> dict | None:
 
 def run_trigger(trigger: Trigger, *, on_log: Callable[[str], None] | None = None, on_launch=None):
     """The pipeline with the local run record, status reporter and notifier."""
-    from .runner import Pipeline
     from .store import RunStore
 
-    return Pipeline(store=RunStore(), on_log=on_log, on_launch=on_launch).run(trigger)
+    return LocalPipeline(store=RunStore(), on_log=on_log, on_launch=on_launch).run(trigger)
 
 
 def ui_answers(base_url: str, timeout: float = 2.0) -> bool:

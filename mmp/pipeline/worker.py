@@ -135,9 +135,9 @@ class Worker:
 
         if self.pipeline_factory is not None:
             return self.pipeline_factory(reporter=reporter, notifier=self.notifier, on_launch=on_launch)
-        from .runner import Pipeline
+        from .runs import LocalPipeline  # SageMaker platforms: Prepare's image step, as for mmp run
 
-        return Pipeline(store=RunStore(), reporter=reporter, notifier=self.notifier, on_launch=on_launch)
+        return LocalPipeline(store=RunStore(), reporter=reporter, notifier=self.notifier, on_launch=on_launch)
 
     # -- the work ----------------------------------------------------------------------
     def process(self, queued: QueuedJob) -> str:
