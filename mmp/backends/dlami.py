@@ -63,6 +63,10 @@ TAG_REPOSITORY = "mmp:repository"
 TAG_MAX_RUNTIME = "mmp:max-runtime-minutes"
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 
+# The SSH private key's text itself, where the platform injects it (the runner task's
+# `secrets`, filled by ECS from Secrets Manager); otherwise MMP reads it by ARN or SSM name.
+SSH_KEY_VAR = "MMP_DLAMI_SSH_KEY"
+
 # GPUs per instance type = horovodrun slots per host; DescribeInstanceTypes answers the rest.
 GPU_SLOTS = {
     "p2.xlarge": 1, "p2.8xlarge": 8, "p2.16xlarge": 16,
@@ -180,6 +184,7 @@ class DlamiConfig:
     subnet_ids: tuple[str, ...] = ()
     ssh_key_secret_arn: str | None = None
     ssh_key_ssm_parameter: str | None = None
+    ssh_private_key: str | None = field(default=None, repr=False)  # SSH_KEY_VAR: never in a repr or log
     ssh_user: str = "ubuntu"
     ssh_port: int = 22
     ssh_address: str = "private"  # or "public": which instance address MMP dials
@@ -225,6 +230,7 @@ class DlamiConfig:
             subnet_ids=tuple(s.strip() for s in (get("MMP_SUBNET_IDS") or "").split(",") if s.strip()),
             ssh_key_secret_arn=get("MMP_SSH_KEY_SECRET_ARN"),
             ssh_key_ssm_parameter=get("MMP_SSH_KEY_SSM_PARAMETER"),
+            ssh_private_key=get(SSH_KEY_VAR),
             ssh_user=get("MMP_SSH_USER") or d.ssh_user,
             ssh_port=number("MMP_SSH_PORT", d.ssh_port),
             ssh_address=get("MMP_DLAMI_SSH_ADDRESS") or d.ssh_address,
@@ -258,8 +264,9 @@ class DlamiConfig:
             out.append("MMP_LAUNCH_TEMPLATE_ID is not set (the stack's launch template for training instances)")
         if not self.subnet_ids:
             out.append("MMP_SUBNET_IDS is not set (the private subnet the cluster runs in)")
-        if not (self.ssh_key_secret_arn or self.ssh_key_ssm_parameter):
-            out.append("MMP_SSH_KEY_SECRET_ARN or MMP_SSH_KEY_SSM_PARAMETER must name the SSH private key")
+        if not (self.ssh_private_key or self.ssh_key_secret_arn or self.ssh_key_ssm_parameter):
+            out.append(f"{SSH_KEY_VAR} (the key), MMP_SSH_KEY_SECRET_ARN or MMP_SSH_KEY_SSM_PARAMETER "
+                       "must give the SSH private key")
         if not (self.fsx_dns_name and self.fsx_mount_name):
             out.append("MMP_FSX_DNS_NAME and MMP_FSX_MOUNT_NAME must name the FSx for Lustre file system")
         if self.ssh_address not in ("private", "public"):
@@ -424,9 +431,13 @@ class DlamiBackend(Backend):
             raise BackendError(f"MMP_PLACEMENT_GROUP {name!r} is {group.get('State')}, not available")
 
     def _private_key(self) -> Any:
+        """The key as a paramiko object, built in memory: from SSH_KEY_VAR when the platform
+        injected it (the runner task), else read by ARN or SSM name (`mmp run` on a workstation)."""
         from ..ssh import load_private_key
 
         cfg = self.config
+        if cfg.ssh_private_key:
+            return load_private_key(cfg.ssh_private_key)
         try:
             if cfg.ssh_key_secret_arn:
                 text = aws.secret(cfg.ssh_key_secret_arn)

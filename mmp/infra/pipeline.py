@@ -347,14 +347,14 @@ class TrainingPipeline(pulumi.ComponentResource):
         if dlami is not None:
             launch_template_arn = pulumi.Output.concat("arn:aws:ec2:", region, ":", account, ":launch-template/",
                                                        dlami.launch_template.id)
-            task_statements += [*ec2_statements(region, account, launch_template_arn, dlami.role.arn,
-                                                settings.dlami_ssm_parameter),
-                                iam.statement(["secretsmanager:GetSecretValue"], [dlami.ssh_key_secret.arn])]
+            task_statements += ec2_statements(region, account, launch_template_arn, dlami.role.arn,
+                                              settings.dlami_ssm_parameter)
         self.runner = RunnerTask(
             f"{name}-runner", settings, account=account, subnets=network.private_subnet_ids, vpc_id=network.vpc_id,
             artifacts_bucket=data.artifacts_bucket, environment=self.environment,
             secrets=runner_secrets(self.github_token_secret.arn,
-                                   mlflow.password_secret.arn if mlflow.password_secret else None),
+                                   mlflow.password_secret.arn if mlflow.password_secret else None,
+                                   dlami.ssh_key_secret.arn if dlami is not None else None),
             task_statements=task_statements, project_root=project_root, opts=child)
         if dlami is not None:  # the runner dials the instances' SSH from its own security group
             aws.vpc.SecurityGroupIngressRule(

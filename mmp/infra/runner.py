@@ -13,9 +13,10 @@ hash of those sources); the
 state machine's RunnerImage step starts that build before each runner task and the
 build skips at once when the tag exists, so a new mmp version is built on its first
 use without anything on the deploying machine (a Pulumi image asset would need
-Docker there). Secrets reach the container through the task definition's `secrets`
-(GitHub token, MLflow password) or, for the SSH key, through the backend reading
-its one secret with the task role: never through overrides, state or logs.
+Docker there). Secrets (GitHub token, MLflow password, the DLAMI SSH private key)
+reach the container only through the task definition's `secrets`: ECS reads them
+with the execution role, allowed exactly those secrets, when the task starts (the
+task role has no read of the SSH key's secret). Never through overrides, state or logs.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pulumi
 import pulumi_aws as aws
 
 from .. import __version__
+from ..backends.dlami import SSH_KEY_VAR
 from . import iam
 from .settings import Settings
 
@@ -157,7 +159,7 @@ class RunnerTask(pulumi.ComponentResource):
             iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
                           [self.repository.arn]),
             iam.logs_statement(region, account, [self.log_group.name]),
-            iam.statement(["secretsmanager:GetSecretValue"], list(secrets.values())),
+            iam.statement(["secretsmanager:GetSecretValue"], list(secrets.values())),  # exactly those injected
         ], self, description="ECS: pull the runner image, write its logs, inject its secrets")
         self.task_role = iam.service_role(f"{name}-task", "ecs-tasks.amazonaws.com", [
             iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_bucket.arn, "/runner/*")]),
@@ -210,9 +212,13 @@ class RunnerTask(pulumi.ComponentResource):
         ]
 
 
-def runner_secrets(github_token_arn: pulumi.Input[str], mlflow_password_arn: pulumi.Input[str] | None) -> dict:
-    """Environment name → Secrets Manager ARN, injected by ECS (GitHubClient and MLflow read these names)."""
+def runner_secrets(github_token_arn: pulumi.Input[str], mlflow_password_arn: pulumi.Input[str] | None,
+                   ssh_key_arn: pulumi.Input[str] | None = None) -> dict:
+    """Environment name → Secrets Manager ARN, injected by ECS (GitHubClient, MLflow and the
+    dlami backend read these names)."""
     out: dict[str, Any] = {"GITHUB_TOKEN": github_token_arn}
     if mlflow_password_arn is not None:
         out["MLFLOW_TRACKING_PASSWORD"] = mlflow_password_arn
+    if ssh_key_arn is not None:
+        out[SSH_KEY_VAR] = ssh_key_arn
     return out

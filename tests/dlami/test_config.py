@@ -86,6 +86,24 @@ def test_private_key_from_ssm_secure_string(aws_env, sshd):
     assert f"{key.get_name()} {key.get_base64()}" == sshd.client_public
 
 
+def test_private_key_from_the_variable_the_platform_fills_before_any_secret(sshd):
+    """The runner task gets the key's text in MMP_DLAMI_SSH_KEY (ECS `secrets`): no AWS call,
+    and the text stays out of the config's repr and out of the error for a bad key."""
+    env = {"MMP_DLAMI_SSH_KEY": sshd.client_private + "\n", "MMP_SSH_KEY_SECRET_ARN": "arn:aws:secretsmanager:x"}
+    cfg = DlamiConfig.from_env(env)
+    key = DlamiBackend(cfg, clients=lambda svc: pytest.fail("no API call"))._private_key()
+    assert f"{key.get_name()} {key.get_base64()}" == sshd.client_public
+    body = sshd.client_private.splitlines()[3]
+    assert body not in repr(cfg) and body not in str(cfg)
+    assert not any("SSH private key" in p for p in DlamiConfig.from_env({"MMP_DLAMI_SSH_KEY": "x"}).problems())
+    assert any("MMP_DLAMI_SSH_KEY" in p for p in DlamiConfig.from_env({}).problems())
+    damaged = sshd.client_private.replace(body, body[::-1])
+    with pytest.raises(Exception) as caught:
+        DlamiBackend(DlamiConfig.from_env({"MMP_DLAMI_SSH_KEY": damaged}))._private_key()
+    assert "not an ed25519, ECDSA or RSA private key" in str(caught.value)
+    assert body[::-1] not in str(caught.value) and caught.value.__cause__ is None
+
+
 @pytest.mark.parametrize("groups, error", [
     ([{"GroupName": "pg", "Strategy": "cluster", "State": "available"}], None),
     ([{"GroupName": "pg", "Strategy": "spread", "State": "available"}], "strategy 'spread'; want 'cluster'"),

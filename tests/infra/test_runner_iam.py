@@ -88,9 +88,28 @@ def test_the_runner_launches_only_through_the_launch_template_and_ends_only_mana
 def test_secrets_reach_the_runner_only_through_the_task_definition(dlami_stack):
     task = next(t for t in dlami_stack.of_type("aws:ecs/taskDefinition:TaskDefinition") if "runner" in t.name)
     (container,) = json.loads(task.inputs["containerDefinitions"])
-    assert {s["name"] for s in container["secrets"]} == {"GITHUB_TOKEN", "MLFLOW_TRACKING_PASSWORD"}
-    assert all(s["valueFrom"].startswith("arn:aws:secretsmanager:") for s in container["secrets"])
+    secrets = {s["name"]: s["valueFrom"] for s in container["secrets"]}
+    assert set(secrets) == {"GITHUB_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MMP_DLAMI_SSH_KEY"}
+    assert all(arn.startswith("arn:aws:secretsmanager:") for arn in secrets.values())
+    key_secret = dlami_stack.one("aws:secretsmanager/secret:Secret", "ssh-key").outputs["arn"]
+    assert secrets["MMP_DLAMI_SSH_KEY"] == key_secret  # ECS fills the variable with the key's text
     env = {e["name"]: e["value"] for e in container["environment"]}
+    assert "MMP_DLAMI_SSH_KEY" not in env and SSH_KEY.strip() not in task.inputs["containerDefinitions"]
     assert "dlami" in env["MMP_PIPELINE_PLATFORMS"] and env["MMP_LAUNCH_TEMPLATE_ID"]
     assert container["image"].split(":")[-1].startswith("0.1.0-")  # mmp's version (+ a hash of its sources)
     assert container["stopTimeout"] == 120  # time to terminate the instances on SIGTERM
+
+
+def test_the_execution_role_reads_exactly_the_injected_secrets_and_the_task_role_not_the_key(dlami_stack):
+    """ECS reads `secrets` with the execution role at task start (AWS: GetSecretValue on each
+    secret's ARN, kms:Decrypt only for a customer key); the runner itself needs no read of the key."""
+    task = next(t for t in dlami_stack.of_type("aws:ecs/taskDefinition:TaskDefinition") if "runner" in t.name)
+    (container,) = json.loads(task.inputs["containerDefinitions"])
+    injected = sorted(s["valueFrom"] for s in container["secrets"])
+    policies = _policies(dlami_stack)
+    (reads,) = _allowing(policies["pipeline-runner-execution"], "secretsmanager:GetSecretValue")
+    assert sorted(reads["Resource"]) == injected and reads["Action"] == ["secretsmanager:GetSecretValue"]
+    key_secret = dlami_stack.one("aws:secretsmanager/secret:Secret", "ssh-key").outputs["arn"]
+    task_reads = [r for s in _allowing(policies["pipeline-runner-task"], "secretsmanager:GetSecretValue")
+                  for r in s["Resource"]]
+    assert key_secret not in task_reads and "*" not in task_reads

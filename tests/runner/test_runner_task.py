@@ -10,6 +10,7 @@ tests/dlami do. The runner leaves its result object in S3 (moto) for Conclude.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -19,6 +20,7 @@ import pytest
 
 from mmp import aws
 from mmp.pipeline import aws_stages, runner_results
+from mmp.ssh import generate_ed25519
 
 from ..dlami.conftest import FAIL_TRAIN, SLEEP_TRAIN, tagged_processes
 
@@ -102,6 +104,33 @@ def test_a_dlami_push_trains_on_the_runner_and_concludes(cloud, stack, dlami_pus
     assert [s["state"] for s in stack.statuses] == ["pending", "success"]
     assert "SUCCEEDED" in stack.messages()[0]["Subject"]
     assert _live(cloud) == [] and tagged_processes(run_id) == []
+
+
+def test_the_runner_takes_the_ssh_key_from_the_variable_ecs_fills(cloud, sshd, stack, dlami_push, make_backend,
+                                                                 monkeypatch, caplog, capfd, tmp_path):
+    """The task definition's `secrets` has ECS put the key's text in MMP_DLAMI_SSH_KEY; the runner
+    connects with it, reading no secret itself (the task role has no read of the key), and the
+    key reaches no log line, result, state or file."""
+    caplog.set_level(logging.DEBUG)  # paramiko's and mmp's loggers included
+    monkeypatch.setenv("MMP_DLAMI_SSH_KEY", sshd.client_private)
+    # The ARN stays in the shared environment, as deployed; a read of it now fails, like the task role's would.
+    aws.client("secretsmanager").delete_secret(SecretId=cloud.key_secret_arn, ForceDeleteWithoutRecovery=True)
+    start = dlami_push()
+    aws_stages._BACKENDS["dlami"] = make_backend()  # the runner builds its backend from its environment
+    run = stack.execution(monkeypatch)
+    end, state = run.run(start)
+    assert end == "Succeed", state.get("outcome")
+    result, log_text = runner_results.read("train", state)
+    assert result["state"] == "SUCCEEDED" and "epoch 1 loss 0.5" in log_text
+
+    captured = capfd.readouterr()
+    written = [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()]
+    seen = "\n".join([caplog.text, captured.out, captured.err, log_text, json.dumps(state), json.dumps(result),
+                      json.dumps(run.calls, default=str), *written])
+    # Every line of the key text but those any ed25519 key shares (armour, format header).
+    common = set(generate_ed25519()[0].splitlines())
+    own = [line for line in sshd.client_private.splitlines() if line not in common]
+    assert len(own) >= 3 and not [line for line in own if line in seen]
 
 
 def test_a_failing_train_py_is_reported_and_leaves_nothing(cloud, stack, dlami_push, monkeypatch):
