@@ -65,17 +65,18 @@ def test_the_rest_tracker_signs_every_call_for_sagemaker_mlflow(httpserver, sign
             "/api/2.0/mlflow/experiments/get-by-name": {"experiment": {"experiment_id": "7"}},
             "/api/2.0/mlflow/runs/create": {"run": {"info": {"run_id": "r123", "experiment_id": "7"}}},
             "/api/2.0/mlflow/runs/log-batch": {},
+            "/api/2.0/mlflow/experiments/set-experiment-tag": {},  # the experiment kind, on first use
         }
         return Response(json.dumps(answers[request.path]), content_type="application/json")
 
-    httpserver.expect_request("/api/2.0/mlflow/experiments/get-by-name").respond_with_handler(handle)
-    httpserver.expect_request("/api/2.0/mlflow/runs/create").respond_with_handler(handle)
-    httpserver.expect_request("/api/2.0/mlflow/runs/log-batch").respond_with_handler(handle)
+    for path in ("experiments/get-by-name", "experiments/set-experiment-tag", "runs/create", "runs/log-batch"):
+        httpserver.expect_request(f"/api/2.0/mlflow/{path}").respond_with_handler(handle)
     tracker = RestRunTracker(httpserver.url_for("").rstrip("/"))
     run_id = tracker.start("fashion demo", run_name="abc1234", tags={"mmp.commit": "abc"}, params={"epochs": 2})
     assert run_id == "r123"
-    assert seen == ["GET /api/2.0/mlflow/experiments/get-by-name", "POST /api/2.0/mlflow/runs/create",
-                    "POST /api/2.0/mlflow/runs/log-batch"]
+    assert seen[0] == "GET /api/2.0/mlflow/experiments/get-by-name"
+    assert seen[-2:] == ["POST /api/2.0/mlflow/runs/create", "POST /api/2.0/mlflow/runs/log-batch"]
+    assert set(seen[1:-2]) <= {"POST /api/2.0/mlflow/experiments/set-experiment-tag"}  # each one verified
 
 
 def test_without_a_tracking_server_arn_nothing_is_signed(httpserver, monkeypatch):
