@@ -64,12 +64,13 @@ def fresh_store(tracking_uri: str) -> None:
 
 
 def _reopen_mlflow_store(tracking_uri: str, *, forget_stores: bool) -> None:
-    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    for store_class in (TrackingStore, RegistryStore):
+    # Only SQL stores MLflow has loaded can hold engines; looking them up in sys.modules keeps
+    # SQLAlchemy out of processes that never open a SQL store (the runner image has no SQLAlchemy).
+    for module in ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store"):
+        store_class = getattr(sys.modules.get(module), "SqlAlchemyStore", None)
         engine = getattr(store_class, "_engine_map", {}).get(tracking_uri)
         if engine is not None:
             engine.dispose()  # pooled connections go; the next one opens the path afresh

@@ -3,6 +3,7 @@ fixtures in tests/fixtures (sources in its README), the digits dataset, and exam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -228,5 +229,9 @@ def mlflow_server(root: Path, *artifact_args: str):
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone (the leftover-process guard may have stopped it)
+            pass
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)

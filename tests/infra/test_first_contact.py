@@ -64,6 +64,7 @@ def _parliament():
     except ModuleNotFoundError:
         shim = types.ModuleType("pkg_resources")
         shim.resource_filename = lambda package, name: str(importlib.resources.files(package) / name)
+        shim.fixup_namespace_packages = lambda *args: None  # pytest's syspath_prepend calls it when present
         sys.modules["pkg_resources"] = shim
     import parliament
 

@@ -39,6 +39,7 @@ def parliament():
         shim = types.ModuleType("pkg_resources")
         shim.resource_filename = lambda package, name: str(
             Path(importlib.util.find_spec(package).origin).parent / name)
+        shim.fixup_namespace_packages = lambda *args: None  # pytest's syspath_prepend calls it when present
         sys.modules["pkg_resources"] = shim
     import parliament as linter
 

@@ -178,8 +178,10 @@ def test_interrupting_the_runner_leaves_nothing(make_repo, digits):
     """Ctrl-C of `mmp run`, and SIGTERM of `mmp up`'s worker, go through the runner's interrupt path."""
     repo = make_repo(experiment={**LOCAL, "Processes_Per_Host": 2, "Hyperparameters": {"mode": "sleep"}},
                      files={"train.py": ESCAPING_TRAIN})
-    proc = subprocess.Popen([sys.executable, "-m", "mmp", "run", "--repo", str(repo), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = repo.parent / "mmp-run.out"  # a file, not a pipe: an escaped child holding a pipe must not stall us
+    with open(output, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mmp", "run", "--repo", str(repo), "-q"],
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
     markers = []
     try:
         def escaped():
@@ -188,8 +190,8 @@ def test_interrupting_the_runner_leaves_nothing(make_repo, digits):
 
         wait_for(escaped, what="the escapee")
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-        assert not escapee_alive(markers[0]), out
+        proc.wait(timeout=120)
+        assert not escapee_alive(markers[0]), output.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
