@@ -174,6 +174,15 @@ def test_teardown_after_the_worker_died_kills_the_tree(backend_under_test, start
     assert fresh.status(saved).state.terminal
 
 
+def _ctrl_c_as_in_a_shell() -> None:
+    """The child gets SIGINT as a terminal's foreground job does: default action, not blocked.
+
+    A signal disposition or mask left over in the pytest process (ignored or blocked SIGINT)
+    would otherwise be inherited, and Python keeps an ignored SIGINT ignored."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupting_the_runner_leaves_nothing(make_repo, digits):
     """Ctrl-C of `mmp run`, and SIGTERM of `mmp up`'s worker, go through the runner's interrupt path."""
     repo = make_repo(experiment={**LOCAL, "Processes_Per_Host": 2, "Hyperparameters": {"mode": "sleep"}},
@@ -181,7 +190,7 @@ def test_interrupting_the_runner_leaves_nothing(make_repo, digits):
     output = repo.parent / "mmp-run.out"  # a file, not a pipe: an escaped child holding a pipe must not stall us
     with open(output, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "mmp", "run", "--repo", str(repo), "-q"],
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+                                stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=_ctrl_c_as_in_a_shell)
     markers = []
     try:
         def escaped():
