@@ -75,6 +75,12 @@ ini["mlflow"] = {key: value.replace("%", "%%") for key, value in {
     "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}.items()}
 with open(env["MLFLOW_AUTH_CONFIG_PATH"], "w") as out:
     ini.write(out)
+# Migrate the auth database once, before the workers: each worker migrates it when it starts, and two
+# workers migrating an empty database at once race (one exits with code 3, and gunicorn stops them all).
+import contextlib, sys
+with contextlib.redirect_stdout(sys.stderr):  # stdout is the store URI, read below
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+    SqlAlchemyStore().init_db(f"{base}/{auth_db}")
 print(uri)
 PY
 )
