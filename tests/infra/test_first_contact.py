@@ -4,14 +4,13 @@ the shipped prod example through the program, and each permission AWS documents 
 
 from __future__ import annotations
 
-import importlib.resources
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import yaml
+
+from . import iam_lint as lint
 
 ROOT = Path(__file__).resolve().parents[2]
 SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nthatmustnotleak\n-----END OPENSSH PRIVATE KEY-----"
@@ -56,24 +55,9 @@ def _grants(statements: list[dict], action: str) -> list[str]:
     return [r for st in statements if action in st["Action"] for r in st["Resource"]]
 
 
-def _parliament():
-    """parliament 1.6 finds its data files with pkg_resources, which setuptools ≥ 81 no longer ships:
-    give it the one function it calls, from importlib.resources."""
-    try:
-        import pkg_resources  # noqa: F401
-    except ModuleNotFoundError:
-        shim = types.ModuleType("pkg_resources")
-        shim.resource_filename = lambda package, name: str(importlib.resources.files(package) / name)
-        shim.fixup_namespace_packages = lambda *args: None  # pytest's syspath_prepend calls it when present
-        sys.modules["pkg_resources"] = shim
-    import parliament
-
-    return parliament
-
-
 @pytest.mark.parametrize("which", ["dev", "prod", "prod_example", "managed", "everything"])
 def test_every_iam_document_passes_parliament(which, request):
-    parliament = _parliament()
+    parliament = lint.parliament()
     analyze_policy_string, enhance_finding = parliament.analyze_policy_string, parliament.enhance_finding
 
     run = request.getfixturevalue(which)

@@ -4,13 +4,11 @@ PassRole for exactly its two roles, EC2 launches only through the stack's launch
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
-from pathlib import Path
 
 import pytest
+
+from .iam_lint import parliament
 
 REGION = "eu-west-1"
 SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
@@ -30,20 +28,6 @@ def _policies(run) -> dict[str, dict]:
 
 def _allowing(doc: dict, action: str) -> list[dict]:
     return [s for s in doc["Statement"] if action in s["Action"]]
-
-
-def parliament():
-    """parliament 1.6.4 still reads its data files through pkg_resources, which setuptools 80+
-    no longer ships; hand it the one function it uses, from importlib."""
-    if "pkg_resources" not in sys.modules and importlib.util.find_spec("pkg_resources") is None:
-        shim = types.ModuleType("pkg_resources")
-        shim.resource_filename = lambda package, name: str(
-            Path(importlib.util.find_spec(package).origin).parent / name)
-        shim.fixup_namespace_packages = lambda *args: None  # pytest's syspath_prepend calls it when present
-        sys.modules["pkg_resources"] = shim
-    import parliament as linter
-
-    return linter
 
 
 MINE = ("pipeline-sfn", "pipeline-stages", "pipeline-runner-build", "pipeline-runner-execution", "pipeline-runner-task")
