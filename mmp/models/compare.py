@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .. import config
 from ..experiment import AUTO_PROCESSES, TAG_PROCESSES, TAG_PROCESSES_PER_HOST
+from ..tuning.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities import Run
@@ -29,9 +30,6 @@ TAG_COMMIT = "mlflow.source.git.commit"
 TAG_PLATFORM = "mmp.platform"
 TAG_INSTANCE_TYPE = "mmp.instance_type"
 TAG_INSTANCE_COUNT = "mmp.instance_count"
-TAG_PARENT = "mlflow.parentRunId"
-TAG_TRIAL = "mmp.trial.number"
-TAG_STUDY = "mmp.study"
 
 
 class CompareError(ValueError):
@@ -221,11 +219,11 @@ def leaderboard(experiment: str, metrics: Sequence[str] | str | None = None, *, 
     exp_id = experiment_id(client, experiment)
     filter_string, parent_id = "", None
     if study:
-        from .studies import TAG_PARENT as parent_tag, find_study, objective
+        from .studies import find_study, objective
 
         parent = find_study(client, experiment, study)
         parent_id = parent.info.run_id
-        filter_string = f"tags.`{parent_tag}` = '{parent_id}'"
+        filter_string = f"tags.`{TAG_PARENT}` = '{parent_id}'"
         study_metric, study_mode = objective(parent)
         chosen = chosen or [study_metric]
         mode = mode or study_mode

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..tuning.tags import TAG_PARENT, TAG_STUDY
 from .compare import CompareError, experiment_id, search_all
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
-
-TAG_STUDY = "mmp.study"
-TAG_PARENT = "mlflow.parentRunId"
 
 
 def find_study(client: "MlflowClient", experiment: str, ref: str) -> "Run":
