@@ -7,8 +7,9 @@ objective's intermediate values from MLflow to the pruner, stops pruned trials w
 the backend's `cancel`, and tells Optuna each final value. So every platform,
 plugins included, can be tuned without backend code.
 
-Optuna's state lives in SQLite (`$MMP_HOME/studies.db`), so a restarted worker
-resumes the same study: a trial that was running when the worker died is failed
+Optuna's state lives in SQLite (`$MMP_HOME/studies.db`) on the local stack and in
+the artifacts bucket (mmp.tuning.s3_journal) in the runner task on AWS, so a restarted
+worker or runner resumes the same study: a trial that was running when the worker died is failed
 (processes torn down, MLflow run ended) and replaced by a new trial with the same
 hyperparameters; it is never continued and never counted twice.
 
@@ -26,7 +27,7 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import config
 from ..backends import JobHandle, JobState, JobStatus
@@ -34,6 +35,7 @@ from ..pipeline.runner import LOG_KEEP_LINES, Outcome, Pipeline, Prepared, Start
 from ..pipeline.sources import Trigger
 from . import control
 from .spec import Tuning
+from .tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_STATE
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -47,15 +49,22 @@ ATTR_PARENT = "mmp.parent_run_id"
 ATTR_STARTED = "mmp.started_at"
 ATTR_INTERRUPTED = "mmp.interrupted_trials"
 ATTR_RUN = "mmp.run_id"
+ATTR_HANDLE = "mmp.handle"  # the trial's backend job, so a restart can tear it down without the local job store
 
-TAG_STUDY = "mmp.study"  # "true" on the parent run
-TAG_PARENT = "mlflow.parentRunId"
-TAG_TRIAL = "mmp.trial.number"
-TAG_TRIAL_STATE = "mmp.trial.state"  # complete, pruned, failed, cancelled
 
 
 def storage_url() -> str:
     return f"sqlite:///{config.mmp_home() / STUDIES_DB}"
+
+
+def make_storage(url: str | None = None) -> Any:
+    """Optuna storage for a URL: SQLAlchemy URLs as they are, `s3://bucket/prefix` as an S3 journal."""
+    url = url or storage_url()
+    if url.startswith("s3://"):
+        from .s3_journal import s3_storage
+
+        return s3_storage(url)
+    return url
 
 
 def study_name(trigger: Trigger) -> str:
@@ -100,7 +109,7 @@ def open_study(name: str, tuning: Tuning, storage: str | None = None) -> "optuna
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=storage or storage_url(), load_if_exists=True,
+    study = optuna.create_study(study_name=name, storage=make_storage(storage), load_if_exists=True,
                                 direction=tuning.direction, sampler=make_sampler(tuning), pruner=make_pruner(tuning))
     if tuning.strategy == "grid":
         for params in tuning.grid():
@@ -141,7 +150,11 @@ class _Quiet:
 
 class StudyRunner:
     def __init__(self, pipeline: Pipeline, trigger: Trigger, prepared: Prepared, *, poll_seconds: float = 1.0,
-                 storage: str | None = None):
+                 storage: str | None = None, request_overrides: dict[str, Any] | None = None,
+                 on_change: Callable[[dict[str, Any]], None] | None = None):
+        """`request_overrides`: fields every trial's LaunchRequest takes (the AWS image tag and code
+        archive Prepare staged); `on_change`: told the parent run and every trial's job as they
+        appear, so whoever outlives this process (Conclude on AWS) can stop them."""
         assert prepared.experiment.tuning is not None
         self.pipeline = pipeline
         self.trigger = trigger
@@ -151,6 +164,9 @@ class StudyRunner:
         self.tracker = pipeline.tracker
         self.poll_seconds = poll_seconds
         self.storage = storage
+        self.request_overrides = dict(request_overrides or {})
+        self.on_change = on_change
+        self._recorded: dict[str, dict] = {}  # trial run → its handle, once in the study's storage
         self.key = trigger.delivery_id or trigger.commit
         self.name = study_name(trigger)
         self.handles: dict[str, JobHandle] = {}
@@ -212,20 +228,23 @@ class StudyRunner:
         for t in stale:
             run_id = t.user_attrs.get(ATTR_RUN)
             if run_id:
-                self._end_interrupted_run(run_id)
+                self._end_interrupted_run(run_id, t.user_attrs.get(ATTR_HANDLE))
             study.tell(t.number, state=TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"mmp.replaces": t.number})
             log.warning("study %s: trial %d was interrupted; replaced", self.name, t.number)
 
-    def _end_interrupted_run(self, run_id: str) -> None:
+    def _end_interrupted_run(self, run_id: str, recorded: dict | None = None) -> None:
+        """Stop and tear down its job (from the local job store, or the handle the study recorded), end its run."""
         store = self.pipeline.store
         record = store.get(run_id) if store is not None else None
-        if record is not None and record.handle:
-            try:
-                handle = JobHandle.from_dict(record.handle)
-                self.pipeline.backend_factory(handle.platform).teardown(handle)
-            except Exception as exc:
-                log.error("could not tear down interrupted trial run %s: %s", run_id, exc)
+        raw = record.handle if record is not None and record.handle else recorded
+        if raw:
+            handle = JobHandle.from_dict(raw)
+            for step in ("cancel", "teardown"):  # a job may still run (SageMaker) and hold machines (dlami)
+                try:
+                    getattr(self.pipeline.backend_factory(handle.platform), step)(handle)
+                except Exception as exc:
+                    log.error("could not %s interrupted trial run %s: %s", step, run_id, exc)
         try:
             self.tracker.set_tags(run_id, {TAG_TRIAL_STATE: "failed"})
             self.tracker.finish(run_id, JobState.FAILED, message=INTERRUPTED_TRIAL)
@@ -264,7 +283,7 @@ class StudyRunner:
             return
         trial.set_user_attr(ATTR_RUN, started.run_id)
         # Each trial is its own job on platforms that name jobs after the delivery (SageMaker).
-        started.request = dataclasses.replace(started.request,
+        started.request = dataclasses.replace(started.request, **self.request_overrides,
                                               delivery_id=f"{self.key}-trial-{trial.number}")
         tr = TrialRun(trial=trial, started=started, lines=collections.deque(maxlen=LOG_KEEP_LINES))
         self.running[trial.number] = tr
@@ -296,6 +315,29 @@ class StudyRunner:
         except Exception as exc:
             log.error("could not cancel trial %d: %s", tr.trial.number, exc)
 
+    def _record_handles(self) -> None:
+        """Put each newly launched trial's job in the study's storage (a restart tears it down from
+        there) and tell `on_change`; from the loop's thread, as Optuna's storage wants."""
+        fresh = False
+        for tr in list(self.running.values()):
+            run_id = tr.started.run_id
+            handle = self.handles.get(run_id)
+            if handle is not None and run_id not in self._recorded:
+                self._recorded[run_id] = handle.to_dict()
+                tr.trial.set_user_attr(ATTR_HANDLE, self._recorded[run_id])
+                fresh = True
+        if fresh:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change({"parent_run_id": self.parent.run_id, "run_url": self.parent.run_url,
+                            "trials": dict(self._recorded)})
+        except Exception as exc:  # a missed snapshot costs only the backstop, never the study
+            log.warning("study %s: could not record its progress: %s", self.name, exc)
+
     def _prune(self) -> None:
         """Report new intermediate values of running trials; cancel those the pruner rejects."""
         if not self.tuning.early_stopping:
@@ -324,6 +366,8 @@ class StudyRunner:
         from optuna.trial import TrialState
 
         del self.running[tr.trial.number]
+        if self._recorded.pop(tr.started.run_id, None) is not None:
+            self._changed()  # its job has ended: nothing of it left for Conclude to stop
         status = tr.status or JobStatus(JobState.FAILED, "no outcome")
         metric = self.tuning.objective_metric
         value = None
@@ -407,6 +451,7 @@ class StudyRunner:
         study = open_study(self.name, self.tuning, self.storage)
         self.parent = self._open_parent(study)
         control.set_parent(self.key, self.parent.run_id)
+        self._changed()
         self._replace_interrupted(study)
         self.deadline = float(study.user_attrs[ATTR_STARTED]) + self.prepared.experiment.runtime_minutes * 60
         dists = distributions(self.tuning)
@@ -424,6 +469,7 @@ class StudyRunner:
                     while len(self.running) < self.tuning.parallel and self._remaining(study) > 0:
                         self._launch_one(study, dists)
                     self._prune()
+                self._record_handles()
                 if not self.running and (stop or self._remaining(study) == 0):
                     break
                 try:
