@@ -50,7 +50,8 @@ FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 # mmp modules that never belong in the Lambda, and ones it only reaches lazily on paths it never takes.
 HEAVY_MMP = ("mmp.commands", "mmp.infra", "mmp.cli", "mmp.__main__")
 LAZY_ONLY = {"mmp.backends.local", "mmp.pipeline.store", "mmp.pipeline.queue",
-             "mmp.webhook.server"}
+             "mmp.webhook.server",
+             "mmp.tuning.study"}  # Pipeline.run's study loop: the runner task and the local worker run it
 
 
 class PackageError(RuntimeError):

@@ -16,7 +16,8 @@ Stages (mmp.pipeline.aws_stages): Prepare (fetch + validate + MLflow run; upload
 commit's archive; the dependency set's image tag, mmp.image) → [RunnerImage → Promote
 (runner task)] → Build (CodeBuild, mmp.infra.image_build: only when that tag is not in
 ECR yet) → Launch (the CreateTrainingJob request) → Train (.sync) — or RunTraining
-(runner task) for dlami — → Conclude (teardown, MLflow, GitHub commit status, SNS).
+(runner task) for dlami, or RunStudy (runner task) for a Tuning block — → Conclude
+(teardown, MLflow, GitHub commit status, SNS).
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ from .settings import Settings
 STAGES = ("prepare", "launch", "conclude")
 RUNNER_CONTAINER = "runner"
 RUNNER_STATE_VARIABLE = "MMP_RUNNER_STATE"  # mmp.pipeline.aws_runner.STATE_VARIABLE
+STUDY_FOLDER = "runner/study"  # mmp.pipeline.runner_results.folder("study", ...)
 PROMOTION_TIMEOUT_SECONDS = 3600
+# A runner task that died (its container exited non-zero: out of memory, a crash, a host
+# retired under it) is started again; a study resumes from its journal in S3. Stopped,
+# timed-out and aborted tasks are not retried: they end as the user or the bound wanted.
+STUDY_RETRY = [{"ErrorEquals": ["States.TaskFailed"], "IntervalSeconds": 30, "MaxAttempts": 2, "BackoffRate": 2.0}]
 JANITOR_SCHEDULE = "rate(15 minutes)"
 LAMBDA_RUNTIME = "python3.11"
 SAGEMAKER_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
@@ -72,16 +78,19 @@ def _merge(extra: str) -> str:
 
 
 def sync_task(resource: str, arguments: Any, *, timeout: Any, result: str, next_state: str, error_key: str = "error",
-              catch_to: str = "Conclude") -> dict:
+              catch_to: str = "Conclude", retry: list[dict] | None = None) -> dict:
     """A `.sync` Task in JSONata, so whole objects and per-run timeouts can come from the state;
     its output is the state plus `result`, and any failure (timeout included) goes on with the
-    state plus `error_key`."""
-    return {
+    state plus `error_key`, after `retry` if given."""
+    state = {
         "Type": "Task", "QueryLanguage": "JSONata", "Resource": resource, "Arguments": arguments,
         "TimeoutSeconds": timeout, "Output": _merge(result),
         "Catch": [{"ErrorEquals": ["States.ALL"], "Next": catch_to, "Output": _merge(f"{{'{error_key}': $states.errorOutput}}")}],
         "Next": next_state,
     }
+    if retry:
+        state["Retry"] = [dict(r) for r in retry]
+    return state
 
 
 def runner_task(runner: Mapping[str, Any], command: str, fields: tuple[str, ...], **kwargs: Any) -> dict:
@@ -135,10 +144,16 @@ def state_machine_definition(functions: Mapping[str, str], build_project: str, r
             ], "Default": "Train where?"},
             # SageMaker and the DLAMI hosts both run the dependency set's training image.
             "Train where?": {"Type": "Choice", "Choices": [
+                {"Variable": "$.study", "BooleanEquals": True, "Next": "RunStudy"},
                 {"Variable": "$.runner", "BooleanEquals": True, "Next": "RunTraining"}], "Default": "Launch"},
             "RunTraining": runner_task(runner, "train", ("job", "started"),
                                        timeout="{% $states.input.runner_timeout_seconds %}",
                                        result="{'runner_task': $states.result.TaskArn}", next_state="Conclude"),
+            # A Tuning block: the runner runs every trial through its platform's backend and resumes after a crash.
+            "RunStudy": runner_task(runner, "study", ("job", "image"),
+                                    timeout="{% $states.input.runner_timeout_seconds %}",
+                                    result="{'runner_task': $states.result.TaskArn}", next_state="Conclude",
+                                    retry=STUDY_RETRY),
             "BuildImage": {
                 "Type": "Task", "Resource": "arn:aws:states:::codebuild:startBuild.sync",
                 "Parameters": {"ProjectName": build_project,
@@ -166,6 +181,15 @@ def state_machine_definition(functions: Mapping[str, str], build_project: str, r
                        "Cause": "the run or the promotion failed; see the commit status, MLflow and the notification"},
         },
     }
+
+
+def sagemaker_launch_statements(job_arn: pulumi.Input[str], role_arn: pulumi.Input[str]) -> list[dict]:
+    """Create, follow and stop this stack's training jobs, handing them only the stack's SageMaker role."""
+    return [
+        iam.statement(["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob",
+                       "sagemaker:AddTags"], [job_arn]),
+        iam.statement(["iam:PassRole"], [role_arn], {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}),
+    ]
 
 
 def dataset_locations(settings: Settings) -> dict[str, set[str]]:
@@ -337,13 +361,21 @@ class TrainingPipeline(pulumi.ComponentResource):
                 logging_config={"log_format": "Text", "log_group": log_groups[stage].name}, vpc_config=vpc_config,
                 tags=tags, opts=pulumi.ResourceOptions(parent=self, depends_on=[log_groups[stage], stage_policy]))
 
-        # -- the runner task (DLAMI training, promotion) --------------------------------------
+        # -- the runner task (DLAMI training, promotion, studies) -----------------------------
         task_statements = [
             iam.statement(["secretsmanager:GetSecretValue"], secret_arns),
             iam.statement(["sns:Publish"], [self.topic.arn]),
+            # A study's Optuna journal and progress, beside its result (mmp.pipeline.runner_results).
+            iam.statement(["s3:GetObject"], [pulumi.Output.concat(artifacts_arn, f"/{STUDY_FOLDER}/*")]),
+            iam.statement(["s3:ListBucket"], [artifacts_arn], {"StringLike": {"s3:prefix": f"{STUDY_FOLDER}/*"}}),
+            # Its trials on SageMaker: what the backend's launch, status, logs and cancel call.
+            *sagemaker_launch_statements(job_arn, self.sagemaker_role.arn),
+            iam.statement(["logs:GetLogEvents", "logs:DescribeLogStreams"],
+                          iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
         ]
-        if mlflow.tracking_server_arn:  # promotion's MLflow client, signed like the stages
-            task_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn))
+        if mlflow.tracking_server_arn:  # promotion's and the study's MLflow client, signed like the stages
+            task_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn,
+                                                        (*iam.MLFLOW_PIPELINE_ACTIONS, "GetMetricHistory")))
         if dlami is not None:
             launch_template_arn = pulumi.Output.concat("arn:aws:ec2:", region, ":", account, ":launch-template/",
                                                        dlami.launch_template.id)
@@ -375,11 +407,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["events:PutTargets", "events:PutRule", "events:DescribeRule"], [pulumi.Output.concat(
                 "arn:aws:events:", region, ":", account, ":rule/StepFunctionsGetEventForCodeBuildStartBuildRule")]),
             # Train: createTrainingJob.sync (AWS's documented policy for it, scoped to the job prefix).
-            iam.statement(["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob",
-                           "sagemaker:AddTags"], [job_arn]),
+            *sagemaker_launch_statements(job_arn, self.sagemaker_role.arn),
             iam.statement(["sagemaker:ListTags"], ["*"]),
-            iam.statement(["iam:PassRole"], [self.sagemaker_role.arn],
-                          {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}),
             iam.statement(["events:PutTargets", "events:PutRule", "events:DescribeRule"], [pulumi.Output.concat(
                 "arn:aws:events:", region, ":", account, ":rule/StepFunctionsGetEventsForSageMakerTrainingJobsRule")]),
             *self.runner.state_machine_statements(region, account),

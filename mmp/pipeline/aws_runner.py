@@ -2,6 +2,7 @@
 
     python -m mmp.pipeline.aws_runner train     # the DLAMI cluster: provision, SSH, horovodrun, wait, teardown
     python -m mmp.pipeline.aws_runner promote   # promote.json with the MLflow client
+    python -m mmp.pipeline.aws_runner study     # a Tuning block: every trial through its platform's backend
 
 Step Functions starts it with `ecs:runTask.sync` (no polling, no history growing with
 the job) and passes the state it needs in MMP_RUNNER_STATE: the webhook's job and,
@@ -13,7 +14,12 @@ Training runs `Pipeline.execute`, the same launch → wait → teardown that `mm
 and the local worker use, and leaves the result object Conclude reads
 (mmp.pipeline.runner_results): Conclude ends the MLflow run, sets the commit status
 and sends the e-mail, as for SageMaker. Promotion runs `run_promotion`, as the local
-worker does, which reports on context mmp/promotion itself. SIGTERM (the task
+worker does, which reports on context mmp/promotion itself. A study runs
+`StudyRunner` as the local worker does, with Optuna's state journaled in the artifacts
+bucket (mmp.tuning.s3_journal): when the task dies the state machine starts it again
+and the study resumes, replacing the trial that was running. It reports progress and
+its end on the commit itself, and keeps `progress.json` (parent run, running trials'
+jobs) for Conclude in case it dies for good. SIGTERM (the task
 stopped, timed out or the execution aborted) cancels training and terminates the
 instances before the task goes; the Catch path and the janitor back that up.
 """
@@ -34,8 +40,8 @@ from . import runner_results
 log = logging.getLogger("mmp.pipeline.runner_task")
 
 STATE_VARIABLE = "MMP_RUNNER_STATE"
-KINDS = ("train", "promote")
 STOPPED_MESSAGE = "stopped: the runner task was stopped before the job ended"
+STUDY_POLL_SECONDS = 10.0  # how often a study looks at its trials' objective in MLflow
 
 
 def _stop_on_sigterm() -> Any:
@@ -107,16 +113,57 @@ def promote(state: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def study_storage(state: dict[str, Any]) -> str:
+    """The study's Optuna journal, beside its result object: a restarted task finds it from the state alone."""
+    return f"s3://{runner_results.bucket()}/{runner_results.folder('study', state)}/journal"
+
+
+def study(state: dict[str, Any]) -> dict[str, Any]:
+    """Run (or resume) the commit's study; trials use the image and code archive Prepare staged."""
+    from ..tuning.study import StudyRunner
+    from .aws_stages import job_of, make_pipeline, outcome_to_dict, trigger_of
+    from .runner import Outcome
+
+    pipeline = make_pipeline()
+    trigger = trigger_of(job_of(state))
+    prepared = pipeline.prepare(trigger)  # read at the commit again: the state carries no experiment to trust
+    if isinstance(prepared, Outcome):
+        result = {"kind": "study", **outcome_to_dict(prepared)}
+        runner_results.write("study", state, result)
+        return result
+    image = state.get("image") or {}
+    overrides = {"image_tag": image["tag"], "code_uri": image["code_uri"]} if image else {}
+    poll = float(os.environ.get("MMP_STUDY_POLL_SECONDS") or STUDY_POLL_SECONDS)
+    runner = StudyRunner(pipeline, trigger, prepared, poll_seconds=poll, storage=study_storage(state),
+                         request_overrides=overrides,
+                         on_change=lambda progress: runner_results.write_progress("study", state, progress))
+    try:
+        outcome = runner.run()
+    except SystemExit:  # stopped: the study cancelled its trials and ended its parent run on the way out
+        parent = runner.parent
+        result = {"kind": "study", "state": "CANCELLED", "message": STOPPED_MESSAGE, "problems": [],
+                  "run_id": parent.run_id if parent else None, "run_url": parent.run_url if parent else None}
+        runner_results.write("study", state, result)
+        return result  # exit 0: a stopped study is over; a crash (non-zero) is what RunStudy retries
+    result = {"kind": "study", **outcome_to_dict(outcome)}
+    runner_results.write("study", state, result)
+    log.info("study %s: %s %s", outcome.run_id, outcome.state, outcome.message)
+    return result
+
+
+RUNNERS = {"train": train, "promote": promote, "study": study}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] not in KINDS:
-        print(f"usage: python -m mmp.pipeline.aws_runner {{{'|'.join(KINDS)}}}", file=sys.stderr)
+    if len(args) != 1 or args[0] not in RUNNERS:
+        print(f"usage: python -m mmp.pipeline.aws_runner {{{'|'.join(RUNNERS)}}}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     previous = _stop_on_sigterm()
     try:
         state = read_state()
-        (train if args[0] == "train" else promote)(state)
+        RUNNERS[args[0]](state)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0  # the outcome is in the result object; a non-zero exit means the runner itself broke

@@ -4,6 +4,7 @@ The state machine (mmp/infra/pipeline.py) runs
 
     Prepare → [Promote: runner task] → [Build image] → Launch → Train (sagemaker .sync) → Conclude
                                      → RunTraining (runner task, dlami)               → Conclude
+                                     → RunStudy (runner task, a Tuning block)         → Conclude
 
 and carries one JSON state between them: the webhook's job, the MLflow run made
 by `Pipeline.start` (`started`), the backend's `JobHandle` and CreateTrainingJob
@@ -13,8 +14,10 @@ request, and, when a task failed, Step Functions' `error`. Each handler is
 logs and `Pipeline.conclude`, so the AWS path and `mmp run` cannot drift apart.
 
 Nothing loops: SageMaker is waited on by Step Functions' own `.sync` integration and
-the long stages (DLAMI over SSH, promotion with the MLflow client) run in the runner
-task (mmp.pipeline.aws_runner), so no history grows with the job's length.
+the long stages (DLAMI over SSH, promotion with the MLflow client, a study's many
+trials) run in the runner task (mmp.pipeline.aws_runner), so no history grows with
+the job's length. A study makes its own MLflow runs there; Prepare only validates it
+and stages its image.
 
 Every path ends in Conclude: each Task's Catch routes there, and an execution that
 fails anyway (timed out, aborted, Conclude itself failing) reaches Conclude through
@@ -67,8 +70,6 @@ _BACKENDS: dict[str, Backend] = {}
 
 
 # -- wiring ---------------------------------------------------------------------------
-STUDY_MESSAGE = ("Tuning: hyperparameter studies run on the local stack and with `mmp run` for now; on AWS "
-                 "they need the pipeline's runner task (not deployed yet)")
 
 
 def pipeline_platforms() -> tuple[str, ...]:
@@ -155,7 +156,7 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     job = job_of(event)
     files = job.get("trigger_files") or []
     state: dict[str, Any] = {"job": job, "accepted": False, "build_image": False, "runner": False,
-                             "promote": PROMOTE_FILE in files}
+                             "study": False, "promote": PROMOTE_FILE in files}
     pipeline = make_pipeline()
     trigger = trigger_of(job)
     if files and not any(name in EXPERIMENT_FILES for name in files):
@@ -166,8 +167,6 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     except Exception as exc:  # GitHub unreachable, bad token, ...: the same answer as Pipeline.run
         log.warning("could not read %s@%s: %s", trigger.repository, trigger.commit[:12], exc)
         prepared = pipeline.reject(trigger, [f"could not read the commit: {exc}"], state="ERROR")
-    if not isinstance(prepared, Outcome) and prepared.experiment.tuning is not None:
-        prepared = pipeline.reject(trigger, [STUDY_MESSAGE])  # a study is many jobs: not one Lambda-driven job
     if isinstance(prepared, Outcome):
         state["outcome"] = outcome_to_dict(prepared)
         return state
@@ -181,6 +180,14 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
                 trigger, [str(exc) if bad_input else f"could not stage the code or image: {exc}"],
                 state="INVALID" if bad_input else "ERROR"))
             return state
+    platform = prepared.experiment.platform
+    if image is not None:
+        state["image"] = image.to_dict()
+    if prepared.experiment.tuning is not None:  # many jobs: the runner task runs the study and makes its runs
+        pipeline.report_status(trigger, "pending", f"study on {platform}: starting")
+        state.update(accepted=True, platform=platform, build_image=bool(image and image.build), runner=True,
+                     study=True, runner_timeout_seconds=prepared.experiment.runtime_minutes * 60 + RUNNER_GRACE_SECONDS)
+        return state
     try:
         started = pipeline.start(trigger, prepared)
     except Exception as exc:  # MLflow down: nothing launched, say so
@@ -188,10 +195,8 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         state["outcome"] = outcome_to_dict(
             pipeline.reject(trigger, [f"could not create the MLflow run: {exc}"], state="ERROR"))
         return state
-    platform = prepared.experiment.platform
     if image is not None:
         started.request.image_tag, started.request.code_uri = image.tag, image.code_uri
-        state["image"] = image.to_dict()
     state.update(accepted=True, platform=platform, build_image=bool(image and image.build),
                  runner=platform in RUNNER_PLATFORMS, started=started_to_dict(started))
     if state["runner"]:  # the runner task's own bound; the backend cancels at Max_Runtime before it
@@ -357,6 +362,48 @@ def conclude_promotion(pipeline: Pipeline, state: dict[str, Any]) -> dict[str, A
     return {"kind": "promotion", "state": "ERROR", "message": message}
 
 
+def conclude_study(pipeline: Pipeline, state: dict[str, Any]) -> dict[str, Any]:
+    """The runner reported the study itself (progress and end on the commit, e-mail). If it died
+    for good, stop and tear down the trials it left (progress.json), end their runs and the
+    parent run, and say so; if it never started one, the commit hears why."""
+    from ..tuning.tags import TAG_TRIAL_STATE
+
+    try:
+        result, _ = runner_results.read("study", state)
+        progress = None if result is not None else runner_results.read_progress("study", state)
+    except Exception as exc:
+        log.error("could not read the study's result: %s", exc)
+        result, progress = None, None
+    if result is not None:
+        return result
+    before = "image build failed: " if state.get("build_image") and not progress else ""
+    reason = _error_status(state.get("error") or {"Error": "the runner task ended without a result"}, before)
+    message = f"study did not complete: {reason.message}"
+    trigger = trigger_of(state["job"])
+    if not progress:
+        return outcome_to_dict(pipeline.reject(trigger, [message], state="ERROR"))
+    for run_id, raw in (progress.get("trials") or {}).items():
+        handle = JobHandle.from_dict(raw)
+        status = JobStatus(JobState.FAILED, message)
+        try:
+            backend = backend_for(handle.platform)
+        except Exception as exc:
+            log.error("trial run %s: %s", run_id, exc)
+        else:
+            try:
+                backend.cancel(handle)
+            except Exception as exc:  # it may have ended already; teardown still runs
+                log.warning("could not stop trial run %s: %s", run_id, exc)
+            _teardown(backend, handle, status)
+        try:
+            pipeline.tracker.set_tags(run_id, {TAG_TRIAL_STATE: "failed"})
+            pipeline.tracker.finish(run_id, JobState.FAILED, message=status.message)
+        except Exception as exc:
+            log.error("could not end trial run %s: %s", run_id, exc)
+    return outcome_to_dict(pipeline.end_run(trigger, progress["parent_run_id"], progress.get("run_url"),
+                                            JobStatus(JobState.FAILED, message), None))
+
+
 def conclude(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     """The last state on every path; also the target of the execution-failed EventBridge rule."""
     if event.get("detail-type") == STATUS_EVENT:
@@ -371,7 +418,10 @@ def conclude(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         promotion = conclude_promotion(pipeline, state)
         state["promotion"] = promotion
         ok = promotion.get("state") in ("SUCCEEDED", "SKIPPED")
-    if state.get("started"):
+    if state.get("study"):
+        state["outcome"] = conclude_study(pipeline, state)
+        ok = ok and state["outcome"].get("state") == "SUCCEEDED"
+    elif state.get("started"):
         outcome = conclude_training(pipeline, state)
         state["outcome"] = outcome_to_dict(outcome)
         ok = ok and outcome.ok

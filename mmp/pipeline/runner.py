@@ -220,30 +220,35 @@ class Pipeline:
 
     def conclude(self, trigger: Trigger, started: Started, status: JobStatus, log_text: str | None) -> Outcome:
         """End the MLflow run from the backend's outcome, then report and notify."""
+        return self.end_run(trigger, started.run_id, started.run_url, status, log_text,
+                            experiment=started.request.experiment)
+
+    def end_run(self, trigger: Trigger, run_id: str, run_url: str | None, status: JobStatus, log_text: str | None,
+                *, experiment: Experiment | None = None) -> Outcome:
+        """`conclude` for a run known only by id (a study's parent run, ended by Conclude on AWS)."""
         metrics = status.detail.get("metrics") if status.detail else None
         if metrics:
             try:
-                self.tracker.log_metrics(started.run_id, metrics)
+                self.tracker.log_metrics(run_id, metrics)
             except Exception as exc:
-                log.warning("could not log platform metrics for %s: %s", started.run_id, exc)
+                log.warning("could not log platform metrics for %s: %s", run_id, exc)
         tracking_problem = None
         try:
-            final = self.tracker.finish(started.run_id, status.state, message=status.message, log_text=log_text)
+            final = self.tracker.finish(run_id, status.state, message=status.message, log_text=log_text)
         except Exception as exc:  # the store is down or read-only: report anyway, the worker ends the run later
-            log.error("could not end MLflow run %s: %s", started.run_id, exc)
+            log.error("could not end MLflow run %s: %s", run_id, exc)
             final = FINAL_STATUS.get(status.state, "FAILED")
             tracking_problem = f"MLflow not updated ({type(exc).__name__}: {exc}); ended later by the worker"
         state = {"FINISHED": "SUCCEEDED", "KILLED": "CANCELLED"}.get(final, "FAILED")
         if self.store is not None:
             try:
-                self.store.update(started.run_id, state=state, message=status.message)
+                self.store.update(run_id, state=state, message=status.message)
             except Exception as exc:
-                log.error("could not record the end of run %s: %s", started.run_id, exc)
-        outcome = Outcome(state=state, message=status.message, run_id=started.run_id, run_url=started.run_url,
-                          experiment=started.request.experiment,
+                log.error("could not record the end of run %s: %s", run_id, exc)
+        outcome = Outcome(state=state, message=status.message, run_id=run_id, run_url=run_url, experiment=experiment,
                           problems=[tracking_problem] if tracking_problem else [])
         github_state = {"SUCCEEDED": "success", "CANCELLED": "error"}.get(state, "failure")
-        self.report_status(trigger, github_state, f"{state.lower()}: {status.message}", started.run_url)
+        self.report_status(trigger, github_state, f"{state.lower()}: {status.message}", run_url)
         self._notify(trigger, outcome)
         return outcome
 

@@ -7,7 +7,10 @@ to it; Conclude (a Lambda) reads them. A missing object means the runner died be
 it could write one, and Conclude says so. Nothing secret is ever written here.
 
 Keys: `runner/<run id>/result.json` (+ `log.txt`) for training,
-`runner/promotion/<delivery id or commit>/result.json` for a promotion.
+`runner/promotion/<delivery id or commit>/result.json` for a promotion,
+`runner/study/<delivery id or commit>/result.json` for a study, with `progress.json`
+beside it while the study runs (its parent run and the trials' jobs: what Conclude
+stops if the runner dies).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from .. import aws
 PREFIX = "runner"
 RESULT = "result.json"
 LOG = "log.txt"
+PROGRESS = "progress.json"
+KINDS = ("train", "promotion", "study")
 
 
 def bucket() -> str:
@@ -32,10 +37,12 @@ def bucket() -> str:
 
 def folder(kind: str, state: dict[str, Any]) -> str:
     """Where one execution's runner result lives; both sides derive it from the state alone."""
+    if kind not in KINDS:
+        raise ValueError(f"runner result kind {kind!r} is not one of {', '.join(KINDS)}")
     if kind == "train":
         return f"{PREFIX}/{state['started']['run_id']}"
     job = state["job"]
-    return f"{PREFIX}/promotion/{job.get('delivery_id') or job['after']}"
+    return f"{PREFIX}/{kind}/{job.get('delivery_id') or job['after']}"
 
 
 def write(kind: str, state: dict[str, Any], result: dict[str, Any], log_text: str | None = None) -> None:
@@ -46,22 +53,31 @@ def write(kind: str, state: dict[str, Any], result: dict[str, Any], log_text: st
                   ContentType="application/json")
 
 
-def read(kind: str, state: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-    """(result, log text); (None, None) when the runner never wrote one."""
+def write_progress(kind: str, state: dict[str, Any], progress: dict[str, Any]) -> None:
+    aws.client("s3").put_object(Bucket=bucket(), Key=f"{folder(kind, state)}/{PROGRESS}",
+                                Body=json.dumps(progress).encode(), ContentType="application/json")
+
+
+def _get(kind: str, state: dict[str, Any], name: str) -> bytes | None:
     from botocore.exceptions import ClientError
 
-    s3, base = aws.client("s3"), folder(kind, state)
+    try:
+        return aws.client("s3").get_object(Bucket=bucket(), Key=f"{folder(kind, state)}/{name}")["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise
 
-    def get(key: str) -> bytes | None:
-        try:
-            return s3.get_object(Bucket=bucket(), Key=f"{base}/{key}")["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise
 
-    raw = get(RESULT)
+def read(kind: str, state: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """(result, log text); (None, None) when the runner never wrote one."""
+    raw = _get(kind, state, RESULT)
     if raw is None:
         return None, None
-    text = get(LOG)
+    text = _get(kind, state, LOG)
     return json.loads(raw), text.decode(errors="replace") if text is not None else None
+
+
+def read_progress(kind: str, state: dict[str, Any]) -> dict[str, Any] | None:
+    raw = _get(kind, state, PROGRESS)
+    return json.loads(raw) if raw is not None else None

@@ -124,6 +124,8 @@ class Stack:
             code = aws_runner.main(override["Command"])
         except SystemExit as exc:  # stopped (SIGTERM) or a usage error: the task failed
             raise TaskFailed("States.TaskFailed", f"Essential container in task exited ({exc.code})") from None
+        except Exception as exc:  # a crash: Python prints the traceback and exits 1
+            raise TaskFailed("States.TaskFailed", f"Essential container in task exited (1): {exc}") from None
         if code:
             raise TaskFailed("States.TaskFailed", f"Essential container in task exited ({code})")
         return {"TaskArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:task/mmp-runner/0123abcd", "LastStatus": "STOPPED"}

@@ -8,7 +8,7 @@ expression (Arguments, TimeoutSeconds, Output, Catch Output) evaluated by the
 Lambda stages are the real handlers; each integration is a callable the test
 supplies (moto, the runner's entry command in-process, a CodeBuild stand-in). A
 callable raises TaskFailed to fail its Task, which then goes through the state's
-own Catch. Retry is not replayed: a failure is caught at once.
+own Retry (at once, without the interval: `retries` counts them) and then its Catch.
 """
 
 from __future__ import annotations
@@ -100,6 +100,11 @@ def choose(state: dict, data: dict) -> str:
     return state["Default"]
 
 
+def matches(names: list[str], error: str) -> bool:
+    """ASL's error matching: States.ALL matches anything; States.TaskFailed any error but States.Timeout."""
+    return error in names or "States.ALL" in names or ("States.TaskFailed" in names and error != "States.Timeout")
+
+
 @dataclass
 class Execution:
     definition: dict
@@ -108,6 +113,7 @@ class Execution:
     path: list[str] = field(default_factory=list)
     calls: list[tuple[str, Any]] = field(default_factory=list)  # (state name, what the integration received)
     timeouts: dict[str, Any] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)  # state name → attempts past the first
 
     def run(self, data: dict, max_steps: int = 50) -> tuple[str, dict]:
         """(the end state's type: Succeed or Fail, the final data)."""
@@ -127,31 +133,42 @@ class Execution:
 
     def _task(self, name: str, state: dict, data: dict) -> tuple[dict, str]:
         data = json.loads(json.dumps(data))  # what Step Functions hands over is JSON
+        attempts: dict[int, int] = {}
+        while True:
+            try:
+                return self._attempt(name, state, data)
+            except TaskFailed as exc:
+                retriers = state.get("Retry", [])
+                index = next((i for i, r in enumerate(retriers) if matches(r["ErrorEquals"], exc.error)), None)
+                if index is not None and attempts.get(index, 0) < retriers[index].get("MaxAttempts", 3):
+                    attempts[index] = attempts.get(index, 0) + 1
+                    self.retries[name] = self.retries.get(name, 0) + 1
+                    continue
+                catch = next((c for c in state.get("Catch", []) if matches(c["ErrorEquals"], exc.error)), None)
+                if catch is None:
+                    raise
+                error = {"Error": exc.error, "Cause": exc.cause}
+                if state.get("QueryLanguage") == "JSONata":
+                    return evaluate(catch["Output"], {"input": data, "errorOutput": error}), catch["Next"]
+                return path_set(data, catch["ResultPath"], error), catch["Next"]
+
+    def _attempt(self, name: str, state: dict, data: dict) -> tuple[dict, str]:
+        """One try of the Task: its output and next state, or TaskFailed."""
         jsonata_mode = state.get("QueryLanguage") == "JSONata"
-        try:
-            if jsonata_mode:
-                arguments = evaluate(state["Arguments"], {"input": data})
-                self.timeouts[name] = evaluate(state.get("TimeoutSeconds"), {"input": data})
-            else:
-                arguments = payload(state.get("Parameters", {}), data)
-            self.calls.append((name, arguments))
-            if state["Resource"] == LAMBDA:
-                try:
-                    returned = self.lambdas[arguments["FunctionName"]](arguments["Payload"])
-                except Exception as exc:  # a function error, as Lambda reports it
-                    raise TaskFailed(type(exc).__name__, str(exc)) from exc
-                result = {"Payload": json.loads(json.dumps(returned))}
-            else:
-                result = self.integrations[state["Resource"]](arguments, data)
-        except TaskFailed as exc:
-            error = {"Error": exc.error, "Cause": exc.cause}
-            catch = next((c for c in state.get("Catch", []) if "States.ALL" in c["ErrorEquals"]
-                          or exc.error in c["ErrorEquals"]), None)
-            if catch is None:
-                raise
-            if jsonata_mode:
-                return evaluate(catch["Output"], {"input": data, "errorOutput": error}), catch["Next"]
-            return path_set(data, catch["ResultPath"], error), catch["Next"]
+        if jsonata_mode:
+            arguments = evaluate(state["Arguments"], {"input": data})
+            self.timeouts[name] = evaluate(state.get("TimeoutSeconds"), {"input": data})
+        else:
+            arguments = payload(state.get("Parameters", {}), data)
+        self.calls.append((name, arguments))
+        if state["Resource"] == LAMBDA:
+            try:
+                returned = self.lambdas[arguments["FunctionName"]](arguments["Payload"])
+            except Exception as exc:  # a function error, as Lambda reports it
+                raise TaskFailed(type(exc).__name__, str(exc)) from exc
+            result = {"Payload": json.loads(json.dumps(returned))}
+        else:
+            result = self.integrations[state["Resource"]](arguments, data)
         if jsonata_mode:
             out = evaluate(state["Output"], {"input": data, "result": result})
         else:

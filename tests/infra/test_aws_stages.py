@@ -210,12 +210,23 @@ def test_a_failed_image_build_is_reported(stack, make_repo, monkeypatch):
     assert stack.mlflow_run(state["started"]["run_id"])["info"]["status"] == "FAILED"
 
 
-def test_a_study_is_refused_on_aws_before_mlflow(stack, make_repo):
+def test_prepare_hands_a_study_to_the_runner_task_without_making_a_run(stack, make_repo):
+    """A study is many jobs: Prepare validates it and stages its image; the runner task makes its runs."""
     tuning = {"Objective_Metric": "val_accuracy", "Strategy": "grid", "Ranges": {"lr": {"Values": [0.1, 0.01]}}}
     start, _ = _push(stack, make_repo, Tuning=tuning)
     state = aws_stages.prepare(start)
-    assert state["accepted"] is False and "started" not in state
-    assert state["outcome"]["message"].startswith("Tuning: ") and "runner task" in state["outcome"]["message"]
+    assert state["accepted"] is True and state["study"] is True and state["runner"] is True
+    assert "started" not in state and state["image"]["code_uri"].startswith("s3://")
+    assert state["runner_timeout_seconds"] == 240 * 60 + aws_stages.RUNNER_GRACE_SECONDS
+    assert [(s["state"], s["description"]) for s in stack.statuses] == [("pending", "study on sagemaker: starting")]
+
+
+def test_a_bad_tuning_block_is_refused_by_prepare(stack, make_repo):
+    tuning = {"Objective_Metric": "val accuracy!", "Strategy": "grid", "Ranges": {"lr": {"Min": 0.1, "Max": 0.01}}}
+    start, _ = _push(stack, make_repo, Tuning=tuning)
+    state = aws_stages.prepare(start)
+    assert state["accepted"] is False and state["study"] is False and "started" not in state
+    assert "Tuning.Objective_Metric" in state["outcome"]["message"] and "Tuning.Ranges.lr" in state["outcome"]["message"]
     assert [s["state"] for s in stack.statuses] == ["failure"]
 
 

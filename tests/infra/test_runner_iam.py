@@ -66,8 +66,27 @@ def test_the_runner_launches_only_through_the_launch_template_and_ends_only_mana
     assert terminate["Condition"] == {"StringEquals": {"aws:ResourceTag/mmp:managed": "true"}}
     (tags,) = _allowing(task, "ec2:CreateTags")
     assert tags["Condition"] == {"StringEquals": {"ec2:CreateAction": "RunInstances"}}
-    (pass_role,) = _allowing(task, "iam:PassRole")
-    assert pass_role["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+    passes = {s["Condition"]["StringEquals"]["iam:PassedToService"]: s["Resource"] for s in _allowing(task, "iam:PassRole")}
+    assert set(passes) == {"ec2.amazonaws.com", "sagemaker.amazonaws.com"}  # DLAMI hosts; a study's SageMaker trials
+    assert all(len(roles) == 1 for roles in passes.values())
+
+
+def test_a_study_in_the_runner_reads_only_its_folder_and_runs_only_the_stacks_jobs(dlami_stack):
+    task = _policies(dlami_stack)["pipeline-runner-task"]
+    (listing,) = _allowing(task, "s3:ListBucket")
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": "runner/study/*"}}
+    (reading,) = _allowing(task, "s3:GetObject")
+    assert all(r.endswith("/runner/study/*") for r in reading["Resource"])
+    (create,) = _allowing(task, "sagemaker:CreateTrainingJob")
+    assert set(create["Action"]) == {"sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob",
+                                     "sagemaker:StopTrainingJob", "sagemaker:AddTags"}
+    (sfn_create,) = _allowing(_policies(dlami_stack)["pipeline-sfn"], "sagemaker:CreateTrainingJob")
+    assert create["Resource"] == sfn_create["Resource"] and create["Resource"][0].endswith("-acme-ml-dev*")
+    def passed_to_sagemaker(doc):
+        return [s["Resource"] for s in _allowing(doc, "iam:PassRole")
+                if s["Condition"]["StringEquals"]["iam:PassedToService"] == "sagemaker.amazonaws.com"]
+
+    assert passed_to_sagemaker(task) == passed_to_sagemaker(_policies(dlami_stack)["pipeline-sfn"])  # the stack's role
 
 
 def test_secrets_reach_the_runner_only_through_the_task_definition(dlami_stack):

@@ -77,7 +77,8 @@ def test_every_task_catches_everything_into_conclude():
         return bool(nexts) and all(reaches_conclude(n, (*seen, name)) for n in nexts)
 
     tasks = {name: s for name, s in states.items() if s["Type"] == "Task" and name != "Conclude"}
-    assert set(tasks) == {"Prepare", "RunnerImage", "Promote", "RunTraining", "BuildImage", "Launch", "Train"}
+    assert set(tasks) == {"Prepare", "RunnerImage", "Promote", "RunTraining", "RunStudy", "BuildImage", "Launch",
+                          "Train"}
     for name, state in tasks.items():
         catch_all = [c for c in state.get("Catch", []) if c["ErrorEquals"] == ["States.ALL"]]
         assert catch_all, f"{name} has no Catch for States.ALL"
@@ -94,7 +95,21 @@ def test_every_wait_is_a_sync_integration_bounded_per_run():
                      "BuildImage": "arn:aws:states:::codebuild:startBuild.sync",
                      "Promote": "arn:aws:states:::ecs:runTask.sync",
                      "RunTraining": "arn:aws:states:::ecs:runTask.sync",
+                     "RunStudy": "arn:aws:states:::ecs:runTask.sync",
                      "Train": "arn:aws:states:::sagemaker:createTrainingJob.sync"}
     assert states["Train"]["TimeoutSeconds"] == "{% $states.input.train_timeout_seconds %}"
     assert states["RunTraining"]["TimeoutSeconds"] == "{% $states.input.runner_timeout_seconds %}"
+    assert states["RunStudy"]["TimeoutSeconds"] == "{% $states.input.runner_timeout_seconds %}"
+
+
+def test_only_a_study_retries_its_runner_and_never_after_a_timeout():
+    """A study resumes from its journal, so a dead runner task is started again; one that ran
+    out of time, or a training or promotion task (not resumable), is not."""
+    from mmp.infra.pipeline import STUDY_RETRY
+
+    states = definition()["States"]
+    assert states["RunStudy"]["Retry"] == STUDY_RETRY
+    (retrier,) = STUDY_RETRY
+    assert retrier["ErrorEquals"] == ["States.TaskFailed"] and 1 <= retrier["MaxAttempts"] <= 3  # TaskFailed: not Timeout
+    assert "Retry" not in states["RunTraining"] and "Retry" not in states["Promote"]
     assert isinstance(states["Promote"]["TimeoutSeconds"], int)

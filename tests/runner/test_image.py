@@ -19,13 +19,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = ROOT / "runner_docker"
-# What the runner's two commands run, lazy imports included (mmp.pipeline.aws_runner's docstring).
+# What the runner's three commands run, lazy imports included (mmp.pipeline.aws_runner's docstring).
 RUNNER_MODULES = (
     "mmp.pipeline.aws_runner", "mmp.pipeline.aws_stages", "mmp.pipeline.runner", "mmp.pipeline.runner_results",
     "mmp.pipeline.sns", "mmp.pipeline.reporting", "mmp.pipeline.sources", "mmp.backends", "mmp.backends.base",
     "mmp.backends.dlami", "mmp.ssh", "mmp.models.gitops", "mmp.models.promote", "mmp.models.endpoint",
     "mmp.tracking", "mmp.tracking_rest", "mmp.github", "mmp.aws", "mmp.argv", "mmp.horovod", "mmp.experiment",
-    "mmp.datasets", "mmp.config", "mmp.webhook.core",
+    "mmp.datasets", "mmp.config", "mmp.webhook.core", "mmp.tuning.study", "mmp.tuning.s3_journal",
+    "mmp.tuning.control", "mmp.tuning.spec",
 )
 # Imported only on paths the runner never takes: the local demo's dataset preparation.
 NOT_IN_RUNNER = {"numpy", "sklearn"}
@@ -65,7 +66,7 @@ def test_entry_command_is_the_runner_and_its_commands(dockerfile):
     from mmp.pipeline import aws_runner
 
     assert json.loads(steps(dockerfile, "ENTRYPOINT")[-1]) == ["python", "-m", "mmp.pipeline.aws_runner"]
-    assert json.loads(steps(dockerfile, "CMD")[-1])[0] in aws_runner.KINDS
+    assert json.loads(steps(dockerfile, "CMD")[-1])[0] in aws_runner.RUNNERS
     assert RUNNER_STATE_VARIABLE == aws_runner.STATE_VARIABLE
     assert steps(dockerfile, "USER")[-1] != "root"
 
@@ -74,7 +75,7 @@ def test_requirements_hold_no_training_stack():
     names = {re.split(r"[<>=!~\[ ]", line.strip(), maxsplit=1)[0].lower()
              for line in (IMAGE / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
     assert not names & {"torch", "horovod", "tensorflow", "mlflow"}  # mlflow-skinny: the client without the server
-    assert {"paramiko", "boto3", "pydantic", "mlflow-skinny", "pyyaml"} <= names
+    assert {"paramiko", "boto3", "pydantic", "mlflow-skinny", "pyyaml", "optuna"} <= names
 
 
 def test_hadolint_is_clean():
@@ -132,7 +133,7 @@ def test_the_entry_command_imports_with_only_the_images_packages(image_venv):
     assert proc.returncode == 0, proc.stderr
     usage = subprocess.run([str(image_venv), "-m", "mmp.pipeline.aws_runner"], capture_output=True, text=True,
                            env=env, timeout=300)
-    assert usage.returncode == 2 and "train|promote" in usage.stderr
+    assert usage.returncode == 2 and "train|promote|study" in usage.stderr
     missing = subprocess.run([str(image_venv), "-m", "mmp.pipeline.aws_runner", "train"], capture_output=True,
                              text=True, env=env, timeout=300)
     assert missing.returncode != 0 and "MMP_RUNNER_STATE is not set" in missing.stderr

@@ -232,3 +232,132 @@ def test_a_promotion_whose_runner_dies_is_reported_by_conclude(stack, make_repo,
     assert state["promotion"]["state"] == "ERROR" and "States.Timeout" in state["promotion"]["message"]
     assert [(s["state"], s["context"]) for s in stack.statuses] == [("error", "mmp/promotion")]
     assert "promotion ERROR" in stack.messages()[0]["Subject"]
+
+
+# -- a Tuning block: the study runs in the runner task ------------------------------------
+STUDY_PATH = ["Prepare", "NeedsRunner?", "RunnerImage", "Promote?", "Accepted?", "BuildImage", "Train where?",
+              "RunStudy", "Conclude", "Succeeded?"]
+# Each trial's rank 0 logs the objective into the trial's run (MLFLOW_RUN_ID), as a real train.py would.
+SCORE_TRAIN = """\
+import argparse, os
+p = argparse.ArgumentParser()
+p.add_argument("--shift", type=float)
+a, _ = p.parse_known_args()
+print("train.py: shift", a.shift, flush=True)
+if os.environ.get("HOROVOD_RANK", "0") == "0":
+    import mlflow
+    with mlflow.start_run():
+        mlflow.log_metric("score", -abs(a.shift - 0.3), step=0)
+"""
+STUDY = {"Objective_Metric": "score", "Direction": "maximize", "Strategy": "grid", "Parallel": 1,
+         "Ranges": {"shift": {"Values": [0.2, 0.6]}}}
+
+
+def _study_runs(stack, parent_id: str) -> list[dict]:
+    """The trial runs of a study, from the MLflow server's REST API."""
+    import urllib.request
+
+    parent = stack.mlflow_run(parent_id)
+    body = json.dumps({"experiment_ids": [parent["info"]["experiment_id"]],
+                       "filter": f"tags.mlflow.parentRunId = '{parent_id}'"}).encode()
+    req = urllib.request.Request(f"{stack.mlflow}/api/2.0/mlflow/runs/search", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as resp:
+        return json.loads(resp.read()).get("runs", [])
+
+
+def _tags(run: dict) -> dict:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def test_a_study_runs_in_the_runner_task_and_resumes_when_the_task_dies(cloud, stack, dlami_push, monkeypatch):
+    """The runner dies (a crash: exit 1) after the first trial; RunStudy starts it again and the
+    study resumes from its journal in S3: the finished trial is not run again, the second runs."""
+    from mmp.tuning.study import StudyRunner
+
+    monkeypatch.setenv("MMP_STUDY_POLL_SECONDS", "0.2")
+    start = dlami_push(train=SCORE_TRAIN, Tuning=STUDY, Hyperparameters="{'epochs': '1'}")
+    original, calls = StudyRunner._report_progress, []
+
+    def crash_after_the_first_trial(self, study):
+        original(self, study)
+        calls.append(len(self._counts(study)))
+        if len(calls) == 2:  # the first attempt: "0/2", then "1/2 trials" after trial 0 ended
+            raise RuntimeError("the runner task's container died")
+
+    monkeypatch.setattr(StudyRunner, "_report_progress", crash_after_the_first_trial)
+    run = stack.execution(monkeypatch)
+    end, state = run.run(start)
+    assert end == "Succeed" and run.path == STUDY_PATH + ["Done"], (run.path, state.get("outcome"))
+    assert run.retries == {"RunStudy": 1}
+    override = dict(run.calls)["RunStudy"]["Overrides"]["ContainerOverrides"][0]
+    assert override["Command"] == ["study"]
+    assert set(json.loads(override["Environment"][0]["Value"])) == {"job", "image"}  # never a secret, no run
+    assert "started" not in state  # Prepare made no MLflow run: the study makes its parent and trials
+
+    result, _ = runner_results.read("study", state)
+    assert result["state"] == "SUCCEEDED" and state["outcome"] == result and state["succeeded"] is True
+    parent = stack.mlflow_run(result["run_id"])
+    assert parent["info"]["status"] == "FINISHED" and _tags(parent)["mmp.study"] == "true"
+    assert json.loads(_tags(parent)["mmp.tuning.best_params"]) == {"shift": 0.2}
+    trials = _study_runs(stack, result["run_id"])
+    # exactly one run per grid point: the trial that finished before the crash was not run again
+    shifts = sorted(float({p["key"]: p["value"] for p in t["data"]["params"]}["shift"]) for t in trials)
+    assert shifts == [0.2, 0.6], shifts
+    assert {t["info"]["status"] for t in trials} == {"FINISHED"}
+    assert {_tags(t)["mmp.trial.state"] for t in trials} == {"complete"}
+    journal = aws.client("s3").list_objects_v2(Bucket="mmp-artifacts", Prefix=f"runner/study/{start['delivery_id']}/journal/")
+    assert journal["KeyCount"] > 0
+    states = [s["state"] for s in stack.statuses]
+    assert states[0] == "pending" and states[-1] == "success" and "failure" not in states
+    assert any("1/2 trials" in s["description"] for s in stack.statuses)
+    assert _live(cloud) == []
+
+
+def test_a_study_whose_runner_keeps_dying_is_ended_by_conclude_with_nothing_left(cloud, stack, dlami_push,
+                                                                                 monkeypatch):
+    """Each attempt dies while a trial's machines run. The next attempt tears the interrupted trial
+    down from the handle in the journal (no local job store on AWS) and replaces it; after the last
+    retry Conclude stops the trial progress.json names, ends every run and reports."""
+    from mmp.backends import JobHandle
+    from mmp.tuning.study import StudyRunner
+
+    monkeypatch.setenv("MMP_STUDY_POLL_SECONDS", "0.2")
+    start = dlami_push(train=SCORE_TRAIN, Tuning=STUDY, Hyperparameters="{'epochs': '1'}")
+
+    def provisions_and_hangs(self, tr):  # the trial's job: tagged machines, launched, never ending here
+        run_id = tr.started.run_id
+        aws.client("ec2").run_instances(ImageId=cloud.image_id, MinCount=1, MaxCount=1, TagSpecifications=[
+            {"ResourceType": "instance", "Tags": [{"Key": "mmp:managed", "Value": "true"},
+                                                  {"Key": "mmp:run-id", "Value": run_id}]}])
+        self._on_launch(run_id, JobHandle(platform="dlami", job_id=run_id))
+
+    original = StudyRunner._record_handles
+
+    def dies_once_recorded(self):
+        original(self)
+        if self._recorded:
+            assert len(_live(cloud)) == 1  # the interrupted trial's machine went before this one came
+            raise RuntimeError("the runner task's container died")
+
+    monkeypatch.setattr(StudyRunner, "_follow", provisions_and_hangs)
+    monkeypatch.setattr(StudyRunner, "_record_handles", dies_once_recorded)
+    run = stack.execution(monkeypatch)
+    end, state = run.run(start)
+    assert end == "Fail" and run.path == STUDY_PATH + ["Failed"], run.path
+    assert run.retries == {"RunStudy": 2}
+    assert state["outcome"]["state"] == "FAILED" and "study did not complete" in state["outcome"]["message"]
+    assert "exited (1)" in state["outcome"]["message"]
+    assert _live(cloud) == []
+    parent_id = state["outcome"]["run_id"]
+    assert stack.mlflow_run(parent_id)["info"]["status"] == "FAILED"
+    trials = _study_runs(stack, parent_id)
+    assert len(trials) == 3  # one per attempt
+    assert {t["info"]["status"] for t in trials} == {"FAILED"}
+    assert {_tags(t)["mmp.trial.state"] for t in trials} == {"failed"}
+    # An interrupted trial's parameters go back in the queue, behind the grid points still waiting:
+    # 0.2 (interrupted), 0.6 (interrupted), then 0.2 again.
+    assert [p["value"] for t in sorted(trials, key=lambda t: int(_tags(t)["mmp.trial.number"]))
+            for p in t["data"]["params"] if p["key"] == "shift"] == ["0.2", "0.6", "0.2"]
+    assert stack.statuses[-1]["state"] == "failure" and "study did not complete" in stack.statuses[-1]["description"]
+    assert "FAILED" in stack.messages()[-1]["Subject"]
