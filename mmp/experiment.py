@@ -33,7 +33,7 @@ from .argv import (
     hyperparameter_args,
     shell_join,
 )
-from .numbers import whole_number
+from .numbers import Flag, whole_number
 from .tuning.spec import Tuning, field_path
 
 EXPERIMENT_FILES = config.EXPERIMENT_FILES
@@ -273,7 +273,7 @@ class Experiment(BaseModel):
         description="Horovod ranks per host; the run has Instance_Count × Processes_Per_Host. "
                     "Default: 1 on the local platform, one per GPU on the cloud ones.",
     )
-    use_spot: bool = Field(default=False, alias="Use_Spot", description="SageMaker managed spot.")
+    use_spot: Flag = Field(default=False, alias="Use_Spot", description="SageMaker managed spot.")
     tuning: Tuning | None = Field(
         default=None, alias="Tuning",
         description="Hyperparameter search: one commit runs a study of many trials (see README).",

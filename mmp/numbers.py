@@ -1,6 +1,7 @@
-"""Numbers as experiment files write them: JSON numbers or ASCII-digit strings (the seed's "1").
+"""Numbers and flags as experiment files write them: JSON numbers or ASCII-digit strings
+(the seed's "1"), JSON booleans or the strings "true"/"false".
 
-One place for both models (experiment.json and its Tuning block), so a count is read,
+One place for both models (experiment.json and its Tuning block), so a value is read,
 refused and described in the JSON Schema the same way everywhere.
 """
 
@@ -61,3 +62,20 @@ def strict_number(value: Any) -> Any:
 
 Number = Annotated[Union[int, float], BeforeValidator(strict_number),
                    WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string", "pattern": DECIMAL_PATTERN}]})]
+
+
+FLAG_WORDS = {"true": True, "false": False}
+
+
+def strict_flag(value: Any) -> Any:
+    """Accept true/false and "true"/"false" (any case), never "yes", 1 or 0.0 (pydantic would take them)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in FLAG_WORDS:
+        return FLAG_WORDS[value.strip().lower()]
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+FLAG_PATTERN = "^ *([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]) *$"
+Flag = Annotated[bool, BeforeValidator(strict_flag),
+                 WithJsonSchema({"anyOf": [{"type": "boolean"}, {"type": "string", "pattern": FLAG_PATTERN}]})]

@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..numbers import Number, whole_number
+from ..numbers import Flag, Number, whole_number
 
 STRATEGIES = ("grid", "random", "bayesian")
 DIRECTIONS = ("maximize", "minimize")
@@ -152,7 +152,7 @@ class Tuning(BaseModel):
                                    description="Trials in all (grid: defaults to the grid's size).")
     parallel: whole_number(1) = Field(default=1, alias="Parallel",  # type: ignore[valid-type]
                                       description="Trials running at once.")
-    early_stopping: bool = Field(default=False, alias="Early_Stopping",
+    early_stopping: Flag = Field(default=False, alias="Early_Stopping",
                                  description="Stop trials whose intermediate objective is below the median "
                                              "of earlier trials at the same step (Optuna's MedianPruner).")
     max_failures: whole_number(1) | None = Field(default=None, alias="Max_Failures",  # type: ignore[valid-type]

@@ -60,6 +60,25 @@ def test_optional_fields():
     assert exp.total_processes == 8 and exp.runtime_minutes == 90
 
 
+@pytest.mark.parametrize(("given", "read"), [(True, True), (False, False), ("true", True), (" False ", False)])
+def test_use_spot_takes_json_booleans_and_their_words(given, read):
+    assert parse_experiment(json.dumps({**SEED, "Use_Spot": given})).use_spot is read
+
+
+@pytest.mark.parametrize("given", ["yes", "on", "1", 1, 0, 0.0, "", None])
+def test_use_spot_refuses_what_is_not_plainly_true_or_false(given):
+    assert "must be true or false" in problems({**SEED, "Use_Spot": given})["Use_Spot"]
+
+
+def test_the_schema_and_the_model_agree_on_flags():
+    import re
+
+    (boolean, text) = json_schema()["properties"]["Use_Spot"]["anyOf"]
+    assert boolean == {"type": "boolean"}
+    pattern = re.compile(text["pattern"])
+    assert all(pattern.search(w) for w in ("true", "False", " TRUE ")) and not pattern.search("yes")
+
+
 @pytest.mark.parametrize("count", ["0", "-1", "1.5", "abc", 0, 1.5, True, ""])
 def test_bad_instance_count(count):
     found = problems({**SEED, "Instance_Count": count})

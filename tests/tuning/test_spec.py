@@ -116,3 +116,10 @@ def test_the_readme_example_block_validates():
     tuning = load_experiment(path, datasets=["digits"]).tuning
     assert tuning.strategy == "bayesian" and set(tuning.ranges) == {"lr", "batch-size"}
     assert tuning.ranges["lr"].scale == "log" and tuning.ranges["batch-size"].kind == "categorical"
+
+
+def test_early_stopping_is_a_plain_flag():
+    block = {"Objective_Metric": "acc", "Strategy": "grid", "Ranges": {"lr": {"Values": [0.1, 0.01]}}}
+    assert parse({**block, "Early_Stopping": "true"}).tuning.early_stopping is True
+    found = problems({**block, "Early_Stopping": "yes"})
+    assert "must be true or false" in found["Tuning.Early_Stopping"]
