@@ -501,6 +501,7 @@ class TrainingPipeline(pulumi.ComponentResource):
             "MMP_SAGEMAKER_VOLUME_GB": str(settings.sagemaker_volume_gb),
             "MMP_SAGEMAKER_MAX_INSTANCES": str(settings.sagemaker_max_instances),
             "MMP_JOB_NAME_PREFIX": settings.job_prefix,
+            "MMP_STUDY_POLL_SECONDS": str(settings.poll_seconds),  # mmp.pipeline.aws_runner.study
             # VPC mode for FSx, and for every job when MLflow admits only the NAT address.
             "MMP_SUBNET_IDS": ",".join(a["subnets"]) if in_vpc else "",
             "MMP_SECURITY_GROUP_IDS": ",".join(a["sgs"]) if in_vpc else "",

@@ -84,7 +84,8 @@ class Settings(BaseModel):
     delivery_ttl_days: int = Field(default=30, alias="deliveryTtlDays", ge=1)
     # -- pipeline
     job_name_prefix: str | None = Field(default=None, alias="jobNamePrefix")
-    poll_seconds: int = Field(default=60, alias="pollSeconds", ge=10, le=3600)
+    # How often a study in the runner task reads its running trials' objective from MLflow (pruning).
+    poll_seconds: int = Field(default=15, alias="pollSeconds", ge=10, le=3600)
     sagemaker_input_mode: str = Field(default="File", alias="sagemakerInputMode")
     sagemaker_volume_gb: int = Field(default=100, alias="sagemakerVolumeGb", ge=1, le=16384)
     sagemaker_max_instances: int = Field(default=4, alias="sagemakerMaxInstances", ge=1, le=256)

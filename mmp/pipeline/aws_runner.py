@@ -41,7 +41,7 @@ log = logging.getLogger("mmp.pipeline.runner_task")
 
 STATE_VARIABLE = "MMP_RUNNER_STATE"
 STOPPED_MESSAGE = "stopped: the runner task was stopped before the job ended"
-STUDY_POLL_SECONDS = 10.0  # how often a study looks at its trials' objective in MLflow
+STUDY_POLL_SECONDS = 15.0  # how often a study reads its trials' objective in MLflow (the stack's mmp:pollSeconds)
 
 
 def _stop_on_sigterm() -> Any:

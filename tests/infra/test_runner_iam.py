@@ -100,6 +100,7 @@ def test_secrets_reach_the_runner_only_through_the_task_definition(dlami_stack):
     env = {e["name"]: e["value"] for e in container["environment"]}
     assert "MMP_DLAMI_SSH_KEY" not in env and SSH_KEY.strip() not in task.inputs["containerDefinitions"]
     assert "dlami" in env["MMP_PIPELINE_PLATFORMS"] and env["MMP_LAUNCH_TEMPLATE_ID"]
+    assert env["MMP_STUDY_POLL_SECONDS"] == "15"  # mmp:pollSeconds, how often a study reads its trials
     assert container["image"].split(":")[-1].startswith("0.1.0-")  # mmp's version (+ a hash of its sources)
     assert container["stopTimeout"] == 120  # time to terminate the instances on SIGTERM
 
