@@ -224,3 +224,8 @@ def test_run_is_detachable(make_repo, digits):
             break
         time.sleep(0.5)
     assert done, open(info["log"]).read()
+    # The detached child writes the run's end, then exits: wait for that too, so nothing outlives the test.
+    try:
+        psutil.Process(info["pid"]).wait(timeout=max(deadline - time.time(), 5))
+    except psutil.NoSuchProcess:
+        pass
