@@ -70,8 +70,6 @@ _BACKENDS: dict[str, Backend] = {}
 
 
 # -- wiring ---------------------------------------------------------------------------
-
-
 def pipeline_platforms() -> tuple[str, ...]:
     raw = os.environ.get("MMP_PIPELINE_PLATFORMS", "")
     return tuple(p.strip() for p in raw.split(",") if p.strip()) or DEFAULT_PLATFORMS
