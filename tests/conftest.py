@@ -46,6 +46,9 @@ def _marked_processes(mark: str) -> list:
     return found
 
 
+EXIT_GRACE_SECONDS = 3
+
+
 def kill_left_behind(mark: str, before: set[int] = frozenset()) -> list[str]:
     """Kill what a test left running: processes carrying its mark (own session, reparented to
     init, or not) and new descendants of this process, each with its own descendants.
@@ -59,15 +62,18 @@ def kill_left_behind(mark: str, before: set[int] = frozenset()) -> list[str]:
                 leftovers[child.pid] = child
         except psutil.NoSuchProcess:
             continue
+    # A process already on its way out is not left behind (sshd's per-connection process ends
+    # just after its client closes): give each a moment to exit on its own, then kill the rest.
+    _, still_running = psutil.wait_procs(list(leftovers.values()), timeout=EXIT_GRACE_SECONDS)
     described = []
-    for proc in leftovers.values():
+    for proc in still_running:
         try:
             described.append(" ".join(proc.cmdline())[:120])
             for member in [*proc.children(recursive=True), proc]:
                 member.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    psutil.wait_procs(list(leftovers.values()), timeout=10)
+    psutil.wait_procs(still_running, timeout=10)
     return described
 
 
