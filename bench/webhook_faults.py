@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from mmp.webhook.core import MAX_BODY_BYTES  # noqa: E402
 from mmp.webhook.server import Limits  # noqa: E402
+from tests.gitops.concurrency import concurrently  # noqa: E402
 from webhook_ack import SECRET, deliveries as pushes, free_port  # noqa: E402  (bench/ is this script's folder)
 
 
@@ -59,23 +60,8 @@ def post(port: int, body: bytes, headers: dict, source: str = "127.0.0.1", timeo
 
 
 def at_once(jobs: list, timeout: float = 300) -> list:
-    results: list = [None] * len(jobs)
-    barrier = threading.Barrier(len(jobs))
-
-    def run(i: int) -> None:
-        try:
-            barrier.wait(timeout=timeout)
-            results[i] = jobs[i]()
-        except Exception as exc:
-            results[i] = type(exc).__name__
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(timeout=max(0.1, deadline - time.monotonic()))
-    return results
+    """The jobs released together; an exception is counted by its type's name."""
+    return [type(r).__name__ if isinstance(r, Exception) else r for r in concurrently(jobs, timeout)]
 
 
 def health(port: int) -> dict:

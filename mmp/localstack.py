@@ -140,15 +140,7 @@ def _stop_stack_leftovers(stack_id: Any, started: Any) -> list[str]:
     """Kill processes still carrying a dead stack's id in their environment (started after it: not reused)."""
     if not isinstance(stack_id, str) or not stack_id or not isinstance(started, (int, float)):
         return []
-    found = []
-    for proc in psutil.process_iter(["pid", "create_time", "name"]):
-        if proc.pid == os.getpid() or (proc.info["create_time"] or 0) < started - 0.05:
-            continue
-        try:
-            if proc.environ().get(STACK_ID_ENV) == stack_id:
-                found.append(proc)
-        except psutil.Error:
-            continue
+    found = procs.processes_with_env(STACK_ID_ENV, stack_id, started_after=started)
     for proc in found:
         try:
             proc.terminate()

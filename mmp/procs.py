@@ -67,6 +67,24 @@ def wait_gone(proc: psutil.Process | None, timeout: float) -> bool:
         return True
 
 
+def processes_with_env(name: str, value: str, *, started_after: float | None = None) -> list[psutil.Process]:
+    """Live processes (not this one, no zombies) whose environment holds `name=value`: what a
+    stack or a test marked at start, wherever they were reparented. `started_after` skips
+    older processes, which cannot be ours (a reused mark, a pid wrap-around)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        if proc.pid == os.getpid():
+            continue
+        if started_after is not None and (proc.info["create_time"] or 0) < started_after - START_TOLERANCE_S:
+            continue
+        try:
+            if proc.environ().get(name) == value and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
 # -- cgroup v2 -----------------------------------------------------------------------
 def cgroup2_mount() -> Path | None:
     """Where the unified (v2) hierarchy is mounted, if it is."""

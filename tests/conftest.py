@@ -31,21 +31,6 @@ GIT_ENV = {
 TEST_MARK = "MMP_TEST_PROCESS_MARK"
 
 
-def _marked_processes(mark: str) -> list:
-    """Live processes started under this test: they inherited its mark in their environment."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != os.getpid() and proc.environ().get(TEST_MARK) == mark \
-                    and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            continue
-    return found
-
-
 EXIT_GRACE_SECONDS = 3
 
 
@@ -55,7 +40,10 @@ def kill_left_behind(mark: str, before: set[int] = frozenset()) -> list[str]:
     Returns their command lines."""
     import psutil
 
-    leftovers = {p.pid: p for p in _marked_processes(mark)}
+    from mmp.procs import processes_with_env
+
+    # Live processes started under this test: they inherited its mark in their environment.
+    leftovers = {p.pid: p for p in processes_with_env(TEST_MARK, mark)}
     for child in psutil.Process().children(recursive=True):  # those that cleared their environment
         try:
             if child.pid not in before and child.status() != psutil.STATUS_ZOMBIE:
@@ -97,6 +85,16 @@ def no_process_left_behind(monkeypatch):
         import warnings
 
         warnings.warn(f"test left {len(killed)} process(es) running, killed: {killed}", stacklevel=1)
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite DB with its schema, made once per session (migrations take seconds): tests copy it."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty-mlflow") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from mmp import config
+from mmp.procs import processes_with_env
 
 from ..conftest import free_port
 
@@ -90,13 +91,7 @@ def stray_processes(mmp_home):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-    strays = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != os.getpid() and proc.environ().get("MMP_HOME") == str(mmp_home):
-                strays.append(proc)
-        except psutil.Error:
-            continue
+    strays = processes_with_env("MMP_HOME", str(mmp_home))
     for proc in strays:
         try:
             proc.kill()

@@ -18,6 +18,8 @@ import pytest
 from mmp.webhook.core import MAX_BODY_BYTES
 from mmp.webhook.server import Limits, local_server
 
+from .concurrency import concurrently
+
 PUSH = "push-added-and-modified.json"
 
 
@@ -62,28 +64,6 @@ def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             pytest.fail(f"{what} not reached in {timeout}s")
         time.sleep(0.05)
-
-
-def concurrently(jobs: list, timeout: float = 120.0) -> list:
-    """Run the callables at once (released together by a barrier); each result, or the exception it raised."""
-    results: list = [None] * len(jobs)
-    barrier = threading.Barrier(len(jobs))
-
-    def run(i: int) -> None:
-        try:
-            barrier.wait(timeout=timeout)
-            results[i] = jobs[i]()
-        except Exception as exc:  # a reset or a timeout is a result to report, not a crash
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(timeout=max(0.1, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "some requests never finished"
-    return results
 
 
 @pytest.fixture

@@ -61,16 +61,6 @@ def wait_for(condition, what: str, timeout: float = 240.0, proc: subprocess.Pope
     pytest.fail(f"timed out waiting for {what}" + (": " + log.read_text(errors="replace")[-3000:] if log else ""))
 
 
-@pytest.fixture(scope="module")
-def empty_mlflow_db(tmp_path_factory) -> Path:
-    """An MLflow SQLite DB with its schema, made once (creating the schema takes seconds)."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("empty-mlflow") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def store_dir(mmp_home, empty_mlflow_db, monkeypatch) -> Path:
     """The MLflow store in a folder of its own (so it can be made read-only alone), as the tracking URI."""

@@ -63,25 +63,15 @@ def real_runs(trained, mmp_home):
     return trained
 
 
-@pytest.fixture(scope="session")
-def _empty_db(tmp_path_factory) -> Path:
-    """An MLflow SQLite DB with its schema made once (migrations take about a second)."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("empty-mlflow") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def client(mmp_home, _empty_db):
+def client(mmp_home, empty_mlflow_db):
     """An MlflowClient on this test's own MLflow DB (a copy of the empty one)."""
     from mlflow.tracking import MlflowClient
 
     from mmp import config
 
     if not (mmp_home / "mlflow.db").exists():
-        shutil.copy(_empty_db, mmp_home / "mlflow.db")
+        shutil.copy(empty_mlflow_db, mmp_home / "mlflow.db")
     return MlflowClient(tracking_uri=config.tracking_uri())
 
 
