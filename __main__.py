@@ -86,12 +86,6 @@ pulumi.export("deliveriesTable", webhook.table.name)
 backend_env = pipeline.environment.apply(lambda env: {k: v for k, v in env.items() if k != "MMP_HOME"})
 extra = {"MMP_WEBHOOK_SECRET_ARN": webhook.webhook_secret.arn, "MMP_DELIVERIES_TABLE": webhook.table.name,
          "MMP_STATE_MACHINE_ARN": pipeline.state_machine.arn, "MMP_FSX_DNS_NAME": data.fsx_dns_name}
-if dlami is not None:
-    extra.update({
-        "MMP_DLAMI_SSM_PARAMETER": settings.dlami_ssm_parameter, "MMP_DLAMI_AMI_ID": settings.dlami_ami_id or "",
-        "MMP_LAUNCH_TEMPLATE_ID": dlami.launch_template.id, "MMP_PLACEMENT_GROUP": dlami.placement_group.name,
-        "MMP_SSH_KEY_SECRET_ARN": dlami.ssh_key_secret.arn, "MMP_SSH_USER": settings.ssh_user,
-    })
 pulumi.export("backendEnv", pulumi.Output.all(backend_env, extra).apply(lambda a: {**a[0], **a[1]}))
 for key, value in {
     "ecrRepositoryUri": pipeline.repository.repository_url, "sagemakerRoleArn": pipeline.sagemaker_role.arn,

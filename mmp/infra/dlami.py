@@ -70,9 +70,7 @@ class DlamiResources(pulumi.ComponentResource):
             iam.statement(["s3:ListBucket", "s3:GetBucketLocation"], [datasets, artifacts]),
             iam.statement(["s3:GetObject"], [pulumi.Output.concat(datasets, "/*")]),
             iam.statement(["s3:GetObject", "s3:PutObject"], [pulumi.Output.concat(artifacts, "/*")]),
-            iam.statement(["ecr:GetAuthorizationToken"], ["*"]),  # no resource form
-            iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
-                          [training_images]),
+            *iam.ecr_statements(training_images),
         ]
         if mlflow_password_secret_arn:
             statements.append(iam.statement(["secretsmanager:GetSecretValue"], [mlflow_password_secret_arn]))

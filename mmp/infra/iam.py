@@ -73,6 +73,18 @@ def logs_statement(region: str, account: pulumi.Input[str], groups: Sequence[pul
     return statement(["logs:CreateLogStream", "logs:PutLogEvents"], resources)
 
 
+ECR_PULL_ACTIONS = ("ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer")
+ECR_PUSH_ACTIONS = ("ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload", "ecr:PutImage",
+                    "ecr:DescribeImages")
+
+
+def ecr_statements(repository_arn: pulumi.Input[str], *, push: bool = False) -> list[dict]:
+    """Log in to ECR (account-wide by design: GetAuthorizationToken has no resource form) and pull
+    from one repository, or also push to it (the image builds)."""
+    actions = [*ECR_PULL_ACTIONS, *(ECR_PUSH_ACTIONS if push else ())]
+    return [statement(["ecr:GetAuthorizationToken"], ["*"]), statement(actions, [repository_arn])]
+
+
 # SageMaker managed MLflow authorises each REST call as an action on the tracking server's ARN.
 MLFLOW_PIPELINE_ACTIONS = ("GetExperimentByName", "CreateExperiment", "CreateRun", "GetRun", "LogBatch",
                            "UpdateRun")  # what mmp.tracking_rest calls

@@ -39,11 +39,10 @@ from .dlami import DlamiResources
 from .lambda_package import HANDLERS, LambdaPackage
 from .mlflow_server import MlflowServer
 from .network import Network
-from .runner import RunnerTask, ec2_statements, runner_secrets
+from .runner import CONTAINER as RUNNER_CONTAINER_NAME, RunnerTask, ec2_statements, runner_secrets
 from .settings import Settings
 
 STAGES = ("prepare", "launch", "conclude")
-RUNNER_CONTAINER = "runner"
 RUNNER_STATE_VARIABLE = "MMP_RUNNER_STATE"  # mmp.pipeline.aws_runner.STATE_VARIABLE
 STUDY_FOLDER = "runner/study"  # mmp.pipeline.runner_results.folder("study", ...)
 PROMOTION_TIMEOUT_SECONDS = 3600
@@ -93,6 +92,19 @@ def sync_task(resource: str, arguments: Any, *, timeout: Any, result: str, next_
     return state
 
 
+def build_task(parameters: dict, *, result_path: str, next_state: str) -> dict:
+    """`codebuild:startBuild.sync` of an image build: the build's id and status at `result_path`,
+    CodeBuild's own throttling retried, any failure caught into Conclude."""
+    return {
+        "Type": "Task", "Resource": "arn:aws:states:::codebuild:startBuild.sync", "Parameters": parameters,
+        "ResultSelector": {"id.$": "$.Build.Id", "status.$": "$.Build.BuildStatus"}, "ResultPath": result_path,
+        "Retry": [{"ErrorEquals": ["CodeBuild.AWSCodeBuildException"], "IntervalSeconds": 30, "MaxAttempts": 2,
+                   "BackoffRate": 2.0}],
+        "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Conclude"}],
+        "Next": next_state,
+    }
+
+
 def runner_task(runner: Mapping[str, Any], command: str, fields: tuple[str, ...], **kwargs: Any) -> dict:
     """`ecs:runTask.sync` of the runner task definition (mmp.infra.runner) in the private subnets,
     with the state it needs (only `fields`, never a secret) in MMP_RUNNER_STATE."""
@@ -102,7 +114,7 @@ def runner_task(runner: Mapping[str, Any], command: str, fields: tuple[str, ...]
         "NetworkConfiguration": {"AwsvpcConfiguration": {
             "Subnets": list(runner["subnets"]), "SecurityGroups": list(runner["security_groups"]),
             "AssignPublicIp": "DISABLED"}},
-        "Overrides": {"ContainerOverrides": [{"Name": RUNNER_CONTAINER, "Command": [command],
+        "Overrides": {"ContainerOverrides": [{"Name": RUNNER_CONTAINER_NAME, "Command": [command],
                                               "Environment": [{"Name": RUNNER_STATE_VARIABLE, "Value": value}]}]},
     }
     return sync_task("arn:aws:states:::ecs:runTask.sync", arguments, **kwargs)
@@ -123,16 +135,8 @@ def state_machine_definition(functions: Mapping[str, str], build_project: str, r
             "NeedsRunner?": {"Type": "Choice", "Choices": [{"Or": [
                 {"Variable": "$.promote", "BooleanEquals": True},
                 {"Variable": "$.runner", "BooleanEquals": True}], "Next": "RunnerImage"}], "Default": "Accepted?"},
-            "RunnerImage": {
-                "Type": "Task", "Resource": "arn:aws:states:::codebuild:startBuild.sync",
-                "Parameters": {"ProjectName": runner["build_project"]},
-                "ResultSelector": {"id.$": "$.Build.Id", "status.$": "$.Build.BuildStatus"},
-                "ResultPath": "$.runner_image",
-                "Retry": [{"ErrorEquals": ["CodeBuild.AWSCodeBuildException"], "IntervalSeconds": 30,
-                           "MaxAttempts": 2, "BackoffRate": 2.0}],
-                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Conclude"}],
-                "Next": "Promote?",
-            },
+            "RunnerImage": build_task({"ProjectName": runner["build_project"]}, result_path="$.runner_image",
+                                      next_state="Promote?"),
             "Promote?": {"Type": "Choice", "Choices": [
                 {"Variable": "$.promote", "BooleanEquals": True, "Next": "Promote"}], "Default": "Accepted?"},
             "Promote": runner_task(runner, "promote", ("job",), timeout=PROMOTION_TIMEOUT_SECONDS,
@@ -154,17 +158,9 @@ def state_machine_definition(functions: Mapping[str, str], build_project: str, r
                                     timeout="{% $states.input.runner_timeout_seconds %}",
                                     result="{'runner_task': $states.result.TaskArn}", next_state="Conclude",
                                     retry=STUDY_RETRY),
-            "BuildImage": {
-                "Type": "Task", "Resource": "arn:aws:states:::codebuild:startBuild.sync",
-                "Parameters": {"ProjectName": build_project,
-                               "EnvironmentVariablesOverride": build_environment_overrides()},
-                "ResultSelector": {"id.$": "$.Build.Id", "status.$": "$.Build.BuildStatus"},
-                "ResultPath": "$.build",
-                "Retry": [{"ErrorEquals": ["CodeBuild.AWSCodeBuildException"], "IntervalSeconds": 30,
-                           "MaxAttempts": 2, "BackoffRate": 2.0}],
-                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Conclude"}],
-                "Next": "Train where?",
-            },
+            "BuildImage": build_task({"ProjectName": build_project,
+                                      "EnvironmentVariablesOverride": build_environment_overrides()},
+                                     result_path="$.build", next_state="Train where?"),
             "Launch": lambda_task(functions["launch"], next_state="Launched?"),
             "Launched?": {"Type": "Choice", "Choices": [
                 {"Variable": "$.status.terminal", "BooleanEquals": True, "Next": "Conclude"}], "Default": "Train"},
@@ -252,10 +248,7 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["s3:GetObject", "s3:GetObjectVersion"], [pulumi.Output.concat(artifacts_arn, "/codebuild/*"),
                                                                     pulumi.Output.concat(artifacts_arn, f"/{REQUIREMENTS_PREFIX}/*")]),
             iam.statement(["s3:GetBucketAcl", "s3:GetBucketLocation"], [artifacts_arn]),
-            iam.statement(["ecr:GetAuthorizationToken"], ["*"]),  # account-wide by design: no resource form
-            iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
-                           "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload",
-                           "ecr:PutImage", "ecr:DescribeImages"], [self.repository.arn]),
+            *iam.ecr_statements(self.repository.arn, push=True),
         ], self, description="CodeBuild: build the training image into ECR")
         self.build_project = aws.codebuild.Project(
             f"{name}-build", name=f"{settings.prefix}-image", service_role=build_role.arn, build_timeout=60,
@@ -285,9 +278,7 @@ class TrainingPipeline(pulumi.ComponentResource):
                                                for p in sorted(ps))]),
             iam.statement(["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
                           [pulumi.Output.concat(artifacts_arn, "/*")]),
-            iam.statement(["ecr:GetAuthorizationToken"], ["*"]),
-            iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
-                          [self.repository.arn]),
+            *iam.ecr_statements(self.repository.arn),
             iam.statement(["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents",
                            "logs:DescribeLogStreams"], iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
             iam.statement(["cloudwatch:PutMetricData"], ["*"],
@@ -419,7 +410,6 @@ class TrainingPipeline(pulumi.ComponentResource):
         ]
         sfn_role = iam.service_role(f"{name}-sfn", "states.amazonaws.com", sfn_policy, self,
                                     description="Step Functions: the stages, the image builds, SageMaker, the runner")
-        self.sfn_policy = iam.document(sfn_policy)
         timeout = (MAX_RUNTIME_CAP_MINUTES + 3 * 60) * 60  # the longest Max_Runtime, plus build and queue
         self.definition = pulumi.Output.all(
             functions={s: self.functions[s].arn for s in STAGES}, project=self.build_project.name,

@@ -131,10 +131,7 @@ class RunnerTask(pulumi.ComponentResource):
             iam.statement(["s3:GetObject", "s3:GetObjectVersion"],
                           [pulumi.Output.concat(artifacts_bucket.arn, "/codebuild/*")]),
             iam.statement(["s3:GetBucketAcl", "s3:GetBucketLocation"], [artifacts_bucket.arn]),
-            iam.statement(["ecr:GetAuthorizationToken"], ["*"]),  # account-wide by design: no resource form
-            iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
-                           "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload",
-                           "ecr:PutImage", "ecr:DescribeImages"], [self.repository.arn]),
+            *iam.ecr_statements(self.repository.arn, push=True),
         ], self, description="CodeBuild: build the runner image into ECR")
         self.build_project = aws.codebuild.Project(
             f"{name}-build", name=f"{settings.prefix}-runner-image", service_role=build_role.arn, build_timeout=30,
@@ -155,9 +152,7 @@ class RunnerTask(pulumi.ComponentResource):
                                                  retention_in_days=settings.log_retention_days, tags=tags, opts=child)
         self.cluster = aws.ecs.Cluster(f"{name}-cluster", name=f"{settings.prefix}-runner", tags=tags, opts=child)
         self.execution_role = iam.service_role(f"{name}-execution", "ecs-tasks.amazonaws.com", [
-            iam.statement(["ecr:GetAuthorizationToken"], ["*"]),
-            iam.statement(["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
-                          [self.repository.arn]),
+            *iam.ecr_statements(self.repository.arn),
             iam.logs_statement(region, account, [self.log_group.name]),
             iam.statement(["secretsmanager:GetSecretValue"], list(secrets.values())),  # exactly those injected
         ], self, description="ECS: pull the runner image, write its logs, inject its secrets")
