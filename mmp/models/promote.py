@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import ownership
+from ..tuning.tags import TAG_STUDY
 from .compare import CompareError, experiment_id, make_client, order_by, search_all
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -166,7 +167,7 @@ def choose(client: "MlflowClient", experiment: str, metric: str, mode: str, run_
         return run, ref, [], []
     finished = search_all(client, [exp_id], filter_string="attributes.status = 'FINISHED'", order=clauses)
     runs = [r for r in finished if metric in r.data.metrics
-            and r.data.tags.get("mmp.study") != "true"]  # a study's parent holds no model: its trials do
+            and r.data.tags.get(TAG_STUDY) != "true"]  # a study's parent holds no model: its trials do
     if not runs:
         raise PromotionError(f"no FINISHED run of {experiment!r} logged the metric {metric!r}; nothing promoted")
     skipped: list[str] = []

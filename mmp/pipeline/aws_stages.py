@@ -131,9 +131,9 @@ def outcome_to_dict(outcome: Outcome) -> dict[str, Any]:
             "run_url": outcome.run_url, "problems": list(outcome.problems)}
 
 
-def status_to_dict(status: JobStatus, **extra: Any) -> dict[str, Any]:
+def status_to_dict(status: JobStatus) -> dict[str, Any]:
     return {"state": status.state.value, "terminal": status.state.terminal, "message": status.message,
-            "exit_code": status.exit_code, "detail": status.detail, **extra}
+            "exit_code": status.exit_code, "detail": status.detail}
 
 
 def status_from_dict(raw: dict[str, Any]) -> JobStatus:
@@ -184,7 +184,7 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     if prepared.experiment.tuning is not None:  # many jobs: the runner task runs the study and makes its runs
         pipeline.report_status(trigger, "pending", f"study on {platform}: starting")
         state.update(accepted=True, platform=platform, build_image=bool(image and image.build), runner=True,
-                     study=True, runner_timeout_seconds=prepared.experiment.runtime_minutes * 60 + RUNNER_GRACE_SECONDS)
+                     study=True, runner_timeout_seconds=runner_timeout_seconds(prepared.experiment))
         return state
     try:
         started = pipeline.start(trigger, prepared)
@@ -198,8 +198,14 @@ def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     state.update(accepted=True, platform=platform, build_image=bool(image and image.build),
                  runner=platform in RUNNER_PLATFORMS, started=started_to_dict(started))
     if state["runner"]:  # the runner task's own bound; the backend cancels at Max_Runtime before it
-        state["runner_timeout_seconds"] = prepared.experiment.runtime_minutes * 60 + RUNNER_GRACE_SECONDS
+        state["runner_timeout_seconds"] = runner_timeout_seconds(prepared.experiment)
     return state
+
+
+def runner_timeout_seconds(experiment: Experiment) -> int:
+    """The runner task's own bound (a study's too): its Max_Runtime, which the backend or the study
+    enforces first, plus the grace for provisioning and teardown."""
+    return experiment.runtime_minutes * 60 + RUNNER_GRACE_SECONDS
 
 
 def plan_image_for(trigger: Trigger) -> ImagePlan:
@@ -364,7 +370,7 @@ def conclude_study(pipeline: Pipeline, state: dict[str, Any]) -> dict[str, Any]:
     """The runner reported the study itself (progress and end on the commit, e-mail). If it died
     for good, stop and tear down the trials it left (progress.json), end their runs and the
     parent run, and say so; if it never started one, the commit hears why."""
-    from ..tuning.tags import TAG_TRIAL_STATE
+    from ..tuning.trials import end_trial
 
     try:
         result, _ = runner_results.read("study", state)
@@ -380,24 +386,8 @@ def conclude_study(pipeline: Pipeline, state: dict[str, Any]) -> dict[str, Any]:
     trigger = trigger_of(state["job"])
     if not progress:
         return outcome_to_dict(pipeline.reject(trigger, [message], state="ERROR"))
-    for run_id, raw in (progress.get("trials") or {}).items():
-        handle = JobHandle.from_dict(raw)
-        status = JobStatus(JobState.FAILED, message)
-        try:
-            backend = backend_for(handle.platform)
-        except Exception as exc:
-            log.error("trial run %s: %s", run_id, exc)
-        else:
-            try:
-                backend.cancel(handle)
-            except Exception as exc:  # it may have ended already; teardown still runs
-                log.warning("could not stop trial run %s: %s", run_id, exc)
-            _teardown(backend, handle, status)
-        try:
-            pipeline.tracker.set_tags(run_id, {TAG_TRIAL_STATE: "failed"})
-            pipeline.tracker.finish(run_id, JobState.FAILED, message=status.message)
-        except Exception as exc:
-            log.error("could not end trial run %s: %s", run_id, exc)
+    for run_id, handle in (progress.get("trials") or {}).items():
+        end_trial(run_id, handle, backend_for=backend_for, tracker=pipeline.tracker, message=message)
     return outcome_to_dict(pipeline.end_run(trigger, progress["parent_run_id"], progress.get("run_url"),
                                             JobStatus(JobState.FAILED, message), None))
 

@@ -19,10 +19,12 @@ from ..argv import mlflow_env
 from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, available_platforms, get_backend
 from ..datasets import load_catalogue
 from ..experiment import EXPERIMENT_FILES, Experiment, ExperimentError, FieldProblem, parse_experiment
-from ..ownership import OwnershipError
+from ..ownership import SOURCE_TAG, OwnershipError
 from ..tracking import FINAL_STATUS
 from .reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter, short_description
 from .sources import Trigger, train_script_problem
+
+DELIVERY_TAG = "mmp.delivery_id"  # on every run a delivery creates: the worker's recovery finds them by it
 
 log = logging.getLogger("mmp.pipeline")
 
@@ -176,7 +178,7 @@ class Pipeline:
         name = experiment.resolved_name(trigger.repository)
         tags = {
             "mlflow.source.git.commit": trigger.commit,
-            "mlflow.source.name": trigger.repository,
+            SOURCE_TAG: trigger.repository,
             "mlflow.source.type": "PROJECT",
             "mmp.platform": experiment.platform,
             "mmp.instance_type": experiment.training_instance,
@@ -185,7 +187,7 @@ class Pipeline:
             **experiment.process_tags(),
         }
         if trigger.delivery_id:
-            tags["mmp.delivery_id"] = trigger.delivery_id
+            tags[DELIVERY_TAG] = trigger.delivery_id
         if trigger.ref:
             tags["mmp.ref"] = trigger.ref
         run_id = self.tracker.start(

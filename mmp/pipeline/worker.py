@@ -36,7 +36,6 @@ from .sources import LocalGitSource, Trigger
 
 log = logging.getLogger("mmp.worker")
 
-DELIVERY_TAG = "mmp.delivery_id"  # set by Pipeline.start on every run a delivery creates
 RECONCILE_SECONDS = 30.0  # how often an idle worker retries ending runs the MLflow store refused to end
 INTERRUPTED = "interrupted: the worker stopped (crash or kill -9) while this job was in flight; not re-run"
 SECRET_ENV = config.SECRET_ENV_VARS
@@ -226,6 +225,7 @@ class Worker:
         """
         from ..backends import JobState
         from ..tracking import make_tracker, sqlite_path
+        from .runner import DELIVERY_TAG
         from .store import RunStore
 
         path = sqlite_path(config.tracking_uri())

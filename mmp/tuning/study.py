@@ -36,6 +36,7 @@ from ..pipeline.sources import Trigger
 from . import control
 from .spec import Tuning
 from .tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_STATE
+from .trials import end_trial
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -237,19 +238,8 @@ class StudyRunner:
         """Stop and tear down its job (from the local job store, or the handle the study recorded), end its run."""
         store = self.pipeline.store
         record = store.get(run_id) if store is not None else None
-        raw = record.handle if record is not None and record.handle else recorded
-        if raw:
-            handle = JobHandle.from_dict(raw)
-            for step in ("cancel", "teardown"):  # a job may still run (SageMaker) and hold machines (dlami)
-                try:
-                    getattr(self.pipeline.backend_factory(handle.platform), step)(handle)
-                except Exception as exc:
-                    log.error("could not %s interrupted trial run %s: %s", step, run_id, exc)
-        try:
-            self.tracker.set_tags(run_id, {TAG_TRIAL_STATE: "failed"})
-            self.tracker.finish(run_id, JobState.FAILED, message=INTERRUPTED_TRIAL)
-        except Exception as exc:
-            log.error("could not end interrupted trial run %s: %s", run_id, exc)
+        end_trial(run_id, record.handle if record is not None and record.handle else recorded,
+                  backend_for=self.pipeline.backend_factory, tracker=self.tracker, message=INTERRUPTED_TRIAL)
         if store is not None:
             store.update(run_id, state="FAILED", message=INTERRUPTED_TRIAL)
 
