@@ -39,22 +39,24 @@ CPU, MEMORY = 256, 512  # the runner only waits on SSH and HTTP
 STOP_TIMEOUT = 120  # Fargate's maximum: time for the runner to terminate its instances on SIGTERM
 CONTEXT_PATHS = ("runner_docker", "mmp", "pyproject.toml", "README.md")
 
-# Build the runner image once per mmp version; a later start with the tag present exits at once.
+# Build the runner image once per mmp version; a later start with the tag present does nothing.
+# One command, no `exit`, no shell state from an earlier command: it behaves the same whether
+# CodeBuild runs a phase in one shell or one per command (mmp.infra.image_build's rules).
 BUILDSPEC = r"""version: 0.2
 env:
   shell: bash
 phases:
   build:
     commands:
-      - set -euo pipefail
-      - REGISTRY="${RUNNER_REPOSITORY_URI%%/*}"
       - |
+        set -euo pipefail
         if aws ecr describe-images --repository-name "$RUNNER_REPOSITORY_NAME" --image-ids imageTag="$RUNNER_TAG" >/dev/null 2>&1; then
-          echo "runner image $RUNNER_TAG exists; nothing to build"; exit 0
+          echo "runner image $RUNNER_TAG exists; nothing to build"
+        else
+          aws ecr get-login-password --region "$AWS_REGION" | docker login --username AWS --password-stdin "${RUNNER_REPOSITORY_URI%%/*}"
+          docker build -f runner_docker/Dockerfile -t "$RUNNER_REPOSITORY_URI:$RUNNER_TAG" .
+          docker push "$RUNNER_REPOSITORY_URI:$RUNNER_TAG"
         fi
-      - aws ecr get-login-password --region "$AWS_REGION" | docker login --username AWS --password-stdin "$REGISTRY"
-      - docker build -f runner_docker/Dockerfile -t "$RUNNER_REPOSITORY_URI:$RUNNER_TAG" .
-      - docker push "$RUNNER_REPOSITORY_URI:$RUNNER_TAG"
 """
 
 

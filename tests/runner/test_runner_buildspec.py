@@ -1,0 +1,82 @@
+"""The runner image's CodeBuild buildspec (mmp.infra.runner.BUILDSPEC), read and run as CodeBuild does:
+PyYAML parses it, then its phase runs under bash with stand-in `aws` and `docker`, in both of
+CodeBuild's shell models (tests/sagemaker/test_buildspec.py's runner)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mmp.infra.runner import BUILDSPEC
+
+from ..sagemaker.test_buildspec import AWS_STANDIN, run_phases
+
+REPO_URI = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/acme-runner"
+TAG = "0.1.0-0123456789ab"
+DOCKER_STANDIN = r"""#!/bin/bash
+printf 'docker %s\n' "$*" >> "$STANDIN_LOG"
+case "$1" in
+  login) IFS= read -r password; [ "$password" = ecr-password ] || { echo "login: wrong password" >&2; exit 1; } ;;
+  build) [ -f runner_docker/Dockerfile ] || { echo "context incomplete" >&2; exit 1; }
+         [ -z "${STANDIN_BUILD_FAILS:-}" ] || exit 1 ;;
+  push) ;;
+  *) echo "stand-in docker: unexpected $*" >&2; exit 2 ;;
+esac
+"""
+SHELLS = pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-command", "one-shell"])
+
+
+@pytest.fixture
+def codebuild(tmp_path):
+    source = tmp_path / "src"
+    (source / "runner_docker").mkdir(parents=True)
+    (source / "runner_docker" / "Dockerfile").write_text("FROM python:3.11.11-slim-bookworm\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("aws", AWS_STANDIN), ("docker", DOCKER_STANDIN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.touch()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STANDIN_LOG": str(log),
+           "AWS_REGION": "eu-west-1", "RUNNER_REPOSITORY_URI": REPO_URI, "RUNNER_REPOSITORY_NAME": "acme-runner",
+           "RUNNER_TAG": TAG}
+    return source, env, log
+
+
+def test_the_buildspec_is_yaml_codebuild_accepts_and_never_calls_exit():
+    spec = yaml.safe_load(BUILDSPEC)
+    assert spec["version"] == 0.2 and spec["env"]["shell"] == "bash"
+    commands = [c for body in spec["phases"].values() for c in body["commands"]]
+    assert commands and all(isinstance(c, str) for c in commands)
+    assert "exit" not in "\n".join(commands).split()
+
+
+@SHELLS
+def test_a_new_runner_version_is_built_and_pushed(codebuild, one_shell):
+    source, env, log = codebuild
+    failed, output = run_phases(yaml.safe_load(BUILDSPEC), env, source, one_shell=one_shell)
+    assert failed is None, output
+    calls = log.read_text().splitlines()
+    assert "docker login --username AWS --password-stdin 123456789012.dkr.ecr.eu-west-1.amazonaws.com" in calls
+    assert f"docker build -f runner_docker/Dockerfile -t {REPO_URI}:{TAG} ." in calls
+    assert calls[-1] == f"docker push {REPO_URI}:{TAG}"
+
+
+@SHELLS
+def test_an_existing_tag_builds_nothing_and_the_phase_passes(codebuild, one_shell):
+    source, env, log = codebuild
+    failed, output = run_phases(yaml.safe_load(BUILDSPEC), {**env, "STANDIN_IMAGE_EXISTS": "1"}, source,
+                                one_shell=one_shell)
+    assert failed is None and f"runner image {TAG} exists" in output, output
+    assert not [c for c in log.read_text().splitlines() if c.startswith("docker")]
+
+
+@pytest.mark.parametrize("change, words", [({"STANDIN_LOGIN_FAILS": "1"}, "login: wrong password"),
+                                           ({"STANDIN_BUILD_FAILS": "1"}, "")])
+@SHELLS
+def test_a_failed_login_or_build_fails_the_phase_and_pushes_nothing(codebuild, change, words, one_shell):
+    source, env, log = codebuild
+    failed, output = run_phases(yaml.safe_load(BUILDSPEC), {**env, **change}, source, one_shell=one_shell)
+    assert failed == "build" and words in output, output
+    assert not [c for c in log.read_text().splitlines() if c.startswith("docker push")]
