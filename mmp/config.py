@@ -73,6 +73,22 @@ def local_stack_file() -> Path:
     return home_path() / "stack.json"
 
 
+def running_stack() -> dict | None:
+    """What a running `mmp up` published in `$MMP_HOME/stack.json`; None when none runs (its pid
+    and start time must still match, so a dead stack's file or a reused pid does not count).
+    Here, not with the pipeline: the post-commit hook asks on every commit and must stay light."""
+    import json
+
+    from .procs import find_process
+
+    try:
+        stack = json.loads(local_stack_file().read_text())
+        alive = find_process(int(stack["pid"]), float(stack["started"])) is not None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return stack if alive else None
+
+
 def webhook_secret() -> str:
     """`MMP_WEBHOOK_SECRET`, else a random secret made on first use under MMP_HOME."""
     if os.environ.get("MMP_WEBHOOK_SECRET"):

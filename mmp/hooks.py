@@ -39,9 +39,7 @@ def webhook_url() -> str:
     """Where a firing hook posts: MMP_WEBHOOK_URL (set by `--url` at install), else the webhook of
     the `mmp up` running on MMP_HOME (its stack.json, read now, so `mmp up --port P` is found),
     else the default :8080."""
-    from .pipeline.runs import running_stack
-
-    return os.environ.get("MMP_WEBHOOK_URL") or (running_stack() or {}).get("webhook_url") or DEFAULT_URL
+    return os.environ.get("MMP_WEBHOOK_URL") or (config.running_stack() or {}).get("webhook_url") or DEFAULT_URL
 
 
 # -- the event ------------------------------------------------------------------------

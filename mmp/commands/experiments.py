@@ -65,8 +65,8 @@ def run(
                                                 help="(--detach's child) write the run id here once launched."),
 ) -> None:
     """Launch the experiment at the repository's commit without a push, and follow it."""
-    from .. import gitutil
-    from ..pipeline.runs import local_trigger, mlflow_link, run_trigger, running_stack
+    from .. import config, gitutil
+    from ..pipeline.runs import local_trigger, mlflow_link, run_trigger
 
     try:
         sha = gitutil.resolve(repo, commit)
@@ -77,7 +77,7 @@ def run(
     if detach:
         _run_detached(file, repo, sha, as_json)
         return
-    stack = running_stack() or {}
+    stack = config.running_stack() or {}
     if not os.environ.get("MLFLOW_TRACKING_URI") and stack.get("mlflow_url"):
         os.environ["MLFLOW_TRACKING_URI"] = stack["mlflow_url"]  # the stack's server: links point at its UI
         os.environ.setdefault("MMP_MLFLOW_UI_URL", stack["mlflow_url"])

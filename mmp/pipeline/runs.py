@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,19 +68,6 @@ class LocalPipeline(Pipeline):
         except Exception as exc:  # S3/ECR refused, git failed
             return self.reject(trigger, [f"could not stage the code or image: {exc}"], state="ERROR")
         return prepared
-
-
-def running_stack() -> dict | None:
-    """What a running `mmp up` published in `$MMP_HOME/stack.json`; None when none runs (its pid
-    and start time must still match, so a dead stack's file or a reused pid does not count)."""
-    from ..procs import find_process
-
-    try:
-        stack = json.loads(config.local_stack_file().read_text())
-        alive = find_process(int(stack["pid"]), float(stack["started"])) is not None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return stack if alive else None
 
 
 def run_trigger(trigger: Trigger, *, on_log: Callable[[str], None] | None = None, on_launch=None):
