@@ -73,6 +73,12 @@ def logs_statement(region: str, account: pulumi.Input[str], groups: Sequence[pul
     return statement(["logs:CreateLogStream", "logs:PutLogEvents"], resources)
 
 
+def sync_rule_statement(region: str, account: pulumi.Input[str], rule: str) -> dict:
+    """The managed EventBridge rule through which a Step Functions `.sync` integration hears its job end."""
+    return statement(["events:PutTargets", "events:PutRule", "events:DescribeRule"],
+                     [pulumi.Output.concat("arn:aws:events:", region, ":", account, ":rule/", rule)])
+
+
 ECR_PULL_ACTIONS = ("ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer")
 ECR_PUSH_ACTIONS = ("ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload", "ecr:PutImage",
                     "ecr:DescribeImages")

@@ -395,13 +395,11 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["lambda:InvokeFunction"], function_arns + [pulumi.Output.concat(a, ":*") for a in function_arns]),
             iam.statement(["codebuild:StartBuild", "codebuild:StopBuild", "codebuild:BatchGetBuilds"],
                           [self.build_project.arn]),
-            iam.statement(["events:PutTargets", "events:PutRule", "events:DescribeRule"], [pulumi.Output.concat(
-                "arn:aws:events:", region, ":", account, ":rule/StepFunctionsGetEventForCodeBuildStartBuildRule")]),
+            iam.sync_rule_statement(region, account, "StepFunctionsGetEventForCodeBuildStartBuildRule"),
             # Train: createTrainingJob.sync (AWS's documented policy for it, scoped to the job prefix).
             *sagemaker_launch_statements(job_arn, self.sagemaker_role.arn),
             iam.statement(["sagemaker:ListTags"], ["*"]),
-            iam.statement(["events:PutTargets", "events:PutRule", "events:DescribeRule"], [pulumi.Output.concat(
-                "arn:aws:events:", region, ":", account, ":rule/StepFunctionsGetEventsForSageMakerTrainingJobsRule")]),
+            iam.sync_rule_statement(region, account, "StepFunctionsGetEventsForSageMakerTrainingJobsRule"),
             *self.runner.state_machine_statements(region, account),
             # CloudWatch Logs delivery for Step Functions has no resource-level form (AWS documents "*").
             iam.statement(["logs:CreateLogDelivery", "logs:GetLogDelivery", "logs:UpdateLogDelivery",

@@ -202,8 +202,7 @@ class RunnerTask(pulumi.ComponentResource):
                 "arn:aws:ecs:", region, ":", account, ":task/", self.cluster.name, "/*")]),
             iam.statement(["iam:PassRole"], [self.execution_role.arn, self.task_role.arn],
                           {"StringEquals": {"iam:PassedToService": "ecs-tasks.amazonaws.com"}}),
-            iam.statement(["events:PutTargets", "events:PutRule", "events:DescribeRule"], [pulumi.Output.concat(
-                "arn:aws:events:", region, ":", account, ":rule/StepFunctionsGetEventsForECSTaskRule")]),
+            iam.sync_rule_statement(region, account, "StepFunctionsGetEventsForECSTaskRule"),
             iam.statement(["codebuild:StartBuild", "codebuild:StopBuild", "codebuild:BatchGetBuilds"],
                           [self.build_project.arn]),
         ]
