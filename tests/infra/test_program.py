@@ -279,7 +279,9 @@ def test_dlami_flag_adds_its_resources(fsx, h):
 
     script = base64.b64decode(template["userData"]).decode()
     assert "shutdown -h +\"$MINUTES\"" in script and "mmp:max-runtime-minutes" in script
-    assert "mount -t lustre -o relatime,flock fs-0123.fsx.eu-west-1.amazonaws.com@tcp:/abcdefgh /fsx" in script
+    # the backend's FSx step (client, mount, run area; run under bash in tests/dlami/test_user_data.py)
+    assert "mmp-fsx fs-0123.fsx.eu-west-1.amazonaws.com abcdefgh /fsx ubuntu /fsx/mmp /fsx/output" in script
+    assert "|| true" not in script.split("shutdown -h", 1)[1]  # a failed install or mount is not swallowed
     assert run.exports["backendEnv"]["MMP_LAUNCH_TEMPLATE_ID"] and run.exports["backendEnv"]["MMP_SSH_KEY_SECRET_ARN"]
 
 
