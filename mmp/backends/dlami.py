@@ -343,8 +343,12 @@ class DlamiBackend(Backend):
 
     # -- plan --------------------------------------------------------------------
     def paths(self, request: LaunchRequest) -> Paths:
+        """The dataset where the catalogue puts it inside FSx (a shared one has its own
+        association), else under the dataset root; the output under the output root."""
+        fsx = getattr(request.dataset, "fsx", None)
         return Paths(
-            dataset=f"{self.config.dataset_root.rstrip('/')}/{request.dataset.name}",
+            dataset=(f"{self.config.fsx_mount_point.rstrip('/')}{fsx}" if fsx
+                     else f"{self.config.dataset_root.rstrip('/')}/{request.dataset.name}"),
             output=f"{self.config.output_root.rstrip('/')}/{request.experiment_name}/{request.run_id}",
         )
 

@@ -20,6 +20,7 @@ SECRET_KEYS = ("githubToken", "webhookSecret", "mlflowAdminPassword", "sshPrivat
 DEFAULT_DLAMI_SSM = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 DOMAIN_RE = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+MAX_LINKED_DATASETS = 7  # FSx: 8 data repository associations per file system, one for the stack's datasets/
 INPUT_MODES = ("File", "FastFile")  # what mmp.backends.sagemaker runs (Pipe needs a record reader)
 
 
@@ -189,6 +190,8 @@ class Settings(BaseModel):
         if self.fsx and not valid_fsx_capacity(self.fsx_storage_gb):
             problems.append(f"fsxStorageGb: PERSISTENT_2 SSD takes 1200, 2400 or a multiple of 2400 GiB, "
                             f"got {self.fsx_storage_gb}")
+        if self.fsx:
+            problems += self._fsx_link_problems()
         if self.fsx and not self.nat_gateway and not self.vpc_id:
             problems.append("natGateway: false with fsx true leaves sagemaker-fsx jobs and DLAMI hosts in private "
                             "subnets with no route to ECR, Secrets Manager or MLflow; keep natGateway true")
@@ -214,7 +217,31 @@ class Settings(BaseModel):
             raise ValueError("; ".join(problems))
         return self
 
+    def _fsx_link_problems(self) -> list[str]:
+        """FSx allows 8 data repository associations per file system, none overlapping another's
+        S3 prefix (FSx API reference, CreateDataRepositoryAssociation); the stack's own
+        datasets/ prefix takes one."""
+        linked = self.fsx_linked_datasets
+        problems = []
+        if len(linked) > MAX_LINKED_DATASETS:
+            problems.append(f"datasets: with fsx true each dataset in another bucket is linked into FSx by its own "
+                            f"data repository association, and a file system takes 8 (one is the stack's own "
+                            f"datasets/ prefix): at most {MAX_LINKED_DATASETS} such datasets, got {len(linked)} "
+                            f"({', '.join(sorted(linked))}); give the others an fsx path that already holds them")
+        prefixes = sorted((uri.rstrip("/") + "/", name) for name, uri in linked.items())
+        for (first, a), (second, b) in zip(prefixes, prefixes[1:]):
+            if second.startswith(first):
+                problems.append(f"datasets.{a}.s3 and datasets.{b}.s3: FSx links an S3 prefix once and never one "
+                                f"inside another ({first} holds {second}); name one of them, or give one an fsx path")
+        return problems
+
     # -- derived -------------------------------------------------------------------
+    @property
+    def fsx_linked_datasets(self) -> dict[str, str]:
+        """name → S3 prefix of each configured dataset outside the stack's bucket that the stack
+        links into FSx itself, at /shared/<name> (one given an `fsx` path is already there)."""
+        return {name: entry.s3 for name, entry in self.datasets.items() if entry.s3 and not entry.fsx}
+
     @property
     def prefix(self) -> str:
         """Physical-name prefix, unique per deployment and environment."""

@@ -256,6 +256,39 @@ def test_fsx_jobs_read_the_directory_the_stack_made(fsx, monkeypatch):
     assert source["DirectoryPath"] == "/abcdefgh/datasets/fashion"
 
 
+def test_every_fsx_path_in_the_catalogue_lies_in_a_data_repository_association(h):
+    """A dataset in another bucket is linked at /shared/<name> by an import-only association
+    of its own: /datasets/<name> would stay empty, the /datasets association holding only
+    the stack's own datasets/ prefix. The DLAMI path follows the catalogue."""
+    from mmp.backends import LaunchRequest
+    from mmp.backends.dlami import DlamiBackend, DlamiConfig
+    from mmp.datasets import Dataset
+    from mmp.experiment import parse_experiment
+
+    run = h.run_stack("dev", {**h.DEV_CONFIG, "mmp:fsx": "true", "mmp:datasets": json.dumps(
+        {"cifar": {"s3": "s3://shared-data/cifar"}, "mine": {"s3": "s3://shared-data/x/", "fsx": "/already/x"}})})
+    catalogue = json.loads(run.exports["backendEnv"]["MMP_DATASETS"])
+    links = {d.inputs["fileSystemPath"]: d.inputs
+             for d in run.of_type("aws:fsx/dataRepositoryAssociation:DataRepositoryAssociation")}
+    assert set(links) == {"/datasets", "/shared/cifar"}
+    assert catalogue["cifar"] == {"s3": "s3://shared-data/cifar", "fsx": "/shared/cifar"}
+    assert catalogue["digits"]["fsx"] == "/datasets/digits" and catalogue["mine"]["fsx"] == "/already/x"
+    shared = links["/shared/cifar"]
+    assert shared["dataRepositoryPath"] == "s3://shared-data/cifar/"
+    assert "autoExportPolicy" not in shared["s3"]  # nothing is written back into another team's bucket
+    for name, entry in catalogue.items():
+        if name == "mine":  # configured with its own path: the owner keeps it filled
+            continue
+        link = next(p for p in links if (entry["fsx"] + "/").startswith(p + "/"))
+        filled_from = links[link]["dataRepositoryPath"] + entry["fsx"][len(link) + 1:]
+        assert entry["s3"].rstrip("/") == filled_from.rstrip("/"), name  # FSx shows exactly the S3 the entry names
+    experiment = parse_experiment({"Platform": "dlami", "Dataset_Name": "cifar", "Training_Instance": "p3.2xlarge",
+                                   "Instance_Count": "1"})
+    request = LaunchRequest(experiment=experiment, experiment_name="e", run_id="r1", repository="a/b", clone_url="",
+                            commit="c" * 40, mlflow_env={}, dataset=Dataset(name="cifar", **catalogue["cifar"]))
+    assert DlamiBackend(DlamiConfig()).paths(request).dataset == "/fsx/shared/cifar"
+
+
 def test_dlami_flag_adds_its_resources(fsx, h):
     run = h.run_stack("dev", {**h.DEV_CONFIG, "mmp:fsx": "true", "mmp:dlami": "true",
                             "mmp:sshPublicKey": "ssh-ed25519 AAAA test", "mmp:sshPrivateKey": SSH_KEY})
@@ -318,6 +351,11 @@ def test_reused_vpc_creates_no_network(h):
     ({"mmp:dlami": "true"}, "dlami"),
     ({"mmp:sagemakerInputMode": "Stream"}, "mmp:sagemakerInputMode"),
     ({"mmp:mlflowPort": "5000"}, "unknown config key(s) mmp:mlflowPort"),
+    ({"mmp:fsx": "true", "mmp:datasets": json.dumps({f"d{i}": {"s3": f"s3://other/d{i}/"} for i in range(8)})},
+     "datasets: with fsx true each dataset in another bucket is linked into FSx by its own data repository "
+     "association, and a file system takes 8 (one is the stack's own datasets/ prefix): at most 7 such datasets, got 8"),
+    ({"mmp:fsx": "true", "mmp:datasets": json.dumps({"all": {"s3": "s3://other/img"}, "part": {"s3": "s3://other/img/a/"}})},
+     "datasets.all.s3 and datasets.part.s3: FSx links an S3 prefix once and never one inside another"),
 ])
 def test_bad_config_fails_naming_the_key(extra, message, h):
     with pytest.raises(Exception) as info:
