@@ -233,13 +233,11 @@ class MlflowServer(pulumi.ComponentResource):
         self.load_balancer_dns_name = alb.dns_name
         self.api_url = self.url
         # Without a NAT gateway the task needs a public IP to pull its image (its group still admits only the ALB).
-        public_ip = not (settings.nat_gateway or settings.vpc_id)
-        subnets_for_tasks = network.public_subnet_ids if public_ip else network.private_subnet_ids
         aws.ecs.Service(
             f"{name}-service", cluster=self.cluster.arn, task_definition=task.arn, desired_count=1,
             launch_type="FARGATE", health_check_grace_period_seconds=180,
             deployment_minimum_healthy_percent=0, deployment_maximum_percent=100,  # one writer at a time
-            network_configuration={"subnets": subnets_for_tasks, "security_groups": [network.mlflow_sg.id],
-                                   "assign_public_ip": public_ip},
+            network_configuration={"subnets": network.task_subnet_ids, "security_groups": [network.mlflow_sg.id],
+                                   "assign_public_ip": network.task_public_ip},
             load_balancers=[{"target_group_arn": target.arn, "container_name": "mlflow", "container_port": PORT}],
             tags=tags, opts=pulumi.ResourceOptions(parent=self, depends_on=[listener]))

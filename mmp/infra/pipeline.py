@@ -106,14 +106,15 @@ def build_task(parameters: dict, *, result_path: str, next_state: str) -> dict:
 
 
 def runner_task(runner: Mapping[str, Any], command: str, fields: tuple[str, ...], **kwargs: Any) -> dict:
-    """`ecs:runTask.sync` of the runner task definition (mmp.infra.runner) in the private subnets,
+    """`ecs:runTask.sync` of the runner task definition (mmp.infra.runner) in its subnets (private
+    behind the NAT; public, with a public IP, without one),
     with the state it needs (only `fields`, never a secret) in MMP_RUNNER_STATE."""
     value = "{% $string({" + ", ".join(f"'{f}': $states.input.{f}" for f in fields) + "}) %}"
     arguments = {
         "Cluster": runner["cluster"], "TaskDefinition": runner["task_definition"], "LaunchType": "FARGATE",
         "NetworkConfiguration": {"AwsvpcConfiguration": {
             "Subnets": list(runner["subnets"]), "SecurityGroups": list(runner["security_groups"]),
-            "AssignPublicIp": "DISABLED"}},
+            "AssignPublicIp": runner.get("assign_public_ip", "DISABLED")}},
         "Overrides": {"ContainerOverrides": [{"Name": RUNNER_CONTAINER_NAME, "Command": [command],
                                               "Environment": [{"Name": RUNNER_STATE_VARIABLE, "Value": value}]}]},
     }
@@ -373,7 +374,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             task_statements += ec2_statements(region, account, launch_template_arn, dlami.role.arn,
                                               settings.dlami_ssm_parameter)
         self.runner = RunnerTask(
-            f"{name}-runner", settings, account=account, subnets=network.private_subnet_ids, vpc_id=network.vpc_id,
+            f"{name}-runner", settings, account=account, subnets=network.task_subnet_ids,
+            public_ip=network.task_public_ip, vpc_id=network.vpc_id,
             artifacts_bucket=data.artifacts_bucket, environment=self.environment,
             secrets=runner_secrets(self.github_token_secret.arn,
                                    mlflow.password_secret.arn if mlflow.password_secret else None,

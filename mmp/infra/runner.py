@@ -1,6 +1,7 @@
 """RunnerTask: the ECS Fargate task that runs the pipeline's long stages (mmp.pipeline.aws_runner).
 
-Step Functions starts it with `ecs:runTask.sync` in the stack's private subnets for
+Step Functions starts it with `ecs:runTask.sync` in the stack's private subnets (the
+public ones with a public IP when a stack-made VPC has no NAT gateway) for
 a `Platform: dlami` push (provision, SSH, horovodrun, teardown) and for a
 promote.json push (the MLflow client). Why a Fargate task: both outlive a Lambda
 and need libraries a Lambda zip should not carry (paramiko, mlflow); a task costs
@@ -107,7 +108,7 @@ def ec2_statements(region: str, account: pulumi.Input[str], launch_template_arn:
 
 class RunnerTask(pulumi.ComponentResource):
     def __init__(self, name: str, settings: Settings, *, account: pulumi.Input[str], subnets: pulumi.Input[list[str]],
-                 vpc_id: pulumi.Input[str], artifacts_bucket: aws.s3.Bucket, environment: pulumi.Input[dict],
+                 public_ip: bool, vpc_id: pulumi.Input[str], artifacts_bucket: aws.s3.Bucket, environment: pulumi.Input[dict],
                  secrets: dict[str, pulumi.Input[str]], task_statements: list[dict], project_root: Path,
                  opts: pulumi.ResourceOptions | None = None):
         super().__init__("mmp:infra:RunnerTask", name, None, opts)
@@ -188,6 +189,7 @@ class RunnerTask(pulumi.ComponentResource):
         # After the task definition: a run must never start an older revision than this deployment's.
         self.target = pulumi.Output.all(cluster=self.cluster.arn, task_definition=self.task_definition_family_arn,
                                         subnets=subnets, security_groups=[self.security_group.id],
+                                        assign_public_ip="ENABLED" if public_ip else "DISABLED",
                                         _revision=self.task_definition.revision).apply(
             lambda a: {k: v for k, v in a.items() if k != "_revision"})
         self.register_outputs({"cluster": self.cluster.arn, "taskDefinition": self.task_definition.arn,

@@ -327,6 +327,33 @@ def test_sagemaker_managed_mlflow_replaces_fargate(dev, h):
     assert run.exports["mlflowUrl"].startswith("https://")
 
 
+def _runner_networks(run) -> dict[str, dict]:
+    states = json.loads(run.one("aws:sfn/stateMachine:StateMachine").inputs["definition"])["States"]
+    return {name: (state.get("Arguments") or state.get("Parameters"))["NetworkConfiguration"]["AwsvpcConfiguration"]
+            for name, state in states.items() if state.get("Resource") == "arn:aws:states:::ecs:runTask.sync"}
+
+
+def test_without_a_nat_the_runner_task_leaves_through_a_public_ip(dev, h):
+    """natGateway: false leaves the private subnets no route out: the runner (studies, promote.json,
+    as MLflow's own task already did) takes the public subnets, whose route is the internet gateway,
+    and a public IP. Behind a NAT it stays private."""
+    run = h.run_stack("dev", {**h.DEV_CONFIG, "mmp:natGateway": "false"})
+    assert not run.of_type("aws:ec2/natGateway:NatGateway")
+    public = {f"{r.name}-id" for r in run.of_type("aws:ec2/subnet:Subnet") if "-public-" in r.name}  # mock ids
+    assert len(public) == 2 and not public & set(run.exports["privateSubnetIds"])
+    networks = _runner_networks(run)
+    assert set(networks) == {"Promote", "RunTraining", "RunStudy"}
+    for network in networks.values():
+        assert network["AssignPublicIp"] == "ENABLED" and set(network["Subnets"]) == public
+    public_routes = [r for t in run.of_type("aws:ec2/routeTable:RouteTable") for r in t.inputs.get("routes", [])
+                     if r.get("gatewayId")]
+    assert public_routes and all(r["cidrBlock"] == "0.0.0.0/0" for r in public_routes)
+    service = run.one("aws:ecs/service:Service").inputs["networkConfiguration"]
+    assert service["assignPublicIp"] is True and set(service["subnets"]) == public
+    for network in _runner_networks(dev).values():
+        assert network["AssignPublicIp"] == "DISABLED" and set(network["Subnets"]) == set(dev.exports["privateSubnetIds"])
+
+
 def test_reused_vpc_creates_no_network(h):
     run = h.run_stack("dev", {**h.DEV_CONFIG, "mmp:vpcId": "vpc-0abc", "mmp:privateSubnetIds": '["subnet-a","subnet-b"]',
                             "mmp:publicSubnetIds": '["subnet-c","subnet-d"]'})
