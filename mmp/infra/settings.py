@@ -46,6 +46,26 @@ def valid_fsx_capacity(gib: int) -> bool:
     return gib == 1200 or (gib > 0 and gib % 2400 == 0)
 
 
+# Fargate's task sizes (Linux): CPU units → the memory (MiB) each takes, from the ECS
+# Developer Guide's "Troubleshoot Amazon ECS task definition invalid CPU or memory errors" table;
+# 8 and 16 vCPU need platform 1.4.0 or later (LATEST, which the MLflow service runs).
+FARGATE_MEMORY = {256: (512, 1024, 2048), 512: tuple(range(1024, 4097, 1024)), 1024: tuple(range(2048, 8193, 1024)),
+                  2048: tuple(range(4096, 16385, 1024)), 4096: tuple(range(8192, 30721, 1024)),
+                  8192: tuple(range(16384, 61441, 4096)), 16384: tuple(range(32768, 122881, 8192))}
+
+
+def fargate_size_problems(cpu: int, memory: int, *, cpu_key: str, memory_key: str) -> list[str]:
+    """What RegisterTaskDefinition would refuse in a Fargate task size, naming the keys."""
+    if cpu not in FARGATE_MEMORY:
+        return [f"{cpu_key}: Fargate takes {', '.join(map(str, FARGATE_MEMORY))} CPU units, got {cpu}"]
+    allowed = FARGATE_MEMORY[cpu]
+    if memory in allowed:
+        return []
+    text = (", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}" if len(allowed) <= 4
+            else f"{allowed[0]} to {allowed[-1]} in steps of {allowed[1] - allowed[0]}")
+    return [f"{memory_key}: with {cpu_key} {cpu}, Fargate takes {text} MiB, got {memory}"]
+
+
 def _is_open(cidr: str) -> bool:
     return ipaddress.ip_network(cidr, strict=False).prefixlen == 0
 
@@ -190,6 +210,8 @@ class Settings(BaseModel):
         if self.fsx and not valid_fsx_capacity(self.fsx_storage_gb):
             problems.append(f"fsxStorageGb: PERSISTENT_2 SSD takes 1200, 2400 or a multiple of 2400 GiB, "
                             f"got {self.fsx_storage_gb}")
+        problems += fargate_size_problems(self.mlflow_cpu, self.mlflow_memory, cpu_key="mlflowCpu",
+                                          memory_key="mlflowMemory")
         if self.fsx:
             problems += self._fsx_link_problems()
         if self.fsx and not self.nat_gateway and not self.vpc_id:

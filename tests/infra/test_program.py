@@ -378,6 +378,15 @@ def test_reused_vpc_creates_no_network(h):
     ({"mmp:dlami": "true"}, "dlami"),
     ({"mmp:sagemakerInputMode": "Stream"}, "mmp:sagemakerInputMode"),
     ({"mmp:mlflowPort": "5000"}, "unknown config key(s) mmp:mlflowPort"),
+    ({"mmp:mlflowCpu": "1000"}, "mlflowCpu: Fargate takes 256, 512, 1024, 2048, 4096, 8192, 16384 CPU units, got 1000"),
+    ({"mmp:mlflowCpu": "256", "mmp:mlflowMemory": "4096"},
+     "mlflowMemory: with mlflowCpu 256, Fargate takes 512, 1024 or 2048 MiB, got 4096"),
+    ({"mmp:mlflowCpu": "1024", "mmp:mlflowMemory": "1536"},
+     "mlflowMemory: with mlflowCpu 1024, Fargate takes 2048 to 8192 in steps of 1024 MiB, got 1536"),
+    ({"mmp:mlflowCpu": "512", "mmp:mlflowMemory": "5120"},
+     "mlflowMemory: with mlflowCpu 512, Fargate takes 1024, 2048, 3072 or 4096 MiB, got 5120"),
+    ({"mmp:mlflowCpu": "8192", "mmp:mlflowMemory": "18432"},
+     "mlflowMemory: with mlflowCpu 8192, Fargate takes 16384 to 61440 in steps of 4096 MiB, got 18432"),
     ({"mmp:fsx": "true", "mmp:datasets": json.dumps({f"d{i}": {"s3": f"s3://other/d{i}/"} for i in range(8)})},
      "datasets: with fsx true each dataset in another bucket is linked into FSx by its own data repository "
      "association, and a file system takes 8 (one is the stack's own datasets/ prefix): at most 7 such datasets, got 8"),
@@ -388,6 +397,22 @@ def test_bad_config_fails_naming_the_key(extra, message, h):
     with pytest.raises(Exception) as info:
         h.run_stack("dev", {**h.DEV_CONFIG, **extra})
     assert message in str(info.value)
+
+
+def test_fargate_sizes_are_the_documented_table():
+    """ECS Developer Guide, "Troubleshoot Amazon ECS task definition invalid CPU or memory errors"
+    (Linux): every listed pair passes, every other 256-MiB step fails; the runner task's size fits."""
+    from mmp.infra import runner
+    from mmp.infra.settings import fargate_size_problems
+
+    gib = 1024
+    table = {256: [512, gib, 2 * gib], 512: [gib, 2 * gib, 3 * gib, 4 * gib], 1024: [n * gib for n in range(2, 9)],
+             2048: [n * gib for n in range(4, 17)], 4096: [n * gib for n in range(8, 31)],
+             8192: [n * gib for n in range(16, 61, 4)], 16384: [n * gib for n in range(32, 121, 8)]}
+    for cpu, memories in table.items():
+        for memory in range(256, 126 * gib, 256):
+            assert (not fargate_size_problems(cpu, memory, cpu_key="c", memory_key="m")) == (memory in memories)
+    assert fargate_size_problems(int(runner.CPU), int(runner.MEMORY), cpu_key="CPU", memory_key="MEMORY") == []
 
 
 def test_secrets_are_required(h):
