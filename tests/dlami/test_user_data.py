@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mmp import aws
 from mmp.backends.dlami import READY_SCRIPT, DlamiBackend, DlamiConfig
 from mmp.backends.dlami_fsx import HOST_FAILED_MARKER
 
@@ -92,7 +93,7 @@ def test_user_data_installs_the_client_from_the_fsx_repository_mounts_then_runs_
     assert calls.index("apt-get -o DPkg::Lock::Timeout=300 update -q") < calls.index(install) < calls.index(MOUNT)
     # the run area belongs to the SSH user, who makes the run folders in it over SSH
     assert "install -d -o ubuntu -g ubuntu -m 0755 /fsx/mmp /fsx/output" in calls
-    assert "aws ecr get-login-password --region us-east-1" in calls
+    assert f"aws ecr get-login-password --region {aws.region()}" in calls  # the stack's region, whichever
     assert "docker login --username AWS --password-stdin 123456789012.dkr.ecr.us-east-1.amazonaws.com" in calls
     assert f"docker pull {IMAGE}" in calls and "nvidia-smi -L" in calls
     run = next(c for c in calls if c.startswith("docker run"))
