@@ -15,12 +15,41 @@ runs the phase in one shell or one per command.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from ..image import context_files
 
 CODEBUILD_IMAGE = "aws/codebuild/standard:7.0"
+# SageMaker refuses OCI manifests and indexes ("Unsupported manifest media type
+# application/vnd.oci.image.manifest.v1+json", moby/buildkit#5480, aws/amazon-sagemaker-feedback#180),
+# and buildx with the docker-container driver adds a provenance attestation by default, which makes
+# the pushed tag an OCI index. So: no attestations, and the image exporter's `oci-mediatypes=false`
+# (https://docs.docker.com/build/exporters/image-registry/): a Docker v2 schema 2 manifest.
+DOCKER_V2_OUTPUT = "--provenance=false --sbom=false --output type=image,push=true,oci-mediatypes=false"
+# ECR's answer to a push onto an existing immutable tag (moby/buildkit#3776, aws/containers-roadmap#862):
+# "tag invalid: The image tag 'T' already exists in the 'R' repository and cannot be overwritten because
+# the repository is immutable" (newer registries say "... because the tag is immutable").
+TAG_EXISTS_PATTERN = "The image tag '[^']+' already exists in the '[^']+' repository and cannot be overwritten"
+# A bash function both image buildspecs define, then run their push through. Two executions needing the
+# same new image both build it; the second push of the content-hashed tag finds it there, made from the
+# same sources, and that is a success. Any other failure keeps its exit status. The output streams to
+# the build log as it comes (a long build shows its progress), and `if` keeps `set -e` from cutting the
+# status capture short.
+PUSH_ONCE = r"""push_once() {
+  local log rc
+  log=$(mktemp)
+  { if "$@"; then echo 0 > "$log.rc"; else echo "$?" > "$log.rc"; fi; } 2>&1 | tee "$log"
+  rc=$(cat "$log.rc")
+  if [ "$rc" != 0 ] && grep -Eq "__PATTERN__" "$log"; then
+    echo "the tag was pushed meanwhile by a concurrent build of the same sources; using that image"
+    rc=0
+  fi
+  rm -f "$log" "$log.rc"
+  return "$rc"
+}""".replace("__PATTERN__", TAG_EXISTS_PATTERN)
+
 BUILD_CACHE_TAG = "buildcache"
 # Set per build by the state machine's BuildImage state (EnvironmentVariablesOverride).
 PER_BUILD_VARIABLES = ("MMP_IMAGE_TAG", "MMP_REQUIREMENTS_S3_URI")
@@ -38,17 +67,18 @@ phases:
   build:
     commands:
       - |
+__PUSH_ONCE__
         if aws ecr describe-images --repository-name "$ECR_REPOSITORY_NAME" --image-ids imageTag="$MMP_IMAGE_TAG" >/dev/null 2>&1; then
           echo "image $MMP_IMAGE_TAG exists (a concurrent build made it); nothing to build"
         else
           docker buildx create --use --name mmp >/dev/null \
-          && docker buildx build --push -f horovod_docker/Dockerfile \
+          && push_once docker buildx build -f horovod_docker/Dockerfile __DOCKER_V2_OUTPUT__ \
             --cache-from "type=registry,ref=$ECR_REPOSITORY_URI:$BUILD_CACHE_TAG" \
             --cache-to "type=registry,ref=$ECR_REPOSITORY_URI:$BUILD_CACHE_TAG,mode=max,image-manifest=true,oci-mediatypes=true" \
             --label "mmp.image-tag=$MMP_IMAGE_TAG" \
             -t "$ECR_REPOSITORY_URI:$MMP_IMAGE_TAG" .
         fi
-"""
+""".replace("__PUSH_ONCE__", textwrap.indent(PUSH_ONCE, " " * 8)).replace("__DOCKER_V2_OUTPUT__", DOCKER_V2_OUTPUT)
 
 
 def image_context(root: Path) -> Any:

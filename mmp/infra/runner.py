@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import pulumi_aws as aws
 from .. import __version__
 from ..backends.dlami import SSH_KEY_VAR
 from . import iam
+from .image_build import PUSH_ONCE
 from .settings import Settings
 
 CONTAINER = "runner"
@@ -39,7 +41,8 @@ CPU, MEMORY = 256, 512  # the runner only waits on SSH and HTTP
 STOP_TIMEOUT = 120  # Fargate's maximum: time for the runner to terminate its instances on SIGTERM
 CONTEXT_PATHS = ("runner_docker", "mmp", "pyproject.toml", "README.md")
 
-# Build the runner image once per mmp version; a later start with the tag present does nothing.
+# Build the runner image once per mmp version; a later start with the tag present does nothing, and a
+# push refused because a concurrent build pushed the tag meanwhile is a success (image_build.PUSH_ONCE).
 # One command, no `exit`, no shell state from an earlier command: it behaves the same whether
 # CodeBuild runs a phase in one shell or one per command (mmp.infra.image_build's rules).
 BUILDSPEC = r"""version: 0.2
@@ -50,14 +53,15 @@ phases:
     commands:
       - |
         set -euo pipefail
+__PUSH_ONCE__
         if aws ecr describe-images --repository-name "$RUNNER_REPOSITORY_NAME" --image-ids imageTag="$RUNNER_TAG" >/dev/null 2>&1; then
           echo "runner image $RUNNER_TAG exists; nothing to build"
         else
           aws ecr get-login-password --region "$AWS_REGION" | docker login --username AWS --password-stdin "${RUNNER_REPOSITORY_URI%%/*}"
           docker build -f runner_docker/Dockerfile -t "$RUNNER_REPOSITORY_URI:$RUNNER_TAG" .
-          docker push "$RUNNER_REPOSITORY_URI:$RUNNER_TAG"
+          push_once docker push "$RUNNER_REPOSITORY_URI:$RUNNER_TAG"
         fi
-"""
+""".replace("__PUSH_ONCE__", textwrap.indent(PUSH_ONCE, " " * 8))
 
 
 def context_files(root: Path) -> list[Path]:

@@ -9,17 +9,18 @@ import yaml
 
 from mmp.infra.runner import BUILDSPEC
 
-from ..sagemaker.test_buildspec import AWS_STANDIN, run_phases
+from ..sagemaker.test_buildspec import AWS_STANDIN, DOCKER_V2, REGISTRY_STANDIN, run_phases
 
 REPO_URI = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/acme-runner"
 TAG = "0.1.0-0123456789ab"
 DOCKER_STANDIN = r"""#!/bin/bash
 printf 'docker %s\n' "$*" >> "$STANDIN_LOG"
+""" + REGISTRY_STANDIN + r"""
 case "$1" in
   login) IFS= read -r password; [ "$password" = ecr-password ] || { echo "login: wrong password" >&2; exit 1; } ;;
   build) [ -f runner_docker/Dockerfile ] || { echo "context incomplete" >&2; exit 1; }
          [ -z "${STANDIN_BUILD_FAILS:-}" ] || exit 1 ;;
-  push) ;;
+  push) push_to_registry "$2" application/vnd.docker.distribution.manifest.v2+json ;;
   *) echo "stand-in docker: unexpected $*" >&2; exit 2 ;;
 esac
 """
@@ -38,7 +39,9 @@ def codebuild(tmp_path):
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "calls.log"
     log.touch()
+    (tmp_path / "registry").mkdir()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STANDIN_LOG": str(log),
+           "STANDIN_REGISTRY": str(tmp_path / "registry"),
            "AWS_REGION": "eu-west-1", "RUNNER_REPOSITORY_URI": REPO_URI, "RUNNER_REPOSITORY_NAME": "acme-runner",
            "RUNNER_TAG": TAG}
     return source, env, log
@@ -80,3 +83,24 @@ def test_a_failed_login_or_build_fails_the_phase_and_pushes_nothing(codebuild, c
     failed, output = run_phases(yaml.safe_load(BUILDSPEC), {**env, **change}, source, one_shell=one_shell)
     assert failed == "build" and words in output, output
     assert not [c for c in log.read_text().splitlines() if c.startswith("docker push")]
+
+
+@SHELLS
+def test_a_tag_pushed_meanwhile_by_a_concurrent_build_is_a_success(codebuild, one_shell, tmp_path):
+    """Issue 19 defect 11: two executions both found no runner image and built it; ECR refuses the second
+    push of the immutable tag, made from the same sources, and that build still passes."""
+    source, env, log = codebuild
+    (tmp_path / "registry" / f"acme-runner:{TAG}").write_text(DOCKER_V2 + "\n")
+    failed, output = run_phases(yaml.safe_load(BUILDSPEC), env, source, one_shell=one_shell)
+    assert failed is None, output
+    assert "already exists in the 'acme-runner' repository" in output
+    assert "pushed meanwhile by a concurrent build" in output
+
+
+@SHELLS
+def test_any_other_push_failure_fails_the_phase(codebuild, one_shell):
+    source, env, _ = codebuild
+    failed, output = run_phases(yaml.safe_load(BUILDSPEC), {**env, "STANDIN_PUSH_DENIED": "1"}, source,
+                                one_shell=one_shell)
+    assert failed == "build" and "not authorized" in output, output
+    assert "concurrent build" not in output

@@ -37,13 +37,51 @@ case "$1 $2" in
   *) echo "stand-in aws: unexpected $*" >&2; exit 2 ;;
 esac
 """
+# ECR with immutable tags, as a folder: one file per pushed tag, holding its manifest's media type.
+# A second push of a tag gets ECR's own refusal (moby/buildkit#3776, aws/containers-roadmap#862).
+REGISTRY_STANDIN = r"""
+push_to_registry() {  # $1 repository-uri:tag, $2 the manifest's media type
+  local repo_tag=${1##*/} stored
+  stored="$STANDIN_REGISTRY/$repo_tag"
+  [ -z "${STANDIN_PUSH_DENIED:-}" ] || { echo "denied: not authorized to perform: ecr:PutImage" >&2; exit 1; }
+  if [ -e "$stored" ]; then
+    echo "tag invalid: The image tag '${repo_tag#*:}' already exists in the '${repo_tag%%:*}' repository and cannot be overwritten because the repository is immutable." >&2
+    exit 1
+  fi
+  echo "$2" > "$stored"
+}
+"""
+DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"  # the one SageMaker accepts
 DOCKER_STANDIN = r"""#!/bin/bash
 printf 'docker %s\n' "$*" >> "$STANDIN_LOG"
+""" + REGISTRY_STANDIN + r"""
 case "$1" in
   login) IFS= read -r password; [ "$password" = ecr-password ] || { echo "login: wrong password" >&2; exit 1; } ;;
   buildx) if [ "$2" = build ]; then
             [ -f repo/requirements.txt ] && [ -f horovod_docker/Dockerfile ] || { echo "context incomplete" >&2; exit 1; }
             [ -z "${STANDIN_BUILD_FAILS:-}" ] || exit 1
+            # What buildx with the docker-container driver pushes: a provenance attestation unless
+            # --provenance=false (an SBOM too with --sbom=true), either of which makes the tag an OCI
+            # index; without them the image exporter's oci-mediatypes picks OCI or Docker v2 types.
+            shift 2; attest=provenance; output=; tag=
+            while [ $# -gt 0 ]; do
+              case "$1" in
+                --provenance=false) attest= ;;
+                --provenance=*) attest=provenance ;;
+                --sbom=true) attest="$attest sbom" ;;
+                --push) output=type=registry ;;
+                --output|-o) output=$2; shift ;;
+                --output=*) output=${1#--output=} ;;
+                -t|--tag) tag=$2; shift ;;
+                -f|--file|--cache-from|--cache-to|--label|--build-arg) shift ;;
+              esac
+              shift
+            done
+            case ",$output," in *,type=registry,*|*,push=true,*) ;; *) echo "built, not pushed"; exit 0 ;; esac
+            if [ -n "$attest" ]; then media=application/vnd.oci.image.index.v1+json
+            elif [[ ",$output," == *,oci-mediatypes=true,* ]]; then media=application/vnd.oci.image.manifest.v1+json
+            else media=application/vnd.docker.distribution.manifest.v2+json; fi
+            push_to_registry "$tag" "$media"
           fi ;;
   *) echo "stand-in docker: unexpected $*" >&2; exit 2 ;;
 esac
@@ -95,8 +133,9 @@ def codebuild(tmp_path):
     requirements.write_text("mlflow>=3.1,<4\nnumpy\n")
     log = tmp_path / "calls.log"
     log.touch()
+    (tmp_path / "registry").mkdir()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STANDIN_LOG": str(log),
-           "STANDIN_S3": str(s3), "AWS_REGION": "eu-west-1", "ECR_REPOSITORY_URI": REPO_URI,
+           "STANDIN_S3": str(s3), "STANDIN_REGISTRY": str(tmp_path / "registry"), "AWS_REGION": "eu-west-1", "ECR_REPOSITORY_URI": REPO_URI,
            "ECR_REPOSITORY_NAME": "acme-training", "BUILD_CACHE_TAG": "buildcache",
            "MMP_IMAGE_TAG": TAG, "MMP_REQUIREMENTS_S3_URI": f"s3://acme-artifacts/{requirements_key(TAG)}"}
     return source, env, log
@@ -130,8 +169,51 @@ def test_a_new_dependency_set_is_built_and_pushed_with_its_tag(codebuild, one_sh
     assert (source / "repo" / "requirements.txt").read_text() == "mlflow>=3.1,<4\nnumpy\n"
     assert "docker login --username AWS --password-stdin 123456789012.dkr.ecr.eu-west-1.amazonaws.com" in calls
     build = [c for c in calls if c.startswith("docker buildx build")]
-    assert len(build) == 1 and f"-t {REPO_URI}:{TAG} ." in build[0] and "--push" in build[0]
+    assert len(build) == 1 and f"-t {REPO_URI}:{TAG} ." in build[0]
     assert not [c for c in calls if c.startswith("git")]
+
+
+@pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-command", "one-shell"])
+def test_the_image_is_pushed_as_a_docker_v2_manifest_sagemaker_accepts(codebuild, one_shell, tmp_path):
+    """Issue 19 defect 6: buildx's default pushed an OCI index (provenance attestation), which SageMaker
+    refuses; with the stand-in modelling buildx's rules, the tag must hold a Docker v2 manifest."""
+    source, env, log = codebuild
+    failed, output = run_phases(yaml.safe_load(BUILDSPEC), env, source, one_shell=one_shell)
+    assert failed is None, output
+    assert (tmp_path / "registry" / f"acme-training:{TAG}").read_text().strip() == DOCKER_V2
+
+
+def test_the_stand_in_pushes_what_buildx_pushes_by_default(codebuild, tmp_path):
+    """The stand-in is not built to pass: the old command line (`--push`, attestations on) gives an index."""
+    source, env, _ = codebuild
+    old = f"docker buildx build --push -f horovod_docker/Dockerfile -t {REPO_URI}:{TAG} ."
+    (source / "repo").mkdir()
+    (source / "repo" / "requirements.txt").write_text("numpy\n")
+    failed, output = run_phases({"phases": {"build": {"commands": [old]}}}, env, source, one_shell=False)
+    assert failed is None, output
+    assert (tmp_path / "registry" / f"acme-training:{TAG}").read_text().strip() == \
+        "application/vnd.oci.image.index.v1+json"
+
+
+@pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-command", "one-shell"])
+def test_a_tag_pushed_meanwhile_by_a_concurrent_build_is_a_success(codebuild, one_shell, tmp_path):
+    """Issue 19 defect 11: both executions saw no image and built it; the second push is refused by ECR
+    because the tag exists, made from the same sources: the build passes and says so."""
+    source, env, log = codebuild
+    (tmp_path / "registry" / f"acme-training:{TAG}").write_text(DOCKER_V2 + "\n")
+    failed, output = run_phases(yaml.safe_load(BUILDSPEC), env, source, one_shell=one_shell)
+    assert failed is None, output
+    assert "already exists in the 'acme-training' repository" in output
+    assert "pushed meanwhile by a concurrent build" in output
+
+
+@pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-command", "one-shell"])
+def test_any_other_push_failure_still_fails_the_build(codebuild, one_shell):
+    source, env, _ = codebuild
+    failed, output = run_phases(yaml.safe_load(BUILDSPEC), {**env, "STANDIN_PUSH_DENIED": "1"}, source,
+                                one_shell=one_shell)
+    assert failed == "build" and "not authorized" in output, output
+    assert "concurrent build" not in output
 
 
 @pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-command", "one-shell"])
