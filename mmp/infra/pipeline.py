@@ -252,7 +252,7 @@ class TrainingPipeline(pulumi.ComponentResource):
         ], self, description="CodeBuild: build the training image into ECR")
         self.build_project = aws.codebuild.Project(
             f"{name}-build", name=f"{settings.prefix}-image", service_role=build_role.arn, build_timeout=60,
-            queued_timeout=60, concurrent_build_limit=4,
+            queued_timeout=60, concurrent_build_limit=settings.build_concurrency_limit,
             source={"type": "S3", "location": pulumi.Output.concat(data.artifacts_bucket.bucket, "/", source.key),
                     "buildspec": BUILDSPEC},
             artifacts={"type": "NO_ARTIFACTS"},

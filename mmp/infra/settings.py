@@ -91,6 +91,10 @@ class Settings(BaseModel):
     sagemaker_max_instances: int = Field(default=4, alias="sagemakerMaxInstances", ge=1, le=256)
     image_keep_count: int = Field(default=20, alias="imageKeepCount", ge=1)
     build_compute_type: str = Field(default="BUILD_GENERAL1_MEDIUM", alias="buildComputeType")
+    # Unset: CodeBuild queues builds past the account's quota. A project limit above that quota fails
+    # CreateProject ("greater than 0 and less than the account concurrent running builds limit"), and
+    # builds past a set limit fail instead of queueing (CodeBuild user guide, "Builds in AWS CodeBuild").
+    build_concurrency_limit: int | None = Field(default=None, alias="buildConcurrencyLimit", ge=1)
     log_retention_days: int = Field(default=30, alias="logRetentionDays")
     # -- mlflow
     mlflow_mode: Literal["fargate", "sagemaker"] = Field(default="fargate", alias="mlflowMode")

@@ -218,6 +218,17 @@ def test_prod_differs_where_it_should(dev, prod):
     assert prod.exports["jobNamePrefix"] == "mmp-acme-ml-prod"
 
 
+def test_codebuild_concurrency_is_the_accounts_unless_set(dev, h):
+    """Issue 19 defect 7: a hard-coded project limit of 4 failed `pulumi up` on accounts whose CodeBuild
+    quota is lower. Unset by default (builds queue); `mmp:buildConcurrencyLimit` sets it."""
+    assert all(p.inputs.get("concurrentBuildLimit") is None for p in dev.of_type("aws:codebuild/project:Project"))
+    limited = h.run_stack("dev", {**h.DEV_CONFIG, "mmp:buildConcurrencyLimit": "2"})
+    assert {p.name: p.inputs.get("concurrentBuildLimit") for p in limited.of_type("aws:codebuild/project:Project")} == \
+        {"pipeline-build": 2, "pipeline-runner-build": None}  # the runner image builds once per version
+    with pytest.raises(Exception, match="mmp:buildConcurrencyLimit"):
+        h.run_stack("dev", {**h.DEV_CONFIG, "mmp:buildConcurrencyLimit": "0"})
+
+
 def test_fsx_flag_adds_exactly_the_file_system(dev, fsx):
     added = {t: n - dev.types().get(t, 0) for t, n in fsx.types().items() if n != dev.types().get(t, 0)}
     assert added == {t: 1 for t in FSX_TYPES}
