@@ -1,4 +1,5 @@
-"""The runner image's CodeBuild buildspec (mmp.infra.runner.BUILDSPEC), read and run as CodeBuild does:
+"""The stack images' CodeBuild buildspec (mmp.infra.stack_image.BUILDSPEC; the runner's and the MLflow
+server's), here with the runner's values, read and run as CodeBuild does:
 PyYAML parses it, then its phase runs under bash with stand-in `aws` and `docker`, in both of
 CodeBuild's shell models (tests/sagemaker/test_buildspec.py's runner)."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mmp.infra.runner import BUILDSPEC
+from mmp.infra.stack_image import BUILDSPEC
 
 from ..sagemaker.test_buildspec import AWS_STANDIN, DOCKER_V2, REGISTRY_STANDIN, run_phases
 
@@ -42,8 +43,8 @@ def codebuild(tmp_path):
     (tmp_path / "registry").mkdir()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STANDIN_LOG": str(log),
            "STANDIN_REGISTRY": str(tmp_path / "registry"),
-           "AWS_REGION": "eu-west-1", "RUNNER_REPOSITORY_URI": REPO_URI, "RUNNER_REPOSITORY_NAME": "acme-runner",
-           "RUNNER_TAG": TAG}
+           "AWS_REGION": "eu-west-1", "IMAGE_REPOSITORY_URI": REPO_URI, "IMAGE_REPOSITORY_NAME": "acme-runner",
+           "IMAGE_TAG": TAG, "IMAGE_DOCKERFILE": "runner_docker/Dockerfile"}
     return source, env, log
 
 
@@ -71,7 +72,7 @@ def test_an_existing_tag_builds_nothing_and_the_phase_passes(codebuild, one_shel
     source, env, log = codebuild
     failed, output = run_phases(yaml.safe_load(BUILDSPEC), {**env, "STANDIN_IMAGE_EXISTS": "1"}, source,
                                 one_shell=one_shell)
-    assert failed is None and f"runner image {TAG} exists" in output, output
+    assert failed is None and f"image acme-runner:{TAG} exists" in output, output
     assert not [c for c in log.read_text().splitlines() if c.startswith("docker")]
 
 
