@@ -58,7 +58,7 @@ package = lambda_package.build(ROOT / "build" / "lambda" / f"mmp-lambda-{pulumi.
 network = Network("network", settings)
 data = DataStore("data", settings, network)
 mlflow = MlflowServer("mlflow", settings, network, data, account=account,
-                      admin_password=cfg.get_secret("mlflowAdminPassword"))
+                      admin_password=cfg.get_secret("mlflowAdminPassword"), project_root=ROOT)
 dlami = None
 if settings.dlami:
     dlami = DlamiResources("dlami", settings, network, data, ssh_private_key=cfg.require_secret("sshPrivateKey"),

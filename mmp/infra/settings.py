@@ -98,7 +98,9 @@ class Settings(BaseModel):
     log_retention_days: int = Field(default=30, alias="logRetentionDays")
     # -- mlflow
     mlflow_mode: Literal["fargate", "sagemaker"] = Field(default="fargate", alias="mlflowMode")
-    mlflow_image: str = Field(default="ghcr.io/mlflow/mlflow:v3.1.1", alias="mlflowImage")
+    # Unset: the stack builds mlflow_docker/ into its own ECR (mmp.infra.mlflow_server). Another image must
+    # hold what that one does: mlflow[auth], psycopg2 and boto3 (the start-up installs nothing).
+    mlflow_image: str | None = Field(default=None, alias="mlflowImage")
     mlflow_username: str = Field(default="admin", alias="mlflowUsername")
     mlflow_allowed_cidrs: list[str] = Field(default_factory=lambda: ["0.0.0.0/0"], alias="mlflowAllowedCidrs")
     mlflow_certificate_arn: str | None = Field(default=None, alias="mlflowCertificateArn")

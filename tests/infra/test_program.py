@@ -25,8 +25,9 @@ def test_dev_inventory(dev):
     assert types["aws:lambda/function:Function"] == 4  # webhook + prepare, launch, conclude
     assert types["aws:s3/bucket:Bucket"] == 2
     assert types["aws:sfn/stateMachine:StateMachine"] == 1
-    assert types["aws:codebuild/project:Project"] == 2  # the training image, the runner image
-    assert types["aws:ecr/repository:Repository"] == 2 and types["aws:ecr/lifecyclePolicy:LifecyclePolicy"] == 1
+    assert types["aws:codebuild/project:Project"] == 3  # the training, runner and MLflow server images
+    assert types["aws:ecr/repository:Repository"] == 3 and types["aws:ecr/lifecyclePolicy:LifecyclePolicy"] == 1
+    assert types["pulumi-python:dynamic:Resource"] == 1  # the MLflow image, built at deploy (ImageReady)
     assert types["aws:dynamodb/table:Table"] == 1
     assert types["aws:apigatewayv2/api:Api"] == 1 and types["aws:apigatewayv2/stage:Stage"] == 1
     assert types["aws:rds/instance:Instance"] == 1 and types["aws:ecs/service:Service"] == 1
@@ -224,7 +225,7 @@ def test_codebuild_concurrency_is_the_accounts_unless_set(dev, h):
     assert all(p.inputs.get("concurrentBuildLimit") is None for p in dev.of_type("aws:codebuild/project:Project"))
     limited = h.run_stack("dev", {**h.DEV_CONFIG, "mmp:buildConcurrencyLimit": "2"})
     assert {p.name: p.inputs.get("concurrentBuildLimit") for p in limited.of_type("aws:codebuild/project:Project")} == \
-        {"pipeline-build": 2, "pipeline-runner-build": None}  # the runner image builds once per version
+        {"pipeline-build": 2, "pipeline-runner-build": None, "mlflow-server-build": None}  # built once per version
     with pytest.raises(Exception, match="mmp:buildConcurrencyLimit"):
         h.run_stack("dev", {**h.DEV_CONFIG, "mmp:buildConcurrencyLimit": "0"})
 
