@@ -49,6 +49,17 @@ PUSH_ONCE = r"""push_once() {
   rm -f "$log" "$log.rc"
   return "$rc"
 }""".replace("__PATTERN__", TAG_EXISTS_PATTERN)
+# Where a build pulls a Docker Hub image: as is, or through the stack's ECR pull-through cache when the
+# project names one in $DOCKER_HUB_CACHE (mmp.infra.docker_hub; official images live under `library/`).
+# `base_image FILE` is the Dockerfile's `ARG BASE_IMAGE=` default, which the builds pass back that way.
+FROM_HUB = r"""from_hub() {
+  if [ -z "${DOCKER_HUB_CACHE:-}" ]; then echo "$1"
+  else case "$1" in */*) echo "$DOCKER_HUB_CACHE/$1" ;; *) echo "$DOCKER_HUB_CACHE/library/$1" ;; esac
+  fi
+}
+base_image() { sed -n 's/^ARG BASE_IMAGE=//p' "$1"; }"""
+BUILD_FUNCTIONS = PUSH_ONCE + "\n" + FROM_HUB
+BUILDKIT_IMAGE = "moby/buildkit:buildx-stable-1"  # buildx's default for its docker-container driver
 
 BUILD_CACHE_TAG = "buildcache"
 # Set per build by the state machine's BuildImage state (EnvironmentVariablesOverride).
@@ -71,14 +82,16 @@ __PUSH_ONCE__
         if aws ecr describe-images --repository-name "$ECR_REPOSITORY_NAME" --image-ids imageTag="$MMP_IMAGE_TAG" >/dev/null 2>&1; then
           echo "image $MMP_IMAGE_TAG exists (a concurrent build made it); nothing to build"
         else
-          docker buildx create --use --name mmp >/dev/null \
+          docker buildx create --use --name mmp --driver-opt "image=$(from_hub __BUILDKIT_IMAGE__)" >/dev/null \
           && push_once docker buildx build -f horovod_docker/Dockerfile __DOCKER_V2_OUTPUT__ \
+            --build-arg BASE_IMAGE="$(from_hub "$(base_image horovod_docker/Dockerfile)")" \
             --cache-from "type=registry,ref=$ECR_REPOSITORY_URI:$BUILD_CACHE_TAG" \
             --cache-to "type=registry,ref=$ECR_REPOSITORY_URI:$BUILD_CACHE_TAG,mode=max,image-manifest=true,oci-mediatypes=true" \
             --label "mmp.image-tag=$MMP_IMAGE_TAG" \
             -t "$ECR_REPOSITORY_URI:$MMP_IMAGE_TAG" .
         fi
-""".replace("__PUSH_ONCE__", textwrap.indent(PUSH_ONCE, " " * 8)).replace("__DOCKER_V2_OUTPUT__", DOCKER_V2_OUTPUT)
+""".replace("__PUSH_ONCE__", textwrap.indent(BUILD_FUNCTIONS, " " * 8)).replace(
+    "__DOCKER_V2_OUTPUT__", DOCKER_V2_OUTPUT).replace("__BUILDKIT_IMAGE__", BUILDKIT_IMAGE)
 
 
 def image_context(root: Path) -> Any:

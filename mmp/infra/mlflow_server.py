@@ -103,7 +103,7 @@ class MlflowServer(pulumi.ComponentResource):
 
     def __init__(self, name: str, settings: Settings, network: Network, data: DataStore, *, account: pulumi.Input[str],
                  admin_password: pulumi.Input[str] | None, project_root: Path,
-                 opts: pulumi.ResourceOptions | None = None):
+                 docker_hub_rule: pulumi.Resource | None = None, opts: pulumi.ResourceOptions | None = None):
         super().__init__("mmp:infra:MlflowServer", name, None, opts)
         self.settings = settings
         self.username = settings.mlflow_username
@@ -113,7 +113,7 @@ class MlflowServer(pulumi.ComponentResource):
         if settings.mlflow_mode == "sagemaker":
             self._sagemaker(name, settings, data)
         else:
-            self._fargate(name, settings, network, data, account, admin_password, project_root)
+            self._fargate(name, settings, network, data, account, admin_password, project_root, docker_hub_rule)
         self.register_outputs({
             "url": self.url, "username": self.username,
             "passwordSecretArn": self.password_secret.arn if self.password_secret else "",
@@ -140,7 +140,8 @@ class MlflowServer(pulumi.ComponentResource):
 
     # -- ECS Fargate + RDS + ALB --------------------------------------------------------
     def _fargate(self, name: str, settings: Settings, network: Network, data: DataStore, account: pulumi.Input[str],
-                 admin_password: pulumi.Input[str] | None, project_root: Path) -> None:
+                 admin_password: pulumi.Input[str] | None, project_root: Path,
+                 docker_hub_rule: pulumi.Resource | None) -> None:
         child = pulumi.ResourceOptions(parent=self)
         tags = {"mmp:deployment": settings.prefix}
         region = settings.region
@@ -153,7 +154,8 @@ class MlflowServer(pulumi.ComponentResource):
                                 context_paths=IMAGE_CONTEXT, dockerfile=IMAGE_DOCKERFILE, parent=self)
             image = ImageReady(f"{name}-server-image", project=built.build_project.name,
                                repository=built.repository.name, repository_url=built.repository.repository_url,
-                               tag=built.tag, region=region, opts=child).image
+                               tag=built.tag, region=region, opts=pulumi.ResourceOptions(
+                                   parent=self, depends_on=[docker_hub_rule] if docker_hub_rule else [])).image
             pull = iam.ecr_statements(built.repository.arn)
 
         self.password_secret = aws.secretsmanager.Secret(

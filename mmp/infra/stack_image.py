@@ -23,8 +23,8 @@ import pulumi
 import pulumi_aws as aws
 
 from .. import __version__
-from . import iam
-from .image_build import CODEBUILD_IMAGE, PUSH_ONCE
+from . import docker_hub, iam
+from .image_build import BUILD_FUNCTIONS, CODEBUILD_IMAGE
 from .settings import Settings
 
 # Set on the project for each image: IMAGE_REPOSITORY_URI, IMAGE_REPOSITORY_NAME, IMAGE_TAG, IMAGE_DOCKERFILE.
@@ -41,10 +41,11 @@ __PUSH_ONCE__
           echo "image $IMAGE_REPOSITORY_NAME:$IMAGE_TAG exists; nothing to build"
         else
           aws ecr get-login-password --region "$AWS_REGION" | docker login --username AWS --password-stdin "${IMAGE_REPOSITORY_URI%%/*}"
-          docker build -f "$IMAGE_DOCKERFILE" -t "$IMAGE_REPOSITORY_URI:$IMAGE_TAG" .
+          docker build --build-arg BASE_IMAGE="$(from_hub "$(base_image "$IMAGE_DOCKERFILE")")" \
+            -f "$IMAGE_DOCKERFILE" -t "$IMAGE_REPOSITORY_URI:$IMAGE_TAG" .
           push_once docker push "$IMAGE_REPOSITORY_URI:$IMAGE_TAG"
         fi
-""".replace("__PUSH_ONCE__", textwrap.indent(PUSH_ONCE, " " * 8))
+""".replace("__PUSH_ONCE__", textwrap.indent(BUILD_FUNCTIONS, " " * 8))
 
 
 def context_files(root: Path, paths: Sequence[str]) -> list[Path]:
@@ -102,6 +103,7 @@ def stack_image(name: str, kind: str, settings: Settings, *, account: pulumi.Inp
                       [pulumi.Output.concat(artifacts_bucket.arn, "/codebuild/*")]),
         iam.statement(["s3:GetBucketAcl", "s3:GetBucketLocation"], [artifacts_bucket.arn]),
         *iam.ecr_statements(repository.arn, push=True),
+        *docker_hub.build_statements(settings, account),
     ], parent, description=f"CodeBuild: build the {kind} image into ECR")
     project = aws.codebuild.Project(
         f"{name}-build", name=f"{settings.prefix}-{kind}-image", service_role=build_role.arn, build_timeout=30,
@@ -114,7 +116,8 @@ def stack_image(name: str, kind: str, settings: Settings, *, account: pulumi.Inp
                          {"name": "IMAGE_REPOSITORY_URI", "value": repository.repository_url},
                          {"name": "IMAGE_REPOSITORY_NAME", "value": repository.name},
                          {"name": "IMAGE_TAG", "value": tag},
-                         {"name": "IMAGE_DOCKERFILE", "value": dockerfile}]},
+                         {"name": "IMAGE_DOCKERFILE", "value": dockerfile},
+                         *docker_hub.build_variables(settings, account)]},
         logs_config={"cloudwatch_logs": {"group_name": build_logs.name, "status": "ENABLED"}},
         tags=tags, opts=child)
     return StackImage(repository, project, tag)

@@ -5,13 +5,17 @@ CodeBuild's shell models (tests/sagemaker/test_buildspec.py's runner)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from mmp.infra.stack_image import BUILDSPEC
 
-from ..sagemaker.test_buildspec import AWS_STANDIN, REGISTRY_STANDIN, check_push_races, run_phases
+from ..sagemaker.test_buildspec import (AWS_STANDIN, REGISTRY_STANDIN, check_docker_hub_pulls, check_push_races,
+                                        run_phases)
 
+ROOT = Path(__file__).resolve().parents[2]
 REPO_URI = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/acme-runner"
 TAG = "0.1.0-0123456789ab"
 DOCKER_STANDIN = r"""#!/bin/bash
@@ -20,7 +24,16 @@ printf 'docker %s\n' "$*" >> "$STANDIN_LOG"
 case "$1" in
   login) IFS= read -r password; [ "$password" = ecr-password ] || { echo "login: wrong password" >&2; exit 1; } ;;
   build) [ -f runner_docker/Dockerfile ] || { echo "context incomplete" >&2; exit 1; }
-         [ -z "${STANDIN_BUILD_FAILS:-}" ] || exit 1 ;;
+         [ -z "${STANDIN_BUILD_FAILS:-}" ] || exit 1
+         file=Dockerfile; base=; shift
+         while [ $# -gt 0 ]; do
+           case "$1" in
+             -f) file=$2; shift ;;
+             --build-arg) case "$2" in BASE_IMAGE=*) base=${2#BASE_IMAGE=} ;; esac; shift ;;
+           esac
+           shift
+         done
+         record_pulls "$file" "$base" ;;
   push) push_to_registry "$2" application/vnd.docker.distribution.manifest.v2+json ;;
   *) echo "stand-in docker: unexpected $*" >&2; exit 2 ;;
 esac
@@ -32,7 +45,7 @@ SHELLS = pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-com
 def codebuild(tmp_path):
     source = tmp_path / "src"
     (source / "runner_docker").mkdir(parents=True)
-    (source / "runner_docker" / "Dockerfile").write_text("FROM python:3.11.11-slim-bookworm\n")
+    (source / "runner_docker" / "Dockerfile").write_text((ROOT / "runner_docker" / "Dockerfile").read_text())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("aws", AWS_STANDIN), ("docker", DOCKER_STANDIN)):
@@ -41,8 +54,9 @@ def codebuild(tmp_path):
     log = tmp_path / "calls.log"
     log.touch()
     (tmp_path / "registry").mkdir()
+    (tmp_path / "pulls.log").touch()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STANDIN_LOG": str(log),
-           "STANDIN_REGISTRY": str(tmp_path / "registry"),
+           "STANDIN_REGISTRY": str(tmp_path / "registry"), "STANDIN_PULLS": str(tmp_path / "pulls.log"),
            "AWS_REGION": "eu-west-1", "IMAGE_REPOSITORY_URI": REPO_URI, "IMAGE_REPOSITORY_NAME": "acme-runner",
            "IMAGE_TAG": TAG, "IMAGE_DOCKERFILE": "runner_docker/Dockerfile"}
     return source, env, log
@@ -63,7 +77,8 @@ def test_a_new_runner_version_is_built_and_pushed(codebuild, one_shell):
     assert failed is None, output
     calls = log.read_text().splitlines()
     assert "docker login --username AWS --password-stdin 123456789012.dkr.ecr.eu-west-1.amazonaws.com" in calls
-    assert f"docker build -f runner_docker/Dockerfile -t {REPO_URI}:{TAG} ." in calls
+    assert (f"docker build --build-arg BASE_IMAGE=python:3.11.11-slim-bookworm -f runner_docker/Dockerfile "
+            f"-t {REPO_URI}:{TAG} .") in calls
     assert calls[-1] == f"docker push {REPO_URI}:{TAG}"
 
 
@@ -91,3 +106,12 @@ def test_a_tag_pushed_meanwhile_by_a_concurrent_build_is_a_success_and_nothing_e
                                                                                         tmp_path):
     source, env, _ = codebuild
     check_push_races(BUILDSPEC, env, source, tmp_path / "registry", f"acme-runner:{TAG}", one_shell)
+
+
+@pytest.mark.parametrize("image", ["runner_docker", "mlflow_docker"])
+def test_docker_hub_is_pulled_through_the_stacks_cache_when_it_has_one(codebuild, tmp_path, image):
+    source, env, _ = codebuild
+    (source / image).mkdir(exist_ok=True)
+    (source / image / "Dockerfile").write_text((ROOT / image / "Dockerfile").read_text())
+    check_docker_hub_pulls(BUILDSPEC, {**env, "IMAGE_DOCKERFILE": f"{image}/Dockerfile"}, source,
+                           tmp_path / "pulls.log", {"python:3.11.11-slim-bookworm"})
