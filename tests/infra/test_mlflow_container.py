@@ -47,8 +47,8 @@ def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def image_venv() -> Path:
     """The image's packages, installed as mlflow_docker/Dockerfile installs them (--no-deps, pip check)."""
-    base = re.search(r"^FROM python:(\d+)\.(\d+)\.", (ROOT / IMAGE_DOCKERFILE).read_text(), re.M)
-    assert base, "mlflow_docker/Dockerfile must start FROM python:X.Y.Z-..."
+    base = re.search(r"^ARG BASE_IMAGE=python:(\d+)\.(\d+)\.", (ROOT / IMAGE_DOCKERFILE).read_text(), re.M)
+    assert base, "mlflow_docker/Dockerfile must say ARG BASE_IMAGE=python:X.Y.Z-..."
     minor = f"{base.group(1)}.{base.group(2)}"
     python = shutil.which(f"python{minor}") or (sys.executable if f"{sys.version_info[0]}.{sys.version_info[1]}" == minor
                                                  else None)
