@@ -31,7 +31,7 @@ import pulumi_aws as aws
 
 from ..config import MAX_RUNTIME_CAP_MINUTES
 from ..image import CODE_PREFIX, REQUIREMENTS_PREFIX, context_digest
-from . import iam
+from . import docker_hub, iam
 from .image_build import (BUILD_CACHE_TAG, BUILDSPEC, CODEBUILD_IMAGE, PER_BUILD_VARIABLES,
                           build_environment_overrides, image_context)
 from .datastore import DataStore
@@ -250,10 +250,11 @@ class TrainingPipeline(pulumi.ComponentResource):
                                                                     pulumi.Output.concat(artifacts_arn, f"/{REQUIREMENTS_PREFIX}/*")]),
             iam.statement(["s3:GetBucketAcl", "s3:GetBucketLocation"], [artifacts_arn]),
             *iam.ecr_statements(self.repository.arn, push=True),
+            *docker_hub.build_statements(settings, account),
         ], self, description="CodeBuild: build the training image into ECR")
         self.build_project = aws.codebuild.Project(
             f"{name}-build", name=f"{settings.prefix}-image", service_role=build_role.arn, build_timeout=60,
-            queued_timeout=60, concurrent_build_limit=4,
+            queued_timeout=60, concurrent_build_limit=settings.build_concurrency_limit,
             source={"type": "S3", "location": pulumi.Output.concat(data.artifacts_bucket.bucket, "/", source.key),
                     "buildspec": BUILDSPEC},
             artifacts={"type": "NO_ARTIFACTS"},
@@ -263,7 +264,8 @@ class TrainingPipeline(pulumi.ComponentResource):
                          "image_pull_credentials_type": "CODEBUILD", "environment_variables": [
                              {"name": "ECR_REPOSITORY_URI", "value": self.repository.repository_url},
                              {"name": "ECR_REPOSITORY_NAME", "value": self.repository.name},
-                             {"name": "BUILD_CACHE_TAG", "value": BUILD_CACHE_TAG}]
+                             {"name": "BUILD_CACHE_TAG", "value": BUILD_CACHE_TAG},
+                             *docker_hub.build_variables(settings, account)]
                          + [{"name": var, "value": "set-per-build"} for var in PER_BUILD_VARIABLES]},
             logs_config={"cloudwatch_logs": {"group_name": build_logs.name, "status": "ENABLED"}},
             tags=tags, opts=child)

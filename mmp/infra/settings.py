@@ -70,6 +70,25 @@ def _is_open(cidr: str) -> bool:
     return ipaddress.ip_network(cidr, strict=False).prefixlen == 0
 
 
+# CreatePullThroughCacheRule's credentialArn pattern and ecrRepositoryPrefix length (ECR API reference).
+PULL_THROUGH_SECRET_RE = re.compile(r"^arn:aws:secretsmanager:([a-z0-9-]+):\d{12}:secret:ecr-pullthroughcache/[a-zA-Z0-9/_+=.@-]+$")
+PULL_THROUGH_PREFIX_MAX = 30
+
+
+def _docker_hub_problems(arn: str, region: str, prefix: str) -> list[str]:
+    match = PULL_THROUGH_SECRET_RE.fullmatch(arn)
+    if not match:
+        return [f"dockerHubSecretArn: {arn!r} is not a Secrets Manager secret ARN whose name begins with "
+                "ecr-pullthroughcache/ (what ECR's pull-through cache accepts)"]
+    if match.group(1) != region:
+        return [f"dockerHubSecretArn: the secret is in {match.group(1)}; ECR's pull-through cache needs it in the "
+                f"stack's region {region}"]
+    if len(f"{prefix}-hub") > PULL_THROUGH_PREFIX_MAX:
+        return [f"dockerHubSecretArn: the cache prefix {prefix}-hub is over ECR's {PULL_THROUGH_PREFIX_MAX} "
+                "characters; use a shorter deploymentName or stack name"]
+    return []
+
+
 class DatasetEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     s3: str | None = None
@@ -112,10 +131,19 @@ class Settings(BaseModel):
     sagemaker_max_instances: int = Field(default=4, alias="sagemakerMaxInstances", ge=1, le=256)
     image_keep_count: int = Field(default=20, alias="imageKeepCount", ge=1)
     build_compute_type: str = Field(default="BUILD_GENERAL1_MEDIUM", alias="buildComputeType")
+    # Unset: CodeBuild queues builds past the account's quota. A project limit above that quota fails
+    # CreateProject ("greater than 0 and less than the account concurrent running builds limit"), and
+    # builds past a set limit fail instead of queueing (CodeBuild user guide, "Builds in AWS CodeBuild").
+    build_concurrency_limit: int | None = Field(default=None, alias="buildConcurrencyLimit", ge=1)
+    # A Secrets Manager secret `ecr-pullthroughcache/...` ({"username", "accessToken"}) for Docker Hub: builds
+    # then pull Docker Hub images through an ECR pull-through cache (mmp.infra.docker_hub), not anonymously.
+    docker_hub_secret_arn: str | None = Field(default=None, alias="dockerHubSecretArn")
     log_retention_days: int = Field(default=30, alias="logRetentionDays")
     # -- mlflow
     mlflow_mode: Literal["fargate", "sagemaker"] = Field(default="fargate", alias="mlflowMode")
-    mlflow_image: str = Field(default="ghcr.io/mlflow/mlflow:v3.1.1", alias="mlflowImage")
+    # Unset: the stack builds mlflow_docker/ into its own ECR (mmp.infra.mlflow_server). Another image must
+    # hold what that one does: mlflow[auth], psycopg2 and boto3 (the start-up installs nothing).
+    mlflow_image: str | None = Field(default=None, alias="mlflowImage")
     mlflow_username: str = Field(default="admin", alias="mlflowUsername")
     mlflow_allowed_cidrs: list[str] = Field(default_factory=lambda: ["0.0.0.0/0"], alias="mlflowAllowedCidrs")
     mlflow_certificate_arn: str | None = Field(default=None, alias="mlflowCertificateArn")
@@ -233,6 +261,8 @@ class Settings(BaseModel):
                 problems.append("natGateway: false with a narrowed mlflowAllowedCidrs cuts the pipeline off from "
                                 "MLflow (its callers leave through the NAT address); keep natGateway true or "
                                 "open mlflowAllowedCidrs")
+        if self.docker_hub_secret_arn:
+            problems.extend(_docker_hub_problems(self.docker_hub_secret_arn, self.region, self.prefix))
         if self.egress_cidrs and not self.vpc_id:
             problems.append("egressCidrs: only with vpcId (a stack-made VPC admits its own NAT address)")
         if problems:

@@ -25,8 +25,9 @@ def test_dev_inventory(dev):
     assert types["aws:lambda/function:Function"] == 4  # webhook + prepare, launch, conclude
     assert types["aws:s3/bucket:Bucket"] == 2
     assert types["aws:sfn/stateMachine:StateMachine"] == 1
-    assert types["aws:codebuild/project:Project"] == 2  # the training image, the runner image
-    assert types["aws:ecr/repository:Repository"] == 2 and types["aws:ecr/lifecyclePolicy:LifecyclePolicy"] == 1
+    assert types["aws:codebuild/project:Project"] == 3  # the training, runner and MLflow server images
+    assert types["aws:ecr/repository:Repository"] == 3 and types["aws:ecr/lifecyclePolicy:LifecyclePolicy"] == 1
+    assert types["pulumi-python:dynamic:Resource"] == 1  # the MLflow image, built at deploy (ImageReady)
     assert types["aws:dynamodb/table:Table"] == 1
     assert types["aws:apigatewayv2/api:Api"] == 1 and types["aws:apigatewayv2/stage:Stage"] == 1
     assert types["aws:rds/instance:Instance"] == 1 and types["aws:ecs/service:Service"] == 1
@@ -216,6 +217,17 @@ def test_prod_differs_where_it_should(dev, prod):
     catalogue = json.loads(prod.exports["datasetsCatalogue"])
     assert catalogue["cifar"] == {"s3": "s3://shared-data/cifar/"}
     assert prod.exports["jobNamePrefix"] == "mmp-acme-ml-prod"
+
+
+def test_codebuild_concurrency_is_the_accounts_unless_set(dev, h):
+    """Issue 19 defect 7: a hard-coded project limit of 4 failed `pulumi up` on accounts whose CodeBuild
+    quota is lower. Unset by default (builds queue); `mmp:buildConcurrencyLimit` sets it."""
+    assert all(p.inputs.get("concurrentBuildLimit") is None for p in dev.of_type("aws:codebuild/project:Project"))
+    limited = h.run_stack("dev", {**h.DEV_CONFIG, "mmp:buildConcurrencyLimit": "2"})
+    assert {p.name: p.inputs.get("concurrentBuildLimit") for p in limited.of_type("aws:codebuild/project:Project")} == \
+        {"pipeline-build": 2, "pipeline-runner-build": None, "mlflow-server-build": None}  # built once per version
+    with pytest.raises(Exception, match="mmp:buildConcurrencyLimit"):
+        h.run_stack("dev", {**h.DEV_CONFIG, "mmp:buildConcurrencyLimit": "0"})
 
 
 def test_fsx_flag_adds_exactly_the_file_system(dev, fsx):
