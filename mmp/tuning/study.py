@@ -256,18 +256,15 @@ class StudyRunner:
         from optuna.trial import TrialState
 
         trial = study.ask(dists)
-        experiment = self.prepared.experiment
-        hyperparameters = {**experiment.hyperparameters, **trial.params}
-        prepared = Prepared(experiment=experiment.model_copy(update={"hyperparameters": hyperparameters,
-                                                                      "tuning": None}),
-                            backend=self.backend, dataset=self.prepared.dataset)
         try:
+            prepared = Prepared(experiment=self.prepared.experiment.for_trial(trial.params),
+                                backend=self.backend, dataset=self.prepared.dataset)
             started = self.trials.start(self.trigger, prepared)
             self.tracker.set_tags(started.run_id, {
                 TAG_PARENT: self.parent.run_id, TAG_TRIAL: str(trial.number), TAG_TRIAL_STATE: "running",
                 "mlflow.runName": f"{started.request.experiment_name}-{self.trigger.commit[:7]}-trial-{trial.number}",
             })
-        except Exception as exc:  # MLflow refused: the trial fails, the study goes on (or stops on failures)
+        except Exception as exc:  # a refused value or MLflow: the trial fails, the study goes on (or stops)
             log.error("study %s: could not create the run of trial %d: %s", self.name, trial.number, exc)
             study.tell(trial, state=TrialState.FAIL)
             return
