@@ -147,8 +147,8 @@ class TrackerBase:
                 return
 
     def run_sources(self, experiment_id: str) -> set[str | None]:
-        """The repositories (`mlflow.source.name`) the experiment's runs came from."""
-        return {tags.get(ownership.SOURCE_TAG) for _, tags in self._runs([experiment_id])}
+        """The repositories the experiment's runs came from (ownership.run_source)."""
+        return {ownership.run_source(tags) for _, tags in self._runs([experiment_id])}
 
     def open_runs(self, tag: str) -> list[tuple[str, str]]:
         """(run id, value of `tag`) for every RUNNING run that carries `tag`, in every experiment."""
