@@ -49,7 +49,8 @@ def idle_seconds() -> float:
 
 
 def _folder() -> Path:
-    return config.mmp_home() / "tracking-server"
+    """Never created by a lookup: a server whose MMP_HOME was deleted must not make it again."""
+    return config.home_path() / "tracking-server"
 
 
 def _state_file() -> Path:
@@ -61,9 +62,7 @@ def _lock_file() -> Path:
 
 
 def _leases() -> Path:
-    path = _folder() / "leases"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _folder() / "leases"
 
 
 def _database_identity(uri: str) -> list[int] | None:
@@ -103,6 +102,7 @@ def serving_url() -> str | None:
 def lease() -> Iterator[str | None]:
     """Hold the shared server for this process's run: yields its URL, or None when none serves
     (this run then uses the store directly)."""
+    _leases().mkdir(parents=True, exist_ok=True)
     mine = _leases() / str(os.getpid())
     mine.write_text(json.dumps({"pid": os.getpid(), "started": procs.start_time(os.getpid())}))
     try:  # the lease first, then the server: it never stops between the two (see serve)
@@ -113,7 +113,7 @@ def lease() -> Iterator[str | None]:
 
 def _live_leases() -> int:
     live = 0
-    for path in _leases().iterdir():
+    for path in _leases().glob("*"):  # nothing (and no error) once the folder is gone
         try:
             held = json.loads(path.read_text())
             if procs.find_process(int(held["pid"]), float(held["started"])) is not None:
