@@ -40,9 +40,9 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def mmp_run(repo) -> dict:
+def mmp_run(repo, **env: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "mmp", "run", "--repo", str(repo), "--json"], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout)
 
@@ -76,11 +76,15 @@ def stop_server() -> None:
 def test_the_first_run_leaves_a_server_the_next_run_tracks_through(make_repo, digits, monkeypatch):
     monkeypatch.setenv(tracking_server.IDLE_ENV, "600")
     repo = make_repo(experiment=LOCAL, files={"train.py": ENV_TRAIN})
-    first = mmp_run(repo)
+    first = mmp_run(repo, GITHUB_TOKEN="ghp_secret_token", MMP_WEBHOOK_SECRET="hook-secret")
     try:
         assert seen_env(first["run_id"])["MLFLOW_TRACKING_URI"] == config.tracking_uri()  # the store itself
         url = wait_for(tracking_server.serving_url, START_S, "the shared server to answer")
         assert url.startswith("http://127.0.0.1:")
+        state = json.loads(tracking_server._state_file().read_text())
+        watcher = procs.find_process(state["pid"], state["started"])
+        for proc in [watcher, *watcher.children(recursive=True)]:  # the watcher, the guard, mlflow server
+            assert not {"GITHUB_TOKEN", "MMP_WEBHOOK_SECRET"} & set(proc.environ()), proc.cmdline()
         second = mmp_run(repo)
         assert seen_env(second["run_id"])["MLFLOW_TRACKING_URI"] == url
         assert second["run_url"].startswith(tracking.ui_url()), "links lead where they did without the server"
@@ -124,6 +128,14 @@ def test_an_idle_server_stops_and_a_run_that_finds_none_uses_the_store(empty_mlf
     assert not tracking_server._answers(url, timeout=2) and not tracking_server._state_file().exists()
     with tracking_server.lease() as found:
         assert found is None
+
+
+def test_a_server_whose_home_was_deleted_does_not_make_it_again(tmp_path, monkeypatch):
+    gone = tmp_path / "deleted-home"
+    monkeypatch.setenv("MMP_HOME", str(gone))
+    assert tracking_server._live_leases() == 0 and tracking_server.serving_url() is None
+    tracking_server._state_file().unlink(missing_ok=True)  # what a stopping server does last
+    assert not gone.exists()
 
 
 def test_no_server_without_a_sqlite_file_or_when_turned_off(monkeypatch):
