@@ -115,12 +115,17 @@ def test_the_server_stops_when_its_database_is_replaced(empty_mlflow_db, monkeyp
     assert not tracking_server._answers(url, timeout=2)
 
 
-def test_an_idle_server_stops_and_a_run_that_finds_none_uses_the_store(empty_mlflow_db, monkeypatch):
+def test_a_leased_server_outlives_its_idle_time_and_stops_once_released(empty_mlflow_db, monkeypatch):
     monkeypatch.setenv(tracking_server.IDLE_ENV, "1")
     shutil.copy(empty_mlflow_db, config.mmp_home() / "mlflow.db")
     try:
-        assert tracking_server.start_in_background()
-        wait_for(lambda: "idle for 1 s; stopping" in log_text(), START_S, "the idle server to stop")
+        with tracking_server.lease():  # a long training run holds it
+            assert tracking_server.start_in_background()
+            wait_for(tracking_server.serving_url, START_S, "the shared server to answer")
+            held_until = time.monotonic() + 4  # four idle periods, a dozen of the watcher's checks
+            while time.monotonic() < held_until:
+                assert tracking_server.serving_url(), "the server stopped under a run that holds it"
+        wait_for(lambda: "idle for 1 s; stopping" in log_text(), 60, "the released server to stop")
         wait_for(server_lock_free, 60, "the server to exit")
     finally:
         stop_server()
