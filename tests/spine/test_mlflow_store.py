@@ -7,10 +7,8 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,9 +16,7 @@ from mmp import config, mlflow_store
 from mmp.localstack import LocalStack
 from mmp.tracking import RunTracker
 
-from ..conftest import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from ..conftest import free_port, run_at_once
 
 
 def db_path() -> str:
@@ -61,21 +57,10 @@ print(tracker.start("race-" + sys.argv[2], run_name="r", tags={}, params={"n": s
 
 def test_processes_opening_a_new_store_at_once_all_get_their_run(mmp_home, tmp_path):
     """Two `mmp run`s (or a run and a restarted worker) on a fresh MMP_HOME: each makes its run."""
-    go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(go), str(i)],
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(3)]
-    try:
-        go.touch()
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    results = run_at_once(OPEN_AT_ONCE, 3, tmp_path / "go")
+    assert [code for code, _ in results] == [0, 0, 0], results
     tracker = RunTracker()
-    for i, out in enumerate(outputs):
+    for i, (_, out) in enumerate(results):
         assert tracker.client.get_run(out.strip().splitlines()[-1]).data.params == {"n": str(i)}
 
 

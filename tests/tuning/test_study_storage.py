@@ -4,10 +4,7 @@ storage still ends with a commit status and a notification. Real Optuna, real SQ
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import optuna
 
@@ -16,7 +13,8 @@ from mmp.pipeline.reporting import LocalStatusReporter
 from mmp.pipeline.runs import local_trigger, run_trigger
 from mmp.tuning.study import STUDIES_DB, storage_url
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..conftest import run_at_once
+
 TUNING = {"Objective_Metric": "score", "Strategy": "grid", "Ranges": {"units": {"Min": 1, "Max": 2}}}
 
 OPEN_AT_ONCE = """
@@ -33,19 +31,8 @@ print(len(study.get_trials()))
 
 def test_studies_opening_a_new_storage_at_once_all_open_it(mmp_home, tmp_path):
     """Before: Optuna's table creation raced, and one study died before any commit status."""
-    go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(go), str(i)],
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(4)]
-    try:
-        go.touch()
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+    results = run_at_once(OPEN_AT_ONCE, 4, tmp_path / "go")
+    assert [code for code, _ in results] == [0, 0, 0, 0], results
     names = {s.study_name for s in optuna.get_all_study_summaries(storage_url())}
     assert names == {f"study-{i}" for i in range(4)}
     for name in names:  # each grid enqueued once, in full
