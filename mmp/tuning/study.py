@@ -499,8 +499,17 @@ def run_study(pipeline: Pipeline, trigger: Trigger, prepared: Prepared) -> Outco
     """`Pipeline.run`'s path for an experiment with a Tuning block.
 
     A study that cannot start (its storage or its parent run refused) ends with an error status and a
-    notification, like any run that could not start; never with no commit status at all."""
-    runner = StudyRunner(pipeline, trigger, prepared)
+    notification, like any run that could not start; never with no commit status at all.
+    The pipeline's `on_launch` hears of the parent run once it exists (the study's run: `mmp run --detach`
+    returns with it), with no job handle: a study is many jobs."""
+    announced: list[str] = []
+
+    def announce_parent(progress: dict[str, Any]) -> None:
+        if pipeline.on_launch is not None and not announced:
+            announced.append(progress["parent_run_id"])
+            pipeline.on_launch(progress["parent_run_id"], None)
+
+    runner = StudyRunner(pipeline, trigger, prepared, on_change=announce_parent)
     try:
         return runner.run()
     except Exception as exc:
