@@ -174,6 +174,23 @@ def fixture_json():
     return _load
 
 
+def run_at_once(code: str, n: int, go: Path, timeout: float = 240) -> list[tuple[int, str]]:
+    """Race test: `python -c code GO I` in n processes (I = 0..n-1) that each wait for the file GO,
+    made once all have started, so they hit the shared resource together. (exit code, output) of each."""
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(go), str(i)],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(n)]
+    try:
+        go.touch()
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

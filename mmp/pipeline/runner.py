@@ -97,7 +97,7 @@ class Pipeline:
         notifier: Notifier | None = None,
         backend_factory: Callable[[str], Backend] = get_backend,
         on_log: Callable[[str], None] | None = None,
-        on_launch: Callable[[str, JobHandle], None] | None = None,
+        on_launch: Callable[[str, JobHandle | None], None] | None = None,  # None: a study's parent run
     ):
         if tracker is None:
             from ..tracking import make_tracker
