@@ -208,6 +208,7 @@ class DlamiConfig:
     container_ssh_port: int = 2222  # the container's sshd (host network), for horovodrun between hosts
     mlflow_username: str | None = None
     mlflow_password_secret_arn: str | None = None
+    region: str = field(default_factory=aws.region)  # the stack's: handed to the hosts and every rank
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "DlamiConfig":
@@ -255,6 +256,7 @@ class DlamiConfig:
             container_ssh_port=number("MMP_DLAMI_CONTAINER_SSH_PORT", d.container_ssh_port),
             mlflow_username=get("MMP_MLFLOW_USERNAME"),
             mlflow_password_secret_arn=get("MMP_MLFLOW_PASSWORD_SECRET_ARN"),
+            region=aws.region(env),
         )
 
     def problems(self) -> list[str]:
@@ -312,7 +314,7 @@ class DlamiBackend(Backend):
         ssh_retry_seconds: float = 2.0,
     ):
         self.config = config or DlamiConfig.from_env()
-        self._clients = clients or aws.client
+        self._clients = clients or (lambda service: aws.client(service, self.config.region))
         if ssh_address is not None:
             self.ssh_address = ssh_address  # the one seam tests point at 127.0.0.1:PORT
         self._host_keys = host_keys
@@ -388,7 +390,7 @@ class DlamiBackend(Backend):
                 ["shutdown", "-h", f"+{int(watchdog_minutes)}"],
                 ["mkdir", "-p", mount_point],
                 ["mount", "-t", "lustre", "-o", "relatime,flock", source, mount_point],
-                ["bash", "-c", CONTAINER_SCRIPT, "mmp-container", image, str(cfg.container_ssh_port), aws.region()],
+                ["bash", "-c", CONTAINER_SCRIPT, "mmp-container", image, str(cfg.container_ssh_port), cfg.region],
             ],
             "mounts": [[source, mount_point, "lustre", "defaults,relatime,flock,_netdev", "0", "0"]],
         }
@@ -465,7 +467,7 @@ class DlamiBackend(Backend):
         job = _Job(run_id=request.run_id)
         self._jobs[request.run_id] = job
         handle = JobHandle(platform=self.name, job_id=request.run_id, data={
-            "region": aws.region(), "instance_ids": [], "host_keys": {}, "hosts": [],
+            "region": self.config.region, "instance_ids": [], "host_keys": {}, "hosts": [],
             "paths": dict(vars(self.paths(request))), "started": time.time(),
         })
         started = False
@@ -613,8 +615,10 @@ class DlamiBackend(Backend):
             python=cfg.python, horovodrun=cfg.horovodrun, launcher=LAUNCHER,
             extra=["--ssh-identity-file", f"{run_dir}/.ssh/cluster_key", "-p", str(cfg.container_ssh_port)],
         )
-        env = {**request.mlflow_env, "MMP_RUN_ID": request.run_id, "PYTHONUNBUFFERED": "1",
-               "MMP_PATH_PREFIX": cfg.path_prefix}
+        # The region travels with the run: a rank's boto3 (its MLflow password, the sagemaker-mlflow
+        # plugin) otherwise falls back to us-east-1 in a container started with no region set.
+        env = {**aws.region_env(cfg.region), **request.mlflow_env, "MMP_RUN_ID": request.run_id,
+               "PYTHONUNBUFFERED": "1", "MMP_PATH_PREFIX": cfg.path_prefix}
         if cfg.mlflow_username:
             env["MLFLOW_TRACKING_USERNAME"] = cfg.mlflow_username
         if cfg.mlflow_password_secret_arn:  # each rank reads the value itself (mmp.rank)

@@ -199,6 +199,49 @@ def test_each_rank_reads_the_mlflow_password_with_the_hosts_role_and_no_command_
     assert cloud.instances() == []
 
 
+STACK_REGION = "eu-west-1"  # not the us-east-1 fallback of mmp.aws.region(), nor the suite's default
+REGION_TRAIN = """\
+import os
+import boto3
+from mmp import aws
+pw = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+print("RANK", os.environ.get("HOROVOD_RANK"), "REGION", aws.region(), boto3.session.Session().region_name,
+      "PASSWORD", "ok" if pw == "dlami-mlflow-pw" else "missing", flush=True)
+"""
+
+
+def test_every_rank_gets_the_stacks_region_from_the_runner_with_no_region_variable_set(
+        make_backend, request_for, cloud, sshd, monkeypatch, aws_env):
+    """Issue 19, defect 2: no AWS_REGION/AWS_DEFAULT_REGION anywhere in this process; the runner
+    knows the stack's region only from its container's environment (rendered by the Pulumi
+    program, tests/infra/test_region_handoff.py), and each rank must get it from what the backend
+    sends: the MLflow password secret exists only in that region."""
+    from mmp import aws
+    from mmp.backends.dlami import SSH_KEY_VAR, DlamiConfig
+
+    arn = aws.client("secretsmanager", STACK_REGION).create_secret(
+        Name="mlflow-pw-eu", SecretString="dlami-mlflow-pw")["ARN"]
+    made_in = aws.region()  # where the cloud fixture made the subnet and launch template
+    for variable in aws.REGION_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("MMP_MLFLOW_PASSWORD_SECRET_ARN", arn)
+    request = request_for(train=REGION_TRAIN, Processes_Per_Host="2")
+    request.mlflow_env.update({"AWS_ENDPOINT_URL": aws_env, "AWS_ACCESS_KEY_ID": "testing",
+                               "AWS_SECRET_ACCESS_KEY": "testing"})  # the instance profile's part; no region
+    backend = make_backend()
+    # The runner's environment as ECS starts it: the container definition's variables, region included.
+    backend.config = DlamiConfig.from_env({**os.environ, "AWS_REGION": STACK_REGION,
+                                           SSH_KEY_VAR: sshd.client_private})
+    backend._clients = lambda service: cloud.client(service, made_in)
+    handle, status, lines = run_to_end(backend, request)
+    text = "\n".join(lines)
+    assert status.state is JobState.SUCCEEDED, (status.message, text[-2000:])
+    for rank in ("0", "1"):
+        assert f"RANK {rank} REGION {STACK_REGION} {STACK_REGION} PASSWORD ok" in text, text[-2000:]
+    assert handle.data["region"] == STACK_REGION
+    assert cloud.instances(region=made_in) == []
+
+
 def test_the_commits_archive_from_s3_is_what_runs(make_backend, request_for, cloud, tmp_path, monkeypatch):
     """A launch Prepare staged: the leader unpacks the archive (GitHub's single top folder) with the
     AWS CLI (a stand-in reading a local 'bucket' here) instead of fetching the repository."""
