@@ -45,7 +45,7 @@ from ..argv import horovodrun_argv, train_args
 from ..experiment import Experiment
 from ..horovod import failure_summary
 from ..rank import LAUNCHER, SECRET_ARN_VAR
-from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
+from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, OutputTail, Paths
 
 log = logging.getLogger("mmp.dlami")
 
@@ -283,10 +283,11 @@ class DlamiConfig:
 
 @dataclass
 class _Job:
-    """What this process holds for one run: sessions, the training process, its output."""
+    """What this process holds for one run: sessions, the training process, the tail of its output
+    (bounded: the runner task has 512 MiB, and a run may print for days)."""
 
     run_id: str
-    lines: list[str] = field(default_factory=list)
+    lines: OutputTail = field(default_factory=OutputTail)
     sessions: list[Any] = field(default_factory=list)
     process: Any = None
     cluster_key: str | None = None
@@ -657,7 +658,7 @@ class DlamiBackend(Backend):
             elif code == 0:
                 job.final = self._copy_output(job, handle) or JobStatus(JobState.SUCCEEDED, "horovodrun exited 0", 0)
             else:
-                job.final = JobStatus(JobState.FAILED, failure_summary(job.lines, code), code)
+                job.final = JobStatus(JobState.FAILED, failure_summary(job.lines.lines(), code), code)
             return job.final
 
     def _copy_output(self, job: _Job, handle: JobHandle) -> JobStatus | None:
@@ -690,8 +691,7 @@ class DlamiBackend(Backend):
         offset = int(cursor or 0)
         if job is None:
             return [], offset
-        new = job.lines[offset:]
-        return list(new), offset + len(new)
+        return job.lines.since(offset)
 
     def cancel(self, handle: JobHandle) -> None:
         """Stop horovodrun's process group on the leader, then terminate the instances."""

@@ -242,6 +242,42 @@ def test_every_rank_gets_the_stacks_region_from_the_runner_with_no_region_variab
     assert cloud.instances(region=made_in) == []
 
 
+CHATTY_TRAIN = """\
+import sys
+for i in range(30000):
+    print(f"step {i} loss 0.5", flush=False)
+print("train.py: done", flush=True)
+"""
+
+
+def test_a_chatty_run_is_held_in_bounded_memory_and_still_streamed(make_backend, request_for, cloud, monkeypatch):
+    """Issue 19, defect 14: the runner task (512 MiB) follows a run that may print for days; the
+    backend keeps only the tail (mmp.backends.base.OutputTail), as the pipeline does, while the
+    follower still receives every line through `logs`' cursor."""
+    from mmp.backends import base
+
+    monkeypatch.setattr(base, "LOG_KEEP_LINES", 500)
+    monkeypatch.setattr(base, "LOG_KEEP_CHARS", 64 * 1024)
+    backend = make_backend()
+    request = request_for(train=CHATTY_TRAIN)
+    streamed: list[str] = []
+    handle = backend.launch(request)
+    try:
+        status = backend.wait(handle, on_log=streamed.append, poll_seconds=0.05)
+        job = backend._jobs[handle.job_id]
+        kept = job.lines.lines()
+        assert status.state is JobState.SUCCEEDED, status.message
+        assert len(kept) <= 500 and sum(map(len, kept)) <= 64 * 1024
+        assert job.lines.total > 30000 and "train.py: done" in kept[-1]
+        assert len(job.process.lines) <= 1000  # the SSH reader's own copy is a tail too
+        steps = [line for line in streamed if "step " in line]
+        assert steps and "train.py: done" in streamed[-1]
+        assert steps == sorted(steps, key=lambda line: int(line.split("step ")[1].split()[0]))  # in order
+    finally:
+        backend.teardown(handle)
+    assert cloud.instances() == []
+
+
 def test_the_commits_archive_from_s3_is_what_runs(make_backend, request_for, cloud, tmp_path, monkeypatch):
     """A launch Prepare staged: the leader unpacks the archive (GitHub's single top folder) with the
     AWS CLI (a stand-in reading a local 'bucket' here) instead of fetching the repository."""
