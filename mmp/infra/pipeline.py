@@ -362,10 +362,11 @@ class TrainingPipeline(pulumi.ComponentResource):
         task_statements = [
             iam.statement(["secretsmanager:GetSecretValue"], secret_arns),
             iam.statement(["sns:Publish"], [self.topic.arn]),
-            # A study's Optuna journal and progress, beside its result (mmp.pipeline.runner_results).
-            iam.statement(["s3:GetObject"], [pulumi.Output.concat(artifacts_arn, f"/{STUDY_FOLDER}/*")]),
+            # A study's Optuna journal and progress, beside its result (mmp.pipeline.runner_results),
+            # and the state Prepare handed the task.
+            iam.statement(["s3:GetObject"], [pulumi.Output.concat(artifacts_arn, f"/{STUDY_FOLDER}/*"),
+                                             pulumi.Output.concat(artifacts_arn, f"/{RUNNER_STATE_FOLDER}/*")]),
             iam.statement(["s3:ListBucket"], [artifacts_arn], {"StringLike": {"s3:prefix": f"{STUDY_FOLDER}/*"}}),
-            iam.statement(["s3:GetObject"], [pulumi.Output.concat(artifacts_arn, f"/{RUNNER_STATE_FOLDER}/*")]),
             # Its trials on SageMaker: what the backend's launch, status, logs and cancel call.
             *sagemaker_launch_statements(job_arn, self.sagemaker_role.arn),
             iam.statement(["logs:GetLogEvents", "logs:DescribeLogStreams"],
