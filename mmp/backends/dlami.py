@@ -45,6 +45,7 @@ from ..argv import horovodrun_argv, train_args
 from ..experiment import Experiment
 from ..horovod import failure_summary
 from ..rank import LAUNCHER, SECRET_ARN_VAR
+from ..tracking_sigv4 import client_uri
 from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, OutputTail, Paths
 
 log = logging.getLogger("mmp.dlami")
@@ -208,6 +209,7 @@ class DlamiConfig:
     container_ssh_port: int = 2222  # the container's sshd (host network), for horovodrun between hosts
     mlflow_username: str | None = None
     mlflow_password_secret_arn: str | None = None
+    mlflow_tracking_server_arn: str | None = None  # SageMaker managed MLflow: ranks sign through the plugin
     region: str = field(default_factory=aws.region)  # the stack's: handed to the hosts and every rank
 
     @classmethod
@@ -256,6 +258,7 @@ class DlamiConfig:
             container_ssh_port=number("MMP_DLAMI_CONTAINER_SSH_PORT", d.container_ssh_port),
             mlflow_username=get("MMP_MLFLOW_USERNAME"),
             mlflow_password_secret_arn=get("MMP_MLFLOW_PASSWORD_SECRET_ARN"),
+            mlflow_tracking_server_arn=get("MMP_MLFLOW_TRACKING_SERVER_ARN"),
             region=aws.region(env),
         )
 
@@ -620,6 +623,8 @@ class DlamiBackend(Backend):
         # plugin) otherwise falls back to us-east-1 in a container started with no region set.
         env = {**aws.region_env(cfg.region), **request.mlflow_env, "MMP_RUN_ID": request.run_id,
                "PYTHONUNBUFFERED": "1", "MMP_PATH_PREFIX": cfg.path_prefix}
+        if "MLFLOW_TRACKING_URI" in env:  # the image's sagemaker-mlflow plugin signs with the hosts' role
+            env["MLFLOW_TRACKING_URI"] = client_uri(env["MLFLOW_TRACKING_URI"], cfg.mlflow_tracking_server_arn)
         if cfg.mlflow_username:
             env["MLFLOW_TRACKING_USERNAME"] = cfg.mlflow_username
         if cfg.mlflow_password_secret_arn:  # each rank reads the value itself (mmp.rank)

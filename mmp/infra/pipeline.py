@@ -373,8 +373,7 @@ class TrainingPipeline(pulumi.ComponentResource):
                           iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
         ]
         if mlflow.tracking_server_arn:  # promotion's and the study's MLflow client, signed like the stages
-            task_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn,
-                                                        (*iam.MLFLOW_PIPELINE_ACTIONS, "GetMetricHistory")))
+            task_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn, iam.MLFLOW_RUNNER_ACTIONS))
         if dlami is not None:
             launch_template_arn = pulumi.Output.concat("arn:aws:ec2:", region, ":", account, ":launch-template/",
                                                        dlami.launch_template.id)

@@ -182,9 +182,9 @@ class StudyRunner:
     def history(self, run_id: str) -> list[tuple[int, float]]:
         """The objective's values so far, through one MLflow client (a new one per call costs a store start-up)."""
         if self._client is None:
-            from mlflow.tracking import MlflowClient
+            from ..tracking_sigv4 import mlflow_client
 
-            self._client = MlflowClient(tracking_uri=self.tracker.tracking_uri)
+            self._client = mlflow_client(self.tracker.tracking_uri)  # signed for SageMaker managed MLflow
         return metric_history(self._client, run_id, self.tuning.objective_metric)
 
     # -- the study's parent run ------------------------------------------------------

@@ -278,6 +278,31 @@ def test_a_chatty_run_is_held_in_bounded_memory_and_still_streamed(make_backend,
     assert cloud.instances() == []
 
 
+MANAGED_TRAIN = """\
+import os
+import mlflow
+from mlflow.tracking._tracking_service.utils import _get_store
+print("RANK", os.environ.get("HOROVOD_RANK"), "URI", mlflow.get_tracking_uri(), "STORE", type(_get_store()).__name__,
+      flush=True)
+"""
+
+
+def test_with_sagemaker_managed_mlflow_each_rank_logs_to_the_servers_arn_through_the_plugin(
+        make_backend, request_for, cloud, monkeypatch):
+    """Issue 19, defect 3: the ranks got the server's URL, which answers unsigned calls with 403;
+    like SageMaker jobs they now get its ARN, which the training image's sagemaker-mlflow plugin
+    (installed here too) turns into signed calls with the hosts' role."""
+    arn = f"arn:aws:sagemaker:{STACK_REGION}:123456789012:mlflow-tracking-server/acme-ml-dev-mlflow"
+    monkeypatch.setenv("MMP_MLFLOW_TRACKING_SERVER_ARN", arn)
+    request = request_for(train=MANAGED_TRAIN)
+    request.mlflow_env["MLFLOW_TRACKING_URI"] = "https://t-abc123.eu-west-1.experiments.sagemaker.aws"
+    handle, status, lines = run_to_end(make_backend(), request)
+    text = "\n".join(lines)
+    assert status.state is JobState.SUCCEEDED, (status.message, text[-2000:])
+    assert f"RANK 0 URI {arn} STORE MlflowSageMakerStore" in text, text[-2000:]
+    assert cloud.instances() == []
+
+
 def test_the_commits_archive_from_s3_is_what_runs(make_backend, request_for, cloud, tmp_path, monkeypatch):
     """A launch Prepare staged: the leader unpacks the archive (GitHub's single top folder) with the
     AWS CLI (a stand-in reading a local 'bucket' here) instead of fetching the repository."""
