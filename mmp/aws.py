@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Any
+from typing import Any, Mapping
 
 RETRY_CONFIG = {"mode": "adaptive", "max_attempts": 10}
 
 
-def region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+REGION_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def region(environ: Mapping[str, str] | None = None) -> str:
+    """The region `environ` (this process's by default) names; us-east-1 only when none does.
+
+    Each process MMP starts gets its region handed to it (Lambda's and ECS's own AWS_REGION,
+    the SageMaker job's Environment, the DLAMI ranks' environment): see `region_env`."""
+    env = os.environ if environ is None else environ
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def region_env(name: str) -> dict[str, str]:
+    """Both region variables set to `name`: boto3/botocore read AWS_DEFAULT_REGION, others AWS_REGION."""
+    return {variable: name for variable in REGION_VARIABLES}
 
 
 @lru_cache(maxsize=None)

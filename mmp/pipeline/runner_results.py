@@ -6,6 +6,11 @@ one small JSON object (state, message, run id) and, for training, the log text n
 to it; Conclude (a Lambda) reads them. A missing object means the runner died before
 it could write one, and Conclude says so. Nothing secret is ever written here.
 
+The other way, Prepare leaves what the runner needs (the job, the started run, the image)
+at `runner/state/<sha-256 of it>.json` and the task's overrides carry only that key:
+ECS allows 8,192 characters of overrides in all, JSON included (RunTask's `overrides`,
+ECS API reference), and an experiment's hyperparameters alone can pass that.
+
 Keys: `runner/<run id>/result.json` (+ `log.txt`) for training,
 `runner/promotion/<delivery id or commit>/result.json` for a promotion,
 `runner/study/<delivery id or commit>/result.json` for a study, with `progress.json`
@@ -15,6 +20,7 @@ stops if the runner dies).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -26,6 +32,9 @@ RESULT = "result.json"
 LOG = "log.txt"
 PROGRESS = "progress.json"
 KINDS = ("train", "promotion", "study")
+HANDOFF_KEY = "runner_state_key"  # the one field the RunTask overrides carry (mmp.infra.pipeline)
+HANDOFF_FIELDS = ("job", "started", "image")  # what the runner's kinds read from the state
+ECS_OVERRIDES_LIMIT = 8192  # characters, JSON formatting included
 
 
 def bucket() -> str:
@@ -81,3 +90,20 @@ def read(kind: str, state: dict[str, Any]) -> tuple[dict[str, Any] | None, str |
 def read_progress(kind: str, state: dict[str, Any]) -> dict[str, Any] | None:
     raw = _get(kind, state, PROGRESS)
     return json.loads(raw) if raw is not None else None
+
+
+def hand_off(state: dict[str, Any]) -> str:
+    """Leave the runner's part of `state` in S3 (content-addressed: a retried Prepare writes the
+    same key) and return its key, which is all the task's overrides carry."""
+    body = json.dumps({k: state[k] for k in HANDOFF_FIELDS if k in state}, sort_keys=True).encode()
+    key = f"{PREFIX}/state/{hashlib.sha256(body).hexdigest()}.json"
+    aws.client("s3").put_object(Bucket=bucket(), Key=key, Body=body, ContentType="application/json")
+    return key
+
+
+def taken_over(state: dict[str, Any]) -> dict[str, Any]:
+    """The state the runner task works from: what Prepare left at HANDOFF_KEY, plus what came inline."""
+    if HANDOFF_KEY not in state:
+        return state
+    raw = aws.client("s3").get_object(Bucket=bucket(), Key=state[HANDOFF_KEY])["Body"].read()
+    return {**json.loads(raw), **{k: v for k, v in state.items() if k != HANDOFF_KEY}}

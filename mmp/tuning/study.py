@@ -188,9 +188,9 @@ class StudyRunner:
     def client(self) -> Any:
         """One MLflow client for the study (a new one per call costs a store start-up)."""
         if self._client is None:
-            from mlflow.tracking import MlflowClient
+            from ..tracking_sigv4 import mlflow_client
 
-            self._client = MlflowClient(tracking_uri=self.tracker.tracking_uri)
+            self._client = mlflow_client(self.tracker.tracking_uri)  # signed for SageMaker managed MLflow
         return self._client
 
     def final_value(self, run_id: str) -> float | None:

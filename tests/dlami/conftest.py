@@ -146,18 +146,18 @@ class Cloud:
     placement_groups: list[dict]
     launched: list[dict] = field(default_factory=list)  # RunInstances requests, as sent
 
-    def client(self, service: str):
+    def client(self, service: str, region: str | None = None):
         from mmp import aws
 
-        real = aws.client(service)
+        real = aws.client(service, region)
         if service == "ec2":
             return PlacementStub(real, self.placement_groups, self.launched)
         return real
 
-    def instances(self, states=("pending", "running", "stopping", "stopped")) -> list[dict]:
+    def instances(self, states=("pending", "running", "stopping", "stopped"), region: str | None = None) -> list[dict]:
         from mmp import aws
 
-        ec2 = aws.client("ec2")
+        ec2 = aws.client("ec2", region)
         out = []
         for r in ec2.describe_instances(Filters=[{"Name": "tag-key", "Values": ["mmp:managed"]},
                                                  {"Name": "instance-state-name", "Values": list(states)}])[

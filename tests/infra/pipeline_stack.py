@@ -19,7 +19,7 @@ import pytest
 
 from mmp import aws
 from mmp.infra.pipeline import state_machine_definition
-from mmp.pipeline import aws_stages
+from mmp.pipeline import aws_stages, runner_results
 
 from ..conftest import mlflow_server as start_mlflow_server
 from .sfn import Execution, TaskFailed
@@ -116,6 +116,8 @@ class Stack:
         assert arguments["Cluster"] == RUNNER["cluster"] and arguments["LaunchType"] == "FARGATE"
         network = arguments["NetworkConfiguration"]["AwsvpcConfiguration"]
         assert network["Subnets"] == RUNNER["subnets"] and network["AssignPublicIp"] == "DISABLED"
+        # ECS refuses overrides over 8,192 characters, JSON formatting included (RunTask's reference).
+        assert len(json.dumps(arguments["Overrides"], separators=(",", ":"))) <= runner_results.ECS_OVERRIDES_LIMIT
         (override,) = arguments["Overrides"]["ContainerOverrides"]
         assert override["Name"] == "runner"
         for item in override["Environment"]:

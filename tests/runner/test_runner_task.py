@@ -92,7 +92,10 @@ def test_a_dlami_push_trains_on_the_runner_and_concludes(cloud, stack, dlami_pus
     override = dict(run.calls)["RunTraining"]["Overrides"]["ContainerOverrides"][0]
     assert override["Command"] == ["train"]
     passed = json.loads(override["Environment"][0]["Value"])
-    assert set(passed) == {"job", "started"} and TOKEN not in override["Environment"][0]["Value"]
+    assert set(passed) == {runner_results.HANDOFF_KEY} and TOKEN not in override["Environment"][0]["Value"]
+    handed = runner_results.taken_over(passed)  # Prepare's hand-off in S3: the job and the run
+    assert handed["job"] == state["job"] and handed["started"] == state["started"]
+    assert TOKEN not in json.dumps(handed)
     assert run.timeouts["RunTraining"] == 240 * 60 + aws_stages.RUNNER_GRACE_SECONDS
 
     run_id = state["started"]["run_id"]
@@ -104,6 +107,24 @@ def test_a_dlami_push_trains_on_the_runner_and_concludes(cloud, stack, dlami_pus
     assert [s["state"] for s in stack.statuses] == ["pending", "success"]
     assert "SUCCEEDED" in stack.messages()[0]["Subject"]
     assert _live(cloud) == [] and tagged_processes(run_id) == []
+
+
+def test_a_dlami_experiment_with_large_hyperparameters_starts_the_runner_within_ecss_overrides_limit(
+        cloud, stack, dlami_push, monkeypatch):
+    """Issue 19, defect 12: ECS refuses RunTask when the overrides pass 8,192 characters, JSON
+    included; ~6.5 KB of hyperparameters used to travel in them. Now only the state's key does."""
+    hyperparameters = {f"layer-{i:02d}-width": "x" * 60 for i in range(90)}  # the 100-name limit allows it
+    assert len(json.dumps(hyperparameters)) > 6500
+    start = dlami_push(Hyperparameters=hyperparameters)
+    run = stack.execution(monkeypatch)
+    end, state = run.run(start)
+    assert end == "Succeed" and run.path == DLAMI_PATH + ["Done"], run.path
+    overrides = dict(run.calls)["RunTraining"]["Overrides"]
+    assert len(json.dumps(overrides, separators=(",", ":"))) < runner_results.ECS_OVERRIDES_LIMIT / 8
+    result, log_text = runner_results.read("train", state)
+    assert result["state"] == "SUCCEEDED"
+    assert "layer-89-width" in log_text  # train.py got every hyperparameter
+    assert _live(cloud) == []
 
 
 def test_the_runner_takes_the_ssh_key_from_the_variable_ecs_fills(cloud, sshd, stack, dlami_push, make_backend,
@@ -212,7 +233,9 @@ def test_a_promote_json_push_is_run_by_the_runner_with_the_mlflow_client(stack, 
     end, state = run.run(start)
     assert run.path == PROMOTE_PATH + ["Failed"], run.path
     override = dict(run.calls)["Promote"]["Overrides"]["ContainerOverrides"][0]
-    assert override["Command"] == ["promote"] and set(json.loads(override["Environment"][0]["Value"])) == {"job"}
+    passed = json.loads(override["Environment"][0]["Value"])
+    assert override["Command"] == ["promote"] and set(passed) == {runner_results.HANDOFF_KEY}
+    assert set(runner_results.taken_over(passed)) == {"job"}
     # The runner asked the real MLflow, refused (no such experiment) and said so on mmp/promotion.
     assert state["promotion"]["state"] == "REFUSED" and "no-such-experiment" in state["promotion"]["message"]
     assert [(s["state"], s["context"]) for s in stack.statuses] == [("pending", "mmp/promotion"),
@@ -292,7 +315,9 @@ def test_a_study_runs_in_the_runner_task_and_resumes_when_the_task_dies(cloud, s
     assert run.retries == {"RunStudy": 1}
     override = dict(run.calls)["RunStudy"]["Overrides"]["ContainerOverrides"][0]
     assert override["Command"] == ["study"]
-    assert set(json.loads(override["Environment"][0]["Value"])) == {"job", "image"}  # never a secret, no run
+    passed = json.loads(override["Environment"][0]["Value"])
+    assert set(passed) == {runner_results.HANDOFF_KEY}
+    assert set(runner_results.taken_over(passed)) == {"job", "image"}  # never a secret, no run
     assert "started" not in state  # Prepare made no MLflow run: the study makes its parent and trials
 
     result, _ = runner_results.read("study", state)
