@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "eu-west-1"
 SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
-RUNNER_CLIENT_CODE = ("mmp/models/promote.py", "mmp/models/compare.py", "mmp/models/gitops.py", "mmp/tuning/study.py")
+RUNNER_CLIENT_CODE = ("mmp/models/promote.py", "mmp/models/compare.py", "mmp/models/gitops.py", "mmp/tuning/study.py",
+                      "mmp/tuning/intermediate.py")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def rest_actions() -> set[str]:
 def client_actions() -> set[str]:
     methods = set()
     for rel in RUNNER_CLIENT_CODE:
-        methods |= set(re.findall(r"\bclient\.([a-z_]+)\(", (ROOT / rel).read_text()))
+        methods |= set(re.findall(r"\b(?:client\(\)|client|store)\.([a-z]+_[a-z_]+)\(", (ROOT / rel).read_text()))
     assert {"search_runs", "create_model_version", "set_registered_model_alias", "get_metric_history"} <= methods
     return {"".join(word.capitalize() for word in method.split("_")) for method in methods}
 
