@@ -14,7 +14,9 @@ import yaml
 
 from mmp.backends.dlami import DlamiBackend, DlamiConfig
 
-IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mmp-training:deps-" + "ab" * 16
+from ..conftest import REGION
+
+IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mmp-training:deps-" + "ab" * 16
 
 RECORD = '#!/bin/bash\nprintf "%s %s\\n" "$(basename "$0")" "$*" >> "$STANDIN_LOG"\n'
 STANDINS = {
@@ -34,7 +36,7 @@ esac
 
 
 @pytest.fixture
-def machine(tmp_path):
+def machine(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in STANDINS.items():
@@ -42,11 +44,12 @@ def machine(tmp_path):
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "calls.log"
     log.touch()
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)  # the runner task's region, as ECS sets it
     return {"PATH": f"{bin_dir}:/usr/bin:/bin", "STANDIN_LOG": str(log), "HOME": str(tmp_path)}, log
 
 
 def cloud_config(**overrides) -> dict:
-    config = DlamiConfig(fsx_dns_name="fs-0abc.fsx.us-east-1.amazonaws.com", fsx_mount_name="abcdefgh",
+    config = DlamiConfig(fsx_dns_name="fs-0abc.fsx.eu-west-1.amazonaws.com", fsx_mount_name="abcdefgh",
                          image_repository_uri=IMAGE.rsplit(":", 1)[0], **overrides)
     text = DlamiBackend(config).user_data(("PRIVATE", "ssh-ed25519 HOSTKEY"), ["ssh-ed25519 MMPKEY"], 45,
                                           image=IMAGE, cluster_public="ssh-ed25519 CLUSTERKEY")
@@ -68,16 +71,16 @@ def test_user_data_mounts_fsx_then_runs_the_training_image_with_gpus_host_networ
     assert run_cmds(doc, env) == [0, 0, 0, 0]
     calls = log.read_text().splitlines()
     assert calls[:3] == ["shutdown -h +45", "mkdir -p /fsx",
-                         "mount -t lustre -o relatime,flock fs-0abc.fsx.us-east-1.amazonaws.com@tcp:/abcdefgh /fsx"]
-    assert "aws ecr get-login-password --region us-east-1" in calls
-    assert "docker login --username AWS --password-stdin 123456789012.dkr.ecr.us-east-1.amazonaws.com" in calls
+                         "mount -t lustre -o relatime,flock fs-0abc.fsx.eu-west-1.amazonaws.com@tcp:/abcdefgh /fsx"]
+    assert "aws ecr get-login-password --region eu-west-1" in calls
+    assert "docker login --username AWS --password-stdin 123456789012.dkr.ecr.eu-west-1.amazonaws.com" in calls
     assert f"docker pull {IMAGE}" in calls and "nvidia-smi -L" in calls
     run = next(c for c in calls if c.startswith("docker run"))
     for part in ("--name mmp-train", "--gpus all", "--network host", "-v /fsx:/fsx",
                  "-v /etc/mmp:/etc/mmp:ro", f"--entrypoint /usr/sbin/sshd {IMAGE} -D -e -p 2222",
                  "-o AuthorizedKeysFile=/etc/mmp/authorized_keys"):
         assert part in run, part
-    assert calls.index("mount -t lustre -o relatime,flock fs-0abc.fsx.us-east-1.amazonaws.com@tcp:/abcdefgh /fsx") \
+    assert calls.index("mount -t lustre -o relatime,flock fs-0abc.fsx.eu-west-1.amazonaws.com@tcp:/abcdefgh /fsx") \
         < calls.index(run)  # /fsx is mounted before the container binds it
     assert doc["write_files"] == [{"path": "/etc/mmp/authorized_keys", "permissions": "0644",
                                    "content": "ssh-ed25519 CLUSTERKEY\n"}]

@@ -24,8 +24,7 @@ from pulumi.runtime.mocks import MockMonitor
 from pulumi.runtime.stack import _sync_await, run_pulumi_func
 
 ROOT = Path(__file__).resolve().parents[2]
-ACCOUNT = "123456789012"
-REGION = "eu-west-1"
+from ..conftest import ACCOUNT, REGION  # noqa: E402  (the suite's region, not us-east-1)
 
 DEV_CONFIG = {
     "aws:region": REGION,

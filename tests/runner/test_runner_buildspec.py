@@ -4,14 +4,16 @@ CodeBuild's shell models (tests/sagemaker/test_buildspec.py's runner)."""
 
 from __future__ import annotations
 
+import iam_calls
 import pytest
 import yaml
 
 from mmp.infra.runner import BUILDSPEC
 
+from ..conftest import REGION
 from ..sagemaker.test_buildspec import AWS_STANDIN, run_phases
 
-REPO_URI = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/acme-runner"
+REPO_URI = f"123456789012.dkr.ecr.{REGION}.amazonaws.com/acme-runner"
 TAG = "0.1.0-0123456789ab"
 DOCKER_STANDIN = r"""#!/bin/bash
 printf 'docker %s\n' "$*" >> "$STANDIN_LOG"
@@ -27,7 +29,7 @@ SHELLS = pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-com
 
 
 @pytest.fixture
-def codebuild(tmp_path):
+def codebuild(tmp_path, iam_enforced):
     source = tmp_path / "src"
     (source / "runner_docker").mkdir(parents=True)
     (source / "runner_docker" / "Dockerfile").write_text("FROM python:3.11.11-slim-bookworm\n")
@@ -39,9 +41,12 @@ def codebuild(tmp_path):
     log = tmp_path / "calls.log"
     log.touch()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STANDIN_LOG": str(log),
-           "AWS_REGION": "eu-west-1", "RUNNER_REPOSITORY_URI": REPO_URI, "RUNNER_REPOSITORY_NAME": "acme-runner",
+           "AWS_REGION": REGION, "RUNNER_REPOSITORY_URI": REPO_URI, "RUNNER_REPOSITORY_NAME": "acme-runner",
            "RUNNER_TAG": TAG}
-    return source, env, log
+    iam_enforced.bind({"repository/acme-runner": "repository/RUNNER_IMAGES"})
+    yield source, env, log
+    # The build's `aws` and `docker` commands, judged against the build role (tests/iam_enforce).
+    iam_calls.check_cli_log(log.read_text().splitlines(), ("CodeBuild: runner image", "pipeline-runner-build"), env["AWS_REGION"])
 
 
 def test_the_buildspec_is_yaml_codebuild_accepts_and_never_calls_exit():
