@@ -133,3 +133,14 @@ def test_a_subprocess_on_the_iam_pythonpath_is_checked_too(aws_env, iam_enforced
     (call,) = iam_enforced.calls()
     assert (call.code_path, call.role, call.action) == ("DLAMI training container (rank)", "dlami-host", "sns:Publish")
     iam_enforced.expect_denied("sns:Publish")
+
+
+def test_the_docs_table_reads_back_what_it_was_written_from_and_the_doc_lists_every_role():
+    import iam_doc
+
+    rows = {("pipeline-stages", "Prepare", "s3:ListBucket"), ("pipeline-stages", "Prepare", "sns:Publish"),
+            ("webhook-lambda", "webhook", "states:StartExecution")}
+    assert iam_doc.documented(iam_doc.render(rows)) == rows
+    in_doc = {role for role, _, _ in iam_doc.documented(iam_doc.DOC.read_text())}
+    assert {"pipeline-stages", "pipeline-runner-task", "pipeline-sagemaker", "dlami-host", "webhook-lambda",
+            "pipeline-sfn", "pipeline-build", "pipeline-runner-build"} <= in_doc
