@@ -47,6 +47,17 @@ def client(service: str, region_name: str | None = None) -> Any:
     return boto3.client(service, region_name=region_name or region(), config=_config())
 
 
+def s3_keys(s3: Any, bucket: str, prefix: str, limit: int = 1000) -> list[str]:
+    """The keys under `prefix` (one page, at most `limit`), to learn that an object is missing.
+
+    Why not GetObject/HeadObject and a 404: without s3:ListBucket on the bucket, S3 answers a
+    missing key with 403 (S3 API reference, GetObject "Permissions"), and a role should not list
+    the whole bucket. A listing needs s3:ListBucket, which a policy scopes to a prefix with the
+    s3:prefix condition key (S3 user guide, "Allowing each IAM user access to a folder in a bucket")."""
+    page = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=limit)
+    return [item["Key"] for item in page.get("Contents", [])]
+
+
 _SECRETS: dict[str, str] = {}
 
 

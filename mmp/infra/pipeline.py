@@ -330,6 +330,10 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["s3:GetObject"], [runner_folder]),  # the runner's result object
             # Prepare hands the runner task its state here (the overrides carry only the key).
             iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_arn, f"/{RUNNER_STATE_FOLDER}/*")]),
+            # Prepare (is the commit's code staged?) and Conclude (did the runner leave a result?) list
+            # those prefixes: a missing key read without s3:ListBucket answers 403 (mmp.aws.s3_keys).
+            iam.statement(["s3:ListBucket"], [artifacts_arn],
+                          {"StringLike": {"s3:prefix": [f"{CODE_PREFIX}/*", "runner/*"]}}),
             # Conclude from the execution-failed rule: rebuild the last state from the history.
             iam.statement(["states:GetExecutionHistory"], [pulumi.Output.concat(
                 "arn:aws:states:", region, ":", account, ":execution:", machine_name, ":*")]),

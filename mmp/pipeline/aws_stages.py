@@ -381,12 +381,15 @@ def conclude_study(pipeline: Pipeline, state: dict[str, Any]) -> dict[str, Any]:
     parent run, and say so; if it never started one, the commit hears why."""
     from ..tuning.trials import end_trial
 
+    result = progress = None
     try:
         result, _ = runner_results.read("study", state)
-        progress = None if result is not None else runner_results.read_progress("study", state)
     except Exception as exc:
         log.error("could not read the study's result: %s", exc)
-        result, progress = None, None
+    try:  # read on its own: a failed result read must not leave the trials running
+        progress = None if result is not None else runner_results.read_progress("study", state)
+    except Exception as exc:
+        log.error("could not read the study's progress: %s", exc)
     if result is not None:
         return result
     before = "image build failed: " if state.get("build_image") and not progress else ""

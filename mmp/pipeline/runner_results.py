@@ -67,28 +67,26 @@ def write_progress(kind: str, state: dict[str, Any], progress: dict[str, Any]) -
                                 Body=json.dumps(progress).encode(), ContentType="application/json")
 
 
-def _get(kind: str, state: dict[str, Any], name: str) -> bytes | None:
-    from botocore.exceptions import ClientError
-
-    try:
-        return aws.client("s3").get_object(Bucket=bucket(), Key=f"{folder(kind, state)}/{name}")["Body"].read()
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-            return None
-        raise
+def _read(kind: str, state: dict[str, Any], *names: str) -> dict[str, bytes | None]:
+    """The named objects of one runner folder, None for those the runner never wrote: listed first
+    (mmp.aws.s3_keys), since a GetObject of a missing key answers 403 to Conclude's role."""
+    s3, base = aws.client("s3"), f"{folder(kind, state)}/"
+    present = {key[len(base):] for key in aws.s3_keys(s3, bucket(), base)}
+    return {name: s3.get_object(Bucket=bucket(), Key=base + name)["Body"].read() if name in present else None
+            for name in names}
 
 
 def read(kind: str, state: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     """(result, log text); (None, None) when the runner never wrote one."""
-    raw = _get(kind, state, RESULT)
-    if raw is None:
+    found = _read(kind, state, RESULT, LOG)
+    if found[RESULT] is None:
         return None, None
-    text = _get(kind, state, LOG)
-    return json.loads(raw), text.decode(errors="replace") if text is not None else None
+    text = found[LOG]
+    return json.loads(found[RESULT]), text.decode(errors="replace") if text is not None else None
 
 
 def read_progress(kind: str, state: dict[str, Any]) -> dict[str, Any] | None:
-    raw = _get(kind, state, PROGRESS)
+    raw = _read(kind, state, PROGRESS)[PROGRESS]
     return json.loads(raw) if raw is not None else None
 
 

@@ -111,7 +111,7 @@ def test_private_key_from_the_variable_the_platform_fills_before_any_secret(sshd
     ([], "does not exist"),
 ])
 def test_placement_group_is_verified(groups, error):
-    ec2 = boto3.client("ec2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    ec2 = boto3.client("ec2", region_name="eu-west-1", aws_access_key_id="x", aws_secret_access_key="x")
     with Stubber(ec2) as stub:
         stub.add_response("describe_placement_groups", {"PlacementGroups": groups}, {"GroupNames": ["pg"]})
         backend = DlamiBackend(DlamiConfig(placement_group="pg"))

@@ -13,6 +13,8 @@ import os
 
 import pytest
 
+from ..conftest import ACCOUNT, REGION
+
 from mmp import gitutil
 from mmp.backends import BackendError, JobState
 from mmp.datasets import Dataset
@@ -167,18 +169,19 @@ print("PASSWORD", "ok" if pw == "dlami-mlflow-pw" else "missing", "user", os.env
 
 
 def test_each_rank_reads_the_mlflow_password_with_the_hosts_role_and_no_command_carries_it(
-        make_backend, request_for, cloud, monkeypatch, aws_env):
+        make_backend, request_for, cloud, monkeypatch, aws_env, iam_enforced):
     """The stack gives the backend the secret's ARN; the ARN travels on stdin with the MLflow
     variables, and each rank (mmp.rank, in the container) reads the value from Secrets Manager."""
     from mmp import aws
 
     arn = aws.client("secretsmanager").create_secret(Name="mlflow-pw", SecretString="dlami-mlflow-pw")["ARN"]
+    iam_enforced.bind({arn: f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:MLFLOW_PASSWORD"})  # the stack's
     monkeypatch.setenv("MMP_MLFLOW_PASSWORD_SECRET_ARN", arn)
     monkeypatch.setenv("MMP_MLFLOW_USERNAME", "mmp")
     request = request_for(train=PASSWORD_TRAIN)
     # on EC2 the instance profile answers; here the hosts reach moto with test credentials
     request.mlflow_env.update({"AWS_ENDPOINT_URL": aws_env, "AWS_ACCESS_KEY_ID": "testing",
-                               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+                               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION})
     backend = make_backend()
     sent: list[str] = []
     original = backend._remote
