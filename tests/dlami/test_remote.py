@@ -214,7 +214,7 @@ print("RANK", os.environ.get("HOROVOD_RANK"), "REGION", aws.region(), boto3.sess
 
 
 def test_every_rank_gets_the_stacks_region_from_the_runner_with_no_region_variable_set(
-        make_backend, request_for, cloud, sshd, monkeypatch, aws_env):
+        make_backend, request_for, cloud, sshd, monkeypatch, aws_env, iam_enforced):
     """Issue 19, defect 2: no AWS_REGION/AWS_DEFAULT_REGION anywhere in this process; the runner
     knows the stack's region only from its container's environment (rendered by the Pulumi
     program, tests/infra/test_region_handoff.py), and each rank must get it from what the backend
@@ -224,6 +224,7 @@ def test_every_rank_gets_the_stacks_region_from_the_runner_with_no_region_variab
 
     arn = aws.client("secretsmanager", STACK_REGION).create_secret(
         Name="mlflow-pw-eu", SecretString="dlami-mlflow-pw")["ARN"]
+    iam_enforced.bind({arn: f"arn:aws:secretsmanager:{STACK_REGION}:{ACCOUNT}:secret:MLFLOW_PASSWORD"})  # the stack's
     made_in = aws.region()  # where the cloud fixture made the subnet and launch template
     for variable in aws.REGION_VARIABLES:
         monkeypatch.delenv(variable, raising=False)

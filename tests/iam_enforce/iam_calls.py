@@ -72,6 +72,7 @@ STACK_TOKENS = {
     "table/webhook-deliveries-a1b2c3d": "table/DELIVERIES",
     "repository/acme-ml-dev-training": "repository/TRAINING_IMAGES",
     "repository/acme-ml-dev-runner": "repository/RUNNER_IMAGES",
+    "repository/acme-ml-dev-hub/": "repository/DOCKER_HUB_CACHE/",
     "training-job/mmp-acme-ml-dev": "training-job/JOBS",
     "stateMachine:acme-ml-dev-pipeline": "stateMachine:PIPELINE",
     "execution:acme-ml-dev-pipeline": "execution:PIPELINE",

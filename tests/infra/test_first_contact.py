@@ -55,6 +55,14 @@ def _grants(statements: list[dict], action: str) -> list[str]:
     return [r for st in statements if action in st["Action"] for r in st["Resource"]]
 
 
+# Actions AWS documents that parliament's bundled action table predates, each with where AWS lists it.
+NEWER_THAN_PARLIAMENT = {
+    # "Data retrieval APIs for Amazon SageMaker with MLflow": SearchLoggedModels, Read (MLflow 3's
+    # logged models, which promotion searches for a run's model)
+    "Unknown action sagemaker-mlflow:SearchLoggedModels",
+}
+
+
 @pytest.mark.parametrize("which", ["dev", "prod", "prod_example", "managed", "everything"])
 def test_every_iam_document_passes_parliament(which, request):
     parliament = lint.parliament()
@@ -70,6 +78,8 @@ def test_every_iam_document_passes_parliament(which, request):
             finding = enhance_finding(finding)
             if name.endswith("(trust)") and finding.issue == "MALFORMED" and "Resource" in str(finding.detail):
                 continue  # a trust policy is resource-based: it has a Principal, never a Resource
+            if finding.issue == "UNKNOWN_ACTION" and str(finding.detail) in NEWER_THAN_PARLIAMENT:
+                continue
             problems.append(f"{name}: {finding.issue} {finding.detail}")
         if name.endswith("(trust)"):
             statements = json.loads(text)["Statement"]

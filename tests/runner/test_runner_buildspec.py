@@ -61,7 +61,8 @@ def codebuild(tmp_path, iam_enforced):
            "STANDIN_REGISTRY": str(tmp_path / "registry"), "STANDIN_PULLS": str(tmp_path / "pulls.log"),
            "AWS_REGION": REGION, "IMAGE_REPOSITORY_URI": REPO_URI, "IMAGE_REPOSITORY_NAME": "acme-runner",
            "IMAGE_TAG": TAG, "IMAGE_DOCKERFILE": "runner_docker/Dockerfile"}
-    iam_enforced.bind({"repository/acme-runner": "repository/RUNNER_IMAGES"})
+    iam_enforced.bind({"repository/acme-runner": "repository/RUNNER_IMAGES",
+                       "repository/acme-dev-hub/": "repository/DOCKER_HUB_CACHE/"})
     yield source, env, log
     # The build's `aws` and `docker` commands, judged against the build role (tests/iam_enforce).
     iam_calls.check_cli_log(log.read_text().splitlines(), ("CodeBuild: runner image", "pipeline-runner-build"), env["AWS_REGION"])

@@ -160,7 +160,8 @@ def codebuild(tmp_path, iam_enforced):
            "STANDIN_PULLS": str(tmp_path / "pulls.log"), "AWS_REGION": REGION, "ECR_REPOSITORY_URI": REPO_URI,
            "ECR_REPOSITORY_NAME": "acme-training", "BUILD_CACHE_TAG": "buildcache",
            "MMP_IMAGE_TAG": TAG, "MMP_REQUIREMENTS_S3_URI": f"s3://acme-artifacts/{requirements_key(TAG)}"}
-    iam_enforced.bind({"arn:aws:s3:::acme-artifacts": "arn:aws:s3:::ARTIFACTS", "repository/acme-training": "repository/TRAINING_IMAGES"})
+    iam_enforced.bind({"arn:aws:s3:::acme-artifacts": "arn:aws:s3:::ARTIFACTS", "repository/acme-training": "repository/TRAINING_IMAGES",
+                       "repository/acme-dev-hub/": "repository/DOCKER_HUB_CACHE/"})
     yield source, env, log
     # The build's `aws` and `docker` commands, judged against the build role (tests/iam_enforce).
     iam_calls.check_cli_log(log.read_text().splitlines(), ("CodeBuild: training image", "pipeline-build"), env["AWS_REGION"])
