@@ -281,6 +281,7 @@ class TrainingPipeline(pulumi.ComponentResource):
                                                for p in sorted(ps))]),
             iam.statement(["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
                           [pulumi.Output.concat(artifacts_arn, "/*")]),
+            iam.run_record_guard(artifacts_arn),  # train.py runs with this role
             *iam.ecr_statements(self.repository.arn),
             iam.statement(["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents",
                            "logs:DescribeLogStreams"], iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
@@ -324,6 +325,7 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_arn, f"/{CODE_PREFIX}/*"),
                                              pulumi.Output.concat(artifacts_arn, f"/{REQUIREMENTS_PREFIX}/*")]),
             iam.statement(["s3:GetObject"], [runner_folder]),  # the runner's result object
+            iam.run_record_writer(artifacts_arn),  # Prepare records the run it created
             # Conclude from the execution-failed rule: rebuild the last state from the history.
             iam.statement(["states:GetExecutionHistory"], [pulumi.Output.concat(
                 "arn:aws:states:", region, ":", account, ":execution:", machine_name, ":*")]),
@@ -362,6 +364,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             # A study's Optuna journal and progress, beside its result (mmp.pipeline.runner_results).
             iam.statement(["s3:GetObject"], [pulumi.Output.concat(artifacts_arn, f"/{STUDY_FOLDER}/*")]),
             iam.statement(["s3:ListBucket"], [artifacts_arn], {"StringLike": {"s3:prefix": f"{STUDY_FOLDER}/*"}}),
+            # The pipeline's record of its runs: a study's trials are recorded, promotion reads it.
+            iam.run_record_writer(artifacts_arn), iam.run_record_reader(artifacts_arn),
             # Its trials on SageMaker: what the backend's launch, status, logs and cancel call.
             *sagemaker_launch_statements(job_arn, self.sagemaker_role.arn),
             iam.statement(["logs:GetLogEvents", "logs:DescribeLogStreams"],

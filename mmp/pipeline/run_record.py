@@ -21,7 +21,7 @@ import os
 from typing import Protocol
 
 PREFIX = "pipeline-runs"
-BUCKET_ENV = "MMP_ARTIFACTS_BUCKET"
+BUCKET_ENV = "MMP_ARTIFACTS_BUCKET"  # read by runner_results.bucket()
 
 
 class RecordError(RuntimeError):
@@ -29,16 +29,13 @@ class RecordError(RuntimeError):
 
 
 class RunRecord(Protocol):
-    def add(self, run_id: str, *, experiment: str, repository: str) -> None: ...
+    """What promotion reads; the pipeline also calls `add(run_id, experiment=, repository=)`."""
 
     def has(self, run_id: str) -> bool: ...
 
 
 class LocalRunRecord:
-    """The local run store: `Pipeline.start` adds its row itself (store.add), so `add` has nothing to do."""
-
-    def add(self, run_id: str, *, experiment: str, repository: str) -> None:
-        pass
+    """The local run store, read: `Pipeline.start` writes its row (store.add) for every run it makes."""
 
     def has(self, run_id: str) -> bool:
         from .store import RunStore
@@ -50,7 +47,7 @@ class S3RunRecord:
     """One object per run under PREFIX in the stack's artifacts bucket."""
 
     def __init__(self, bucket: str):
-        self.bucket = bucket.removeprefix("s3://").strip("/")
+        self.bucket = bucket
 
     def key(self, run_id: str) -> str:
         if not run_id or "/" in run_id:
@@ -64,18 +61,17 @@ class S3RunRecord:
                                     Body=json.dumps({"experiment": experiment, "repository": repository}).encode())
 
     def has(self, run_id: str) -> bool:
-        from botocore.exceptions import ClientError
-
+        """Listed, not HEAD: without s3:ListBucket a missing object answers 403, not 404 (S3 HeadObject's
+        documented permissions), and ListBucket can be granted on this prefix alone (`s3:prefix`)."""
         from .. import aws
 
+        key = self.key(run_id)
         try:
-            aws.client("s3").head_object(Bucket=self.bucket, Key=self.key(run_id))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
+            found = aws.client("s3").list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
+        except Exception as exc:
             raise RecordError(f"could not read the pipeline's record of run {run_id} in s3://{self.bucket}/"
                               f"{PREFIX}: {exc}") from None
-        return True
+        return any(obj.get("Key") == key for obj in found.get("Contents", []))
 
 
 class EitherRecord:
@@ -84,26 +80,19 @@ class EitherRecord:
     def __init__(self, *records: RunRecord):
         self.records = records
 
-    def add(self, run_id: str, *, experiment: str, repository: str) -> None:
-        raise RecordError("promotion only reads the record")
-
     def has(self, run_id: str) -> bool:
         return any(record.has(run_id) for record in self.records)
 
 
-def stack_bucket() -> str | None:
-    return (os.environ.get(BUCKET_ENV) or "").removeprefix("s3://").strip("/") or None
-
-
 def for_stack() -> S3RunRecord:
-    """The record the AWS stages and the runner task write (MMP_ARTIFACTS_BUCKET)."""
-    bucket = stack_bucket()
-    if bucket is None:
-        raise RecordError(f"{BUCKET_ENV} is not set: the pipeline records its runs in the stack's artifacts bucket")
-    return S3RunRecord(bucket)
+    """The record the AWS stages and the runner task write, in the stack's artifacts bucket."""
+    from .runner_results import bucket
+
+    return S3RunRecord(bucket())
 
 
 def for_promotion() -> RunRecord:
     """What promotion checks: the local run store, and the stack's record when MMP_ARTIFACTS_BUCKET is set."""
-    bucket = stack_bucket()
-    return EitherRecord(LocalRunRecord(), S3RunRecord(bucket)) if bucket else LocalRunRecord()
+    if not os.environ.get(BUCKET_ENV):
+        return LocalRunRecord()
+    return EitherRecord(LocalRunRecord(), for_stack())
