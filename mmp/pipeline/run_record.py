@@ -61,17 +61,15 @@ class S3RunRecord:
                                     Body=json.dumps({"experiment": experiment, "repository": repository}).encode())
 
     def has(self, run_id: str) -> bool:
-        """Listed, not HEAD: without s3:ListBucket a missing object answers 403, not 404 (S3 HeadObject's
-        documented permissions), and ListBucket can be granted on this prefix alone (`s3:prefix`)."""
+        """Listed, not HEAD: the runner task may list this prefix only (mmp.aws.s3_keys says why)."""
         from .. import aws
 
         key = self.key(run_id)
         try:
-            found = aws.client("s3").list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
+            return key in aws.s3_keys(aws.client("s3"), self.bucket, key, limit=1)
         except Exception as exc:
             raise RecordError(f"could not read the pipeline's record of run {run_id} in s3://{self.bucket}/"
                               f"{PREFIX}: {exc}") from None
-        return any(obj.get("Key") == key for obj in found.get("Contents", []))
 
 
 class EitherRecord:
