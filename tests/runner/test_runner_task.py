@@ -323,6 +323,9 @@ def test_a_study_runs_in_the_runner_task_and_resumes_when_the_task_dies(cloud, s
     assert {_tags(t)["mmp.trial.state"] for t in trials} == {"complete"}
     journal = aws.client("s3").list_objects_v2(Bucket="mmp-artifacts", Prefix=f"runner/study/{start['delivery_id']}/journal/")
     assert journal["KeyCount"] > 0
+    # the pipeline recorded the parent and each trial it made (promotion counts only those: issue 20.7)
+    recorded = aws.s3_keys(aws.client("s3"), "mmp-artifacts", "pipeline-runs/")
+    assert {f"pipeline-runs/{r['info']['run_id']}" for r in [parent, *trials]} <= set(recorded)
     states = [s["state"] for s in stack.statuses]
     assert states[0] == "pending" and states[-1] == "success" and "failure" not in states
     assert any("1/2 trials" in s["description"] for s in stack.statuses)
