@@ -101,6 +101,8 @@ def promote(
         err_console().print(f"[yellow]![/] run {esc(other)} ranks higher but logged no model; skipped")
     for other in result.foreign:
         err_console().print(f"[yellow]![/] run {esc(other)} ranks higher but came from another repository; skipped")
+    for other in result.unrecorded:
+        err_console().print(f"[yellow]![/] run {esc(other)} ranks higher but was not created by the pipeline; skipped")
     console().print(f"[green]✓[/] {esc(result.summary())}")
     if result.deployment:
         d = result.deployment

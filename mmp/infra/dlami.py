@@ -70,6 +70,7 @@ class DlamiResources(pulumi.ComponentResource):
             iam.statement(["s3:ListBucket", "s3:GetBucketLocation"], [datasets, artifacts]),
             iam.statement(["s3:GetObject"], [pulumi.Output.concat(datasets, "/*")]),
             iam.statement(["s3:GetObject", "s3:PutObject"], [pulumi.Output.concat(artifacts, "/*")]),
+            iam.run_record_guard(artifacts),  # train.py runs on these hosts
             *iam.ecr_statements(training_images),
         ]
         if mlflow_password_secret_arn:

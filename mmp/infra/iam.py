@@ -14,12 +14,41 @@ from typing import Any, Sequence
 import pulumi
 import pulumi_aws as aws
 
+from ..pipeline import run_record
+
 
 def statement(actions: Sequence[str], resources: Sequence[Any], condition: dict | None = None) -> dict:
     st: dict[str, Any] = {"Effect": "Allow", "Action": list(actions), "Resource": list(resources)}
     if condition:
         st["Condition"] = condition
     return st
+
+
+def deny(actions: Sequence[str], resources: Sequence[Any]) -> dict:
+    """An explicit Deny: it wins over any Allow in the role's policies (IAM policy evaluation logic)."""
+    return {**statement(actions, resources), "Effect": "Deny"}
+
+
+def run_record_arn(artifacts_arn: pulumi.Input[str]) -> pulumi.Output[str]:
+    """The pipeline's record of the runs it created (mmp.pipeline.run_record), in the artifacts bucket."""
+    return pulumi.Output.concat(artifacts_arn, f"/{run_record.PREFIX}/*")
+
+
+def run_record_writer(artifacts_arn: pulumi.Input[str]) -> dict:
+    """Record a run the pipeline created (Prepare in the stages, a study's trials in the runner task)."""
+    return statement(["s3:PutObject"], [run_record_arn(artifacts_arn)])
+
+
+def run_record_reader(artifacts_arn: pulumi.Input[str]) -> dict:
+    """Ask whether a run is recorded (promotion lists the one key: ListBucket on that prefix only)."""
+    return statement(["s3:ListBucket"], [artifacts_arn],
+                     {"StringLike": {"s3:prefix": f"{run_record.PREFIX}/*"}})
+
+
+def run_record_guard(artifacts_arn: pulumi.Input[str]) -> dict:
+    """For roles that run train.py and may write the rest of the artifacts bucket: never the record,
+    or any train.py could make its forged runs promotable."""
+    return deny(["s3:PutObject", "s3:DeleteObject"], [run_record_arn(artifacts_arn)])
 
 
 def check_document(doc: dict) -> dict:

@@ -285,6 +285,7 @@ class TrainingPipeline(pulumi.ComponentResource):
                                                for p in sorted(ps))]),
             iam.statement(["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
                           [pulumi.Output.concat(artifacts_arn, "/*")]),
+            iam.run_record_guard(artifacts_arn),  # train.py runs with this role
             *iam.ecr_statements(self.repository.arn),
             iam.statement(["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents",
                            "logs:DescribeLogStreams"], iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
@@ -328,6 +329,7 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_arn, f"/{CODE_PREFIX}/*"),
                                              pulumi.Output.concat(artifacts_arn, f"/{REQUIREMENTS_PREFIX}/*")]),
             iam.statement(["s3:GetObject"], [runner_folder]),  # the runner's result object
+            iam.run_record_writer(artifacts_arn),  # Prepare records the run it created
             # Prepare hands the runner task its state here (the overrides carry only the key).
             iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_arn, f"/{RUNNER_STATE_FOLDER}/*")]),
             # Prepare (is the commit's code staged?) and Conclude (did the runner leave a result?) list
@@ -374,6 +376,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["s3:GetObject"], [pulumi.Output.concat(artifacts_arn, f"/{STUDY_FOLDER}/*"),
                                              pulumi.Output.concat(artifacts_arn, f"/{RUNNER_STATE_FOLDER}/*")]),
             iam.statement(["s3:ListBucket"], [artifacts_arn], {"StringLike": {"s3:prefix": f"{STUDY_FOLDER}/*"}}),
+            # The pipeline's record of its runs: a study's trials are recorded, promotion reads it.
+            iam.run_record_writer(artifacts_arn), iam.run_record_reader(artifacts_arn),
             # Its trials on SageMaker: what the backend's launch, status, logs and cancel call.
             *sagemaker_launch_statements(job_arn, self.sagemaker_role.arn),
             iam.statement(["logs:GetLogEvents", "logs:DescribeLogStreams"],

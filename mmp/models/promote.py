@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import ownership
+from ..pipeline import run_record
 from ..tuning.tags import TAG_STUDY
 from .compare import CompareError, experiment_id, make_client, order_by, search_all
 
@@ -60,6 +61,7 @@ class Promotion:
     skipped: list[str] = field(default_factory=list)  # better runs that logged no model
     deployment: dict | None = None
     foreign: list[str] = field(default_factory=list)  # better runs from a repository that does not own the experiment
+    unrecorded: list[str] = field(default_factory=list)  # better runs the pipeline did not create (run_record)
 
     def summary(self) -> str:
         what = f"{self.model_name} v{self.version} @{self.alias}"
@@ -139,10 +141,20 @@ def foreign_source(experiment: str, owner: str | None, run: "Run") -> str | None
     return None if ownership.may_use(experiment, owner, source) else source
 
 
+def created_by_pipeline(record: run_record.RunRecord, run_id: str) -> bool:
+    try:
+        return record.has(run_id)
+    except Exception as exc:  # the record is the proof: unreadable, nothing is promoted
+        raise PromotionError(f"could not read the pipeline's record of run {run_id}: {exc}; nothing promoted") from None
+
+
 def choose(client: "MlflowClient", experiment: str, metric: str, mode: str, run_id: str | None = None,
-           owner: str | None = None) -> tuple["Run", ModelRef, list[str], list[str]]:
-    """The run to promote, its model, the better runs skipped for having no model, and those skipped
-    for coming from a repository other than the experiment's `owner` (unless shared)."""
+           owner: str | None = None, record: run_record.RunRecord | None = None,
+           ) -> tuple["Run", ModelRef, list[str], list[str], list[str]]:
+    """The run to promote, its model, the better runs skipped for having no model, those skipped
+    for coming from a repository other than the experiment's `owner` (unless shared), and those
+    skipped because the pipeline did not create them (any train.py can make a run anywhere)."""
+    record = record or run_record.for_promotion()
     clauses = order_by(metric, mode)
     exp_id = experiment_id(client, experiment)
     if run_id:
@@ -160,11 +172,14 @@ def choose(client: "MlflowClient", experiment: str, metric: str, mode: str, run_
         if source is not None:
             raise PromotionError(f"run {run_id} came from repository {source!r}, but experiment {experiment!r} "
                                  f"belongs to {owner!r}; nothing promoted")
+        if not created_by_pipeline(record, run_id):
+            raise PromotionError(f"run {run_id} was not created by the pipeline (no record of it), so it is never "
+                                 "promoted; nothing promoted")
         ref = find_model(client, run)
         if ref is None:
             raise PromotionError(f"run {run_id} logged no model (train.py must call mlflow.<flavor>.log_model); "
                                  "nothing promoted")
-        return run, ref, [], []
+        return run, ref, [], [], []
     finished = search_all(client, [exp_id], filter_string="attributes.status = 'FINISHED'", order=clauses)
     runs = [r for r in finished if metric in r.data.metrics
             and r.data.tags.get(TAG_STUDY) != "true"]  # a study's parent holds no model: its trials do
@@ -172,6 +187,7 @@ def choose(client: "MlflowClient", experiment: str, metric: str, mode: str, run_
         raise PromotionError(f"no FINISHED run of {experiment!r} logged the metric {metric!r}; nothing promoted")
     skipped: list[str] = []
     foreign: list[str] = []
+    unrecorded: list[str] = []
     for run in runs:
         source = foreign_source(experiment, owner, run)
         if source is not None:
@@ -179,10 +195,19 @@ def choose(client: "MlflowClient", experiment: str, metric: str, mode: str, run_
                         run.info.run_id, metric, source, owner)
             foreign.append(run.info.run_id)
             continue
+        if not created_by_pipeline(record, run.info.run_id):
+            log.warning("run %s ranks higher on %s but the pipeline did not create it (no record of it); skipped",
+                        run.info.run_id, metric)
+            unrecorded.append(run.info.run_id)
+            continue
         ref = find_model(client, run)
         if ref is not None:
-            return run, ref, skipped, foreign
+            return run, ref, skipped, foreign, unrecorded
         skipped.append(run.info.run_id)
+    if unrecorded:
+        raise PromotionError(f"none of the {len(runs)} FINISHED run(s) of {experiment!r} with {metric!r} is both "
+                             f"created by the pipeline and has a model (not created by it: "
+                             f"{', '.join(unrecorded)}); nothing promoted")
     if foreign:
         raise PromotionError(f"none of the {len(runs)} FINISHED run(s) of {experiment!r} with {metric!r} is both "
                              f"from its owner {owner!r} (or a shared repository) and has a model; nothing promoted")
@@ -246,14 +271,15 @@ def _move_alias(client: "MlflowClient", name: str, alias: str, version: str, his
 def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEFAULT_ALIAS,
             require: float | None = None, model_name: str | None = None, run_id: str | None = None,
             client: "MlflowClient | None" = None, deployer: Deployer | None | str = "auto",
-            repository: str | None = None) -> Promotion:
+            repository: str | None = None, record: run_record.RunRecord | None = None) -> Promotion:
     """Register the best FINISHED run's model as a version and point `alias` at it.
 
     `deployer="auto"` deploys a SageMaker endpoint when configured for this alias
     (see mmp.models.endpoint); pass None to never deploy. Only runs from the
     experiment's owner repository (or one it is shared with) are candidates; with
     `repository` (a promote.json's), that repository must own or share the experiment
-    and the registered model too.
+    and the registered model too. Only runs in the pipeline's `record` (default:
+    run_record.for_promotion()) count: train.py can create runs, but cannot record them.
     """
     from mlflow.exceptions import MlflowException
 
@@ -268,7 +294,7 @@ def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEF
     name = checked_name(model_name or model_name_for(experiment))
     try:
         owner = experiment_owner(client, experiment, repository)
-        run, ref, skipped, foreign = choose(client, experiment, metric, mode, run_id, owner)
+        run, ref, skipped, foreign, unrecorded = choose(client, experiment, metric, mode, run_id, owner, record)
     except (CompareError, ownership.OwnershipError) as exc:
         raise PromotionError(str(exc)) from None
     value = run.data.metrics[metric]
@@ -285,7 +311,7 @@ def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEF
         mv = _existing_version(client, name, run.info.run_id, ref)
         if mv is not None and previous is not None and str(previous) == str(mv.version):
             return Promotion("unchanged", name, str(mv.version), alias, run.info.run_id, commit, metric, value,
-                             str(previous), skipped, foreign=foreign)
+                             str(previous), skipped, foreign=foreign, unrecorded=unrecorded)
         if mv is None:
             tags = {"mmp.experiment": experiment, "mmp.run_id": run.info.run_id, "mmp.commit": commit or "",
                     "mmp.metric": metric, f"mmp.metric.{metric}": repr(value), "mmp.mode": mode}
@@ -302,7 +328,7 @@ def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEF
     except MlflowException as exc:
         raise PromotionError(f"MLflow refused: {exc.message}") from None
     return Promotion("promoted", name, version, alias, run.info.run_id, commit, metric, value,
-                     None if previous is None else str(previous), skipped, deployment, foreign)
+                     None if previous is None else str(previous), skipped, deployment, foreign, unrecorded)
 
 
 def rollback(experiment: str, *, alias: str = DEFAULT_ALIAS, model_name: str | None = None,

@@ -89,13 +89,14 @@ def make_pipeline() -> Pipeline:
     """The pipeline with AWS faces: REST MLflow, GitHub commit statuses, SNS."""
     from ..github import GitHubClient, GitHubStatusReporter
     from ..tracking import make_tracker
+    from .run_record import for_stack
     from .sns import SnsNotifier
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
         raise RuntimeError("MLFLOW_TRACKING_URI must be the stack's http(s) MLflow server in the Lambda")
     return Pipeline(tracker=make_tracker(uri), reporter=GitHubStatusReporter(GitHubClient.from_env()),
-                    notifier=SnsNotifier(), backend_factory=backend_for)
+                    notifier=SnsNotifier(), backend_factory=backend_for, record=for_stack())
 
 
 def trigger_of(job: dict[str, Any]) -> Trigger:

@@ -98,7 +98,9 @@ class Pipeline:
         backend_factory: Callable[[str], Backend] = get_backend,
         on_log: Callable[[str], None] | None = None,
         on_launch: Callable[[str, JobHandle | None], None] | None = None,  # None: a study's parent run
+        record: Any = None,
     ):
+        """`record`: where the pipeline notes each run it creates (mmp.pipeline.run_record), beyond `store`."""
         if tracker is None:
             from ..tracking import make_tracker
 
@@ -110,6 +112,7 @@ class Pipeline:
         self.backend_factory = backend_factory
         self.on_log = on_log
         self.on_launch = on_launch
+        self.record = record
 
     # -- reporting helpers ---------------------------------------------------
     def report_status(self, trigger: Trigger, state: str, description: str, url: str | None = None,
@@ -202,6 +205,8 @@ class Pipeline:
                 self.store.add(run_id=run_id, experiment=name, repository=trigger.repository,
                                commit_sha=trigger.commit, platform=experiment.platform,
                                delivery_id=trigger.delivery_id, run_url=run_url)
+            if self.record is not None:  # promotion trusts only recorded runs (mmp.pipeline.run_record)
+                self.record.add(run_id, experiment=name, repository=trigger.identity)
         except Exception as exc:  # a run nobody records would stay RUNNING: end it now (recovery retries)
             try:
                 self.tracker.finish(run_id, JobState.FAILED, message=f"could not record the run: {exc}")

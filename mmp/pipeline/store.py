@@ -109,6 +109,11 @@ class RunStore:
             return None
         return _record(rows[0])
 
+    def has(self, run_id: str) -> bool:
+        """Whether the pipeline recorded exactly this run (no prefix matching: promotion asks)."""
+        with closing(self._db()) as db:
+            return db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
+
     def list(self, limit: int = 50, state: str | None = None) -> list[RunRecord]:
         query, args = "SELECT * FROM runs", []
         if state:

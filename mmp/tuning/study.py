@@ -180,7 +180,8 @@ class StudyRunner:
         self.running: dict[int, TrialRun] = {}
         self.finished: queue.Queue[TrialRun] = queue.Queue()
         self.trials = Pipeline(tracker=pipeline.tracker, store=pipeline.store, reporter=_Quiet(), notifier=_Quiet(),
-                               backend_factory=pipeline.backend_factory, on_launch=self._on_launch)
+                               backend_factory=pipeline.backend_factory, on_launch=self._on_launch,
+                               record=pipeline.record)
         self.deadline = 0.0
         self.parent: Started | None = None
         self._client = None

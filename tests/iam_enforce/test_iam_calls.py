@@ -144,3 +144,19 @@ def test_the_docs_table_reads_back_what_it_was_written_from_and_the_doc_lists_ev
     in_doc = {role for role, _, _ in iam_doc.documented(iam_doc.DOC.read_text())}
     assert {"pipeline-stages", "pipeline-runner-task", "pipeline-sagemaker", "dlami-host", "webhook-lambda",
             "pipeline-sfn", "pipeline-build", "pipeline-runner-build"} <= in_doc
+
+
+def test_train_pys_roles_write_the_artifacts_bucket_but_never_the_pipelines_record_of_runs(iam_policies):
+    """Issue 20.7: promotion trusts pipeline-runs/<run id> (mmp.pipeline.run_record); the explicit Deny
+    keeps the roles train.py runs with from forging one, and only the pipeline's roles write it."""
+    record = f"{ARTIFACTS}/pipeline-runs/0123456789abcdef"
+    for role in ("pipeline-sagemaker", "dlami-host"):
+        assert allowed(iam_policies[role], Request("s3:PutObject", f"{ARTIFACTS}/fashion/run/output/model.tar.gz"))
+        assert not allowed(iam_policies[role], Request("s3:PutObject", record)), role
+        assert not allowed(iam_policies[role], Request("s3:DeleteObject", record)), role
+    assert allowed(iam_policies["pipeline-stages"], Request("s3:PutObject", record))  # Prepare
+    task = iam_policies["pipeline-runner-task"]
+    assert allowed(task, Request("s3:PutObject", record))  # a study's trials
+    assert allowed(task, Request("s3:ListBucket", ARTIFACTS, {"s3:prefix": "pipeline-runs/0123456789abcdef"}))
+    writers = [name for name, doc in iam_policies.items() if allowed(doc, Request("s3:PutObject", record))]
+    assert sorted(writers) == ["pipeline-runner-task", "pipeline-stages"], writers

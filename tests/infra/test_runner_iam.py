@@ -73,8 +73,8 @@ def test_the_runner_launches_only_through_the_launch_template_and_ends_only_mana
 
 def test_a_study_in_the_runner_reads_only_its_folder_and_runs_only_the_stacks_jobs(dlami_stack):
     task = _policies(dlami_stack)["pipeline-runner-task"]
-    (listing,) = _allowing(task, "s3:ListBucket")
-    assert listing["Condition"] == {"StringLike": {"s3:prefix": "runner/study/*"}}
+    listings = _allowing(task, "s3:ListBucket")  # its study's folder, and the pipeline's record of runs
+    assert sorted(s["Condition"]["StringLike"]["s3:prefix"] for s in listings) == ["pipeline-runs/*", "runner/study/*"]
     (reading,) = _allowing(task, "s3:GetObject")
     assert sorted(r.rsplit("/runner/", 1)[1] for r in reading["Resource"]) == ["state/*", "study/*"]
     (create,) = _allowing(task, "sagemaker:CreateTrainingJob")
@@ -118,3 +118,28 @@ def test_the_execution_role_reads_exactly_the_injected_secrets_and_the_task_role
     task_reads = [r for s in _allowing(policies["pipeline-runner-task"], "secretsmanager:GetSecretValue")
                   for r in s["Resource"]]
     assert key_secret not in task_reads and "*" not in task_reads
+
+
+def test_only_the_pipeline_writes_its_record_of_runs_and_train_py_roles_are_denied_it(dlami_stack):
+    """Issue 20.7: promotion trusts `pipeline-runs/<run id>` (mmp.pipeline.run_record), so the roles that
+    run train.py (SageMaker, DLAMI hosts), which may write the rest of the artifacts bucket, are denied it."""
+    policies = _policies(dlami_stack)
+    record = "/pipeline-runs/*"
+
+    def effects(doc: dict, action: str) -> set[str]:
+        return {s["Effect"] for s in doc["Statement"] if action in s["Action"]
+                and any(str(r).endswith(record) for r in s["Resource"])}
+
+    training = [n for n in policies if n.endswith("-sagemaker") or n.endswith("-host")]
+    assert len(training) == 2, sorted(policies)
+    for name in training:  # their bucket-wide Allow stays; the explicit Deny wins over it
+        assert effects(policies[name], "s3:PutObject") == {"Deny"}, name
+        assert effects(policies[name], "s3:DeleteObject") == {"Deny"}, name
+    assert effects(policies["pipeline-stages"], "s3:PutObject") == {"Allow"}  # Prepare
+    task = policies["pipeline-runner-task"]
+    assert effects(task, "s3:PutObject") == {"Allow"}  # a study's trials
+    (listing,) = [s for s in task["Statement"]
+                  if s.get("Condition", {}).get("StringLike", {}).get("s3:prefix") == "pipeline-runs/*"]
+    assert listing["Action"] == ["s3:ListBucket"]
+    writers = [n for n, doc in policies.items() if effects(doc, "s3:PutObject") == {"Allow"}]
+    assert sorted(writers) == ["pipeline-runner-task", "pipeline-stages"], writers

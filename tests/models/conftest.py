@@ -60,6 +60,7 @@ def trained(tmp_path_factory):
 def real_runs(trained, mmp_home):
     """This test's MMP_HOME with a private copy of the trained MLflow DB (artifacts are shared, read-only)."""
     shutil.copy(trained["db"], mmp_home / "mlflow.db")
+    shutil.copy(trained["home"] / "mmp.db", mmp_home / "mmp.db")  # the pipeline's record of those runs
     return trained
 
 
@@ -76,7 +77,8 @@ def client(mmp_home, empty_mlflow_db):
 
 
 class Synthetic:
-    """Runs made directly through MlflowClient: tags like the pipeline's, any metrics and params."""
+    """Runs made directly through MlflowClient: tags like the pipeline's, any metrics and params, and
+    (unless `recorded=False`) a row in the local run store, as the pipeline would have written."""
 
     def __init__(self, client, experiment: str = "synthetic", artifact_location: str | None = None):
         self.client = client
@@ -87,7 +89,8 @@ class Synthetic:
 
     def run(self, *, metrics: dict | None = None, params: dict | None = None, status: str = "FINISHED",
             model: bool = True, commit: str = "a" * 40, platform: str = "sagemaker",
-            instance_type: str = "ml.p3.2xlarge", instance_count: int = 2, seconds: float = 0.0) -> str:
+            instance_type: str = "ml.p3.2xlarge", instance_count: int = 2, seconds: float = 0.0,
+            recorded: bool = True) -> str:
         from mlflow.entities import Metric, Param
 
         tags = {"mlflow.source.git.commit": commit, "mmp.platform": platform,
@@ -102,6 +105,11 @@ class Synthetic:
             self.client.finalize_logged_model(logged.model_id, "READY")
         if status != "RUNNING":
             self.client.set_terminated(run_id, status=status, end_time=start_ms + int(seconds * 1000))
+        if recorded:
+            from mmp.pipeline.store import RunStore
+
+            RunStore().add(run_id=run_id, experiment=self.experiment, repository="synthetic", commit_sha=commit,
+                           platform=platform, state=status)
         return run_id
 
 

@@ -181,3 +181,52 @@ def test_a_model_owned_by_another_repository_is_refused(synthetic, client):
         promote("synthetic", "acc", deployer=None)
     assert client.get_registered_model("synthetic").aliases == {}
     assert client.search_model_versions("name = 'synthetic'") == []
+
+
+# A real train.py that, besides its own run, makes a better run with a READY model in another
+# repository's experiment, tagged exactly as the pipeline tags that repository's runs.
+FORGER = '''
+import argparse, time
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+argparse.ArgumentParser().parse_known_args()
+client = MlflowClient()  # MLFLOW_TRACKING_URI: the pipeline's own store
+victim = client.get_experiment_by_name({experiment!r})
+run = client.create_run(victim.experiment_id, tags={{"mmp.repository": {identity!r},
+                                                     "mlflow.source.name": {name!r}}})
+now = int(time.time() * 1000)
+client.log_batch(run.info.run_id, metrics=[Metric("val_accuracy", 1.0, now, 0)])
+model = client.create_logged_model(victim.experiment_id, name="model", source_run_id=run.info.run_id)
+client.finalize_logged_model(model.model_id, "READY")
+client.set_terminated(run.info.run_id, "FINISHED")
+print("forged", run.info.run_id, flush=True)
+'''
+
+
+def test_a_run_another_train_py_forged_in_this_experiment_is_never_promoted(real_runs, client, make_repo, digits):
+    """Issue 20.7: any train.py can create a run in another repository's experiment, tagged as that
+    repository; only runs the pipeline recorded as its own are promoted."""
+    from mlflow.tracking import MlflowClient
+
+    from mmp import gitutil
+    from mmp.pipeline.runs import local_trigger, run_trigger
+
+    owner = real_runs["repo"].resolve()
+    forger = make_repo("forger", files={"train.py": FORGER.format(
+        experiment="digits-demo", identity=str(owner), name=gitutil.repository_name(owner))})
+    outcome = run_trigger(local_trigger(forger, gitutil.resolve(forger)))
+    assert outcome.state == "SUCCEEDED", outcome.message
+    exp = client.get_experiment_by_name("digits-demo")
+    forged = [r.info.run_id for r in MlflowClient(client.tracking_uri).search_runs([exp.experiment_id])
+              if r.info.run_id not in real_runs["run_ids"]]
+    assert len(forged) == 1 and client.get_run(forged[0]).data.metrics["val_accuracy"] == 1.0
+
+    result = runner.invoke(app, ["promote", "digits-demo", "--metric", "val_accuracy", "--no-deploy"])
+    assert result.exit_code == 0, result.output
+    assert f"run {forged[0]} ranks higher but was not created by the pipeline; skipped" in result.output
+    mv = client.get_model_version_by_alias("digits-demo", "production")
+    assert mv.run_id in real_runs["run_ids"]
+    assert client.search_model_versions(f"name = 'digits-demo' AND run_id = '{forged[0]}'") == []
+    with pytest.raises(PromotionError, match=f"run {forged[0]} was not created by the pipeline"):
+        promote("digits-demo", "val_accuracy", run_id=forged[0], deployer=None)

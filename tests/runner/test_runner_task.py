@@ -323,6 +323,9 @@ def test_a_study_runs_in_the_runner_task_and_resumes_when_the_task_dies(cloud, s
     assert {_tags(t)["mmp.trial.state"] for t in trials} == {"complete"}
     journal = aws.client("s3").list_objects_v2(Bucket="mmp-artifacts", Prefix=f"runner/study/{start['delivery_id']}/journal/")
     assert journal["KeyCount"] > 0
+    # the pipeline recorded the parent and each trial it made (promotion counts only those: issue 20.7)
+    recorded = aws.s3_keys(aws.client("s3"), "mmp-artifacts", "pipeline-runs/")
+    assert {f"pipeline-runs/{r['info']['run_id']}" for r in [parent, *trials]} <= set(recorded)
     states = [s["state"] for s in stack.statuses]
     assert states[0] == "pending" and states[-1] == "success" and "failure" not in states
     assert any("1/2 trials" in s["description"] for s in stack.statuses)
@@ -378,3 +381,47 @@ def test_a_study_whose_runner_keeps_dying_is_ended_by_conclude_with_nothing_left
             for p in t["data"]["params"] if p["key"] == "shift"] == ["0.2", "0.6", "0.2"]
     assert stack.statuses[-1]["state"] == "failure" and "study did not complete" in stack.statuses[-1]["description"]
     assert "FAILED" in stack.messages()[-1]["Subject"]
+
+
+def test_the_runners_promotion_refuses_a_run_the_pipeline_did_not_record(stack, make_repo, monkeypatch):
+    """Issue 20.7 on AWS: Prepare records the run it made (s3://<artifacts>/pipeline-runs/<id>); a better
+    run any train.py forged in the experiment, tagged as its repository, is skipped by the runner's promotion."""
+    import uuid
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from ..infra.pipeline_stack import BUCKET
+
+    name = f"record-{uuid.uuid4().hex[:8]}"
+    spec = {"Experiment": name, "Metric": "val_accuracy"}
+    repo = make_repo(experiment=experiment(Experiment_Name=name),
+                     files={"train.py": OK_TRAIN, "promote.json": json.dumps(spec)})
+    sha = head(repo)
+    stack.serve(repo, sha)
+    end, state = stack.execution(monkeypatch).run(job(repo, sha))
+    assert end == "Succeed", state.get("outcome")
+    made = state["started"]["run_id"]
+    listed = aws.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="pipeline-runs/")["Contents"]
+    assert [o["Key"] for o in listed] == [f"pipeline-runs/{made}"]
+
+    client = MlflowClient(stack.mlflow)
+    exp = client.get_experiment_by_name(name)
+    forged = client.create_run(exp.experiment_id, tags=client.get_run(made).data.tags).info.run_id
+    now = int(time.time() * 1000)
+    for run_id, value in ((made, 0.5), (forged, 0.99)):  # each with a READY model, the forgery better
+        client.log_batch(run_id, metrics=[Metric("val_accuracy", value, now, 0)])
+        model = client.create_logged_model(exp.experiment_id, name="model", source_run_id=run_id)
+        client.finalize_logged_model(model.model_id, "READY")
+    client.set_terminated(forged, "FINISHED")
+
+    end, state = stack.execution(monkeypatch).run(job(repo, sha, files=("promote.json",)))
+    assert state["promotion"]["state"] == "SUCCEEDED", state["promotion"]
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert version.run_id == made
+
+    aws.client("s3").delete_object(Bucket=BUCKET, Key=f"pipeline-runs/{made}")  # now neither is recorded
+    end, state = stack.execution(monkeypatch).run(job(repo, sha, files=("promote.json",)))
+    assert state["promotion"]["state"] == "REFUSED", state["promotion"]
+    assert f"not created by it: {forged}" in state["promotion"]["message"]
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
