@@ -459,28 +459,6 @@ def test_an_mlflow_store_fault_mid_study_still_ends_it(study_repo):
 GRID_1_2 = {"Objective_Metric": "score", "Strategy": "grid", "Ranges": {"units": {"Values": [1, 2]}}}
 
 
-@pytest.fixture
-def workers(tmp_path):
-    """Start real worker processes (`MMP_CRASH_AT` names where one SIGKILLs itself); all stopped at teardown."""
-    started: list[subprocess.Popen] = []
-    log = tmp_path / "workers.log"
-
-    def start(*args: str, **env: str) -> subprocess.Popen:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "mmp.pipeline.worker", "--poll", "0.2", *args],
-                                    env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        started.append(proc)
-        return proc
-
-    start.log = log
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
-
-
 def submit_study(repo: Path, delivery: str) -> None:
     JobQueue().submit(Job(repository=repo.name, clone_url=str(repo), before="0" * 40, after=head(repo),
                           ref="refs/heads/main", delivery_id=delivery, trigger_files=["experiment.json"]), delivery)
@@ -507,35 +485,35 @@ def assert_each_point_ran_once(repo: Path, delivery: str, points: list[str], int
     ("study-trial-told", 0, 2),         # Optuna has a trial's result, MLflow still says RUNNING
     ("study-concluded", 0, 2),          # the study has reported its end, its state says running
 ])
-def test_a_worker_killed_at_each_point_resumes_the_study_running_each_point_once(study_repo, workers, point,
+def test_a_worker_killed_at_each_point_resumes_the_study_running_each_point_once(study_repo, start_worker, point,
                                                                                   interrupted, launched):
     repo = study_repo(GRID_1_2)
     submit_study(repo, "killed")
-    crashed = workers("--once", MMP_CRASH_AT=point)
-    assert crashed.wait(timeout=400) == -signal.SIGKILL, workers.log.read_text()[-3000:]
+    crashed = start_worker("--once", "--poll", "0.2", MMP_CRASH_AT=point)
+    assert crashed.wait(timeout=400) == -signal.SIGKILL, start_worker.log.read_text()[-3000:]
     assert JobQueue().get("killed").state == "running"
-    resumed = workers("--once")
-    assert resumed.wait(timeout=400) == 0, workers.log.read_text()[-3000:]
+    resumed = start_worker("--once", "--poll", "0.2")
+    assert resumed.wait(timeout=400) == 0, start_worker.log.read_text()[-3000:]
     assert_each_point_ran_once(repo, "killed", ["1", "2"], interrupted)
     assert len(marked(study_repo.marks)) == launched  # train.py started once per run (O_EXCL marks)
     assert no_process_from(study_repo.marks)
 
 
-def test_a_second_crash_while_replacing_an_interrupted_trial_loses_no_point(study_repo, workers):
+def test_a_second_crash_while_replacing_an_interrupted_trial_loses_no_point(study_repo, start_worker):
     repo = study_repo(GRID_1_2)
     submit_study(repo, "twice")
     for point in ("study-trial-recorded", "study-replacement-enqueued"):
-        crashed = workers("--once", MMP_CRASH_AT=point)
-        assert crashed.wait(timeout=400) == -signal.SIGKILL, workers.log.read_text()[-3000:]
-    resumed = workers("--once")
-    assert resumed.wait(timeout=400) == 0, workers.log.read_text()[-3000:]
+        crashed = start_worker("--once", "--poll", "0.2", MMP_CRASH_AT=point)
+        assert crashed.wait(timeout=400) == -signal.SIGKILL, start_worker.log.read_text()[-3000:]
+    resumed = start_worker("--once", "--poll", "0.2")
+    assert resumed.wait(timeout=400) == 0, start_worker.log.read_text()[-3000:]
     assert_each_point_ran_once(repo, "twice", ["1", "2"], interrupted=1)
     assert len(marked(study_repo.marks)) == 3
     assert no_process_from(study_repo.marks)
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
-def test_mmp_up_dying_mid_study_leaves_it_to_resume(study_repo, workers, tmp_path, how):
+def test_mmp_up_dying_mid_study_leaves_it_to_resume(study_repo, start_worker, tmp_path, how):
     """kill -9 of `mmp up` (its guard SIGTERMs the worker) or Ctrl-C: the trial stops, the study resumes."""
     from mmp.tuning import control
 
@@ -558,9 +536,9 @@ def test_mmp_up_dying_mid_study_leaves_it_to_resume(study_repo, workers, tmp_pat
     assert JobQueue().get("up-died").state == "running" and control.state("up-died") == "running"
     assert no_process_from(study_repo.marks)  # the trial's job was stopped, not left behind
 
-    resumed = workers("--once")
+    resumed = start_worker("--once", "--poll", "0.2")
     wait_until(lambda: [(study_repo.gate / r).touch() for r in marked(study_repo.marks)] and False
                or resumed.poll() is not None, seconds=400, what="the resumed study to end")
-    assert resumed.returncode == 0, workers.log.read_text()[-3000:]
+    assert resumed.returncode == 0, start_worker.log.read_text()[-3000:]
     assert_each_point_ran_once(repo, "up-died", ["1", "2"], interrupted=1)
     assert len(marked(study_repo.marks)) == 3
