@@ -362,6 +362,13 @@ def assert_study_ended(repo: Path, delivery: str, outcome_state: str | None, com
     parents = [r for r in delivery_runs(delivery) if r.data.tags.get("mmp.study") == "true"]
     note = notification(parents[0].info.run_id if parents else delivery)
     assert note is not None and (outcome_state is None or note["state"] == outcome_state), note
+    if parents:  # `mmp cancel` tells the truth instead of "cancel sent"
+        from typer.testing import CliRunner
+
+        from mmp.cli import app
+
+        cancel = CliRunner().invoke(app, ["cancel", parents[0].info.run_id])
+        assert cancel.exit_code == 1 and "is already" in cancel.output, cancel.output
 
 
 def test_a_nan_objective_fails_that_trial_and_the_study_goes_on(study_repo):
