@@ -549,3 +549,37 @@ def test_mmp_up_dying_mid_study_leaves_it_to_resume(study_repo, start_worker, tm
     assert resumed.returncode == 0, start_worker.log.read_text()[-3000:]
     assert_each_point_ran_once(repo, "up-died", ["1", "2"], interrupted=1)
     assert len(marked(study_repo.marks)) == 3
+
+
+def test_a_study_storage_fault_stops_the_sibling_trials_and_ends_the_study(study_repo):
+    """Two trials run; Optuna's storage refuses writes; the first trial's end cannot be recorded. The study
+    stops its sibling (no process left), ends every run and itself, reports and notifies."""
+    from mmp.tuning.study import STUDIES_DB
+
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Parallel": 2,
+                       "Ranges": {"opt": {"Values": ["a", "b"]}}}, {"gate": str(study_repo.gate)})
+    db = config.mmp_home() / STUDIES_DB
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(
+        outcome=run_trigger(local_trigger(repo, head(repo), delivery_id="optuna-fault"))))
+    runner.start()
+    locked = False
+    try:
+        wait_until(lambda: len(marked(study_repo.marks)) == 2 or not runner.is_alive(), what="two trials to start")
+        subprocess.run(["chattr", "+i", str(db)], check=True)
+        locked = True
+        first = next(r for r, m in marked(study_repo.marks).items() if m["opt"] == "a")
+        (study_repo.gate / first).touch()  # only the first may finish; its sibling holds at its gate
+        runner.join(timeout=240)
+    finally:
+        if locked:
+            subprocess.run(["chattr", "-i", str(db)], check=True)
+        for run_id in marked(study_repo.marks):
+            (study_repo.gate / run_id).touch()
+        runner.join(timeout=240)
+    outcome = result["outcome"]
+    assert outcome.state == "FAILED" and "the study stopped on an error" in outcome.message, outcome.message
+    assert no_process_from(study_repo.marks)  # the sibling was stopped, not left to run
+    _, trials = study_runs(outcome.run_id)
+    assert {t.data.params["opt"]: t.info.status for t in trials} == {"a": "FINISHED", "b": "KILLED"}
+    assert_study_ended(repo, "optuna-fault", "FAILED", ("failure",))
