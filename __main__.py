@@ -16,7 +16,7 @@ import pulumi
 import pulumi_aws as aws
 from pulumi.runtime import config as runtime_config
 
-from mmp.infra import lambda_package
+from mmp.infra import docker_hub, lambda_package
 from mmp.infra.datastore import DataStore
 from mmp.infra.dlami import DlamiResources
 from mmp.infra.mlflow_server import MlflowServer
@@ -57,8 +57,10 @@ package = lambda_package.build(ROOT / "build" / "lambda" / f"mmp-lambda-{pulumi.
 
 network = Network("network", settings)
 data = DataStore("data", settings, network)
+docker_hub_rule = docker_hub.cache_rule("docker-hub", settings)  # the image builds' Docker Hub, when configured
 mlflow = MlflowServer("mlflow", settings, network, data, account=account,
-                      admin_password=cfg.get_secret("mlflowAdminPassword"))
+                      admin_password=cfg.get_secret("mlflowAdminPassword"), project_root=ROOT,
+                      docker_hub_rule=docker_hub_rule)
 dlami = None
 if settings.dlami:
     dlami = DlamiResources("dlami", settings, network, data, ssh_private_key=cfg.require_secret("sshPrivateKey"),

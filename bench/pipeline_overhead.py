@@ -1,9 +1,12 @@
-"""Pipeline overhead: `mmp run` → train.py's first line, minus a bare horovodrun's.
+"""Pipeline overhead: `mmp run` → train.py's first line, against a bare horovodrun's.
 
-Both are measured side by side, interleaved, in one run, with a train.py whose
-first statement records the time. `mmp run` is measured twice: against the local
-SQLite store (it then imports MLflow's client before launching) and against an
-MLflow tracking server (the light REST tracker, what `mmp up` and AWS use).
+All are measured side by side, interleaved, in one run, with a train.py whose first
+statement records the time, and printed as overhead and as a ratio to the bare run:
+- `mmp run` on the SQLite store without `mmp up`, as users get it: tracking through the
+  server the first run left serving (mmp.tracking_server; the warm-up run starts it);
+- the same with that server turned off (MMP_TRACKING_SERVER_IDLE=0): MLflow's client is
+  imported and the store opened before launch (also what the very first run pays);
+- `mmp run` against a running MLflow tracking server (what `mmp up` and AWS give).
 
     .venv/bin/python bench/pipeline_overhead.py [--rounds 7]
 """
@@ -94,43 +97,79 @@ def main() -> None:
          "--workers", "1"],
         env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise SystemExit("mlflow server did not start")
-                time.sleep(0.3)
-        server_env = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
-        # warm-up (first MLflow DB creation, page cache)
-        first_line_after(bare, bare_out, env, repo)
-        subprocess.run(mmp_run, env=env, check=True, capture_output=True)
-        subprocess.run(mmp_run, env=server_env, check=True, capture_output=True)
+    os.environ["MMP_HOME"] = str(home)  # for mmp.tracking_server's lookups below
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from mmp import tracking_server
 
-        results: dict[str, list[float]] = {"bare horovodrun": [], "mmp run (sqlite)": [], "mmp run (server)": []}
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}"), "mlflow server")
+        cases = {
+            "mmp run (sqlite, shared server)": env,
+            "mmp run (sqlite, no server)": {**env, tracking_server.IDLE_ENV: "0"},
+            "mmp run (mmp up's server)": {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+        }
+        # warm-up (first MLflow DB creation, page cache); the first run leaves the shared server
+        first_line_after(bare, bare_out, env, repo)
+        for case_env in cases.values():
+            subprocess.run(mmp_run, env=case_env, check=True, capture_output=True)
+        shared = wait_until(tracking_server.serving_url, "the shared tracking server")
+
+        results: dict[str, list[float]] = {"bare horovodrun": [], **{name: [] for name in cases}}
         for _ in range(args.rounds):
             results["bare horovodrun"].append(first_line_after(bare, bare_out, env, repo))
-            start = time.time()
-            subprocess.run(mmp_run, env=env, check=True, capture_output=True)
-            results["mmp run (sqlite)"].append(float((newest_output(home) / "first-line").read_text()) - start)
-            start = time.time()
-            subprocess.run(mmp_run, env=server_env, check=True, capture_output=True)
-            results["mmp run (server)"].append(float((newest_output(home) / "first-line").read_text()) - start)
+            for name, case_env in cases.items():
+                start = time.time()
+                subprocess.run(mmp_run, env=case_env, check=True, capture_output=True)
+                results[name].append(float((newest_output(home) / "first-line").read_text()) - start)
+        assert tracking_server.serving_url() == shared, "the shared server was restarted"
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+        stop_shared_server(tracking_server)
         shutil.rmtree(work, ignore_errors=True)
 
     bare_median = statistics.median(results["bare horovodrun"])
-    print(f"pipeline overhead, {args.rounds} interleaved rounds, median time to train.py's first line")
+    print(f"pipeline overhead, {args.rounds} interleaved rounds, median time to train.py's first line "
+          f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     for name, values in results.items():
         med = statistics.median(values)
-        extra = "" if name.startswith("bare") else f"   overhead {1000 * (med - bare_median):6.0f} ms"
-        print(f"  {name:<18} {1000 * med:7.0f} ms{extra}")
+        extra = "" if name.startswith("bare") else (f"   overhead {1000 * (med - bare_median):6.0f} ms"
+                                                    f"   {med / bare_median:.2f}× bare")
+        print(f"  {name:<32} {1000 * med:7.0f} ms{extra}")
 
+
+def answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=1)
+        return True
+    except OSError:
+        return False
+
+
+def wait_until(condition, what: str, timeout: float = 240):
+    deadline = time.time() + timeout
+    while True:
+        found = condition()
+        if found:
+            return found
+        if time.time() > deadline:
+            raise SystemExit(f"{what} did not start")
+        time.sleep(0.3)
+
+
+def stop_shared_server(tracking_server) -> None:
+    """SIGTERM to the shared server's watcher (it stops `mlflow server`); wait until it has gone."""
+    import json
+
+    from mmp import procs
+
+    try:
+        state = json.loads(tracking_server._state_file().read_text())
+    except (OSError, ValueError):
+        return
+    watcher = procs.find_process(state["pid"], state["started"])
+    procs.signal_process(watcher, 15)
+    procs.wait_gone(watcher, 60)
 
 if __name__ == "__main__":
     main()

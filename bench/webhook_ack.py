@@ -119,7 +119,8 @@ def main() -> None:
     parser.add_argument("--no-training", action="store_true")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="mmp-bench-"))
-    env = {**os.environ, "MMP_HOME": str(home), "MMP_WEBHOOK_SECRET": SECRET, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "MMP_HOME": str(home), "MMP_WEBHOOK_SECRET": SECRET, "PYTHONPATH": str(ROOT),
+           "MMP_TRACKING_SERVER_IDLE": "0"}  # the training load's `mmp run` leaves no tracking server behind
     env.pop("MLFLOW_TRACKING_URI", None)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-c", (

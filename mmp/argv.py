@@ -71,6 +71,39 @@ def contract_flag_clash(token: str) -> list[str]:
     return [flag for flag in CONTRACT_FLAGS if flag.startswith(prefix)]
 
 
+MAX_VALUE_CHARS = 2500  # one value's cap, so that a hundred of them fit COMMAND_LINE_BUDGET
+
+
+def checked_value(value: object) -> object:
+    """A value train.py gets after `--name`, or ValueError saying why it cannot be passed.
+
+    The one check for every value on train.py's command line: a fixed hyperparameter
+    and each of a Tuning range's Values (a trial passes them the same way)."""
+    if not isinstance(value, str):
+        return value
+    if "\0" in value:
+        raise ValueError("contains a NUL byte, which no command line can carry")
+    if len(value) > MAX_VALUE_CHARS:
+        raise ValueError(f"is longer than {MAX_VALUE_CHARS} characters")
+    flags = contract_flag_clash(value)
+    if flags:
+        raise ValueError(f"{value!r} is a prefix of {' and '.join(flags)}, which the pipeline sets (argparse "
+                         "takes a prefix of an option for that option)")
+    clash = horovodrun_ambiguity(value)
+    if clash:
+        raise ValueError(f"{value!r} is an ambiguous abbreviation to horovodrun (could be {', '.join(clash[:3])}, …)")
+    return value
+
+
+def command_line_problem(hyperparameters: Mapping[str, object]) -> str | None:
+    """Why these hyperparameters make too long a command line for horovodrun, or None."""
+    size = len(shell_join(hyperparameter_args(hyperparameters)).encode())
+    if size <= COMMAND_LINE_BUDGET:
+        return None
+    return (f"make a command line of {size} bytes; the limit is {COMMAND_LINE_BUDGET} (horovodrun runs each "
+            "rank through `sh -c` with one argument, which Linux caps at 128 KiB: 'Argument list too long')")
+
+
 def hyperparameter_text(value: object) -> str:
     """How a value is written where only text fits (MLflow params, SageMaker's map)."""
     if isinstance(value, bool):

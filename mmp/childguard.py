@@ -31,6 +31,11 @@ def ask_for_signal_on_parent_death(sig: int) -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
+def guarded_argv(parent_pid: int, grace_s: float, command: list[str]) -> list[str]:
+    """The command line that runs `command` under this guard (start it in a new session)."""
+    return [sys.executable, "-I", "-S", os.path.abspath(__file__), str(parent_pid), str(int(grace_s)), "--", *command]
+
+
 def _exit_code(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code

@@ -27,11 +27,10 @@ from pydantic import (
 
 from . import config
 from .argv import (
-    COMMAND_LINE_BUDGET,
+    checked_value,
+    command_line_problem,
     contract_flag_clash,
     horovodrun_ambiguity,
-    hyperparameter_args,
-    shell_join,
 )
 from .numbers import Flag, whole_number
 from .tuning.spec import Tuning, field_path
@@ -41,7 +40,6 @@ MAX_FILE_BYTES = 256 * 1024
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _NAME_RE = re.compile(NAME_PATTERN)
 MAX_HYPERPARAMETERS = 100
-MAX_VALUE_CHARS = 2500
 # An experiment file needs two levels (the file, its Hyperparameters); the bound keeps
 # json/ast from recursing until Python gives up (RecursionError) on hostile input.
 MAX_NESTING = 16
@@ -192,25 +190,8 @@ def _hyperparameter_name(name: str) -> str:
     return name
 
 
-def _hyperparameter_value(value: Scalar) -> Scalar:
-    if not isinstance(value, str):
-        return value
-    if "\0" in value:
-        raise ValueError("contains a NUL byte, which no command line can carry")
-    if len(value) > MAX_VALUE_CHARS:
-        raise ValueError(f"is longer than {MAX_VALUE_CHARS} characters")
-    flags = contract_flag_clash(value)
-    if flags:
-        raise ValueError(f"{value!r} is a prefix of {' and '.join(flags)}, which the pipeline sets (argparse "
-                         "takes a prefix of an option for that option)")
-    clash = horovodrun_ambiguity(value)
-    if clash:
-        raise ValueError(f"{value!r} is an ambiguous abbreviation to horovodrun (could be {', '.join(clash[:3])}, …)")
-    return value
-
-
 HyperparameterName = Annotated[str, AfterValidator(_hyperparameter_name)]
-HyperparameterValue = Annotated[Scalar, AfterValidator(_hyperparameter_value)]
+HyperparameterValue = Annotated[Scalar, AfterValidator(checked_value)]
 HYPERPARAMETERS_DESCRIPTION = (
     "Passed to train.py after the contract flags, in order: a string or number as `--name value` "
     "(strings exactly as written), true as a bare `--name` (argparse's store_true), false not at all. "
@@ -328,13 +309,35 @@ class Experiment(BaseModel):
     def _safe_hyperparameters(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
         if len(value) > MAX_HYPERPARAMETERS:
             raise ValueError(f"at most {MAX_HYPERPARAMETERS} hyperparameters, got {len(value)}")
-        size = len(shell_join(hyperparameter_args(value)).encode())
-        if size > COMMAND_LINE_BUDGET:
-            raise ValueError(
-                f"make a command line of {size} bytes; the limit is {COMMAND_LINE_BUDGET} (horovodrun runs each "
-                "rank through `sh -c` with one argument, which Linux caps at 128 KiB: 'Argument list too long')"
-            )
+        problem = command_line_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
+
+    @field_validator("tuning")
+    @classmethod
+    def _trial_command_line(cls, value: Tuning | None, info: ValidationInfo) -> Tuning | None:
+        """The longest command line a trial can make (fixed values plus each range's longest) fits too."""
+        fixed = info.data.get("hyperparameters")
+        if value is not None and fixed is not None:
+            problem = command_line_problem({**fixed, **value.longest_trial()})
+            if problem:
+                raise ValueError(f"the Hyperparameters with each range's longest value {problem}")
+        return value
+
+    def for_trial(self, params: Mapping[str, Any]) -> "Experiment":
+        """The single run a study's trial makes: its values checked as a fixed hyperparameter is
+        (ValueError names the one refused), the Tuning block gone."""
+        for name, value in params.items():
+            try:
+                checked_value(value)
+            except ValueError as exc:
+                raise ValueError(f"Tuning.Ranges.{name}: {exc}") from None
+        hyperparameters = {**self.hyperparameters, **params}
+        problem = command_line_problem(hyperparameters)
+        if problem:
+            raise ValueError(f"the trial's Hyperparameters {problem}")
+        return self.model_copy(update={"hyperparameters": hyperparameters, "tuning": None})
 
     # -- derived values -------------------------------------------------------
     @property
@@ -438,6 +441,19 @@ def _problems(exc: ValidationError) -> list[FieldProblem]:
 _REPEATED = "appears more than once; JSON would keep only the last, so keep one"
 
 
+def _repeated_keys(value: Any, path: str = "") -> list[str]:
+    """Every key given twice in the file, at any depth (Tuning.Ranges.lr.Max), as a field path."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        found += [f"{path}{key}" for key in getattr(value, "duplicates", [])]
+        for key, inner in value.items():
+            found += _repeated_keys(inner, f"{path}{key}.")
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            found += _repeated_keys(inner, f"{path[:-1]}[{index}].")
+    return found
+
+
 def parse_experiment(
     data: str | bytes | Mapping[str, Any],
     *,
@@ -466,9 +482,7 @@ def parse_experiment(
         raise ExperimentError(
             [FieldProblem(field="(file)", message=f"must hold a JSON object, got {type(data).__name__}")], source
         )
-    repeated = [FieldProblem(field=key, message=_REPEATED) for key in getattr(data, "duplicates", [])]
-    repeated += [FieldProblem(field=f"Hyperparameters.{key}", message=_REPEATED)
-                 for key in getattr(data.get("Hyperparameters"), "duplicates", [])]
+    repeated = [FieldProblem(field=field, message=_REPEATED) for field in _repeated_keys(data)]
     context = {
         "platform": data.get("Platform", config.default_platform()),  # for Tuning.Parallel's platform limit
         "datasets": set(datasets) if datasets is not None else None,

@@ -2,9 +2,11 @@
 
 The dlami backend terminates its instances in a `finally`, and each instance's
 user data schedules its own shutdown (which terminates it). The janitor is the
-third line: anything tagged `mmp:managed` whose run has ended in MLflow, or that
-has outlived its `mmp:max-runtime-minutes` (the run's Max_Runtime plus the
-backend's slack), is terminated. On AWS it runs as a Lambda (`handler`) every 15
+third line: anything tagged `mmp:managed` whose run the pipeline has concluded (its
+own `mmp.concluded` tag, set once the output is copied and the hosts released), or
+that has outlived its `mmp:max-runtime-minutes` (the run's Max_Runtime plus the
+backend's slack), is terminated. The run's MLflow status is no such sign: train.py
+sets FINISHED itself while the hosts still copy the run's output. On AWS it runs as a Lambda (`handler`) every 15
 minutes (mmp.infra.pipeline) and e-mails what it terminated.
 """
 
@@ -20,9 +22,6 @@ from .backends.dlami import LIVE_STATES, TAG_MANAGED, TAG_MAX_RUNTIME, TAG_RUN
 
 log = logging.getLogger("mmp.janitor")
 
-ENDED = ("FINISHED", "FAILED", "KILLED")
-
-
 @dataclass
 class Finding:
     instance_id: str
@@ -36,12 +35,12 @@ class Finding:
         return asdict(self)
 
 
-def mlflow_run_state(run_id: str) -> str | None:
-    """The run's MLflow status (FINISHED, FAILED, KILLED, RUNNING, ...), None if unknown."""
+def pipeline_conclusion(run_id: str) -> str | None:
+    """How the pipeline ended the run (FINISHED, FAILED, KILLED); None while it has not, or if unknown."""
     try:
         from .tracking import make_tracker
 
-        return make_tracker().status(run_id)
+        return make_tracker().concluded(run_id)
     except Exception as exc:  # unknown run, MLflow down: decide by age alone
         log.info("no MLflow state for run %s: %s", run_id, exc)
         return None
@@ -63,7 +62,7 @@ def _as_utc(value: Any) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
-def judge(instance: dict, now: dt.datetime, run_state: Callable[[str], str | None]) -> tuple[bool, str]:
+def judge(instance: dict, now: dt.datetime, concluded: Callable[[str], str | None]) -> tuple[bool, str]:
     """(terminate?, why) for one tagged instance."""
     tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
     run_id = tags.get(TAG_RUN)
@@ -77,24 +76,24 @@ def judge(instance: dict, now: dt.datetime, run_state: Callable[[str], str | Non
     if limit_min is not None and age_min > limit_min:
         return True, f"up {age_min:.0f} min, past its max runtime of {limit_min} min"
     if run_id:
-        state = run_state(run_id)
-        if state in ENDED:
-            return True, f"run {run_id} is {state} in MLflow"
-        return False, f"run {run_id} is {state or 'unknown to MLflow'}; up {age_min:.0f} of {limit or '?'} min"
+        state = concluded(run_id)
+        if state:
+            return True, f"run {run_id} was concluded by the pipeline ({state})"
+        return False, f"run {run_id} is not concluded by the pipeline yet; up {age_min:.0f} of {limit or '?'} min"
     if limit_min is None:
         return False, "no run id and no max runtime tag; left for a person to judge"
     return False, f"up {age_min:.0f} of {limit_min} min"
 
 
 def sweep(*, dry_run: bool = False, now: dt.datetime | None = None,
-          run_state: Callable[[str], str | None] = mlflow_run_state,
+          concluded: Callable[[str], str | None] = pipeline_conclusion,
           clients: Callable[[str], Any] = aws.client) -> list[Finding]:
     """Judge every MMP-tagged live instance; terminate the ones past their time."""
     now = now or dt.datetime.now(dt.timezone.utc)
     ec2 = clients("ec2")
     findings = []
     for instance in _tagged_instances(ec2):
-        doomed, reason = judge(instance, now, run_state)
+        doomed, reason = judge(instance, now, concluded)
         tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
         action = ("would terminate" if dry_run else "terminate") if doomed else "keep"
         findings.append(Finding(instance["InstanceId"], tags.get(TAG_RUN), instance["State"]["Name"],

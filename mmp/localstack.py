@@ -34,12 +34,12 @@ from typing import Any, Callable
 import psutil
 
 from . import config, procs
+from .childguard import guarded_argv
 
 log = logging.getLogger("mmp.localstack")
 
 STOP_GRACE_S = 20.0
 MLFLOW_GRACE_S = 10.0
-GUARD = Path(__file__).with_name("childguard.py")
 STACK_ID_ENV = "MMP_STACK_ID"  # inherited by everything the stack starts: finds leftovers after a crash
 
 
@@ -250,7 +250,7 @@ class LocalStack:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], grace: float) -> subprocess.Popen:
         """`argv` under mmp.childguard, in its own session: it dies with this process, even on kill -9."""
-        guarded = [sys.executable, "-I", "-S", str(GUARD), str(os.getpid()), str(int(grace)), "--", *argv]
+        guarded = guarded_argv(os.getpid(), grace, argv)
         with self._log_file(name) as out:
             return subprocess.Popen(guarded, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)

@@ -11,6 +11,8 @@ owner. A stack shares an experiment (and the model promoted from it) explicitly:
 
 or the same JSON object in `$MMP_HOME/shared-experiments.json` (the variable wins).
 Keys are experiment names; values list the other repositories allowed, `*` for any.
+A repository is its GitHub full name, or for a local one its absolute path: two local
+folders may share a name, so a folder's name alone would let teamB/alpha into teamA/alpha.
 Stdlib only: the AWS stages import it in Lambda.
 """
 
@@ -23,7 +25,8 @@ from typing import Iterable
 from . import config
 
 OWNER_TAG = "mmp.owner"
-SOURCE_TAG = "mlflow.source.name"  # the repository a run came from (set by Pipeline.start)
+SOURCE_TAG = "mlflow.source.name"  # the repository a run came from, as people see it (set by Pipeline.start)
+REPOSITORY_TAG = "mmp.repository"  # the same by identity: a local repository's absolute path (Trigger.identity)
 SHARED_ENV = "MMP_SHARED_EXPERIMENTS"
 SHARED_FILE = "shared-experiments.json"
 ANY = "*"
@@ -66,6 +69,11 @@ def refusal(what: str, owner: str, repository: str) -> str:
     """The reason given to the refused repository, with the way to share."""
     return (f"{what} belongs to repository {owner!r}, not {repository!r}; use another Experiment_Name, "
             f"or have the stack share it ({SHARED_ENV} or $MMP_HOME/{SHARED_FILE})")
+
+
+def run_source(tags: dict[str, str]) -> str | None:
+    """The repository a run came from, by identity (runs made before REPOSITORY_TAG: by name)."""
+    return tags.get(REPOSITORY_TAG) or tags.get(SOURCE_TAG)
 
 
 def claimable(sources: Iterable[str | None], repository: str) -> bool:

@@ -25,6 +25,9 @@ LOG_TAIL_LINES = 200
 # MLflow 3's UI opens an experiment without a kind in its GenAI view (traces, no runs table):
 # MMP's experiments are model training, so they are tagged to open on their runs.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# Set by the pipeline alone, when it ends a run: the output is copied and the hosts are released.
+# The run's status is no such sign: train.py's mlflow.start_run() sets FINISHED on its own exit.
+CONCLUDED_TAG = "mmp.concluded"
 OPEN_RUNS_CHUNK = 100  # experiment ids per run search
 PAGE_SIZE = 1000
 _SQLITE_FILES: dict[str, tuple[int, int] | None] = {}  # SQLite store path → the file MLflow's cached store opened
@@ -115,6 +118,13 @@ class TrackerBase:
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         raise NotImplementedError
 
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        raise NotImplementedError
+
+    def concluded(self, run_id: str) -> str | None:
+        """The final status the pipeline gave the run (CONCLUDED_TAG); None while it has not ended it."""
+        return self.run_tags(run_id).get(CONCLUDED_TAG)
+
     def find_experiment(self, name: str) -> tuple[str, dict[str, str]] | None:
         """(id, tags) of the experiment called `name`, deleted ones included; None if there is none."""
         raise NotImplementedError
@@ -137,8 +147,8 @@ class TrackerBase:
                 return
 
     def run_sources(self, experiment_id: str) -> set[str | None]:
-        """The repositories (`mlflow.source.name`) the experiment's runs came from."""
-        return {tags.get(ownership.SOURCE_TAG) for _, tags in self._runs([experiment_id])}
+        """The repositories the experiment's runs came from (ownership.run_source)."""
+        return {ownership.run_source(tags) for _, tags in self._runs([experiment_id])}
 
     def open_runs(self, tag: str) -> list[tuple[str, str]]:
         """(run id, value of `tag`) for every RUNNING run that carries `tag`, in every experiment."""
@@ -187,8 +197,7 @@ class TrackerBase:
     def finish(self, run_id: str, state: JobState, *, message: str = "", log_text: str | None = None) -> str:
         """End the run from the backend's outcome; keep the log (tail too on failure)."""
         status = FINAL_STATUS.get(state, "FAILED")
-        if message:
-            self.set_tags(run_id, {"mmp.outcome": message[:5000]})
+        self.set_tags(run_id, {CONCLUDED_TAG: status, **({"mmp.outcome": message[:5000]} if message else {})})
         if log_text is not None:
             self.log_text(run_id, log_text, "logs/train.log")
             if status != "FINISHED":
@@ -287,6 +296,9 @@ class RunTracker(TrackerBase):
 
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return dict(self.client.get_run(run_id).data.tags)
 
     def _experiment_page(self, token: str | None) -> tuple[list[str], str | None]:
         from mlflow.entities import ViewType

@@ -207,3 +207,6 @@ class RestRunTracker(TrackerBase):
 
     def status(self, run_id: str) -> str:
         return self.get_run(run_id)["info"]["status"]
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return {t["key"]: t.get("value", "") for t in self.get_run(run_id).get("data", {}).get("tags", [])}

@@ -108,6 +108,7 @@ def mmp_home(tmp_path, monkeypatch, no_process_left_behind) -> Path:
         monkeypatch.delenv(var, raising=False)
     for key, value in GIT_ENV.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MMP_TRACKING_SERVER_IDLE", "0")  # `mmp run` leaves no server behind unless a test asks
     return home
 
 

@@ -46,6 +46,7 @@ from ..experiment import Experiment
 from ..horovod import failure_summary
 from ..rank import LAUNCHER, SECRET_ARN_VAR
 from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
+from .dlami_fsx import HOST_FAILED_MARKER, fsx_argv
 
 log = logging.getLogger("mmp.dlami")
 
@@ -112,6 +113,7 @@ echo "unpacked $2"
 # trusts only the run's cluster key. Arguments: image, sshd port, region.
 CONTAINER_SCRIPT = r"""set -euo pipefail
 image=$1 port=$2 region=$3
+mountpoint -q /fsx || { echo "mmp: /fsx is not mounted; the training container does not start on the root disk" >&2; exit 1; }
 for attempt in 1 2 3 4 5 6; do
   if aws ecr get-login-password --region "$region" | docker login --username AWS --password-stdin "${image%%/*}"; then
     break
@@ -124,8 +126,11 @@ nvidia-smi -L
 docker run -d --name mmp-train --gpus all --network host --ipc host --ulimit memlock=-1   -v /fsx:/fsx -v /etc/mmp:/etc/mmp:ro --entrypoint /usr/sbin/sshd "$image"   -D -e -p "$port" -o AuthorizedKeysFile=/etc/mmp/authorized_keys -o PermitRootLogin=prohibit-password
 """
 READY_SCRIPT = r"""set -eu
+marker=$1
+shift
 i=0
 until "$@" true 2>/dev/null; do
+  if [ -s "$marker" ]; then cat "$marker" >&2; exit 1; fi
   i=$((i+1))
   [ "$i" -lt 300 ] || { echo "the training container did not start" >&2; exit 1; }
   sleep 2
@@ -338,8 +343,12 @@ class DlamiBackend(Backend):
 
     # -- plan --------------------------------------------------------------------
     def paths(self, request: LaunchRequest) -> Paths:
+        """The dataset where the catalogue puts it inside FSx (a shared one has its own
+        association), else under the dataset root; the output under the output root."""
+        fsx = getattr(request.dataset, "fsx", None)
         return Paths(
-            dataset=f"{self.config.dataset_root.rstrip('/')}/{request.dataset.name}",
+            dataset=(f"{self.config.fsx_mount_point.rstrip('/')}{fsx}" if fsx
+                     else f"{self.config.dataset_root.rstrip('/')}/{request.dataset.name}"),
             output=f"{self.config.output_root.rstrip('/')}/{request.experiment_name}/{request.run_id}",
         )
 
@@ -370,13 +379,13 @@ class DlamiBackend(Backend):
 
     def user_data(self, host_key: tuple[str, str], authorized: list[str], watchdog_minutes: int, *,
                   image: str, cluster_public: str) -> str:
-        """cloud-config: pinned host key, authorized keys, watchdog, FSx mount, then the training
-        container (its sshd trusts only the run's cluster key)."""
+        """cloud-config: pinned host key, authorized keys, watchdog, FSx (client, mount, the run
+        area for the SSH user: mmp.backends.dlami_fsx), then the training container (its sshd
+        trusts only the run's cluster key). cloud-init runs every `runcmd` entry even after one
+        fails, so the container step itself refuses an unmounted /fsx."""
         import yaml
 
         cfg = self.config
-        mount_point = cfg.fsx_mount_point
-        source = f"{cfg.fsx_dns_name}@tcp:/{cfg.fsx_mount_name}"
         doc = {
             "ssh_deletekeys": True,
             "ssh_genkeytypes": [],
@@ -386,11 +395,10 @@ class DlamiBackend(Backend):
                              "content": cluster_public + "\n"}],
             "runcmd": [
                 ["shutdown", "-h", f"+{int(watchdog_minutes)}"],
-                ["mkdir", "-p", mount_point],
-                ["mount", "-t", "lustre", "-o", "relatime,flock", source, mount_point],
+                fsx_argv(cfg.fsx_dns_name or "", cfg.fsx_mount_name or "", cfg.fsx_mount_point, cfg.ssh_user,
+                         [cfg.work_root, cfg.output_root]),
                 ["bash", "-c", CONTAINER_SCRIPT, "mmp-container", image, str(cfg.container_ssh_port), aws.region()],
             ],
-            "mounts": [[source, mount_point, "lustre", "defaults,relatime,flock,_netdev", "0", "0"]],
         }
         return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False, width=1000)
 
@@ -582,7 +590,7 @@ class DlamiBackend(Backend):
         run_dir, paths = self.run_dir(request), self.paths(request)
         code = f"{run_dir}/code"
         if cfg.container_exec:  # user data pulls and starts it; wait until every host's runs
-            argv = ["sh", "-c", READY_SCRIPT, "mmp-ready", *self.in_container([])]
+            argv = ["sh", "-c", READY_SCRIPT, "mmp-ready", HOST_FAILED_MARKER, *self.in_container([])]
             with ThreadPoolExecutor(max_workers=len(job.sessions)) as pool:
                 for future in [pool.submit(self._remote, job, s, argv, "wait for the training container",
                                            timeout=900) for s in job.sessions]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -84,7 +85,13 @@ def run(
     trigger = local_trigger(repo, sha, experiment_file=file)
     on_log = None if (quiet or as_json) else _print_line
     on_launch = _started_writer(started_file, None if as_json else _announce)
-    outcome = run_trigger(trigger, on_log=on_log, on_launch=on_launch)
+    with contextlib.ExitStack() as held:
+        start_server = _use_shared_tracking_server(held)
+        outcome = run_trigger(trigger, on_log=on_log, on_launch=on_launch)
+        if start_server:  # for the next run, now that the store exists and is migrated
+            from ..tracking_server import start_in_background
+
+            start_in_background()
     if as_json:
         print_json({"state": outcome.state, "message": outcome.message, "run_id": outcome.run_id,
                     "run_url": outcome.run_url, "problems": outcome.problems})
@@ -100,6 +107,22 @@ def run(
             console().print(mlflow_link(outcome.run_url), soft_wrap=True, markup=False)
     if not outcome.ok:
         raise typer.Exit(2 if outcome.state == "INVALID" else 1)
+
+
+def _use_shared_tracking_server(held: contextlib.ExitStack) -> bool:
+    """Without `mmp up` or a configured server, track through the server an earlier `mmp run` left
+    serving the SQLite store (mmp.tracking_server), holding a lease on it until `held` closes.
+    True when none serves yet: the caller starts one once this run is over."""
+    from .. import tracking, tracking_server
+
+    if os.environ.get("MLFLOW_TRACKING_URI") or tracking_server.idle_seconds() <= 0:
+        return False
+    url = held.enter_context(tracking_server.lease())
+    if url is None:
+        return True
+    os.environ["MLFLOW_TRACKING_URI"] = url
+    os.environ.setdefault("MMP_MLFLOW_UI_URL", tracking.ui_url())  # links as without it: `mmp up`'s UI
+    return False
 
 
 def _started_writer(path: Optional[Path], then):

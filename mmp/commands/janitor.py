@@ -12,7 +12,7 @@ def janitor(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be terminated."),
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ) -> None:
-    """Terminate MMP-tagged instances whose run has ended in MLflow or that outlived their max runtime."""
+    """Terminate MMP-tagged instances whose run the pipeline concluded or that outlived their max runtime."""
     from ..janitor import sweep
 
     try:

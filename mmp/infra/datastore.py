@@ -9,7 +9,9 @@ a DLAMI host mounting at `/fsx` sees `/fsx/datasets/<name>`). FSx for Lustre
 (`mmp:fsx`, off by default: it is the stack's most expensive resource at rest) is
 PERSISTENT_2, linked to `s3://<datasets>/datasets/` by a data repository
 association at `/datasets` (so a dataset is at `/fsx/datasets/<name>` when mounted
-at `/fsx`).
+at `/fsx`). A configured dataset in another bucket (`datasets.<name>.s3`, no `fsx`)
+gets an import-only association of its own at `/shared/<name>`, and that path in
+the catalogue: the `/datasets` association never holds it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .settings import Settings
 
 FSX_MOUNT_POINT = "/fsx"
 FSX_DATASETS_PATH = "/datasets"
+FSX_SHARED_PATH = "/shared"  # datasets in other buckets, one association each
 
 
 def secure_bucket(name: str, parent: pulumi.Resource, *, force_destroy: bool, tags: dict) -> aws.s3.Bucket:
@@ -51,7 +54,8 @@ def catalogue(bucket: str, settings: Settings) -> dict[str, dict[str, str]]:
         if configured and configured.fsx:
             entry["fsx"] = configured.fsx
         elif settings.fsx:  # the path inside the file system: SageMaker reads /<MountName><path>
-            entry["fsx"] = f"{FSX_DATASETS_PATH}/{name}"
+            linked = name in settings.fsx_linked_datasets  # another bucket: its own association
+            entry["fsx"] = f"{FSX_SHARED_PATH if linked else FSX_DATASETS_PATH}/{name}"
         entries[name] = entry
     return entries
 
@@ -88,6 +92,12 @@ class DataStore(pulumi.ComponentResource):
                 s3={"auto_import_policy": {"events": ["NEW", "CHANGED", "DELETED"]},
                     "auto_export_policy": {"events": ["NEW", "CHANGED", "DELETED"]}},
                 opts=child)
+            for dataset, prefix in settings.fsx_linked_datasets.items():  # import only: never write to their bucket
+                aws.fsx.DataRepositoryAssociation(
+                    f"{name}-fsx-{dataset}", file_system_id=self.fsx.id,
+                    file_system_path=f"{FSX_SHARED_PATH}/{dataset}", data_repository_path=prefix.rstrip("/") + "/",
+                    batch_import_meta_data_on_create=True,
+                    s3={"auto_import_policy": {"events": ["NEW", "CHANGED", "DELETED"]}}, opts=child)
             self.fsx_id = self.fsx.id
             self.fsx_dns_name = self.fsx.dns_name
             self.fsx_mount_name = self.fsx.mount_name

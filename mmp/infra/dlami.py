@@ -6,7 +6,8 @@ password (each rank fetches it, mmp.rank), the SSH key (the public half as an EC
 pair, the private half as a Secrets Manager secret the backend connects with),
 and a launch template: DLAMI from its public SSM parameter, IMDSv2 only,
 encrypted root volume, the training security group, `terminate` on shutdown, and
-user data that mounts FSx for Lustre at /fsx and schedules `shutdown -h` after
+user data that installs the Lustre client, mounts FSx at /fsx (failing loudly, as the
+backend's user data does: mmp.backends.dlami_fsx) and schedules `shutdown -h` after
 the run's max runtime (the instance's `mmp:max-runtime-minutes` tag, read from
 instance metadata; the stack default otherwise), so an instance dies on time even
 if nothing is left to stop it. The backend sends its own user data per launch
@@ -16,9 +17,12 @@ for instances started from it by hand.
 
 from __future__ import annotations
 
+import shlex
+
 import pulumi
 import pulumi_aws as aws
 
+from ..backends.dlami_fsx import fsx_argv
 from . import iam
 from .datastore import FSX_MOUNT_POINT, DataStore
 from .network import Network
@@ -27,28 +31,23 @@ from .settings import Settings
 MAX_RUNTIME_TAG = "mmp:max-runtime-minutes"
 
 USER_DATA = r"""#!/bin/bash
-# MMP training host: the max-runtime watchdog first, then the FSx mount.
+# MMP training host: the max-runtime watchdog first, then FSx (client, mount, run area).
 set -u
 TOKEN=$(curl -s -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')
 MINUTES=$(curl -sf -H "X-aws-ec2-metadata-token: $TOKEN" \
   http://169.254.169.254/latest/meta-data/tags/instance/__TAG__ || true)
 case "$MINUTES" in ''|*[!0-9]*) MINUTES=__DEFAULT__ ;; esac
 shutdown -h +"$MINUTES" "mmp: max runtime ($MINUTES min) reached"
-if [ -n "__FSX_DNS__" ]; then
-  mkdir -p __MOUNT__
-  if ! modinfo lustre >/dev/null 2>&1; then
-    (apt-get update -q && apt-get install -y -q "lustre-client-modules-$(uname -r)") \
-      || amazon-linux-extras install -y lustre 2>/dev/null || dnf install -y lustre-client || true
-  fi
-  echo "__FSX_DNS__@tcp:/__FSX_MOUNT__ __MOUNT__ lustre defaults,relatime,flock,_netdev 0 0" >> /etc/fstab
-  mount -t lustre -o relatime,flock __FSX_DNS__@tcp:/__FSX_MOUNT__ __MOUNT__
-fi
+__FSX__
 """
 
 
-def user_data(*, fsx_dns: str, fsx_mount: str, default_minutes: int) -> str:
+def user_data(*, fsx_dns: str, fsx_mount: str, default_minutes: int, owner: str) -> str:
+    """The template's script; its FSx step is the backend's own (mmp.backends.dlami_fsx)."""
+    fsx = (shlex.join(fsx_argv(fsx_dns, fsx_mount, FSX_MOUNT_POINT, owner,
+                               [f"{FSX_MOUNT_POINT}/mmp", f"{FSX_MOUNT_POINT}/output"])) if fsx_dns else "")
     return (USER_DATA.replace("__TAG__", MAX_RUNTIME_TAG).replace("__DEFAULT__", str(int(default_minutes)))
-            .replace("__FSX_DNS__", fsx_dns).replace("__FSX_MOUNT__", fsx_mount).replace("__MOUNT__", FSX_MOUNT_POINT))
+            .replace("__FSX__", fsx))
 
 
 class DlamiResources(pulumi.ComponentResource):
@@ -88,7 +87,7 @@ class DlamiResources(pulumi.ComponentResource):
         image = f"resolve:ssm:{settings.dlami_ssm_parameter}" if not settings.dlami_ami_id else settings.dlami_ami_id
         script = pulumi.Output.all(data.fsx_dns_name, data.fsx_mount_name).apply(
             lambda a: user_data(fsx_dns=a[0] or "", fsx_mount=a[1] or "",
-                                default_minutes=settings.dlami_max_runtime_minutes))
+                                default_minutes=settings.dlami_max_runtime_minutes, owner=settings.ssh_user))
         self.launch_template = aws.ec2.LaunchTemplate(
             f"{name}-template", description="MMP DLAMI training host", image_id=image,
             key_name=self.key_pair.key_name, iam_instance_profile={"arn": self.instance_profile.arn},

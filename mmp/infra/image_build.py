@@ -15,12 +15,52 @@ runs the phase in one shell or one per command.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from ..image import context_files
 
 CODEBUILD_IMAGE = "aws/codebuild/standard:7.0"
+# SageMaker refuses OCI manifests and indexes ("Unsupported manifest media type
+# application/vnd.oci.image.manifest.v1+json", moby/buildkit#5480, aws/amazon-sagemaker-feedback#180),
+# and buildx with the docker-container driver adds a provenance attestation by default, which makes
+# the pushed tag an OCI index. So: no attestations, and the image exporter's `oci-mediatypes=false`
+# (https://docs.docker.com/build/exporters/image-registry/): a Docker v2 schema 2 manifest.
+DOCKER_V2_OUTPUT = "--provenance=false --sbom=false --output type=image,push=true,oci-mediatypes=false"
+# ECR's answer to a push onto an existing immutable tag (moby/buildkit#3776, aws/containers-roadmap#862):
+# "tag invalid: The image tag 'T' already exists in the 'R' repository and cannot be overwritten because
+# the repository is immutable" (newer registries say "... because the tag is immutable").
+TAG_EXISTS_PATTERN = "The image tag '[^']+' already exists in the '[^']+' repository and cannot be overwritten"
+# A bash function both image buildspecs define, then run their push through. Two executions needing the
+# same new image both build it; the second push of the content-hashed tag finds it there, made from the
+# same sources, and that is a success. Any other failure keeps its exit status. The output streams to
+# the build log as it comes (a long build shows its progress), and `if` keeps `set -e` from cutting the
+# status capture short.
+PUSH_ONCE = r"""push_once() {
+  local log rc
+  log=$(mktemp)
+  { if "$@"; then echo 0 > "$log.rc"; else echo "$?" > "$log.rc"; fi; } 2>&1 | tee "$log"
+  rc=$(cat "$log.rc")
+  if [ "$rc" != 0 ] && grep -Eq "__PATTERN__" "$log"; then
+    echo "the tag was pushed meanwhile by a concurrent build of the same sources; using that image"
+    rc=0
+  fi
+  rm -f "$log" "$log.rc"
+  return "$rc"
+}""".replace("__PATTERN__", TAG_EXISTS_PATTERN)
+# Where a build pulls a Docker Hub image: as is, or through the stack's ECR pull-through cache when the
+# project names one in $DOCKER_HUB_CACHE (mmp.infra.docker_hub; official images live under `library/`).
+# `base_image FILE` is the Dockerfile's `ARG BASE_IMAGE=` default, which the builds pass back that way.
+FROM_HUB = r"""from_hub() {
+  if [ -z "${DOCKER_HUB_CACHE:-}" ]; then echo "$1"
+  else case "$1" in */*) echo "$DOCKER_HUB_CACHE/$1" ;; *) echo "$DOCKER_HUB_CACHE/library/$1" ;; esac
+  fi
+}
+base_image() { sed -n 's/^ARG BASE_IMAGE=//p' "$1"; }"""
+BUILD_FUNCTIONS = PUSH_ONCE + "\n" + FROM_HUB
+BUILDKIT_IMAGE = "moby/buildkit:buildx-stable-1"  # buildx's default for its docker-container driver
+
 BUILD_CACHE_TAG = "buildcache"
 # Set per build by the state machine's BuildImage state (EnvironmentVariablesOverride).
 PER_BUILD_VARIABLES = ("MMP_IMAGE_TAG", "MMP_REQUIREMENTS_S3_URI")
@@ -38,17 +78,20 @@ phases:
   build:
     commands:
       - |
+__PUSH_ONCE__
         if aws ecr describe-images --repository-name "$ECR_REPOSITORY_NAME" --image-ids imageTag="$MMP_IMAGE_TAG" >/dev/null 2>&1; then
           echo "image $MMP_IMAGE_TAG exists (a concurrent build made it); nothing to build"
         else
-          docker buildx create --use --name mmp >/dev/null \
-          && docker buildx build --push -f horovod_docker/Dockerfile \
+          docker buildx create --use --name mmp --driver-opt "image=$(from_hub __BUILDKIT_IMAGE__)" >/dev/null \
+          && push_once docker buildx build -f horovod_docker/Dockerfile __DOCKER_V2_OUTPUT__ \
+            --build-arg BASE_IMAGE="$(from_hub "$(base_image horovod_docker/Dockerfile)")" \
             --cache-from "type=registry,ref=$ECR_REPOSITORY_URI:$BUILD_CACHE_TAG" \
             --cache-to "type=registry,ref=$ECR_REPOSITORY_URI:$BUILD_CACHE_TAG,mode=max,image-manifest=true,oci-mediatypes=true" \
             --label "mmp.image-tag=$MMP_IMAGE_TAG" \
             -t "$ECR_REPOSITORY_URI:$MMP_IMAGE_TAG" .
         fi
-"""
+""".replace("__PUSH_ONCE__", textwrap.indent(BUILD_FUNCTIONS, " " * 8)).replace(
+    "__DOCKER_V2_OUTPUT__", DOCKER_V2_OUTPUT).replace("__BUILDKIT_IMAGE__", BUILDKIT_IMAGE)
 
 
 def image_context(root: Path) -> Any:

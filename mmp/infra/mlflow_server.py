@@ -23,6 +23,7 @@ the sagemaker-mlflow plugin with the training role's.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pulumi
 import pulumi_aws as aws
@@ -30,21 +31,23 @@ import pulumi_aws as aws
 from ..tracking_sigv4 import endpoint as sigv4_endpoint
 from . import iam
 from .datastore import DataStore
+from .image_ready import ImageReady
 from .network import Network
 from .settings import Settings
+from .stack_image import stack_image
 
 PORT = 5000
 REQUEST_TIMEOUT_S = 120  # the ALB's idle timeout and the workers' request timeout
 
-# Run by /bin/sh inside the official image (python:3.x-slim + `pip install mlflow==VERSION`), which
-# lacks the PostgreSQL driver and the basic-auth app's Flask-WTF (MLflow's `auth` extra, pinned to the
-# image's own MLflow version). The auth INI is written by Python's configparser with every `%` doubled:
+# The server's image: mlflow_docker/ (mlflow[auth], psycopg2 and boto3, every package pinned), built by
+# CodeBuild into the stack's ECR at `pulumi up` (mmp.infra.stack_image, mmp.infra.image_ready), so a task
+# start installs nothing and needs no PyPI. `mmp:mlflowImage` names another image holding the same packages.
+IMAGE_CONTEXT = ("mlflow_docker",)
+IMAGE_DOCKERFILE = "mlflow_docker/Dockerfile"
+
+# Run by /bin/sh in that image. The auth INI is written by Python's configparser with every `%` doubled:
 # MLflow reads it with ConfigParser, whose interpolation rejects the `%XX` of a URL-quoted password.
-STARTUP_INSTALL = r"""MLFLOW_VERSION=$(python -c 'import importlib.metadata as m; print(m.version("mlflow"))')
-pip install --quiet --no-cache-dir --disable-pip-version-check \
-  "mlflow[auth]==${MLFLOW_VERSION}" 'psycopg2-binary>=2.9,<3' 'boto3>=1.34,<2'
-"""
-STARTUP = "set -eu\n" + STARTUP_INSTALL + r"""umask 077
+STARTUP = "set -eu\n" + r"""umask 077
 export MLFLOW_AUTH_CONFIG_PATH="${TMPDIR:-/tmp}/mlflow-auth.ini"
 MLFLOW_BACKEND_STORE_URI=$(python - <<'PY'
 import configparser, os, urllib.parse
@@ -99,7 +102,8 @@ class MlflowServer(pulumi.ComponentResource):
     url: pulumi.Output[str]
 
     def __init__(self, name: str, settings: Settings, network: Network, data: DataStore, *, account: pulumi.Input[str],
-                 admin_password: pulumi.Input[str] | None, opts: pulumi.ResourceOptions | None = None):
+                 admin_password: pulumi.Input[str] | None, project_root: Path,
+                 docker_hub_rule: pulumi.Resource | None = None, opts: pulumi.ResourceOptions | None = None):
         super().__init__("mmp:infra:MlflowServer", name, None, opts)
         self.settings = settings
         self.username = settings.mlflow_username
@@ -109,7 +113,7 @@ class MlflowServer(pulumi.ComponentResource):
         if settings.mlflow_mode == "sagemaker":
             self._sagemaker(name, settings, data)
         else:
-            self._fargate(name, settings, network, data, account, admin_password)
+            self._fargate(name, settings, network, data, account, admin_password, project_root, docker_hub_rule)
         self.register_outputs({
             "url": self.url, "username": self.username,
             "passwordSecretArn": self.password_secret.arn if self.password_secret else "",
@@ -136,10 +140,23 @@ class MlflowServer(pulumi.ComponentResource):
 
     # -- ECS Fargate + RDS + ALB --------------------------------------------------------
     def _fargate(self, name: str, settings: Settings, network: Network, data: DataStore, account: pulumi.Input[str],
-                 admin_password: pulumi.Input[str] | None) -> None:
+                 admin_password: pulumi.Input[str] | None, project_root: Path,
+                 docker_hub_rule: pulumi.Resource | None) -> None:
         child = pulumi.ResourceOptions(parent=self)
         tags = {"mmp:deployment": settings.prefix}
         region = settings.region
+        pull: list[dict] = []
+        if settings.mlflow_image:
+            image: pulumi.Input[str] = settings.mlflow_image
+        else:
+            built = stack_image(f"{name}-server", "mlflow", settings, account=account,
+                                artifacts_bucket=data.artifacts_bucket, project_root=project_root,
+                                context_paths=IMAGE_CONTEXT, dockerfile=IMAGE_DOCKERFILE, parent=self)
+            image = ImageReady(f"{name}-server-image", project=built.build_project.name,
+                               repository=built.repository.name, repository_url=built.repository.repository_url,
+                               tag=built.tag, region=region, opts=pulumi.ResourceOptions(
+                                   parent=self, depends_on=[docker_hub_rule] if docker_hub_rule else [])).image
+            pull = iam.ecr_statements(built.repository.arn)
 
         self.password_secret = aws.secretsmanager.Secret(
             f"{name}-admin-password", description="MLflow basic-auth admin password (mmp:mlflowAdminPassword)",
@@ -163,6 +180,7 @@ class MlflowServer(pulumi.ComponentResource):
         log_group = aws.cloudwatch.LogGroup(f"{name}-logs", name=f"/mmp/{settings.prefix}/mlflow",
                                             retention_in_days=settings.log_retention_days, tags=tags, opts=child)
         execution_role = iam.service_role(f"{name}-execution", "ecs-tasks.amazonaws.com", [
+            *pull,
             iam.logs_statement(region, account, [log_group.name]),
             iam.statement(["secretsmanager:GetSecretValue"], [self.password_secret.arn, db_secret_arn]),
         ], self, description="ECS: pull, log, and inject the MLflow secrets")
@@ -174,7 +192,7 @@ class MlflowServer(pulumi.ComponentResource):
         ], self, description="MLflow server: its artifact store")
 
         container = pulumi.Output.all(
-            image=settings.mlflow_image, log_group=log_group.name, host=self.database.address,
+            image=image, log_group=log_group.name, host=self.database.address,
             bucket=data.artifacts_bucket.bucket, db_secret=db_secret_arn, admin_secret=self.password_secret.arn,
         ).apply(lambda a: json.dumps([{
             "name": "mlflow", "image": a["image"], "essential": True,
@@ -233,13 +251,11 @@ class MlflowServer(pulumi.ComponentResource):
         self.load_balancer_dns_name = alb.dns_name
         self.api_url = self.url
         # Without a NAT gateway the task needs a public IP to pull its image (its group still admits only the ALB).
-        public_ip = not (settings.nat_gateway or settings.vpc_id)
-        subnets_for_tasks = network.public_subnet_ids if public_ip else network.private_subnet_ids
         aws.ecs.Service(
             f"{name}-service", cluster=self.cluster.arn, task_definition=task.arn, desired_count=1,
             launch_type="FARGATE", health_check_grace_period_seconds=180,
             deployment_minimum_healthy_percent=0, deployment_maximum_percent=100,  # one writer at a time
-            network_configuration={"subnets": subnets_for_tasks, "security_groups": [network.mlflow_sg.id],
-                                   "assign_public_ip": public_ip},
+            network_configuration={"subnets": network.task_subnet_ids, "security_groups": [network.mlflow_sg.id],
+                                   "assign_public_ip": network.task_public_ip},
             load_balancers=[{"target_group_arn": target.arn, "container_name": "mlflow", "container_port": PORT}],
             tags=tags, opts=pulumi.ResourceOptions(parent=self, depends_on=[listener]))

@@ -5,7 +5,7 @@ MLflow load balancer is in public ones. No security group opens SSH (22) or
 PostgreSQL (5432) to 0.0.0.0/0: SSH comes from the training group itself and the
 `sshCidrs` you name (0.0.0.0/0 is refused), the database only from MLflow's tasks.
 A single NAT gateway (config `natGateway`) lets private tasks pull images and reach
-the MLflow URL; an existing VPC can be reused with `vpcId` and its subnet ids.
+the MLflow URL (without it, the Fargate tasks take the public subnets and a public IP); an existing VPC can be reused with `vpcId` and its subnet ids.
 When `mlflowAllowedCidrs` is narrowed, the load balancer also admits the NAT's
 address (or `egressCidrs` for a reused VPC): the stage Lambdas and every training
 job then run in the private subnets and leave through it, so the pipeline always
@@ -75,6 +75,11 @@ class Network(pulumi.ComponentResource):
             self.private_subnet_ids = pulumi.Output.all(*[s.id for s in private])
             self.public_subnet_ids = pulumi.Output.all(*[s.id for s in public])
             route_table_ids = [private_rt.id, public_rt.id]
+        # Fargate tasks (MLflow, the runner): behind the NAT, or, in a stack-made VPC without one, in
+        # the public subnets with a public IP, their only way out to ECR, Logs, Secrets Manager and S3
+        # (a Fargate task in a private subnet needs a NAT to pull its image: ECS task networking).
+        self.task_public_ip = not (settings.nat_gateway or settings.vpc_id)
+        self.task_subnet_ids = self.public_subnet_ids if self.task_public_ip else self.private_subnet_ids
 
         if route_table_ids:  # a reused VPC keeps its own endpoints
             aws.ec2.VpcEndpoint(f"{name}-s3", vpc_id=self.vpc_id, service_name=f"com.amazonaws.{settings.region}.s3",

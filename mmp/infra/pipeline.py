@@ -31,7 +31,7 @@ import pulumi_aws as aws
 
 from ..config import MAX_RUNTIME_CAP_MINUTES
 from ..image import CODE_PREFIX, REQUIREMENTS_PREFIX, context_digest
-from . import iam
+from . import docker_hub, iam
 from .image_build import (BUILD_CACHE_TAG, BUILDSPEC, CODEBUILD_IMAGE, PER_BUILD_VARIABLES,
                           build_environment_overrides, image_context)
 from .datastore import DataStore
@@ -106,14 +106,15 @@ def build_task(parameters: dict, *, result_path: str, next_state: str) -> dict:
 
 
 def runner_task(runner: Mapping[str, Any], command: str, fields: tuple[str, ...], **kwargs: Any) -> dict:
-    """`ecs:runTask.sync` of the runner task definition (mmp.infra.runner) in the private subnets,
+    """`ecs:runTask.sync` of the runner task definition (mmp.infra.runner) in its subnets (private
+    behind the NAT; public, with a public IP, without one),
     with the state it needs (only `fields`, never a secret) in MMP_RUNNER_STATE."""
     value = "{% $string({" + ", ".join(f"'{f}': $states.input.{f}" for f in fields) + "}) %}"
     arguments = {
         "Cluster": runner["cluster"], "TaskDefinition": runner["task_definition"], "LaunchType": "FARGATE",
         "NetworkConfiguration": {"AwsvpcConfiguration": {
             "Subnets": list(runner["subnets"]), "SecurityGroups": list(runner["security_groups"]),
-            "AssignPublicIp": "DISABLED"}},
+            "AssignPublicIp": runner.get("assign_public_ip", "DISABLED")}},
         "Overrides": {"ContainerOverrides": [{"Name": RUNNER_CONTAINER_NAME, "Command": [command],
                                               "Environment": [{"Name": RUNNER_STATE_VARIABLE, "Value": value}]}]},
     }
@@ -249,10 +250,11 @@ class TrainingPipeline(pulumi.ComponentResource):
                                                                     pulumi.Output.concat(artifacts_arn, f"/{REQUIREMENTS_PREFIX}/*")]),
             iam.statement(["s3:GetBucketAcl", "s3:GetBucketLocation"], [artifacts_arn]),
             *iam.ecr_statements(self.repository.arn, push=True),
+            *docker_hub.build_statements(settings, account),
         ], self, description="CodeBuild: build the training image into ECR")
         self.build_project = aws.codebuild.Project(
             f"{name}-build", name=f"{settings.prefix}-image", service_role=build_role.arn, build_timeout=60,
-            queued_timeout=60, concurrent_build_limit=4,
+            queued_timeout=60, concurrent_build_limit=settings.build_concurrency_limit,
             source={"type": "S3", "location": pulumi.Output.concat(data.artifacts_bucket.bucket, "/", source.key),
                     "buildspec": BUILDSPEC},
             artifacts={"type": "NO_ARTIFACTS"},
@@ -262,7 +264,8 @@ class TrainingPipeline(pulumi.ComponentResource):
                          "image_pull_credentials_type": "CODEBUILD", "environment_variables": [
                              {"name": "ECR_REPOSITORY_URI", "value": self.repository.repository_url},
                              {"name": "ECR_REPOSITORY_NAME", "value": self.repository.name},
-                             {"name": "BUILD_CACHE_TAG", "value": BUILD_CACHE_TAG}]
+                             {"name": "BUILD_CACHE_TAG", "value": BUILD_CACHE_TAG},
+                             *docker_hub.build_variables(settings, account)]
                          + [{"name": var, "value": "set-per-build"} for var in PER_BUILD_VARIABLES]},
             logs_config={"cloudwatch_logs": {"group_name": build_logs.name, "status": "ENABLED"}},
             tags=tags, opts=child)
@@ -373,7 +376,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             task_statements += ec2_statements(region, account, launch_template_arn, dlami.role.arn,
                                               settings.dlami_ssm_parameter)
         self.runner = RunnerTask(
-            f"{name}-runner", settings, account=account, subnets=network.private_subnet_ids, vpc_id=network.vpc_id,
+            f"{name}-runner", settings, account=account, subnets=network.task_subnet_ids,
+            public_ip=network.task_public_ip, vpc_id=network.vpc_id,
             artifacts_bucket=data.artifacts_bucket, environment=self.environment,
             secrets=runner_secrets(self.github_token_secret.arn,
                                    mlflow.password_secret.arn if mlflow.password_secret else None,

@@ -1,6 +1,7 @@
 """RunnerTask: the ECS Fargate task that runs the pipeline's long stages (mmp.pipeline.aws_runner).
 
-Step Functions starts it with `ecs:runTask.sync` in the stack's private subnets for
+Step Functions starts it with `ecs:runTask.sync` in the stack's private subnets (the
+public ones with a public IP when a stack-made VPC has no NAT gateway) for
 a `Platform: dlami` push (provision, SSH, horovodrun, teardown) and for a
 promote.json push (the MLflow client). Why a Fargate task: both outlive a Lambda
 and need libraries a Lambda zip should not carry (paramiko, mlflow); a task costs
@@ -21,7 +22,6 @@ task role has no read of the SSH key's secret). Never through overrides, state o
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,56 +29,15 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from .. import __version__
 from ..backends.dlami import SSH_KEY_VAR
 from . import iam
 from .settings import Settings
+from .stack_image import stack_image
 
 CONTAINER = "runner"
 CPU, MEMORY = 256, 512  # the runner only waits on SSH and HTTP
 STOP_TIMEOUT = 120  # Fargate's maximum: time for the runner to terminate its instances on SIGTERM
 CONTEXT_PATHS = ("runner_docker", "mmp", "pyproject.toml", "README.md")
-
-# Build the runner image once per mmp version; a later start with the tag present does nothing.
-# One command, no `exit`, no shell state from an earlier command: it behaves the same whether
-# CodeBuild runs a phase in one shell or one per command (mmp.infra.image_build's rules).
-BUILDSPEC = r"""version: 0.2
-env:
-  shell: bash
-phases:
-  build:
-    commands:
-      - |
-        set -euo pipefail
-        if aws ecr describe-images --repository-name "$RUNNER_REPOSITORY_NAME" --image-ids imageTag="$RUNNER_TAG" >/dev/null 2>&1; then
-          echo "runner image $RUNNER_TAG exists; nothing to build"
-        else
-          aws ecr get-login-password --region "$AWS_REGION" | docker login --username AWS --password-stdin "${RUNNER_REPOSITORY_URI%%/*}"
-          docker build -f runner_docker/Dockerfile -t "$RUNNER_REPOSITORY_URI:$RUNNER_TAG" .
-          docker push "$RUNNER_REPOSITORY_URI:$RUNNER_TAG"
-        fi
-"""
-
-
-def context_files(root: Path) -> list[Path]:
-    """What the runner image is built from (no caches, no tests)."""
-    found = []
-    for name in CONTEXT_PATHS:
-        path = root / name
-        for item in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-            if "__pycache__" not in item.parts and item.suffix != ".pyc":
-                found.append(item)
-    return found
-
-
-def image_tag(root: Path) -> str:
-    """mmp's version plus a hash of the image's sources: a changed runner gets a new image,
-    an unchanged one is never rebuilt (the repository's tags are immutable)."""
-    digest = hashlib.sha256()
-    for path in context_files(root):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return f"{__version__}-{digest.hexdigest()[:12]}"
-
 
 def ec2_statements(region: str, account: pulumi.Input[str], launch_template_arn: pulumi.Input[str],
                    host_role_arn: pulumi.Input[str], ssm_parameter: str) -> list[dict]:
@@ -107,47 +66,18 @@ def ec2_statements(region: str, account: pulumi.Input[str], launch_template_arn:
 
 class RunnerTask(pulumi.ComponentResource):
     def __init__(self, name: str, settings: Settings, *, account: pulumi.Input[str], subnets: pulumi.Input[list[str]],
-                 vpc_id: pulumi.Input[str], artifacts_bucket: aws.s3.Bucket, environment: pulumi.Input[dict],
+                 public_ip: bool, vpc_id: pulumi.Input[str], artifacts_bucket: aws.s3.Bucket, environment: pulumi.Input[dict],
                  secrets: dict[str, pulumi.Input[str]], task_statements: list[dict], project_root: Path,
                  opts: pulumi.ResourceOptions | None = None):
         super().__init__("mmp:infra:RunnerTask", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         tags = {"mmp:deployment": settings.prefix}
         region = settings.region
-        self.tag = image_tag(project_root)
-
-        # -- the image ----------------------------------------------------------------------
-        self.repository = aws.ecr.Repository(
-            f"{name}-images", name=f"{settings.prefix}-runner", image_tag_mutability="IMMUTABLE",
-            image_scanning_configuration={"scan_on_push": True}, encryption_configurations=[{"encryption_type": "AES256"}],
-            force_delete=not settings.production, tags=tags, opts=child)
-        context = aws.s3.BucketObjectv2(f"{name}-context", bucket=artifacts_bucket.id,
-                                        key=f"codebuild/runner-context-{self.tag}.zip",
-                                        source=pulumi.AssetArchive({
-                                            str(p.relative_to(project_root)): pulumi.FileAsset(str(p))
-                                            for p in context_files(project_root)}), opts=child)
-        build_logs = aws.cloudwatch.LogGroup(f"{name}-build-logs", name=f"/aws/vendedlogs/mmp/{settings.prefix}/runner-build",
-                                             retention_in_days=settings.log_retention_days, tags=tags, opts=child)
-        build_role = iam.service_role(f"{name}-build", "codebuild.amazonaws.com", [
-            iam.logs_statement(region, account, [build_logs.name]),
-            iam.statement(["s3:GetObject", "s3:GetObjectVersion"],
-                          [pulumi.Output.concat(artifacts_bucket.arn, "/codebuild/*")]),
-            iam.statement(["s3:GetBucketAcl", "s3:GetBucketLocation"], [artifacts_bucket.arn]),
-            *iam.ecr_statements(self.repository.arn, push=True),
-        ], self, description="CodeBuild: build the runner image into ECR")
-        self.build_project = aws.codebuild.Project(
-            f"{name}-build", name=f"{settings.prefix}-runner-image", service_role=build_role.arn, build_timeout=30,
-            source={"type": "S3", "location": pulumi.Output.concat(artifacts_bucket.bucket, "/", context.key),
-                    "buildspec": BUILDSPEC},
-            artifacts={"type": "NO_ARTIFACTS"},
-            environment={"type": "LINUX_CONTAINER", "compute_type": "BUILD_GENERAL1_SMALL",
-                         "image": "aws/codebuild/standard:7.0", "privileged_mode": True,
-                         "image_pull_credentials_type": "CODEBUILD", "environment_variables": [
-                             {"name": "RUNNER_REPOSITORY_URI", "value": self.repository.repository_url},
-                             {"name": "RUNNER_REPOSITORY_NAME", "value": self.repository.name},
-                             {"name": "RUNNER_TAG", "value": self.tag}]},
-            logs_config={"cloudwatch_logs": {"group_name": build_logs.name, "status": "ENABLED"}},
-            tags=tags, opts=child)
+        # -- the image (mmp.infra.stack_image) ------------------------------------------------
+        image = stack_image(name, "runner", settings, account=account, artifacts_bucket=artifacts_bucket,
+                            project_root=project_root, context_paths=CONTEXT_PATHS,
+                            dockerfile="runner_docker/Dockerfile", parent=self)
+        self.repository, self.build_project, self.tag = image.repository, image.build_project, image.tag
 
         # -- the task -----------------------------------------------------------------------
         self.log_group = aws.cloudwatch.LogGroup(f"{name}-logs", name=f"/aws/vendedlogs/mmp/{settings.prefix}/runner",
@@ -188,6 +118,7 @@ class RunnerTask(pulumi.ComponentResource):
         # After the task definition: a run must never start an older revision than this deployment's.
         self.target = pulumi.Output.all(cluster=self.cluster.arn, task_definition=self.task_definition_family_arn,
                                         subnets=subnets, security_groups=[self.security_group.id],
+                                        assign_public_ip="ENABLED" if public_ip else "DISABLED",
                                         _revision=self.task_definition.revision).apply(
             lambda a: {k: v for k, v in a.items() if k != "_revision"})
         self.register_outputs({"cluster": self.cluster.arn, "taskDefinition": self.task_definition.arn,

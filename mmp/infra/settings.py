@@ -20,6 +20,7 @@ SECRET_KEYS = ("githubToken", "webhookSecret", "mlflowAdminPassword", "sshPrivat
 DEFAULT_DLAMI_SSM = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 DOMAIN_RE = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+MAX_LINKED_DATASETS = 7  # FSx: 8 data repository associations per file system, one for the stack's datasets/
 INPUT_MODES = ("File", "FastFile")  # what mmp.backends.sagemaker runs (Pipe needs a record reader)
 
 
@@ -45,8 +46,47 @@ def valid_fsx_capacity(gib: int) -> bool:
     return gib == 1200 or (gib > 0 and gib % 2400 == 0)
 
 
+# Fargate's task sizes (Linux): CPU units → the memory (MiB) each takes, from the ECS
+# Developer Guide's "Troubleshoot Amazon ECS task definition invalid CPU or memory errors" table;
+# 8 and 16 vCPU need platform 1.4.0 or later (LATEST, which the MLflow service runs).
+FARGATE_MEMORY = {256: (512, 1024, 2048), 512: tuple(range(1024, 4097, 1024)), 1024: tuple(range(2048, 8193, 1024)),
+                  2048: tuple(range(4096, 16385, 1024)), 4096: tuple(range(8192, 30721, 1024)),
+                  8192: tuple(range(16384, 61441, 4096)), 16384: tuple(range(32768, 122881, 8192))}
+
+
+def fargate_size_problems(cpu: int, memory: int, *, cpu_key: str, memory_key: str) -> list[str]:
+    """What RegisterTaskDefinition would refuse in a Fargate task size, naming the keys."""
+    if cpu not in FARGATE_MEMORY:
+        return [f"{cpu_key}: Fargate takes {', '.join(map(str, FARGATE_MEMORY))} CPU units, got {cpu}"]
+    allowed = FARGATE_MEMORY[cpu]
+    if memory in allowed:
+        return []
+    text = (", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}" if len(allowed) <= 4
+            else f"{allowed[0]} to {allowed[-1]} in steps of {allowed[1] - allowed[0]}")
+    return [f"{memory_key}: with {cpu_key} {cpu}, Fargate takes {text} MiB, got {memory}"]
+
+
 def _is_open(cidr: str) -> bool:
     return ipaddress.ip_network(cidr, strict=False).prefixlen == 0
+
+
+# CreatePullThroughCacheRule's credentialArn pattern and ecrRepositoryPrefix length (ECR API reference).
+PULL_THROUGH_SECRET_RE = re.compile(r"^arn:aws:secretsmanager:([a-z0-9-]+):\d{12}:secret:ecr-pullthroughcache/[a-zA-Z0-9/_+=.@-]+$")
+PULL_THROUGH_PREFIX_MAX = 30
+
+
+def _docker_hub_problems(arn: str, region: str, prefix: str) -> list[str]:
+    match = PULL_THROUGH_SECRET_RE.fullmatch(arn)
+    if not match:
+        return [f"dockerHubSecretArn: {arn!r} is not a Secrets Manager secret ARN whose name begins with "
+                "ecr-pullthroughcache/ (what ECR's pull-through cache accepts)"]
+    if match.group(1) != region:
+        return [f"dockerHubSecretArn: the secret is in {match.group(1)}; ECR's pull-through cache needs it in the "
+                f"stack's region {region}"]
+    if len(f"{prefix}-hub") > PULL_THROUGH_PREFIX_MAX:
+        return [f"dockerHubSecretArn: the cache prefix {prefix}-hub is over ECR's {PULL_THROUGH_PREFIX_MAX} "
+                "characters; use a shorter deploymentName or stack name"]
+    return []
 
 
 class DatasetEntry(BaseModel):
@@ -91,10 +131,19 @@ class Settings(BaseModel):
     sagemaker_max_instances: int = Field(default=4, alias="sagemakerMaxInstances", ge=1, le=256)
     image_keep_count: int = Field(default=20, alias="imageKeepCount", ge=1)
     build_compute_type: str = Field(default="BUILD_GENERAL1_MEDIUM", alias="buildComputeType")
+    # Unset: CodeBuild queues builds past the account's quota. A project limit above that quota fails
+    # CreateProject ("greater than 0 and less than the account concurrent running builds limit"), and
+    # builds past a set limit fail instead of queueing (CodeBuild user guide, "Builds in AWS CodeBuild").
+    build_concurrency_limit: int | None = Field(default=None, alias="buildConcurrencyLimit", ge=1)
+    # A Secrets Manager secret `ecr-pullthroughcache/...` ({"username", "accessToken"}) for Docker Hub: builds
+    # then pull Docker Hub images through an ECR pull-through cache (mmp.infra.docker_hub), not anonymously.
+    docker_hub_secret_arn: str | None = Field(default=None, alias="dockerHubSecretArn")
     log_retention_days: int = Field(default=30, alias="logRetentionDays")
     # -- mlflow
     mlflow_mode: Literal["fargate", "sagemaker"] = Field(default="fargate", alias="mlflowMode")
-    mlflow_image: str = Field(default="ghcr.io/mlflow/mlflow:v3.1.1", alias="mlflowImage")
+    # Unset: the stack builds mlflow_docker/ into its own ECR (mmp.infra.mlflow_server). Another image must
+    # hold what that one does: mlflow[auth], psycopg2 and boto3 (the start-up installs nothing).
+    mlflow_image: str | None = Field(default=None, alias="mlflowImage")
     mlflow_username: str = Field(default="admin", alias="mlflowUsername")
     mlflow_allowed_cidrs: list[str] = Field(default_factory=lambda: ["0.0.0.0/0"], alias="mlflowAllowedCidrs")
     mlflow_certificate_arn: str | None = Field(default=None, alias="mlflowCertificateArn")
@@ -189,6 +238,10 @@ class Settings(BaseModel):
         if self.fsx and not valid_fsx_capacity(self.fsx_storage_gb):
             problems.append(f"fsxStorageGb: PERSISTENT_2 SSD takes 1200, 2400 or a multiple of 2400 GiB, "
                             f"got {self.fsx_storage_gb}")
+        problems += fargate_size_problems(self.mlflow_cpu, self.mlflow_memory, cpu_key="mlflowCpu",
+                                          memory_key="mlflowMemory")
+        if self.fsx:
+            problems += self._fsx_link_problems()
         if self.fsx and not self.nat_gateway and not self.vpc_id:
             problems.append("natGateway: false with fsx true leaves sagemaker-fsx jobs and DLAMI hosts in private "
                             "subnets with no route to ECR, Secrets Manager or MLflow; keep natGateway true")
@@ -208,13 +261,39 @@ class Settings(BaseModel):
                 problems.append("natGateway: false with a narrowed mlflowAllowedCidrs cuts the pipeline off from "
                                 "MLflow (its callers leave through the NAT address); keep natGateway true or "
                                 "open mlflowAllowedCidrs")
+        if self.docker_hub_secret_arn:
+            problems.extend(_docker_hub_problems(self.docker_hub_secret_arn, self.region, self.prefix))
         if self.egress_cidrs and not self.vpc_id:
             problems.append("egressCidrs: only with vpcId (a stack-made VPC admits its own NAT address)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
+    def _fsx_link_problems(self) -> list[str]:
+        """FSx allows 8 data repository associations per file system, none overlapping another's
+        S3 prefix (FSx API reference, CreateDataRepositoryAssociation); the stack's own
+        datasets/ prefix takes one."""
+        linked = self.fsx_linked_datasets
+        problems = []
+        if len(linked) > MAX_LINKED_DATASETS:
+            problems.append(f"datasets: with fsx true each dataset in another bucket is linked into FSx by its own "
+                            f"data repository association, and a file system takes 8 (one is the stack's own "
+                            f"datasets/ prefix): at most {MAX_LINKED_DATASETS} such datasets, got {len(linked)} "
+                            f"({', '.join(sorted(linked))}); give the others an fsx path that already holds them")
+        prefixes = sorted((uri.rstrip("/") + "/", name) for name, uri in linked.items())
+        for (first, a), (second, b) in zip(prefixes, prefixes[1:]):
+            if second.startswith(first):
+                problems.append(f"datasets.{a}.s3 and datasets.{b}.s3: FSx links an S3 prefix once and never one "
+                                f"inside another ({first} holds {second}); name one of them, or give one an fsx path")
+        return problems
+
     # -- derived -------------------------------------------------------------------
+    @property
+    def fsx_linked_datasets(self) -> dict[str, str]:
+        """name → S3 prefix of each configured dataset outside the stack's bucket that the stack
+        links into FSx itself, at /shared/<name> (one given an `fsx` path is already there)."""
+        return {name: entry.s3 for name, entry in self.datasets.items() if entry.s3 and not entry.fsx}
+
     @property
     def prefix(self) -> str:
         """Physical-name prefix, unique per deployment and environment."""

@@ -266,7 +266,7 @@ def table(board: Leaderboard, *, max_rows: int | None = None):
     sort = f", best by {board.metric} ({board.mode})" if board.metric else ", newest first"
     caption = (f"the best {len(shown)} of {len(board.rows)} runs; --limit N or --json for more"
                if len(shown) < len(board.rows) else None)
-    t = Table(title=f"{board.experiment}: {len(board.rows)} runs{sort}", caption=caption)
+    t = Table(title=Text(f"{board.experiment}: {len(board.rows)} runs{sort}"), caption=caption)
     for name in ("#", "run", "status", "commit", "platform", "instances", "processes"):
         t.add_column(name, no_wrap=True)
     for name in board.varied_params:
@@ -283,8 +283,8 @@ def table(board: Leaderboard, *, max_rows: int | None = None):
         elif row.trial is not None:
             name = f"{'' if board.study else '└ '}{name} #{row.trial}"
         t.add_row(
-            str(row.rank), name, f"[{STATUS_STYLE.get(row.status, 'white')}]{row.status}[/]",
-            (row.commit or "—")[:7], Text(row.platform or "—"), Text(row.instances), row.process_count,
+            str(row.rank), name, Text(row.status, style=STATUS_STYLE.get(row.status, "white")),
+            Text((row.commit or "—")[:7]), Text(row.platform or "—"), Text(row.instances), Text(row.process_count),
             *(Text(row.params.get(p, "—")) for p in board.varied_params),
             *(_number(row.metrics.get(m)) for m in board.metrics),
             _duration(row.duration_s), "—" if row.instance_hours is None else f"{row.instance_hours:.3f}",

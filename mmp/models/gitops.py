@@ -139,11 +139,11 @@ def run_promotion(trigger: Trigger, reporter: StatusReporter, notifier: Notifier
     try:
         if spec.rollback:
             promotion = rollback(spec.experiment, alias=spec.alias, client=client, deployer=deployer,
-                                 repository=trigger.repository)
+                                 repository=trigger.identity)
         else:
             promotion = promote(spec.experiment, spec.metric or "", mode=spec.mode, alias=spec.alias,
                                 require=spec.require, client=client, deployer=deployer,
-                                repository=trigger.repository)
+                                repository=trigger.identity)
     except PromotionError as exc:
         return finish(PromotionOutcome("REFUSED", str(exc), problems=[str(exc)]), "failure")
     except Exception as exc:

@@ -13,6 +13,9 @@ from .compare import Leaderboard
 
 MAX_PARAM_PANELS = 8
 PANEL_INCHES = (4.8, 3.6)
+# Run data (parameter values, experiment names) is drawn as written: matplotlib would read
+# `$…$` in it as mathtext, and an odd `$` makes savefig raise.
+LITERAL = {"parse_math": False}
 
 
 class PlotError(ValueError):
@@ -57,7 +60,7 @@ def plot_leaderboard(board: Leaderboard, path: str | Path, *, dpi: int = 100) ->
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per run ({board.mode} is best)")
     _against_params(axes[1:], params, rows, metric)
-    fig.suptitle(f"{board.experiment}: {len(rows)} runs with {metric}")
+    fig.suptitle(f"{board.experiment}: {len(rows)} runs with {metric}", **LITERAL)
     return _save(fig, path, dpi)
 
 
@@ -85,7 +88,7 @@ def plot_study(board: Leaderboard, path: str | Path, *, dpi: int = 100) -> Path:
     ax.set_title(f"{metric} per trial ({board.mode} is best)")
     ax.legend(fontsize=8)
     _against_params(axes[1:], params, rows, metric)
-    fig.suptitle(f"{board.experiment}: study {board.study[:8]}, {len(rows)} trials")
+    fig.suptitle(f"{board.experiment}: study {board.study[:8]}, {len(rows)} trials", **LITERAL)
     return _save(fig, path, dpi)
 
 
@@ -103,7 +106,7 @@ def _against_params(axes, params: list[str], rows, metric: str) -> None:
         else:
             labels = sorted(set(values))
             ax.scatter([labels.index(v) for v in values], ys, alpha=0.7)
-            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8, **LITERAL)
         ax.set_xlabel(name)
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} vs {name}")

@@ -124,7 +124,7 @@ def experiment_owner(client: "MlflowClient", experiment: str, repository: str | 
     owner = found.tags.get(ownership.OWNER_TAG)
     if repository is not None:
         sources = () if owner is not None else {
-            r.data.tags.get(ownership.SOURCE_TAG) for r in search_all(client, [found.experiment_id])}
+            ownership.run_source(r.data.tags) for r in search_all(client, [found.experiment_id])}
         problem = ownership.check(experiment, dict(found.tags), sources, repository)
         if problem:
             raise PromotionError(f"{problem}; nothing promoted")
@@ -135,7 +135,7 @@ def foreign_source(experiment: str, owner: str | None, run: "Run") -> str | None
     """The repository a run came from when it may not be promoted in `owner`'s experiment, else None."""
     if owner is None:
         return None  # an experiment made before ownership: every run counts, as before
-    source = run.data.tags.get(ownership.SOURCE_TAG) or "(unknown)"
+    source = ownership.run_source(run.data.tags) or "(unknown)"
     return None if ownership.may_use(experiment, owner, source) else source
 
 

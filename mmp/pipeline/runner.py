@@ -19,7 +19,7 @@ from ..argv import mlflow_env
 from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, available_platforms, get_backend
 from ..datasets import load_catalogue
 from ..experiment import EXPERIMENT_FILES, Experiment, ExperimentError, FieldProblem, parse_experiment
-from ..ownership import SOURCE_TAG, OwnershipError
+from ..ownership import REPOSITORY_TAG, SOURCE_TAG, OwnershipError
 from ..tracking import FINAL_STATUS
 from .reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter, short_description
 from .sources import Trigger, train_script_problem
@@ -167,7 +167,7 @@ class Pipeline:
         if problems:
             return self.reject(trigger, problems)
         try:
-            problem = self.tracker.ownership_problem(experiment.resolved_name(trigger.repository), trigger.repository)
+            problem = self.tracker.ownership_problem(experiment.resolved_name(trigger.repository), trigger.identity)
         except OwnershipError as exc:  # the sharing setting itself is bad
             return self.reject(trigger, [str(exc)], state="ERROR")
         except Exception as exc:
@@ -183,6 +183,7 @@ class Pipeline:
         tags = {
             "mlflow.source.git.commit": trigger.commit,
             SOURCE_TAG: trigger.repository,
+            REPOSITORY_TAG: trigger.identity,
             "mlflow.source.type": "PROJECT",
             "mmp.platform": experiment.platform,
             "mmp.instance_type": experiment.training_instance,
@@ -196,7 +197,7 @@ class Pipeline:
             tags["mmp.ref"] = trigger.ref
         run_id = self.tracker.start(
             name, run_name=f"{name}-{trigger.commit[:7]}", tags=tags, params=experiment.hyperparameters,
-            owner=trigger.repository,
+            owner=trigger.identity,
         )
         crash_point("after-create-run")
         try:

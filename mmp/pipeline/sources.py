@@ -65,3 +65,11 @@ class Trigger:
     delivery_id: str | None = None
     ref: str | None = None
     changed_files: tuple[str, ...] = ()  # trigger files the push said it added or modified
+    local_root: str | None = None  # a repository read with git here: its absolute path
+
+    @property
+    def identity(self) -> str:
+        """Who owns what this trigger makes (mmp.ownership): a local repository's absolute path,
+        else the GitHub repository's full name. Two local folders may share a name (teamA/alpha
+        and teamB/alpha); `repository` stays the name people see."""
+        return self.local_root or self.repository

@@ -117,7 +117,8 @@ class Worker:
         if path is not None:
             source = LocalGitSource(path, job.after)
             trigger = Trigger(repository=job.repository, clone_url=str(path), commit=job.after, source=source,
-                              delivery_id=job.delivery_id, ref=job.ref, changed_files=tuple(job.trigger_files))
+                              delivery_id=job.delivery_id, ref=job.ref, changed_files=tuple(job.trigger_files),
+                              local_root=str(path.resolve()))
             return trigger, LocalStatusReporter()
         from ..github import GitHubSource, GitHubStatusReporter
 

@@ -8,14 +8,16 @@ so `mmp validate` names `Tuning.Ranges.lr` or `Tuning.Parallel` and lists them a
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import posixpath
 import re
-from typing import Any, Literal, Union
+from typing import Any, Literal, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ..argv import checked_value, hyperparameter_args
 from ..numbers import Flag, Number, whole_number
 
 STRATEGIES = ("grid", "random", "bayesian")
@@ -78,8 +80,8 @@ class Range(BaseModel):
                 problems.append("a categorical range needs a non-empty Values list")
             elif len(self.values) > MAX_CATEGORIES:
                 problems.append(f"at most {MAX_CATEGORIES} Values, got {len(self.values)}")
-            elif len({repr(v) for v in self.values}) != len(self.values):
-                problems.append("Values has duplicates")
+            else:
+                problems += _value_problems(self.values)
             if self.min is not None or self.max is not None or self.step is not None or self.scale != "linear":
                 problems.append("a categorical range takes Values only (no Min, Max, Step or Scale)")
         else:
@@ -115,13 +117,13 @@ class Range(BaseModel):
             return "integer"
         return "float"
 
-    def grid_points(self) -> list[Category] | None:
-        """Every value grid search visits, or None for a float range (no finite grid)."""
+    def grid_points(self) -> Sequence[Category] | None:
+        """Every value grid search visits, or None for a float range (no finite grid).
+        A lazy range for integers: 0 to 10**9 costs nothing until someone iterates it."""
         if self.kind == "categorical":
             return list(self.values or [])
         if self.kind == "integer":
-            step = int(self.step or 1)
-            return list(range(int(self.min), int(self.max) + 1, step))
+            return range(int(self.min), int(self.max) + 1, int(self.step or 1))
         return None
 
     def contains(self, value: Any) -> bool:
@@ -233,10 +235,29 @@ class Tuning(BaseModel):
         return int(self.max_runs or 0)
 
     def grid(self) -> list[dict[str, Category]]:
-        """Every combination, in a stable order (the order of Ranges, then of each range's values)."""
+        """Every combination, in a stable order (the order of Ranges, then of each range's values).
+        Validation capped the count at MAX_RUNS_CAP before anything is built."""
+        size = grid_size(self.ranges)
+        if size is None or size > MAX_RUNS_CAP:
+            raise ValueError(f"no grid of at most {MAX_RUNS_CAP} combinations (got {size})")
         names = list(self.ranges)
         axes = [self.ranges[n].grid_points() or [] for n in names]
         return [dict(zip(names, combo)) for combo in itertools.product(*axes)]
+
+    def longest_trial(self) -> dict[str, Category]:
+        """Per range, the value with the longest command-line text: the longest line a trial can make
+        (a float is at most repr's 24 characters)."""
+        def width(value: Category) -> int:
+            return len(" ".join(hyperparameter_args({"x": value})))
+
+        def longest(r: Range) -> Category:
+            if r.kind == "categorical":
+                return max(r.values or [], key=width)
+            if r.kind == "integer":
+                return max(int(r.min), int(r.max), key=width)
+            return -1.2345678901234567e-300
+
+        return {name: longest(r) for name, r in self.ranges.items()}
 
     def describe(self) -> dict[str, Any]:
         """The block as MMP records it on the study's parent run."""
@@ -250,8 +271,31 @@ def field_path(loc: list[str]) -> str:
 
 
 def grid_size(ranges: dict[str, Range]) -> int | None:
-    """The number of grid combinations, or None when a range is continuous."""
+    """The number of grid combinations, or None when a range is continuous: counted, never built."""
     sizes = [r.grid_points() for r in ranges.values()]
     if any(points is None for points in sizes):
         return None
     return math.prod(len(points) for points in sizes)  # type: ignore[arg-type]
+
+
+def _value_problems(values: list[Category]) -> list[str]:
+    """Each of a range's Values passes the fixed hyperparameters' check, and no two are one point:
+    Optuna matches choices with == (1, 1.0 and true are one), and 1 and "1" give train.py the same
+    arguments."""
+    problems = []
+    for index, value in enumerate(values):
+        try:
+            checked_value(value)
+        except ValueError as exc:
+            problems.append(f"Values[{index}] {exc}")
+    for later, value in enumerate(values):
+        for earlier in values[:later]:
+            if earlier == value or hyperparameter_args({"x": earlier}) == hyperparameter_args({"x": value}):
+                problems.append(f"Values {_json(earlier)} and {_json(value)} are the same trial (Optuna compares "
+                                "with ==, and train.py gets the same arguments); keep one")
+                break
+    return problems
+
+
+def _json(value: Category) -> str:
+    return json.dumps(value)

@@ -39,6 +39,7 @@ from ..backends import JobHandle, JobState, JobStatus
 from ..pipeline.runner import DELIVERY_TAG, LOG_KEEP_LINES, Outcome, Pipeline, Prepared, Started, crash_point
 from ..pipeline.sources import Trigger
 from . import control
+from .intermediate import DRAIN_PAGES, IntermediateValues, checkpoints, tracking_store
 from .spec import Tuning
 from .tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_STATE
 from .trials import end_trial
@@ -127,14 +128,6 @@ def open_study(name: str, tuning: Tuning, storage: str | None = None) -> "optuna
     return study
 
 
-def metric_history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) pairs train.py logged for `key`, in step order (the latest write wins per step)."""
-    by_step: dict[int, tuple[int, float]] = {}
-    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
-        by_step[m.step] = (m.timestamp, m.value)
-    return [(step, value) for step, (_, value) in sorted(by_step.items())]
-
-
 class SamplingError(RuntimeError):
     """Optuna could not draw a trial from the ranges (one too wide for a float, say)."""
 
@@ -147,7 +140,9 @@ class TrialRun:
     started: Started
     lines: collections.deque
     status: JobStatus | None = None
+    intermediate: IntermediateValues | None = None  # its objective's history, read a page per tick
     reported_step: int | None = None
+    reported_value: float | None = None
     pruned: str | None = None  # why, once the pruner said stop
     cancelled: bool = False
 
@@ -199,13 +194,17 @@ class StudyRunner:
         self.parent: Started | None = None
         self._client = None
 
-    def history(self, run_id: str) -> list[tuple[int, float]]:
-        """The objective's values so far, through one MLflow client (a new one per call costs a store start-up)."""
+    def client(self) -> Any:
+        """One MLflow client for the study (a new one per call costs a store start-up)."""
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.tracker.tracking_uri)
-        return metric_history(self._client, run_id, self.tuning.objective_metric)
+        return self._client
+
+    def final_value(self, run_id: str) -> float | None:
+        """The objective's value at its last step (MLflow's latest metric: one row, however many were logged)."""
+        return self.client().get_run(run_id).data.metrics.get(self.tuning.objective_metric)
 
     # -- the study's parent run ------------------------------------------------------
     def _open_parent(self, study) -> Started:
@@ -312,18 +311,15 @@ class StudyRunner:
         except Exception as exc:  # every later draw would fail the same way: the study ends, saying why
             raise SamplingError(f"could not draw the next trial's values from Tuning.Ranges "
                                 f"({type(exc).__name__}: {exc})") from exc
-        experiment = self.prepared.experiment
-        hyperparameters = {**experiment.hyperparameters, **trial.params}
-        prepared = Prepared(experiment=experiment.model_copy(update={"hyperparameters": hyperparameters,
-                                                                      "tuning": None}),
-                            backend=self.backend, dataset=self.prepared.dataset)
         try:
+            prepared = Prepared(experiment=self.prepared.experiment.for_trial(trial.params),
+                                backend=self.backend, dataset=self.prepared.dataset)
             started = self.trials.start(self.trigger, prepared)
             self.tracker.set_tags(started.run_id, {
                 TAG_PARENT: self.parent.run_id, TAG_TRIAL: str(trial.number), TAG_TRIAL_STATE: "running",
                 "mlflow.runName": f"{started.request.experiment_name}-{self.trigger.commit[:7]}-trial-{trial.number}",
             })
-        except Exception as exc:  # MLflow refused: the trial fails, the study goes on (or stops on failures)
+        except Exception as exc:  # a refused value or MLflow: the trial fails, the study goes on (or stops)
             log.error("study %s: could not create the run of trial %d: %s", self.name, trial.number, exc)
             study.tell(trial, state=TrialState.FAIL)
             return
@@ -392,27 +388,30 @@ class StudyRunner:
             return
         metric = self.tuning.objective_metric
         for tr in list(self.running.values()):
-            if tr.pruned or tr.started.run_id not in self.handles:
-                continue
-            try:
-                history = self.history(tr.started.run_id)
-            except Exception as exc:
-                log.warning("could not read %s of trial %d: %s", metric, tr.trial.number, exc)
-                continue
-            try:
-                for step, value in history:
-                    # Optuna refuses negative steps; the pruner compares steps from 0 only
-                    if step >= 0 and (tr.reported_step is None or step > tr.reported_step):
-                        tr.trial.report(value, step)
-                        tr.reported_step = step
-            except Exception as exc:  # one trial's odd values never stop the study
-                log.warning("could not report %s of trial %d: %s", metric, tr.trial.number, exc)
+            if tr.pruned or tr.started.run_id not in self.handles or not self._report_intermediate(tr, 1):
                 continue
             if tr.reported_step is not None and tr.trial.should_prune():
-                value = history[-1][1]
-                tr.pruned = (f"pruned at step {tr.reported_step}: {metric} {value:.4g} is worse than the "
-                             "median of earlier trials")
+                tr.pruned = (f"pruned at step {tr.reported_step}: {metric} {tr.reported_value:.4g} is worse than "
+                             "the median of earlier trials")
                 self._cancel(tr)
+
+    def _report_intermediate(self, tr: TrialRun, pages: int) -> bool:
+        """Tell Optuna the objective's new checkpoint values, read `pages` pages at most (a bounded
+        tick however much train.py logs); False when MLflow could not be read."""
+        metric = self.tuning.objective_metric
+        try:
+            if tr.intermediate is None:
+                tr.intermediate = IntermediateValues(tracking_store(self.client()), tr.started.run_id, metric)
+            for _ in range(pages):
+                for step, value in checkpoints(tr.intermediate.read(), tr.reported_step):
+                    tr.trial.report(value, step)
+                    tr.reported_step, tr.reported_value = step, value
+                if tr.intermediate.caught_up:
+                    break
+        except Exception as exc:
+            log.warning("could not read %s of trial %d: %s", metric, tr.trial.number, exc)
+            return False
+        return True
 
     def _conclude_trial(self, study, tr: TrialRun) -> None:
         """End the trial's MLflow run and tell Optuna: complete (with the final value), pruned or failed."""
@@ -428,15 +427,16 @@ class StudyRunner:
             status, state, tag = JobStatus(JobState.CANCELLED, tr.pruned), TrialState.PRUNED, "pruned"
         elif status.state == JobState.SUCCEEDED:
             try:
-                history = self.history(tr.started.run_id)
+                value = self.final_value(tr.started.run_id)
             except Exception as exc:
-                history = []
                 status = JobStatus(JobState.FAILED, f"could not read {metric}: {exc}")
-            if history and math.isnan(history[-1][1]):
+            if value is not None and math.isnan(value):  # Optuna refuses NaN: this trial fails, the study goes on
+                value = None
                 status = JobStatus(JobState.FAILED, f"train.py logged {metric} = NaN (the study's objective)")
-            elif history:
-                value = history[-1][1]
+            elif value is not None:
                 state, tag = TrialState.COMPLETE, "complete"
+                if self.tuning.early_stopping:  # later trials are compared with its values at their steps
+                    self._report_intermediate(tr, DRAIN_PAGES)
             else:
                 status = JobStatus(JobState.FAILED, f"train.py logged no {metric!r} metric (the study's objective)")
         if value is None and not tr.pruned:

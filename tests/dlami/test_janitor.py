@@ -35,23 +35,23 @@ def _mlflow_runs() -> tuple[str, str]:
 
 
 def test_janitor_terminates_ended_and_overdue_instances_only(cloud):
-    """The rules; run states come from a table here (the command below asks a real MLflow)."""
+    """The rules; the pipeline's conclusions come from a table here (the tests below ask a real MLflow)."""
     done, live = "run-done", "run-live"
-    states = {done: "FAILED", live: "RUNNING"}
+    states = {done: "FAILED", live: None}
     managed = {"mmp:managed": "true", "mmp:max-runtime-minutes": "60"}
     ended = _launch(cloud, {**managed, "mmp:run-id": done})
     running = _launch(cloud, {**managed, "mmp:run-id": live})
     overdue = _launch(cloud, {**managed, "mmp:run-id": live, "mmp:max-runtime-minutes": "1"})
     stranger = _launch(cloud, {"Name": "not-ours"})
 
-    dry = {f.instance_id: f for f in sweep(dry_run=True, run_state=states.get)}
-    assert dry[ended].action == "would terminate" and "FAILED in MLflow" in dry[ended].reason
+    dry = {f.instance_id: f for f in sweep(dry_run=True, concluded=states.get)}
+    assert dry[ended].action == "would terminate" and "concluded by the pipeline (FAILED)" in dry[ended].reason
     assert dry[running].action == "keep"
     assert stranger not in dry
     assert all(_state(i) == "running" for i in (ended, running, overdue, stranger))  # dry run touched nothing
 
     later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)
-    found = {f.instance_id: f for f in sweep(now=later, run_state=states.get)}
+    found = {f.instance_id: f for f in sweep(now=later, concluded=states.get)}
     assert found[overdue].action == "terminate" and "past its max runtime of 1 min" in found[overdue].reason
     assert found[ended].action == "terminate"
     assert found[running].action == "keep"
@@ -72,7 +72,30 @@ def test_janitor_command_dry_run_and_real(cloud):
     assert _state(ended) == "running"
     result = runner.invoke(app, ["janitor"])
     assert result.exit_code == 0, result.output
-    assert "FAILED in MLflow" in result.output and ended in result.output
+    assert "concluded by the pipeline (FAILED)" in result.output and ended in result.output
     assert _state(ended) == "terminated"
     result = runner.invoke(app, ["janitor"])
     assert "no MMP-tagged instances are running" in result.output
+
+
+def test_a_run_train_py_finished_keeps_its_hosts_until_the_pipeline_concludes_it(cloud):
+    """train.py's mlflow.start_run() sets FINISHED on exit while the leader still copies the
+    output to S3: only the pipeline's own conclusion (or the max runtime) releases the hosts."""
+    from mlflow.tracking import MlflowClient
+
+    from mmp.backends import JobState
+    from mmp.tracking import RunTracker
+
+    tracker = RunTracker()
+    run = tracker.start("janitor", run_name="copying", tags={}, params={})
+    MlflowClient(tracker.tracking_uri).set_terminated(run, status="FINISHED")  # what train.py's exit does
+    host = _launch(cloud, {"mmp:managed": "true", "mmp:run-id": run, "mmp:max-runtime-minutes": "60"})
+
+    [kept] = sweep()
+    assert kept.action == "keep" and "not concluded by the pipeline" in kept.reason
+    assert _state(host) == "running"
+
+    tracker.finish(run, JobState.SUCCEEDED, message="horovodrun exited 0")  # after the copy: the pipeline's word
+    [ended] = sweep()
+    assert ended.action == "terminate" and "concluded by the pipeline (FINISHED)" in ended.reason
+    assert _state(host) == "terminated"

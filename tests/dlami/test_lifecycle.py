@@ -77,10 +77,10 @@ def test_two_instances_launch_tag_user_data_and_terminate(make_backend, request_
         assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
         doc = user_data(iid)
         assert ["shutdown", "-h", "+45"] in doc["runcmd"]
-        assert ["mount", "-t", "lustre", "-o", "relatime,flock",
-                "fs-0123456789abcdef0.fsx.us-east-1.amazonaws.com@tcp:/abcdefgh", "/fsx"] in doc["runcmd"]
-        assert doc["mounts"][0][:3] == ["fs-0123456789abcdef0.fsx.us-east-1.amazonaws.com@tcp:/abcdefgh",
-                                        "/fsx", "lustre"]
+        fsx = doc["runcmd"][1]  # client, mount and the SSH user's run area (run under bash in test_user_data)
+        assert fsx[:2] == ["bash", "-c"] and fsx[3:] == [
+            "mmp-fsx", "fs-0123456789abcdef0.fsx.us-east-1.amazonaws.com", "abcdefgh", "/fsx",
+            os.environ["MMP_SSH_USER"], os.environ["MMP_DLAMI_WORK_ROOT"], os.environ["MMP_DLAMI_OUTPUT_ROOT"]]
         assert doc["ssh_keys"]["ed25519_public"] == handle.data["host_keys"][iid]
         assert doc["ssh_genkeytypes"] == []
         assert len(doc["ssh_authorized_keys"]) == 1  # MMP's key: the host's sshd is MMP's way in

@@ -1,11 +1,11 @@
 """The MLflow task's start-up, run for real: the container command of mmp.infra.mlflow_server
-under /bin/sh, in a venv holding the official image's packages (`pip install mlflow==VERSION`,
-resolved as of the image's build) plus what the start-up installs, against a real PostgreSQL
+under /bin/sh, in a venv holding exactly the server image's packages (mlflow_docker/requirements.txt,
+installed as its Dockerfile does, on the image's Python minor version), against a real PostgreSQL
 whose password is full of punctuation, with basic auth. It must answer /health (the load
 balancer's check, no credentials) and a logged-in create-run, and keep passwords off argv.
 
-The venv is cached under build/venvs/, keyed by the MLflow version, the image date, the start-up's
-install lines and the host Python, so re-runs cost only the server start.
+The venv is cached under build/venvs/, keyed by the requirements file and the host Python, so
+re-runs cost only the server start.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,18 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from mmp.infra.mlflow_server import REQUEST_TIMEOUT_S, STARTUP, STARTUP_INSTALL
-from mmp.infra.settings import Settings
+from mmp.infra.mlflow_server import IMAGE_DOCKERFILE, REQUEST_TIMEOUT_S, STARTUP
 
 ROOT = Path(__file__).resolve().parents[2]
-IMAGE = Settings.model_fields["mlflow_image"].default  # ghcr.io/mlflow/mlflow:vX.Y.Z
-MLFLOW_VERSION = IMAGE.rsplit(":v", 1)[1]
-# The image is `FROM python:3.x-slim` + `pip install mlflow==$VERSION` (mlflow/mlflow docker/Dockerfile),
-# built when the version was released: its dependencies are what PyPI had then, not today's. This
-# index ignores pip's --uploaded-prior-to, so the one drift that matters is pinned: SQLAlchemy 2.1,
-# released after the image, no longer has a pool class MLflow 3.1 imports.
-IMAGE_BUILT = "2025-07-01T00:00:00Z"
-AS_OF_IMAGE = ("sqlalchemy<2.1",)
+REQUIREMENTS = ROOT / "mlflow_docker" / "requirements.txt"
 DB_PASSWORD = "p%4a:s@s/w#o?r&d=1+2;'\"\\$`!%%x"
 ADMIN_PASSWORD = "a%dm;in #pa:ss@%%x"
 TEST_REQUEST_TIMEOUT_S = 600
@@ -53,19 +46,23 @@ def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def image_venv() -> Path:
-    key = hashlib.sha256(f"{MLFLOW_VERSION}\0{IMAGE_BUILT}\0{AS_OF_IMAGE}\0{STARTUP_INSTALL}\0{sys.version_info[:2]}".encode())
-    venv = ROOT / "build" / "venvs" / f"mlflow-image-{MLFLOW_VERSION}-{key.hexdigest()[:12]}"
+    """The image's packages, installed as mlflow_docker/Dockerfile installs them (--no-deps, pip check)."""
+    base = re.search(r"^ARG BASE_IMAGE=python:(\d+)\.(\d+)\.", (ROOT / IMAGE_DOCKERFILE).read_text(), re.M)
+    assert base, "mlflow_docker/Dockerfile must say ARG BASE_IMAGE=python:X.Y.Z-..."
+    minor = f"{base.group(1)}.{base.group(2)}"
+    python = shutil.which(f"python{minor}") or (sys.executable if f"{sys.version_info[0]}.{sys.version_info[1]}" == minor
+                                                 else None)
+    if python is None:
+        pytest.fail(f"the image's Python {minor} is not installed here")
+    key = hashlib.sha256(REQUIREMENTS.read_bytes() + minor.encode())
+    venv = ROOT / "build" / "venvs" / f"mlflow-image-{key.hexdigest()[:12]}"
     if (venv / ".complete").is_file():
         return venv
-    python = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}") or sys.executable
     shutil.rmtree(venv, ignore_errors=True)
     _run([python, "-m", "venv", "--upgrade-deps", str(venv)], timeout=600)
-    _run([str(venv / "bin" / "pip"), "install", "-q", "--uploaded-prior-to", IMAGE_BUILT, f"mlflow=={MLFLOW_VERSION}",
-          *AS_OF_IMAGE], timeout=1200)
-    # What the container adds at start (network, today's versions: as in a task started now).
-    _run(["/bin/sh", "-c", "set -eu\n" + STARTUP_INSTALL], env={**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"},
-         timeout=1200)
-    (venv / ".complete").write_text(f"{IMAGE} as of {IMAGE_BUILT}\n")
+    _run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "-r", str(REQUIREMENTS)], timeout=1200)
+    _run([str(venv / "bin" / "pip"), "check"], timeout=300)
+    (venv / ".complete").write_text(f"{REQUIREMENTS.name} on Python {minor}\n")
     return venv
 
 
@@ -124,7 +121,7 @@ def test_the_container_command_serves_with_basic_auth_and_a_punctuated_password(
     port = _free_port()
     env = {
         "PATH": f"{image_venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
-        "PIP_NO_INDEX": "1",  # everything the start-up installs is in the venv already: no network here
+        "PIP_NO_INDEX": "1",  # the start-up installs nothing; should it try, no index answers
         "MLFLOW_PORT": str(port), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         # A worker's first request imports MLflow's handlers: on a loaded 2-core machine that can pass the
         # task's 120 s, and gunicorn would kill the worker mid-request. The test waits longer instead.

@@ -25,8 +25,9 @@ def test_dev_inventory(dev):
     assert types["aws:lambda/function:Function"] == 4  # webhook + prepare, launch, conclude
     assert types["aws:s3/bucket:Bucket"] == 2
     assert types["aws:sfn/stateMachine:StateMachine"] == 1
-    assert types["aws:codebuild/project:Project"] == 2  # the training image, the runner image
-    assert types["aws:ecr/repository:Repository"] == 2 and types["aws:ecr/lifecyclePolicy:LifecyclePolicy"] == 1
+    assert types["aws:codebuild/project:Project"] == 3  # the training, runner and MLflow server images
+    assert types["aws:ecr/repository:Repository"] == 3 and types["aws:ecr/lifecyclePolicy:LifecyclePolicy"] == 1
+    assert types["pulumi-python:dynamic:Resource"] == 1  # the MLflow image, built at deploy (ImageReady)
     assert types["aws:dynamodb/table:Table"] == 1
     assert types["aws:apigatewayv2/api:Api"] == 1 and types["aws:apigatewayv2/stage:Stage"] == 1
     assert types["aws:rds/instance:Instance"] == 1 and types["aws:ecs/service:Service"] == 1
@@ -218,6 +219,17 @@ def test_prod_differs_where_it_should(dev, prod):
     assert prod.exports["jobNamePrefix"] == "mmp-acme-ml-prod"
 
 
+def test_codebuild_concurrency_is_the_accounts_unless_set(dev, h):
+    """Issue 19 defect 7: a hard-coded project limit of 4 failed `pulumi up` on accounts whose CodeBuild
+    quota is lower. Unset by default (builds queue); `mmp:buildConcurrencyLimit` sets it."""
+    assert all(p.inputs.get("concurrentBuildLimit") is None for p in dev.of_type("aws:codebuild/project:Project"))
+    limited = h.run_stack("dev", {**h.DEV_CONFIG, "mmp:buildConcurrencyLimit": "2"})
+    assert {p.name: p.inputs.get("concurrentBuildLimit") for p in limited.of_type("aws:codebuild/project:Project")} == \
+        {"pipeline-build": 2, "pipeline-runner-build": None, "mlflow-server-build": None}  # built once per version
+    with pytest.raises(Exception, match="mmp:buildConcurrencyLimit"):
+        h.run_stack("dev", {**h.DEV_CONFIG, "mmp:buildConcurrencyLimit": "0"})
+
+
 def test_fsx_flag_adds_exactly_the_file_system(dev, fsx):
     added = {t: n - dev.types().get(t, 0) for t, n in fsx.types().items() if n != dev.types().get(t, 0)}
     assert added == {t: 1 for t in FSX_TYPES}
@@ -256,6 +268,39 @@ def test_fsx_jobs_read_the_directory_the_stack_made(fsx, monkeypatch):
     assert source["DirectoryPath"] == "/abcdefgh/datasets/fashion"
 
 
+def test_every_fsx_path_in_the_catalogue_lies_in_a_data_repository_association(h):
+    """A dataset in another bucket is linked at /shared/<name> by an import-only association
+    of its own: /datasets/<name> would stay empty, the /datasets association holding only
+    the stack's own datasets/ prefix. The DLAMI path follows the catalogue."""
+    from mmp.backends import LaunchRequest
+    from mmp.backends.dlami import DlamiBackend, DlamiConfig
+    from mmp.datasets import Dataset
+    from mmp.experiment import parse_experiment
+
+    run = h.run_stack("dev", {**h.DEV_CONFIG, "mmp:fsx": "true", "mmp:datasets": json.dumps(
+        {"cifar": {"s3": "s3://shared-data/cifar"}, "mine": {"s3": "s3://shared-data/x/", "fsx": "/already/x"}})})
+    catalogue = json.loads(run.exports["backendEnv"]["MMP_DATASETS"])
+    links = {d.inputs["fileSystemPath"]: d.inputs
+             for d in run.of_type("aws:fsx/dataRepositoryAssociation:DataRepositoryAssociation")}
+    assert set(links) == {"/datasets", "/shared/cifar"}
+    assert catalogue["cifar"] == {"s3": "s3://shared-data/cifar", "fsx": "/shared/cifar"}
+    assert catalogue["digits"]["fsx"] == "/datasets/digits" and catalogue["mine"]["fsx"] == "/already/x"
+    shared = links["/shared/cifar"]
+    assert shared["dataRepositoryPath"] == "s3://shared-data/cifar/"
+    assert "autoExportPolicy" not in shared["s3"]  # nothing is written back into another team's bucket
+    for name, entry in catalogue.items():
+        if name == "mine":  # configured with its own path: the owner keeps it filled
+            continue
+        link = next(p for p in links if (entry["fsx"] + "/").startswith(p + "/"))
+        filled_from = links[link]["dataRepositoryPath"] + entry["fsx"][len(link) + 1:]
+        assert entry["s3"].rstrip("/") == filled_from.rstrip("/"), name  # FSx shows exactly the S3 the entry names
+    experiment = parse_experiment({"Platform": "dlami", "Dataset_Name": "cifar", "Training_Instance": "p3.2xlarge",
+                                   "Instance_Count": "1"})
+    request = LaunchRequest(experiment=experiment, experiment_name="e", run_id="r1", repository="a/b", clone_url="",
+                            commit="c" * 40, mlflow_env={}, dataset=Dataset(name="cifar", **catalogue["cifar"]))
+    assert DlamiBackend(DlamiConfig()).paths(request).dataset == "/fsx/shared/cifar"
+
+
 def test_dlami_flag_adds_its_resources(fsx, h):
     run = h.run_stack("dev", {**h.DEV_CONFIG, "mmp:fsx": "true", "mmp:dlami": "true",
                             "mmp:sshPublicKey": "ssh-ed25519 AAAA test", "mmp:sshPrivateKey": SSH_KEY})
@@ -279,7 +324,9 @@ def test_dlami_flag_adds_its_resources(fsx, h):
 
     script = base64.b64decode(template["userData"]).decode()
     assert "shutdown -h +\"$MINUTES\"" in script and "mmp:max-runtime-minutes" in script
-    assert "mount -t lustre -o relatime,flock fs-0123.fsx.eu-west-1.amazonaws.com@tcp:/abcdefgh /fsx" in script
+    # the backend's FSx step (client, mount, run area; run under bash in tests/dlami/test_user_data.py)
+    assert "mmp-fsx fs-0123.fsx.eu-west-1.amazonaws.com abcdefgh /fsx ubuntu /fsx/mmp /fsx/output" in script
+    assert "|| true" not in script.split("shutdown -h", 1)[1]  # a failed install or mount is not swallowed
     assert run.exports["backendEnv"]["MMP_LAUNCH_TEMPLATE_ID"] and run.exports["backendEnv"]["MMP_SSH_KEY_SECRET_ARN"]
 
 
@@ -290,6 +337,33 @@ def test_sagemaker_managed_mlflow_replaces_fargate(dev, h):
     for gone in ("aws:rds/instance:Instance", "aws:ecs/service:Service", "aws:lb/loadBalancer:LoadBalancer"):
         assert gone not in types
     assert run.exports["mlflowUrl"].startswith("https://")
+
+
+def _runner_networks(run) -> dict[str, dict]:
+    states = json.loads(run.one("aws:sfn/stateMachine:StateMachine").inputs["definition"])["States"]
+    return {name: (state.get("Arguments") or state.get("Parameters"))["NetworkConfiguration"]["AwsvpcConfiguration"]
+            for name, state in states.items() if state.get("Resource") == "arn:aws:states:::ecs:runTask.sync"}
+
+
+def test_without_a_nat_the_runner_task_leaves_through_a_public_ip(dev, h):
+    """natGateway: false leaves the private subnets no route out: the runner (studies, promote.json,
+    as MLflow's own task already did) takes the public subnets, whose route is the internet gateway,
+    and a public IP. Behind a NAT it stays private."""
+    run = h.run_stack("dev", {**h.DEV_CONFIG, "mmp:natGateway": "false"})
+    assert not run.of_type("aws:ec2/natGateway:NatGateway")
+    public = {f"{r.name}-id" for r in run.of_type("aws:ec2/subnet:Subnet") if "-public-" in r.name}  # mock ids
+    assert len(public) == 2 and not public & set(run.exports["privateSubnetIds"])
+    networks = _runner_networks(run)
+    assert set(networks) == {"Promote", "RunTraining", "RunStudy"}
+    for network in networks.values():
+        assert network["AssignPublicIp"] == "ENABLED" and set(network["Subnets"]) == public
+    public_routes = [r for t in run.of_type("aws:ec2/routeTable:RouteTable") for r in t.inputs.get("routes", [])
+                     if r.get("gatewayId")]
+    assert public_routes and all(r["cidrBlock"] == "0.0.0.0/0" for r in public_routes)
+    service = run.one("aws:ecs/service:Service").inputs["networkConfiguration"]
+    assert service["assignPublicIp"] is True and set(service["subnets"]) == public
+    for network in _runner_networks(dev).values():
+        assert network["AssignPublicIp"] == "DISABLED" and set(network["Subnets"]) == set(dev.exports["privateSubnetIds"])
 
 
 def test_reused_vpc_creates_no_network(h):
@@ -316,11 +390,41 @@ def test_reused_vpc_creates_no_network(h):
     ({"mmp:dlami": "true"}, "dlami"),
     ({"mmp:sagemakerInputMode": "Stream"}, "mmp:sagemakerInputMode"),
     ({"mmp:mlflowPort": "5000"}, "unknown config key(s) mmp:mlflowPort"),
+    ({"mmp:mlflowCpu": "1000"}, "mlflowCpu: Fargate takes 256, 512, 1024, 2048, 4096, 8192, 16384 CPU units, got 1000"),
+    ({"mmp:mlflowCpu": "256", "mmp:mlflowMemory": "4096"},
+     "mlflowMemory: with mlflowCpu 256, Fargate takes 512, 1024 or 2048 MiB, got 4096"),
+    ({"mmp:mlflowCpu": "1024", "mmp:mlflowMemory": "1536"},
+     "mlflowMemory: with mlflowCpu 1024, Fargate takes 2048 to 8192 in steps of 1024 MiB, got 1536"),
+    ({"mmp:mlflowCpu": "512", "mmp:mlflowMemory": "5120"},
+     "mlflowMemory: with mlflowCpu 512, Fargate takes 1024, 2048, 3072 or 4096 MiB, got 5120"),
+    ({"mmp:mlflowCpu": "8192", "mmp:mlflowMemory": "18432"},
+     "mlflowMemory: with mlflowCpu 8192, Fargate takes 16384 to 61440 in steps of 4096 MiB, got 18432"),
+    ({"mmp:fsx": "true", "mmp:datasets": json.dumps({f"d{i}": {"s3": f"s3://other/d{i}/"} for i in range(8)})},
+     "datasets: with fsx true each dataset in another bucket is linked into FSx by its own data repository "
+     "association, and a file system takes 8 (one is the stack's own datasets/ prefix): at most 7 such datasets, got 8"),
+    ({"mmp:fsx": "true", "mmp:datasets": json.dumps({"all": {"s3": "s3://other/img"}, "part": {"s3": "s3://other/img/a/"}})},
+     "datasets.all.s3 and datasets.part.s3: FSx links an S3 prefix once and never one inside another"),
 ])
 def test_bad_config_fails_naming_the_key(extra, message, h):
     with pytest.raises(Exception) as info:
         h.run_stack("dev", {**h.DEV_CONFIG, **extra})
     assert message in str(info.value)
+
+
+def test_fargate_sizes_are_the_documented_table():
+    """ECS Developer Guide, "Troubleshoot Amazon ECS task definition invalid CPU or memory errors"
+    (Linux): every listed pair passes, every other 256-MiB step fails; the runner task's size fits."""
+    from mmp.infra import runner
+    from mmp.infra.settings import fargate_size_problems
+
+    gib = 1024
+    table = {256: [512, gib, 2 * gib], 512: [gib, 2 * gib, 3 * gib, 4 * gib], 1024: [n * gib for n in range(2, 9)],
+             2048: [n * gib for n in range(4, 17)], 4096: [n * gib for n in range(8, 31)],
+             8192: [n * gib for n in range(16, 61, 4)], 16384: [n * gib for n in range(32, 121, 8)]}
+    for cpu, memories in table.items():
+        for memory in range(256, 126 * gib, 256):
+            assert (not fargate_size_problems(cpu, memory, cpu_key="c", memory_key="m")) == (memory in memories)
+    assert fargate_size_problems(int(runner.CPU), int(runner.MEMORY), cpu_key="CPU", memory_key="MEMORY") == []
 
 
 def test_secrets_are_required(h):

@@ -11,6 +11,8 @@ from mmp.cli import app
 from mmp.models.compare import CompareError, leaderboard, search_all, table
 from mmp.models.plot import PlotError, plot_leaderboard
 
+from .conftest import Synthetic
+
 runner = CliRunner()
 
 
@@ -135,3 +137,22 @@ def test_table_shows_run_data_as_text_not_markup():
     out = StringIO()
     Console(file=out, width=200).print(table(board))  # markup would raise MarkupError on "[/x]"
     assert "[/x] [red]" in out.getvalue() and "local[/x]" in out.getvalue() and "[bold]local" in out.getvalue()
+
+
+def test_compare_and_plot_show_markup_and_dollars_in_run_data_literally(client, tmp_path):
+    """Issue 20, finding 12: rich markup in any tag (commit, processes, the experiment's name) and a
+    `$…$` in a value or name crashed `mmp compare` and `--plot`; both are shown as written."""
+    name = "e$x_$[/y]"  # `$x_$` is broken mathtext: drawn as math, savefig raises ValueError
+    runs = Synthetic(client, experiment=name)
+    first = runs.run(metrics={"acc": 0.9}, params={"opt": "$\\undefined$"}, commit="[/x]abcdef")
+    runs.run(metrics={"acc": 0.8}, params={"opt": "[red]$"}, commit="[bold]12")
+    client.set_tag(first, "mmp.processes", "[/b]")
+    result = runner.invoke(app, ["compare", name, "--metric", "acc", "--plot", str(tmp_path / "p.png")],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for text in (name, "[/x]abc", "[bold]1", "[/b]", "$\\undefined$", "[red]$"):
+        assert text in result.output
+    from PIL import Image
+
+    with Image.open(tmp_path / "p.png") as image:
+        image.verify()

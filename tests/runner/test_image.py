@@ -1,6 +1,6 @@
 """runner_docker/: Docker cannot run here, so the Dockerfile is parsed (dockerfile-parse),
 linted (hadolint) and checked against the context CodeBuild builds it from
-(mmp.infra.runner.context_files), and its entry command runs in a venv holding only
+(mmp.infra.stack_image.context_files), and its entry command runs in a venv holding only
 the image's packages (requirements.txt), cached under build/ by their hash."""
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ def test_base_is_a_pinned_python_of_the_pipelines_version(dockerfile):
 
 
 def test_every_copy_source_is_in_the_context_codebuild_builds_from():
-    from mmp.infra.runner import context_files
+    from mmp.infra.runner import CONTEXT_PATHS
+    from mmp.infra.stack_image import context_files
 
-    context = {str(p.relative_to(ROOT)) for p in context_files(ROOT)}
+    context = {str(p.relative_to(ROOT)) for p in context_files(ROOT, CONTEXT_PATHS)}
     from dockerfile_parse import DockerfileParser
 
     copies = [v.split() for v in steps(DockerfileParser(path=str(IMAGE / "Dockerfile")), "COPY")]

@@ -37,4 +37,4 @@ def test_the_janitor_lambda_terminates_instances_of_ended_runs_and_reports_them(
     assert actions == {stray: "terminate", busy: "keep"}
     assert [i["InstanceId"] for i in cloud.instances()] == [busy]
     (mail,) = [json.loads(m["Body"]) for m in sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]]
-    assert "janitor terminated 1" in mail["Subject"] and stray in mail["Message"] and "FAILED in MLflow" in mail["Message"]
+    assert "janitor terminated 1" in mail["Subject"] and stray in mail["Message"] and "concluded by the pipeline (FAILED)" in mail["Message"]

@@ -37,13 +37,69 @@ case "$1 $2" in
   *) echo "stand-in aws: unexpected $*" >&2; exit 2 ;;
 esac
 """
+# ECR with immutable tags, as a folder: one file per pushed tag, holding its manifest's media type.
+# A second push of a tag gets ECR's own refusal (moby/buildkit#3776, aws/containers-roadmap#862).
+REGISTRY_STANDIN = r"""
+push_to_registry() {  # $1 repository-uri:tag, $2 the manifest's media type
+  local repo_tag=${1##*/} stored
+  stored="$STANDIN_REGISTRY/$repo_tag"
+  [ -z "${STANDIN_PUSH_DENIED:-}" ] || { echo "denied: not authorized to perform: ecr:PutImage" >&2; exit 1; }
+  if [ -e "$stored" ]; then
+    echo "tag invalid: The image tag '${repo_tag#*:}' already exists in the '${repo_tag%%:*}' repository and cannot be overwritten because the repository is immutable." >&2
+    exit 1
+  fi
+  echo "$2" > "$stored"
+}
+# What Docker pulls for a build, one reference a line in $STANDIN_PULLS: a `# syntax=` frontend, then the
+# base (the BASE_IMAGE build argument, else the Dockerfile's default for it, else its FROM).
+record_pulls() {  # $1 the Dockerfile, $2 the BASE_IMAGE build argument or ""
+  local syntax base
+  syntax=$(sed -n '1s/^# syntax=//p' "$1")
+  [ -z "$syntax" ] || echo "$syntax" >> "$STANDIN_PULLS"
+  base=${2:-$(sed -n 's/^ARG BASE_IMAGE=//p' "$1")}
+  [ -n "$base" ] || base=$(sed -n 's/^FROM //p' "$1" | head -1)
+  echo "$base" >> "$STANDIN_PULLS"
+}
+"""
+DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"  # the one SageMaker accepts
 DOCKER_STANDIN = r"""#!/bin/bash
 printf 'docker %s\n' "$*" >> "$STANDIN_LOG"
+""" + REGISTRY_STANDIN + r"""
 case "$1" in
   login) IFS= read -r password; [ "$password" = ecr-password ] || { echo "login: wrong password" >&2; exit 1; } ;;
-  buildx) if [ "$2" = build ]; then
+  buildx) if [ "$2" = create ]; then  # the docker-container driver runs BuildKit from this image
+            image=moby/buildkit:buildx-stable-1
+            for arg; do case "$arg" in image=*) image=${arg#image=} ;; esac; done
+            echo "$image" >> "$STANDIN_PULLS"
+          fi
+          if [ "$2" = build ]; then
             [ -f repo/requirements.txt ] && [ -f horovod_docker/Dockerfile ] || { echo "context incomplete" >&2; exit 1; }
             [ -z "${STANDIN_BUILD_FAILS:-}" ] || exit 1
+            # What buildx with the docker-container driver pushes: a provenance attestation unless
+            # --provenance=false (an SBOM too with --sbom=true), either of which makes the tag an OCI
+            # index; without them the image exporter's oci-mediatypes picks OCI or Docker v2 types.
+            shift 2; attest=provenance; output=; tag=; file=Dockerfile; base=
+            while [ $# -gt 0 ]; do
+              case "$1" in
+                -f|--file) file=$2; shift ;;
+                --build-arg) case "$2" in BASE_IMAGE=*) base=${2#BASE_IMAGE=} ;; esac; shift ;;
+                --provenance=false) attest= ;;
+                --provenance=*) attest=provenance ;;
+                --sbom=true) attest="$attest sbom" ;;
+                --push) output=type=registry ;;
+                --output|-o) output=$2; shift ;;
+                --output=*) output=${1#--output=} ;;
+                -t|--tag) tag=$2; shift ;;
+                --cache-from|--cache-to|--label) shift ;;
+              esac
+              shift
+            done
+            record_pulls "$file" "$base"
+            case ",$output," in *,type=registry,*|*,push=true,*) ;; *) echo "built, not pushed"; exit 0 ;; esac
+            if [ -n "$attest" ]; then media=application/vnd.oci.image.index.v1+json
+            elif [[ ",$output," == *,oci-mediatypes=true,* ]]; then media=application/vnd.oci.image.manifest.v1+json
+            else media=application/vnd.docker.distribution.manifest.v2+json; fi
+            push_to_registry "$tag" "$media"
           fi ;;
   *) echo "stand-in docker: unexpected $*" >&2; exit 2 ;;
 esac
@@ -95,8 +151,11 @@ def codebuild(tmp_path):
     requirements.write_text("mlflow>=3.1,<4\nnumpy\n")
     log = tmp_path / "calls.log"
     log.touch()
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "pulls.log").touch()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STANDIN_LOG": str(log),
-           "STANDIN_S3": str(s3), "AWS_REGION": "eu-west-1", "ECR_REPOSITORY_URI": REPO_URI,
+           "STANDIN_S3": str(s3), "STANDIN_REGISTRY": str(tmp_path / "registry"),
+           "STANDIN_PULLS": str(tmp_path / "pulls.log"), "AWS_REGION": "eu-west-1", "ECR_REPOSITORY_URI": REPO_URI,
            "ECR_REPOSITORY_NAME": "acme-training", "BUILD_CACHE_TAG": "buildcache",
            "MMP_IMAGE_TAG": TAG, "MMP_REQUIREMENTS_S3_URI": f"s3://acme-artifacts/{requirements_key(TAG)}"}
     return source, env, log
@@ -130,8 +189,75 @@ def test_a_new_dependency_set_is_built_and_pushed_with_its_tag(codebuild, one_sh
     assert (source / "repo" / "requirements.txt").read_text() == "mlflow>=3.1,<4\nnumpy\n"
     assert "docker login --username AWS --password-stdin 123456789012.dkr.ecr.eu-west-1.amazonaws.com" in calls
     build = [c for c in calls if c.startswith("docker buildx build")]
-    assert len(build) == 1 and f"-t {REPO_URI}:{TAG} ." in build[0] and "--push" in build[0]
+    assert len(build) == 1 and f"-t {REPO_URI}:{TAG} ." in build[0]
     assert not [c for c in calls if c.startswith("git")]
+
+
+@pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-command", "one-shell"])
+def test_the_image_is_pushed_as_a_docker_v2_manifest_sagemaker_accepts(codebuild, one_shell, tmp_path):
+    """Issue 19 defect 6: buildx's default pushed an OCI index (provenance attestation), which SageMaker
+    refuses; with the stand-in modelling buildx's rules, the tag must hold a Docker v2 manifest."""
+    source, env, log = codebuild
+    failed, output = run_phases(yaml.safe_load(BUILDSPEC), env, source, one_shell=one_shell)
+    assert failed is None, output
+    assert (tmp_path / "registry" / f"acme-training:{TAG}").read_text().strip() == DOCKER_V2
+
+
+def test_the_stand_in_pushes_what_buildx_pushes_by_default(codebuild, tmp_path):
+    """The stand-in is not built to pass: the old command line (`--push`, attestations on) gives an index."""
+    source, env, _ = codebuild
+    old = f"docker buildx build --push -f horovod_docker/Dockerfile -t {REPO_URI}:{TAG} ."
+    (source / "repo").mkdir()
+    (source / "repo" / "requirements.txt").write_text("numpy\n")
+    failed, output = run_phases({"phases": {"build": {"commands": [old]}}}, env, source, one_shell=False)
+    assert failed is None, output
+    assert (tmp_path / "registry" / f"acme-training:{TAG}").read_text().strip() == \
+        "application/vnd.oci.image.index.v1+json"
+
+
+CACHE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/acme-dev-hub"
+
+
+def check_docker_hub_pulls(buildspec: str, env: dict, source: Path, pulls: Path, expected: set[str]) -> None:
+    """Issue 19 defect 8, for any image buildspec: without a cache the build pulls from Docker Hub (the
+    references have no registry host); with the stack's pull-through cache every pull goes through ECR."""
+    failed, output = run_phases(yaml.safe_load(buildspec), env, source, one_shell=False)
+    assert failed is None, output
+    assert set(pulls.read_text().split()) == expected
+    assert all("/" not in p or "." not in p.split("/")[0] for p in expected)  # no registry host: Docker Hub
+    pulls.write_text("")
+    failed, output = run_phases(yaml.safe_load(buildspec), {**env, "DOCKER_HUB_CACHE": CACHE}, source,
+                                one_shell=False)
+    assert failed is None, output
+    assert set(pulls.read_text().split()) == {f"{CACHE}/{p if '/' in p else 'library/' + p}" for p in expected}
+
+
+def test_docker_hub_is_pulled_through_the_stacks_cache_when_it_has_one(codebuild, tmp_path):
+    source, env, _ = codebuild
+    check_docker_hub_pulls(BUILDSPEC, env, source, tmp_path / "pulls.log",
+                           {"moby/buildkit:buildx-stable-1", "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel"})
+
+
+def check_push_races(buildspec: str, env: dict, source: Path, registry: Path, stored: str, one_shell: bool) -> None:
+    """Issue 19 defect 11, for any image buildspec: two executions both found no image and built it; ECR
+    refuses the second push of the content-hashed tag (same sources) and that build passes, saying why.
+    Any other push failure still fails the phase."""
+    (registry / stored).write_text(DOCKER_V2 + "\n")
+    failed, output = run_phases(yaml.safe_load(buildspec), env, source, one_shell=one_shell)
+    assert failed is None, output
+    assert f"already exists in the '{stored.split(':')[0]}' repository" in output
+    assert "pushed meanwhile by a concurrent build" in output
+    (registry / stored).unlink()
+    failed, output = run_phases(yaml.safe_load(buildspec), {**env, "STANDIN_PUSH_DENIED": "1"}, source,
+                                one_shell=one_shell)
+    assert failed == "build" and "not authorized" in output and "concurrent build" not in output, output
+
+
+@pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-command", "one-shell"])
+def test_a_tag_pushed_meanwhile_by_a_concurrent_build_is_a_success_and_nothing_else_is(codebuild, one_shell,
+                                                                                        tmp_path):
+    source, env, _ = codebuild
+    check_push_races(BUILDSPEC, env, source, tmp_path / "registry", f"acme-training:{TAG}", one_shell)
 
 
 @pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-command", "one-shell"])

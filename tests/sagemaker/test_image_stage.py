@@ -40,7 +40,7 @@ def tarball_of(files: dict[str, str], top: str = "octo-org-fashion-demo-abc1234"
 
 
 def push_image(ecr, tag: str) -> None:
-    """What CodeBuild's `docker buildx build --push` leaves in ECR."""
+    """What CodeBuild's `docker buildx build` push leaves in ECR."""
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
                 "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 1,
                            "digest": "sha256:" + "0" * 64}, "layers": []}

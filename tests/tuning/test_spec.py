@@ -123,3 +123,79 @@ def test_early_stopping_is_a_plain_flag():
     assert parse({**block, "Early_Stopping": "true"}).tuning.early_stopping is True
     found = problems({**block, "Early_Stopping": "yes"})
     assert "must be true or false" in found["Tuning.Early_Stopping"]
+
+
+# -- issue 20, findings 8 to 10 ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, message", [
+    ("a\0b", "contains a NUL byte"),
+    ("x" * 2501, "is longer than 2500 characters"),
+    ("--output-path=/tmp/elsewhere", "is a prefix of --output-path, which the pipeline sets"),
+    ("--log", "ambiguous abbreviation to horovodrun"),
+])
+def test_tuning_values_get_the_same_checks_as_fixed_hyperparameters(value, message):
+    found = problems({"Objective_Metric": "loss", "Strategy": "grid", "Ranges": {"opt": {"Values": ["sgd", value]}}})
+    assert found["Tuning.Ranges.opt"].startswith("Values[1] ") and message in found["Tuning.Ranges.opt"]
+    fixed = problems({"Objective_Metric": "loss", "Strategy": "grid", "Ranges": {"opt": {"Values": ["sgd"]}}},
+                     Hyperparameters={"opt": value})
+    assert found["Tuning.Ranges.opt"] == "Values[1] " + fixed["Hyperparameters.opt"]  # one check, one message
+
+
+def test_a_trial_cannot_make_a_longer_command_line_than_horovodrun_takes():
+    fixed = {f"p{i}": "v" * 2400 for i in range(27)}  # about 63.5 KiB: fits on its own
+    parse_experiment(json.dumps({**BASE, "Hyperparameters": fixed}), datasets=["digits"])
+    found = problems({"Objective_Metric": "loss", "Strategy": "grid",
+                      "Ranges": {"opt": {"Values": ["sgd", "w" * 2400]}}}, Hyperparameters=fixed)
+    assert "each range's longest value make a command line of" in found["Tuning"]
+
+
+def test_a_trial_experiment_checks_its_values_like_a_fixed_hyperparameter():
+    experiment = parse({"Objective_Metric": "loss", "Strategy": "grid", "Ranges": {"opt": {"Values": ["sgd"]}}})
+    trial = experiment.for_trial({"opt": "adam", "epochs": 4})
+    assert trial.tuning is None and trial.hyperparameters == {"epochs": 4, "batch-size": "32", "opt": "adam"}
+    for bad in ("--output-path=/elsewhere", "a\0b"):  # e.g. a study stored by an older MMP
+        with pytest.raises(ValueError, match="Tuning.Ranges.opt"):
+            experiment.for_trial({"opt": bad})
+
+
+def test_duplicate_keys_inside_tuning_are_named():
+    text = ('{"Platform": "local", "Dataset_Name": "digits", "Training_Instance": "local", "Tuning": '
+            '{"Objective_Metric": "loss", "Strategy": "grid", "Strategy": "random", "Max_Runs": 2, '
+            '"Ranges": {"lr": {"Min": 1, "Max": 2, "Max": 9}, "bs": {"Values": [1, 2]}, "bs": {"Values": [3]}}}}')
+    with pytest.raises(ExperimentError) as info:
+        parse_experiment(text, datasets=["digits"])
+    repeated = {p.field for p in info.value.problems if "appears more than once" in p.message}
+    assert repeated == {"Tuning.Strategy", "Tuning.Ranges.lr.Max", "Tuning.Ranges.bs"}
+
+
+@pytest.mark.parametrize("values", [[1, True], [1, 1.0], [0, False], [1, "1"], ["a", "a"]])
+def test_values_that_make_one_trial_are_refused(values):
+    found = problems({"Objective_Metric": "loss", "Strategy": "grid", "Ranges": {"units": {"Values": values}}})
+    assert "are the same trial" in found["Tuning.Ranges.units"]
+
+
+def test_distinct_values_stay_distinct_grid_points():
+    tuning = parse({"Objective_Metric": "loss", "Strategy": "grid",
+                    "Ranges": {"units": {"Values": [2, 2.5, True, False, "true", "x"]}}}).tuning
+    assert [p["units"] for p in tuning.grid()] == [2, 2.5, True, False, "true", "x"]
+
+
+HUGE_GRID = {**BASE, "Tuning": {"Objective_Metric": "loss", "Strategy": "grid",
+                                "Ranges": {"units": {"Min": 0, "Max": 10**9}, "width": {"Values": [1, 2]}}}}
+
+
+def _limited_memory():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # a built grid needs tens of GiB
+
+
+def test_a_huge_grid_is_counted_not_built(tmp_path):
+    """`mmp validate` answers in bounded memory (before: every point was built, MemoryError or OOM)."""
+    path = tmp_path / "experiment.json"
+    path.write_text(json.dumps(HUGE_GRID))
+    out = subprocess.run([sys.executable, "-m", "mmp", "validate", str(path), "--no-catalogue", "--json"],
+                         capture_output=True, text=True, timeout=120, preexec_fn=_limited_memory)
+    assert out.returncode == 1, out.stderr[-2000:]
+    found = {p["field"]: p["message"] for p in json.loads(out.stdout)["problems"]}
+    assert found == {"Tuning": "the grid has 2000000002 combinations; at most 1000"}

@@ -583,3 +583,45 @@ def test_a_study_storage_fault_stops_the_sibling_trials_and_ends_the_study(study
     _, trials = study_runs(outcome.run_id)
     assert {t.data.params["opt"]: t.info.status for t in trials} == {"a": "FINISHED", "b": "KILLED"}
     assert_study_ended(repo, "optuna-fault", "FAILED", ("failure",))
+
+
+PER_BATCH_TRAIN = r'''
+import argparse, os, time
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+p = argparse.ArgumentParser()
+for flag in ("--dataset-path", "--output-path", "--dataset"):
+    p.add_argument(flag)
+p.add_argument("--shift", type=float)
+a = p.parse_args()
+client, run_id, now = MlflowClient(), os.environ["MLFLOW_RUN_ID"], int(time.time() * 1000)
+for start in range(0, 20000, 1000):  # 20 000 per-batch values of the objective
+    client.log_batch(run_id, metrics=[Metric("score", -abs(a.shift - 0.3), now + s, s)
+                                      for s in range(start, start + 1000)])
+deadline = time.time() + 300
+while a.shift > 5 and time.time() < deadline:  # the bad trial holds until the pruner stops it
+    time.sleep(0.2)
+'''
+
+
+def test_early_stopping_on_a_per_batch_metric_reports_only_checkpoints(make_repo, digits):
+    """Issue 20, finding 11: 20 000 logged steps make 290 Optuna reports per trial (0-99, then two
+    significant digits), not 20 000 transactions, and the pruner still stops the bad trial."""
+    from mmp.tuning.study import storage_url, study_name
+
+    repo = make_repo(name="per-batch", files={"train.py": PER_BATCH_TRAIN}, drop=("requirements.txt",),
+                     experiment={**LOCAL, "Tuning": {"Objective_Metric": "score", "Strategy": "grid",
+                                                     "Early_Stopping": True,
+                                                     "Ranges": {"shift": {"Values": [0.3, 0.4, 9.0]}}}})
+    trigger = local_trigger(repo, head(repo))
+    outcome = run_trigger(trigger)
+    assert outcome.state == "SUCCEEDED", outcome.message
+    _, trials = study_runs(outcome.run_id)
+    assert [t.data.tags["mmp.trial.state"] for t in trials] == ["complete", "complete", "pruned"]
+    assert "is worse than the median" in trials[2].data.tags["mmp.outcome"]
+    study = optuna.load_study(study_name=study_name(trigger), storage=storage_url())
+    reported = [sorted(t.intermediate_values) for t in study.trials]
+    expected = list(range(100)) + list(range(100, 1000, 10)) + list(range(1000, 10000, 100)) + list(
+        range(10000, 20000, 1000))
+    assert reported[0] == reported[1] == expected and len(expected) == 290
+    assert set(reported[2]) <= set(expected)  # pruned part-way: only checkpoints
