@@ -427,29 +427,40 @@ def test_a_range_that_overflows_ends_the_study_with_a_final_status(study_repo, b
     assert_study_ended(repo, "overflow", outcome.state, ("failure", "error"))
 
 
-def test_an_mlflow_store_fault_mid_study_still_ends_it(study_repo):
-    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Ranges": {"opt": {"Values": ["a", "b"]}}},
-                      {"gate": str(study_repo.gate)})
-    db = Path(config.tracking_uri().removeprefix("sqlite:///"))
+def study_with_a_file_made_immutable(study_repo, repo: Path, delivery: str, path: Path, started, release):
+    """Run the study in a thread; once `started()` holds, make `path` immutable (chattr +i: writes fail)
+    and call `release()`. On the way out, whatever happened, the file is writable and every gate open."""
     result = {}
     runner = threading.Thread(target=lambda: result.update(
-        outcome=run_trigger(local_trigger(repo, head(repo), delivery_id="store-fault"))))
+        outcome=run_trigger(local_trigger(repo, head(repo), delivery_id=delivery))))
     runner.start()
     locked = False
     try:
-        wait_until(lambda: marked(study_repo.marks) or not runner.is_alive(), what="trial 0 to start")
-        subprocess.run(["chattr", "+i", str(db)], check=True)  # the store refuses every write from here on
+        wait_until(lambda: started() or not runner.is_alive(), what="the trials to start")
+        subprocess.run(["chattr", "+i", str(path)], check=True)
         locked = True
-        for run_id in marked(study_repo.marks):
-            (study_repo.gate / run_id).touch()
+        release()
         runner.join(timeout=240)
     finally:
         if locked:
-            subprocess.run(["chattr", "-i", str(db)], check=True)
+            subprocess.run(["chattr", "-i", str(path)], check=True)
         for run_id in marked(study_repo.marks):
             (study_repo.gate / run_id).touch()
         runner.join(timeout=240)
-    outcome = result["outcome"]
+    return result["outcome"]
+
+
+def test_an_mlflow_store_fault_mid_study_still_ends_it(study_repo):
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Ranges": {"opt": {"Values": ["a", "b"]}}},
+                      {"gate": str(study_repo.gate)})
+    db = Path(config.tracking_uri().removeprefix("sqlite:///"))  # the MLflow store refuses every write
+
+    def release():
+        for run_id in marked(study_repo.marks):
+            (study_repo.gate / run_id).touch()
+
+    outcome = study_with_a_file_made_immutable(study_repo, repo, "store-fault", db,
+                                               lambda: marked(study_repo.marks), release)
     assert outcome.state in ("SUCCEEDED", "FAILED"), outcome.message
     assert any("MLflow not updated" in p for p in outcome.problems), outcome.problems
     note = notification(outcome.run_id)
@@ -558,26 +569,13 @@ def test_a_study_storage_fault_stops_the_sibling_trials_and_ends_the_study(study
 
     repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Parallel": 2,
                        "Ranges": {"opt": {"Values": ["a", "b"]}}}, {"gate": str(study_repo.gate)})
-    db = config.mmp_home() / STUDIES_DB
-    result = {}
-    runner = threading.Thread(target=lambda: result.update(
-        outcome=run_trigger(local_trigger(repo, head(repo), delivery_id="optuna-fault"))))
-    runner.start()
-    locked = False
-    try:
-        wait_until(lambda: len(marked(study_repo.marks)) == 2 or not runner.is_alive(), what="two trials to start")
-        subprocess.run(["chattr", "+i", str(db)], check=True)
-        locked = True
+
+    def release_the_first():  # only the first may finish; its sibling holds at its gate
         first = next(r for r, m in marked(study_repo.marks).items() if m["opt"] == "a")
-        (study_repo.gate / first).touch()  # only the first may finish; its sibling holds at its gate
-        runner.join(timeout=240)
-    finally:
-        if locked:
-            subprocess.run(["chattr", "-i", str(db)], check=True)
-        for run_id in marked(study_repo.marks):
-            (study_repo.gate / run_id).touch()
-        runner.join(timeout=240)
-    outcome = result["outcome"]
+        (study_repo.gate / first).touch()
+
+    outcome = study_with_a_file_made_immutable(study_repo, repo, "optuna-fault", config.mmp_home() / STUDIES_DB,
+                                               lambda: len(marked(study_repo.marks)) == 2, release_the_first)
     assert outcome.state == "FAILED" and "the study stopped on an error" in outcome.message, outcome.message
     assert no_process_from(study_repo.marks)  # the sibling was stopped, not left to run
     _, trials = study_runs(outcome.run_id)
