@@ -64,7 +64,8 @@ mlflow = MlflowServer("mlflow", settings, network, data, account=account,
 dlami = None
 if settings.dlami:
     dlami = DlamiResources("dlami", settings, network, data, ssh_private_key=cfg.require_secret("sshPrivateKey"),
-                           mlflow_password_secret_arn=mlflow.password_secret.arn if mlflow.password_secret else None)
+                           mlflow_password_secret_arn=mlflow.password_secret.arn if mlflow.password_secret else None,
+                           mlflow_tracking_server_arn=mlflow.tracking_server_arn or None)
 pipeline = TrainingPipeline("pipeline", settings, network, data, mlflow, account=account, package=package,
                             github_token=cfg.require_secret("githubToken"), project_root=ROOT, dlami=dlami)
 webhook = WebhookApi("webhook", settings, account=account, package=package,

@@ -26,7 +26,7 @@ COMMITS = 5
 
 def main() -> None:
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
+                       "AWS_DEFAULT_REGION": "eu-west-1"})
     os.environ.pop("AWS_ENDPOINT_URL", None)
     from moto import mock_aws
 
@@ -40,7 +40,7 @@ def main() -> None:
     context = context_digest(ROOT)
     with mock_aws():
         s3, ecr = aws.client("s3"), aws.client("ecr")
-        s3.create_bucket(Bucket="acme-artifacts")
+        s3.create_bucket(Bucket="acme-artifacts", CreateBucketConfiguration={"LocationConstraint": s3.meta.region_name})
         uri = ecr.create_repository(repositoryName=ECR_NAME)["repository"]["repositoryUri"]
         builds, per_commit_tags, prepare_ms = [], set(), []
         for number in range(COMMITS):

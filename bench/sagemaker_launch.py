@@ -44,8 +44,8 @@ def main() -> None:
     home = tempfile.mkdtemp()
     os.environ.update({
         "MMP_HOME": home, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
-        "MMP_ECR_REPOSITORY_URI": "123456789012.dkr.ecr.us-east-1.amazonaws.com/mmp",
+        "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "eu-west-1",
+        "MMP_ECR_REPOSITORY_URI": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mmp",
         "MMP_SAGEMAKER_ROLE_ARN": "arn:aws:iam::123456789012:role/sm", "MMP_ARTIFACTS_BUCKET": "b",
     })
     try:

@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Any
+from typing import Any, Mapping
 
 RETRY_CONFIG = {"mode": "adaptive", "max_attempts": 10}
 
 
-def region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+REGION_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def region(environ: Mapping[str, str] | None = None) -> str:
+    """The region `environ` (this process's by default) names; us-east-1 only when none does.
+
+    Each process MMP starts gets its region handed to it (Lambda's and ECS's own AWS_REGION,
+    the SageMaker job's Environment, the DLAMI ranks' environment): see `region_env`."""
+    env = os.environ if environ is None else environ
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def region_env(name: str) -> dict[str, str]:
+    """Both region variables set to `name`: boto3/botocore read AWS_DEFAULT_REGION, others AWS_REGION."""
+    return {variable: name for variable in REGION_VARIABLES}
 
 
 @lru_cache(maxsize=None)
@@ -32,6 +45,17 @@ def client(service: str, region_name: str | None = None) -> Any:
     import boto3
 
     return boto3.client(service, region_name=region_name or region(), config=_config())
+
+
+def s3_keys(s3: Any, bucket: str, prefix: str, limit: int = 1000) -> list[str]:
+    """The keys under `prefix` (one page, at most `limit`), to learn that an object is missing.
+
+    Why not GetObject/HeadObject and a 404: without s3:ListBucket on the bucket, S3 answers a
+    missing key with 403 (S3 API reference, GetObject "Permissions"), and a role should not list
+    the whole bucket. A listing needs s3:ListBucket, which a policy scopes to a prefix with the
+    s3:prefix condition key (S3 user guide, "Allowing each IAM user access to a folder in a bucket")."""
+    page = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=limit)
+    return [item["Key"] for item in page.get("Contents", [])]
 
 
 _SECRETS: dict[str, str] = {}

@@ -6,6 +6,8 @@ added/modified/removed files, `repository.clone_url` = the repository's path), s
 it with the local webhook secret and POSTs it with `X-GitHub-Event`,
 `X-GitHub-Delivery` (a fresh uuid) and `X-Hub-Signature-256`, exactly as GitHub
 would. A down server never blocks or fails a commit: short timeout, one warning line.
+A busy one (429/503) gets the same delivery again a few times, seconds apart, and the
+hook says so on each retry.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ DEFAULT_URL = "http://127.0.0.1:8080/webhook"
 MARKER = "# installed by mmp hook install"
 MAX_COMMITS = 20  # as in GitHub's payloads; the webhook asks git for the rest
 TIMEOUT_S = 3.0
+BUSY_STATUSES = (429, 503)  # the webhook's "too many at once": worth another try
+BUSY_RETRIES = 4
+BUSY_WAIT_CAP_S = 2.0  # the most the hook waits between tries, whatever Retry-After says
 
 
 class HookError(RuntimeError):
@@ -93,31 +98,54 @@ def push_event(repo: str | Path, before: str, after: str, ref: str) -> dict[str,
 
 
 def post_event(payload: dict[str, Any], *, url: str | None = None, secret: str | None = None,
-               timeout: float = TIMEOUT_S) -> tuple[int, dict[str, Any]]:
-    """POST a signed push event the way GitHub does; returns (HTTP status, JSON answer)."""
+               timeout: float = TIMEOUT_S, delivery: str | None = None) -> tuple[int, dict[str, Any]]:
+    """POST a signed push event the way GitHub does; returns (HTTP status, JSON answer).
+    A 429/503 answer carries its Retry-After seconds as `retry_after` in the answer."""
     from .webhook.core import sign
 
     body = json.dumps(payload).encode()
-    delivery = str(uuid.uuid4())
     req = urllib.request.Request(url or webhook_url(), data=body, method="POST", headers={
         "Content-Type": "application/json", "User-Agent": "mmp-hook", "X-GitHub-Event": "push",
-        "X-GitHub-Delivery": delivery, "X-Hub-Signature-256": sign(secret or config.webhook_secret(), body),
+        "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+        "X-Hub-Signature-256": sign(secret or config.webhook_secret(), body),
     })
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         try:
-            return exc.code, json.loads(exc.read() or b"{}")
+            answer = json.loads(exc.read() or b"{}")
         except ValueError:
-            return exc.code, {}
+            answer = {}
+        retry_after = (exc.headers.get("Retry-After") or "").strip()
+        if exc.code in BUSY_STATUSES and retry_after.isdigit():
+            answer["retry_after"] = int(retry_after)
+        return exc.code, answer
+
+
+def post_with_retries(payload: dict[str, Any], *, url: str, timeout: float,
+                      retries: int = BUSY_RETRIES) -> tuple[int, dict[str, Any]]:
+    """post_event, sent again (same delivery id, as a GitHub redelivery) while the webhook answers busy
+    (429/503), at most `retries` times, each wait capped: a commit waits seconds, never minutes. Each
+    retry is said on stderr."""
+    delivery = str(uuid.uuid4())
+    for attempt in range(retries + 1):
+        status, answer = post_event(payload, url=url, timeout=timeout, delivery=delivery)
+        if status not in BUSY_STATUSES or attempt == retries:
+            return status, answer
+        wait = min(float(answer.get("retry_after") or 1), BUSY_WAIT_CAP_S)
+        print(f"mmp: webhook busy ({status}: {answer.get('error') or 'no reason given'}); "
+              f"retrying in {wait:g} s (retry {attempt + 1} of {retries})", file=sys.stderr)
+        time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _send(repo: Path, before: str, after: str, ref: str) -> None:
     url = webhook_url()
     try:
         payload = push_event(repo, before, after, ref)
-        status, answer = post_event(payload, url=url, timeout=float(os.environ.get("MMP_HOOK_TIMEOUT", TIMEOUT_S)))
+        status, answer = post_with_retries(payload, url=url,
+                                           timeout=float(os.environ.get("MMP_HOOK_TIMEOUT", TIMEOUT_S)))
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         print(f"mmp: warning: could not reach the webhook at {url} ({reason}); the commit is kept, "

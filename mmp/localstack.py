@@ -6,6 +6,7 @@ supervisor, which then stops them in order: the server first (no new jobs), then
 the worker with SIGTERM (it cancels the job in flight, marks the MLflow run KILLED
 and exits; a study's trials are stopped and the study resumes with the next worker), then MLflow; whatever ignores SIGTERM gets SIGKILL. A worker that dies
 is restarted, and on start it fails the job it was running (see mmp.pipeline.worker).
+An empty MLflow store gets its schema before either child starts (mmp.mlflow_store).
 
 One stack per MMP_HOME: `stack.lock` is flocked for the stack's life (the kernel
 releases it on any death), so a second `mmp up` is refused at once, naming the first.
@@ -255,6 +256,17 @@ class LocalStack:
             return subprocess.Popen(guarded, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
 
+    def _prepare_store(self) -> None:
+        """Make an empty local MLflow store's schema here, once, before the UI server and the worker open it:
+        both migrating it at once killed the UI, failed the first job, or left the store half-migrated."""
+        from . import mlflow_store
+
+        try:
+            if mlflow_store.prepare(config.tracking_uri(), config.artifact_root()):
+                self.say(f"MLflow: created the store at {mlflow_store.sqlite_path(config.tracking_uri())}")
+        except Exception as exc:  # the worker reports it on each job (and retries); the UI logs it
+            self.say(f"MLflow: could not prepare the store ({type(exc).__name__}: {exc})")
+
     def start_worker(self) -> None:
         self.worker_proc = self._spawn("worker", [sys.executable, "-m", "mmp.pipeline.worker"], self._child_env(),
                                        STOP_GRACE_S)
@@ -268,6 +280,7 @@ class LocalStack:
             self._clean_up_after_dead_stack()
             if self.run_worker:
                 self._check_worker_lock()
+            self._prepare_store()  # before /healthz answers: once it does, the worker and the UI are starting
             self.server = local_server(self.host, self.port).start()
         except BaseException:
             self._release_home()

@@ -10,6 +10,7 @@ imported lazily, so nothing that merely imports MMP pays for it.
 
 from __future__ import annotations
 
+import collections
 import io
 import select
 import threading
@@ -20,6 +21,8 @@ from typing import Any, Callable, Sequence
 from .argv import shell_join
 
 OutputSink = Callable[[str, str], None]  # (stream "stdout"|"stderr", line)
+KEEP_LINES = 1000  # a process's own tail (error messages); the whole output goes to on_output
+MAX_LINE_BYTES = 64 * 1024  # a longer run without a newline (a progress bar) is cut into lines of this size
 
 
 class SshError(RuntimeError):
@@ -78,11 +81,12 @@ def generate_ed25519() -> tuple[str, str]:
 
 @dataclass
 class RemoteProcess:
-    """A command running on a host; a thread drains its output into `lines` live."""
+    """A command running on a host; a thread drains its output live to `on_output`, and keeps
+    its last KEEP_LINES lines in `lines` (never the whole output: a run may talk for days)."""
 
     channel: Any
     on_output: OutputSink | None = None
-    lines: list[str] = field(default_factory=list)
+    lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=KEEP_LINES))
     exit_code: int | None = None
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -105,8 +109,13 @@ class RemoteProcess:
 
         def feed(stream: str, data: bytes) -> None:
             buf = partial[stream] + data
-            *complete, partial[stream] = buf.split(b"\n")
-            for raw in complete:
+            *complete, rest = buf.split(b"\n")
+            pieces = [raw[i:i + MAX_LINE_BYTES] for raw in complete for i in range(0, len(raw) or 1, MAX_LINE_BYTES)]
+            while len(rest) > MAX_LINE_BYTES:
+                pieces.append(rest[:MAX_LINE_BYTES])
+                rest = rest[MAX_LINE_BYTES:]
+            partial[stream] = rest
+            for raw in pieces:
                 self._emit(stream, raw.decode(errors="replace").rstrip("\r"))
 
         try:
@@ -227,7 +236,7 @@ class Session:
             raise SshError(f"{self.known_name}: {argv[0]} did not finish within {timeout:.0f} s")
         if proc.error:
             raise SshError(f"{self.known_name}: connection lost: {proc.error}")
-        return proc.exit_code if proc.exit_code is not None else -1, proc.lines
+        return proc.exit_code if proc.exit_code is not None else -1, list(proc.lines)
 
     def close(self) -> None:
         if self._client is not None:

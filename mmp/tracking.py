@@ -13,9 +13,10 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from . import config, ownership
+from . import config, mlflow_store, ownership
 from .argv import hyperparameter_text
 from .backends.base import JobState
+from .mlflow_store import sqlite_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.tracking import MlflowClient
@@ -31,14 +32,6 @@ CONCLUDED_TAG = "mmp.concluded"
 OPEN_RUNS_CHUNK = 100  # experiment ids per run search
 PAGE_SIZE = 1000
 _SQLITE_FILES: dict[str, tuple[int, int] | None] = {}  # SQLite store path → the file MLflow's cached store opened
-
-
-def sqlite_path(tracking_uri: str) -> str | None:
-    """The file behind a `sqlite:///` URI (None for other stores and in-memory DBs)."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]  # sqlite:////abs keeps its leading /
-    return path if path and path != ":memory:" else None
 
 
 def fresh_store(tracking_uri: str) -> None:
@@ -220,7 +213,9 @@ class RunTracker(TrackerBase):
             from mlflow.tracking import MlflowClient
 
             fresh_store(self.tracking_uri)
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            mlflow_store.prepare(self.tracking_uri, config.artifact_root())  # never migrated by two at once
+            self._client = mlflow_store.RetryingClient(MlflowClient(tracking_uri=self.tracking_uri),
+                                                       before_retry=lambda: fresh_store(self.tracking_uri))
         return self._client
 
     def experiment_id(self, name: str, owner: str | None = None) -> str:

@@ -5,7 +5,8 @@ is signed with SigV4 for the service `sagemaker-mlflow`, carries the SHA-256 of 
 body, and names the server in `x-mlflow-sm-tracking-server-arn` (what the
 sagemaker-mlflow plugin does for the MLflow client). botocore does the signing with
 the caller's own credentials (the Lambda's role); no secret is stored anywhere.
-Stdlib + botocore only (the Lambda runtime has botocore).
+Stdlib + botocore only (the Lambda runtime has botocore); `mlflow_client`, for the runner,
+imports MLflow when called.
 """
 
 from __future__ import annotations
@@ -22,6 +23,27 @@ ARN_HEADER = "x-mlflow-sm-tracking-server-arn"
 def tracking_server_arn() -> str | None:
     """The managed server this process talks to, when it talks to one."""
     return os.environ.get(ARN_ENV) or None
+
+
+def client_uri(tracking_uri: str, arn: str | None = None) -> str:
+    """The tracking URI MLflow's own client must use for a server at `tracking_uri`: the managed
+    server's ARN (`arn`, else MMP_MLFLOW_TRACKING_SERVER_ARN) when there is one, so the
+    sagemaker-mlflow plugin signs each call with the caller's role (the URL alone reaches the
+    server unsigned, and it refuses); `tracking_uri` otherwise, and for local stores always."""
+    arn = arn or tracking_server_arn()
+    return arn if arn and tracking_uri.startswith(("http://", "https://")) else tracking_uri
+
+
+def mlflow_client(tracking_uri: str):
+    """MLflow's own client (promotion, a study's reads) on `client_uri(tracking_uri)`."""
+    from mlflow.tracking import MlflowClient
+
+    uri = client_uri(tracking_uri)
+    if uri.startswith("arn:"):  # the plugin's signer reads the process's tracking URI, not the client's
+        import mlflow           # (sagemaker_mlflow.auth_provider.AuthProvider.get_auth)
+
+        mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
 
 
 def endpoint(arn: str) -> str:

@@ -1,5 +1,26 @@
 """Shared test fixtures: an isolated MMP_HOME per test, the real GitHub/SageMaker
-fixtures in tests/fixtures (sources in its README), the digits dataset, and example git repositories."""
+fixtures in tests/fixtures (sources in its README), the digits dataset, and example git repositories.
+
+AWS tests run in REGION (eu-west-1, not the code's us-east-1 fallback) and under IAM enforcement:
+
+- `aws_env` (moto in server mode) and any fixture that asks for `iam_enforced` check every
+  AWS call a production code path makes (Prepare, Launch, Conclude, the janitor, the webhook
+  Lambda, the runner task's kinds, the SageMaker and DLAMI containers, CodeBuild's `aws` CLI
+  stand-in, the state machine's createTrainingJob.sync stand-in) against the policy of the
+  role that makes it in production, as the Pulumi program renders it. The machinery, and the
+  table of entry points (code path -> role), live in tests/iam_enforce/iam_calls.py.
+- A call the role does not grant answers AccessDenied to the code, as AWS would, and fails the
+  test naming the code path, the role and the action. A missing S3 key answers 403 unless the
+  role has s3:ListBucket on the bucket.
+- The test's resource names differ from the stack's: bind them with
+  `iam_enforced.bind({"my-bucket": "ARTIFACTS", secret_arn: f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:GITHUB_TOKEN"})`
+  (tokens: iam_calls.STACK_TOKENS).
+- A subprocess is checked too when its environment keeps MMP_IAM_STATE and its PYTHONPATH
+  starts with `iam_enforced.pythonpath` (use `iam_pythonpath(...)`).
+- A test that shows a refusal on purpose calls `iam_enforced.expect_denied(action)`.
+- `MMP_IAM_DOC=write pytest ...` rewrites the table in docs/infra.md from the calls recorded
+  (`add` only adds rows); every run fails when a recorded call is missing from that table.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +50,11 @@ GIT_ENV = {
 
 
 TEST_MARK = "MMP_TEST_PROCESS_MARK"
+
+# The suite's AWS region and account. Not us-east-1, the code's fallback: a process that
+# misses the stack's region then fails here as it would in the stack's own region.
+REGION = "eu-west-1"
+ACCOUNT = "123456789012"
 
 
 EXIT_GRACE_SECONDS = 3
@@ -174,6 +200,23 @@ def fixture_json():
     return _load
 
 
+def run_at_once(code: str, n: int, go: Path, timeout: float = 240) -> list[tuple[int, str]]:
+    """Race test: `python -c code GO I` in n processes (I = 0..n-1) that each wait for the file GO,
+    made once all have started, so they hit the shared resource together. (exit code, output) of each."""
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(go), str(i)],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(n)]
+    try:
+        go.touch()
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -192,8 +235,96 @@ def moto_server():
     server.stop()
 
 
+IAM_DIR = ROOT / "tests" / "iam_enforce"
+sys.path.insert(0, str(IAM_DIR))  # iam_calls: also what a checked subprocess imports by this name
+import iam_calls  # noqa: E402
+import iam_doc  # noqa: E402
+
+
+def iam_pythonpath(*rest: str) -> str:
+    """PYTHONPATH for a subprocess whose AWS calls are checked too (it loads iam_enforce/sitecustomize.py)."""
+    return os.pathsep.join([str(IAM_DIR), *rest])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """docs/infra.md's table of calls per role: rewritten (MMP_IAM_DOC=write) or checked."""
+    mode = os.environ.get("MMP_IAM_DOC")
+    problem = iam_doc.finish(session.config, write=mode == "write", add=mode == "add")
+    if problem:
+        session.config.get_terminal_writer().line(problem, red=True)
+        session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def iam_policies() -> dict:
+    """The stack's role policies (every role: FSx and DLAMI on), rendered once, stack names tokenised."""
+    done = subprocess.run([sys.executable, str(IAM_DIR / "render_policies.py")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    if done.returncode:
+        pytest.fail(f"rendering the stack's policies failed:\n{done.stderr[-3000:]}")
+    out = done.stdout
+    return {name: iam_calls.tokenise_policy(doc) for name, doc in json.loads(out).items()}
+
+
+class IamEnforcement:
+    """One test's view of the checked calls (see this module's docstring)."""
+
+    def __init__(self, path: Path, state: dict):
+        self.path, self.state = path, state
+        self.expected: set[str] = set()
+        self.pythonpath = iam_pythonpath(str(ROOT))
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state))
+        tmp.replace(self.path)
+
+    def bind(self, names: dict[str, str]) -> None:
+        self.state["bindings"].update(names)
+        self._write()
+
+    def subprocess_env(self, as_code_path: str | None = None) -> dict[str, str]:
+        """What a subprocess's environment needs for its calls to be checked; `as_code_path`
+        ("code path=role") makes all of them that role's (a container's process tree)."""
+        env = {"PYTHONPATH": self.pythonpath, iam_calls.STATE_ENV: str(self.path)}
+        if as_code_path:
+            env[iam_calls.AS_ENV] = as_code_path
+        return env
+
+    def expect_denied(self, action: str) -> None:
+        self.expected.add(action)
+
+    def calls(self) -> list:
+        return iam_calls.read_calls(self.state["log"])
+
+
+@pytest.fixture(scope="session")
+def iam_state_path(tmp_path_factory) -> Path:
+    """One path for the state of the test now enforcing (gone between tests): the real sshd's
+    sessions (DLAMI hosts) are told it once, in its config."""
+    return tmp_path_factory.mktemp("iam") / "state.json"
+
+
 @pytest.fixture
-def aws_env(moto_server, monkeypatch) -> str:
+def iam_enforced(iam_policies, iam_state_path, tmp_path, monkeypatch, request):
+    state = {"policies": iam_policies, "bindings": {}, "log": str(tmp_path / "iam-calls.jsonl"), "account": ACCOUNT}
+    enforcement = IamEnforcement(iam_state_path, state)
+    monkeypatch.setenv(iam_calls.STATE_ENV, str(enforcement.path))
+    iam_calls.install()
+    yield enforcement
+    iam_state_path.unlink(missing_ok=True)
+    calls = enforcement.calls()
+    iam_doc.collect(request.config, calls)
+    refused = [c for c in calls if not c.allowed and c.action not in enforcement.expected]
+    if refused:
+        lines = sorted({f"{c.code_path} (role {c.role}): {c.action} on {c.resource}"
+                        f"{' - ' + c.note if c.note else ''}" for c in refused})
+        pytest.fail("AWS calls the role does not grant in production:\n  " + "\n  ".join(lines), pytrace=False)
+
+
+@pytest.fixture
+def aws_env(moto_server, monkeypatch, iam_enforced) -> str:
     """Every boto3 client (through mmp.aws.client) talks to a freshly reset moto server."""
     urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).read()
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
@@ -201,11 +332,16 @@ def aws_env(moto_server, monkeypatch) -> str:
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     from mmp import aws
 
     aws._SECRETS.clear()
     return moto_server
+
+
+def create_bucket(s3, name: str) -> None:
+    """A bucket in the client's region (outside us-east-1, S3 wants the location said)."""
+    s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": s3.meta.region_name})
 
 
 @contextmanager

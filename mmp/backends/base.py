@@ -9,13 +9,60 @@ status, returns logs from a cursor, cancels, and tears down what it started.
 
 from __future__ import annotations
 
+import collections
 import enum
+import itertools
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 from ..experiment import Experiment
+
+
+# What a process following a run keeps of its output: the pipeline's copy (mmp.pipeline.runner),
+# a backend's own (dlami): the tail, bounded in lines and in characters, however long the run.
+LOG_KEEP_LINES = 100_000
+LOG_KEEP_CHARS = 32 * 1024 * 1024
+
+
+class OutputTail:
+    """The last lines of a job's output, within LOG_KEEP_LINES and LOG_KEEP_CHARS, with cursors
+    that count every line ever appended (so `since` still works once early lines are dropped).
+    Thread-safe: a reader thread appends while the follower reads."""
+
+    def __init__(self, keep_lines: int | None = None, keep_chars: int | None = None):
+        self._lines: collections.deque[str] = collections.deque()
+        self.keep_lines, self.keep_chars = keep_lines or LOG_KEEP_LINES, keep_chars or LOG_KEEP_CHARS
+        self._chars = 0
+        self.total = 0  # lines appended since the start, dropped ones included
+        self._lock = threading.Lock()
+
+    def append(self, line: str) -> None:
+        with self._lock:
+            self._lines.append(line)
+            self._chars += len(line)
+            self.total += 1
+            while len(self._lines) > self.keep_lines or (self._chars > self.keep_chars and len(self._lines) > 1):
+                self._chars -= len(self._lines.popleft())
+
+    @property
+    def chars(self) -> int:
+        return self._chars
+
+    def since(self, cursor: int) -> tuple[list[str], int]:
+        """Lines after `cursor` that are still kept, and the cursor after them."""
+        with self._lock:
+            first = self.total - len(self._lines)
+            return list(itertools.islice(self._lines, max(cursor - first, 0), None)), self.total
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return list(self._lines)
+
+    def __len__(self) -> int:
+        return len(self._lines)
 
 
 class JobState(str, enum.Enum):

@@ -45,7 +45,8 @@ from ..argv import horovodrun_argv, train_args
 from ..experiment import Experiment
 from ..horovod import failure_summary
 from ..rank import LAUNCHER, SECRET_ARN_VAR
-from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
+from ..tracking_sigv4 import client_uri
+from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, OutputTail, Paths
 from .dlami_fsx import HOST_FAILED_MARKER, fsx_argv
 
 log = logging.getLogger("mmp.dlami")
@@ -213,6 +214,8 @@ class DlamiConfig:
     container_ssh_port: int = 2222  # the container's sshd (host network), for horovodrun between hosts
     mlflow_username: str | None = None
     mlflow_password_secret_arn: str | None = None
+    mlflow_tracking_server_arn: str | None = None  # SageMaker managed MLflow: ranks sign through the plugin
+    region: str = field(default_factory=aws.region)  # the stack's: handed to the hosts and every rank
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "DlamiConfig":
@@ -260,6 +263,8 @@ class DlamiConfig:
             container_ssh_port=number("MMP_DLAMI_CONTAINER_SSH_PORT", d.container_ssh_port),
             mlflow_username=get("MMP_MLFLOW_USERNAME"),
             mlflow_password_secret_arn=get("MMP_MLFLOW_PASSWORD_SECRET_ARN"),
+            mlflow_tracking_server_arn=get("MMP_MLFLOW_TRACKING_SERVER_ARN"),
+            region=aws.region(env),
         )
 
     def problems(self) -> list[str]:
@@ -286,10 +291,11 @@ class DlamiConfig:
 
 @dataclass
 class _Job:
-    """What this process holds for one run: sessions, the training process, its output."""
+    """What this process holds for one run: sessions, the training process, the tail of its output
+    (bounded: the runner task has 512 MiB, and a run may print for days)."""
 
     run_id: str
-    lines: list[str] = field(default_factory=list)
+    lines: OutputTail = field(default_factory=OutputTail)
     sessions: list[Any] = field(default_factory=list)
     process: Any = None
     cluster_key: str | None = None
@@ -317,7 +323,7 @@ class DlamiBackend(Backend):
         ssh_retry_seconds: float = 2.0,
     ):
         self.config = config or DlamiConfig.from_env()
-        self._clients = clients or aws.client
+        self._clients = clients or (lambda service: aws.client(service, self.config.region))
         if ssh_address is not None:
             self.ssh_address = ssh_address  # the one seam tests point at 127.0.0.1:PORT
         self._host_keys = host_keys
@@ -397,7 +403,7 @@ class DlamiBackend(Backend):
                 ["shutdown", "-h", f"+{int(watchdog_minutes)}"],
                 fsx_argv(cfg.fsx_dns_name or "", cfg.fsx_mount_name or "", cfg.fsx_mount_point, cfg.ssh_user,
                          [cfg.work_root, cfg.output_root]),
-                ["bash", "-c", CONTAINER_SCRIPT, "mmp-container", image, str(cfg.container_ssh_port), aws.region()],
+                ["bash", "-c", CONTAINER_SCRIPT, "mmp-container", image, str(cfg.container_ssh_port), cfg.region],
             ],
         }
         return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False, width=1000)
@@ -473,7 +479,7 @@ class DlamiBackend(Backend):
         job = _Job(run_id=request.run_id)
         self._jobs[request.run_id] = job
         handle = JobHandle(platform=self.name, job_id=request.run_id, data={
-            "region": aws.region(), "instance_ids": [], "host_keys": {}, "hosts": [],
+            "region": self.config.region, "instance_ids": [], "host_keys": {}, "hosts": [],
             "paths": dict(vars(self.paths(request))), "started": time.time(),
         })
         started = False
@@ -621,8 +627,12 @@ class DlamiBackend(Backend):
             python=cfg.python, horovodrun=cfg.horovodrun, launcher=LAUNCHER,
             extra=["--ssh-identity-file", f"{run_dir}/.ssh/cluster_key", "-p", str(cfg.container_ssh_port)],
         )
-        env = {**request.mlflow_env, "MMP_RUN_ID": request.run_id, "PYTHONUNBUFFERED": "1",
-               "MMP_PATH_PREFIX": cfg.path_prefix}
+        # The region travels with the run: a rank's boto3 (its MLflow password, the sagemaker-mlflow
+        # plugin) otherwise falls back to us-east-1 in a container started with no region set.
+        env = {**aws.region_env(cfg.region), **request.mlflow_env, "MMP_RUN_ID": request.run_id,
+               "PYTHONUNBUFFERED": "1", "MMP_PATH_PREFIX": cfg.path_prefix}
+        if "MLFLOW_TRACKING_URI" in env:  # the image's sagemaker-mlflow plugin signs with the hosts' role
+            env["MLFLOW_TRACKING_URI"] = client_uri(env["MLFLOW_TRACKING_URI"], cfg.mlflow_tracking_server_arn)
         if cfg.mlflow_username:
             env["MLFLOW_TRACKING_USERNAME"] = cfg.mlflow_username
         if cfg.mlflow_password_secret_arn:  # each rank reads the value itself (mmp.rank)
@@ -661,7 +671,7 @@ class DlamiBackend(Backend):
             elif code == 0:
                 job.final = self._copy_output(job, handle) or JobStatus(JobState.SUCCEEDED, "horovodrun exited 0", 0)
             else:
-                job.final = JobStatus(JobState.FAILED, failure_summary(job.lines, code), code)
+                job.final = JobStatus(JobState.FAILED, failure_summary(job.lines.lines(), code), code)
             return job.final
 
     def _copy_output(self, job: _Job, handle: JobHandle) -> JobStatus | None:
@@ -694,8 +704,7 @@ class DlamiBackend(Backend):
         offset = int(cursor or 0)
         if job is None:
             return [], offset
-        new = job.lines[offset:]
-        return list(new), offset + len(new)
+        return job.lines.since(offset)
 
     def cancel(self, handle: JobHandle) -> None:
         """Stop horovodrun's process group on the leader, then terminate the instances."""

@@ -6,7 +6,9 @@ train.py starts stays its descendant even after a double fork and setsid, and
 anything. When horovodrun ends, or on SIGTERM/SIGINT/SIGHUP (graceful: TERM, then
 KILL after the grace period) or SIGUSR1 (KILL now), every remaining descendant is
 killed and reaped; only then is the exit code written, so a recorded end means
-nothing of the run is left.
+nothing of the run is left. Once every rank has exited, a leftover that keeps their
+output open (horovodrun waits for it) is stopped after a few seconds: a finished run
+ends when train.py does, not at Max_Runtime.
 
 Run by path with `python -I` (stdlib + psutil only): it must not import mmp, whose
 environment train.py does not get.
@@ -27,6 +29,9 @@ import psutil
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 KILL_DEADLINE_S = 30
+POLL_S = 0.1
+LINGER_S = 3.0  # leftovers of finished ranks may exit on their own this long before they are stopped
+RESOURCE_TRACKER = "multiprocessing.resource_tracker"  # horovodrun's own helper, not a rank
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -86,6 +91,65 @@ def write_exit_code(path: str, code: int) -> None:
     os.replace(tmp, path)
 
 
+def holders_of_finished_ranks(launcher: psutil.Process) -> list[psutil.Process]:
+    """Processes keeping a finished run open: none of horovodrun's own descendants is left (every rank
+    exited), yet it is still alive, and orphans of the ranks (re-parented to this subreaper) are. horovodrun
+    reads its ranks' output until every writer closes it, so a helper that inherited stdout holds it up
+    to Max_Runtime. [] while any rank runs."""
+    try:
+        below = [p for p in launcher.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        if any(RESOURCE_TRACKER not in " ".join(p.cmdline()) for p in below):
+            return []
+        return [p for p in psutil.Process().children() if p.pid != launcher.pid and p.status() != psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return []
+
+
+def kill_trees(roots: list[psutil.Process]) -> None:
+    for root in roots:
+        try:
+            for proc in [*root.children(recursive=True), root]:
+                proc.kill()
+        except psutil.Error:
+            pass
+
+
+def wait_for_launcher(child: subprocess.Popen) -> int:
+    """horovodrun's exit code, reaping orphans meanwhile; leftovers that hold a finished run open
+    (see holders_of_finished_ranks) are killed after LINGER_S, so the run ends when train.py does."""
+    launcher = psutil.Process(child.pid)
+    lingering_since = None
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return -signal.SIGKILL
+        if pid == child.pid:
+            child.returncode = os.waitstatus_to_exitcode(status)
+            return child.returncode
+        if pid:
+            continue  # an orphan reaped: look for more before sleeping
+        holders = holders_of_finished_ranks(launcher)
+        if not holders:
+            lingering_since = None
+        elif lingering_since is None:
+            lingering_since = time.monotonic()
+        elif time.monotonic() - lingering_since > LINGER_S:
+            names = ", ".join(f"{_name(p)} (pid {p.pid})" for p in holders)
+            print(f"mmp: train.py has ended, but {names} still held its output open; stopped so the run can end",
+                  flush=True)
+            kill_trees(holders)
+            lingering_since = None
+        time.sleep(POLL_S)
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.Error:
+        return "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--exit-file", required=True)
@@ -131,15 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mmp: could not start {command[0]}: {exc}", flush=True)
             code = 127
     if child is not None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                break
-            if pid == child.pid:
-                code = os.waitstatus_to_exitcode(status)
-                child.returncode = code
-                break
+        code = wait_for_launcher(child)
     signal.setitimer(signal.ITIMER_REAL, 0)
     kill_everything()
     write_exit_code(args.exit_file, code)

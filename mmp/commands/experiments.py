@@ -192,6 +192,9 @@ def _print_line(line: str) -> None:
 
 
 def _announce(run_id: str, handle) -> None:
+    if handle is None:  # a study: its parent run, whose trials are the jobs
+        err_console().print("[dim]" + esc(f"started study run {run_id}; its trials follow") + "[/]")
+        return
     err_console().print("[dim]" + esc(f"launched run {run_id} on {handle.platform} (job {handle.job_id})") + "[/]")
 
 

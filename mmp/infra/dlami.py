@@ -53,6 +53,7 @@ def user_data(*, fsx_dns: str, fsx_mount: str, default_minutes: int, owner: str)
 class DlamiResources(pulumi.ComponentResource):
     def __init__(self, name: str, settings: Settings, network: Network, data: DataStore, *,
                  ssh_private_key: pulumi.Input[str] | None, mlflow_password_secret_arn: pulumi.Input[str] | None,
+                 mlflow_tracking_server_arn: pulumi.Input[str] | None = None,
                  opts: pulumi.ResourceOptions | None = None):
         super().__init__("mmp:infra:DlamiResources", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
@@ -73,6 +74,8 @@ class DlamiResources(pulumi.ComponentResource):
         ]
         if mlflow_password_secret_arn:
             statements.append(iam.statement(["secretsmanager:GetSecretValue"], [mlflow_password_secret_arn]))
+        if mlflow_tracking_server_arn:  # train.py's MLflow client on the ranks, signed by the sagemaker-mlflow plugin
+            statements.append(iam.mlflow_statement(mlflow_tracking_server_arn, iam.MLFLOW_TRAINING_ACTIONS))
         self.role = iam.service_role(f"{name}-host", "ec2.amazonaws.com", statements, self,
                                      description="DLAMI training hosts: datasets, artifacts, MLflow password, image")
         self.instance_profile = aws.iam.InstanceProfile(f"{name}-host", role=self.role.name, opts=child)

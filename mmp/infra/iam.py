@@ -91,9 +91,16 @@ def ecr_statements(repository_arn: pulumi.Input[str], *, push: bool = False) -> 
     return [statement(["ecr:GetAuthorizationToken"], ["*"]), statement(actions, [repository_arn])]
 
 
-# SageMaker managed MLflow authorises each REST call as an action on the tracking server's ARN.
+# SageMaker managed MLflow authorises each REST call as an action on the tracking server's ARN,
+# named as the MLflow API call (AWS's Service Authorization Reference, "Amazon SageMaker with MLflow").
 MLFLOW_PIPELINE_ACTIONS = ("GetExperimentByName", "CreateExperiment", "CreateRun", "GetRun", "LogBatch",
-                           "UpdateRun")  # what mmp.tracking_rest calls
+                           "UpdateRun", "SearchExperiments", "SearchRuns",
+                           "SetExperimentTag")  # what mmp.tracking_rest calls (the ownership check included)
+# The runner's MLflow client (promotion, a study's pruning reads), through the sagemaker-mlflow plugin.
+MLFLOW_RUNNER_ACTIONS = (*MLFLOW_PIPELINE_ACTIONS, "GetMetricHistory", "ListArtifacts", "SearchLoggedModels",
+                         "GetRegisteredModel", "CreateRegisteredModel", "SetRegisteredModelTag", "SearchModelVersions",
+                         "CreateModelVersion", "GetModelVersion", "SetModelVersionTag", "SetRegisteredModelAlias",
+                         "GetModelVersionByAlias")
 MLFLOW_TRAINING_ACTIONS = ("Get*", "Search*", "List*", "Log*", "Set*", "Create*", "Update*", "StartTrace",
                            "EndTrace")  # train.py's MLflow client; not AccessUI (people, "*" only) nor Delete*
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import importlib.metadata
 import importlib.util
 import shutil
@@ -232,7 +233,7 @@ def build(dest: Path | str, target: Target = TARGET, *, site_root: Path | None =
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     files, modules = contents(target, site_root=site_root)
-    tmp = dest.with_suffix(".tmp")
+    tmp = dest.with_suffix(f".{os.getpid()}.tmp")  # two programs building at once must not share it
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
         for name, path in files:
             info = zipfile.ZipInfo(name, date_time=FIXED_TIME)

@@ -44,6 +44,10 @@ from .settings import Settings
 
 STAGES = ("prepare", "launch", "conclude")
 RUNNER_STATE_VARIABLE = "MMP_RUNNER_STATE"  # mmp.pipeline.aws_runner.STATE_VARIABLE
+# The key of the state Prepare left in S3 for the runner (mmp.pipeline.runner_results.HANDOFF_KEY):
+# ECS allows 8,192 characters of overrides, and an experiment's hyperparameters can pass that.
+RUNNER_STATE_FIELDS = ("runner_state_key",)
+RUNNER_STATE_FOLDER = "runner/state"
 STUDY_FOLDER = "runner/study"  # mmp.pipeline.runner_results.folder("study", ...)
 PROMOTION_TIMEOUT_SECONDS = 3600
 # A runner task that died (its container exited non-zero: out of memory, a crash, a host
@@ -107,8 +111,8 @@ def build_task(parameters: dict, *, result_path: str, next_state: str) -> dict:
 
 def runner_task(runner: Mapping[str, Any], command: str, fields: tuple[str, ...], **kwargs: Any) -> dict:
     """`ecs:runTask.sync` of the runner task definition (mmp.infra.runner) in its subnets (private
-    behind the NAT; public, with a public IP, without one),
-    with the state it needs (only `fields`, never a secret) in MMP_RUNNER_STATE."""
+    behind the NAT; public, with a public IP, without one), with `fields` of the state (never a
+    secret; RUNNER_STATE_FIELDS: a key in S3) in MMP_RUNNER_STATE."""
     value = "{% $string({" + ", ".join(f"'{f}': $states.input.{f}" for f in fields) + "}) %}"
     arguments = {
         "Cluster": runner["cluster"], "TaskDefinition": runner["task_definition"], "LaunchType": "FARGATE",
@@ -140,7 +144,7 @@ def state_machine_definition(functions: Mapping[str, str], build_project: str, r
                                       next_state="Promote?"),
             "Promote?": {"Type": "Choice", "Choices": [
                 {"Variable": "$.promote", "BooleanEquals": True, "Next": "Promote"}], "Default": "Accepted?"},
-            "Promote": runner_task(runner, "promote", ("job",), timeout=PROMOTION_TIMEOUT_SECONDS,
+            "Promote": runner_task(runner, "promote", RUNNER_STATE_FIELDS, timeout=PROMOTION_TIMEOUT_SECONDS,
                                    result="{'promotion_task': $states.result.TaskArn}", next_state="Accepted?",
                                    error_key="promotion_error", catch_to="Accepted?"),
             "Accepted?": {"Type": "Choice", "Choices": [
@@ -151,11 +155,11 @@ def state_machine_definition(functions: Mapping[str, str], build_project: str, r
             "Train where?": {"Type": "Choice", "Choices": [
                 {"Variable": "$.study", "BooleanEquals": True, "Next": "RunStudy"},
                 {"Variable": "$.runner", "BooleanEquals": True, "Next": "RunTraining"}], "Default": "Launch"},
-            "RunTraining": runner_task(runner, "train", ("job", "started"),
+            "RunTraining": runner_task(runner, "train", RUNNER_STATE_FIELDS,
                                        timeout="{% $states.input.runner_timeout_seconds %}",
                                        result="{'runner_task': $states.result.TaskArn}", next_state="Conclude"),
             # A Tuning block: the runner runs every trial through its platform's backend and resumes after a crash.
-            "RunStudy": runner_task(runner, "study", ("job", "image"),
+            "RunStudy": runner_task(runner, "study", RUNNER_STATE_FIELDS,
                                     timeout="{% $states.input.runner_timeout_seconds %}",
                                     result="{'runner_task': $states.result.TaskArn}", next_state="Conclude",
                                     retry=STUDY_RETRY),
@@ -324,6 +328,12 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_arn, f"/{CODE_PREFIX}/*"),
                                              pulumi.Output.concat(artifacts_arn, f"/{REQUIREMENTS_PREFIX}/*")]),
             iam.statement(["s3:GetObject"], [runner_folder]),  # the runner's result object
+            # Prepare hands the runner task its state here (the overrides carry only the key).
+            iam.statement(["s3:PutObject"], [pulumi.Output.concat(artifacts_arn, f"/{RUNNER_STATE_FOLDER}/*")]),
+            # Prepare (is the commit's code staged?) and Conclude (did the runner leave a result?) list
+            # those prefixes: a missing key read without s3:ListBucket answers 403 (mmp.aws.s3_keys).
+            iam.statement(["s3:ListBucket"], [artifacts_arn],
+                          {"StringLike": {"s3:prefix": [f"{CODE_PREFIX}/*", "runner/*"]}}),
             # Conclude from the execution-failed rule: rebuild the last state from the history.
             iam.statement(["states:GetExecutionHistory"], [pulumi.Output.concat(
                 "arn:aws:states:", region, ":", account, ":execution:", machine_name, ":*")]),
@@ -359,8 +369,10 @@ class TrainingPipeline(pulumi.ComponentResource):
         task_statements = [
             iam.statement(["secretsmanager:GetSecretValue"], secret_arns),
             iam.statement(["sns:Publish"], [self.topic.arn]),
-            # A study's Optuna journal and progress, beside its result (mmp.pipeline.runner_results).
-            iam.statement(["s3:GetObject"], [pulumi.Output.concat(artifacts_arn, f"/{STUDY_FOLDER}/*")]),
+            # A study's Optuna journal and progress, beside its result (mmp.pipeline.runner_results),
+            # and the state Prepare handed the task.
+            iam.statement(["s3:GetObject"], [pulumi.Output.concat(artifacts_arn, f"/{STUDY_FOLDER}/*"),
+                                             pulumi.Output.concat(artifacts_arn, f"/{RUNNER_STATE_FOLDER}/*")]),
             iam.statement(["s3:ListBucket"], [artifacts_arn], {"StringLike": {"s3:prefix": f"{STUDY_FOLDER}/*"}}),
             # Its trials on SageMaker: what the backend's launch, status, logs and cancel call.
             *sagemaker_launch_statements(job_arn, self.sagemaker_role.arn),
@@ -368,8 +380,7 @@ class TrainingPipeline(pulumi.ComponentResource):
                           iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
         ]
         if mlflow.tracking_server_arn:  # promotion's and the study's MLflow client, signed like the stages
-            task_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn,
-                                                        (*iam.MLFLOW_PIPELINE_ACTIONS, "GetMetricHistory")))
+            task_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn, iam.MLFLOW_RUNNER_ACTIONS))
         if dlami is not None:
             launch_template_arn = pulumi.Output.concat("arn:aws:ec2:", region, ":", account, ":launch-template/",
                                                        dlami.launch_template.id)

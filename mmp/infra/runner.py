@@ -29,6 +29,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
+from ..aws import region_env
 from ..backends.dlami import SSH_KEY_VAR
 from . import iam
 from .settings import Settings
@@ -100,7 +101,11 @@ class RunnerTask(pulumi.ComponentResource):
                                       logs=self.log_group.name).apply(lambda a: json.dumps([{
                                           "name": CONTAINER, "image": f"{a['image']}:{self.tag}", "essential": True,
                                           "stopTimeout": STOP_TIMEOUT,
-                                          "environment": [{"name": k, "value": v} for k, v in sorted(a["env"].items())],
+                                          # ECS sets AWS_REGION on Fargate too (its "Amazon ECS environment
+                                          # variables" page); stated here so the runner and all it starts
+                                          # never depend on that (the stages' Lambdas may not set it: reserved).
+                                          "environment": [{"name": k, "value": v} for k, v in sorted(
+                                              {**a["env"], **region_env(region)}.items())],
                                           "secrets": [{"name": k, "valueFrom": v} for k, v in sorted(a["secrets"].items())],
                                           "logConfiguration": {"logDriver": "awslogs", "options": {
                                               "awslogs-group": a["logs"], "awslogs-region": region,

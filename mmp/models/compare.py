@@ -112,9 +112,9 @@ def gc_paused() -> Iterator[None]:
 
 
 def make_client(tracking_uri: str | None = None) -> "MlflowClient":
-    from mlflow.tracking import MlflowClient
+    from ..tracking_sigv4 import mlflow_client
 
-    return MlflowClient(tracking_uri=tracking_uri or config.tracking_uri())
+    return mlflow_client(tracking_uri or config.tracking_uri())
 
 
 def order_by(metric: str | None, mode: str) -> list[str]:

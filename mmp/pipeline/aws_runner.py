@@ -5,8 +5,8 @@
     python -m mmp.pipeline.aws_runner study     # a Tuning block: every trial through its platform's backend
 
 Step Functions starts it with `ecs:runTask.sync` (no polling, no history growing with
-the job) and passes the state it needs in MMP_RUNNER_STATE: the webhook's job and,
-for training, the MLflow run Prepare made. Nothing secret travels there: the
+the job) and passes the key of the state Prepare left for it in S3 in MMP_RUNNER_STATE (the webhook's job
+and, for training, the MLflow run Prepare made; mmp.pipeline.runner_results.hand_off). Nothing secret travels there: the
 GitHub token and the MLflow password arrive through the task definition's `secrets`,
 and the SSH key is read from Secrets Manager by the backend (mmp.backends.dlami).
 
@@ -26,7 +26,6 @@ instances before the task goes; the Catch path and the janitor back that up.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -60,8 +59,10 @@ def read_state(environ: dict[str, str] | None = None) -> dict[str, Any]:
     if not raw:
         raise SystemExit(f"{STATE_VARIABLE} is not set: the state machine passes the job in it")
     state = json.loads(raw)
+    if isinstance(state, dict):
+        state = runner_results.taken_over(state)  # Prepare's hand-off in S3 (overrides stay small)
     if not isinstance(state, dict) or "job" not in state:
-        raise SystemExit(f"{STATE_VARIABLE} must be a JSON object with 'job'")
+        raise SystemExit(f"{STATE_VARIABLE} must be a JSON object with 'job' or '{runner_results.HANDOFF_KEY}'")
     return state
 
 
@@ -69,12 +70,13 @@ def train(state: dict[str, Any]) -> dict[str, Any]:
     """Launch, follow and tear down the run Prepare started; leave the result for Conclude."""
     from ..tracking import make_tracker
     from .aws_stages import backend_for, started_from_dict, status_to_dict
-    from .runner import LOG_KEEP_LINES, Pipeline
+    from ..backends.base import OutputTail
+    from .runner import Pipeline
 
     started = started_from_dict(state["started"])
     platform = started.request.experiment.platform
     pipeline = Pipeline(tracker=make_tracker(started.request.mlflow_env["MLFLOW_TRACKING_URI"]))
-    lines: collections.deque[str] = collections.deque(maxlen=LOG_KEEP_LINES)
+    lines = OutputTail()  # bounded in lines and characters: the task has 512 MiB
 
     def sink(line: str) -> None:  # to the task's CloudWatch log and to the result Conclude reads
         lines.append(line)
@@ -86,7 +88,7 @@ def train(state: dict[str, Any]) -> dict[str, Any]:
         status, interrupted = JobStatus(JobState.FAILED, f"Platform: {exc}"), None
     else:
         status, interrupted = pipeline.execute(backend, started, sink)
-    log_text = "\n".join(lines)
+    log_text = "\n".join(lines.lines())
     if interrupted is not None:
         status = JobStatus(JobState.CANCELLED, STOPPED_MESSAGE, status.exit_code, status.detail)
     result = {"kind": "train", "run_id": started.run_id, **status_to_dict(status)}

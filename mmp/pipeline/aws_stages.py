@@ -150,7 +150,16 @@ def job_of(state: dict[str, Any]) -> dict[str, Any]:
 def prepare(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     """Fetch + validate the experiment at the commit; if it may run, create the MLflow run.
 
-    Every routing flag the state machine's Choices read is set on every path."""
+    Every routing flag the state machine's Choices read is set on every path. When a runner
+    task follows (training, a study, a promotion), its part of the state goes to S3 first and
+    the task is handed only the key (runner_results.hand_off: ECS's 8,192-character overrides)."""
+    state = _prepare(event)
+    if state.get("runner") or state.get("promote"):
+        state[runner_results.HANDOFF_KEY] = runner_results.hand_off(state)
+    return state
+
+
+def _prepare(event: dict[str, Any]) -> dict[str, Any]:
     job = job_of(event)
     files = job.get("trigger_files") or []
     state: dict[str, Any] = {"job": job, "accepted": False, "build_image": False, "runner": False,
@@ -372,12 +381,15 @@ def conclude_study(pipeline: Pipeline, state: dict[str, Any]) -> dict[str, Any]:
     parent run, and say so; if it never started one, the commit hears why."""
     from ..tuning.trials import end_trial
 
+    result = progress = None
     try:
         result, _ = runner_results.read("study", state)
-        progress = None if result is not None else runner_results.read_progress("study", state)
     except Exception as exc:
         log.error("could not read the study's result: %s", exc)
-        result, progress = None, None
+    try:  # read on its own: a failed result read must not leave the trials running
+        progress = None if result is not None else runner_results.read_progress("study", state)
+    except Exception as exc:
+        log.error("could not read the study's progress: %s", exc)
     if result is not None:
         return result
     before = "image build failed: " if state.get("build_image") and not progress else ""

@@ -1,7 +1,7 @@
 """Prepare's part for the image platforms: the code archive, the image tag, build or not.
 
 Why here and not in CodeBuild: deciding costs two API calls (ECR DescribeImages, S3
-HeadObject), while a build costs minutes, so the state machine starts CodeBuild only
+ListObjectsV2), while a build costs minutes, so the state machine starts CodeBuild only
 for a dependency set ECR has not seen (mmp.image). The commit's code goes to the
 artifacts bucket as GitHub's tarball of the commit (the tree at that sha), for the
 job to unpack at start; the image never holds it. `mmp run` and the local worker take
@@ -55,15 +55,8 @@ def image_exists(ecr: Any, repository_name: str, tag: str) -> bool:
 
 
 def object_exists(s3: Any, bucket: str, key: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        s3.head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if _missing(exc, ("404", "NoSuchKey", "NotFound")):
-            return False
-        raise
-    return True
+    """Listed, not HeadObject: the stage role lists only under code/ (see mmp.aws.s3_keys)."""
+    return key in aws.s3_keys(s3, bucket, key, limit=1)  # the key itself sorts first under its own prefix
 
 
 def plan_image(*, read: Callable[[str], bytes | None], tarball: Callable[[], bytes], repository: str,

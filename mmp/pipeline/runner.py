@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from ..argv import mlflow_env
 from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, available_platforms, get_backend
+from ..backends.base import LOG_KEEP_LINES
 from ..datasets import load_catalogue
 from ..experiment import EXPERIMENT_FILES, Experiment, ExperimentError, FieldProblem, parse_experiment
 from ..ownership import REPOSITORY_TAG, SOURCE_TAG, OwnershipError
@@ -28,7 +29,6 @@ DELIVERY_TAG = "mmp.delivery_id"  # on every run a delivery creates: the worker'
 
 log = logging.getLogger("mmp.pipeline")
 
-LOG_KEEP_LINES = 100_000
 
 
 @dataclass
@@ -101,7 +101,7 @@ class Pipeline:
         notifier: Notifier | None = None,
         backend_factory: Callable[[str], Backend] = get_backend,
         on_log: Callable[[str], None] | None = None,
-        on_launch: Callable[[str, JobHandle], None] | None = None,
+        on_launch: Callable[[str, JobHandle | None], None] | None = None,  # None: a study's parent run
     ):
         if tracker is None:
             from ..tracking import make_tracker

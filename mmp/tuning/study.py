@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .. import config
 from ..backends import JobHandle, JobState, JobStatus
+from ..filelock import exclusive
+from ..mlflow_store import sqlite_path
 from ..pipeline.runner import DELIVERY_TAG, LOG_KEEP_LINES, Outcome, Pipeline, Prepared, Started, crash_point
 from ..pipeline.sources import Trigger
 from . import control
@@ -69,13 +71,22 @@ def storage_url() -> str:
 
 
 def make_storage(url: str | None = None) -> Any:
-    """Optuna storage for a URL: SQLAlchemy URLs as they are, `s3://bucket/prefix` as an S3 journal."""
+    """Optuna storage for a URL: SQLAlchemy URLs as they are, `s3://bucket/prefix` as an S3 journal.
+
+    A SQLite file is opened under `<file>.lock`: Optuna creates its tables on open, and two studies
+    opening a new studies.db at once raced there (one died before it had set any commit status)."""
     url = url or storage_url()
     if url.startswith("s3://"):
         from .s3_journal import s3_storage
 
         return s3_storage(url)
-    return url
+    path = sqlite_path(url)
+    if path is None:
+        return url
+    import optuna
+
+    with exclusive(f"{path}.lock"):
+        return optuna.storages.RDBStorage(url)
 
 
 def study_name(trigger: Trigger) -> str:
@@ -197,9 +208,9 @@ class StudyRunner:
     def client(self) -> Any:
         """One MLflow client for the study (a new one per call costs a store start-up)."""
         if self._client is None:
-            from mlflow.tracking import MlflowClient
+            from ..tracking_sigv4 import mlflow_client
 
-            self._client = MlflowClient(tracking_uri=self.tracker.tracking_uri)
+            self._client = mlflow_client(self.tracker.tracking_uri)  # signed for SageMaker managed MLflow
         return self._client
 
     def final_value(self, run_id: str) -> float | None:
@@ -595,14 +606,10 @@ class StudyRunner:
             study = open_study(self.name, self.tuning, self.storage)
             self.parent = self._open_parent(study)
         except Exception as exc:  # Optuna's storage or MLflow refused: the study ends before any trial
-            if self.retried_on_error:
-                raise
+            if self.retried_on_error or self.parent is None:
+                raise  # with no parent run, run_study rejects the commit (error status and notification)
             log.exception("study %s could not start", self.name)
-            problem = f"could not start the study: {type(exc).__name__}: {exc}"
-            if self.parent is None:
-                control.finish(self.key, "failed")
-                return self.pipeline.reject(self.trigger, [problem], state="ERROR")
-            return self._end(JobStatus(JobState.FAILED, problem))
+            return self._end(JobStatus(JobState.FAILED, f"the study could not start: {type(exc).__name__}: {exc}"))
         control.set_parent(self.key, self.parent.run_id)
         self._changed()
         try:
@@ -634,5 +641,26 @@ class StudyRunner:
 
 
 def run_study(pipeline: Pipeline, trigger: Trigger, prepared: Prepared) -> Outcome:
-    """`Pipeline.run`'s path for an experiment with a Tuning block."""
-    return StudyRunner(pipeline, trigger, prepared, resume_on_stop=pipeline.resume_studies).run()
+    """`Pipeline.run`'s path for an experiment with a Tuning block.
+
+    A study that cannot start (its storage or its parent run refused) ends with an error status and a
+    notification, like any run that could not start; never with no commit status at all.
+    The pipeline's `on_launch` hears of the parent run once it exists (the study's run: `mmp run --detach`
+    returns with it), with no job handle: a study is many jobs."""
+    announced: list[str] = []
+
+    def announce_parent(progress: dict[str, Any]) -> None:
+        if pipeline.on_launch is not None and not announced:
+            announced.append(progress["parent_run_id"])
+            pipeline.on_launch(progress["parent_run_id"], None)
+
+    runner = StudyRunner(pipeline, trigger, prepared, on_change=announce_parent,
+                         resume_on_stop=pipeline.resume_studies)
+    try:
+        return runner.run()
+    except Exception as exc:
+        if runner.parent is not None:
+            raise
+        log.exception("study %s could not start", runner.name)
+        control.finish(runner.key, "failed")
+        return pipeline.reject(trigger, [f"the study could not start: {type(exc).__name__}: {exc}"], state="ERROR")

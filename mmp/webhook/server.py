@@ -7,7 +7,10 @@ and every refusal is an HTTP answer GitHub records (a reset is recorded as nothi
 
 - the listen backlog holds a burst while threads start; past `connections` requests
   served at once the answer is 503, past `per_client` from one address 429 (both with
-  Retry-After); past `connections + refusals` threads, connections wait in the backlog;
+  Retry-After). A request counts once its request line has come, not while its connection
+  sits idle: idle sockets (even hundreds from 127.0.0.1, the hook's own address) take no
+  request slot. Past `connections + refusals` threads, connections wait in the backlog,
+  and the longest-idle connection is closed to make room;
 - refusals that need no body (size, duplicate or missing headers, no signature)
   are answered before a byte of the body is read, and the unread body is drained
   before the socket closes (closing over unread data would send a reset);
@@ -99,12 +102,15 @@ class _Server(ThreadingHTTPServer):
         self._serving = 0
         self._per_client: Counter[str] = Counter()
         self._body_bytes = 0
+        self._idle: dict[socket.socket, float] = {}  # connections waiting for a request line → since when
         super().__init__(address, _RequestHandler)
 
     # -- connections ------------------------------------------------------------------
     def get_request(self):
-        """Accept only with a thread to spare; otherwise the connection waits in the backlog."""
+        """Accept only with a thread to spare; otherwise close the longest-idle connection (its thread
+        ends and the next pass accepts) while this one waits in the backlog."""
         if not self._thread_slots.acquire(timeout=0.2):
+            self.close_longest_idle()
             raise OSError("every connection thread is busy")  # serve_forever's loop tries again
         try:
             return super().get_request()
@@ -115,6 +121,25 @@ class _Server(ThreadingHTTPServer):
     def shutdown_request(self, request) -> None:
         super().shutdown_request(request)
         self._thread_slots.release()
+
+    def idle(self, connection: socket.socket, waiting: bool) -> None:
+        """Mark a connection as waiting for its next request line (or no longer)."""
+        with self._lock:
+            if waiting:
+                self._idle[connection] = time.monotonic()
+            else:
+                self._idle.pop(connection, None)
+
+    def close_longest_idle(self) -> None:
+        with self._lock:
+            if not self._idle:
+                return
+            connection = min(self._idle, key=self._idle.__getitem__)
+            del self._idle[connection]
+        try:
+            connection.shutdown(socket.SHUT_RDWR)  # its thread's read returns at once; the thread ends
+        except OSError:
+            pass
 
     def admit(self, client: str) -> tuple[int, str] | None:
         """Take a serving slot for `client`, or say (status, why) it is refused."""
@@ -175,11 +200,32 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self._reader, 64 * 1024)
         self._opened = time.monotonic()
         self._client = self.client_address[0]
-        self._refusal = self.server.admit(self._client)
-        limits = self.server.limits
-        self._reader.deadline = time.monotonic() + (limits.request_seconds if self._refusal is None
-                                                    else limits.refusal_seconds)
+        self._refusal: tuple[int, str] | None = None
+        self._admitted = False
+        self._reader.deadline = time.monotonic() + self.server.limits.request_seconds
         self._unread = 0  # body bytes not read when the answer went out (drained before closing)
+        self.server.idle(self.connection, True)
+
+    def parse_request(self) -> bool:
+        """A request line came: the connection is no longer idle, and the request takes a slot (or is refused)."""
+        self.server.idle(self.connection, False)
+        self._opened = time.monotonic()
+        self._refusal = self.server.admit(self._client)
+        self._admitted = self._refusal is None
+        limits = self.server.limits
+        self._reader.deadline = time.monotonic() + (limits.request_seconds if self._admitted
+                                                    else limits.refusal_seconds)
+        return super().parse_request()
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        finally:
+            if self._admitted:  # the slot is the request's, not the connection's
+                self._admitted = False
+                self.server.leave(self._client)
+            if not self.close_connection:
+                self.server.idle(self.connection, True)  # keep-alive: waiting for the next request
 
     def finish(self) -> None:
         try:
@@ -187,7 +233,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 self._drain()
             super().finish()
         finally:
-            if self._refusal is None:
+            self.server.idle(self.connection, False)
+            if self._admitted:
+                self._admitted = False
                 self.server.leave(self._client)
 
     def _drain(self) -> None:

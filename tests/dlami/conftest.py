@@ -22,13 +22,14 @@ from typing import Any
 
 import pytest
 
-from ..conftest import free_port
+from mmp.backends.dlami import DEFAULT_SSM_PARAMETER
+
+from ..conftest import ACCOUNT, REGION, free_port, iam_pythonpath
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-REGION = "us-east-1"
 MOTO_AMI = "ami-12c6146b"
-ECR_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mmp-training"
+ECR_URI = f"123456789012.dkr.ecr.{REGION}.amazonaws.com/mmp-training"
 CONTAINER_STANDIN = Path(__file__).resolve().parent / "bin" / "docker"
 
 
@@ -58,7 +59,7 @@ class Sshd:
 
 
 @pytest.fixture(scope="session")
-def sshd(tmp_path_factory) -> Sshd:
+def sshd(tmp_path_factory, iam_state_path) -> Sshd:
     """A real OpenSSH server on 127.0.0.1 with its own host key and authorized key."""
     from mmp.ssh import generate_ed25519
 
@@ -89,7 +90,7 @@ MaxSessions 64
 MaxStartups 64
 PrintMotd no
 LogLevel ERROR
-SetEnv PYTHONPATH={ROOT}
+SetEnv PYTHONPATH={iam_pythonpath(str(ROOT))} MMP_IAM_STATE={iam_state_path}
 """)
     os.makedirs("/run/sshd", exist_ok=True)
     log = folder / "sshd.log"
@@ -146,18 +147,18 @@ class Cloud:
     placement_groups: list[dict]
     launched: list[dict] = field(default_factory=list)  # RunInstances requests, as sent
 
-    def client(self, service: str):
+    def client(self, service: str, region: str | None = None):
         from mmp import aws
 
-        real = aws.client(service)
+        real = aws.client(service, region)
         if service == "ec2":
             return PlacementStub(real, self.placement_groups, self.launched)
         return real
 
-    def instances(self, states=("pending", "running", "stopping", "stopped")) -> list[dict]:
+    def instances(self, states=("pending", "running", "stopping", "stopped"), region: str | None = None) -> list[dict]:
         from mmp import aws
 
-        ec2 = aws.client("ec2")
+        ec2 = aws.client("ec2", region)
         out = []
         for r in ec2.describe_instances(Filters=[{"Name": "tag-key", "Values": ["mmp:managed"]},
                                                  {"Name": "instance-state-name", "Values": list(states)}])[
@@ -170,7 +171,7 @@ GITHUB_TOKEN = "ghp_TESTTOKEN0123456789abcdefSECRET"
 
 
 @pytest.fixture
-def cloud(aws_env, sshd, monkeypatch, tmp_path) -> Cloud:
+def cloud(aws_env, sshd, monkeypatch, tmp_path, iam_enforced) -> Cloud:
     from mmp import aws
 
     ec2 = aws.client("ec2")
@@ -185,6 +186,12 @@ def cloud(aws_env, sshd, monkeypatch, tmp_path) -> Cloud:
     sm = aws.client("secretsmanager")
     key_arn = sm.create_secret(Name="mmp/ssh-key", SecretString=sshd.client_private)["ARN"]
     token_arn = sm.create_secret(Name="mmp/github-token", SecretString=GITHUB_TOKEN)["ARN"]
+    secrets = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:"
+    iam_enforced.bind({  # this fixture's names are the stack's (IAM checks: tests/iam_enforce)
+        f"launch-template/{lt}": "launch-template/LAUNCH_TEMPLATE", key_arn: secrets + "SSH_KEY",
+        token_arn: secrets + "GITHUB_TOKEN", "arn:aws:s3:::mmp-artifacts": "arn:aws:s3:::ARTIFACTS",
+        "repository/mmp-training": "repository/TRAINING_IMAGES",
+        "parameter/mmp/test/dlami/ami-id": "parameter" + DEFAULT_SSM_PARAMETER})
     out = tmp_path / "fsx"
     env = {
         "MMP_DLAMI_SSM_PARAMETER": "/mmp/test/dlami/ami-id",
@@ -193,7 +200,7 @@ def cloud(aws_env, sshd, monkeypatch, tmp_path) -> Cloud:
         "MMP_SUBNET_IDS": subnet,
         "MMP_SSH_KEY_SECRET_ARN": key_arn,
         "MMP_SSH_USER": sshd.user,
-        "MMP_FSX_DNS_NAME": "fs-0123456789abcdef0.fsx.us-east-1.amazonaws.com",
+        "MMP_FSX_DNS_NAME": f"fs-0123456789abcdef0.fsx.{REGION}.amazonaws.com",
         "MMP_FSX_MOUNT_NAME": "abcdefgh",
         "MMP_DLAMI_DATASET_ROOT": str(out / "datasets"),
         "MMP_DLAMI_OUTPUT_ROOT": str(out / "output"),

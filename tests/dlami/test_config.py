@@ -111,7 +111,7 @@ def test_private_key_from_the_variable_the_platform_fills_before_any_secret(sshd
     ([], "does not exist"),
 ])
 def test_placement_group_is_verified(groups, error):
-    ec2 = boto3.client("ec2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    ec2 = boto3.client("ec2", region_name="eu-west-1", aws_access_key_id="x", aws_secret_access_key="x")
     with Stubber(ec2) as stub:
         stub.add_response("describe_placement_groups", {"PlacementGroups": groups}, {"GroupNames": ["pg"]})
         backend = DlamiBackend(DlamiConfig(placement_group="pg"))
@@ -121,3 +121,18 @@ def test_placement_group_is_verified(groups, error):
             with pytest.raises(BackendError, match=error):
                 backend.verify_placement_group(ec2)
         stub.assert_no_pending_responses()
+
+
+def test_the_output_tail_drops_the_oldest_lines_and_its_cursors_count_every_line():
+    from mmp.backends.base import OutputTail
+
+    tail = OutputTail(keep_lines=3, keep_chars=1000)
+    for i in range(5):
+        tail.append(f"line {i}")
+    assert tail.lines() == ["line 2", "line 3", "line 4"] and tail.total == 5
+    assert tail.since(0) == (["line 2", "line 3", "line 4"], 5)  # what was dropped is gone, not repeated
+    assert tail.since(4) == (["line 4"], 5) and tail.since(5) == ([], 5)
+    small = OutputTail(keep_lines=100, keep_chars=10)
+    for text in ("aaaa", "bbbb", "cccc"):
+        small.append(text)
+    assert small.lines() == ["bbbb", "cccc"] and small.chars == 8

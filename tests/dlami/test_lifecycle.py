@@ -13,6 +13,8 @@ import socket
 import time
 
 import pytest
+
+from ..conftest import IAM_DIR, REGION, create_bucket
 import yaml
 from botocore.exceptions import ClientError
 
@@ -79,7 +81,7 @@ def test_two_instances_launch_tag_user_data_and_terminate(make_backend, request_
         assert ["shutdown", "-h", "+45"] in doc["runcmd"]
         fsx = doc["runcmd"][1]  # client, mount and the SSH user's run area (run under bash in test_user_data)
         assert fsx[:2] == ["bash", "-c"] and fsx[3:] == [
-            "mmp-fsx", "fs-0123456789abcdef0.fsx.us-east-1.amazonaws.com", "abcdefgh", "/fsx",
+            "mmp-fsx", f"fs-0123456789abcdef0.fsx.{REGION}.amazonaws.com", "abcdefgh", "/fsx",
             os.environ["MMP_SSH_USER"], os.environ["MMP_DLAMI_WORK_ROOT"], os.environ["MMP_DLAMI_OUTPUT_ROOT"]]
         assert doc["ssh_keys"]["ed25519_public"] == handle.data["host_keys"][iid]
         assert doc["ssh_genkeytypes"] == []
@@ -88,7 +90,7 @@ def test_two_instances_launch_tag_user_data_and_terminate(make_backend, request_
         assert cluster[0]["content"].startswith("ssh-ed25519 ")  # the container's sshd trusts the run's key
         container = doc["runcmd"][-1]  # after the mount: the training image, /fsx inside it
         assert container[:2] == ["bash", "-c"] and container[3:] == [
-            "mmp-container", f"{ECR_URI}:{request.commit}", "2222", "us-east-1"]
+            "mmp-container", f"{ECR_URI}:{request.commit}", "2222", "eu-west-1"]
 
     assert len(cloud.launched) == 2
     for sent in cloud.launched:
@@ -287,28 +289,20 @@ print("train.py: wrote", out, flush=True)
 """
 
 AWS_CLI = """#!{python}
-# Stands in for the AWS CLI on the instance (its role would give the credentials):
-# `aws s3 sync --only-show-errors SRC s3://bucket/prefix/`, done with boto3 against moto.
-import os, sys
-import boto3
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-assert args[:2] == ["s3", "sync"], args
-src, dst = args[2], args[3]
-bucket, _, prefix = dst[len("s3://"):].partition("/")
-s3 = boto3.client("s3", endpoint_url={endpoint!r}, region_name="us-east-1",
-                  aws_access_key_id="testing", aws_secret_access_key="testing")
-for root, _, files in os.walk(src):
-    for name in files:
-        path = os.path.join(root, name)
-        s3.upload_file(path, bucket, prefix + os.path.relpath(path, src))
+# The AWS CLI on the instance (its instance profile gives the credentials): `aws s3 cp URI -`
+# and `aws s3 sync DIR URI`, against moto, its calls checked as the DLAMI host role's.
+import sys
+sys.path.insert(0, {iam_dir!r})
+import aws_cli
+aws_cli.main({endpoint!r})
 """
 
 
 def test_output_is_copied_to_s3_when_configured(make_backend, request_for, cloud, tmp_path, monkeypatch, aws_env):
     cli = tmp_path / "aws"
-    cli.write_text(AWS_CLI.format(python=os.environ["MMP_DLAMI_PYTHON"], endpoint=aws_env))
+    cli.write_text(AWS_CLI.format(python=os.environ["MMP_DLAMI_PYTHON"], endpoint=aws_env, iam_dir=str(IAM_DIR)))
     cli.chmod(0o755)
-    aws.client("s3").create_bucket(Bucket="mmp-artifacts")
+    create_bucket(aws.client("s3"), "mmp-artifacts")
     monkeypatch.setenv("MMP_ARTIFACTS_BUCKET", "mmp-artifacts")
     monkeypatch.setenv("MMP_DLAMI_AWS_CLI", str(cli))
     backend = make_backend()

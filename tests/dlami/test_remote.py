@@ -13,6 +13,8 @@ import os
 
 import pytest
 
+from ..conftest import ACCOUNT, REGION
+
 from mmp import gitutil
 from mmp.backends import BackendError, JobState
 from mmp.datasets import Dataset
@@ -167,18 +169,19 @@ print("PASSWORD", "ok" if pw == "dlami-mlflow-pw" else "missing", "user", os.env
 
 
 def test_each_rank_reads_the_mlflow_password_with_the_hosts_role_and_no_command_carries_it(
-        make_backend, request_for, cloud, monkeypatch, aws_env):
+        make_backend, request_for, cloud, monkeypatch, aws_env, iam_enforced):
     """The stack gives the backend the secret's ARN; the ARN travels on stdin with the MLflow
     variables, and each rank (mmp.rank, in the container) reads the value from Secrets Manager."""
     from mmp import aws
 
     arn = aws.client("secretsmanager").create_secret(Name="mlflow-pw", SecretString="dlami-mlflow-pw")["ARN"]
+    iam_enforced.bind({arn: f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:MLFLOW_PASSWORD"})  # the stack's
     monkeypatch.setenv("MMP_MLFLOW_PASSWORD_SECRET_ARN", arn)
     monkeypatch.setenv("MMP_MLFLOW_USERNAME", "mmp")
     request = request_for(train=PASSWORD_TRAIN)
     # on EC2 the instance profile answers; here the hosts reach moto with test credentials
     request.mlflow_env.update({"AWS_ENDPOINT_URL": aws_env, "AWS_ACCESS_KEY_ID": "testing",
-                               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+                               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION})
     backend = make_backend()
     sent: list[str] = []
     original = backend._remote
@@ -196,6 +199,110 @@ def test_each_rank_reads_the_mlflow_password_with_the_hosts_role_and_no_command_
     argv = handle.data["argv"]
     assert "dlami-mlflow-pw" not in " ".join(argv) + " ".join(sent) + "\n".join(lines).replace(
         "PASSWORD ok", "")
+    assert cloud.instances() == []
+
+
+STACK_REGION = "eu-west-1"  # not the us-east-1 fallback of mmp.aws.region(), nor the suite's default
+REGION_TRAIN = """\
+import os
+import boto3
+from mmp import aws
+pw = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+print("RANK", os.environ.get("HOROVOD_RANK"), "REGION", aws.region(), boto3.session.Session().region_name,
+      "PASSWORD", "ok" if pw == "dlami-mlflow-pw" else "missing", flush=True)
+"""
+
+
+def test_every_rank_gets_the_stacks_region_from_the_runner_with_no_region_variable_set(
+        make_backend, request_for, cloud, sshd, monkeypatch, aws_env):
+    """Issue 19, defect 2: no AWS_REGION/AWS_DEFAULT_REGION anywhere in this process; the runner
+    knows the stack's region only from its container's environment (rendered by the Pulumi
+    program, tests/infra/test_region_handoff.py), and each rank must get it from what the backend
+    sends: the MLflow password secret exists only in that region."""
+    from mmp import aws
+    from mmp.backends.dlami import SSH_KEY_VAR, DlamiConfig
+
+    arn = aws.client("secretsmanager", STACK_REGION).create_secret(
+        Name="mlflow-pw-eu", SecretString="dlami-mlflow-pw")["ARN"]
+    made_in = aws.region()  # where the cloud fixture made the subnet and launch template
+    for variable in aws.REGION_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("MMP_MLFLOW_PASSWORD_SECRET_ARN", arn)
+    request = request_for(train=REGION_TRAIN, Processes_Per_Host="2")
+    request.mlflow_env.update({"AWS_ENDPOINT_URL": aws_env, "AWS_ACCESS_KEY_ID": "testing",
+                               "AWS_SECRET_ACCESS_KEY": "testing"})  # the instance profile's part; no region
+    backend = make_backend()
+    # The runner's environment as ECS starts it: the container definition's variables, region included.
+    backend.config = DlamiConfig.from_env({**os.environ, "AWS_REGION": STACK_REGION,
+                                           SSH_KEY_VAR: sshd.client_private})
+    backend._clients = lambda service: cloud.client(service, made_in)
+    handle, status, lines = run_to_end(backend, request)
+    text = "\n".join(lines)
+    assert status.state is JobState.SUCCEEDED, (status.message, text[-2000:])
+    for rank in ("0", "1"):
+        assert f"RANK {rank} REGION {STACK_REGION} {STACK_REGION} PASSWORD ok" in text, text[-2000:]
+    assert handle.data["region"] == STACK_REGION
+    assert cloud.instances(region=made_in) == []
+
+
+CHATTY_TRAIN = """\
+import sys
+for i in range(30000):
+    print(f"step {i} loss 0.5", flush=False)
+print("train.py: done", flush=True)
+"""
+
+
+def test_a_chatty_run_is_held_in_bounded_memory_and_still_streamed(make_backend, request_for, cloud, monkeypatch):
+    """Issue 19, defect 14: the runner task (512 MiB) follows a run that may print for days; the
+    backend keeps only the tail (mmp.backends.base.OutputTail), as the pipeline does, while the
+    follower still receives every line through `logs`' cursor."""
+    from mmp.backends import base
+
+    monkeypatch.setattr(base, "LOG_KEEP_LINES", 500)
+    monkeypatch.setattr(base, "LOG_KEEP_CHARS", 64 * 1024)
+    backend = make_backend()
+    request = request_for(train=CHATTY_TRAIN)
+    streamed: list[str] = []
+    handle = backend.launch(request)
+    try:
+        status = backend.wait(handle, on_log=streamed.append, poll_seconds=0.05)
+        job = backend._jobs[handle.job_id]
+        kept = job.lines.lines()
+        assert status.state is JobState.SUCCEEDED, status.message
+        assert len(kept) <= 500 and sum(map(len, kept)) <= 64 * 1024
+        assert job.lines.total > 30000 and "train.py: done" in kept[-1]
+        assert len(job.process.lines) <= 1000  # the SSH reader's own copy is a tail too
+        steps = [line for line in streamed if "step " in line]
+        assert steps and "train.py: done" in streamed[-1]
+        assert steps == sorted(steps, key=lambda line: int(line.split("step ")[1].split()[0]))  # in order
+    finally:
+        backend.teardown(handle)
+    assert cloud.instances() == []
+
+
+MANAGED_TRAIN = """\
+import os
+import mlflow
+from mlflow.tracking._tracking_service.utils import _get_store
+print("RANK", os.environ.get("HOROVOD_RANK"), "URI", mlflow.get_tracking_uri(), "STORE", type(_get_store()).__name__,
+      flush=True)
+"""
+
+
+def test_with_sagemaker_managed_mlflow_each_rank_logs_to_the_servers_arn_through_the_plugin(
+        make_backend, request_for, cloud, monkeypatch):
+    """Issue 19, defect 3: the ranks got the server's URL, which answers unsigned calls with 403;
+    like SageMaker jobs they now get its ARN, which the training image's sagemaker-mlflow plugin
+    (installed here too) turns into signed calls with the hosts' role."""
+    arn = f"arn:aws:sagemaker:{STACK_REGION}:123456789012:mlflow-tracking-server/acme-ml-dev-mlflow"
+    monkeypatch.setenv("MMP_MLFLOW_TRACKING_SERVER_ARN", arn)
+    request = request_for(train=MANAGED_TRAIN)
+    request.mlflow_env["MLFLOW_TRACKING_URI"] = "https://t-abc123.eu-west-1.experiments.sagemaker.aws"
+    handle, status, lines = run_to_end(make_backend(), request)
+    text = "\n".join(lines)
+    assert status.state is JobState.SUCCEEDED, (status.message, text[-2000:])
+    assert f"RANK 0 URI {arn} STORE MlflowSageMakerStore" in text, text[-2000:]
     assert cloud.instances() == []
 
 

@@ -83,3 +83,28 @@ def test_wait_gives_up_on_a_silent_host_and_fails_fast_on_a_wrong_key(sshd):
     with pytest.raises(HostKeyError):
         connect_when_ready(lambda: session(sshd, [other]), deadline=time.time() + 30, interval=0.2)
     assert time.time() - started < 5  # a wrong key is an alarm, not a boot delay
+
+
+def test_a_long_chatty_process_keeps_only_its_tail_and_cuts_a_line_without_newline(sshd):
+    """Issue 19, defect 14: the reader keeps KEEP_LINES lines, however much the command prints,
+    and a run of output with no newline (a progress bar) is cut at MAX_LINE_BYTES."""
+    from mmp import ssh
+
+    s = session(sshd).connect()
+    try:
+        count = 0
+        longest = 0
+
+        def seen(stream, line):
+            nonlocal count, longest
+            count += 1
+            longest = max(longest, len(line))
+
+        code, lines = s.run(["sh", "-c", "seq 1 20000; head -c 300000 /dev/zero | tr '\\0' x; echo; echo end"],
+                            on_output=seen, timeout=60)
+        assert code == 0
+        assert len(lines) == ssh.KEEP_LINES and lines[-1] == "end"
+        assert longest == ssh.MAX_LINE_BYTES
+        assert count == 20000 + 300000 // ssh.MAX_LINE_BYTES + 1 + 1  # every line still reached the sink
+    finally:
+        s.close()

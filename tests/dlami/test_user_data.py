@@ -19,9 +19,11 @@ from mmp import aws
 from mmp.backends.dlami import READY_SCRIPT, DlamiBackend, DlamiConfig
 from mmp.backends.dlami_fsx import HOST_FAILED_MARKER
 
-IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mmp-training:deps-" + "ab" * 16
+from ..conftest import REGION
+
+IMAGE = f"123456789012.dkr.ecr.{REGION}.amazonaws.com/mmp-training:deps-" + "ab" * 16
 KERNEL = "6.8.0-1021-aws"
-MOUNT = "mount -t lustre -o relatime,flock fs-0abc.fsx.us-east-1.amazonaws.com@tcp:/abcdefgh /fsx"
+MOUNT = f"mount -t lustre -o relatime,flock fs-0abc.fsx.{REGION}.amazonaws.com@tcp:/abcdefgh /fsx"
 
 RECORD = '#!/bin/bash\nprintf "%s %s\\n" "$(basename "$0")" "$*" >> "$STANDIN_LOG"\n'
 STANDINS = {
@@ -50,7 +52,7 @@ esac
 
 
 @pytest.fixture
-def machine(tmp_path):
+def machine(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in STANDINS.items():
@@ -58,11 +60,12 @@ def machine(tmp_path):
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "calls.log"
     log.touch()
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)  # the runner task's region, as ECS sets it
     return {"PATH": f"{bin_dir}:/usr/bin:/bin", "STANDIN_LOG": str(log), "HOME": str(tmp_path)}, log
 
 
 def cloud_config(**overrides) -> dict:
-    config = DlamiConfig(fsx_dns_name="fs-0abc.fsx.us-east-1.amazonaws.com", fsx_mount_name="abcdefgh",
+    config = DlamiConfig(fsx_dns_name="fs-0abc.fsx.eu-west-1.amazonaws.com", fsx_mount_name="abcdefgh",
                          image_repository_uri=IMAGE.rsplit(":", 1)[0], **overrides)
     text = DlamiBackend(config).user_data(("PRIVATE", "ssh-ed25519 HOSTKEY"), ["ssh-ed25519 MMPKEY"], 45,
                                           image=IMAGE, cluster_public="ssh-ed25519 CLUSTERKEY")
@@ -94,7 +97,7 @@ def test_user_data_installs_the_client_from_the_fsx_repository_mounts_then_runs_
     # the run area belongs to the SSH user, who makes the run folders in it over SSH
     assert "install -d -o ubuntu -g ubuntu -m 0755 /fsx/mmp /fsx/output" in calls
     assert f"aws ecr get-login-password --region {aws.region()}" in calls  # the stack's region, whichever
-    assert "docker login --username AWS --password-stdin 123456789012.dkr.ecr.us-east-1.amazonaws.com" in calls
+    assert f"docker login --username AWS --password-stdin 123456789012.dkr.ecr.{REGION}.amazonaws.com" in calls
     assert f"docker pull {IMAGE}" in calls and "nvidia-smi -L" in calls
     run = next(c for c in calls if c.startswith("docker run"))
     for part in ("--name mmp-train", "--gpus all", "--network host", "-v /fsx:/fsx",
@@ -118,7 +121,7 @@ def test_a_host_with_the_client_skips_the_install(machine):
 
 
 @pytest.mark.parametrize("fault, reason", [
-    ("STANDIN_MOUNT_FAILS", "mount -t lustre fs-0abc.fsx.us-east-1.amazonaws.com@tcp:/abcdefgh failed"),
+    ("STANDIN_MOUNT_FAILS", f"mount -t lustre fs-0abc.fsx.{REGION}.amazonaws.com@tcp:/abcdefgh failed"),
     ("STANDIN_NO_MODULE", f"has no lustre-client-modules-{KERNEL} for this AMI's kernel (jammy)"),
 ])
 def test_a_failed_client_install_or_mount_stops_the_host_loudly(machine, fault, reason):
@@ -140,7 +143,7 @@ def test_the_launch_templates_user_data_runs_the_same_fsx_step(machine, fault):
     from mmp.infra.dlami import user_data
 
     env, log = machine
-    script = user_data(fsx_dns="fs-0abc.fsx.us-east-1.amazonaws.com", fsx_mount="abcdefgh", default_minutes=240,
+    script = user_data(fsx_dns=f"fs-0abc.fsx.{REGION}.amazonaws.com", fsx_mount="abcdefgh", default_minutes=240,
                        owner="ubuntu")
     done = subprocess.run(["bash", "-c", script], env={**env, **({fault: "1"} if fault else {})},
                           capture_output=True, text=True, timeout=60)

@@ -8,6 +8,8 @@ import logging
 import time
 
 import pytest
+
+from ..conftest import REGION
 from werkzeug import Response
 
 from mmp.github import GitHubClient, GitHubError, GitHubSource, GitHubStatusReporter, RateLimited
@@ -164,7 +166,7 @@ def test_source_and_enterprise_base_url_from_env(httpserver, monkeypatch, gh):
 def test_token_from_secrets_manager(monkeypatch):
     from moto import mock_aws
 
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     with mock_aws():

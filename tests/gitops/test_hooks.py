@@ -268,3 +268,45 @@ def test_hostile_mmp_home_and_url_are_never_run(make_repo, tmp_path, monkeypatch
     assert done.returncode == 0 and "could not reach the webhook at " + bad_url in done.stderr, done.stderr
     for place in (repo, tmp_path, home, Path.cwd()):
         assert not [p for p in place.iterdir() if p.name.startswith("pwned")], place
+
+
+def test_a_busy_webhook_gets_the_push_again_and_the_hook_says_so(make_repo, queue, secret_env, tmp_path):
+    """Issue 20.14: a 429 used to be the end of it (nothing queued); now the hook retries, bounded, and says so."""
+    import socket
+
+    from mmp.webhook.server import Limits, local_server
+
+    srv = local_server(port=0, queue=queue, limits=Limits(per_client=1, request_seconds=120,
+                                                          refusal_seconds=30)).start()
+    holder = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    try:
+        holder.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\n")  # a request in progress: 127.0.0.1's one slot
+        deadline = time.monotonic() + 30
+        while srv.httpd.load()["serving"] != 1:
+            assert time.monotonic() < deadline, "the held request never took its slot"
+            time.sleep(0.05)
+        repo = make_repo()
+        install(repo, url=srv.url)
+        bump(repo, "4")
+        err = tmp_path / "commit.err"
+        with open(err, "w") as out:
+            commit = subprocess.Popen(["git", "-C", str(repo), "commit", "-qam", "busy"], stderr=out, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while "retrying" not in err.read_text():
+                assert commit.poll() is None, err.read_text()  # before: exited with "webhook 429", nothing queued
+                assert time.monotonic() < deadline, err.read_text()
+                time.sleep(0.05)
+            holder.close()  # the slot frees; the next try gets in
+            assert commit.wait(timeout=60) == 0
+        finally:
+            if commit.poll() is None:
+                commit.kill()
+                commit.wait()
+    finally:
+        holder.close()
+        srv.stop()
+    said = err.read_text()
+    assert "webhook busy (429" in said and "retry 1 of" in said and "webhook 202 queued" in said, said
+    (job,) = queue.list()
+    assert job.commit_sha == git(repo, "rev-parse", "HEAD")

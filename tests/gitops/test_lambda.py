@@ -10,15 +10,17 @@ import time
 
 import pytest
 
+from ..conftest import ACCOUNT, REGION
+
 HEAVY = ("mlflow", "torch", "pulumi", "paramiko", "typer", "rich", "sagemaker", "pydantic")
 DEFINITION = json.dumps({"StartAt": "Done", "States": {"Done": {"Type": "Pass", "End": True}}})
 
 
 @pytest.fixture
-def aws(monkeypatch, gh):
+def aws(monkeypatch, gh, iam_enforced):
     from moto import mock_aws
 
-    for key, value in {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing",
+    for key, value in {"AWS_DEFAULT_REGION": REGION, "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
@@ -33,6 +35,9 @@ def aws(monkeypatch, gh):
         arn = sfn.create_state_machine(name="mmp-pipeline", definition=DEFINITION,
                                        roleArn="arn:aws:iam::123456789012:role/sfn")["stateMachineArn"]
         secret_arn = boto3.client("secretsmanager").create_secret(Name="mmp-webhook", SecretString=gh.SECRET)["ARN"]
+        iam_enforced.bind({  # this fixture's names are the stack's (IAM checks: tests/iam_enforce)
+            "table/mmp-deliveries": "table/DELIVERIES", arn: f"arn:aws:states:{REGION}:{ACCOUNT}:stateMachine:PIPELINE",
+            secret_arn: f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:WEBHOOK_SECRET"})
         monkeypatch.setenv("MMP_DELIVERIES_TABLE", "mmp-deliveries")
         monkeypatch.setenv("MMP_STATE_MACHINE_ARN", arn)
         monkeypatch.setenv("MMP_WEBHOOK_SECRET_ARN", secret_arn)
@@ -117,8 +122,10 @@ def test_bad_requests_start_nothing(aws, gh, mutate, status):
     assert executions(aws) == []
 
 
-def test_failed_start_releases_the_claim_so_a_redelivery_launches(aws, gh, monkeypatch):
+def test_failed_start_releases_the_claim_so_a_redelivery_launches(aws, gh, monkeypatch, iam_enforced):
     from mmp.webhook import lambda_handler
+
+    iam_enforced.expect_denied("states:StartExecution")  # the role starts only its own machine: refused first
 
     body = json.dumps(gh.with_files("push-added-and-modified.json", modified=["experiment.json"])).encode()
     monkeypatch.setenv("MMP_STATE_MACHINE_ARN", aws["arn"] + "-missing")

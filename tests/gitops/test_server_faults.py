@@ -133,6 +133,42 @@ def test_one_client_is_capped_and_other_clients_are_still_served(limited, holder
     assert queue.counts()["queued"] == 1
 
 
+def idle(port: int, socks: list, n: int) -> None:
+    """n connections that send nothing at all."""
+    for _ in range(n):
+        socks.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+
+
+def accepted(port: int) -> int:
+    """Connections the server in this process has accepted (its side of each socket has a descriptor)."""
+    import psutil
+
+    return sum(1 for c in psutil.Process().net_connections("tcp")
+               if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
+def test_idle_connections_from_the_hooks_address_take_no_request_slot(server, holders, gh, queue):
+    """Issue 20.14: 256 idle local sockets made every push from 127.0.0.1 answer 429."""
+    idle(server.port, holders, 256)
+    wait_until(lambda: accepted(server.port) == 256, what="256 idle connections accepted")
+    body, headers = pushes(gh, 1)[0]
+    status, answer, _ = post(server.port, body, headers)
+    assert status == 202, answer
+    assert queue.counts()["queued"] == 1
+
+
+def test_with_every_thread_on_an_idle_socket_the_longest_idle_makes_room(limited, holders, gh, queue):
+    srv = limited(connections=4, refusals=2, request_seconds=120, refusal_seconds=30)
+    idle(srv.port, holders, 6)  # every connection thread now waits on a socket that says nothing
+    wait_until(lambda: accepted(srv.port) == 6, what="6 idle connections accepted")
+    body, headers = pushes(gh, 1)[0]
+    status, answer, _ = post(srv.port, body, headers)  # before: stuck in the backlog for request_seconds
+    assert status == 202, answer
+    holders[0].settimeout(10)
+    assert holders[0].recv(1) == b""  # the longest idle was closed, not the push
+    assert queue.counts()["queued"] == 1
+
+
 def test_bodies_held_in_memory_are_capped(limited, holders, gh, queue):
     srv = limited(body_memory=1_000_000, request_seconds=120)
     (big, big_headers), (second, second_headers) = pushes(gh, 2, pad=900_000)[0], pushes(gh, 1, 5, 200_000)[0]

@@ -23,9 +23,9 @@ from pulumi.runtime import settings as runtime_settings
 from pulumi.runtime.mocks import MockMonitor
 from pulumi.runtime.stack import _sync_await, run_pulumi_func
 
+from ..conftest import ACCOUNT, REGION  # the suite's region, not us-east-1
+
 ROOT = Path(__file__).resolve().parents[2]
-ACCOUNT = "123456789012"
-REGION = "eu-west-1"
 
 DEV_CONFIG = {
     "aws:region": REGION,

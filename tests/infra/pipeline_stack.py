@@ -19,15 +19,15 @@ import pytest
 
 from mmp import aws
 from mmp.infra.pipeline import state_machine_definition
-from mmp.pipeline import aws_stages
+from mmp.pipeline import aws_stages, runner_results
 
+from ..conftest import ACCOUNT, REGION, create_bucket
 from ..conftest import mlflow_server as start_mlflow_server
 from .sfn import Execution, TaskFailed
 
 TOKEN = "ghp_stagetokenthatmustnotleak000000000000"
 REPO = "octo-org/fashion-demo"
 BUCKET = "mmp-artifacts"
-ACCOUNT, REGION = "123456789012", "us-east-1"
 FUNCTIONS = {s: f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:mmp-{s}" for s in ("prepare", "launch", "conclude")}
 RUNNER = {"cluster": f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/mmp-runner",
           "task_definition": f"arn:aws:ecs:{REGION}:{ACCOUNT}:task-definition/mmp-runner",
@@ -116,6 +116,8 @@ class Stack:
         assert arguments["Cluster"] == RUNNER["cluster"] and arguments["LaunchType"] == "FARGATE"
         network = arguments["NetworkConfiguration"]["AwsvpcConfiguration"]
         assert network["Subnets"] == RUNNER["subnets"] and network["AssignPublicIp"] == "DISABLED"
+        # ECS refuses overrides over 8,192 characters, JSON formatting included (RunTask's reference).
+        assert len(json.dumps(arguments["Overrides"], separators=(",", ":"))) <= runner_results.ECS_OVERRIDES_LIMIT
         (override,) = arguments["Overrides"]["ContainerOverrides"]
         assert override["Name"] == "runner"
         for item in override["Environment"]:
@@ -142,8 +144,19 @@ class Stack:
         return Execution(definition(), lambdas, integrations)
 
 
+def bind_stack_names(iam_enforced, *, topic: str, token_arn: str, ecr_repository: str) -> None:
+    """This file's resource names are the stack's (tests/iam_enforce: IAM checks use the stack's policies)."""
+    secrets = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:"
+    iam_enforced.bind({f"arn:aws:s3:::{BUCKET}": "arn:aws:s3:::ARTIFACTS", "arn:aws:s3:::mmp-datasets": "arn:aws:s3:::DATASETS",
+                       topic: f"arn:aws:sns:{REGION}:{ACCOUNT}:NOTIFY_TOPIC", token_arn: secrets + "GITHUB_TOKEN",
+                       f"repository/{ecr_repository}": "repository/TRAINING_IMAGES",
+                       "training-job/mmp-": "training-job/JOBS-",
+                       f"role/mmp-sagemaker": "role/SAGEMAKER_ROLE",
+                       f"execution:mmp-pipeline:": "execution:PIPELINE:"})
+
+
 @pytest.fixture
-def stack(aws_env, stages_mlflow, httpserver, monkeypatch, digits) -> Stack:
+def stack(aws_env, stages_mlflow, httpserver, monkeypatch, digits, iam_enforced) -> Stack:
     """The stage Lambdas' and the runner's environment, pointed at the real parts above."""
     sns, sqs = aws.client("sns"), aws.client("sqs")
     topic = sns.create_topic(Name="mmp-notify")["TopicArn"]
@@ -151,8 +164,9 @@ def stack(aws_env, stages_mlflow, httpserver, monkeypatch, digits) -> Stack:
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn, Attributes={"RawMessageDelivery": "false"})
     token_arn = aws.client("secretsmanager").create_secret(Name="gh", SecretString=TOKEN)["ARN"]
-    aws.client("s3").create_bucket(Bucket=BUCKET)
+    create_bucket(aws.client("s3"), BUCKET)
     ecr_uri = aws.client("ecr").create_repository(repositoryName="mmp-training")["repository"]["repositoryUri"]
+    bind_stack_names(iam_enforced, topic=topic, token_arn=token_arn, ecr_repository="mmp-training")
     for key, value in {
         "MLFLOW_TRACKING_URI": stages_mlflow, "MMP_GITHUB_API_URL": httpserver.url_for("").rstrip("/"),
         "MMP_GITHUB_TOKEN_SECRET_ARN": token_arn, "MMP_NOTIFY_TOPIC_ARN": topic, "MMP_GITHUB_MAX_WAIT": "0",

@@ -64,7 +64,7 @@ def _running_job_backend(name: str):
 
     client = aws.client("sagemaker")
     stubber = Stubber(client)
-    running = {"TrainingJobName": name, "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{name}",
+    running = {"TrainingJobName": name, "TrainingJobArn": f"arn:aws:sagemaker:eu-west-1:123456789012:training-job/{name}",
                "TrainingJobStatus": "InProgress", "SecondaryStatus": "Training",
                "AlgorithmSpecification": {"TrainingInputMode": "File"}, "ResourceConfig": {
                    "InstanceCount": 1, "InstanceType": "ml.m5.xlarge", "VolumeSizeInGB": 50},
@@ -114,10 +114,10 @@ def _history(entered: list[tuple[str, dict]], concluded: bool = False) -> dict:
 
 
 def _status_event(status: str, start: dict) -> dict:
-    arn = "arn:aws:states:us-east-1:123456789012:execution:mmp-pipeline:72d3162e"
+    arn = "arn:aws:states:eu-west-1:123456789012:execution:mmp-pipeline:72d3162e"
     return {"version": "0", "source": "aws.states", "detail-type": "Step Functions Execution Status Change",
             "detail": {"executionArn": arn, "status": status, "input": json.dumps(start),
-                       "stateMachineArn": "arn:aws:states:us-east-1:123456789012:stateMachine:mmp-pipeline"}}
+                       "stateMachineArn": "arn:aws:states:eu-west-1:123456789012:stateMachine:mmp-pipeline"}}
 
 
 def _stub_history(monkeypatch, *histories: dict):

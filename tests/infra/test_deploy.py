@@ -64,7 +64,7 @@ def test_cli_asks_each_question_and_dry_runs(monkeypatch):
 
 def test_cli_without_the_pulumi_cli_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    result = CliRunner().invoke(app, ["deploy", "--region", "us-east-1", "--name", "acme-ml", "--email",
+    result = CliRunner().invoke(app, ["deploy", "--region", "eu-west-1", "--name", "acme-ml", "--email",
                                       "ml@example.com", "--github-token", TOKEN])
     assert result.exit_code == 1
     assert "Pulumi CLI is not installed" in result.output

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import REGION
+
 from mmp.infra.mlflow_server import IMAGE_DOCKERFILE, REQUEST_TIMEOUT_S, STARTUP
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,7 +131,7 @@ def test_the_container_command_serves_with_basic_auth_and_a_punctuated_password(
         # what the task definition gives the container (mmp.infra.mlflow_server), secrets included
         "DB_HOST": "127.0.0.1", "DB_PORT": str(postgres["port"]), "DB_NAME": "mlflow", "DB_USER": "mlflow",
         "DB_PASSWORD": DB_PASSWORD, "MLFLOW_ADMIN_USERNAME": "admin", "MLFLOW_ADMIN_PASSWORD": ADMIN_PASSWORD,
-        "ARTIFACTS_DESTINATION": "s3://mmp-test-artifacts/mlflow", "AWS_DEFAULT_REGION": "eu-west-1",
+        "ARTIFACTS_DESTINATION": "s3://mmp-test-artifacts/mlflow", "AWS_DEFAULT_REGION": REGION,
     }
     log = tmp_path / "mlflow.log"
     with log.open("w") as out:

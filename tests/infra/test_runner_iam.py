@@ -76,7 +76,7 @@ def test_a_study_in_the_runner_reads_only_its_folder_and_runs_only_the_stacks_jo
     (listing,) = _allowing(task, "s3:ListBucket")
     assert listing["Condition"] == {"StringLike": {"s3:prefix": "runner/study/*"}}
     (reading,) = _allowing(task, "s3:GetObject")
-    assert all(r.endswith("/runner/study/*") for r in reading["Resource"])
+    assert sorted(r.rsplit("/runner/", 1)[1] for r in reading["Resource"]) == ["state/*", "study/*"]
     (create,) = _allowing(task, "sagemaker:CreateTrainingJob")
     assert set(create["Action"]) == {"sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob",
                                      "sagemaker:StopTrainingJob", "sagemaker:AddTags"}

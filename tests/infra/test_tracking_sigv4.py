@@ -92,3 +92,41 @@ def test_the_api_endpoint_is_the_regional_one_the_plugin_uses():
     assert endpoint(ARN) == "https://eu-west-1.experiments.sagemaker.aws"
     with pytest.raises(ValueError, match="MMP_MLFLOW_TRACKING_SERVER_ARN"):
         endpoint("arn:aws:sagemaker:eu-west-1:123456789012:training-job/x")
+
+
+def test_the_runners_mlflow_client_signs_through_the_sagemaker_mlflow_plugin(httpserver, signed_env, monkeypatch):
+    """Issue 19, defect 3: promotion and a study's pruning reads use MLflow's own client
+    (mmp.models.compare.make_client). With the stack's URL alone it calls the managed server
+    unsigned; on the server's ARN the real sagemaker-mlflow plugin signs each call with the
+    runner's role (its SAGEMAKER_MLFLOW_CUSTOM_ENDPOINT points it at this test's server)."""
+    import mlflow
+
+    from mmp.models.compare import make_client
+    from mmp.tracking_sigv4 import mlflow_client
+
+    url = httpserver.url_for("").rstrip("/")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # what the runner's environment says (mlflow.api_url)
+    monkeypatch.setenv("SAGEMAKER_MLFLOW_CUSTOM_ENDPOINT", url)
+    seen: list[str] = []
+
+    def handle(request: Request) -> Response:
+        _verify(request)
+        seen.append(request.path)
+        answers = {
+            "/api/2.0/mlflow/experiments/get-by-name": {"experiment": {
+                "experiment_id": "7", "name": "fashion demo", "lifecycle_stage": "active"}},
+            "/api/2.0/mlflow/metrics/get-history": {"metrics": [
+                {"key": "val_accuracy", "value": 0.9, "timestamp": 1, "step": 1}]},
+        }
+        return Response(json.dumps(answers[request.path]), content_type="application/json")
+
+    for path in ("experiments/get-by-name", "metrics/get-history"):
+        httpserver.expect_request(f"/api/2.0/mlflow/{path}").respond_with_handler(handle)
+    try:
+        client = make_client(url)  # as promotion makes it
+        assert client.get_experiment_by_name("fashion demo").experiment_id == "7"
+        study_client = mlflow_client(url)  # as a study's pruning reads make it, from the tracker's URI
+        assert [m.value for m in study_client.get_metric_history("r1", "val_accuracy")] == [0.9]
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert seen == ["/api/2.0/mlflow/experiments/get-by-name", "/api/2.0/mlflow/metrics/get-history"]

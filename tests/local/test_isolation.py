@@ -174,6 +174,36 @@ def test_teardown_after_the_worker_died_kills_the_tree(backend_under_test, start
     assert fresh.status(saved).state.terminal
 
 
+# train.py ends at once, leaving a helper that inherited its stdout (horovodrun's pipe) running.
+HOLDING_TRAIN = r"""
+import json, os, subprocess, sys
+out = sys.argv[sys.argv.index("--output-path") + 1]
+os.makedirs(out, exist_ok=True)
+helper = subprocess.Popen(["sleep", "600"])
+ticks = open(f"/proc/{helper.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+with open(os.path.join(out, "escapee.json.tmp"), "w") as fh:
+    json.dump({"pid": helper.pid, "ticks": ticks}, fh)
+os.rename(os.path.join(out, "escapee.json.tmp"), os.path.join(out, "escapee.json"))
+print("trained", flush=True)
+"""
+
+
+@BOTH
+def test_a_helper_holding_stdout_does_not_hold_a_finished_run(backend_under_test, started_run):
+    """Issue 20.6: horovodrun waited for the helper to close its output, so the run ended at Max_Runtime."""
+    backend, handles, markers = backend_under_test
+    started = started_run({"train.py": HOLDING_TRAIN}, {}, processes=1)
+    marker = backend.run_dir(started.request) / "output" / "escapee.json"
+    markers.append(marker)
+    handle = backend.launch(started.request)
+    handles.append(handle)
+    status = backend.wait(handle, deadline=time.time() + 90, poll_seconds=0.1)  # before the fix: Max_Runtime
+    assert status.state == JobState.SUCCEEDED, status.message
+    assert marker.exists() and not escapee_alive(marker)
+    log = Path(handle.data["log"]).read_text()
+    assert "trained" in log and "still held its output open" in log, log[-2000:]
+
+
 def _ctrl_c_as_in_a_shell() -> None:
     """The child gets SIGINT as a terminal's foreground job does: default action, not blocked.
 

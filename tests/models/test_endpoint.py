@@ -15,7 +15,7 @@ from mmp.models.promote import PromotionError, promote, rollback
 from .conftest import Synthetic
 
 ROLE = "arn:aws:iam::123456789012:role/mmp-endpoint"
-IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mlflow-pyfunc:3.17.2"
+IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mlflow-pyfunc:3.17.2"
 ENV = {"MMP_ENDPOINT_ROLE_ARN": ROLE, "MMP_ENDPOINT_IMAGE": IMAGE, "MMP_ENDPOINT_INSTANCE_TYPE": "ml.c5.xlarge",
        "MMP_ENDPOINT_WAIT_DELAY": "0", "MMP_ENDPOINT_WAIT_ATTEMPTS": "3"}
 SETTINGS = EndpointSettings.model_validate(ENV)
@@ -32,7 +32,7 @@ class WithStubbedUpdate:
     def expect_update(self, endpoint: str) -> None:
         self.stubber.add_response(
             "update_endpoint",
-            {"EndpointArn": f"arn:aws:sagemaker:us-east-1:123456789012:endpoint/{endpoint}"},
+            {"EndpointArn": f"arn:aws:sagemaker:eu-west-1:123456789012:endpoint/{endpoint}"},
             {"EndpointName": endpoint, "EndpointConfigName": ANY, "DeploymentConfig": BLUE_GREEN})
         self.stubber.activate()
 

@@ -76,7 +76,7 @@ def test_requirements_hold_no_training_stack():
     names = {re.split(r"[<>=!~\[ ]", line.strip(), maxsplit=1)[0].lower()
              for line in (IMAGE / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
     assert not names & {"torch", "horovod", "tensorflow", "mlflow"}  # mlflow-skinny: the client without the server
-    assert {"paramiko", "boto3", "pydantic", "mlflow-skinny", "pyyaml", "optuna"} <= names
+    assert {"paramiko", "boto3", "pydantic", "mlflow-skinny", "pyyaml", "optuna", "sagemaker-mlflow"} <= names
 
 
 def test_hadolint_is_clean():
@@ -127,6 +127,10 @@ def test_the_entry_command_imports_with_only_the_images_packages(image_venv):
         "assert type(get_backend('dlami')).__name__ == 'DlamiBackend'",
         "for absent in ('torch', 'horovod'):",
         "    assert importlib.util.find_spec(absent) is None, absent",
+        # mlflowMode sagemaker: promotion's and a study's MLflow client on the server's ARN (issue 19, defect 3)
+        "from mlflow.tracking._tracking_service.utils import _get_store",
+        "arn = 'arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/acme-ml-dev-mlflow'",
+        "assert type(_get_store(arn)).__name__ == 'MlflowSageMakerStore', type(_get_store(arn))",
     ])
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "HOME": os.environ.get("HOME", "/tmp"),
            "MMP_HOME": "/tmp/mmp-runner-image-test"}

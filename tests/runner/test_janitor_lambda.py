@@ -11,7 +11,8 @@ from mmp.janitor import handler
 from mmp.tracking_rest import RestRunTracker
 
 
-def test_the_janitor_lambda_terminates_instances_of_ended_runs_and_reports_them(cloud, stages_mlflow, monkeypatch):
+def test_the_janitor_lambda_terminates_instances_of_ended_runs_and_reports_them(cloud, stages_mlflow, monkeypatch,
+                                                                              iam_enforced):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stages_mlflow)
     tracker = RestRunTracker(stages_mlflow)
     ended = tracker.start("janitor-lambda", run_name="ended", tags={}, params={})
@@ -23,6 +24,7 @@ def test_the_janitor_lambda_terminates_instances_of_ended_runs_and_reports_them(
     arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn)
     monkeypatch.setenv("MMP_NOTIFY_TOPIC_ARN", topic)
+    iam_enforced.bind({topic: topic.rsplit(":", 1)[0] + ":NOTIFY_TOPIC"})  # the stack's topic (tests/iam_enforce)
 
     def launch(run_id: str) -> str:
         return aws.client("ec2").run_instances(ImageId=cloud.image_id, MinCount=1, MaxCount=1, TagSpecifications=[

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import iam_calls
 import pytest
 import yaml
 
 from mmp.infra.stack_image import BUILDSPEC
 
+from ..conftest import REGION
 from ..sagemaker.test_buildspec import (AWS_STANDIN, REGISTRY_STANDIN, check_docker_hub_pulls, check_push_races,
                                         run_phases)
 
 ROOT = Path(__file__).resolve().parents[2]
-REPO_URI = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/acme-runner"
+REPO_URI = f"123456789012.dkr.ecr.{REGION}.amazonaws.com/acme-runner"
 TAG = "0.1.0-0123456789ab"
 DOCKER_STANDIN = r"""#!/bin/bash
 printf 'docker %s\n' "$*" >> "$STANDIN_LOG"
@@ -42,7 +44,7 @@ SHELLS = pytest.mark.parametrize("one_shell", [False, True], ids=["shell-per-com
 
 
 @pytest.fixture
-def codebuild(tmp_path):
+def codebuild(tmp_path, iam_enforced):
     source = tmp_path / "src"
     (source / "runner_docker").mkdir(parents=True)
     (source / "runner_docker" / "Dockerfile").write_text((ROOT / "runner_docker" / "Dockerfile").read_text())
@@ -57,9 +59,12 @@ def codebuild(tmp_path):
     (tmp_path / "pulls.log").touch()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STANDIN_LOG": str(log),
            "STANDIN_REGISTRY": str(tmp_path / "registry"), "STANDIN_PULLS": str(tmp_path / "pulls.log"),
-           "AWS_REGION": "eu-west-1", "IMAGE_REPOSITORY_URI": REPO_URI, "IMAGE_REPOSITORY_NAME": "acme-runner",
+           "AWS_REGION": REGION, "IMAGE_REPOSITORY_URI": REPO_URI, "IMAGE_REPOSITORY_NAME": "acme-runner",
            "IMAGE_TAG": TAG, "IMAGE_DOCKERFILE": "runner_docker/Dockerfile"}
-    return source, env, log
+    iam_enforced.bind({"repository/acme-runner": "repository/RUNNER_IMAGES"})
+    yield source, env, log
+    # The build's `aws` and `docker` commands, judged against the build role (tests/iam_enforce).
+    iam_calls.check_cli_log(log.read_text().splitlines(), ("CodeBuild: runner image", "pipeline-runner-build"), env["AWS_REGION"])
 
 
 def test_the_buildspec_is_yaml_codebuild_accepts_and_never_calls_exit():

@@ -22,30 +22,18 @@ from mmp import aws
 from mmp.pipeline import aws_stages, runner_results
 from mmp.ssh import generate_ed25519
 
+from ..conftest import IAM_DIR
 from ..dlami.conftest import FAIL_TRAIN, SLEEP_TRAIN, tagged_processes
 
 # The AWS CLI on the "leader" (the instance profile's job there): `s3 cp URI -` for the commit's
 # archive Prepare staged, `s3 sync DIR URI` for the output, both against moto.
 AWS_CLI = """#!{python}
-import os, sys
-import boto3
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-s3 = boto3.client("s3", endpoint_url={endpoint!r}, region_name="us-east-1",
-                  aws_access_key_id="testing", aws_secret_access_key="testing")
-def split(uri):
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    return bucket, key
-if args[:2] == ["s3", "cp"] and args[3] == "-":
-    bucket, key = split(args[2])
-    sys.stdout.buffer.write(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-elif args[:2] == ["s3", "sync"]:
-    bucket, prefix = split(args[3])
-    for root, _, files in os.walk(args[2]):
-        for name in files:
-            path = os.path.join(root, name)
-            s3.upload_file(path, bucket, prefix + os.path.relpath(path, args[2]))
-else:
-    sys.exit(2)
+# The AWS CLI on the instance (its instance profile gives the credentials): `aws s3 cp URI -`
+# and `aws s3 sync DIR URI`, against moto, its calls checked as the DLAMI host role's.
+import sys
+sys.path.insert(0, {iam_dir!r})
+import aws_cli
+aws_cli.main({endpoint!r})
 """
 from ..infra.pipeline_stack import OK_TRAIN, TOKEN, experiment, head, job
 from ..infra.sfn import TaskFailed
@@ -56,11 +44,13 @@ DLAMI_PATH = ["Prepare", "NeedsRunner?", "RunnerImage", "Promote?", "Accepted?",
 
 
 @pytest.fixture
-def dlami_push(cloud, stack, make_backend, make_repo, fsx_datasets, aws_env, tmp_path, monkeypatch):
+def dlami_push(cloud, stack, make_backend, make_repo, fsx_datasets, aws_env, tmp_path, monkeypatch, sshd):
     """Commit a dlami experiment; the backend every stage asks for is the one on the local sshd,
-    whose `aws s3 sync` of the output (the instance profile's job) reaches moto."""
+    whose `aws s3 sync` of the output (the instance profile's job) reaches moto. The runner has
+    the SSH key as deployed: ECS puts its text in MMP_DLAMI_SSH_KEY (the task role cannot read it)."""
+    monkeypatch.setenv("MMP_DLAMI_SSH_KEY", sshd.client_private)
     cli = tmp_path / "aws"
-    cli.write_text(AWS_CLI.format(python=os.environ["MMP_DLAMI_PYTHON"], endpoint=aws_env))
+    cli.write_text(AWS_CLI.format(python=os.environ["MMP_DLAMI_PYTHON"], endpoint=aws_env, iam_dir=str(IAM_DIR)))
     cli.chmod(0o755)
     monkeypatch.setenv("MMP_DLAMI_AWS_CLI", str(cli))
     aws_stages._BACKENDS["dlami"] = make_backend()
@@ -92,7 +82,10 @@ def test_a_dlami_push_trains_on_the_runner_and_concludes(cloud, stack, dlami_pus
     override = dict(run.calls)["RunTraining"]["Overrides"]["ContainerOverrides"][0]
     assert override["Command"] == ["train"]
     passed = json.loads(override["Environment"][0]["Value"])
-    assert set(passed) == {"job", "started"} and TOKEN not in override["Environment"][0]["Value"]
+    assert set(passed) == {runner_results.HANDOFF_KEY} and TOKEN not in override["Environment"][0]["Value"]
+    handed = runner_results.taken_over(passed)  # Prepare's hand-off in S3: the job and the run
+    assert handed["job"] == state["job"] and handed["started"] == state["started"]
+    assert TOKEN not in json.dumps(handed)
     assert run.timeouts["RunTraining"] == 240 * 60 + aws_stages.RUNNER_GRACE_SECONDS
 
     run_id = state["started"]["run_id"]
@@ -104,6 +97,24 @@ def test_a_dlami_push_trains_on_the_runner_and_concludes(cloud, stack, dlami_pus
     assert [s["state"] for s in stack.statuses] == ["pending", "success"]
     assert "SUCCEEDED" in stack.messages()[0]["Subject"]
     assert _live(cloud) == [] and tagged_processes(run_id) == []
+
+
+def test_a_dlami_experiment_with_large_hyperparameters_starts_the_runner_within_ecss_overrides_limit(
+        cloud, stack, dlami_push, monkeypatch):
+    """Issue 19, defect 12: ECS refuses RunTask when the overrides pass 8,192 characters, JSON
+    included; ~6.5 KB of hyperparameters used to travel in them. Now only the state's key does."""
+    hyperparameters = {f"layer-{i:02d}-width": "x" * 60 for i in range(90)}  # the 100-name limit allows it
+    assert len(json.dumps(hyperparameters)) > 6500
+    start = dlami_push(Hyperparameters=hyperparameters)
+    run = stack.execution(monkeypatch)
+    end, state = run.run(start)
+    assert end == "Succeed" and run.path == DLAMI_PATH + ["Done"], run.path
+    overrides = dict(run.calls)["RunTraining"]["Overrides"]
+    assert len(json.dumps(overrides, separators=(",", ":"))) < runner_results.ECS_OVERRIDES_LIMIT / 8
+    result, log_text = runner_results.read("train", state)
+    assert result["state"] == "SUCCEEDED"
+    assert "layer-89-width" in log_text  # train.py got every hyperparameter
+    assert _live(cloud) == []
 
 
 def test_the_runner_takes_the_ssh_key_from_the_variable_ecs_fills(cloud, sshd, stack, dlami_push, make_backend,
@@ -212,7 +223,9 @@ def test_a_promote_json_push_is_run_by_the_runner_with_the_mlflow_client(stack, 
     end, state = run.run(start)
     assert run.path == PROMOTE_PATH + ["Failed"], run.path
     override = dict(run.calls)["Promote"]["Overrides"]["ContainerOverrides"][0]
-    assert override["Command"] == ["promote"] and set(json.loads(override["Environment"][0]["Value"])) == {"job"}
+    passed = json.loads(override["Environment"][0]["Value"])
+    assert override["Command"] == ["promote"] and set(passed) == {runner_results.HANDOFF_KEY}
+    assert set(runner_results.taken_over(passed)) == {"job"}
     # The runner asked the real MLflow, refused (no such experiment) and said so on mmp/promotion.
     assert state["promotion"]["state"] == "REFUSED" and "no-such-experiment" in state["promotion"]["message"]
     assert [(s["state"], s["context"]) for s in stack.statuses] == [("pending", "mmp/promotion"),
@@ -292,7 +305,9 @@ def test_a_study_runs_in_the_runner_task_and_resumes_when_the_task_dies(cloud, s
     assert run.retries == {"RunStudy": 1}
     override = dict(run.calls)["RunStudy"]["Overrides"]["ContainerOverrides"][0]
     assert override["Command"] == ["study"]
-    assert set(json.loads(override["Environment"][0]["Value"])) == {"job", "image"}  # never a secret, no run
+    passed = json.loads(override["Environment"][0]["Value"])
+    assert set(passed) == {runner_results.HANDOFF_KEY}
+    assert set(runner_results.taken_over(passed)) == {"job", "image"}  # never a secret, no run
     assert "started" not in state  # Prepare made no MLflow run: the study makes its parent and trials
 
     result, _ = runner_results.read("study", state)
@@ -327,7 +342,9 @@ def test_a_study_whose_runner_keeps_dying_is_ended_by_conclude_with_nothing_left
 
     def provisions_and_hangs(self, tr):  # the trial's job: tagged machines, launched, never ending here
         run_id = tr.started.run_id
-        aws.client("ec2").run_instances(ImageId=cloud.image_id, MinCount=1, MaxCount=1, TagSpecifications=[
+        aws.client("ec2").run_instances(  # as the backend launches: through the stack's launch template
+            ImageId=cloud.image_id, MinCount=1, MaxCount=1,
+            LaunchTemplate={"LaunchTemplateId": cloud.launch_template_id}, TagSpecifications=[
             {"ResourceType": "instance", "Tags": [{"Key": "mmp:managed", "Value": "true"},
                                                   {"Key": "mmp:run-id", "Value": run_id}]}])
         self._on_launch(run_id, JobHandle(platform="dlami", job_id=run_id))

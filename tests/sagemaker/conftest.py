@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-ACCOUNT = "123456789012"
-REGION = "us-east-1"
+from ..conftest import ACCOUNT, REGION
+
 ECR = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/mmp-training"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/mmp-sagemaker-execution"
 BUCKET = "mmp-artifacts-test"

@@ -14,15 +14,17 @@ import os
 import subprocess
 from pathlib import Path
 
+import iam_calls
 import pytest
 import yaml
 
+from ..conftest import REGION
 from mmp.image import requirements_key
 from mmp.infra.image_build import BUILDSPEC, PER_BUILD_VARIABLES, build_environment_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "deps-" + "0123456789abcdef" * 2
-REPO_URI = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/acme-training"
+REPO_URI = f"123456789012.dkr.ecr.{REGION}.amazonaws.com/acme-training"
 
 AWS_STANDIN = r"""#!/bin/bash
 printf 'aws %s\n' "$*" >> "$STANDIN_LOG"
@@ -135,7 +137,7 @@ def run_phases(spec: dict, env: dict, cwd: Path, *, one_shell: bool) -> tuple[st
 
 
 @pytest.fixture
-def codebuild(tmp_path):
+def codebuild(tmp_path, iam_enforced):
     """The build's source folder (the context zip), stand-in tools, and a fake S3."""
     source = tmp_path / "src"
     (source / "horovod_docker").mkdir(parents=True)
@@ -155,10 +157,13 @@ def codebuild(tmp_path):
     (tmp_path / "pulls.log").touch()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STANDIN_LOG": str(log),
            "STANDIN_S3": str(s3), "STANDIN_REGISTRY": str(tmp_path / "registry"),
-           "STANDIN_PULLS": str(tmp_path / "pulls.log"), "AWS_REGION": "eu-west-1", "ECR_REPOSITORY_URI": REPO_URI,
+           "STANDIN_PULLS": str(tmp_path / "pulls.log"), "AWS_REGION": REGION, "ECR_REPOSITORY_URI": REPO_URI,
            "ECR_REPOSITORY_NAME": "acme-training", "BUILD_CACHE_TAG": "buildcache",
            "MMP_IMAGE_TAG": TAG, "MMP_REQUIREMENTS_S3_URI": f"s3://acme-artifacts/{requirements_key(TAG)}"}
-    return source, env, log
+    iam_enforced.bind({"arn:aws:s3:::acme-artifacts": "arn:aws:s3:::ARTIFACTS", "repository/acme-training": "repository/TRAINING_IMAGES"})
+    yield source, env, log
+    # The build's `aws` and `docker` commands, judged against the build role (tests/iam_enforce).
+    iam_calls.check_cli_log(log.read_text().splitlines(), ("CodeBuild: training image", "pipeline-build"), env["AWS_REGION"])
 
 
 def test_the_buildspec_is_yaml_codebuild_accepts():

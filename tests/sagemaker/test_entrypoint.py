@@ -19,9 +19,12 @@ import pytest
 
 from mmp import sagemaker_entrypoint as ep
 
+from ..conftest import ACCOUNT, REGION
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "sagemaker"
 HOROVODRUN = str(Path(sys.executable).with_name("horovodrun"))
+SAGEMAKER_CONTAINER = "SageMaker training container=pipeline-sagemaker"  # the job's process tree, ranks included
 
 
 def opt_ml(tmp_path: Path, *, resourceconfig=None, hyperparameters=None, inputdataconfig=None) -> Path:
@@ -150,7 +153,7 @@ def single_host_job(tmp_path, digits):
 
 @pytest.mark.horovod
 @pytest.mark.slow
-def test_the_train_script_really_trains_with_horovodrun_np_2(single_host_job, aws_env, monkeypatch):
+def test_the_train_script_really_trains_with_horovodrun_np_2(single_host_job, aws_env, monkeypatch, iam_enforced):
     from mlflow.tracking import MlflowClient
 
     from mmp import aws
@@ -163,7 +166,8 @@ def test_the_train_script_really_trains_with_horovodrun_np_2(single_host_job, aw
     env.update({"MLFLOW_TRACKING_URI": tracker.tracking_uri, "MLFLOW_EXPERIMENT_NAME": "sm-entrypoint",
                 "MLFLOW_RUN_ID": run_id, "MMP_MLFLOW_PASSWORD_SECRET_ARN": secret_arn,
                 "AWS_ENDPOINT_URL": aws_env, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1"})
+                "AWS_DEFAULT_REGION": REGION, **iam_enforced.subprocess_env(SAGEMAKER_CONTAINER)})
+    iam_enforced.bind({secret_arn: f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:MLFLOW_PASSWORD"})
 
     proc = subprocess.run([sys.executable, str(ROOT / "horovod_docker" / "train"), "train"], env=env,
                           capture_output=True, text=True, timeout=240)
@@ -218,7 +222,7 @@ print('rank', os.environ.get('HOROVOD_RANK'), 'password', 'ok' if ok else 'missi
 
 
 @pytest.mark.horovod
-def test_each_rank_reads_the_password_itself_and_no_command_line_shows_it(tmp_path, aws_env):
+def test_each_rank_reads_the_password_itself_and_no_command_line_shows_it(tmp_path, aws_env, iam_enforced):
     """Real horovodrun -np 2 with `python -m mmp.rank probe.py`: every rank has the password from
     Secrets Manager (moto server) in its environment; no process's command line (`ps`) holds it."""
     from mmp import aws
@@ -226,10 +230,12 @@ def test_each_rank_reads_the_password_itself_and_no_command_line_shows_it(tmp_pa
     from mmp.rank import LAUNCHER
 
     arn = aws.client("secretsmanager").create_secret(Name="mlflow-pw-3", SecretString="pw-secret-xyz")["ARN"]
+    iam_enforced.bind({arn: f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:MLFLOW_PASSWORD"})
     (tmp_path / "probe.py").write_text(RANK_PROBE)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MMP_"))}
-    env.update({"MMP_MLFLOW_PASSWORD_SECRET_ARN": arn, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL": aws_env,
-                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    env.update({"MMP_MLFLOW_PASSWORD_SECRET_ARN": arn, "AWS_ENDPOINT_URL": aws_env,
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION,
+                **iam_enforced.subprocess_env(SAGEMAKER_CONTAINER)})
     argv = horovodrun_argv([("localhost", 2)], ["--x", "1"], python=sys.executable, horovodrun=HOROVODRUN,
                            script="probe.py", launcher=LAUNCHER)
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
@@ -239,11 +245,13 @@ def test_each_rank_reads_the_password_itself_and_no_command_line_shows_it(tmp_pa
     assert "pw-secret-xyz" not in out
 
 
-def test_a_rank_without_access_to_the_secret_stops_naming_the_arn(tmp_path, aws_env):
+def test_a_rank_without_access_to_the_secret_stops_naming_the_arn(tmp_path, aws_env, iam_enforced):
     (tmp_path / "t.py").write_text("print('ran')\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWS_ENDPOINT_URL": aws_env, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "MMP_MLFLOW_PASSWORD_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:gone"}
+    iam_enforced.expect_denied("secretsmanager:GetSecretValue")  # not the stack's secret: the role is refused
+    env = {**os.environ, **iam_enforced.subprocess_env(SAGEMAKER_CONTAINER), "AWS_ENDPOINT_URL": aws_env,
+           "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION,
+           "MMP_MLFLOW_PASSWORD_SECRET_ARN": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:gone"}
     env.pop("MLFLOW_TRACKING_PASSWORD", None)
     proc = subprocess.run([sys.executable, "-m", "mmp.rank", "t.py"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)

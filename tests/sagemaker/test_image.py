@@ -203,3 +203,17 @@ def test_the_backend_stays_lambda_light(module):
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_the_sagemaker_mlflow_plugin_is_installed_pinned_after_the_repositorys_requirements():
+    """Issue 19, defect 3: train.py's client takes the managed server's ARN; without the plugin
+    mlflow.start_run() fails on it. --no-deps: the repository's own mlflow pin stays as it is.
+    The pin is the one the tests sign through (pyproject's dev extra) and the runner image uses."""
+    import re
+
+    runs = " && ".join(a for kind, a in instructions() if kind == "RUN")
+    plugin = re.search(r"pip install --no-cache-dir --no-deps \"sagemaker-mlflow==([\d.]+)\"", runs)
+    assert plugin and plugin.start() > runs.index("-r /opt/requirements.txt")
+    pins = {re.search(r"sagemaker-mlflow==([\d.]+)", text).group(1) for text in (
+        plugin.group(0), (ROOT / "pyproject.toml").read_text(), (ROOT / "runner_docker" / "requirements.txt").read_text())}
+    assert len(pins) == 1, pins

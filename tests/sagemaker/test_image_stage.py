@@ -10,6 +10,8 @@ import tarfile
 
 import pytest
 
+from ..conftest import ACCOUNT, REGION, create_bucket
+
 from mmp import aws
 from mmp.github import GitHubClient, GitHubError
 from mmp.image import ImageError, code_key, requirements_key
@@ -21,10 +23,13 @@ CONTEXT = "c" * 64
 
 
 @pytest.fixture
-def stack(aws_env):
+def stack(aws_env, iam_enforced):
     s3, ecr = aws.client("s3"), aws.client("ecr")
-    s3.create_bucket(Bucket="acme-artifacts")
+    create_bucket(s3, "acme-artifacts")
     uri = ecr.create_repository(repositoryName=ECR_NAME)["repository"]["repositoryUri"]
+    iam_enforced.bind({"arn:aws:s3:::acme-artifacts": "arn:aws:s3:::ARTIFACTS",  # the stack's (tests/iam_enforce)
+                       f"repository/{ECR_NAME}": "repository/TRAINING_IMAGES",
+                       f"arn:aws:sns:{REGION}:{ACCOUNT}:mmp-notify": f"arn:aws:sns:{REGION}:{ACCOUNT}:NOTIFY_TOPIC"})
     return s3, ecr, uri
 
 

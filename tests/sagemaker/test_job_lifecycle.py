@@ -8,6 +8,8 @@ import json
 import time
 
 import pytest
+
+from ..conftest import REGION
 from botocore.stub import ANY, Stubber
 
 from mmp import aws
@@ -27,7 +29,7 @@ def stubbed(aws_env, stack_env):
 def expect_create(stubber, name_holder: dict):
     def _create(name):
         stubber.add_response("create_training_job",
-                             {"TrainingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{name}"},
+                             {"TrainingJobArn": f"arn:aws:sagemaker:eu-west-1:123456789012:training-job/{name}"},
                              {"TrainingJobName": name, "AlgorithmSpecification": ANY, "RoleArn": ANY,
                               "HyperParameters": ANY, "InputDataConfig": ANY, "OutputDataConfig": ANY,
                               "ResourceConfig": ANY, "StoppingCondition": ANY, "Environment": ANY,
@@ -272,7 +274,7 @@ def test_botocore_retries_throttling_on_the_wire(httpserver, monkeypatch, sm, st
     monkeypatch.setenv("AWS_ENDPOINT_URL", httpserver.url_for("/").rstrip("/"))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     status = SageMakerBackend().status(JobHandle("sagemaker", "mmp-x-3", {}))
     assert status.state is JobState.RUNNING
     assert calls == ["SageMaker.DescribeTrainingJob"] * 3

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from ..conftest import REGION
+
 from mmp import aws
 from mmp.backends.sagemaker import SageMakerBackend, SageMakerFsxBackend, job_name
 
@@ -29,7 +31,7 @@ def test_pipeline_creates_exactly_the_expected_training_job(aws_env, stack_env, 
     stack_env.setenv("MMP_SECURITY_GROUP_IDS", "sg-0c3")
     stack_env.setenv("MMP_SAGEMAKER_INPUT_MODE", "FastFile")
     stack_env.setenv("MMP_SAGEMAKER_VOLUME_GB", "100")
-    stack_env.setenv("MMP_MLFLOW_PASSWORD_SECRET_ARN", "arn:aws:secretsmanager:us-east-1:123456789012:secret:mlflow-pw")
+    stack_env.setenv("MMP_MLFLOW_PASSWORD_SECRET_ARN", "arn:aws:secretsmanager:eu-west-1:123456789012:secret:mlflow-pw")
     client = aws.client("sagemaker")
     sent = capture_requests(client)
     backend = SageMakerBackend(sagemaker_client=client, poll_seconds=0)
@@ -63,10 +65,10 @@ def test_pipeline_creates_exactly_the_expected_training_job(aws_env, stack_env, 
             "MLFLOW_RUN_ID": outcome.run_id,
             "MMP_DATASET": "fashion-s3",
             "MMP_COMMIT": trigger.commit,
-            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": REGION,
             "MMP_HYPERPARAMETER_ORDER": "epochs,batch-size",
             "MMP_PROCESSES_PER_HOST": "8",
-            "MMP_MLFLOW_PASSWORD_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:mlflow-pw",
+            "MMP_MLFLOW_PASSWORD_SECRET_ARN": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:mlflow-pw",
         },
         "EnableNetworkIsolation": False,
         "EnableManagedSpotTraining": False,
@@ -244,7 +246,7 @@ def test_managed_mlflow_jobs_log_through_the_plugin_with_the_servers_arn(aws_env
     from mmp.datasets import load_catalogue
     from mmp.experiment import parse_experiment
 
-    arn = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/acme-ml-dev-mlflow"
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/acme-ml-dev-mlflow"
     stack_env.setenv("MMP_MLFLOW_TRACKING_SERVER_ARN", arn)
     stack_env.delenv("MMP_MLFLOW_PASSWORD_SECRET_ARN", raising=False)
     client = aws.client("sagemaker")
@@ -252,7 +254,7 @@ def test_managed_mlflow_jobs_log_through_the_plugin_with_the_servers_arn(aws_env
     request = LaunchRequest(experiment=parse_experiment(sm.SM_EXPERIMENT), experiment_name="fashion-demo",
                             run_id="r1", repository="a/b", clone_url="/x", commit="c" * 40,
                             dataset=load_catalogue()["fashion-s3"],
-                            mlflow_env={"MLFLOW_TRACKING_URI": "https://us-east-1.experiments.sagemaker.aws",
+                            mlflow_env={"MLFLOW_TRACKING_URI": "https://eu-west-1.experiments.sagemaker.aws",
                                         "MLFLOW_EXPERIMENT_NAME": "fashion-demo", "MLFLOW_RUN_ID": "r1"})
     SageMakerBackend(sagemaker_client=client).launch(request)
     env = sent[0]["Environment"]

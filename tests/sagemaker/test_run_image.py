@@ -10,6 +10,8 @@ import tarfile
 
 import pytest
 
+from ..conftest import create_bucket
+
 from mmp import aws, gitutil
 from mmp.image import code_key, image_tag, requirements_text
 from mmp.pipeline.runs import local_trigger, run_trigger
@@ -22,7 +24,7 @@ def stack(aws_env, stack_env, sm, sm_dataset):
     """The stack's bucket and ECR repository in moto, and the settings `backendEnv` gives a workstation."""
     stack_env.setenv("MMP_IMAGE_CONTEXT_DIGEST", CONTEXT)
     stack_env.setenv("MMP_SAGEMAKER_POLL_SECONDS", "0")
-    aws.client("s3").create_bucket(Bucket=sm.BUCKET)
+    create_bucket(aws.client("s3"), sm.BUCKET)
     aws.client("ecr").create_repository(repositoryName=sm.ECR.rsplit("/", 1)[-1])
     return stack_env
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import REGION
+
 from mmp import config
 from mmp.argv import (
     COMMAND_LINE_BUDGET,
@@ -104,7 +106,7 @@ def test_booleans_survive_sagemakers_text_only_hyperparameters(tmp_path, monkeyp
     from mmp.backends.base import LaunchRequest
     from mmp.backends.sagemaker import SageMakerBackend
 
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     exp = parse_experiment(json.dumps({**SEED, "Hyperparameters": {"epochs": 3, "fp16-allreduce": True,
                                                                     "use-adasum": False, "name": "true"}}))
     request = LaunchRequest(experiment=exp, experiment_name="e", run_id="r" * 32, repository="o/r",

@@ -12,6 +12,8 @@ import threading
 
 import pytest
 
+from ..conftest import create_bucket
+
 from mmp import aws
 from mmp.tuning.s3_journal import S3JournalBackend, s3_storage
 
@@ -20,7 +22,7 @@ BUCKET = "mmp-artifacts"
 
 @pytest.fixture
 def bucket(aws_env):
-    aws.client("s3").create_bucket(Bucket=BUCKET)
+    create_bucket(aws.client("s3"), BUCKET)
     return BUCKET
 
 
