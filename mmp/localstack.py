@@ -4,7 +4,7 @@ The webhook server runs in this process (threads); the worker and `mlflow server
 run as child processes in their own sessions, so a Ctrl-C reaches only this
 supervisor, which then stops them in order: the server first (no new jobs), then
 the worker with SIGTERM (it cancels the job in flight, marks the MLflow run KILLED
-and exits), then MLflow; whatever ignores SIGTERM gets SIGKILL. A worker that dies
+and exits; a study's trials are stopped and the study resumes with the next worker), then MLflow; whatever ignores SIGTERM gets SIGKILL. A worker that dies
 is restarted, and on start it fails the job it was running (see mmp.pipeline.worker).
 An empty MLflow store gets its schema before either child starts (mmp.mlflow_store).
 

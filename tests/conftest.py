@@ -376,3 +376,31 @@ def mlflow_server(root: Path, *artifact_args: str):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+@pytest.fixture
+def start_worker(mmp_home):
+    """Factory for real worker processes (`python -m mmp.pipeline.worker ARGS`, extra environment as
+    keywords, e.g. MMP_CRASH_AT); every one still running is stopped at teardown (SIGTERM: it cancels
+    its job and tears it down; SIGKILL after a minute). Their output goes to `start_worker.log`."""
+    procs: list[subprocess.Popen] = []
+    log = mmp_home / "worker-test.log"
+
+    def _start(*args: str, **env: str) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "mmp.pipeline.worker", *args],
+                                    env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=out,
+                                    stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    _start.log = log
+    yield _start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

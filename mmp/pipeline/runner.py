@@ -88,6 +88,10 @@ def read_experiment(trigger: Trigger) -> tuple[Experiment, str]:
 
 
 class Pipeline:
+    # A study this pipeline runs, stopped by Ctrl-C or SIGTERM, is left for the next run to resume
+    # (the local worker sets it: its queue brings the study back); otherwise it ends as cancelled.
+    resume_studies = False
+
     def __init__(
         self,
         *,

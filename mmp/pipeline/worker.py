@@ -8,7 +8,8 @@ too, so a run created just before the crash is not left RUNNING), whatever it le
 running is killed, and the commit gets an `error` status and a notification. Queued
 jobs then run exactly once, oldest first. A study (an experiment with a Tuning block)
 is the exception: it is put back in the queue and resumes, replacing the trials that
-were running (mmp.tuning.study). While idle the worker retries ending runs the MLflow
+were running (mmp.tuning.study), whether the worker was killed or stopped (SIGTERM,
+Ctrl-C, or `mmp up` gone); one that had already ended and reported only has its job closed. While idle the worker retries ending runs the MLflow
 store refused to end (read-only, deleted, down), so it recovers without a restart.
 A push that changed `promote.json` is handed to
 `mmp.models.gitops.run_promotion`; one that changed an experiment file trains.
@@ -134,10 +135,13 @@ class Worker:
             self.queue.set_run(delivery_id, run_id)
 
         if self.pipeline_factory is not None:
-            return self.pipeline_factory(reporter=reporter, notifier=self.notifier, on_launch=on_launch)
-        from .runs import LocalPipeline  # SageMaker platforms: Prepare's image step, as for mmp run
+            pipeline = self.pipeline_factory(reporter=reporter, notifier=self.notifier, on_launch=on_launch)
+        else:
+            from .runs import LocalPipeline  # SageMaker platforms: Prepare's image step, as for mmp run
 
-        return LocalPipeline(store=RunStore(), reporter=reporter, notifier=self.notifier, on_launch=on_launch)
+            pipeline = LocalPipeline(store=RunStore(), reporter=reporter, notifier=self.notifier, on_launch=on_launch)
+        pipeline.resume_studies = True  # this queue brings a stopped study back: recover() requeues it
+        return pipeline
 
     # -- the work ----------------------------------------------------------------------
     def process(self, queued: QueuedJob) -> str:
@@ -158,7 +162,8 @@ class Worker:
                 ok = ok and state.upper() not in ("FAILED", "FAILURE", "ERROR", "INVALID")
                 results.append(f"promote {state}: {message}")
         except (KeyboardInterrupt, SystemExit):
-            self.queue.finish(job.delivery_id, "failed", "cancelled: the worker was stopped during this job")
+            if not (job.trains and study_control.resumable(job.delivery_id)):  # a study stays running: it resumes
+                self.queue.finish(job.delivery_id, "failed", "cancelled: the worker was stopped during this job")
             raise
         except Exception as exc:
             log.exception("job %s failed", job.delivery_id)
@@ -188,9 +193,14 @@ class Worker:
         interrupted = []
         for queued in self.queue.running():
             job = Job.from_dict(queued.payload)
-            if job.trains and study_control.resumable(job.delivery_id):
+            study_state = study_control.state(job.delivery_id) if job.trains else None
+            if study_state == "running":
                 log.warning("job %s is a study; it resumes where it was", job.delivery_id)
                 self.queue.requeue(job.delivery_id)
+                continue
+            if study_state is not None:  # it ended, reported and notified; the worker died before closing its job
+                self.queue.finish(job.delivery_id, "done" if study_state == "finished" else "failed",
+                                  f"study {study_state} (its job closed by recovery)")
                 continue
             log.warning("job %s (%s@%s) was interrupted; marking it failed", job.delivery_id, job.repository,
                         job.after[:12])

@@ -50,11 +50,16 @@ def finish(delivery_id: str, state: str) -> None:
                    (state, time.time(), delivery_id))
 
 
-def resumable(delivery_id: str) -> bool:
-    """A study this delivery started and that has not ended: recovery resumes it instead of failing it."""
+def state(delivery_id: str) -> str | None:
+    """running, finished, failed or cancelled; None if this delivery started no study."""
     with closing(_db()) as db:
         row = db.execute("SELECT state FROM studies WHERE delivery_id = ?", (delivery_id,)).fetchone()
-    return row is not None and row["state"] == "running"
+    return row["state"] if row is not None else None
+
+
+def resumable(delivery_id: str) -> bool:
+    """A study this delivery started and that has not ended: recovery resumes it instead of failing it."""
+    return state(delivery_id) == "running"
 
 
 def request_cancel(parent_run_id: str) -> bool:

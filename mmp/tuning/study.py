@@ -11,7 +11,11 @@ Optuna's state lives in SQLite (`$MMP_HOME/studies.db`) on the local stack and i
 the artifacts bucket (mmp.tuning.s3_journal) in the runner task on AWS, so a restarted
 worker or runner resumes the same study: a trial that was running when the worker died is failed
 (processes torn down, MLflow run ended) and replaced by a new trial with the same
-hyperparameters; it is never continued and never counted twice.
+hyperparameters; it is never continued and never counted twice. The local worker resumes a
+study it was stopped in (SIGTERM, Ctrl-C) the same way. Each step writes Optuna before MLflow
+and the study's end before its state, so a `kill -9` anywhere (`MMP_CRASH_AT` names the points
+the tests use) leaves what resuming repairs: an open MLflow run is ended as Optuna recorded it.
+Any other error ends the study as failed, with a final parent run, commit status and notice.
 
 In MLflow the study is one parent run (strategy, ranges, best trial, value and
 parameters) with each trial a child run (`mlflow.parentRunId`), tagged with its
@@ -24,6 +28,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -33,7 +38,7 @@ from .. import config
 from ..backends import JobHandle, JobState, JobStatus
 from ..filelock import exclusive
 from ..mlflow_store import sqlite_path
-from ..pipeline.runner import LOG_KEEP_LINES, Outcome, Pipeline, Prepared, Started
+from ..pipeline.runner import DELIVERY_TAG, LOG_KEEP_LINES, Outcome, Pipeline, Prepared, Started, crash_point
 from ..pipeline.sources import Trigger
 from . import control
 from .intermediate import DRAIN_PAGES, IntermediateValues, checkpoints, tracking_store
@@ -54,7 +59,11 @@ ATTR_STARTED = "mmp.started_at"
 ATTR_INTERRUPTED = "mmp.interrupted_trials"
 ATTR_RUN = "mmp.run_id"
 ATTR_HANDLE = "mmp.handle"  # the trial's backend job, so a restart can tear it down without the local job store
-
+ATTR_REPLACES = "mmp.replaces"  # on a trial enqueued for an interrupted one: a second recovery never enqueues twice
+SUSPENDED = "interrupted: the worker stopped; the study resumes when a worker starts again"
+# A trial Optuna has recorded whose MLflow run a crash left open is ended as Optuna says it ended.
+ENDED_AS = {"COMPLETE": (JobState.SUCCEEDED, "complete"), "PRUNED": (JobState.CANCELLED, "pruned"),
+            "FAIL": (JobState.FAILED, "failed")}
 
 
 def storage_url() -> str:
@@ -130,6 +139,10 @@ def open_study(name: str, tuning: Tuning, storage: str | None = None) -> "optuna
     return study
 
 
+class SamplingError(RuntimeError):
+    """Optuna could not draw a trial from the ranges (one too wide for a float, say)."""
+
+
 @dataclasses.dataclass
 class TrialRun:
     """One trial in flight: its Optuna trial, MLflow run, log and outcome."""
@@ -158,10 +171,15 @@ class _Quiet:
 class StudyRunner:
     def __init__(self, pipeline: Pipeline, trigger: Trigger, prepared: Prepared, *, poll_seconds: float = 1.0,
                  storage: str | None = None, request_overrides: dict[str, Any] | None = None,
-                 on_change: Callable[[dict[str, Any]], None] | None = None):
+                 on_change: Callable[[dict[str, Any]], None] | None = None, resume_on_stop: bool = False,
+                 retried_on_error: bool = False):
         """`request_overrides`: fields every trial's LaunchRequest takes (the AWS image tag and code
         archive Prepare staged); `on_change`: told the parent run and every trial's job as they
-        appear, so whoever outlives this process (Conclude on AWS) can stop them."""
+        appear, so whoever outlives this process (Conclude on AWS) can stop them; `resume_on_stop`:
+        a Ctrl-C or SIGTERM stops the trials' jobs but leaves the study to be resumed (the local
+        worker, whose queue brings it back) instead of ending it as cancelled; `retried_on_error`: an
+        error crashes this process, whose caller starts it again to resume the study and ends it after
+        its last try (RunStudy and Conclude on AWS); otherwise an error ends the study as failed."""
         assert prepared.experiment.tuning is not None
         self.pipeline = pipeline
         self.trigger = trigger
@@ -173,6 +191,8 @@ class StudyRunner:
         self.storage = storage
         self.request_overrides = dict(request_overrides or {})
         self.on_change = on_change
+        self.resume_on_stop = resume_on_stop
+        self.retried_on_error = retried_on_error
         self._recorded: dict[str, dict] = {}  # trial run → its handle, once in the study's storage
         self.key = trigger.delivery_id or trigger.commit
         self.name = study_name(trigger)
@@ -206,7 +226,9 @@ class StudyRunner:
             name = self.prepared.experiment.resolved_name(self.trigger.repository)
             request = self.pipeline.launch_request(self.trigger, self.prepared, name, run_id)
             return Started(run_id=run_id, run_url=self.tracker.run_url(run_id), request=request)
-        started = self.pipeline.start(self.trigger, self.prepared)
+        if ATTR_STARTED not in study.user_attrs:
+            study.set_user_attr(ATTR_STARTED, time.time())  # Max_Runtime counts from the first start
+        started = self.parent = self.pipeline.start(self.trigger, self.prepared)
         name = started.request.experiment_name
         self.tracker.set_tags(started.run_id, {
             TAG_STUDY: "true", "mlflow.runName": f"{name}-{self.trigger.commit[:7]}-study",
@@ -217,7 +239,6 @@ class StudyRunner:
             "mmp.tuning.ranges": json.dumps(self.tuning.describe()["Ranges"]),
         })
         study.set_user_attr(ATTR_PARENT, started.run_id)
-        study.set_user_attr(ATTR_STARTED, time.time())
         if self.pipeline.store is not None:
             self.pipeline.store.update(started.run_id, state="RUNNING")
         return started
@@ -230,29 +251,60 @@ class StudyRunner:
         return set(study.user_attrs.get(ATTR_INTERRUPTED, []))
 
     def _replace_interrupted(self, study) -> None:
-        """Trials left running by a dead worker: tear down, fail, and enqueue the same parameters again."""
+        """Trials left running by a dead worker: tear down, enqueue the same parameters again, then fail.
+
+        Each step is safe to repeat, so a second crash in the middle loses no point and queues none
+        twice: the replacement is enqueued before the trial is failed, and never for a trial that
+        already has one (`mmp.replaces`)."""
         from optuna.trial import TrialState
 
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not stale:
             return
         study.set_user_attr(ATTR_INTERRUPTED, sorted(self._interrupted(study) | {t.number for t in stale}))
+        replaced = {t.user_attrs.get(ATTR_REPLACES) for t in study.get_trials(deepcopy=False)}
         for t in stale:
             run_id = t.user_attrs.get(ATTR_RUN)
             if run_id:
                 self._end_interrupted_run(run_id, t.user_attrs.get(ATTR_HANDLE))
+            if t.number not in replaced:
+                # a trial caught inside ask() may lack some params; the queued point it took has them all
+                params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+                study.enqueue_trial(params, user_attrs={ATTR_REPLACES: t.number})
+                crash_point("study-replacement-enqueued")
             study.tell(t.number, state=TrialState.FAIL)
-            study.enqueue_trial(t.params, user_attrs={"mmp.replaces": t.number})
             log.warning("study %s: trial %d was interrupted; replaced", self.name, t.number)
 
-    def _end_interrupted_run(self, run_id: str, recorded: dict | None = None) -> None:
+    def _end_strays(self, study) -> None:
+        """End this delivery's MLflow runs that a crash left open with no trial in flight: one made just
+        before its trial recorded it (ended as interrupted), or one whose trial Optuna had already
+        recorded as ended (ended as Optuna says: a complete trial stays complete)."""
+        if not self.trigger.delivery_id:
+            return
+        skip = self._interrupted(study)
+        by_run = {t.user_attrs[ATTR_RUN]: t for t in study.get_trials(deepcopy=False) if ATTR_RUN in t.user_attrs}
+        for run_id, delivery_id in self.tracker.open_runs(DELIVERY_TAG):
+            if delivery_id != self.trigger.delivery_id or run_id == self.parent.run_id:
+                continue
+            t = by_run.get(run_id)
+            if t is not None and t.state.name in ENDED_AS and t.number not in skip:
+                state, tag = ENDED_AS[t.state.name]
+                self._end_interrupted_run(run_id, t.user_attrs.get(ATTR_HANDLE), state=state, tag=tag,
+                                          message=f"{tag} (ended on resume: the worker stopped before ending this run)")
+            else:
+                self._end_interrupted_run(run_id, t.user_attrs.get(ATTR_HANDLE) if t is not None else None)
+            log.warning("study %s: ended MLflow run %s that a stopped worker left open", self.name, run_id)
+
+    def _end_interrupted_run(self, run_id: str, recorded: dict | None = None, *, state: JobState = JobState.FAILED,
+                             tag: str = "failed", message: str = INTERRUPTED_TRIAL) -> None:
         """Stop and tear down its job (from the local job store, or the handle the study recorded), end its run."""
         store = self.pipeline.store
         record = store.get(run_id) if store is not None else None
         end_trial(run_id, record.handle if record is not None and record.handle else recorded,
-                  backend_for=self.pipeline.backend_factory, tracker=self.tracker, message=INTERRUPTED_TRIAL)
+                  backend_for=self.pipeline.backend_factory, tracker=self.tracker, message=message,
+                  state=state, tag=tag)
         if store is not None:
-            store.update(run_id, state="FAILED", message=INTERRUPTED_TRIAL)
+            store.update(run_id, state=state.value, message=message)
 
     def _counts(self, study) -> collections.Counter:
         """Finished trials by state (interrupted ones were replaced and do not count)."""
@@ -266,7 +318,11 @@ class StudyRunner:
     def _launch_one(self, study, dists: dict[str, Any]) -> None:
         from optuna.trial import TrialState
 
-        trial = study.ask(dists)
+        try:
+            trial = study.ask(dists)
+        except Exception as exc:  # every later draw would fail the same way: the study ends, saying why
+            raise SamplingError(f"could not draw the next trial's values from Tuning.Ranges "
+                                f"({type(exc).__name__}: {exc})") from exc
         try:
             prepared = Prepared(experiment=self.prepared.experiment.for_trial(trial.params),
                                 backend=self.backend, dataset=self.prepared.dataset)
@@ -279,6 +335,7 @@ class StudyRunner:
             log.error("study %s: could not create the run of trial %d: %s", self.name, trial.number, exc)
             study.tell(trial, state=TrialState.FAIL)
             return
+        crash_point("study-trial-run-created")
         trial.set_user_attr(ATTR_RUN, started.run_id)
         # Each trial is its own job on platforms that name jobs after the delivery (SageMaker).
         started.request = dataclasses.replace(started.request, **self.request_overrides,
@@ -323,6 +380,7 @@ class StudyRunner:
             if handle is not None and run_id not in self._recorded:
                 self._recorded[run_id] = handle.to_dict()
                 tr.trial.set_user_attr(ATTR_HANDLE, self._recorded[run_id])
+                crash_point("study-trial-recorded")
                 fresh = True
         if fresh:
             self._changed()
@@ -384,7 +442,10 @@ class StudyRunner:
                 value = self.final_value(tr.started.run_id)
             except Exception as exc:
                 status = JobStatus(JobState.FAILED, f"could not read {metric}: {exc}")
-            if value is not None:
+            if value is not None and math.isnan(value):  # Optuna refuses NaN: this trial fails, the study goes on
+                value = None
+                status = JobStatus(JobState.FAILED, f"train.py logged {metric} = NaN (the study's objective)")
+            elif value is not None:
                 state, tag = TrialState.COMPLETE, "complete"
                 if self.tuning.early_stopping:  # later trials are compared with its values at their steps
                     self._report_intermediate(tr, DRAIN_PAGES)
@@ -396,8 +457,11 @@ class StudyRunner:
             self.tracker.set_tags(tr.started.run_id, {TAG_TRIAL_STATE: tag})
         except Exception as exc:
             log.warning("could not tag trial %d: %s", tr.trial.number, exc)
-        self.trials.conclude(self.trigger, tr.started, status, "\n".join(tr.lines))
-        study.tell(tr.trial, value if state == TrialState.COMPLETE else None, state=state)
+        try:  # Optuna first: a crash after it leaves a run that resuming ends as Optuna recorded
+            study.tell(tr.trial, value if state == TrialState.COMPLETE else None, state=state)
+            crash_point("study-trial-told")
+        finally:  # even when Optuna's storage refused: the run ends, the study's error path does the rest
+            self.trials.conclude(self.trigger, tr.started, status, "\n".join(tr.lines))
         self._report_progress(study)
 
     # -- progress and the end ----------------------------------------------------------
@@ -425,25 +489,32 @@ class StudyRunner:
             return f"{failed} trials failed (Max_Failures {self.tuning.max_failures})"
         return None
 
-    def _final_status(self, study, stop: str | None) -> JobStatus:
+    def _summary(self, study) -> str:
         counts = self._counts(study)
-        done = sum(counts.values())
         parts = [f"{counts.get(k, 0)} {word}" for k, word in
                  (("COMPLETE", "complete"), ("PRUNED", "pruned"), ("FAIL", "failed")) if counts.get(k)]
-        summary = f"{done}/{self.tuning.total_runs} trials ({', '.join(parts) or 'none finished'})"
+        return f"{sum(counts.values())}/{self.tuning.total_runs} trials ({', '.join(parts) or 'none finished'})"
+
+    def _tag_parent(self, tags: dict[str, str]) -> None:
+        try:
+            self.tracker.set_tags(self.parent.run_id, tags)
+        except Exception as exc:  # MLflow down: the study still ends, reports and notifies
+            log.warning("study %s: could not tag its parent run: %s", self.name, exc)
+
+    def _final_status(self, study, stop: str | None) -> JobStatus:
+        summary = self._summary(study)
         best = self._best(study)
         detail: dict[str, Any] = {}
         if best is not None:
             metric = self.tuning.objective_metric
             summary += f", best {metric} {best.value:.4g} (trial {best.number})"
             detail["metrics"] = {metric: best.value}
-            best_run = best.user_attrs.get(ATTR_RUN, "")
-            self.tracker.set_tags(self.parent.run_id, {
+            self._tag_parent({
                 "mmp.tuning.best_trial": str(best.number), "mmp.tuning.best_value": repr(best.value),
-                "mmp.tuning.best_run_id": best_run, "mmp.tuning.best_params": json.dumps(best.params),
+                "mmp.tuning.best_run_id": best.user_attrs.get(ATTR_RUN, ""),
+                "mmp.tuning.best_params": json.dumps(best.params),
             })
-        self.tracker.set_tags(self.parent.run_id, {f"mmp.tuning.trials_{k.lower()}": str(v)
-                                                   for k, v in counts.items()})
+        self._tag_parent({f"mmp.tuning.trials_{k.lower()}": str(v) for k, v in self._counts(study).items()})
         if stop in ("cancelled", "stopped: Max_Runtime reached"):
             return JobStatus(JobState.CANCELLED, f"{stop} after {summary}", detail=detail)
         if stop is not None:
@@ -452,52 +523,122 @@ class StudyRunner:
             return JobStatus(JobState.FAILED, f"no trial completed: {summary}", detail=detail)
         return JobStatus(JobState.SUCCEEDED, summary, detail=detail)
 
-    def run(self) -> Outcome:
-        control.register(self.key, self.name)
-        study = open_study(self.name, self.tuning, self.storage)
-        self.parent = self._open_parent(study)
-        control.set_parent(self.key, self.parent.run_id)
-        self._changed()
-        self._replace_interrupted(study)
-        self.deadline = float(study.user_attrs[ATTR_STARTED]) + self.prepared.experiment.runtime_minutes * 60
+    def _loop(self, study) -> str | None:
+        """Launch, follow and conclude trials until the budget is spent or a stop reason comes; returns it."""
         dists = distributions(self.tuning)
         stop: str | None = None
-        try:
-            self._report_progress(study)
-            while True:
-                while not self.finished.empty():
-                    self._conclude_trial(study, self.finished.get())
-                stop = stop or self._stop_reason(study)
-                if stop:
-                    for tr in self.running.values():
-                        self._cancel(tr)
-                else:
-                    while len(self.running) < self.tuning.parallel and self._remaining(study) > 0:
-                        self._launch_one(study, dists)
-                    self._prune()
-                self._record_handles()
-                if not self.running and (stop or self._remaining(study) == 0):
-                    break
-                try:
-                    self._conclude_trial(study, self.finished.get(timeout=self.poll_seconds))
-                except queue.Empty:
-                    pass
-        except (KeyboardInterrupt, SystemExit):
-            # The worker is stopping: stop every trial, record each, end the study as cancelled.
-            while self.running:
+        self._report_progress(study)
+        while True:
+            while not self.finished.empty():
+                self._conclude_trial(study, self.finished.get())
+            stop = stop or self._stop_reason(study)
+            if stop:
                 for tr in self.running.values():
                     self._cancel(tr)
-                try:
-                    self._conclude_trial(study, self.finished.get(timeout=self.poll_seconds))
-                except queue.Empty:
-                    pass
-            control.finish(self.key, "cancelled")
-            self.pipeline.conclude(self.trigger, self.parent, JobStatus(JobState.CANCELLED, "interrupted"), None)
-            raise
-        status = self._final_status(study, stop)
+            else:
+                while len(self.running) < self.tuning.parallel and self._remaining(study) > 0:
+                    self._launch_one(study, dists)
+                self._prune()
+            self._record_handles()
+            if not self.running and (stop or self._remaining(study) == 0):
+                return stop
+            try:
+                self._conclude_trial(study, self.finished.get(timeout=self.poll_seconds))
+            except queue.Empty:
+                pass
+
+    def _stop_trials(self, conclude: Callable[[TrialRun], bool]) -> None:
+        """Cancel every running trial and wait for each; `conclude(trial)` says whether to record it now."""
+        while self.running:
+            for tr in self.running.values():
+                self._cancel(tr)
+            try:
+                tr = self.finished.get(timeout=self.poll_seconds)
+            except queue.Empty:
+                continue
+            if not conclude(tr):
+                del self.running[tr.trial.number]
+
+    def _fail_after_error(self, study) -> None:
+        """The loop failed: stop every trial, record each as it ended, and fail any trial Optuna still holds
+        as running (one caught inside ask()), so nothing of the study goes on or waits for a resume."""
+        from optuna.trial import TrialState
+
+        def conclude(tr: TrialRun) -> bool:
+            try:
+                self._conclude_trial(study, tr)
+            except Exception as exc:
+                log.error("study %s: could not record trial %d: %s", self.name, tr.trial.number, exc)
+                self.running.pop(tr.trial.number, None)
+            return True
+
+        self._stop_trials(conclude)
+        try:
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                study.tell(t.number, state=TrialState.FAIL)
+        except Exception as exc:
+            log.error("study %s: could not fail its unfinished trials: %s", self.name, exc)
+
+    def _suspend(self, study) -> None:
+        """The worker is stopping (Ctrl-C, SIGTERM, `mmp up` gone): stop the trials' jobs, keep what
+        succeeded, and leave the rest as a kill -9 would, for the next worker to replace and resume."""
+
+        def conclude(tr: TrialRun) -> bool:
+            if tr.status is not None and tr.status.state == JobState.SUCCEEDED:  # it ended before the cancel
+                self._conclude_trial(study, tr)
+                return True
+            return False
+
+        self._stop_trials(conclude)
+        self.pipeline.report_status(self.trigger, "pending", SUSPENDED, self.parent.run_url)
+
+    def _end(self, status: JobStatus) -> Outcome:
+        """End the parent run, report and notify; only then is the study recorded as over (a crash in
+        between resumes it and ends it again, never leaves it looking unfinished or failed)."""
+        outcome = self.pipeline.conclude(self.trigger, self.parent, status, None)
+        crash_point("study-concluded")
         control.finish(self.key, {JobState.SUCCEEDED: "finished", JobState.CANCELLED: "cancelled"}
                        .get(status.state, "failed"))
-        return self.pipeline.conclude(self.trigger, self.parent, status, None)
+        return outcome
+
+    def run(self) -> Outcome:
+        control.register(self.key, self.name)
+        try:
+            study = open_study(self.name, self.tuning, self.storage)
+            self.parent = self._open_parent(study)
+        except Exception as exc:  # Optuna's storage or MLflow refused: the study ends before any trial
+            if self.retried_on_error or self.parent is None:
+                raise  # with no parent run, run_study rejects the commit (error status and notification)
+            log.exception("study %s could not start", self.name)
+            return self._end(JobStatus(JobState.FAILED, f"the study could not start: {type(exc).__name__}: {exc}"))
+        control.set_parent(self.key, self.parent.run_id)
+        self._changed()
+        try:
+            self._replace_interrupted(study)
+            self._end_strays(study)
+            self.deadline = (float(study.user_attrs.get(ATTR_STARTED, time.time()))
+                             + self.prepared.experiment.runtime_minutes * 60)
+            status = self._final_status(study, self._loop(study))
+        except (KeyboardInterrupt, SystemExit):
+            if self.resume_on_stop:
+                self._suspend(study)
+                raise
+            # The process is stopping for good: stop every trial, record each, end the study as cancelled.
+            self._stop_trials(lambda tr: self._conclude_trial(study, tr) or True)
+            self._end(JobStatus(JobState.CANCELLED, "interrupted"))
+            raise
+        except Exception as exc:  # Optuna, MLflow or a sampler failed: a final status all the same
+            if self.retried_on_error:
+                raise
+            log.exception("study %s stopped on an error", self.name)
+            self._fail_after_error(study)
+            try:
+                summary = self._summary(study)
+            except Exception:
+                summary = "trial counts unavailable"
+            reason = str(exc) if isinstance(exc, SamplingError) else f"{type(exc).__name__}: {exc}"
+            status = JobStatus(JobState.FAILED, f"the study stopped on an error ({reason}); {summary}")
+        return self._end(status)
 
 
 def run_study(pipeline: Pipeline, trigger: Trigger, prepared: Prepared) -> Outcome:
@@ -514,7 +655,8 @@ def run_study(pipeline: Pipeline, trigger: Trigger, prepared: Prepared) -> Outco
             announced.append(progress["parent_run_id"])
             pipeline.on_launch(progress["parent_run_id"], None)
 
-    runner = StudyRunner(pipeline, trigger, prepared, on_change=announce_parent)
+    runner = StudyRunner(pipeline, trigger, prepared, on_change=announce_parent,
+                         resume_on_stop=pipeline.resume_studies)
     try:
         return runner.run()
     except Exception as exc:

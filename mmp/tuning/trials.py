@@ -14,9 +14,10 @@ log = logging.getLogger("mmp.tuning")
 
 
 def end_trial(run_id: str, handle: dict | None, *, backend_for: Callable[[str], Backend], tracker: Any,
-              message: str) -> None:
-    """Cancel and tear down the trial's job (it may still run, or hold machines), tag it failed and end
-    its run; each step is tried even if one before it failed, and failures are logged."""
+              message: str, state: JobState = JobState.FAILED, tag: str = "failed") -> None:
+    """Cancel and tear down the trial's job (it may still run, or hold machines), tag it (failed unless
+    the study recorded another end) and end its run; each step is tried even if one before it failed,
+    and failures are logged."""
     if handle:
         job = JobHandle.from_dict(handle)
         for step in ("cancel", "teardown"):
@@ -25,7 +26,7 @@ def end_trial(run_id: str, handle: dict | None, *, backend_for: Callable[[str], 
             except Exception as exc:
                 log.error("could not %s trial run %s: %s", step, run_id, exc)
     try:
-        tracker.set_tags(run_id, {TAG_TRIAL_STATE: "failed"})
-        tracker.finish(run_id, JobState.FAILED, message=message)
+        tracker.set_tags(run_id, {TAG_TRIAL_STATE: tag})
+        tracker.finish(run_id, state, message=message)
     except Exception as exc:
         log.error("could not end trial run %s: %s", run_id, exc)

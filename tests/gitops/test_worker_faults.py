@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +24,6 @@ from mmp.pipeline.reporting import LocalStatusReporter
 from mmp.pipeline.store import RunStore
 from mmp.webhook.core import Job
 
-ROOT = Path(__file__).resolve().parents[2]
 QUICK_TRAIN = "print('quick run', flush=True)\n"
 GATED_TRAIN = """
 import pathlib, time
@@ -69,32 +67,6 @@ def store_dir(mmp_home, empty_mlflow_db, monkeypatch) -> Path:
     shutil.copy(empty_mlflow_db, folder / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
     return folder
-
-
-@pytest.fixture
-def start_worker(mmp_home):
-    """Factory for real worker processes; every one is stopped (and its jobs with it) at teardown."""
-    procs: list[subprocess.Popen] = []
-    log = mmp_home / "worker-test.log"
-
-    def _start(*args: str, **env: str) -> subprocess.Popen:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "mmp.pipeline.worker", *args],
-                                    env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=out,
-                                    stderr=subprocess.STDOUT)
-        procs.append(proc)
-        return proc
-
-    _start.log = log
-    yield _start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # the worker cancels its job and tears it down
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @contextmanager

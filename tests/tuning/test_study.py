@@ -40,6 +40,7 @@ p.add_argument("--units", type=int, default=1)
 p.add_argument("--shift", type=float, default=0.0)
 p.add_argument("--steps", type=int, default=2)
 p.add_argument("--together", type=int, default=0)
+p.add_argument("--first-step", type=int, default=0)
 a = p.parse_args()
 run_id = os.environ["MLFLOW_RUN_ID"]
 
@@ -60,9 +61,9 @@ overlap = 1.0
 if a.together:  # wait until that many trials have started: only true if they run at once
     overlap = float(wait_for(lambda: len(os.listdir(a.marks)) >= a.together, 120))
 import mlflow
-score = a.units + (10 if a.opt == "b" else 0) - abs(a.shift - 0.3)
+score = float("nan") if a.opt == "nan" else a.units + (10 if a.opt == "b" else 0) - abs(a.shift - 0.3)
 with mlflow.start_run():
-    for step in range(a.steps):
+    for step in range(a.first_step, a.first_step + a.steps):
         mlflow.log_metric("score", score, step=step)
         mlflow.log_metric("overlap", overlap, step=step)
         if a.gate and step == 0:  # hold here until the test lets this run finish
@@ -333,6 +334,253 @@ def test_a_worker_killed_mid_study_resumes_without_running_a_trial_twice(study_r
     assert len(marked(study_repo.marks)) == 3  # three runs, each started once (O_EXCL marks)
     assert "2/2 trials" in parent.data.tags["mmp.outcome"]
     assert no_process_from(study_repo.marks)
+
+
+# -- a study always ends: a final parent run, commit status and notification (issue 20.2) ----------
+def notification(key: str) -> dict | None:
+    path = config.mmp_home() / "notifications" / f"{key}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def delivery_runs(delivery: str):
+    """Every MLflow run this delivery made, parents, trials and runs no trial recorded alike."""
+    from mlflow.entities import ViewType
+
+    ids = [e.experiment_id for e in client().search_experiments(view_type=ViewType.ALL)]
+    return client().search_runs(ids, f"tags.`mmp.delivery_id` = '{delivery}'", run_view_type=ViewType.ALL) \
+        if ids else []
+
+
+def assert_study_ended(repo: Path, delivery: str, outcome_state: str | None, commit_states: tuple[str, ...]):
+    """Nothing of the study is left RUNNING or pending, and the team heard of its end."""
+    from mmp.tuning import control
+
+    assert control.state(delivery) != "running"  # `mmp cancel` would say "cancel sent" to nobody
+    assert [r.info.run_id for r in delivery_runs(delivery) if r.info.status == "RUNNING"] == []
+    history = LocalStatusReporter().history(repo.name, head(repo))
+    assert history and history[-1]["state"] in commit_states, history[-1:]
+    parents = [r for r in delivery_runs(delivery) if r.data.tags.get("mmp.study") == "true"]
+    note = notification(parents[0].info.run_id if parents else delivery)
+    assert note is not None and (outcome_state is None or note["state"] == outcome_state), note
+    if parents:  # `mmp cancel` tells the truth instead of "cancel sent"
+        from typer.testing import CliRunner
+
+        from mmp.cli import app
+
+        cancel = CliRunner().invoke(app, ["cancel", parents[0].info.run_id])
+        assert cancel.exit_code == 1 and "is already" in cancel.output, cancel.output
+
+
+def test_a_nan_objective_fails_that_trial_and_the_study_goes_on(study_repo):
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Ranges": {"opt": {"Values": ["nan", "a"]}}})
+    outcome = run_trigger(local_trigger(repo, head(repo), delivery_id="nan-study"))
+    assert outcome.state == "SUCCEEDED", outcome.message
+    _, trials = study_runs(outcome.run_id)
+    assert [(t.data.params["opt"], t.data.tags["mmp.trial.state"], t.info.status) for t in trials] == [
+        ("nan", "failed", "FAILED"), ("a", "complete", "FINISHED")]
+    assert "score = NaN" in trials[0].data.tags["mmp.outcome"]
+    assert "1 complete, 1 failed" in outcome.message
+    assert_study_ended(repo, "nan-study", "SUCCEEDED", ("success",))
+
+
+def test_an_objective_logged_at_step_minus_1_with_early_stopping_is_skipped(study_repo):
+    # train.py logs steps -1 and 0, then holds at its gate until the study has reported step 0 to Optuna.
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Early_Stopping": True,
+                       "Ranges": {"units": {"Values": [1, 2]}}}, {"gate": str(study_repo.gate), "first-step": -1})
+    from mmp.tuning.study import storage_url
+
+    def release_reported():
+        try:
+            study = optuna.load_study(study_name="mmp-minus-one", storage=storage_url())
+        except KeyError:
+            return False
+        for t in study.get_trials(deepcopy=False):
+            if 0 in t.intermediate_values and "mmp.run_id" in t.user_attrs:
+                (study_repo.gate / t.user_attrs["mmp.run_id"]).touch()
+        return False
+
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(
+        outcome=run_trigger(local_trigger(repo, head(repo), delivery_id="minus-one"))))
+    runner.start()
+    try:
+        wait_until(lambda: release_reported() or not runner.is_alive(), what="the study to end")
+    finally:
+        for run_id in marked(study_repo.marks):  # never leave a trial holding at its gate
+            (study_repo.gate / run_id).touch()
+        runner.join(timeout=240)
+    outcome = result["outcome"]
+    assert outcome.state == "SUCCEEDED", outcome.message
+    study = optuna.load_study(study_name="mmp-minus-one", storage=storage_url())
+    assert [sorted(t.intermediate_values) for t in study.trials] == [[0], [0]]  # step -1 never reached Optuna
+    assert_study_ended(repo, "minus-one", "SUCCEEDED", ("success",))
+
+
+@pytest.mark.parametrize("bounds", [{"Min": -1e308, "Max": 1e308}, {"Min": 0, "Max": "1e309"}])
+def test_a_range_that_overflows_ends_the_study_with_a_final_status(study_repo, bounds):
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "random", "Max_Runs": 2,
+                       "Ranges": {"shift": bounds}})
+    outcome = run_trigger(local_trigger(repo, head(repo), delivery_id="overflow"))
+    assert outcome.state in ("FAILED", "INVALID"), outcome.message  # INVALID once validation refuses the range
+    assert "Ranges" in outcome.message or "shift" in outcome.message, outcome.message
+    assert marked(study_repo.marks) == {}  # no trial ran
+    assert_study_ended(repo, "overflow", outcome.state, ("failure", "error"))
+
+
+def study_with_a_file_made_immutable(study_repo, repo: Path, delivery: str, path: Path, started, release):
+    """Run the study in a thread; once `started()` holds, make `path` immutable (chattr +i: writes fail)
+    and call `release()`. On the way out, whatever happened, the file is writable and every gate open."""
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(
+        outcome=run_trigger(local_trigger(repo, head(repo), delivery_id=delivery))))
+    runner.start()
+    locked = False
+    try:
+        wait_until(lambda: started() or not runner.is_alive(), what="the trials to start")
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+        locked = True
+        release()
+        runner.join(timeout=240)
+    finally:
+        if locked:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        for run_id in marked(study_repo.marks):
+            (study_repo.gate / run_id).touch()
+        runner.join(timeout=240)
+    return result["outcome"]
+
+
+def test_an_mlflow_store_fault_mid_study_still_ends_it(study_repo):
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Ranges": {"opt": {"Values": ["a", "b"]}}},
+                      {"gate": str(study_repo.gate)})
+    db = Path(config.tracking_uri().removeprefix("sqlite:///"))  # the MLflow store refuses every write
+
+    def release():
+        for run_id in marked(study_repo.marks):
+            (study_repo.gate / run_id).touch()
+
+    outcome = study_with_a_file_made_immutable(study_repo, repo, "store-fault", db,
+                                               lambda: marked(study_repo.marks), release)
+    assert outcome.state in ("SUCCEEDED", "FAILED"), outcome.message
+    assert any("MLflow not updated" in p for p in outcome.problems), outcome.problems
+    note = notification(outcome.run_id)
+    assert note is not None and note["state"] == outcome.state
+    history = LocalStatusReporter().history(repo.name, head(repo))
+    assert history[-1]["state"] in ("success", "failure")
+    from mmp.tuning import control
+
+    assert control.state("store-fault") != "running"
+    assert no_process_from(study_repo.marks)
+
+
+# -- kill -9 at any point, and `mmp up` dying, resume the study (issue 20.3, 20.4) -------------------
+GRID_1_2 = {"Objective_Metric": "score", "Strategy": "grid", "Ranges": {"units": {"Values": [1, 2]}}}
+
+
+def submit_study(repo: Path, delivery: str) -> None:
+    JobQueue().submit(Job(repository=repo.name, clone_url=str(repo), before="0" * 40, after=head(repo),
+                          ref="refs/heads/main", delivery_id=delivery, trigger_files=["experiment.json"]), delivery)
+
+
+def assert_each_point_ran_once(repo: Path, delivery: str, points: list[str], interrupted: int) -> None:
+    """One parent, FINISHED; exactly one complete trial per grid point; only interrupted trials failed;
+    no run of the delivery left RUNNING; the commit's last status is success, and the team was told."""
+    job = JobQueue().get(delivery)
+    assert job.state == "done", job.message
+    (parent,) = [r for r in delivery_runs(delivery) if r.data.tags.get("mmp.study") == "true"]
+    _, trials = study_runs(parent.info.run_id)
+    assert sorted(t.data.params["units"] for t in trials if t.data.tags["mmp.trial.state"] == "complete") == points
+    failed = [t for t in trials if t.data.tags["mmp.trial.state"] != "complete"]
+    assert len(failed) == interrupted and all("interrupted" in t.data.tags["mmp.outcome"] for t in failed)
+    assert parent.info.status == "FINISHED" and f"{len(points)}/{len(points)} trials" in parent.data.tags["mmp.outcome"]
+    assert_study_ended(repo, delivery, "SUCCEEDED", ("success",))
+
+
+@pytest.mark.parametrize("point, interrupted, launched", [
+    ("after-create-run", 0, 2),         # the parent run exists, the study does not know it yet
+    ("study-trial-run-created", 1, 2),  # a trial's run exists (never launched), its Optuna trial does not know it
+    ("study-trial-recorded", 1, 3),     # a trial's job is running
+    ("study-trial-told", 0, 2),         # Optuna has a trial's result, MLflow still says RUNNING
+    ("study-concluded", 0, 2),          # the study has reported its end, its state says running
+])
+def test_a_worker_killed_at_each_point_resumes_the_study_running_each_point_once(study_repo, start_worker, point,
+                                                                                  interrupted, launched):
+    repo = study_repo(GRID_1_2)
+    submit_study(repo, "killed")
+    crashed = start_worker("--once", "--poll", "0.2", MMP_CRASH_AT=point)
+    assert crashed.wait(timeout=400) == -signal.SIGKILL, start_worker.log.read_text()[-3000:]
+    assert JobQueue().get("killed").state == "running"
+    resumed = start_worker("--once", "--poll", "0.2")
+    assert resumed.wait(timeout=400) == 0, start_worker.log.read_text()[-3000:]
+    assert_each_point_ran_once(repo, "killed", ["1", "2"], interrupted)
+    assert len(marked(study_repo.marks)) == launched  # train.py started once per run (O_EXCL marks)
+    assert no_process_from(study_repo.marks)
+
+
+def test_a_second_crash_while_replacing_an_interrupted_trial_loses_no_point(study_repo, start_worker):
+    repo = study_repo(GRID_1_2)
+    submit_study(repo, "twice")
+    for point in ("study-trial-recorded", "study-replacement-enqueued"):
+        crashed = start_worker("--once", "--poll", "0.2", MMP_CRASH_AT=point)
+        assert crashed.wait(timeout=400) == -signal.SIGKILL, start_worker.log.read_text()[-3000:]
+    resumed = start_worker("--once", "--poll", "0.2")
+    assert resumed.wait(timeout=400) == 0, start_worker.log.read_text()[-3000:]
+    assert_each_point_ran_once(repo, "twice", ["1", "2"], interrupted=1)
+    assert len(marked(study_repo.marks)) == 3
+    assert no_process_from(study_repo.marks)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_mmp_up_dying_mid_study_leaves_it_to_resume(study_repo, start_worker, tmp_path, how):
+    """kill -9 of `mmp up` (its guard SIGTERMs the worker) or Ctrl-C: the trial stops, the study resumes."""
+    from mmp.tuning import control
+
+    repo = study_repo(GRID_1_2, {"gate": str(study_repo.gate)})
+    submit_study(repo, "up-died")
+    with open(tmp_path / "up.log", "ab") as out:
+        up = subprocess.Popen([sys.executable, "-m", "mmp", "up", "--no-ui", "--port", "0"], stdout=out,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: marked(study_repo.marks), what="trial 0 to start")
+        guard = psutil.Process(json.loads(config.local_stack_file().read_text())["children"]["worker"]["pid"])
+        os.kill(up.pid, how)
+        up.wait(timeout=120)
+        wait_until(lambda: not guard.is_running() or guard.status() == psutil.STATUS_ZOMBIE,
+                   what="the worker to stop")
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(timeout=60)
+    assert JobQueue().get("up-died").state == "running" and control.state("up-died") == "running"
+    assert no_process_from(study_repo.marks)  # the trial's job was stopped, not left behind
+
+    resumed = start_worker("--once", "--poll", "0.2")
+    wait_until(lambda: [(study_repo.gate / r).touch() for r in marked(study_repo.marks)] and False
+               or resumed.poll() is not None, seconds=400, what="the resumed study to end")
+    assert resumed.returncode == 0, start_worker.log.read_text()[-3000:]
+    assert_each_point_ran_once(repo, "up-died", ["1", "2"], interrupted=1)
+    assert len(marked(study_repo.marks)) == 3
+
+
+def test_a_study_storage_fault_stops_the_sibling_trials_and_ends_the_study(study_repo):
+    """Two trials run; Optuna's storage refuses writes; the first trial's end cannot be recorded. The study
+    stops its sibling (no process left), ends every run and itself, reports and notifies."""
+    from mmp.tuning.study import STUDIES_DB
+
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Parallel": 2,
+                       "Ranges": {"opt": {"Values": ["a", "b"]}}}, {"gate": str(study_repo.gate)})
+
+    def release_the_first():  # only the first may finish; its sibling holds at its gate
+        first = next(r for r, m in marked(study_repo.marks).items() if m["opt"] == "a")
+        (study_repo.gate / first).touch()
+
+    outcome = study_with_a_file_made_immutable(study_repo, repo, "optuna-fault", config.mmp_home() / STUDIES_DB,
+                                               lambda: len(marked(study_repo.marks)) == 2, release_the_first)
+    assert outcome.state == "FAILED" and "the study stopped on an error" in outcome.message, outcome.message
+    assert no_process_from(study_repo.marks)  # the sibling was stopped, not left to run
+    _, trials = study_runs(outcome.run_id)
+    assert {t.data.params["opt"]: t.info.status for t in trials} == {"a": "FINISHED", "b": "KILLED"}
+    assert_study_ended(repo, "optuna-fault", "FAILED", ("failure",))
 
 
 PER_BATCH_TRAIN = r'''
