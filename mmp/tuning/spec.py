@@ -55,6 +55,22 @@ def metric_key_problem(name: str) -> str | None:
 Category = Union[bool, int, float, str]
 
 
+# Optuna's samplers compute in float64: an integer bound beyond 2**53 loses its value there.
+MAX_INTEGER_BOUND = 2 ** 53
+
+
+def _bounds_problem(kind: str, low: float, high: float) -> str | None:
+    """Why Min/Max cannot be sampled (an infinite bound, or a width that overflows), or None.
+    Without this a study would start and only then fail inside Optuna (issue 20, finding 2)."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"Min and Max must be finite numbers, got Min {low!r}, Max {high!r}"
+    if kind == "integer" and max(abs(low), abs(high)) > MAX_INTEGER_BOUND:
+        return f"an integer range's Min and Max must lie within ±2**53 ({MAX_INTEGER_BOUND}), got {low:g} to {high:g}"
+    if not math.isfinite(float(high) - float(low)):
+        return f"Max - Min must be a finite float; {high:g} - ({low:g}) overflows (at most about 1.8e308)"
+    return None
+
+
 class Range(BaseModel):
     """One tuned hyperparameter: integer or float bounds (linear or log), or a list of values."""
 
@@ -89,6 +105,8 @@ class Range(BaseModel):
                 problems.append(f"an {kind} range takes Min and Max, not Values")
             if self.min is None or self.max is None:
                 problems.append(f"an {kind} range needs both Min and Max")
+            elif problem := _bounds_problem(kind, self.min, self.max):
+                problems.append(problem)
             else:
                 if not self.min < self.max:
                     problems.append(f"Min ({self.min:g}) must be below Max ({self.max:g})")

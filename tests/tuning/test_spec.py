@@ -199,3 +199,14 @@ def test_a_huge_grid_is_counted_not_built(tmp_path):
     assert out.returncode == 1, out.stderr[-2000:]
     found = {p["field"]: p["message"] for p in json.loads(out.stdout)["problems"]}
     assert found == {"Tuning": "the grid has 2000000002 combinations; at most 1000"}
+
+
+@pytest.mark.parametrize("bounds, message", [
+    ({"Min": -1e308, "Max": 1e308}, "Max - Min must be a finite float"),
+    ({"Min": 0, "Max": "1e309"}, "must be finite numbers"),
+    ({"Type": "integer", "Min": 0, "Max": 1e18}, "within ±2**53"),
+])
+def test_a_range_optuna_cannot_sample_is_refused_by_validate(bounds, message):
+    """Issue 20, finding 2: these passed `mmp validate`, and the study then failed inside Optuna."""
+    found = problems({"Objective_Metric": "score", "Strategy": "random", "Max_Runs": 2, "Ranges": {"shift": bounds}})
+    assert message in found["Tuning.Ranges.shift"], found
