@@ -58,6 +58,13 @@ def s3_keys(s3: Any, bucket: str, prefix: str, limit: int = 1000) -> list[str]:
     return [item["Key"] for item in page.get("Contents", [])]
 
 
+def arn_region(arn: str) -> str | None:
+    """The region a full ARN names (arn:PARTITION:SERVICE:REGION:ACCOUNT:...), None for a bare name:
+    a secret handed over by ARN lives where the ARN says, whatever this process's region."""
+    parts = arn.split(":", 5)
+    return parts[3] or None if len(parts) == 6 and parts[0] == "arn" else None
+
+
 _SECRETS: dict[str, str] = {}
 
 
@@ -65,7 +72,7 @@ def secret(secret_id: str, *, cache: bool = True) -> str:
     """A Secrets Manager string secret; kept in memory only, never logged."""
     if cache and secret_id in _SECRETS:
         return _SECRETS[secret_id]
-    value = client("secretsmanager").get_secret_value(SecretId=secret_id)["SecretString"]
+    value = client("secretsmanager", arn_region(secret_id)).get_secret_value(SecretId=secret_id)["SecretString"]
     if cache:
         _SECRETS[secret_id] = value
     return value

@@ -180,3 +180,26 @@ def test_token_from_secrets_manager(monkeypatch):
         aws._SECRETS.clear()
         assert token_from_env() == TOKEN
         aws._SECRETS.clear()
+
+
+def test_a_secret_handed_over_by_arn_is_read_in_the_arns_region(monkeypatch):
+    """A secret's ARN names its region: a process in another region (or with none set but the
+    fallback) still reads it where it lives, not NotFound in its own region."""
+    from moto import mock_aws
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        import boto3
+
+        arn = boto3.client("secretsmanager", "eu-central-1").create_secret(
+            Name="gh-token", SecretString=TOKEN)["ARN"]
+        from mmp import aws
+
+        assert aws.arn_region(arn) == "eu-central-1" and aws.arn_region("gh-token") is None
+        aws._SECRETS.clear()
+        try:
+            assert aws.secret(arn) == TOKEN  # this process's region is REGION, not the secret's
+        finally:
+            aws._SECRETS.clear()
