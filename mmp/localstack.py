@@ -103,7 +103,7 @@ def mlflow_server_argv(host: str, port: int) -> list[str] | None:
             "--backend-store-uri", uri, "--default-artifact-root", config.artifact_root(), "--no-serve-artifacts"]
 
 
-def _stop_process(proc: subprocess.Popen | None, name: str, grace: float = STOP_GRACE_S) -> None:
+def stop_process(proc: subprocess.Popen | None, name: str, grace: float = STOP_GRACE_S) -> None:
     if proc is None or proc.poll() is not None:
         return
     try:
@@ -361,8 +361,8 @@ class LocalStack:
             if self.server is not None:
                 self.server.stop()
                 self.server = None
-            _stop_process(self.worker_proc, "worker")
-            _stop_process(self.mlflow_proc, "mlflow server", grace=MLFLOW_GRACE_S)
+            stop_process(self.worker_proc, "worker")
+            stop_process(self.mlflow_proc, "mlflow server", grace=MLFLOW_GRACE_S)
             if self._lock_fh is not None:
                 config.local_stack_file().unlink(missing_ok=True)
         finally:

@@ -167,7 +167,7 @@ def serve() -> int:
     """The shared server's life: start, publish, stop when idle, replaced or told to. Exit 0 when
     another one holds the lock (two runs that ended at once)."""
     from .childguard import guarded_argv
-    from .localstack import _stop_process, mlflow_server_argv
+    from .localstack import stop_process, mlflow_server_argv
 
     uri, idle = config.tracking_uri(), idle_seconds()
     database = _database_identity(uri)
@@ -218,7 +218,7 @@ def serve() -> int:
         return 0
     finally:
         _state_file().unlink(missing_ok=True)  # this lock holder wrote it: nobody else's
-        _stop_process(server, "mlflow server", grace=MLFLOW_GRACE_S)
+        stop_process(server, "mlflow server", grace=MLFLOW_GRACE_S)
 
 
 if __name__ == "__main__":
