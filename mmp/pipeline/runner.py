@@ -7,7 +7,6 @@ the backend's own preflight checks all pass.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import signal
@@ -17,7 +16,7 @@ from typing import Any, Callable
 
 from ..argv import mlflow_env
 from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, available_platforms, get_backend
-from ..backends.base import LOG_KEEP_LINES
+from ..backends.base import OutputTail
 from ..datasets import load_catalogue
 from ..experiment import EXPERIMENT_FILES, Experiment, ExperimentError, FieldProblem, parse_experiment
 from ..ownership import REPOSITORY_TAG, SOURCE_TAG, OwnershipError
@@ -285,7 +284,7 @@ class Pipeline:
             log.exception("could not start a run for %s@%s", trigger.repository, trigger.commit[:12])
             return self.reject(trigger, [f"could not start the MLflow run: {type(exc).__name__}: {exc}"],
                                state="ERROR")
-        lines: collections.deque[str] = collections.deque(maxlen=LOG_KEEP_LINES)
+        lines = OutputTail()  # bounded in lines and characters, however long the run talks
 
         def sink(line: str) -> None:
             lines.append(line)
@@ -293,7 +292,7 @@ class Pipeline:
                 self.on_log(line)
 
         status, interrupted = self.execute(prepared.backend, started, sink)
-        outcome = self.conclude(trigger, started, status, "\n".join(lines))
+        outcome = self.conclude(trigger, started, status, "\n".join(lines.lines()))
         if interrupted is not None:
             raise interrupted
         return outcome

@@ -38,7 +38,8 @@ from .. import config
 from ..backends import JobHandle, JobState, JobStatus
 from ..filelock import exclusive
 from ..mlflow_store import sqlite_path
-from ..pipeline.runner import DELIVERY_TAG, LOG_KEEP_LINES, Outcome, Pipeline, Prepared, Started, crash_point
+from ..backends.base import OutputTail
+from ..pipeline.runner import DELIVERY_TAG, Outcome, Pipeline, Prepared, Started, crash_point
 from ..pipeline.sources import Trigger
 from . import control
 from .intermediate import DRAIN_PAGES, IntermediateValues, checkpoints, tracking_store
@@ -149,7 +150,7 @@ class TrialRun:
 
     trial: Any  # optuna.Trial
     started: Started
-    lines: collections.deque
+    lines: OutputTail
     status: JobStatus | None = None
     intermediate: IntermediateValues | None = None  # its objective's history, read a page per tick
     reported_step: int | None = None
@@ -340,7 +341,7 @@ class StudyRunner:
         # Each trial is its own job on platforms that name jobs after the delivery (SageMaker).
         started.request = dataclasses.replace(started.request, **self.request_overrides,
                                               delivery_id=f"{self.key}-trial-{trial.number}")
-        tr = TrialRun(trial=trial, started=started, lines=collections.deque(maxlen=LOG_KEEP_LINES))
+        tr = TrialRun(trial=trial, started=started, lines=OutputTail())
         self.running[trial.number] = tr
         threading.Thread(target=self._follow, args=(tr,), name=f"trial-{trial.number}", daemon=True).start()
 
@@ -461,7 +462,7 @@ class StudyRunner:
             study.tell(tr.trial, value if state == TrialState.COMPLETE else None, state=state)
             crash_point("study-trial-told")
         finally:  # even when Optuna's storage refused: the run ends, the study's error path does the rest
-            self.trials.conclude(self.trigger, tr.started, status, "\n".join(tr.lines))
+            self.trials.conclude(self.trigger, tr.started, status, "\n".join(tr.lines.lines()))
         self._report_progress(study)
 
     # -- progress and the end ----------------------------------------------------------
