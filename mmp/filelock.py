@@ -1,4 +1,7 @@
-"""One process at a time on a shared file: an flock the kernel drops when its holder dies (even kill -9)."""
+"""One process at a time on a shared file: an flock the kernel drops when its holder dies (even kill -9).
+
+`exclusive` waits for its turn (the store schema, studies.db); `try_lock` answers at once, for
+locks a process holds for its whole life (one worker, one stack, one shared tracking server)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import contextlib
 import fcntl
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 log = logging.getLogger("mmp.filelock")
 
@@ -27,3 +30,12 @@ def exclusive(path: str | Path) -> Iterator[bool]:
     with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # the lock file stays: deleting lock files races
         yield True
+
+
+def try_lock(fh: IO) -> bool:
+    """Take the exclusive flock on an open file now, or say False: another process holds it."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False

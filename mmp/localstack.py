@@ -35,6 +35,7 @@ from typing import Any, Callable
 import psutil
 
 from . import config, procs
+from .filelock import try_lock
 from .childguard import guarded_argv
 
 log = logging.getLogger("mmp.localstack")
@@ -180,12 +181,10 @@ class LocalStack:
         """Hold stack.lock for this stack's life, or refuse at once, naming the stack that holds it."""
         home = config.mmp_home()
         fh = open(home / "stack.lock", "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(fh):
             fh.close()
             raise StackRunning(f"another `mmp up` is running on MMP_HOME={home} ({running_stack_description(home)}); "
-                               "stop it first (Ctrl-C in its terminal, or kill its pid)") from None
+                               "stop it first (Ctrl-C in its terminal, or kill its pid)")
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({"pid": os.getpid(), "started": self.started}))
@@ -227,12 +226,10 @@ class LocalStack:
         """A worker this stack did not start (e.g. `mmp worker`) holding the queue: say so now, not after 5 crashes."""
         path = config.mmp_home() / "worker.lock"
         with open(path, "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not try_lock(fh):
                 holder = _lock_holder_text(path) or "?"
                 raise StackRunning(f"another worker ({holder}) holds {path}; stop it first "
-                                   "(one worker per MMP_HOME)") from None
+                                   "(one worker per MMP_HOME)")
             fcntl.flock(fh, fcntl.LOCK_UN)
 
     # -- children ------------------------------------------------------------------------

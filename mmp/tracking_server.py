@@ -18,7 +18,6 @@ database file is replaced or deleted (it would write into the old one), or on SI
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import config, procs
+from .filelock import try_lock
 
 IDLE_ENV = "MMP_TRACKING_SERVER_IDLE"
 DEFAULT_IDLE_S = 900.0
@@ -125,14 +125,6 @@ def _live_leases() -> int:
     return live
 
 
-def _locked(fh) -> bool:
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-
-
 def start_in_background() -> bool:
     """Start the shared server for later runs unless it is off, one runs or starts already, or the
     store is not a SQLite file that exists. Returns whether one was started; it never waits."""
@@ -141,7 +133,7 @@ def start_in_background() -> bool:
         return False
     _folder().mkdir(parents=True, exist_ok=True)
     with open(_lock_file(), "a") as fh:
-        if not _locked(fh):  # held by a server for its whole life
+        if not try_lock(fh):  # held by a server for its whole life
             return False
     log_path = config.mmp_home() / "logs" / "tracking-server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +165,7 @@ def serve() -> int:
     database = _database_identity(uri)
     _folder().mkdir(parents=True, exist_ok=True)
     lock = open(_lock_file(), "a")
-    if not _locked(lock) or idle <= 0 or database is None:
+    if not try_lock(lock) or idle <= 0 or database is None:
         return 0
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))

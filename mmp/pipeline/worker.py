@@ -18,7 +18,6 @@ A push that changed `promote.json` is handed to
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import config
+from ..filelock import try_lock
 from ..tuning import control as study_control
 from ..webhook.core import Job
 from .queue import JobQueue, QueuedJob, worker_id
@@ -86,13 +86,11 @@ class Worker:
     def acquire(self) -> None:
         path = config.mmp_home() / "worker.lock"
         fh = open(path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(fh):
             fh.seek(0)
             owner = fh.read().strip() or "?"
             fh.close()
-            raise WorkerBusy(f"another worker is running ({owner}); one worker per MMP_HOME") from None
+            raise WorkerBusy(f"another worker is running ({owner}); one worker per MMP_HOME")
         fh.seek(0)
         fh.truncate()
         fh.write(self.id)

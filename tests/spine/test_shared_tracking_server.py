@@ -17,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mmp import config, procs, tracking, tracking_server
+from mmp.filelock import try_lock
 
 pytestmark = pytest.mark.horovod
 
@@ -59,7 +60,7 @@ def log_text() -> str:
 def server_lock_free() -> bool:
     """Nobody holds the server's lock: no shared server runs or starts."""
     with open(tracking_server._lock_file(), "a") as fh:
-        return tracking_server._locked(fh)
+        return try_lock(fh)
 
 
 def stop_server() -> None:
