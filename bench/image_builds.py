@@ -31,7 +31,7 @@ def main() -> None:
     from moto import mock_aws
 
     from mmp import aws
-    from mmp.image import context_digest, image_tag, requirements_text
+    from mmp.contract.image import context_digest, image_tag, requirements_text
     from mmp.pipeline.image_stage import plan_image
     from tests.sagemaker.test_image_stage import ECR_NAME, push_image, tarball_of  # the tests' stand-ins
 

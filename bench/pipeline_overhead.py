@@ -3,7 +3,7 @@
 All are measured side by side, interleaved, in one run, with a train.py whose first
 statement records the time, and printed as overhead and as a ratio to the bare run:
 - `mmp run` on the SQLite store without `mmp up`, as users get it: tracking through the
-  server the first run left serving (mmp.tracking_server; the warm-up run starts it);
+  server the first run left serving (mmp.tracking.server; the warm-up run starts it);
 - the same with that server turned off (MMP_TRACKING_SERVER_IDLE=0): MLflow's client is
   imported and the store opened before launch (also what the very first run pays);
 - `mmp run` against a running MLflow tracking server (what `mmp up` and AWS give).
@@ -97,9 +97,9 @@ def main() -> None:
          "--workers", "1"],
         env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    os.environ["MMP_HOME"] = str(home)  # for mmp.tracking_server's lookups below
+    os.environ["MMP_HOME"] = str(home)  # for mmp.tracking.server's lookups below
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mmp import tracking_server
+    from mmp.tracking import server as tracking_server
 
     try:
         wait_until(lambda: answers(f"http://127.0.0.1:{port}"), "mlflow server")
@@ -161,7 +161,7 @@ def stop_shared_server(tracking_server) -> None:
     """SIGTERM to the shared server's watcher (it stops `mlflow server`); wait until it has gone."""
     import json
 
-    from mmp import procs
+    from mmp.local import procs
 
     try:
         state = json.loads(tracking_server._state_file().read_text())

@@ -30,7 +30,7 @@ def cold_import_ms(module: str, runs: int = 5) -> float:
 def main() -> None:
     print(f"cold import mmp.backends.sagemaker: {cold_import_ms('mmp.backends.sagemaker'):.0f} ms (median of 5)")
     print(f"cold import boto3 (for scale):      {cold_import_ms('boto3'):.0f} ms")
-    print(f"cold import mmp.sagemaker_entrypoint: {cold_import_ms('mmp.sagemaker_entrypoint'):.0f} ms")
+    print(f"cold import mmp.runtime.sagemaker_entrypoint: {cold_import_ms('mmp.runtime.sagemaker_entrypoint'):.0f} ms")
 
     from moto.server import ThreadedMotoServer
 
@@ -51,8 +51,8 @@ def main() -> None:
     try:
         from mmp.backends.base import LaunchRequest
         from mmp.backends.sagemaker import SageMakerBackend
-        from mmp.datasets import Dataset
-        from mmp.experiment import parse_experiment
+        from mmp.contract.datasets import Dataset
+        from mmp.contract.experiment import parse_experiment
 
         experiment = parse_experiment({"Platform": "sagemaker", "Dataset_Name": "fashion",
                                        "Training_Instance": "ml.p3.16xlarge", "Instance_Count": "4",

@@ -62,7 +62,7 @@ def overhead(trials: int) -> None:
     home = Path(tempfile.mkdtemp(prefix="mmp-bench-tuning-"))
     os.environ["MMP_HOME"] = str(home)
     try:
-        from mmp.datasets import prepare_digits
+        from mmp.contract.datasets import prepare_digits
         from mmp.pipeline.runs import local_trigger, run_trigger
 
         prepare_digits(home / "datasets" / "digits")
@@ -101,7 +101,7 @@ def synthetic(params: dict) -> float:
 def time_to_best(seeds: int, budget: int) -> None:
     import optuna
 
-    from mmp.tuning.spec import Tuning
+    from mmp.contract.tuning import Tuning
     from mmp.tuning.study import distributions, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -1,3 +1,3 @@
-from .cli import main
+from mmp.cli import main
 
 main()

@@ -66,7 +66,7 @@ def kill_left_behind(mark: str, before: set[int] = frozenset()) -> list[str]:
     Returns their command lines."""
     import psutil
 
-    from mmp.procs import processes_with_env
+    from mmp.local.procs import processes_with_env
 
     # Live processes started under this test: they inherited its mark in their environment.
     leftovers = {p.pid: p for p in processes_with_env(TEST_MARK, mark)}
@@ -140,7 +140,7 @@ def mmp_home(tmp_path, monkeypatch, no_process_left_behind) -> Path:
 
 @pytest.fixture(scope="session")
 def _digits_once(tmp_path_factory) -> Path:
-    from mmp.datasets import prepare_digits
+    from mmp.contract.datasets import prepare_digits
 
     return prepare_digits(tmp_path_factory.mktemp("datasets") / "digits")
 

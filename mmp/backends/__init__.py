@@ -12,7 +12,7 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 from typing import Any
 
-from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
+from mmp.backends.base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
 
 ENTRY_POINT_GROUP = "mmp.backends"
 BUILTIN = {

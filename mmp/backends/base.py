@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-from ..experiment import Experiment
+from mmp.contract.experiment import Experiment
 
 
 # What a process following a run keeps of its output: the pipeline's copy (mmp.pipeline.runner),
@@ -104,10 +104,10 @@ class LaunchRequest:
     clone_url: str  # where the code is (local path or https URL)
     commit: str
     mlflow_env: dict[str, str]
-    dataset: Any  # mmp.datasets.Dataset
+    dataset: Any  # mmp.contract.datasets.Dataset
     delivery_id: str | None = None
-    image_tag: str | None = None  # the dependency set's training image (mmp.image), image platforms only
-    code_uri: str | None = None  # s3:// URI of the commit's code archive the job unpacks (mmp.image)
+    image_tag: str | None = None  # the dependency set's training image (mmp.contract.image), image platforms only
+    code_uri: str | None = None  # s3:// URI of the commit's code archive the job unpacks (mmp.contract.image)
 
     @property
     def short_commit(self) -> str:

@@ -20,9 +20,9 @@ Run: on the leader, unpack the commit's archive that Prepare staged in S3 (or, f
 run started outside the AWS pipeline, fetch the repository at the commit: the GitHub
 token travels on the SSH channel's stdin, never on a command line), hand the leader a
 per-run cluster key for horovodrun's own SSH, then run, in the leader's container,
-`horovodrun -np N -H localhost:s,ip2:s,… python -m mmp.rank train.py …` built by
-mmp.argv and quoted by mmp.ssh, with the MLflow environment sent on stdin; each rank
-reads the MLflow password from Secrets Manager with the instance's role (mmp.rank),
+`horovodrun -np N -H localhost:s,ip2:s,… python -m mmp.runtime.rank train.py …` built by
+mmp.contract.argv and quoted by mmp.backends.ssh, with the MLflow environment sent on stdin; each rank
+reads the MLflow password from Secrets Manager with the instance's role (mmp.runtime.rank),
 so it is on no command line. Output streams live;
 the exit status decides the state. Every failure path terminates the instances.
 """
@@ -40,14 +40,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .. import aws
-from ..argv import horovodrun_argv, train_args
-from ..experiment import Experiment
-from ..horovod import failure_summary
-from ..rank import LAUNCHER, SECRET_ARN_VAR
-from ..tracking_sigv4 import client_uri
-from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, OutputTail, Paths
-from .dlami_fsx import HOST_FAILED_MARKER, fsx_argv
+from mmp import aws
+from mmp.contract.argv import horovodrun_argv, train_args
+from mmp.contract.experiment import Experiment
+from mmp.runtime.horovod import failure_summary
+from mmp.runtime.rank import LAUNCHER, SECRET_ARN_VAR
+from mmp.tracking.sigv4 import client_uri
+from mmp.backends.base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, OutputTail, Paths
+from mmp.backends.dlami_fsx import HOST_FAILED_MARKER, fsx_argv
 
 log = logging.getLogger("mmp.dlami")
 
@@ -83,7 +83,7 @@ GPU_SLOTS = {
 }
 
 # Remote steps: fixed scripts, run as `sh -c SCRIPT NAME ARG…`, with every argument
-# passed positionally and the whole list quoted by mmp.ssh (mmp.argv.shell_join).
+# passed positionally and the whole list quoted by mmp.backends.ssh (mmp.contract.argv.shell_join).
 FETCH_SCRIPT = r"""set -eu
 IFS= read -r token || token=""
 GIT_TERMINAL_PROMPT=0
@@ -343,7 +343,7 @@ class DlamiBackend(Backend):
         """(private key text, public key line) installed on one instance through user data."""
         if self._host_keys is not None:
             return self._host_keys()
-        from ..ssh import generate_ed25519
+        from mmp.backends.ssh import generate_ed25519
 
         return generate_ed25519()
 
@@ -379,7 +379,7 @@ class DlamiBackend(Backend):
 
     def image(self, request: LaunchRequest) -> str:
         """The training image: Prepare's dependency-set tag, else the commit's (as SageMaker)."""
-        from .sagemaker import image_uri
+        from mmp.backends.sagemaker import image_uri
 
         return image_uri(self.config.image_repository_uri or "", request.image_tag or request.commit)
 
@@ -447,7 +447,7 @@ class DlamiBackend(Backend):
     def _private_key(self) -> Any:
         """The key as a paramiko object, built in memory: from SSH_KEY_VAR when the platform
         injected it (the runner task), else read by ARN or SSM name (`mmp run` on a workstation)."""
-        from ..ssh import load_private_key
+        from mmp.backends.ssh import load_private_key
 
         cfg = self.config
         if cfg.ssh_private_key:
@@ -499,7 +499,7 @@ class DlamiBackend(Backend):
                     log.error("teardown after a failed launch of %s failed: %s", request.run_id, exc)
 
     def _provision(self, request: LaunchRequest, job: _Job, handle: JobHandle) -> list[dict]:
-        from ..ssh import generate_ed25519, public_key_line
+        from mmp.backends.ssh import generate_ed25519, public_key_line
 
         cfg, exp = self.config, request.experiment
         ec2 = self._clients("ec2")
@@ -558,7 +558,7 @@ class DlamiBackend(Backend):
         return [found[i] for i in ids]
 
     def _connect(self, job: _Job, handle: JobHandle, instances: list[dict]) -> None:
-        from ..ssh import Session, SshError, connect_when_ready
+        from mmp.backends.ssh import Session, SshError, connect_when_ready
 
         cfg = self.config
         pkey = self._private_key()
@@ -635,7 +635,7 @@ class DlamiBackend(Backend):
             env["MLFLOW_TRACKING_URI"] = client_uri(env["MLFLOW_TRACKING_URI"], cfg.mlflow_tracking_server_arn)
         if cfg.mlflow_username:
             env["MLFLOW_TRACKING_USERNAME"] = cfg.mlflow_username
-        if cfg.mlflow_password_secret_arn:  # each rank reads the value itself (mmp.rank)
+        if cfg.mlflow_password_secret_arn:  # each rank reads the value itself (mmp.runtime.rank)
             env[SECRET_ARN_VAR] = cfg.mlflow_password_secret_arn
         for key, value in env.items():
             if not _ENV_KEY.fullmatch(key) or "\n" in str(value) or "\r" in str(value):

@@ -23,15 +23,17 @@ from typing import Any
 
 import psutil
 
-from .. import config, gitutil, procs
-from ..argv import horovodrun_argv, train_args
-from ..datasets import Dataset, missing_files
-from ..experiment import Experiment
-from ..horovod import failure_summary, find_horovodrun
-from . import local_supervisor
-from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
-from .local_env import training_python
-from .train_environ import training_environ
+from mmp import config
+from mmp.hosts import localgit as gitutil
+from mmp.local import procs
+from mmp.contract.argv import horovodrun_argv, train_args
+from mmp.contract.datasets import Dataset, missing_files
+from mmp.contract.experiment import Experiment
+from mmp.runtime.horovod import failure_summary, find_horovodrun
+from mmp.backends import local_supervisor
+from mmp.backends.base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
+from mmp.backends.local_env import training_python
+from mmp.backends.train_environ import training_environ
 
 EXIT_FILE = "exit-code"
 CANCEL_FILE = "cancelled"

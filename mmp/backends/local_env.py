@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .base import BackendError
+from mmp.backends.base import BackendError
 
 DEPENDENCY_FILES = ("requirements.txt", "setup.py", "pyproject.toml")
 READY = "mmp-env-ready.json"  # written last: an env without it is a crashed build

@@ -2,7 +2,7 @@
 
 Plain boto3 through `mmp.aws.client` (this module runs in Lambda: no SageMaker SDK,
 no mlflow, no paramiko). The job runs the image CodeBuild made from
-`horovod_docker/` for the commit's dependency set; its `train` entrypoint (mmp.sagemaker_entrypoint)
+`horovod_docker/` for the commit's dependency set; its `train` entrypoint (mmp.runtime.sagemaker_entrypoint)
 turns SageMaker's /opt/ml contract into a horovodrun command. Everything comes from
 `MMP_*` environment variables the Pulumi stack sets (docs/sagemaker.md lists them),
 and every problem with a request is found by `check()` before any API call.
@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
-from .. import aws
-from ..argv import boolean_names, hyperparameter_text
-from ..experiment import Experiment
-from ..image import CODE_CHANNEL
-from .base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
+from mmp import aws
+from mmp.contract.argv import boolean_names, hyperparameter_text
+from mmp.contract.experiment import Experiment
+from mmp.contract.image import CODE_CHANNEL
+from mmp.backends.base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
 
 if TYPE_CHECKING:
-    from ..pipeline.image_stage import ImagePlan
+    from mmp.pipeline.image_stage import ImagePlan
 
 OPT_ML = "/opt/ml"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
@@ -65,7 +65,7 @@ class SageMakerSettings:
     """The stack's configuration, read from `MMP_*` environment variables."""
 
     ecr_repository_uri: str | None = None
-    image_context_digest: str | None = None  # part of the image tag (mmp.image); launches outside Prepare need it
+    image_context_digest: str | None = None  # part of the image tag (mmp.contract.image); launches outside Prepare need it
     role_arn: str | None = None
     artifacts_bucket: str | None = None
     input_mode: str = "File"
@@ -136,7 +136,7 @@ def job_name(prefix: str, experiment_name: str, commit: str, delivery_id: str | 
 
 
 def image_uri(repository_uri: str, tag: str) -> str:
-    """`<repo>:<tag>` (the dependency set's tag, mmp.image), unless the URI already pins a tag/digest."""
+    """`<repo>:<tag>` (the dependency set's tag, mmp.contract.image), unless the URI already pins a tag/digest."""
     last = repository_uri.rsplit("/", 1)[-1]
     if ":" in last or "@" in last:
         return repository_uri

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, console, esc, fail, print_json
+from mmp.commands import app, console, esc, fail, print_json
 
 datasets_app = typer.Typer(help="The dataset catalogue: a name and its location per platform.", invoke_without_command=True)
 app.add_typer(datasets_app, name="datasets")
@@ -18,7 +18,7 @@ def list_datasets(ctx: typer.Context, as_json: bool = typer.Option(False, "--jso
     """List the catalogue (the default when no sub-command is given)."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..datasets import load_catalogue, missing_files
+    from mmp.contract.datasets import load_catalogue, missing_files
 
     rows = []
     for entry in load_catalogue().values():
@@ -47,7 +47,7 @@ def add(
     fsx: Optional[str] = typer.Option(None, "--fsx", help="Path on FSx for Lustre (sagemaker-fsx, dlami)."),
 ) -> None:
     """Add or replace a catalogue entry."""
-    from ..datasets import add_dataset
+    from mmp.contract.datasets import add_dataset
 
     try:
         entry = add_dataset(name, local=str(local) if local else None, s3=s3, fsx=fsx)
@@ -59,7 +59,7 @@ def add(
 @datasets_app.command("prepare")
 def prepare(name: str = typer.Argument(..., help="digits (bundled with scikit-learn, no network)")) -> None:
     """Write a bundled dataset in the IDX format Fashion-MNIST uses."""
-    from ..datasets import prepare_digits
+    from mmp.contract.datasets import prepare_digits
 
     if name != "digits":
         fail(f"only 'digits' can be prepared offline; put Fashion-MNIST IDX files in a folder and "

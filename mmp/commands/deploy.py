@@ -20,7 +20,7 @@ from pathlib import Path
 
 import typer
 
-from . import app, console, esc, fail
+from mmp.commands import app, console, esc, fail
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
@@ -44,7 +44,7 @@ def check_region(value: str) -> str:
 
 
 def check_name(value: str) -> str:
-    from ..infra.settings import validate_name
+    from mmp.infra.settings import validate_name
 
     try:
         return validate_name(value)
@@ -53,7 +53,7 @@ def check_name(value: str) -> str:
 
 
 def check_email(value: str) -> str:
-    from ..infra.settings import validate_email
+    from mmp.infra.settings import validate_email
 
     try:
         return validate_email(value)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from . import app, console, err_console, esc, fail, print_json
+from mmp.commands import app, console, err_console, esc, fail, print_json
 
 
 @app.command()
@@ -23,9 +23,9 @@ def validate(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Check an experiment file; exit 1 listing every field error (usable as a pre-commit hook)."""
-    from ..backends import available_platforms
-    from ..datasets import load_catalogue
-    from ..experiment import ExperimentError, json_schema, load_experiment
+    from mmp.backends import available_platforms
+    from mmp.contract.datasets import load_catalogue
+    from mmp.contract.experiment import ExperimentError, json_schema, load_experiment
 
     if schema:
         print_json(json_schema())
@@ -66,8 +66,9 @@ def run(
                                                 help="(--detach's child) write the run id here once launched."),
 ) -> None:
     """Launch the experiment at the repository's commit without a push, and follow it."""
-    from .. import config, gitutil
-    from ..pipeline.runs import local_trigger, mlflow_link, run_trigger
+    from mmp import config
+    from mmp.hosts import localgit as gitutil
+    from mmp.pipeline.runs import local_trigger, mlflow_link, run_trigger
 
     try:
         sha = gitutil.resolve(repo, commit)
@@ -89,7 +90,7 @@ def run(
         start_server = _use_shared_tracking_server(held)
         outcome = run_trigger(trigger, on_log=on_log, on_launch=on_launch)
         if start_server:  # for the next run, now that the store exists and is migrated
-            from ..tracking_server import start_in_background
+            from mmp.tracking.server import start_in_background
 
             start_in_background()
     if as_json:
@@ -111,9 +112,9 @@ def run(
 
 def _use_shared_tracking_server(held: contextlib.ExitStack) -> bool:
     """Without `mmp up` or a configured server, track through the server an earlier `mmp run` left
-    serving the SQLite store (mmp.tracking_server), holding a lease on it until `held` closes.
+    serving the SQLite store (mmp.tracking.server), holding a lease on it until `held` closes.
     True when none serves yet: the caller starts one once this run is over."""
-    from .. import tracking, tracking_server
+    from mmp.tracking import client as tracking, server as tracking_server
 
     if os.environ.get("MLFLOW_TRACKING_URI") or tracking_server.idle_seconds() <= 0:
         return False
@@ -179,7 +180,7 @@ def _run_detached(file: Optional[Path], repo: Path, sha: str, as_json: bool) -> 
 
 
 def _detached_log_dir() -> Path:
-    from .. import config
+    from mmp import config
 
     path = config.mmp_home() / "detached"
     path.mkdir(parents=True, exist_ok=True)
@@ -205,7 +206,7 @@ def list_runs(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Recent runs, newest first."""
-    from ..pipeline.store import RunStore
+    from mmp.pipeline.store import RunStore
 
     records = RunStore().list(limit=limit, state=state)
     if as_json:
@@ -225,7 +226,7 @@ def list_runs(
 
 
 def _record(run_id: str):
-    from ..pipeline.store import RunStore
+    from mmp.pipeline.store import RunStore
 
     record = RunStore().get(run_id)
     if record is None:
@@ -236,8 +237,8 @@ def _record(run_id: str):
 @app.command()
 def status(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """One run's state, platform and links, and its commit's statuses (as GitHub would show them)."""
-    from ..pipeline.reporting import LocalStatusReporter
-    from ..pipeline.runs import mlflow_link
+    from mmp.pipeline.reporting import LocalStatusReporter
+    from mmp.pipeline.runs import mlflow_link
 
     record = _record(run_id)
     statuses = LocalStatusReporter().history(record.repository, record.commit_sha)
@@ -261,7 +262,7 @@ def status(run_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
 @app.command()
 def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the run ends.")) -> None:
     """Print a run's training log."""
-    from ..backends import JobHandle, get_backend
+    from mmp.backends import JobHandle, get_backend
 
     record = _record(run_id)
     if not record.handle:
@@ -284,8 +285,8 @@ def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help=
 @app.command()
 def cancel(run_id: str) -> None:
     """Stop a run and everything it started; the pipeline then marks it KILLED."""
-    from ..pipeline.runs import cancel_run
-    from ..tuning import control as study_control
+    from mmp.pipeline.runs import cancel_run
+    from mmp.tuning import control as study_control
 
     record = _record(run_id)
     if record.state not in ("PENDING", "RUNNING"):

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import app, console, err_console, esc, fail, print_json
+from mmp.commands import app, console, err_console, esc, fail, print_json
 
 hook_app = typer.Typer(help="Git hooks that post push events to the local webhook.", no_args_is_help=True)
 app.add_typer(hook_app, name="hook")
@@ -23,8 +23,8 @@ def up(
     """Run the local stack: webhook server, pipeline worker and MLflow UI, until Ctrl-C."""
     import logging
 
-    from .. import config
-    from ..localstack import LocalStack, StackRunning
+    from mmp import config
+    from mmp.local.stack import LocalStack, StackRunning
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     c = console()
@@ -55,7 +55,7 @@ def hook_install(
     force: bool = typer.Option(False, "--force", help="Replace a hook mmp did not install (kept as .bak)."),
 ) -> None:
     """Make commits (or pushes, for a bare repository) post signed push events to the local webhook."""
-    from ..hooks import HookError, install
+    from mmp.hosts.hooks import HookError, install
 
     try:
         path = install(repo, url=url, force=force)
@@ -68,7 +68,7 @@ def hook_install(
 @app.command()
 def worker(once: bool = typer.Option(False, "--once", help="Run what is queued, then exit.")) -> None:
     """Run the pipeline worker on the durable queue (what `mmp up` starts)."""
-    from ..pipeline.worker import main
+    from mmp.pipeline.worker import main
 
     raise typer.Exit(main(["--once"] if once else []))
 
@@ -76,7 +76,7 @@ def worker(once: bool = typer.Option(False, "--once", help="Run what is queued, 
 @app.command()
 def jobs(limit: int = typer.Option(20, "--limit", "-n"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Webhook deliveries in the local queue, newest first."""
-    from ..pipeline.queue import JobQueue
+    from mmp.pipeline.queue import JobQueue
 
     items = JobQueue().list(limit=limit)
     if as_json:
@@ -100,7 +100,7 @@ def demo(
     mlflow_port: int = typer.Option(5000, "--mlflow-port"),
 ) -> None:
     """The whole story: a sample repository, the hook, two commits, two MLflow runs."""
-    from ..demo import DemoError, run_demo
+    from mmp.local.demo import DemoError, run_demo
 
     try:
         out = console()

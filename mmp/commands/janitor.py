@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import app, console, esc, fail, print_json
+from mmp.commands import app, console, esc, fail, print_json
 
 
 @app.command()
@@ -13,7 +13,7 @@ def janitor(
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ) -> None:
     """Terminate MMP-tagged instances whose run the pipeline concluded or that outlived their max runtime."""
-    from ..janitor import sweep
+    from mmp.backends.dlami_janitor import sweep
 
     try:
         findings = sweep(dry_run=dry_run)

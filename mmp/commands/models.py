@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from . import app, console, err_console, esc, fail, print_json
+from mmp.commands import app, console, err_console, esc, fail, print_json
 
 WIDE = 200  # columns for the leaderboard when stdout is not a terminal (pipes, CI logs)
 TABLE_ROWS = 50  # rich renders ~2 ms a row: the table shows the best 50 unless --limit says otherwise
@@ -39,8 +39,8 @@ def compare(
                                         help=f"Only the best N runs (the table shows {TABLE_ROWS} unless given)."),
 ) -> None:
     """Leaderboard of an experiment's runs: best first, only the hyperparameters that differ."""
-    from ..models.compare import CompareError, leaderboard, table
-    from ..models.plot import PlotError, plot_leaderboard
+    from mmp.models.compare import CompareError, leaderboard, table
+    from mmp.models.plot import PlotError, plot_leaderboard
 
     try:
         board = leaderboard(experiment, metric or None, mode=mode, limit=limit, study=study)
@@ -78,7 +78,7 @@ def promote(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Register the best FINISHED run's model and move the alias to it (or --rollback)."""
-    from ..models import promote as promotion
+    from mmp.models import promote as promotion
 
     deployer = None if no_deploy else "auto"
     try:
@@ -111,8 +111,8 @@ def promote(
 
 def _study_choice(experiment: str, study: str, metric: str | None, mode: str) -> tuple[str, str, str]:
     """The metric, mode and run that promoting a study's best trial means."""
-    from ..models.compare import CompareError, make_client
-    from ..models.studies import best_trial, find_study, objective
+    from mmp.models.compare import CompareError, make_client
+    from mmp.models.studies import best_trial, find_study, objective
 
     try:
         parent = find_study(make_client(), experiment, study)
@@ -134,7 +134,7 @@ def serve(
 
     Ctrl-C, SIGTERM or SIGHUP stops the scoring server (its whole process group) within seconds.
     """
-    from ..models.serve import ModelServer, ServeError
+    from mmp.models.serve import ModelServer, ServeError
 
     try:
         server = ModelServer(model, host=host, port=port)

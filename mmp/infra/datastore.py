@@ -21,9 +21,9 @@ import json
 import pulumi
 import pulumi_aws as aws
 
-from ..datasets import BUILTIN
-from .network import Network
-from .settings import Settings
+from mmp.contract.datasets import BUILTIN
+from mmp.infra.network import Network
+from mmp.infra.settings import Settings
 
 FSX_MOUNT_POINT = "/fsx"
 FSX_DATASETS_PATH = "/datasets"

@@ -2,7 +2,7 @@
 
 A cluster placement group (low-latency Horovod traffic), an instance profile that
 reads datasets, writes artifacts, pulls the training image and reads the MLflow
-password (each rank fetches it, mmp.rank), the SSH key (the public half as an EC2 key
+password (each rank fetches it, mmp.runtime.rank), the SSH key (the public half as an EC2 key
 pair, the private half as a Secrets Manager secret the backend connects with),
 and a launch template: DLAMI from its public SSM parameter, IMDSv2 only,
 encrypted root volume, the training security group, `terminate` on shutdown, and
@@ -22,11 +22,11 @@ import shlex
 import pulumi
 import pulumi_aws as aws
 
-from ..backends.dlami_fsx import fsx_argv
-from . import iam
-from .datastore import FSX_MOUNT_POINT, DataStore
-from .network import Network
-from .settings import Settings
+from mmp.backends.dlami_fsx import fsx_argv
+from mmp.infra import iam
+from mmp.infra.datastore import FSX_MOUNT_POINT, DataStore
+from mmp.infra.network import Network
+from mmp.infra.settings import Settings
 
 MAX_RUNTIME_TAG = "mmp:max-runtime-minutes"
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import pulumi
 import pulumi_aws as aws
 
-from . import iam
-from .settings import Settings
+from mmp.infra import iam
+from mmp.infra.settings import Settings
 
 UPSTREAM = "registry-1.docker.io"
 CACHE_VARIABLE = "DOCKER_HUB_CACHE"  # what the buildspecs' `from_hub` reads (mmp.infra.image_build)

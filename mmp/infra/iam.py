@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import pulumi
 import pulumi_aws as aws
 
-from ..pipeline import run_record
+from mmp.pipeline import run_record
 
 
 def statement(actions: Sequence[str], resources: Sequence[Any], condition: dict | None = None) -> dict:
@@ -124,7 +124,7 @@ def ecr_statements(repository_arn: pulumi.Input[str], *, push: bool = False) -> 
 # named as the MLflow API call (AWS's Service Authorization Reference, "Amazon SageMaker with MLflow").
 MLFLOW_PIPELINE_ACTIONS = ("GetExperimentByName", "CreateExperiment", "CreateRun", "GetRun", "LogBatch",
                            "UpdateRun", "SearchExperiments", "SearchRuns",
-                           "SetExperimentTag")  # what mmp.tracking_rest calls (the ownership check included)
+                           "SetExperimentTag")  # what mmp.tracking.rest calls (the ownership check included)
 # The runner's MLflow client (promotion, a study's pruning reads), through the sagemaker-mlflow plugin.
 MLFLOW_RUNNER_ACTIONS = (*MLFLOW_PIPELINE_ACTIONS, "GetMetricHistory", "ListArtifacts", "SearchLoggedModels",
                          "GetRegisteredModel", "CreateRegisteredModel", "SetRegisteredModelTag", "SearchModelVersions",

@@ -1,6 +1,6 @@
 """The training image's CodeBuild build: its buildspec and its source (the build context).
 
-One image per dependency set (mmp.image): the state machine starts this build only
+One image per dependency set (mmp.contract.image): the state machine starts this build only
 when Prepare found no image tagged with the dependency key in ECR. The build reads
 no repository and holds no GitHub token: Prepare put the requirements it derived at
 `$MMP_REQUIREMENTS_S3_URI`, and the context zip (horovod_docker/ and mmp/) is the
@@ -19,7 +19,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from ..image import context_files
+from mmp.contract.image import context_files
 
 CODEBUILD_IMAGE = "aws/codebuild/standard:7.0"
 # SageMaker refuses OCI manifests and indexes ("Unsupported manifest media type
@@ -87,7 +87,7 @@ __PUSH_ONCE__
             --build-arg BASE_IMAGE="$(from_hub "$(base_image horovod_docker/Dockerfile)")" \
             --cache-from "type=registry,ref=$ECR_REPOSITORY_URI:$BUILD_CACHE_TAG" \
             --cache-to "type=registry,ref=$ECR_REPOSITORY_URI:$BUILD_CACHE_TAG,mode=max,image-manifest=true,oci-mediatypes=true" \
-            --label "mmp.image-tag=$MMP_IMAGE_TAG" \
+            --label "mmp.contract.image-tag=$MMP_IMAGE_TAG" \
             -t "$ECR_REPOSITORY_URI:$MMP_IMAGE_TAG" .
         fi
 """.replace("__PUSH_ONCE__", textwrap.indent(BUILD_FUNCTIONS, " " * 8)).replace(
@@ -96,7 +96,7 @@ __PUSH_ONCE__
 
 def image_context(root: Path) -> Any:
     """What CodeBuild builds in (a pulumi.AssetArchive): horovod_docker/ and the mmp package,
-    exactly the files mmp.image.context_digest hashes."""
+    exactly the files mmp.contract.image.context_digest hashes."""
     import pulumi
 
     if not (root / "horovod_docker" / "Dockerfile").is_file():

@@ -59,7 +59,7 @@ def ensure_image(ecr: Any, codebuild: Any, *, project: str, repository: str, tag
 
 class _Provider(ResourceProvider):
     def _ensure(self, props: dict) -> dict:
-        from .. import aws
+        from mmp import aws
 
         build = ensure_image(aws.client("ecr", props["region"]), aws.client("codebuild", props["region"]),
                              project=props["project"], repository=props["repository"], tag=props["tag"])

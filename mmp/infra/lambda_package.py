@@ -5,7 +5,7 @@ and inside functions) of the handlers and of the backends the Lambdas run, and
 following them inside mmp. A module-level import of anything outside the stdlib,
 pydantic and boto3 fails the build: that is what keeps mlflow, torch, pulumi,
 sagemaker, paramiko, typer and rich off the cold start. Imports inside functions
-are the lazy ones the Lambda never takes (e.g. MLflow's client in mmp.tracking);
+are the lazy ones the Lambda never takes (e.g. MLflow's client in mmp.tracking.client);
 they are not followed outside mmp. boto3/botocore come with the Lambda runtime;
 pydantic and its dependencies (pydantic_core is native code) are installed by pip
 for the functions' runtime, not for the interpreter that builds: CPython 3.11,
@@ -35,7 +35,7 @@ HANDLERS = {
     "prepare": "mmp.pipeline.aws_stages.prepare",
     "launch": "mmp.pipeline.aws_stages.launch",
     "conclude": "mmp.pipeline.aws_stages.conclude",
-    "janitor": "mmp.janitor.handler",
+    "janitor": "mmp.backends.dlami_janitor.handler",
 }
 # Looked up by name in the backend registry, so no import statement names them.
 EXTRA_ROOTS = ("mmp.backends.sagemaker", "mmp.backends.dlami")
@@ -52,7 +52,7 @@ FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 HEAVY_MMP = ("mmp.commands", "mmp.infra", "mmp.cli", "mmp.__main__")
 LAZY_ONLY = {"mmp.backends.local", "mmp.pipeline.store", "mmp.pipeline.queue",
              "mmp.webhook.server",
-             "mmp.procs",  # config.running_stack: the local stack's processes
+             "mmp.local.procs",  # config.running_stack: the local stack's processes
              "mmp.tuning.study"}  # Pipeline.run's study loop: the runner task and the local worker run it
 
 

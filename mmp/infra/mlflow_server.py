@@ -15,7 +15,7 @@ the tracking store's database).
 
 `mmp:mlflowMode sagemaker` makes a SageMaker managed MLflow tracking server
 instead (no ALB, RDS or Fargate); its API takes SigV4-signed requests, which the
-stage Lambdas' REST tracker makes (mmp.tracking_sigv4) with their role's
+stage Lambdas' REST tracker makes (mmp.tracking.sigv4) with their role's
 `sagemaker-mlflow:*` on this server, and train.py's MLflow client makes through
 the sagemaker-mlflow plugin with the training role's.
 """
@@ -28,13 +28,13 @@ from pathlib import Path
 import pulumi
 import pulumi_aws as aws
 
-from ..tracking_sigv4 import endpoint as sigv4_endpoint
-from . import iam
-from .datastore import DataStore
-from .image_ready import ImageReady
-from .network import Network
-from .settings import Settings
-from .stack_image import stack_image
+from mmp.tracking.sigv4 import endpoint as sigv4_endpoint
+from mmp.infra import iam
+from mmp.infra.datastore import DataStore
+from mmp.infra.image_ready import ImageReady
+from mmp.infra.network import Network
+from mmp.infra.settings import Settings
+from mmp.infra.stack_image import stack_image
 
 PORT = 5000
 REQUEST_TIMEOUT_S = 120  # the ALB's idle timeout and the workers' request timeout
@@ -135,7 +135,7 @@ class MlflowServer(pulumi.ComponentResource):
             automatic_model_registration=False, opts=child)
         self.url = server.tracking_server_url  # the UI
         self.tracking_server_arn = server.arn
-        # The API: the regional endpoint, SigV4-signed, the server named in a header (mmp.tracking_sigv4).
+        # The API: the regional endpoint, SigV4-signed, the server named in a header (mmp.tracking.sigv4).
         self.api_url = server.arn.apply(sigv4_endpoint)
 
     # -- ECS Fargate + RDS + ALB --------------------------------------------------------

@@ -19,7 +19,7 @@ import ipaddress
 import pulumi
 import pulumi_aws as aws
 
-from .settings import Settings
+from mmp.infra.settings import Settings
 
 EGRESS_ALL = [aws.ec2.SecurityGroupEgressArgs(protocol="-1", from_port=0, to_port=0, cidr_blocks=["0.0.0.0/0"])]
 LUSTRE_PORTS = ((988, 988), (1018, 1023))

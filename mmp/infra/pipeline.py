@@ -13,7 +13,7 @@ Step Functions (Standard) rather than SQS + Lambdas, because:
 It costs $0.025 per 1,000 state transitions: a run is about 10, whatever its length.
 
 Stages (mmp.pipeline.aws_stages): Prepare (fetch + validate + MLflow run; upload the
-commit's archive; the dependency set's image tag, mmp.image) → [RunnerImage → Promote
+commit's archive; the dependency set's image tag, mmp.contract.image) → [RunnerImage → Promote
 (runner task)] → Build (CodeBuild, mmp.infra.image_build: only when that tag is not in
 ECR yet) → Launch (the CreateTrainingJob request) → Train (.sync) — or RunTraining
 (runner task) for dlami, or RunStudy (runner task) for a Tuning block — → Conclude
@@ -29,18 +29,18 @@ from typing import Any, Mapping
 import pulumi
 import pulumi_aws as aws
 
-from ..config import MAX_RUNTIME_CAP_MINUTES
-from ..image import CODE_PREFIX, REQUIREMENTS_PREFIX, context_digest
-from . import docker_hub, iam
-from .image_build import (BUILD_CACHE_TAG, BUILDSPEC, CODEBUILD_IMAGE, PER_BUILD_VARIABLES,
+from mmp.config import MAX_RUNTIME_CAP_MINUTES
+from mmp.contract.image import CODE_PREFIX, REQUIREMENTS_PREFIX, context_digest
+from mmp.infra import docker_hub, iam
+from mmp.infra.image_build import (BUILD_CACHE_TAG, BUILDSPEC, CODEBUILD_IMAGE, PER_BUILD_VARIABLES,
                           build_environment_overrides, image_context)
-from .datastore import DataStore
-from .dlami import DlamiResources
-from .lambda_package import HANDLERS, LambdaPackage
-from .mlflow_server import MlflowServer
-from .network import Network
-from .runner import CONTAINER as RUNNER_CONTAINER_NAME, RunnerTask, ec2_statements, runner_secrets
-from .settings import Settings
+from mmp.infra.datastore import DataStore
+from mmp.infra.dlami import DlamiResources
+from mmp.infra.lambda_package import HANDLERS, LambdaPackage
+from mmp.infra.mlflow_server import MlflowServer
+from mmp.infra.network import Network
+from mmp.infra.runner import CONTAINER as RUNNER_CONTAINER_NAME, RunnerTask, ec2_statements, runner_secrets
+from mmp.infra.settings import Settings
 
 STAGES = ("prepare", "launch", "conclude")
 RUNNER_STATE_VARIABLE = "MMP_RUNNER_STATE"  # mmp.pipeline.aws_runner.STATE_VARIABLE
@@ -340,7 +340,7 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["states:GetExecutionHistory"], [pulumi.Output.concat(
                 "arn:aws:states:", region, ":", account, ":execution:", machine_name, ":*")]),
         ]
-        if mlflow.tracking_server_arn:  # the REST tracker signs with SigV4 (mmp.tracking_rest)
+        if mlflow.tracking_server_arn:  # the REST tracker signs with SigV4 (mmp.tracking.rest)
             stage_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn))
         if dlami is not None:  # Conclude terminates every instance tagged with a run the runner left
             stage_statements += [

@@ -29,11 +29,11 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from ..aws import region_env
-from ..backends.dlami import SSH_KEY_VAR
-from . import iam
-from .settings import Settings
-from .stack_image import stack_image
+from mmp.aws import region_env
+from mmp.backends.dlami import SSH_KEY_VAR
+from mmp.infra import iam
+from mmp.infra.settings import Settings
+from mmp.infra.stack_image import stack_image
 
 CONTAINER = "runner"
 CPU, MEMORY = 256, 512  # the runner only waits on SSH and HTTP

@@ -22,10 +22,10 @@ from typing import Sequence
 import pulumi
 import pulumi_aws as aws
 
-from .. import __version__
-from . import docker_hub, iam
-from .image_build import BUILD_FUNCTIONS, CODEBUILD_IMAGE
-from .settings import Settings
+from mmp import __version__
+from mmp.infra import docker_hub, iam
+from mmp.infra.image_build import BUILD_FUNCTIONS, CODEBUILD_IMAGE
+from mmp.infra.settings import Settings
 
 # Set on the project for each image: IMAGE_REPOSITORY_URI, IMAGE_REPOSITORY_NAME, IMAGE_TAG, IMAGE_DOCKERFILE.
 BUILDSPEC = r"""version: 0.2

@@ -14,9 +14,9 @@ from __future__ import annotations
 import pulumi
 import pulumi_aws as aws
 
-from . import iam
-from .lambda_package import HANDLERS, LambdaPackage
-from .settings import Settings
+from mmp.infra import iam
+from mmp.infra.lambda_package import HANDLERS, LambdaPackage
+from mmp.infra.settings import Settings
 
 ROUTE = "POST /webhook"
 

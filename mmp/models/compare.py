@@ -16,9 +16,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from .. import config
-from ..experiment import AUTO_PROCESSES, TAG_PROCESSES, TAG_PROCESSES_PER_HOST
-from ..tuning.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL
+from mmp import config
+from mmp.contract.experiment import AUTO_PROCESSES, TAG_PROCESSES, TAG_PROCESSES_PER_HOST
+from mmp.tuning.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities import Run
@@ -112,7 +112,7 @@ def gc_paused() -> Iterator[None]:
 
 
 def make_client(tracking_uri: str | None = None) -> "MlflowClient":
-    from ..tracking_sigv4 import mlflow_client
+    from mmp.tracking.sigv4 import mlflow_client
 
     return mlflow_client(tracking_uri or config.tracking_uri())
 
@@ -219,7 +219,7 @@ def leaderboard(experiment: str, metrics: Sequence[str] | str | None = None, *, 
     exp_id = experiment_id(client, experiment)
     filter_string, parent_id = "", None
     if study:
-        from .studies import find_study, objective
+        from mmp.models.studies import find_study, objective
 
         parent = find_study(client, experiment, study)
         parent_id = parent.info.run_id

@@ -144,7 +144,7 @@ def _delete_config_and_models(sm: Any, config_name: str) -> None:
 
 def deploy_version(settings: EndpointSettings, model_name: str, mv: "ModelVersion", *, sm: Any = None) -> dict:
     """Create or blue/green-update the endpoint so it serves `mv`; return what was done."""
-    from .. import aws
+    from mmp import aws
 
     sm = sm or aws.client("sagemaker")
     version = str(mv.version)
@@ -200,7 +200,7 @@ def deploy_version(settings: EndpointSettings, model_name: str, mv: "ModelVersio
 
 def delete_endpoint(endpoint: str, *, sm: Any = None) -> bool:
     """Delete an endpoint with its config and models; False when there was none."""
-    from .. import aws
+    from mmp import aws
 
     sm = sm or aws.client("sagemaker")
     existing = _endpoint(sm, endpoint)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import config
-from .compare import leaderboard, table
-from .promote import promote
-from .serve import ModelServer
+from mmp import config
+from mmp.models.compare import leaderboard, table
+from mmp.models.promote import promote
+from mmp.models.serve import ModelServer
 
 DEMO_METRIC = "val_accuracy"
 
@@ -30,7 +30,7 @@ def demo_finale(experiment_name: str, console: Any = None, *, metric: str = DEMO
     from rich.markup import escape
 
     if console is None:
-        from ..commands import console as make_console
+        from mmp.commands import console as make_console
 
         console = make_console()
     board = leaderboard(experiment_name, metric, mode=mode)

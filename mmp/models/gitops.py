@@ -9,7 +9,7 @@ notification either way. promote.json:
 
 optionally with "Require": 0.9 (refuse a best run below it) or "Rollback": true.
 Only the repository that owns the experiment and its registered model (or one the
-stack shares them with, see mmp.ownership) may promote or roll back.
+stack shares them with, see mmp.tracking.ownership) may promote or roll back.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..experiment import NAME_PATTERN
-from ..pipeline.reporting import PROMOTION_CONTEXT, Notifier, StatusReporter, short_description
-from ..pipeline.sources import Trigger
+from mmp.contract.experiment import NAME_PATTERN
+from mmp.pipeline.reporting import PROMOTION_CONTEXT, Notifier, StatusReporter, short_description
+from mmp.pipeline.sources import Trigger
 
 log = logging.getLogger("mmp.models")
 
@@ -93,7 +93,7 @@ class PromotionOutcome:
 
 
 def _model_url(name: str, version: str) -> str:
-    from ..tracking import ui_url
+    from mmp.tracking.client import ui_url
 
     return f"{ui_url()}/#/models/{name}/versions/{version}"
 
@@ -101,7 +101,7 @@ def _model_url(name: str, version: str) -> str:
 def run_promotion(trigger: Trigger, reporter: StatusReporter, notifier: Notifier, *, client: Any = None,
                   deployer: Any = "auto") -> PromotionOutcome:
     """Read promote.json at the trigger's commit, promote, report the commit status, notify."""
-    from .promote import PromotionError, promote, rollback
+    from mmp.models.promote import PromotionError, promote, rollback
 
     def status(state: str, description: str, url: str | None = None) -> None:
         try:

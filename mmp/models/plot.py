@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .compare import Leaderboard
+from mmp.models.compare import Leaderboard
 
 MAX_PARAM_PANELS = 8
 PANEL_INCHES = (4.8, 3.6)

@@ -17,10 +17,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import ownership
-from ..pipeline import run_record
-from ..tuning.tags import TAG_STUDY
-from .compare import CompareError, experiment_id, make_client, order_by, search_all
+from mmp.tracking import ownership
+from mmp.pipeline import run_record
+from mmp.tuning.tags import TAG_STUDY
+from mmp.models.compare import CompareError, experiment_id, make_client, order_by, search_all
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities import Run
@@ -119,7 +119,7 @@ def _beats(value: float, require: float, mode: str) -> bool:
 
 
 def experiment_owner(client: "MlflowClient", experiment: str, repository: str | None) -> str | None:
-    """The repository owning `experiment` (mmp.ownership); refuses a `repository` that may not promote it."""
+    """The repository owning `experiment` (mmp.tracking.ownership); refuses a `repository` that may not promote it."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None  # choose() says there is no such experiment
@@ -313,7 +313,7 @@ def promote(experiment: str, metric: str, *, mode: str = "max", alias: str = DEF
             return Promotion("unchanged", name, str(mv.version), alias, run.info.run_id, commit, metric, value,
                              str(previous), skipped, foreign=foreign, unrecorded=unrecorded)
         if mv is None:
-            tags = {"mmp.experiment": experiment, "mmp.run_id": run.info.run_id, "mmp.commit": commit or "",
+            tags = {"mmp.contract.experiment": experiment, "mmp.run_id": run.info.run_id, "mmp.commit": commit or "",
                     "mmp.metric": metric, f"mmp.metric.{metric}": repr(value), "mmp.mode": mode}
             if ref.model_id:  # MLflow's SQL registry does not keep model_id itself
                 tags["mmp.model_id"] = ref.model_id
@@ -390,7 +390,7 @@ def resolve_deployer(deployer: Deployer | None | str, alias: str) -> Deployer | 
     """`"auto"`: the SageMaker endpoint deployer when the environment configures one for `alias`."""
     if deployer != "auto":
         return deployer  # type: ignore[return-value]
-    from .endpoint import EndpointError, deployer_for
+    from mmp.models.endpoint import EndpointError, deployer_for
 
     try:
         return deployer_for(alias)

@@ -18,8 +18,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from .. import config
-from .promote import DEFAULT_ALIAS
+from mmp import config
+from mmp.models.promote import DEFAULT_ALIAS
 
 DEFAULT_HOST = "127.0.0.1"
 START_TIMEOUT_S = 120.0

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..tuning.tags import TAG_PARENT, TAG_STUDY
-from .compare import CompareError, experiment_id, search_all
+from mmp.tuning.tags import TAG_PARENT, TAG_STUDY
+from mmp.models.compare import CompareError, experiment_id, search_all
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities import Run

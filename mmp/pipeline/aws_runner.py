@@ -33,8 +33,8 @@ import signal
 import sys
 from typing import Any
 
-from ..backends import JobState, JobStatus
-from . import runner_results
+from mmp.backends import JobState, JobStatus
+from mmp.pipeline import runner_results
 
 log = logging.getLogger("mmp.pipeline.runner_task")
 
@@ -68,10 +68,10 @@ def read_state(environ: dict[str, str] | None = None) -> dict[str, Any]:
 
 def train(state: dict[str, Any]) -> dict[str, Any]:
     """Launch, follow and tear down the run Prepare started; leave the result for Conclude."""
-    from ..tracking import make_tracker
-    from .aws_stages import backend_for, started_from_dict, status_to_dict
-    from ..backends.base import OutputTail
-    from .runner import Pipeline
+    from mmp.tracking.client import make_tracker
+    from mmp.pipeline.aws_stages import backend_for, started_from_dict, status_to_dict
+    from mmp.backends.base import OutputTail
+    from mmp.pipeline.runner import Pipeline
 
     started = started_from_dict(state["started"])
     platform = started.request.experiment.platform
@@ -101,10 +101,10 @@ def train(state: dict[str, Any]) -> dict[str, Any]:
 
 def promote(state: dict[str, Any]) -> dict[str, Any]:
     """promote.json at the commit, as the local worker runs it; it reports on mmp/promotion itself."""
-    from ..github import GitHubClient, GitHubStatusReporter
-    from ..models.gitops import run_promotion
-    from .aws_stages import job_of, trigger_of
-    from .sns import SnsNotifier
+    from mmp.hosts.github import GitHubClient, GitHubStatusReporter
+    from mmp.models.gitops import run_promotion
+    from mmp.pipeline.aws_stages import job_of, trigger_of
+    from mmp.pipeline.sns import SnsNotifier
 
     trigger = trigger_of(job_of(state))
     outcome = run_promotion(trigger, reporter=GitHubStatusReporter(GitHubClient.from_env()), notifier=SnsNotifier())
@@ -122,9 +122,9 @@ def study_storage(state: dict[str, Any]) -> str:
 
 def study(state: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) the commit's study; trials use the image and code archive Prepare staged."""
-    from ..tuning.study import StudyRunner
-    from .aws_stages import job_of, make_pipeline, outcome_to_dict, trigger_of
-    from .runner import Outcome
+    from mmp.tuning.study import StudyRunner
+    from mmp.pipeline.aws_stages import job_of, make_pipeline, outcome_to_dict, trigger_of
+    from mmp.pipeline.runner import Outcome
 
     pipeline = make_pipeline()
     trigger = trigger_of(job_of(state))

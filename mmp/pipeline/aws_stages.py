@@ -42,17 +42,17 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from .. import aws
-from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, get_backend
-from ..datasets import Dataset
-from ..experiment import EXPERIMENT_FILES, Experiment
-from ..image import ImageError
-from ..webhook.core import PROMOTE_FILE
-from . import runner_results
-from .image_stage import ImagePlan, plan_image
-from .reporting import PROMOTION_CONTEXT
-from .runner import Outcome, Pipeline, Prepared, Started
-from .sources import Trigger
+from mmp import aws
+from mmp.backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, get_backend
+from mmp.contract.datasets import Dataset
+from mmp.contract.experiment import EXPERIMENT_FILES, Experiment
+from mmp.contract.image import ImageError
+from mmp.webhook.core import PROMOTE_FILE
+from mmp.pipeline import runner_results
+from mmp.pipeline.image_stage import ImagePlan, plan_image
+from mmp.pipeline.reporting import PROMOTION_CONTEXT
+from mmp.pipeline.runner import Outcome, Pipeline, Prepared, Started
+from mmp.pipeline.sources import Trigger
 
 log = logging.getLogger("mmp.pipeline.aws")
 logging.getLogger().setLevel(logging.INFO)
@@ -87,10 +87,10 @@ def backend_for(platform: str) -> Backend:
 
 def make_pipeline() -> Pipeline:
     """The pipeline with AWS faces: REST MLflow, GitHub commit statuses, SNS."""
-    from ..github import GitHubClient, GitHubStatusReporter
-    from ..tracking import make_tracker
-    from .run_record import for_stack
-    from .sns import SnsNotifier
+    from mmp.hosts.github import GitHubClient, GitHubStatusReporter
+    from mmp.tracking.client import make_tracker
+    from mmp.pipeline.run_record import for_stack
+    from mmp.pipeline.sns import SnsNotifier
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
@@ -101,7 +101,7 @@ def make_pipeline() -> Pipeline:
 
 def trigger_of(job: dict[str, Any]) -> Trigger:
     """The webhook's job (mmp.webhook.core.Job as a dict) as the pipeline's Trigger."""
-    from ..github import GitHubClient, GitHubSource
+    from mmp.hosts.github import GitHubClient, GitHubSource
 
     repository, commit = job["repository"], job["after"]
     return Trigger(repository=repository, clone_url=job.get("clone_url") or "", commit=commit,
@@ -220,7 +220,7 @@ def runner_timeout_seconds(experiment: Experiment) -> int:
 
 def plan_image_for(trigger: Trigger) -> ImagePlan:
     """The commit's code archive in the artifacts bucket, and the image tag of its dependencies."""
-    from ..github import GitHubClient
+    from mmp.hosts.github import GitHubClient
 
     return plan_image(read=trigger.source.read_file,
                       tarball=lambda: GitHubClient.from_env(timeout=60).tarball(trigger.repository, trigger.commit),
@@ -380,7 +380,7 @@ def conclude_study(pipeline: Pipeline, state: dict[str, Any]) -> dict[str, Any]:
     """The runner reported the study itself (progress and end on the commit, e-mail). If it died
     for good, stop and tear down the trials it left (progress.json), end their runs and the
     parent run, and say so; if it never started one, the commit hears why."""
-    from ..tuning.trials import end_trial
+    from mmp.tuning.trials import end_trial
 
     result = progress = None
     try:

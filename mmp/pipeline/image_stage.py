@@ -2,7 +2,7 @@
 
 Why here and not in CodeBuild: deciding costs two API calls (ECR DescribeImages, S3
 ListObjectsV2), while a build costs minutes, so the state machine starts CodeBuild only
-for a dependency set ECR has not seen (mmp.image). The commit's code goes to the
+for a dependency set ECR has not seen (mmp.contract.image). The commit's code goes to the
 artifacts bucket as GitHub's tarball of the commit (the tree at that sha), for the
 job to unpack at start; the image never holds it. `mmp run` and the local worker take
 the same step (`plan_run_image`), with `git archive` of a local commit, and no build:
@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import aws, gitutil
-from ..image import ImageError, code_key, image_tag, requirements_key, requirements_text
+from mmp import aws
+from mmp.hosts import localgit as gitutil
+from mmp.contract.image import ImageError, code_key, image_tag, requirements_key, requirements_text
 
 if TYPE_CHECKING:
-    from .sources import Trigger
+    from mmp.pipeline.sources import Trigger
 
 log = logging.getLogger("mmp.pipeline.image")
 
@@ -64,7 +65,7 @@ def plan_image(*, read: Callable[[str], bytes | None], tarball: Callable[[], byt
                clients: Callable[[str], Any] = aws.client) -> ImagePlan:
     """Upload the commit's code (once per commit), decide the image tag and whether to build it.
 
-    Raises mmp.image.ImageError for dependency files the build cannot use (a bad-input answer)."""
+    Raises mmp.contract.image.ImageError for dependency files the build cannot use (a bad-input answer)."""
     requirements = requirements_text(read)
     tag = image_tag(requirements, context)
     s3 = clients("s3")
@@ -92,7 +93,7 @@ def commit_archive(trigger: "Trigger") -> bytes:
     (committed files only, never the working tree), else GitHub's tarball of the commit."""
     if Path(trigger.clone_url).is_dir():
         return gitutil.git(trigger.clone_url, "archive", "--format=tar.gz", trigger.commit)
-    from ..github import GitHubClient
+    from mmp.hosts.github import GitHubClient
 
     return GitHubClient.from_env(timeout=60).tarball(trigger.repository, trigger.commit)
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import config
-from .store import connect
+from mmp import config
+from mmp.pipeline.store import connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

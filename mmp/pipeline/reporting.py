@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from .. import config
+from mmp import config
 
 log = logging.getLogger("mmp.pipeline")
 

@@ -38,7 +38,7 @@ class LocalRunRecord:
     """The local run store, read: `Pipeline.start` writes its row (store.add) for every run it makes."""
 
     def has(self, run_id: str) -> bool:
-        from .store import RunStore
+        from mmp.pipeline.store import RunStore
 
         return RunStore().has(run_id)
 
@@ -55,14 +55,14 @@ class S3RunRecord:
         return f"{PREFIX}/{run_id}"
 
     def add(self, run_id: str, *, experiment: str, repository: str) -> None:
-        from .. import aws
+        from mmp import aws
 
         aws.client("s3").put_object(Bucket=self.bucket, Key=self.key(run_id), ContentType="application/json",
                                     Body=json.dumps({"experiment": experiment, "repository": repository}).encode())
 
     def has(self, run_id: str) -> bool:
         """Listed, not HEAD: the runner task may list this prefix only (mmp.aws.s3_keys says why)."""
-        from .. import aws
+        from mmp import aws
 
         key = self.key(run_id)
         try:
@@ -84,7 +84,7 @@ class EitherRecord:
 
 def for_stack() -> S3RunRecord:
     """The record the AWS stages and the runner task write, in the stack's artifacts bucket."""
-    from .runner_results import bucket
+    from mmp.pipeline.runner_results import bucket
 
     return S3RunRecord(bucket())
 

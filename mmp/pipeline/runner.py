@@ -14,15 +14,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..argv import mlflow_env
-from ..backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, available_platforms, get_backend
-from ..backends.base import OutputTail
-from ..datasets import load_catalogue
-from ..experiment import EXPERIMENT_FILES, Experiment, ExperimentError, FieldProblem, parse_experiment
-from ..ownership import REPOSITORY_TAG, SOURCE_TAG, OwnershipError
-from ..tracking import FINAL_STATUS
-from .reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter, short_description
-from .sources import Trigger, train_script_problem
+from mmp.contract.argv import mlflow_env
+from mmp.backends import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, available_platforms, get_backend
+from mmp.backends.base import OutputTail
+from mmp.contract.datasets import load_catalogue
+from mmp.contract.experiment import EXPERIMENT_FILES, Experiment, ExperimentError, FieldProblem, parse_experiment
+from mmp.tracking.ownership import REPOSITORY_TAG, SOURCE_TAG, OwnershipError
+from mmp.tracking.client import FINAL_STATUS
+from mmp.pipeline.reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter, short_description
+from mmp.pipeline.sources import Trigger, train_script_problem
 
 DELIVERY_TAG = "mmp.delivery_id"  # on every run a delivery creates: the worker's recovery finds them by it
 
@@ -105,7 +105,7 @@ class Pipeline:
     ):
         """`record`: where the pipeline notes each run it creates (mmp.pipeline.run_record), beyond `store`."""
         if tracker is None:
-            from ..tracking import make_tracker
+            from mmp.tracking.client import make_tracker
 
             tracker = make_tracker()
         self.tracker = tracker
@@ -273,7 +273,7 @@ class Pipeline:
         if isinstance(prepared, Outcome):
             return prepared
         if prepared.experiment.tuning is not None:
-            from ..tuning.study import run_study  # Optuna is imported only for studies
+            from mmp.tuning.study import run_study  # Optuna is imported only for studies
 
             return run_study(self, trigger, prepared)
         try:

@@ -25,7 +25,7 @@ import json
 import os
 from typing import Any
 
-from .. import aws
+from mmp import aws
 
 PREFIX = "runner"
 RESULT = "result.json"

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import config, gitutil
-from .runner import Outcome, Pipeline, Prepared
-from .sources import LocalGitSource, Trigger
+from mmp import config
+from mmp.hosts import localgit as gitutil
+from mmp.pipeline.runner import Outcome, Pipeline, Prepared
+from mmp.pipeline.sources import LocalGitSource, Trigger
 
 
 @dataclass
@@ -50,9 +51,9 @@ class LocalPipeline(Pipeline):
     (`:deps-…`) with this commit's `git archive` as its `mmp-code` channel."""
 
     def prepare(self, trigger: Trigger) -> Prepared | Outcome:
-        from ..backends.sagemaker import SageMakerBackend
-        from ..image import ImageError
-        from .image_stage import ImageNotBuilt, plan_run_image
+        from mmp.backends.sagemaker import SageMakerBackend
+        from mmp.contract.image import ImageError
+        from mmp.pipeline.image_stage import ImageNotBuilt, plan_run_image
 
         prepared = super().prepare(trigger)
         if isinstance(prepared, Outcome) or not isinstance(prepared.backend, SageMakerBackend):
@@ -73,7 +74,7 @@ class LocalPipeline(Pipeline):
 
 def run_trigger(trigger: Trigger, *, on_log: Callable[[str], None] | None = None, on_launch=None):
     """The pipeline with the local run record, status reporter and notifier."""
-    from .store import RunStore
+    from mmp.pipeline.store import RunStore
 
     return LocalPipeline(store=RunStore(), on_log=on_log, on_launch=on_launch).run(trigger)
 
@@ -105,7 +106,7 @@ def cancel_run(record) -> tuple[bool, str]:
     A record can say RUNNING after its job ended (its worker died, or could not write
     the end): the backend's own status decides, before and after the cancel.
     """
-    from ..backends import JobHandle, get_backend
+    from mmp.backends import JobHandle, get_backend
 
     handle = JobHandle.from_dict(record.handle)
     backend = get_backend(handle.platform)

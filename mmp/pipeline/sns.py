@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from .. import aws
+from mmp import aws
 
 SUBJECT_LIMIT = 100
 

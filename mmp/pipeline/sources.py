@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .. import gitutil
-from ..argv import TRAIN_SCRIPT
+from mmp.hosts import localgit as gitutil
+from mmp.contract.argv import TRAIN_SCRIPT
 
 
 class CommitSource(Protocol):
@@ -69,7 +69,7 @@ class Trigger:
 
     @property
     def identity(self) -> str:
-        """Who owns what this trigger makes (mmp.ownership): a local repository's absolute path,
+        """Who owns what this trigger makes (mmp.tracking.ownership): a local repository's absolute path,
         else the GitHub repository's full name. Two local folders may share a name (teamA/alpha
         and teamB/alpha); `repository` stays the name people see."""
         return self.local_root or self.repository

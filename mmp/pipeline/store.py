@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .. import config
+from mmp import config
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

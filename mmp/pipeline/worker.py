@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import config
-from ..filelock import try_lock
-from ..tuning import control as study_control
-from ..webhook.core import Job
-from .queue import JobQueue, QueuedJob, worker_id
-from .reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter
-from .sources import LocalGitSource, Trigger
+from mmp import config
+from mmp.local.filelock import try_lock
+from mmp.tuning import control as study_control
+from mmp.webhook.core import Job
+from mmp.pipeline.queue import JobQueue, QueuedJob, worker_id
+from mmp.pipeline.reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter
+from mmp.pipeline.sources import LocalGitSource, Trigger
 
 log = logging.getLogger("mmp.worker")
 
@@ -105,7 +105,7 @@ class Worker:
     # -- wiring ----------------------------------------------------------------------
     def github(self):
         if self._github is None:
-            from ..github import GitHubClient
+            from mmp.hosts.github import GitHubClient
 
             self._github = GitHubClient.from_env()
         return self._github
@@ -118,7 +118,7 @@ class Worker:
                               delivery_id=job.delivery_id, ref=job.ref, changed_files=tuple(job.trigger_files),
                               local_root=str(path.resolve()))
             return trigger, LocalStatusReporter()
-        from ..github import GitHubSource, GitHubStatusReporter
+        from mmp.hosts.github import GitHubSource, GitHubStatusReporter
 
         client = self.github()
         trigger = Trigger(repository=job.repository, clone_url=job.clone_url, commit=job.after,
@@ -127,7 +127,7 @@ class Worker:
         return trigger, CompositeReporter(LocalStatusReporter(), GitHubStatusReporter(client))
 
     def pipeline(self, reporter: StatusReporter, delivery_id: str):
-        from .store import RunStore
+        from mmp.pipeline.store import RunStore
 
         def on_launch(run_id: str, handle: Any) -> None:
             self.queue.set_run(delivery_id, run_id)
@@ -135,7 +135,7 @@ class Worker:
         if self.pipeline_factory is not None:
             pipeline = self.pipeline_factory(reporter=reporter, notifier=self.notifier, on_launch=on_launch)
         else:
-            from .runs import LocalPipeline  # SageMaker platforms: Prepare's image step, as for mmp run
+            from mmp.pipeline.runs import LocalPipeline  # SageMaker platforms: Prepare's image step, as for mmp run
 
             pipeline = LocalPipeline(store=RunStore(), reporter=reporter, notifier=self.notifier, on_launch=on_launch)
         pipeline.resume_studies = True  # this queue brings a stopped study back: recover() requeues it
@@ -173,7 +173,7 @@ class Worker:
 
     def promote(self, trigger: Trigger, reporter: StatusReporter) -> tuple[str, str]:
         try:
-            from ..models.gitops import run_promotion
+            from mmp.models.gitops import run_promotion
         except ImportError as exc:
             message = f"promote.json changed but promotion is not available here ({exc})"
             reporter.report(trigger.repository, trigger.commit, "error", message, None)
@@ -232,10 +232,10 @@ class Worker:
         is ended only once its local record says it ended. Failures are retried on the
         next pass, so a store that comes back gets its runs ended without a restart.
         """
-        from ..backends import JobState
-        from ..tracking import make_tracker, sqlite_path
-        from .runner import DELIVERY_TAG
-        from .store import RunStore
+        from mmp.backends import JobState
+        from mmp.tracking.client import make_tracker, sqlite_path
+        from mmp.pipeline.runner import DELIVERY_TAG
+        from mmp.pipeline.store import RunStore
 
         path = sqlite_path(config.tracking_uri())
         if path is not None and not os.path.exists(path):
@@ -271,9 +271,9 @@ class Worker:
         return ended
 
     def _fail_runs(self, delivery_id: str, run_id: str | None) -> list[str]:
-        from ..backends import JobHandle, JobState, get_backend
-        from ..tracking import make_tracker
-        from .store import RunStore
+        from mmp.backends import JobHandle, JobState, get_backend
+        from mmp.tracking.client import make_tracker
+        from mmp.pipeline.store import RunStore
 
         store = RunStore()
         records = [r for r in store.active() if r.delivery_id == delivery_id or r.run_id == run_id]
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     github = None
     if os.environ.get("GITHUB_TOKEN"):
-        from ..github import GitHubClient
+        from mmp.hosts.github import GitHubClient
 
         github = GitHubClient.from_env()
     for name in SECRET_ENV:  # training subprocesses inherit the environment: keep secrets out of it

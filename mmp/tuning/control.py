@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import closing
 
-from ..pipeline.store import connect
+from mmp.pipeline.store import connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from optuna.storages.journal import BaseJournalBackend, JournalStorage
 
-from .. import aws
+from mmp import aws
 
 SEQUENCE_DIGITS = 12  # zero-padded, so S3 lists the objects in append order
 CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}

@@ -34,18 +34,18 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import config
-from ..backends import JobHandle, JobState, JobStatus
-from ..filelock import exclusive
-from ..mlflow_store import sqlite_path
-from ..backends.base import OutputTail
-from ..pipeline.runner import DELIVERY_TAG, Outcome, Pipeline, Prepared, Started, crash_point
-from ..pipeline.sources import Trigger
-from . import control
-from .intermediate import DRAIN_PAGES, IntermediateValues, checkpoints, tracking_store
-from .spec import Tuning
-from .tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_STATE
-from .trials import end_trial
+from mmp import config
+from mmp.backends import JobHandle, JobState, JobStatus
+from mmp.local.filelock import exclusive
+from mmp.tracking.store import sqlite_path
+from mmp.backends.base import OutputTail
+from mmp.pipeline.runner import DELIVERY_TAG, Outcome, Pipeline, Prepared, Started, crash_point
+from mmp.pipeline.sources import Trigger
+from mmp.tuning import control
+from mmp.tuning.intermediate import DRAIN_PAGES, IntermediateValues, checkpoints, tracking_store
+from mmp.contract.tuning import Tuning
+from mmp.tuning.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_STATE
+from mmp.tuning.trials import end_trial
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -78,7 +78,7 @@ def make_storage(url: str | None = None) -> Any:
     opening a new studies.db at once raced there (one died before it had set any commit status)."""
     url = url or storage_url()
     if url.startswith("s3://"):
-        from .s3_journal import s3_storage
+        from mmp.tuning.s3_journal import s3_storage
 
         return s3_storage(url)
     path = sqlite_path(url)
@@ -210,7 +210,7 @@ class StudyRunner:
     def client(self) -> Any:
         """One MLflow client for the study (a new one per call costs a store start-up)."""
         if self._client is None:
-            from ..tracking_sigv4 import mlflow_client
+            from mmp.tracking.sigv4 import mlflow_client
 
             self._client = mlflow_client(self.tracker.tracking_uri)  # signed for SageMaker managed MLflow
         return self._client

@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from ..backends import Backend, JobHandle, JobState
-from .tags import TAG_TRIAL_STATE
+from mmp.backends import Backend, JobHandle, JobState
+from mmp.tuning.tags import TAG_TRIAL_STATE
 
 log = logging.getLogger("mmp.tuning")
 

@@ -26,8 +26,8 @@ import re
 import time
 from typing import Any
 
-from .. import aws
-from .core import HandoffError, Job, Response, WebhookHandler
+from mmp import aws
+from mmp.webhook.core import HandoffError, Job, Response, WebhookHandler
 
 log = logging.getLogger("mmp.webhook")
 
@@ -101,7 +101,7 @@ def _github_compare(full_name: str, clone_url: str, base: str, head: str):
     slow answer as a whole, hence the worker thread); past it, raise TimeoutError."""
     from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 
-    from ..github import GitHubClient
+    from mmp.hosts.github import GitHubClient
 
     client = GitHubClient.from_env(retries=1, timeout=COMPARE_BUDGET_S / 2, max_wait=0.5)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmp-compare")

@@ -19,13 +19,13 @@ import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
-from .. import config
+from mmp import config
 
 log = logging.getLogger("mmp.webhook")
 
 MAX_BODY_BYTES = 25 * 1024 * 1024  # GitHub caps payloads at 25 MB
 ZERO_SHA = "0" * 40
-EXPERIMENT_FILES = config.EXPERIMENT_FILES  # from config, not mmp.experiment: no pydantic on a cold start
+EXPERIMENT_FILES = config.EXPERIMENT_FILES  # from config, not mmp.contract.experiment: no pydantic on a cold start
 PROMOTE_FILE = "promote.json"
 TRIGGER_FILES = (*EXPERIMENT_FILES, PROMOTE_FILE)
 MAX_LISTED_COMMITS = 20  # a push payload may stop listing commits here: ask the compare API

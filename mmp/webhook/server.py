@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
-from .core import MAX_BODY_BYTES, Headers, Response, WebhookHandler
+from mmp.webhook.core import MAX_BODY_BYTES, Headers, Response, WebhookHandler
 
 log = logging.getLogger("mmp.webhook")
 
@@ -61,10 +61,10 @@ class Limits:
 def local_compare(full_name: str, clone_url: str, base: str, head: str):
     """Changed files for a long push: `git diff` for a local repository, the compare API otherwise."""
     if Path(clone_url.removeprefix("file://")).is_dir():
-        from .. import gitutil
+        from mmp.hosts import localgit as gitutil
 
         return gitutil.changed_files(clone_url.removeprefix("file://"), base, head)
-    from ..github import GitHubClient
+    from mmp.hosts.github import GitHubClient
 
     return GitHubClient.from_env(retries=2, timeout=3).compare(full_name, base, head)
 
@@ -407,8 +407,8 @@ class WebhookServer:
 
 def local_server(host: str = "127.0.0.1", port: int = 8080, queue=None, limits: Limits | None = None) -> WebhookServer:
     """The local stack's server: the local secret, the durable queue, git/GitHub compare."""
-    from .. import config
-    from ..pipeline.queue import JobQueue
+    from mmp import config
+    from mmp.pipeline.queue import JobQueue
 
     queue = queue or JobQueue()
     secret = config.webhook_secret()

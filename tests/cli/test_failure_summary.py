@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmp.horovod import SUMMARY_LIMIT, failure_summary
+from mmp.runtime.horovod import SUMMARY_LIMIT, failure_summary
 from mmp.pipeline.reporting import LocalStatusReporter
 from mmp.pipeline.runs import local_trigger, run_trigger
 

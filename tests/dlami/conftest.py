@@ -61,7 +61,7 @@ class Sshd:
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory, iam_state_path) -> Sshd:
     """A real OpenSSH server on 127.0.0.1 with its own host key and authorized key."""
-    from mmp.ssh import generate_ed25519
+    from mmp.backends.ssh import generate_ed25519
 
     exe = shutil.which("sshd") or "/usr/sbin/sshd"
     if not os.path.exists(exe):
@@ -273,10 +273,10 @@ def request_for(make_repo, fsx_datasets):
     """Factory: a LaunchRequest for a committed repo with the given train.py / experiment fields."""
     import uuid
 
-    from mmp import gitutil
+    from mmp.hosts import localgit as gitutil
     from mmp.backends import LaunchRequest
-    from mmp.datasets import Dataset
-    from mmp.experiment import parse_experiment
+    from mmp.contract.datasets import Dataset
+    from mmp.contract.experiment import parse_experiment
 
     def _make(train: str | None = None, name: str = "dl-repo", **fields):
         experiment = {"Platform": "dlami", "Dataset_Name": "digits", "Training_Instance": "p3.2xlarge",

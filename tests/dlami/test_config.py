@@ -9,8 +9,8 @@ from botocore.stub import Stubber
 from mmp import aws
 from mmp.backends import BackendError, get_backend
 from mmp.backends.dlami import DEFAULT_SSM_PARAMETER, DlamiBackend, DlamiConfig
-from mmp.datasets import Dataset
-from mmp.experiment import parse_experiment
+from mmp.contract.datasets import Dataset
+from mmp.contract.experiment import parse_experiment
 
 
 def _experiment(**fields):
@@ -35,7 +35,7 @@ def test_module_import_stays_light():
     import subprocess
     import sys
 
-    code = "import sys, mmp.backends.dlami, mmp.janitor; print(sorted({'paramiko', 'boto3', 'mlflow'} & set(sys.modules)))"
+    code = "import sys, mmp.backends.dlami, mmp.backends.dlami_janitor; print(sorted({'paramiko', 'boto3', 'mlflow'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -8,7 +8,7 @@ import json
 from typer.testing import CliRunner
 
 from mmp import aws
-from mmp.janitor import sweep
+from mmp.backends.dlami_janitor import sweep
 
 
 def _launch(cloud, tags: dict[str, str]) -> str:
@@ -24,7 +24,7 @@ def _state(instance_id: str) -> str:
 
 
 def _mlflow_runs() -> tuple[str, str]:
-    from mmp.tracking import RunTracker
+    from mmp.tracking.client import RunTracker
     from mmp.backends import JobState
 
     tracker = RunTracker()
@@ -84,7 +84,7 @@ def test_a_run_train_py_finished_keeps_its_hosts_until_the_pipeline_concludes_it
     from mlflow.tracking import MlflowClient
 
     from mmp.backends import JobState
-    from mmp.tracking import RunTracker
+    from mmp.tracking.client import RunTracker
 
     tracker = RunTracker()
     run = tracker.start("janitor", run_name="copying", tags={}, params={})

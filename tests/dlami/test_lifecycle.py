@@ -107,7 +107,7 @@ def test_two_instances_launch_tag_user_data_and_terminate(make_backend, request_
     assert argv[:4] == ["-np", "2", "-H", f"localhost:1,{worker_ip}:1"]
     assert argv[argv.index("-p") + 1] == "2222"  # the workers' container sshd
     assert argv[argv.index("--ssh-identity-file") + 2:][:3] == ["-p", "2222", os.environ["MMP_DLAMI_PYTHON"]]
-    assert argv[argv.index(os.environ["MMP_DLAMI_PYTHON"]) + 1:][:3] == ["-m", "mmp.rank", "train.py"]
+    assert argv[argv.index(os.environ["MMP_DLAMI_PYTHON"]) + 1:][:3] == ["-m", "mmp.runtime.rank", "train.py"]
     assert argv[argv.index("--ssh-identity-file") + 1].endswith(f"/dl-test/{request.run_id}/.ssh/cluster_key")
     assert record["key_mode"] == 0o600 and record["key_head"] == "-----BEGIN OPENSSH PRIVATE KEY-----"
     assert record["cwd"].endswith(f"/dl-test/{request.run_id}/code")
@@ -171,7 +171,7 @@ def test_ssh_never_answering_fails_and_terminates(make_backend, request_for, clo
 
 
 def test_wrong_host_key_is_refused_and_terminates(make_backend, request_for, cloud):
-    from mmp.ssh import generate_ed25519
+    from mmp.backends.ssh import generate_ed25519
 
     backend = make_backend(host_keys=generate_ed25519)  # the host will present another key
     request = request_for()

@@ -15,10 +15,10 @@ import pytest
 
 from ..conftest import ACCOUNT, REGION
 
-from mmp import gitutil
+from mmp.hosts import localgit as gitutil
 from mmp.backends import BackendError, JobState
-from mmp.datasets import Dataset
-from mmp.experiment import ExperimentError, parse_experiment
+from mmp.contract.datasets import Dataset
+from mmp.contract.experiment import ExperimentError, parse_experiment
 
 from .conftest import ARGV_TRAIN, GITHUB_TOKEN
 
@@ -30,7 +30,7 @@ def test_pipeline_trains_the_example_over_ssh_and_ends_finished(make_backend, ma
     from mmp.pipeline.runner import Pipeline
     from mmp.pipeline.runs import local_trigger
     from mmp.pipeline.store import RunStore
-    from mmp.tracking import RunTracker
+    from mmp.tracking.client import RunTracker
 
     monkeypatch.setenv("MMP_DLAMI_INSTALL_REQUIREMENTS", "1")  # requirements.txt is already satisfied here
     monkeypatch.setenv("MMP_GITHUB_TOKEN_SECRET_ARN", cloud.token_secret_arn)
@@ -84,7 +84,7 @@ HOSTILE = {
 
 
 def test_hostile_hyperparameters_and_dataset_names_arrive_literally(make_backend, request_for, cloud, tmp_path):
-    from mmp.argv import train_args
+    from mmp.contract.argv import train_args
 
     canary = tmp_path / "canary"
     hyper = {k: v.format(canary=canary) for k, v in HOSTILE.items()}
@@ -126,7 +126,7 @@ def test_github_token_reaches_git_through_stdin_only(make_backend, request_for, 
     original = backend._remote
 
     def spy(job, session, argv, what, **kw):
-        from mmp.argv import shell_join
+        from mmp.contract.argv import shell_join
 
         sent_commands.append(shell_join(argv))
         return original(job, session, argv, what, **kw)
@@ -171,7 +171,7 @@ print("PASSWORD", "ok" if pw == "dlami-mlflow-pw" else "missing", "user", os.env
 def test_each_rank_reads_the_mlflow_password_with_the_hosts_role_and_no_command_carries_it(
         make_backend, request_for, cloud, monkeypatch, aws_env, iam_enforced):
     """The stack gives the backend the secret's ARN; the ARN travels on stdin with the MLflow
-    variables, and each rank (mmp.rank, in the container) reads the value from Secrets Manager."""
+    variables, and each rank (mmp.runtime.rank, in the container) reads the value from Secrets Manager."""
     from mmp import aws
 
     arn = aws.client("secretsmanager").create_secret(Name="mlflow-pw", SecretString="dlami-mlflow-pw")["ARN"]
@@ -187,7 +187,7 @@ def test_each_rank_reads_the_mlflow_password_with_the_hosts_role_and_no_command_
     original = backend._remote
 
     def spy(job, session, argv, what, **kw):
-        from mmp.argv import shell_join
+        from mmp.contract.argv import shell_join
 
         sent.append(shell_join(argv) + " " + str(kw.get("stdin") or ""))
         return original(job, session, argv, what, **kw)

@@ -1,4 +1,4 @@
-"""mmp.ssh against a real OpenSSH server on 127.0.0.1: pinning, streaming, stdin, quoting."""
+"""mmp.backends.ssh against a real OpenSSH server on 127.0.0.1: pinning, streaming, stdin, quoting."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mmp.ssh import (
+from mmp.backends.ssh import (
     HostKeyError, RemoteProcess, Session, SshUnreachable, connect_when_ready, generate_ed25519, load_private_key,
 )
 
@@ -88,7 +88,7 @@ def test_wait_gives_up_on_a_silent_host_and_fails_fast_on_a_wrong_key(sshd):
 def test_a_long_chatty_process_keeps_only_its_tail_and_cuts_a_line_without_newline(sshd):
     """Issue 19, defect 14: the reader keeps KEEP_LINES lines, however much the command prints,
     and a run of output with no newline (a progress bar) is cut at MAX_LINE_BYTES."""
-    from mmp import ssh
+    from mmp.backends import ssh
 
     s = session(sshd).connect()
     try:

@@ -12,7 +12,7 @@ import pytest
 from ..conftest import REGION
 from werkzeug import Response
 
-from mmp.github import GitHubClient, GitHubError, GitHubSource, GitHubStatusReporter, RateLimited
+from mmp.hosts.github import GitHubClient, GitHubError, GitHubSource, GitHubStatusReporter, RateLimited
 
 TOKEN = "ghp_TESTTOKEN0123456789abcdefSECRET"
 SHA = "6dcb09b5b57875f334f61aebed695e2e4193db5e"
@@ -175,7 +175,7 @@ def test_token_from_secrets_manager(monkeypatch):
         arn = boto3.client("secretsmanager").create_secret(Name="gh-token", SecretString=TOKEN)["ARN"]
         monkeypatch.setenv("MMP_GITHUB_TOKEN_SECRET_ARN", arn)
         from mmp import aws
-        from mmp.github import token_from_env
+        from mmp.hosts.github import token_from_env
 
         aws._SECRETS.clear()
         assert token_from_env() == TOKEN

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mmp.hooks import MARKER, HookError, install
+from mmp.hosts.hooks import MARKER, HookError, install
 
 from ..conftest import free_port
 
@@ -195,7 +195,7 @@ def _commit_env(**extra: str) -> dict[str, str]:
 @pytest.fixture
 def stack(secret_env):
     """A real `mmp up` stack (webhook only) on a free port: it publishes stack.json in MMP_HOME."""
-    from mmp.localstack import LocalStack
+    from mmp.local.stack import LocalStack
 
     running = LocalStack("127.0.0.1", 0, ui=False, worker=False, say=lambda *_: None).start()
     try:
@@ -206,7 +206,7 @@ def stack(secret_env):
 
 def test_hook_finds_the_running_stack_when_it_fires(make_repo, stack, monkeypatch):
     """Installed before `mmp up --port P` started or not: the hook reads stack.json when it fires."""
-    from mmp.hooks import DEFAULT_URL, webhook_url
+    from mmp.hosts.hooks import DEFAULT_URL, webhook_url
     from mmp.pipeline.queue import JobQueue
 
     repo = make_repo()
@@ -238,7 +238,7 @@ HOSTILE = 'home $(touch pwned) `touch pwned2` "dq" \'sq\' ; touch pwned3 \\\nlin
 
 def test_hostile_mmp_home_and_url_are_never_run(make_repo, tmp_path, monkeypatch, secret_env):
     """Values written into the hook are data: `$(...)`, backticks, quotes, `;`, newlines stay literal."""
-    from mmp.localstack import LocalStack
+    from mmp.local.stack import LocalStack
     from mmp.pipeline.queue import JobQueue
 
     home = tmp_path / HOSTILE

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from mmp import config
-from mmp.procs import processes_with_env
+from mmp.local.procs import processes_with_env
 
 from ..conftest import free_port
 

@@ -92,7 +92,7 @@ def mlflow_runs(delivery_id: str):
     from mlflow.tracking import MlflowClient
 
     from mmp import config
-    from mmp.tracking import fresh_store
+    from mmp.tracking.client import fresh_store
 
     fresh_store(config.tracking_uri())  # this process must not read a deleted store's file either
     client = MlflowClient(tracking_uri=config.tracking_uri())

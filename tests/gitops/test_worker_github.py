@@ -10,7 +10,7 @@ import time
 import pytest
 from werkzeug import Response
 
-from mmp.github import GitHubClient
+from mmp.hosts.github import GitHubClient
 from mmp.pipeline.worker import Worker
 from mmp.webhook.core import Job
 

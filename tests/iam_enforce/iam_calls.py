@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 STATE_ENV = "MMP_IAM_STATE"  # path of the JSON state: policies, bindings, the call log
 # "code path=role": a process a test starts to stand for a container (e.g. horovodrun's ranks of a
-# SageMaker job) makes every call as that role; without it mmp.rank's calls are the DLAMI host's.
+# SageMaker job) makes every call as that role; without it mmp.runtime.rank's calls are the DLAMI host's.
 AS_ENV = "MMP_IAM_AS"
 
 # (file path suffix, function name) -> (code path, role policy name in the rendered stack)
@@ -47,15 +47,15 @@ ENTRY_POINTS: dict[tuple[str, str], tuple[str, str]] = {
     ("mmp/pipeline/aws_stages.py", "prepare"): ("Prepare", "pipeline-stages"),
     ("mmp/pipeline/aws_stages.py", "launch"): ("Launch", "pipeline-stages"),
     ("mmp/pipeline/aws_stages.py", "conclude"): ("Conclude", "pipeline-stages"),
-    ("mmp/janitor.py", "handler"): ("janitor", "pipeline-stages"),
-    ("mmp/janitor.py", "sweep"): ("janitor", "pipeline-stages"),
+    ("mmp/backends/dlami_janitor.py", "handler"): ("janitor", "pipeline-stages"),
+    ("mmp/backends/dlami_janitor.py", "sweep"): ("janitor", "pipeline-stages"),
     ("mmp/webhook/aws_lambda.py", "lambda_handler"): ("webhook", "webhook-lambda"),
     ("mmp/pipeline/aws_runner.py", "main"): ("runner task", "pipeline-runner-task"),
     ("mmp/pipeline/aws_runner.py", "train"): ("runner task: train", "pipeline-runner-task"),
     ("mmp/pipeline/aws_runner.py", "study"): ("runner task: study", "pipeline-runner-task"),
     ("mmp/pipeline/aws_runner.py", "promote"): ("runner task: promote", "pipeline-runner-task"),
-    ("mmp/sagemaker_entrypoint.py", "main"): ("SageMaker training container", "pipeline-sagemaker"),
-    ("mmp/rank.py", "main"): ("DLAMI training container (rank)", "dlami-host"),
+    ("mmp/runtime/sagemaker_entrypoint.py", "main"): ("SageMaker training container", "pipeline-sagemaker"),
+    ("mmp/runtime/rank.py", "main"): ("DLAMI training container (rank)", "dlami-host"),
     # The stand-in for Step Functions' createTrainingJob.sync integration (tests/infra/pipeline_stack.py).
     ("tests/infra/pipeline_stack.py", "sagemaker"): ("state machine: createTrainingJob.sync", "pipeline-sfn"),
 }

@@ -29,8 +29,8 @@ def test_zip_holds_handlers_and_nothing_heavy(package):
     assert {"mmp", "pydantic", "pydantic_core"} <= tops
     assert "boto3" not in tops and "botocore" not in tops  # the Lambda runtime has them
     for module in ("mmp/pipeline/aws_stages.py", "mmp/webhook/aws_lambda.py", "mmp/backends/sagemaker.py",
-                   "mmp/github.py", "mmp/tracking_rest.py", "mmp/pipeline/sns.py",
-                   "mmp/backends/dlami.py", "mmp/janitor.py"):  # Prepare checks dlami; Conclude, janitor terminate
+                   "mmp/hosts/github.py", "mmp/tracking/rest.py", "mmp/pipeline/sns.py",
+                   "mmp/backends/dlami.py", "mmp/backends/dlami_janitor.py"):  # Prepare checks dlami; Conclude, janitor terminate
         assert module in names
     for heavy in ("mmp/infra/", "mmp/commands/", "mmp/cli.py", "mmp/backends/local.py"):
         assert not any(n.startswith(heavy) for n in names), heavy

@@ -251,8 +251,8 @@ def test_fsx_jobs_read_the_directory_the_stack_made(fsx, monkeypatch):
     repository association put the datasets (/datasets)."""
     from mmp.backends import LaunchRequest
     from mmp.backends.sagemaker import SageMakerFsxBackend
-    from mmp.datasets import Dataset
-    from mmp.experiment import parse_experiment
+    from mmp.contract.datasets import Dataset
+    from mmp.contract.experiment import parse_experiment
 
     for key, value in fsx.exports["backendEnv"].items():
         monkeypatch.setenv(key, value)
@@ -274,8 +274,8 @@ def test_every_fsx_path_in_the_catalogue_lies_in_a_data_repository_association(h
     the stack's own datasets/ prefix. The DLAMI path follows the catalogue."""
     from mmp.backends import LaunchRequest
     from mmp.backends.dlami import DlamiBackend, DlamiConfig
-    from mmp.datasets import Dataset
-    from mmp.experiment import parse_experiment
+    from mmp.contract.datasets import Dataset
+    from mmp.contract.experiment import parse_experiment
 
     run = h.run_stack("dev", {**h.DEV_CONFIG, "mmp:fsx": "true", "mmp:datasets": json.dumps(
         {"cifar": {"s3": "s3://shared-data/cifar"}, "mine": {"s3": "s3://shared-data/x/", "fsx": "/already/x"}})})

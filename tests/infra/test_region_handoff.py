@@ -10,7 +10,7 @@ the environment AWS would give it:
 - the SageMaker entrypoint and its ranks: the job's Environment, which the Launch stage builds;
 - each DLAMI rank: tests/dlami/test_remote.py::test_every_rank_gets_the_stacks_region_…
 
-Each probe reads the MLflow password through mmp.rank, as a rank does: the secret exists only
+Each probe reads the MLflow password through mmp.runtime.rank, as a rank does: the secret exists only
 in the stack's region, in moto.
 """
 
@@ -39,7 +39,7 @@ import boto3
 from mmp import aws
 from mmp.backends.dlami import DlamiConfig
 from mmp.backends.sagemaker import SageMakerSettings
-from mmp.rank import load_mlflow_password
+from mmp.runtime.rank import load_mlflow_password
 load_mlflow_password(os.environ)
 print(json.dumps({"region": aws.region(), "boto3": boto3.session.Session().region_name,
                   "dlami": DlamiConfig.from_env().region, "sagemaker": SageMakerSettings.from_env().region,
@@ -73,7 +73,7 @@ def test_the_runner_container_names_the_stacks_region_and_no_lambda_sets_a_reser
 
 
 def probe(tmp_path: Path, environment: dict[str, str], endpoint: str, arn: str) -> dict:
-    """Run the probe as a rank would be run (`python -m mmp.rank`), with exactly `environment`
+    """Run the probe as a rank would be run (`python -m mmp.runtime.rank`), with exactly `environment`
     plus what reaches moto (the role's credentials, the endpoint) and nothing of this process's."""
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
@@ -81,7 +81,7 @@ def probe(tmp_path: Path, environment: dict[str, str], endpoint: str, arn: str) 
            "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "MMP_MLFLOW_PASSWORD_SECRET_ARN": arn, "AWS_CONFIG_FILE": str(tmp_path / "none"),
            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
-    out = subprocess.run([sys.executable, "-m", "mmp.rank", str(script)], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "mmp.runtime.rank", str(script)], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -92,8 +92,8 @@ def test_with_no_region_variable_each_process_gets_the_stacks_region_from_its_ha
     from mmp import aws
     from mmp.backends import LaunchRequest
     from mmp.backends.sagemaker import SageMakerBackend
-    from mmp.datasets import Dataset
-    from mmp.experiment import parse_experiment
+    from mmp.contract.datasets import Dataset
+    from mmp.contract.experiment import parse_experiment
 
     arn = aws.client("secretsmanager", REGION).create_secret(Name="mlflow-pw", SecretString="pw-in-eu")["ARN"]
     for variable in aws.REGION_VARIABLES:

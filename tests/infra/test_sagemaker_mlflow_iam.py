@@ -1,7 +1,7 @@
 """Issue 19, defect 3: with `mmp:mlflowMode sagemaker` the managed server authorises every MLflow
 call as `sagemaker-mlflow:<API name>` on its ARN, so each role must be granted what its code calls.
 
-The calls are derived from the code, not typed: the REST paths mmp.tracking_rest requests (the
+The calls are derived from the code, not typed: the REST paths mmp.tracking.rest requests (the
 stage Lambdas), mapped to their API names through MLflow's own service definitions; and the
 MlflowClient methods promotion and a study call in the runner task (MLflow names each API as
 its client method, in CamelCase). The rendered policies are then evaluated for each action."""

@@ -11,8 +11,8 @@ import json
 import pytest
 from werkzeug import Request, Response
 
-from mmp.tracking_rest import RestRunTracker
-from mmp.tracking_sigv4 import endpoint
+from mmp.tracking.rest import RestRunTracker
+from mmp.tracking.sigv4 import endpoint
 
 ARN = "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/acme-ml-dev-mlflow"
 KEY, SECRET, TOKEN = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "session-token-example"
@@ -102,7 +102,7 @@ def test_the_runners_mlflow_client_signs_through_the_sagemaker_mlflow_plugin(htt
     import mlflow
 
     from mmp.models.compare import make_client
-    from mmp.tracking_sigv4 import mlflow_client
+    from mmp.tracking.sigv4 import mlflow_client
 
     url = httpserver.url_for("").rstrip("/")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # what the runner's environment says (mlflow.api_url)

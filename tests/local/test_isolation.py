@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from mmp import config, procs
+from mmp import config
+from mmp.local import procs
 from mmp.backends import JobState
 from mmp.backends.base import JobHandle
 from mmp.backends.local import LocalBackend, rank_limit
-from mmp.datasets import load_catalogue
-from mmp.experiment import parse_experiment
+from mmp.contract.datasets import load_catalogue
+from mmp.contract.experiment import parse_experiment
 from mmp.pipeline.runs import local_trigger, run_trigger
 
 pytestmark = pytest.mark.horovod

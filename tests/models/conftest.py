@@ -30,7 +30,7 @@ def _git(repo: Path, *args: str) -> str:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A session MMP_HOME holding an MLflow DB with two real runs of examples/fashion/train.py."""
-    from mmp.datasets import prepare_digits
+    from mmp.contract.datasets import prepare_digits
     from mmp.pipeline.runs import local_trigger, run_trigger
 
     home = tmp_path_factory.mktemp("trained-home")

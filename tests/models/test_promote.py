@@ -209,7 +209,7 @@ def test_a_run_another_train_py_forged_in_this_experiment_is_never_promoted(real
     repository; only runs the pipeline recorded as its own are promoted."""
     from mlflow.tracking import MlflowClient
 
-    from mmp import gitutil
+    from mmp.hosts import localgit as gitutil
     from mmp.pipeline.runs import local_trigger, run_trigger
 
     owner = real_runs["repo"].resolve()

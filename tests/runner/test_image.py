@@ -23,10 +23,10 @@ IMAGE = ROOT / "runner_docker"
 RUNNER_MODULES = (
     "mmp.pipeline.aws_runner", "mmp.pipeline.aws_stages", "mmp.pipeline.runner", "mmp.pipeline.runner_results",
     "mmp.pipeline.sns", "mmp.pipeline.reporting", "mmp.pipeline.sources", "mmp.backends", "mmp.backends.base",
-    "mmp.backends.dlami", "mmp.ssh", "mmp.models.gitops", "mmp.models.promote", "mmp.models.endpoint",
-    "mmp.tracking", "mmp.tracking_rest", "mmp.github", "mmp.aws", "mmp.argv", "mmp.horovod", "mmp.experiment",
-    "mmp.datasets", "mmp.config", "mmp.webhook.core", "mmp.tuning.study", "mmp.tuning.s3_journal",
-    "mmp.tuning.control", "mmp.tuning.spec",
+    "mmp.backends.dlami", "mmp.backends.ssh", "mmp.models.gitops", "mmp.models.promote", "mmp.models.endpoint",
+    "mmp.tracking.client", "mmp.tracking.rest", "mmp.hosts.github", "mmp.aws", "mmp.contract.argv", "mmp.runtime.horovod", "mmp.contract.experiment",
+    "mmp.contract.datasets", "mmp.config", "mmp.webhook.core", "mmp.tuning.study", "mmp.tuning.s3_journal",
+    "mmp.tuning.control", "mmp.contract.tuning",
 )
 # Imported only on paths the runner never takes: the local demo's dataset preparation.
 NOT_IN_RUNNER = {"numpy", "sklearn"}

@@ -1,4 +1,4 @@
-"""The scheduled janitor Lambda (mmp.janitor.handler): moto EC2 and SNS (server mode) and the
+"""The scheduled janitor Lambda (mmp.backends.dlami_janitor.handler): moto EC2 and SNS (server mode) and the
 stack's MLflow over REST decide; what it terminates is e-mailed."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 from mmp import aws
 from mmp.backends import JobState
-from mmp.janitor import handler
-from mmp.tracking_rest import RestRunTracker
+from mmp.backends.dlami_janitor import handler
+from mmp.tracking.rest import RestRunTracker
 
 
 def test_the_janitor_lambda_terminates_instances_of_ended_runs_and_reports_them(cloud, stages_mlflow, monkeypatch,

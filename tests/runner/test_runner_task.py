@@ -20,7 +20,7 @@ import pytest
 
 from mmp import aws
 from mmp.pipeline import aws_stages, runner_results
-from mmp.ssh import generate_ed25519
+from mmp.backends.ssh import generate_ed25519
 
 from ..conftest import IAM_DIR
 from ..dlami.conftest import FAIL_TRAIN, SLEEP_TRAIN, tagged_processes

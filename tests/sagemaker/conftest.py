@@ -61,7 +61,7 @@ def stack_env(monkeypatch):
 
 @pytest.fixture
 def sm_dataset(mmp_home):
-    from mmp.datasets import add_dataset
+    from mmp.contract.datasets import add_dataset
 
     return add_dataset("fashion-s3", s3=DATASET_S3, fsx="/datasets/fashion-s3")
 
@@ -76,7 +76,7 @@ def sm_repo(make_repo, sm_dataset):
 
 
 def trigger_for(repo, delivery_id: str | None = "72d3162e-cc78-11e3-81ab-4c9367dc0958"):
-    from mmp.gitutil import resolve
+    from mmp.hosts.localgit import resolve
     from mmp.pipeline.sources import LocalGitSource, Trigger
 
     sha = resolve(repo)
@@ -87,7 +87,7 @@ def trigger_for(repo, delivery_id: str | None = "72d3162e-cc78-11e3-81ab-4c9367d
 def run_pipeline(repo, backend, *, delivery_id="72d3162e-cc78-11e3-81ab-4c9367dc0958", **kwargs):
     """The real Pipeline with a real MLflow (SQLite) tracker, on this backend."""
     from mmp.pipeline.runner import Pipeline
-    from mmp.tracking import RunTracker
+    from mmp.tracking.client import RunTracker
 
     tracker = RunTracker()
     pipeline = Pipeline(tracker=tracker, backend_factory=lambda platform: backend, **kwargs)

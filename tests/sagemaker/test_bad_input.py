@@ -56,7 +56,7 @@ def test_sagemaker_refuses_before_any_api_call(stack_env, watched, sm_repo, sm, 
 
 
 def test_dataset_without_s3_location(stack_env, watched, make_repo, sm, mmp_home):
-    from mmp.datasets import add_dataset
+    from mmp.contract.datasets import add_dataset
 
     add_dataset("only-local", local=str(mmp_home))
     clients, calls = watched
@@ -76,7 +76,7 @@ def test_dataset_without_s3_location(stack_env, watched, make_repo, sm, mmp_home
      ["sagemaker-fsx needs the VPC", "MMP_SUBNET_IDS"]),
 ])
 def test_sagemaker_fsx_refuses_before_any_api_call(stack_env, watched, make_repo, sm, env, dataset, words):
-    from mmp.datasets import add_dataset
+    from mmp.contract.datasets import add_dataset
 
     for key, value in env.items():
         stack_env.setenv(key, value)
@@ -90,8 +90,8 @@ def test_sagemaker_fsx_refuses_before_any_api_call(stack_env, watched, make_repo
 
 
 def test_every_problem_is_reported_at_once(stack_env, sm):
-    from mmp.datasets import Dataset
-    from mmp.experiment import parse_experiment
+    from mmp.contract.datasets import Dataset
+    from mmp.contract.experiment import parse_experiment
 
     stack_env.setenv("MMP_SAGEMAKER_MAX_INSTANCES", "2")
     experiment = parse_experiment({**sm.SM_EXPERIMENT, "Training_Instance": "p3.2xlarge", "Instance_Count": "3",
@@ -101,7 +101,7 @@ def test_every_problem_is_reported_at_once(stack_env, sm):
 
 
 def test_a_good_request_has_no_problems(stack_env, sm, sm_dataset):
-    from mmp.experiment import parse_experiment
+    from mmp.contract.experiment import parse_experiment
 
     assert SageMakerBackend().check(parse_experiment(sm.SM_EXPERIMENT), sm_dataset) == []
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from ..conftest import REGION
-from mmp.image import requirements_key
+from mmp.contract.image import requirements_key
 from mmp.infra.image_build import BUILDSPEC, PER_BUILD_VARIABLES, build_environment_overrides
 
 ROOT = Path(__file__).resolve().parents[2]

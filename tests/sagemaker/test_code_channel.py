@@ -10,7 +10,7 @@ import pytest
 from mmp import aws
 from mmp.backends import LaunchRequest
 from mmp.backends.sagemaker import SageMakerBackend
-from mmp.image import CODE_CHANNEL
+from mmp.contract.image import CODE_CHANNEL
 
 TAG = "deps-" + "ab" * 16
 
@@ -23,8 +23,8 @@ def capture(client) -> list[str]:
 
 
 def staged_request(sm, **experiment) -> LaunchRequest:
-    from mmp.datasets import load_catalogue
-    from mmp.experiment import parse_experiment
+    from mmp.contract.datasets import load_catalogue
+    from mmp.contract.experiment import parse_experiment
 
     commit = "c" * 40
     return LaunchRequest(
@@ -61,8 +61,8 @@ def test_the_job_runs_the_dependency_image_with_the_commits_code_and_no_secret(a
 
 
 def test_a_dataset_named_like_the_code_channel_is_refused(aws_env, stack_env, sm):
-    from mmp.datasets import add_dataset, load_catalogue
-    from mmp.experiment import parse_experiment
+    from mmp.contract.datasets import add_dataset, load_catalogue
+    from mmp.contract.experiment import parse_experiment
 
     add_dataset(CODE_CHANNEL, s3="s3://mmp-datasets-test/x/")
     experiment = parse_experiment({**sm.SM_EXPERIMENT, "Dataset_Name": CODE_CHANNEL})

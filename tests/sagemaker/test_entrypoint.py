@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mmp import sagemaker_entrypoint as ep
+from mmp.runtime import sagemaker_entrypoint as ep
 
 from ..conftest import ACCOUNT, REGION
 
@@ -49,7 +49,7 @@ def test_the_fixtures_multi_host_command_on_the_leader(tmp_path):
     assert plan.role == "leader" and plan.leader == "algo-1"
     assert plan.argv == [
         "horovodrun", "-np", "24", "-H", "algo-1:8,algo-2:8,algo-3:8", "--gloo",
-        "/usr/bin/python3", "-m", "mmp.rank", "train.py",
+        "/usr/bin/python3", "-m", "mmp.runtime.rank", "train.py",
         "--dataset-path", f"{root}/input/data/train", "--output-path", f"{root}/model", "--dataset", "train",
         "--learning_rate", "0.001", "--batch_size", "32",
     ]
@@ -157,7 +157,7 @@ def test_the_train_script_really_trains_with_horovodrun_np_2(single_host_job, aw
     from mlflow.tracking import MlflowClient
 
     from mmp import aws
-    from mmp.tracking import RunTracker
+    from mmp.tracking.client import RunTracker
 
     root, env = single_host_job
     secret_arn = aws.client("secretsmanager").create_secret(Name="mlflow-pw", SecretString="s3cr3t-pw")["ARN"]
@@ -175,7 +175,7 @@ def test_the_train_script_really_trains_with_horovodrun_np_2(single_host_job, aw
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert f"mmp: single on algo-1: {HOROVODRUN} -np 2 -H localhost:2 --gloo" in out
-    assert "-m mmp.rank train.py" in out
+    assert "-m mmp.runtime.rank train.py" in out
     assert (root / "code" / "train.py").is_file()  # unpacked from the channel, run from there
     assert "train.py: 2 rank(s), dataset digits" in out
     assert "epoch 1/1" in out
@@ -223,11 +223,11 @@ print('rank', os.environ.get('HOROVOD_RANK'), 'password', 'ok' if ok else 'missi
 
 @pytest.mark.horovod
 def test_each_rank_reads_the_password_itself_and_no_command_line_shows_it(tmp_path, aws_env, iam_enforced):
-    """Real horovodrun -np 2 with `python -m mmp.rank probe.py`: every rank has the password from
+    """Real horovodrun -np 2 with `python -m mmp.runtime.rank probe.py`: every rank has the password from
     Secrets Manager (moto server) in its environment; no process's command line (`ps`) holds it."""
     from mmp import aws
-    from mmp.argv import horovodrun_argv
-    from mmp.rank import LAUNCHER
+    from mmp.contract.argv import horovodrun_argv
+    from mmp.runtime.rank import LAUNCHER
 
     arn = aws.client("secretsmanager").create_secret(Name="mlflow-pw-3", SecretString="pw-secret-xyz")["ARN"]
     iam_enforced.bind({arn: f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:MLFLOW_PASSWORD"})
@@ -253,7 +253,7 @@ def test_a_rank_without_access_to_the_secret_stops_naming_the_arn(tmp_path, aws_
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION,
            "MMP_MLFLOW_PASSWORD_SECRET_ARN": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:gone"}
     env.pop("MLFLOW_TRACKING_PASSWORD", None)
-    proc = subprocess.run([sys.executable, "-m", "mmp.rank", "t.py"], cwd=tmp_path, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "mmp.runtime.rank", "t.py"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 1 and "could not read the MLflow password secret" in proc.stderr
     assert "ran" not in proc.stdout
@@ -310,7 +310,7 @@ def test_a_failing_train_py_writes_the_reason_and_exits_with_its_status(single_h
     root, env = single_host_job
     (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps({"epochs": '"many"',
                                                                                "batch-size": "64"}))
-    proc = subprocess.run([sys.executable, "-m", "mmp.sagemaker_entrypoint"], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "mmp.runtime.sagemaker_entrypoint"], env=env, capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     failure = (root / "output" / "failure").read_text()

@@ -53,7 +53,7 @@ def instructions() -> list[tuple[str, str]]:
 def staged_context(tmp_path: Path) -> Path:
     """The build context as mmp.infra.image_build stages it: the context zip plus the
     requirements the buildspec downloads to repo/requirements.txt (no code)."""
-    from mmp.image import context_files
+    from mmp.contract.image import context_files
 
     context = tmp_path / "context"
     for path in context_files(ROOT):
@@ -104,8 +104,8 @@ def test_hadolint_finds_nothing():
 
 
 def entrypoint_modules() -> list[Path]:
-    """Every mmp module the image's `train` (and each rank's mmp.rank) imports."""
-    code = ("import json, sys, mmp.sagemaker_entrypoint, mmp.rank; "
+    """Every mmp module the image's `train` (and each rank's mmp.runtime.rank) imports."""
+    code = ("import json, sys, mmp.runtime.sagemaker_entrypoint, mmp.runtime.rank; "
             "print(json.dumps(sorted(m.__file__ for m in list(sys.modules.values()) "
             "if getattr(m, '__file__', None) and m.__name__.split('.')[0] == 'mmp')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
@@ -184,12 +184,12 @@ def test_the_train_script_is_executable_and_thin():
     assert os.access(script, os.X_OK)
     text = script.read_text()
     assert text.startswith("#!/usr/bin/env python3")
-    assert "from mmp.sagemaker_entrypoint import main" in text
+    assert "from mmp.runtime.sagemaker_entrypoint import main" in text
     compile(text, str(script), "exec")
 
 
 def test_the_entrypoint_imports_only_light_modules():
-    code = ("import sys, mmp.sagemaker_entrypoint; "
+    code = ("import sys, mmp.runtime.sagemaker_entrypoint; "
             "print(','.join(m for m in ('mlflow','torch','paramiko','sagemaker','typer','rich','boto3') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

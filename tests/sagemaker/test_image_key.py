@@ -1,4 +1,4 @@
-"""mmp.image: the image tag is a function of what the build reads, and nothing else."""
+"""mmp.contract.image: the image tag is a function of what the build reads, and nothing else."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mmp.image import (ImageError, code_key, context_digest, context_files, image_tag, requirements_text,
+from mmp.contract.image import (ImageError, code_key, context_digest, context_files, image_tag, requirements_text,
                        TAG_RE)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +61,7 @@ def test_the_context_digest_covers_horovod_docker_and_mmp_but_not_caches(tmp_pat
     (tmp_path / "horovod_docker" / "Dockerfile").write_text("FROM scratch\n")
     assert context_digest(tmp_path) != before
     names = {str(p.relative_to(tmp_path)) for p in context_files(tmp_path)}
-    assert "horovod_docker/Dockerfile" in names and "mmp/sagemaker_entrypoint.py" in names
+    assert "horovod_docker/Dockerfile" in names and "mmp/runtime/sagemaker_entrypoint.py" in names
 
 
 def test_code_keys_are_per_commit_and_refuse_odd_input():

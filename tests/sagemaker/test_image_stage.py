@@ -13,8 +13,8 @@ import pytest
 from ..conftest import ACCOUNT, REGION, create_bucket
 
 from mmp import aws
-from mmp.github import GitHubClient, GitHubError
-from mmp.image import ImageError, code_key, requirements_key
+from mmp.hosts.github import GitHubClient, GitHubError
+from mmp.contract.image import ImageError, code_key, requirements_key
 from mmp.pipeline.image_stage import plan_image
 
 REPO = "octo-org/fashion-demo"

@@ -199,8 +199,8 @@ def test_logs_before_the_log_group_exists_are_empty(aws_env, stack_env):
 @pytest.mark.parametrize("uri", ["https://admin:hunter2@mlflow.example.com", "http://u:p@10.0.0.5:5000"])
 def test_tracking_uri_with_a_password_never_reaches_the_request(aws_env, stack_env, sm_repo, sm, uri):
     from mmp.backends import BackendError, LaunchRequest
-    from mmp.datasets import load_catalogue
-    from mmp.experiment import parse_experiment
+    from mmp.contract.datasets import load_catalogue
+    from mmp.contract.experiment import parse_experiment
 
     client = aws.client("sagemaker")
     sent = capture_requests(client)
@@ -219,7 +219,7 @@ def test_the_registry_backend_runs_against_moto_with_env_configuration(aws_env, 
     """No injection: Pipeline's default factory finds `sagemaker` by name, reads MMP_* vars."""
     from mmp.backends import get_backend
     from mmp.pipeline.runner import Pipeline
-    from mmp.tracking import RunTracker
+    from mmp.tracking.client import RunTracker
 
     assert SageMakerBackend.poll_seconds == 30.0
     stack_env.setenv("MMP_SAGEMAKER_POLL_SECONDS", "0.01")
@@ -243,8 +243,8 @@ def test_managed_mlflow_jobs_log_through_the_plugin_with_the_servers_arn(aws_env
     """mlflowMode sagemaker: train.py's MLflow client takes the tracking server's ARN as its URI
     (the sagemaker-mlflow plugin signs with the job role); no username or password goes along."""
     from mmp.backends import LaunchRequest
-    from mmp.datasets import load_catalogue
-    from mmp.experiment import parse_experiment
+    from mmp.contract.datasets import load_catalogue
+    from mmp.contract.experiment import parse_experiment
 
     arn = "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/acme-ml-dev-mlflow"
     stack_env.setenv("MMP_MLFLOW_TRACKING_SERVER_ARN", arn)

@@ -12,8 +12,9 @@ import pytest
 
 from ..conftest import create_bucket
 
-from mmp import aws, gitutil
-from mmp.image import code_key, image_tag, requirements_text
+from mmp import aws
+from mmp.hosts import localgit as gitutil
+from mmp.contract.image import code_key, image_tag, requirements_text
 from mmp.pipeline.runs import local_trigger, run_trigger
 
 CONTEXT = "d" * 64

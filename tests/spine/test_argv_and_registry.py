@@ -10,8 +10,8 @@ import textwrap
 import pytest
 
 from mmp import backends
-from mmp.argv import horovodrun_argv, mlflow_env, shell_join, train_args
-from mmp.experiment import parse_experiment
+from mmp.contract.argv import horovodrun_argv, mlflow_env, shell_join, train_args
+from mmp.contract.experiment import parse_experiment
 
 
 def test_train_args_follow_the_contract_in_order():
@@ -76,7 +76,7 @@ def test_third_party_backend_through_entry_point(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["a", "log", "autotune-", "min", "no-"])
 def test_names_horovodrun_would_reject_as_ambiguous_are_refused_at_validation(name):
-    from mmp.experiment import ExperimentError
+    from mmp.contract.experiment import ExperimentError
 
     with pytest.raises(ExperimentError, match="ambiguous abbreviation to horovodrun"):
         parse_experiment(json.dumps({"Dataset_Name": "d", "Training_Instance": "t", "Hyperparameters": {name: "1"}}))
@@ -94,7 +94,7 @@ def test_option_list_matches_the_installed_horovodrun():
 
     from horovod.runner import launch
 
-    from mmp.argv import HOROVODRUN_OPTIONS
+    from mmp.contract.argv import HOROVODRUN_OPTIONS
 
     seen = {}
 

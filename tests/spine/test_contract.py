@@ -22,7 +22,7 @@ import pytest
 from ..conftest import REGION
 
 from mmp import config
-from mmp.argv import (
+from mmp.contract.argv import (
     COMMAND_LINE_BUDGET,
     MAX_ARG_STRLEN,
     boolean_names,
@@ -30,7 +30,7 @@ from mmp.argv import (
     shell_join,
     train_args,
 )
-from mmp.experiment import ExperimentError, json_schema, parse_experiment
+from mmp.contract.experiment import ExperimentError, json_schema, parse_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "fashion"
@@ -102,7 +102,7 @@ def test_seed_python_literal_true_is_a_flag_and_quoted_true_a_string(tmp_path):
 
 def test_booleans_survive_sagemakers_text_only_hyperparameters(tmp_path, monkeypatch):
     """Backend request → hyperparameters.json + Environment → the image's entrypoint → argv."""
-    from mmp import sagemaker_entrypoint as ep
+    from mmp.runtime import sagemaker_entrypoint as ep
     from mmp.backends.base import LaunchRequest
     from mmp.backends.sagemaker import SageMakerBackend
 
@@ -396,7 +396,7 @@ def _contents(path: str, kind: str, **extra) -> dict:
     (_contents("train.py", "file", encoding="base64", content="cHJpbnQoKQ=="), "file"),
 ])
 def test_github_source_entry_types(httpserver, answer, expected):
-    from mmp.github import GitHubClient, GitHubSource
+    from mmp.hosts.github import GitHubClient, GitHubSource
 
     httpserver.expect_request("/repos/o/r/contents/train.py").respond_with_json(answer)
     client = GitHubClient("t0ken", httpserver.url_for("").rstrip("/"), retries=0)
@@ -404,7 +404,7 @@ def test_github_source_entry_types(httpserver, answer, expected):
 
 
 def test_github_symlinked_train_py_creates_no_run(httpserver, digits):
-    from mmp.github import GitHubClient, GitHubSource
+    from mmp.hosts.github import GitHubClient, GitHubSource
     from mmp.pipeline.runner import Pipeline
     from mmp.pipeline.sources import Trigger
 

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mmp import config
-from mmp.datasets import IDX_FILES, add_dataset, load_catalogue, missing_files, prepare_digits, write_idx
+from mmp.contract.datasets import IDX_FILES, add_dataset, load_catalogue, missing_files, prepare_digits, write_idx
 
 
 def mmp(*args):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mmp.experiment import ExperimentError, find_experiment_file, json_schema, load_experiment, parse_experiment
+from mmp.contract.experiment import ExperimentError, find_experiment_file, json_schema, load_experiment, parse_experiment
 
 SEED = {
     "Platform": "sagemaker",

@@ -12,9 +12,10 @@ import time
 
 import pytest
 
-from mmp import config, mlflow_store
-from mmp.localstack import LocalStack
-from mmp.tracking import RunTracker
+from mmp import config
+from mmp.tracking import store as mlflow_store
+from mmp.local.stack import LocalStack
+from mmp.tracking.client import RunTracker
 
 from ..conftest import free_port, run_at_once
 
@@ -46,7 +47,7 @@ def test_up_makes_the_store_before_the_ui_and_the_worker_open_it(mmp_home, monke
 
 OPEN_AT_ONCE = """
 import pathlib, sys, time
-from mmp.tracking import RunTracker
+from mmp.tracking.client import RunTracker
 go = pathlib.Path(sys.argv[1])
 while not go.exists():
     time.sleep(0.01)
@@ -78,7 +79,7 @@ def test_a_transient_store_error_is_retried_not_final(mmp_home, empty_mlflow_db,
                 retried.set()
 
     watch = Watch()
-    logging.getLogger("mmp.mlflow_store").addHandler(watch)
+    logging.getLogger("mmp.tracking.store").addHandler(watch)
     result: dict = {}
 
     def start():
@@ -94,7 +95,7 @@ def test_a_transient_store_error_is_retried_not_final(mmp_home, empty_mlflow_db,
         retried.wait(timeout=60)
     finally:
         subprocess.run(["chattr", "-i", str(mmp_home / "mlflow.db")], check=True)
-        logging.getLogger("mmp.mlflow_store").removeHandler(watch)
+        logging.getLogger("mmp.tracking.store").removeHandler(watch)
     thread.join(timeout=120)
     assert "error" not in result, result
     assert retried.is_set()

@@ -13,7 +13,7 @@ from mmp.pipeline.reporting import LocalStatusReporter
 from mmp.pipeline.runs import local_trigger
 from mmp.pipeline.runner import Pipeline
 from mmp.pipeline.store import RunStore
-from mmp.tracking import RunTracker
+from mmp.tracking.client import RunTracker
 
 QUICK_TRAIN = "print('quick run', flush=True)\n"
 LOCAL = {"Platform": "local", "Dataset_Name": "digits", "Training_Instance": "local",

@@ -1,5 +1,5 @@
 """`mmp run` without `mmp up`: the first run on the SQLite store leaves a real `mlflow server`
-serving it (mmp.tracking_server), later runs track through it with the light REST tracker, and
+serving it (mmp.tracking.server), later runs track through it with the light REST tracker, and
 it stops by itself: when idle, when its database file is replaced, on SIGTERM."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mmp import config, procs, tracking, tracking_server
-from mmp.filelock import try_lock
+from mmp import config
+from mmp.local import procs
+from mmp.tracking import client as tracking, server as tracking_server
+from mmp.local.filelock import try_lock
 
 pytestmark = pytest.mark.horovod
 

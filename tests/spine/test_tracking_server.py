@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from mmp import config
 from mmp.backends import JobState
-from mmp.tracking_rest import MlflowRestError, RestRunTracker
+from mmp.tracking.rest import MlflowRestError, RestRunTracker
 
 from ..conftest import mlflow_server as start_mlflow_server
 
@@ -63,7 +63,7 @@ def test_rest_errors_name_the_call_and_never_the_password(mlflow_server, monkeyp
 
 def test_mmp_run_uses_the_local_stacks_server_and_keeps_secrets_from_training(
         mlflow_server, make_repo, digits):
-    from mmp.procs import start_time
+    from mmp.local.procs import start_time
 
     config.local_stack_file().write_text(json.dumps({"pid": os.getpid(), "started": start_time(os.getpid()),
                                                      "mlflow_url": mlflow_server}))
@@ -84,7 +84,7 @@ def test_mmp_run_uses_the_local_stacks_server_and_keeps_secrets_from_training(
 
 
 def test_rest_tracker_records_and_enforces_the_owner_and_finds_open_runs(mlflow_server):
-    from mmp.ownership import OwnershipError
+    from mmp.tracking.ownership import OwnershipError
 
     tracker = RestRunTracker(mlflow_server)
     run_id = tracker.start("owned-exp", run_name="r1", tags={"mmp.delivery_id": "d-rest",

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from mmp.experiment import ExperimentError, json_schema, parse_experiment
-from mmp.tuning.spec import parallel_limit
+from mmp.contract.experiment import ExperimentError, json_schema, parse_experiment
+from mmp.contract.tuning import parallel_limit
 
 BASE = {"Platform": "local", "Dataset_Name": "digits", "Training_Instance": "local",
         "Hyperparameters": "{'epochs': '3', 'batch-size': '32'}"}
@@ -110,7 +110,7 @@ def test_schema_describes_the_block_and_validate_names_fields(tmp_path):
 def test_the_readme_example_block_validates():
     from pathlib import Path
 
-    from mmp.experiment import load_experiment
+    from mmp.contract.experiment import load_experiment
 
     path = Path(__file__).resolve().parents[2] / "examples" / "fashion" / "experiment.tuning.json"
     tuning = load_experiment(path, datasets=["digits"]).tuning

@@ -25,7 +25,7 @@ from mmp import config
 from mmp.pipeline.queue import JobQueue
 from mmp.pipeline.reporting import LocalStatusReporter
 from mmp.pipeline.runs import local_trigger, run_trigger
-from mmp.tuning.spec import Tuning
+from mmp.contract.tuning import Tuning
 from mmp.tuning.study import distributions, make_sampler
 from mmp.webhook.core import Job
 
@@ -421,7 +421,7 @@ def test_a_range_that_overflows_ends_the_study_with_a_final_status(study_repo, b
     repo = study_repo({"Objective_Metric": "score", "Strategy": "random", "Max_Runs": 2,
                        "Ranges": {"shift": bounds}})
     outcome = run_trigger(local_trigger(repo, head(repo), delivery_id="overflow"))
-    assert outcome.state == "INVALID", outcome.message  # refused before any trial (mmp.tuning.spec._bounds_problem)
+    assert outcome.state == "INVALID", outcome.message  # refused before any trial (mmp.contract.tuning._bounds_problem)
     assert "Ranges" in outcome.message or "shift" in outcome.message, outcome.message
     assert marked(study_repo.marks) == {}  # no trial ran
     assert_study_ended(repo, "overflow", outcome.state, ("failure", "error"))

@@ -19,7 +19,7 @@ TUNING = {"Objective_Metric": "score", "Strategy": "grid", "Ranges": {"units": {
 
 OPEN_AT_ONCE = """
 import pathlib, sys, time
-from mmp.tuning.spec import Tuning
+from mmp.contract.tuning import Tuning
 from mmp.tuning.study import open_study
 go = pathlib.Path(sys.argv[1])
 while not go.exists():

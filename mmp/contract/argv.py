@@ -160,7 +160,7 @@ def horovodrun_argv(
     launcher: Sequence[str] = (),
 ) -> list[str]:
     """`horovodrun -np N -H h:s,… --gloo [extra] python [launcher] train.py …` as a list
-    (launcher: e.g. mmp.rank's `-m mmp.rank`, which reads the MLflow secret in each rank)."""
+    (launcher: e.g. mmp.runtime.rank's `-m mmp.runtime.rank`, which reads the MLflow secret in each rank)."""
     total = sum(slots for _, slots in hosts)
     return [horovodrun, "-np", str(total), "-H", hosts_spec(hosts), "--gloo", *extra, python, *launcher, script,
             *train_arguments]

@@ -22,7 +22,7 @@ import json
 import os
 from typing import Iterable
 
-from . import config
+from mmp import config
 
 OWNER_TAG = "mmp.owner"
 SOURCE_TAG = "mlflow.source.name"  # the repository a run came from, as people see it (set by Pipeline.start)

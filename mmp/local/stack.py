@@ -6,11 +6,11 @@ supervisor, which then stops them in order: the server first (no new jobs), then
 the worker with SIGTERM (it cancels the job in flight, marks the MLflow run KILLED
 and exits; a study's trials are stopped and the study resumes with the next worker), then MLflow; whatever ignores SIGTERM gets SIGKILL. A worker that dies
 is restarted, and on start it fails the job it was running (see mmp.pipeline.worker).
-An empty MLflow store gets its schema before either child starts (mmp.mlflow_store).
+An empty MLflow store gets its schema before either child starts (mmp.tracking.store).
 
 One stack per MMP_HOME: `stack.lock` is flocked for the stack's life (the kernel
 releases it on any death), so a second `mmp up` is refused at once, naming the first.
-Each child runs under `mmp.childguard`, so it dies with this process even on
+Each child runs under `mmp.local.childguard`, so it dies with this process even on
 `kill -9`; and should anything survive anyway, `stack.json` records each child's pid
 and start time, and the next `mmp up` stops what matches both (never a reused pid).
 """
@@ -34,11 +34,12 @@ from typing import Any, Callable
 
 import psutil
 
-from . import config, procs
-from .filelock import try_lock
-from .childguard import guarded_argv
+from mmp import config
+from mmp.local import procs
+from mmp.local.filelock import try_lock
+from mmp.local.childguard import guarded_argv
 
-log = logging.getLogger("mmp.localstack")
+log = logging.getLogger("mmp.local.stack")
 
 STOP_GRACE_S = 20.0
 MLFLOW_GRACE_S = 10.0
@@ -247,7 +248,7 @@ class LocalStack:
         return open(folder / f"{name}.log", "ab")
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], grace: float) -> subprocess.Popen:
-        """`argv` under mmp.childguard, in its own session: it dies with this process, even on kill -9."""
+        """`argv` under mmp.local.childguard, in its own session: it dies with this process, even on kill -9."""
         guarded = guarded_argv(os.getpid(), grace, argv)
         with self._log_file(name) as out:
             return subprocess.Popen(guarded, env=env, stdin=subprocess.DEVNULL, stdout=out,
@@ -256,7 +257,7 @@ class LocalStack:
     def _prepare_store(self) -> None:
         """Make an empty local MLflow store's schema here, once, before the UI server and the worker open it:
         both migrating it at once killed the UI, failed the first job, or left the store half-migrated."""
-        from . import mlflow_store
+        from mmp.tracking import store as mlflow_store
 
         try:
             if mlflow_store.prepare(config.tracking_uri(), config.artifact_root()):
@@ -270,7 +271,7 @@ class LocalStack:
         self._publish()
 
     def start(self) -> "LocalStack":
-        from .webhook.server import local_server
+        from mmp.webhook.server import local_server
 
         self._claim_home()
         try:

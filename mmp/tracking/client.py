@@ -13,10 +13,11 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from . import config, mlflow_store, ownership
-from .argv import hyperparameter_text
-from .backends.base import JobState
-from .mlflow_store import sqlite_path
+from mmp import config
+from mmp.tracking import store as mlflow_store, ownership
+from mmp.contract.argv import hyperparameter_text
+from mmp.backends.base import JobState
+from mmp.tracking.store import sqlite_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.tracking import MlflowClient
@@ -88,7 +89,7 @@ def make_tracker(tracking_uri: str | None = None):
     """The REST tracker (stdlib, light) for a tracking server, MLflow's client otherwise."""
     uri = tracking_uri or config.tracking_uri()
     if uri.startswith(("http://", "https://")):
-        from .tracking_rest import RestRunTracker
+        from mmp.tracking.rest import RestRunTracker
 
         return RestRunTracker(uri)
     return RunTracker(uri)
@@ -161,7 +162,7 @@ class TrackerBase:
         raise NotImplementedError
 
     def ownership_problem(self, name: str, repository: str) -> str | None:
-        """Why `repository` may not train into experiment `name` (see mmp.ownership), or None."""
+        """Why `repository` may not train into experiment `name` (see mmp.tracking.ownership), or None."""
         found = self.find_experiment(name)
         if found is None:
             return None
@@ -260,7 +261,7 @@ class RunTracker(TrackerBase):
         """Create the run (status RUNNING) with tags and params; return its id.
 
         With `owner` (the repository), the experiment must be that repository's or shared
-        with it (mmp.ownership); a new experiment is tagged as its.
+        with it (mmp.tracking.ownership); a new experiment is tagged as its.
         """
         from mlflow.entities import Param
 

@@ -17,8 +17,8 @@ from typing import Any, Literal, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ..argv import checked_value, hyperparameter_args
-from ..numbers import Flag, Number, whole_number
+from mmp.contract.argv import checked_value, hyperparameter_args
+from mmp.contract.numbers import Flag, Number, whole_number
 
 STRATEGIES = ("grid", "random", "bayesian")
 DIRECTIONS = ("maximize", "minimize")
@@ -192,7 +192,7 @@ class Tuning(BaseModel):
     @field_validator("ranges")
     @classmethod
     def _ranges(cls, value: dict[str, Range], info: ValidationInfo) -> dict[str, Range]:
-        from ..experiment import _hyperparameter_name  # the same rules as fixed hyperparameters
+        from mmp.contract.experiment import _hyperparameter_name  # the same rules as fixed hyperparameters
 
         if len(value) > MAX_RANGES:
             raise ValueError(f"at most {MAX_RANGES} ranges, got {len(value)}")

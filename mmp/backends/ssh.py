@@ -1,7 +1,7 @@
 """SSH sessions to training hosts with paramiko: pinned host keys, list-built commands.
 
 Why one module: every remote command MMP runs goes through `Session.run`/`start`,
-which take an argv *list* and quote it with `mmp.argv.shell_join` (the one quoting
+which take an argv *list* and quote it with `mmp.contract.argv.shell_join` (the one quoting
 place), so a hyperparameter or dataset name can never become shell syntax. Host
 keys are pinned (never AutoAddPolicy): a host that presents another key is refused.
 Secrets travel on the channel's stdin, never on a command line. paramiko is
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .argv import shell_join
+from mmp.contract.argv import shell_join
 
 OutputSink = Callable[[str, str], None]  # (stream "stdout"|"stderr", line)
 KEEP_LINES = 1000  # a process's own tail (error messages); the whole output goes to on_output

@@ -19,9 +19,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
-from .argv import hyperparameter_text
-from .ownership import OWNER_TAG
-from .tracking import EXPERIMENT_TAGS, PAGE_SIZE, TrackerBase, ui_url
+from mmp.contract.argv import hyperparameter_text
+from mmp.tracking.ownership import OWNER_TAG
+from mmp.tracking.client import EXPERIMENT_TAGS, PAGE_SIZE, TrackerBase, ui_url
 
 
 class MlflowRestError(RuntimeError):
@@ -29,7 +29,7 @@ class MlflowRestError(RuntimeError):
 
 
 class RestRunTracker(TrackerBase):
-    """The RunTracker interface over HTTP(S) (see mmp.tracking.RunTracker)."""
+    """The RunTracker interface over HTTP(S) (see mmp.tracking.client.RunTracker)."""
 
     def __init__(self, tracking_uri: str, *, timeout: float = 15.0, retries: int = 3):
         super().__init__(tracking_uri.rstrip("/"))
@@ -45,7 +45,7 @@ class RestRunTracker(TrackerBase):
         user = os.environ.get("MLFLOW_TRACKING_USERNAME")
         password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
         if user and not password and os.environ.get("MMP_MLFLOW_PASSWORD_SECRET_ARN"):
-            from .aws import secret
+            from mmp.aws import secret
 
             password = secret(os.environ["MMP_MLFLOW_PASSWORD_SECRET_ARN"])
         if user and password:
@@ -56,7 +56,7 @@ class RestRunTracker(TrackerBase):
     @staticmethod
     def _sign(method: str, url: str, data: bytes | None, headers: dict[str, str]) -> dict[str, str]:
         """SigV4 when the server is SageMaker managed MLflow (MMP_MLFLOW_TRACKING_SERVER_ARN set)."""
-        from .tracking_sigv4 import sign, tracking_server_arn
+        from mmp.tracking.sigv4 import sign, tracking_server_arn
 
         arn = tracking_server_arn()
         return sign(method, url, data, headers, arn) if arn else headers
@@ -194,7 +194,7 @@ class RestRunTracker(TrackerBase):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
         elif parsed.scheme == "s3":
-            from .aws import client
+            from mmp.aws import client
 
             key = f"{parsed.path.lstrip('/')}/{artifact_file}"
             client("s3").put_object(Bucket=parsed.netloc, Key=key, Body=text.encode())

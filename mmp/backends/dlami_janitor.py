@@ -17,10 +17,10 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from . import aws
-from .backends.dlami import LIVE_STATES, TAG_MANAGED, TAG_MAX_RUNTIME, TAG_RUN
+from mmp import aws
+from mmp.backends.dlami import LIVE_STATES, TAG_MANAGED, TAG_MAX_RUNTIME, TAG_RUN
 
-log = logging.getLogger("mmp.janitor")
+log = logging.getLogger("mmp.backends.dlami_janitor")
 
 @dataclass
 class Finding:
@@ -38,7 +38,7 @@ class Finding:
 def pipeline_conclusion(run_id: str) -> str | None:
     """How the pipeline ended the run (FINISHED, FAILED, KILLED); None while it has not, or if unknown."""
     try:
-        from .tracking import make_tracker
+        from mmp.tracking.client import make_tracker
 
         return make_tracker().concluded(run_id)
     except Exception as exc:  # unknown run, MLflow down: decide by age alone
@@ -110,7 +110,7 @@ def handler(event: dict, context: Any = None) -> dict:
     findings = sweep()
     doomed = [f.to_dict() for f in findings if f.action == "terminate"]
     if doomed:
-        from .pipeline.sns import SnsNotifier
+        from mmp.pipeline.sns import SnsNotifier
 
         SnsNotifier().notify(f"[mmp] janitor terminated {len(doomed)} stray instance(s)",
                              "; ".join(f"{f['instance_id']}: {f['reason']}" for f in doomed),

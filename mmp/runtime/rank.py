@@ -8,7 +8,7 @@ rank reads the value from Secrets Manager with the job's own role (SageMaker exe
 role, DLAMI instance profile) into its own environment, where MLflow's client finds
 MLFLOW_TRACKING_PASSWORD. Then train.py runs in this process as `__main__`.
 
-    horovodrun … python -m mmp.rank train.py --dataset-path …
+    horovodrun … python -m mmp.runtime.rank train.py --dataset-path …
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import runpy
 import sys
 from typing import MutableMapping, Sequence
 
-LAUNCHER = ("-m", "mmp.rank")  # what mmp.argv.horovodrun_argv puts between python and train.py
+LAUNCHER = ("-m", "mmp.runtime.rank")  # what mmp.contract.argv.horovodrun_argv puts between python and train.py
 SECRET_ARN_VAR = "MMP_MLFLOW_PASSWORD_SECRET_ARN"
 PASSWORD_VAR = "MLFLOW_TRACKING_PASSWORD"
 
@@ -32,7 +32,7 @@ def load_mlflow_password(environ: MutableMapping[str, str]) -> bool:
     arn = environ.get(SECRET_ARN_VAR)
     if not arn or environ.get(PASSWORD_VAR):
         return False
-    from . import aws
+    from mmp import aws
 
     try:
         environ[PASSWORD_VAR] = aws.secret(arn)
@@ -44,7 +44,7 @@ def load_mlflow_password(environ: MutableMapping[str, str]) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        raise SystemExit("usage: python -m mmp.rank train.py [arguments…]")
+        raise SystemExit("usage: python -m mmp.runtime.rank train.py [arguments…]")
     try:
         load_mlflow_password(os.environ)
     except CredentialsError as exc:

@@ -25,15 +25,15 @@ from pydantic import (
     field_validator,
 )
 
-from . import config
-from .argv import (
+from mmp import config
+from mmp.contract.argv import (
     checked_value,
     command_line_problem,
     contract_flag_clash,
     horovodrun_ambiguity,
 )
-from .numbers import Flag, whole_number
-from .tuning.spec import Tuning, field_path
+from mmp.contract.numbers import Flag, whole_number
+from mmp.contract.tuning import Tuning, field_path
 
 EXPERIMENT_FILES = config.EXPERIMENT_FILES
 MAX_FILE_BYTES = 256 * 1024

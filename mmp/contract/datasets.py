@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from . import config
-from .experiment import NAME_PATTERN, _NAME_RE
+from mmp import config
+from mmp.contract.experiment import NAME_PATTERN, _NAME_RE
 
 BUILTIN = ("digits", "fashion")
 

@@ -4,7 +4,7 @@ SageMaker starts the same container on every host and runs `train`. This module
 reads /opt/ml/input/config/{resourceconfig,hyperparameters,inputdataconfig}.json,
 unpacks the commit's code from the `mmp-code` channel (the archive Prepare staged; the
 image holds only the dependencies) into /opt/ml/code, builds train.py's argv with
-mmp.argv (dataset `/opt/ml/input/data/<dataset>`, output `/opt/ml/model`), then:
+mmp.contract.argv (dataset `/opt/ml/input/data/<dataset>`, output `/opt/ml/model`), then:
 
 * one host: `horovodrun -np <procs>` here;
 * several hosts: the leader (first host in sorted order) starts sshd, waits until
@@ -13,8 +13,8 @@ mmp.argv (dataset `/opt/ml/input/data/<dataset>`, output `/opt/ml/model`), then:
 
 On any error it writes the reason to /opt/ml/output/failure (SageMaker's
 FailureReason) and exits with the training status. `MMP_SM_ROOT` replaces /opt/ml
-so tests run it anywhere. Stdlib + mmp.argv; boto3 only to check the MLflow password
-secret is readable (each rank reads it itself, mmp.rank).
+so tests run it anywhere. Stdlib + mmp.contract.argv; boto3 only to check the MLflow password
+secret is readable (each rank reads it itself, mmp.runtime.rank).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .argv import horovodrun_argv, restore_booleans, shell_join, train_args
-from .horovod import failure_summary, find_horovodrun
-from .image import CODE_CHANNEL
-from .rank import LAUNCHER, PASSWORD_VAR, CredentialsError, load_mlflow_password
+from mmp.contract.argv import horovodrun_argv, restore_booleans, shell_join, train_args
+from mmp.runtime.horovod import failure_summary, find_horovodrun
+from mmp.contract.image import CODE_CHANNEL
+from mmp.runtime.rank import LAUNCHER, PASSWORD_VAR, CredentialsError, load_mlflow_password
 
 DEFAULT_ROOT = "/opt/ml"
 FAILURE_LIMIT = 1024  # SageMaker keeps the first 1024 characters as FailureReason
@@ -289,7 +289,7 @@ def child_env(plan: Plan, environ: Mapping[str, str]) -> dict[str, str]:
 
     horovodrun puts its whole environment on each rank's command line (`env K=V … python`,
     and `ssh host '…'` for other hosts), so the MLflow password stays out of it: each rank
-    reads it from MMP_MLFLOW_PASSWORD_SECRET_ARN itself (mmp.rank). Here the secret is only
+    reads it from MMP_MLFLOW_PASSWORD_SECRET_ARN itself (mmp.runtime.rank). Here the secret is only
     read once, so a role without access fails the job at once with a clear reason."""
     env = {key: value for key, value in {**environ, **plan.env}.items() if key != PASSWORD_VAR}
     try:

@@ -23,9 +23,9 @@ import urllib.request
 from contextlib import closing
 from typing import Any, Callable
 
-from .filelock import exclusive
+from mmp.local.filelock import exclusive
 
-log = logging.getLogger("mmp.mlflow_store")
+log = logging.getLogger("mmp.tracking.store")
 
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0)  # then the error stands (SQLite itself waits 20 s on a lock first)
 TRANSIENT_CODE = "TEMPORARILY_UNAVAILABLE"  # MLflow's code for SQLAlchemy's OperationalError

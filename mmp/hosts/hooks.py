@@ -24,8 +24,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import config, gitutil
-from .gitutil import ZERO_SHA
+from mmp import config
+from mmp.hosts import localgit as gitutil
+from mmp.hosts.localgit import ZERO_SHA
 
 DEFAULT_URL = "http://127.0.0.1:8080/webhook"
 MARKER = "# installed by mmp hook install"
@@ -101,7 +102,7 @@ def post_event(payload: dict[str, Any], *, url: str | None = None, secret: str |
                timeout: float = TIMEOUT_S, delivery: str | None = None) -> tuple[int, dict[str, Any]]:
     """POST a signed push event the way GitHub does; returns (HTTP status, JSON answer).
     A 429/503 answer carries its Retry-After seconds as `retry_after` in the answer."""
-    from .webhook.core import sign
+    from mmp.webhook.core import sign
 
     body = json.dumps(payload).encode()
     req = urllib.request.Request(url or webhook_url(), data=body, method="POST", headers={
@@ -188,7 +189,7 @@ def hook_script(kind: str, url: str | None) -> str:
     """The hook: plain assignments of single-quoted values (shlex.quote), so no path or URL,
     whatever characters it holds (`$(...)`, quotes, spaces, newlines), is ever run or split.
     Without `--url` it names no URL: the hook finds the running stack when it fires."""
-    package_root = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])
     lines = [
         "#!/bin/sh",
         f"{MARKER}: sends a signed GitHub-style push event to the local MMP webhook.",
@@ -200,7 +201,7 @@ def hook_script(kind: str, url: str | None) -> str:
                   "export MMP_WEBHOOK_URL"]
     lines += [
         f'PYTHONPATH={shlex.quote(package_root)}${{PYTHONPATH:+:"$PYTHONPATH"}}; export PYTHONPATH',
-        f"exec {shlex.quote(sys.executable)} -m mmp.hooks {shlex.quote(kind)}",
+        f"exec {shlex.quote(sys.executable)} -m mmp.hosts.hooks {shlex.quote(kind)}",
         "",
     ]
     return "\n".join(lines)

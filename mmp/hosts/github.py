@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-log = logging.getLogger("mmp.github")
+log = logging.getLogger("mmp.hosts.github")
 
 DEFAULT_API_URL = "https://api.github.com"
 STATUS_CONTEXT = "mmp/training"
@@ -50,7 +50,7 @@ def api_url() -> str:
 
 
 def token_from_env() -> str | None:
-    from .aws import secret_from_env
+    from mmp.aws import secret_from_env
 
     return secret_from_env("GITHUB_TOKEN", "MMP_GITHUB_TOKEN_SECRET_ARN")
 

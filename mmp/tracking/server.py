@@ -6,9 +6,9 @@ continues: about 1.6 s on 2 cores, more than a bare horovodrun takes to start
 train.py. Through a tracking server the pipeline uses the stdlib REST tracker and
 imports nothing heavy. So the first `mmp run` on the SQLite store trains against the
 store directly (which also creates and migrates it, so no server ever races a
-migration) and, when it ends, leaves `python -m mmp.tracking_server` behind: it runs
+migration) and, when it ends, leaves `python -m mmp.tracking.server` behind: it runs
 `mlflow server` on the same store and artifact folder (loopback, a free port, under
-mmp.childguard so it dies with it), and publishes it in `$MMP_HOME/tracking-server.json`
+mmp.local.childguard so it dies with it), and publishes it in `$MMP_HOME/tracking-server.json`
 once `/health` answers. Later runs use it while they hold a lease (a file naming their
 pid and start time). It stops itself after MMP_TRACKING_SERVER_IDLE seconds
 (default 900; 0 turns the whole thing off) with no live lease, as soon as the
@@ -29,8 +29,9 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from . import config, procs
-from .filelock import try_lock
+from mmp import config
+from mmp.local import procs
+from mmp.local.filelock import try_lock
 
 IDLE_ENV = "MMP_TRACKING_SERVER_IDLE"
 DEFAULT_IDLE_S = 900.0
@@ -67,7 +68,7 @@ def _leases() -> Path:
 
 def _database_identity(uri: str) -> list[int] | None:
     """(device, inode) of the SQLite file behind `uri`: a replaced or deleted file has another, or none."""
-    from .tracking import sqlite_path
+    from mmp.tracking.client import sqlite_path
 
     path = sqlite_path(uri)
     try:
@@ -138,7 +139,7 @@ def start_in_background() -> bool:
     log_path = config.mmp_home() / "logs" / "tracking-server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
-        subprocess.Popen([sys.executable, "-m", "mmp.tracking_server"], stdin=subprocess.DEVNULL, stdout=out,
+        subprocess.Popen([sys.executable, "-m", "mmp.tracking.server"], stdin=subprocess.DEVNULL, stdout=out,
                          stderr=subprocess.STDOUT, start_new_session=True, env=config.training_environ())
     return True
 
@@ -158,8 +159,8 @@ def _write_state(state: dict) -> None:
 def serve() -> int:
     """The shared server's life: start, publish, stop when idle, replaced or told to. Exit 0 when
     another one holds the lock (two runs that ended at once)."""
-    from .childguard import guarded_argv
-    from .localstack import stop_process, mlflow_server_argv
+    from mmp.local.childguard import guarded_argv
+    from mmp.local.stack import stop_process, mlflow_server_argv
 
     uri, idle = config.tracking_uri(), idle_seconds()
     database = _database_identity(uri)

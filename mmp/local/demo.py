@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import config, gitutil
+from mmp import config
+from mmp.hosts import localgit as gitutil
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fashion"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion"
 REPO_NAME = "fashion-demo"
 WAIT_S = 600
 EXPERIMENTS = (
@@ -60,7 +61,7 @@ class DemoResult:
 
 
 def prepare_dataset(ctx: DemoContext) -> None:
-    from .datasets import load_catalogue, missing_files, prepare_digits
+    from mmp.contract.datasets import load_catalogue, missing_files, prepare_digits
 
     folder = load_catalogue()["digits"].local_path()
     if folder.is_dir() and not missing_files(folder):
@@ -84,7 +85,7 @@ def make_repository(ctx: DemoContext) -> None:
 
 
 def start_stack(ctx: DemoContext) -> None:
-    from .localstack import LocalStack, StackRunning
+    from mmp.local.stack import LocalStack, StackRunning
 
     try:
         ctx.stack = LocalStack(port=0, mlflow_port=ctx.mlflow_port, ui=ctx.ui, say=ctx.say).start()
@@ -95,7 +96,7 @@ def start_stack(ctx: DemoContext) -> None:
 
 
 def install_hook(ctx: DemoContext) -> None:
-    from .hooks import install
+    from mmp.hosts.hooks import install
 
     path = install(ctx.repo, url=ctx.stack.server.url)
     ctx.say(f"4. hook: {path.name} installed → every commit posts a signed push event")
@@ -114,8 +115,8 @@ def commit_experiments(ctx: DemoContext) -> None:
 
 
 def wait_for_runs(ctx: DemoContext, timeout: float = WAIT_S) -> None:
-    from .pipeline.queue import JobQueue
-    from .pipeline.store import RunStore
+    from mmp.pipeline.queue import JobQueue
+    from mmp.pipeline.store import RunStore
 
     queue, store = JobQueue(), RunStore()
     deadline = time.time() + timeout
@@ -144,8 +145,8 @@ def wait_for_runs(ctx: DemoContext, timeout: float = WAIT_S) -> None:
 
 
 def show_results(ctx: DemoContext) -> dict[str, list[dict]]:
-    from .pipeline.reporting import LocalStatusReporter
-    from .pipeline.runs import mlflow_link
+    from mmp.pipeline.reporting import LocalStatusReporter
+    from mmp.pipeline.runs import mlflow_link
 
     reporter = LocalStatusReporter()
     repository = gitutil.repository_name(ctx.repo)
@@ -166,7 +167,7 @@ def show_results(ctx: DemoContext) -> dict[str, list[dict]]:
 
 def finale(experiment_name: str) -> None:
     """The leaderboard, promotion of the best run, and one prediction from the served model."""
-    from .models.finale import demo_finale
+    from mmp.models.finale import demo_finale
 
     demo_finale(experiment_name)
 

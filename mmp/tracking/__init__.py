@@ -1,0 +1,1 @@
+"""MLflow tracking: the run client, its REST and SigV4 transports, run ownership, the local store and the shared server."""
