@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from mmp import config
-from mmp.contract.experiment import NAME_PATTERN, _NAME_RE
+from mmp.contract.names import NAME_PATTERN, is_safe_name
 
 BUILTIN = ("digits", "fashion")
 
@@ -51,7 +51,7 @@ def load_catalogue() -> dict[str, Dataset]:
 
 
 def add_dataset(name: str, *, local: str | None = None, s3: str | None = None, fsx: str | None = None) -> Dataset:
-    if not _NAME_RE.fullmatch(name) or ".." in name:
+    if not is_safe_name(name):
         raise ValueError(f"dataset name {name!r} must match {NAME_PATTERN}")
     if s3 is not None and not s3.startswith("s3://"):
         raise ValueError(f"--s3 must be an s3:// URI, got {s3!r}")

@@ -26,19 +26,13 @@ from pydantic import (
 )
 
 from mmp import config
-from mmp.contract.argv import (
-    checked_value,
-    command_line_problem,
-    contract_flag_clash,
-    horovodrun_ambiguity,
-)
+from mmp.contract.argv import checked_value, command_line_problem
+from mmp.contract.names import NAME_PATTERN, hyperparameter_name, is_safe_name
 from mmp.contract.numbers import Flag, whole_number
 from mmp.contract.tuning import Tuning, field_path
 
 EXPERIMENT_FILES = config.EXPERIMENT_FILES
 MAX_FILE_BYTES = 256 * 1024
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-_NAME_RE = re.compile(NAME_PATTERN)
 MAX_HYPERPARAMETERS = 100
 # An experiment file needs two levels (the file, its Hyperparameters); the bound keeps
 # json/ast from recursing until Python gives up (RecursionError) on hostile input.
@@ -172,25 +166,7 @@ def _parse_hyperparameters(value: Any) -> Any:
     return value
 
 
-def _hyperparameter_name(name: str) -> str:
-    if not _NAME_RE.fullmatch(name) or len(name) > 128:
-        raise ValueError(f"bad name {name!r}; names match {NAME_PATTERN} (no spaces, no leading '-')")
-    flags = contract_flag_clash(f"--{name}")
-    if flags:
-        raise ValueError(
-            f"'--{name}' is a prefix of {' and '.join(flags)}, which the pipeline sets (argparse takes a prefix "
-            "of an option for that option); use another name"
-        )
-    clash = horovodrun_ambiguity(f"--{name}")
-    if clash:
-        raise ValueError(
-            f"'--{name}' is an ambiguous abbreviation to horovodrun (could be {', '.join(clash[:3])}, …); "
-            "use a longer name"
-        )
-    return name
-
-
-HyperparameterName = Annotated[str, AfterValidator(_hyperparameter_name)]
+HyperparameterName = Annotated[str, AfterValidator(hyperparameter_name)]
 HyperparameterValue = Annotated[Scalar, AfterValidator(checked_value)]
 HYPERPARAMETERS_DESCRIPTION = (
     "Passed to train.py after the contract flags, in order: a string or number as `--name value` "
@@ -271,7 +247,7 @@ class Experiment(BaseModel):
     @field_validator("dataset_name")
     @classmethod
     def _known_dataset(cls, value: str, info: ValidationInfo) -> str:
-        if not _NAME_RE.fullmatch(value) or ".." in value:
+        if not is_safe_name(value):
             raise ValueError(
                 f"{value!r} is not a safe name; use letters, digits, '_', '.', '-' "
                 "(starting with a letter or digit)"
@@ -292,7 +268,7 @@ class Experiment(BaseModel):
     @field_validator("experiment_name")
     @classmethod
     def _safe_experiment(cls, value: str | None) -> str | None:
-        if value is not None and (not _NAME_RE.fullmatch(value) or ".." in value):
+        if value is not None and not is_safe_name(value):
             raise ValueError(f"{value!r} is not a safe name; use letters, digits, '_', '.', '-'")
         return value
 

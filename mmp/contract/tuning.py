@@ -18,6 +18,7 @@ from typing import Any, Literal, Sequence, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from mmp.contract.argv import checked_value, hyperparameter_args
+from mmp.contract.names import hyperparameter_name
 from mmp.contract.numbers import Flag, Number, whole_number
 
 STRATEGIES = ("grid", "random", "bayesian")
@@ -192,14 +193,12 @@ class Tuning(BaseModel):
     @field_validator("ranges")
     @classmethod
     def _ranges(cls, value: dict[str, Range], info: ValidationInfo) -> dict[str, Range]:
-        from mmp.contract.experiment import _hyperparameter_name  # the same rules as fixed hyperparameters
-
         if len(value) > MAX_RANGES:
             raise ValueError(f"at most {MAX_RANGES} ranges, got {len(value)}")
         problems = []
         for name in value:
             try:
-                _hyperparameter_name(name)
+                hyperparameter_name(name)
             except ValueError as exc:
                 problems.append(f"{name!r}: {exc}")
         if info.data.get("strategy") == "grid":
