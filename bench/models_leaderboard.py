@@ -87,14 +87,16 @@ def main() -> None:
     def no_pause():
         import contextlib
 
-        saved = compare.gc_paused
-        compare.gc_paused = contextlib.nullcontext
+        from mmp.models import search
+
+        saved = search.gc_paused
+        search.gc_paused = contextlib.nullcontext
         try:
             t = time.perf_counter()
             compare.leaderboard("bench", "val_accuracy", client=client)
             return time.perf_counter() - t
         finally:
-            compare.gc_paused = saved
+            search.gc_paused = saved
 
     unpaused = statistics.median(no_pause() for _ in range(3))
     median = statistics.median(warm)

@@ -111,7 +111,7 @@ def promote(
 
 def _study_choice(experiment: str, study: str, metric: str | None, mode: str) -> tuple[str, str, str]:
     """The metric, mode and run that promoting a study's best trial means."""
-    from mmp.models.compare import CompareError, make_client
+    from mmp.models.search import CompareError, make_client
     from mmp.models.studies import best_trial, find_study, objective
 
     try:

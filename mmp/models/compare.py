@@ -5,19 +5,18 @@ instance type × count, the training processes (hosts × per host), the hyperpar
 noise), the chosen metrics, the duration and the instance-hours it cost. Sorting is
 MLflow's own `order_by`, so the best run comes first without loading a metric
 history. Garbage collection is paused while MLflow builds thousands of run objects:
-on 1,000 runs it halves the time (see bench/models_leaderboard.py).
+on 1,000 runs it halves the time (mmp.models.search; see bench/models_leaderboard.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from mmp import config
 from mmp.contract.experiment import AUTO_PROCESSES, TAG_PROCESSES, TAG_PROCESSES_PER_HOST
+from mmp.models.search import CompareError, experiment_id, make_client, search_all
+from mmp.models.studies import find_study, objective
 from mmp.tuning.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,15 +24,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from mlflow.tracking import MlflowClient
 
 MODES = ("max", "min")
-PAGE_SIZE = 5000  # runs per search page; MLflow caps a page at 50,000
 TAG_COMMIT = "mlflow.source.git.commit"
 TAG_PLATFORM = "mmp.platform"
 TAG_INSTANCE_TYPE = "mmp.instance_type"
 TAG_INSTANCE_COUNT = "mmp.instance_count"
-
-
-class CompareError(ValueError):
-    """A leaderboard that cannot be made (unknown experiment, bad mode); the message says why."""
 
 
 @dataclass
@@ -99,55 +93,12 @@ class Leaderboard:
         return data
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic collector while MLflow builds many short-lived objects."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def make_client(tracking_uri: str | None = None) -> "MlflowClient":
-    from mmp.tracking.sigv4 import mlflow_client
-
-    return mlflow_client(tracking_uri or config.tracking_uri())
-
-
 def order_by(metric: str | None, mode: str) -> list[str]:
     """MLflow `order_by` clauses: best metric first (MLflow puts runs lacking it last), newest next."""
     if mode not in MODES:
         raise CompareError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     clauses = [f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}"] if metric else []
     return clauses + ["attributes.start_time DESC"]
-
-
-def experiment_id(client: "MlflowClient", name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None or experiment.lifecycle_stage == "deleted":
-        known = sorted(e.name for e in client.search_experiments(max_results=200))
-        hint = f"; known experiments: {', '.join(known)}" if known else "; no experiments yet"
-        raise CompareError(f"no MLflow experiment named {name!r}{hint}")
-    return experiment.experiment_id
-
-
-def search_all(client: "MlflowClient", experiment_ids: Sequence[str], *, filter_string: str = "",
-               order: Sequence[str] = (), limit: int | None = None, page_size: int = PAGE_SIZE) -> list["Run"]:
-    """Every matching run, page by page (MLflow's page tokens), in `order`."""
-    runs: list[Run] = []
-    token = None
-    with gc_paused():
-        while True:
-            want = page_size if limit is None else min(page_size, limit - len(runs))
-            page = client.search_runs(list(experiment_ids), filter_string=filter_string, order_by=list(order),
-                                      max_results=want, page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token or not page or (limit is not None and len(runs) >= limit):
-                return runs
 
 
 def _count(value: str | None) -> int:
@@ -219,8 +170,6 @@ def leaderboard(experiment: str, metrics: Sequence[str] | str | None = None, *, 
     exp_id = experiment_id(client, experiment)
     filter_string, parent_id = "", None
     if study:
-        from mmp.models.studies import find_study, objective
-
         parent = find_study(client, experiment, study)
         parent_id = parent.info.run_id
         filter_string = f"tags.`{TAG_PARENT}` = '{parent_id}'"

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from mmp.tracking import ownership
 from mmp.pipeline import run_record
 from mmp.tuning.tags import TAG_STUDY
-from mmp.models.compare import CompareError, experiment_id, make_client, order_by, search_all
+from mmp.models.compare import order_by
+from mmp.models.search import CompareError, experiment_id, make_client, search_all
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities import Run

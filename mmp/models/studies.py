@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mmp.tuning.tags import TAG_PARENT, TAG_STUDY
-from mmp.models.compare import CompareError, experiment_id, search_all
+from mmp.models.search import CompareError, experiment_id, search_all
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities import Run

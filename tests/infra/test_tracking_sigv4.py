@@ -96,12 +96,12 @@ def test_the_api_endpoint_is_the_regional_one_the_plugin_uses():
 
 def test_the_runners_mlflow_client_signs_through_the_sagemaker_mlflow_plugin(httpserver, signed_env, monkeypatch):
     """Issue 19, defect 3: promotion and a study's pruning reads use MLflow's own client
-    (mmp.models.compare.make_client). With the stack's URL alone it calls the managed server
+    (mmp.models.search.make_client). With the stack's URL alone it calls the managed server
     unsigned; on the server's ARN the real sagemaker-mlflow plugin signs each call with the
     runner's role (its SAGEMAKER_MLFLOW_CUSTOM_ENDPOINT points it at this test's server)."""
     import mlflow
 
-    from mmp.models.compare import make_client
+    from mmp.models.search import make_client
     from mmp.tracking.sigv4 import mlflow_client
 
     url = httpserver.url_for("").rstrip("/")
