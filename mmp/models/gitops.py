@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mmp.contract.experiment import NAME_PATTERN
+from mmp.contract.names import NAME_PATTERN
 from mmp.pipeline.reporting import PROMOTION_CONTEXT, Notifier, StatusReporter, short_description
 from mmp.pipeline.sources import Trigger
 
@@ -93,7 +93,7 @@ class PromotionOutcome:
 
 
 def _model_url(name: str, version: str) -> str:
-    from mmp.tracking.client import ui_url
+    from mmp.tracking.base import ui_url
 
     return f"{ui_url()}/#/models/{name}/versions/{version}"
 

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mmp.contract.argv import hyperparameter_text
-from mmp.tracking.ownership import OWNER_TAG
-from mmp.tracking.client import EXPERIMENT_TAGS, PAGE_SIZE, TrackerBase, ui_url
+from mmp.tracking.base import PAGE_SIZE, TrackerBase, ui_url
 
 
 class MlflowRestError(RuntimeError):
@@ -35,7 +34,6 @@ class RestRunTracker(TrackerBase):
         super().__init__(tracking_uri.rstrip("/"))
         self.timeout = timeout
         self.retries = retries
-        self._experiment_ids: dict[str, str] = {}
 
     # -- transport ---------------------------------------------------------------
     def _auth_header(self) -> dict[str, str]:
@@ -93,34 +91,7 @@ class RestRunTracker(TrackerBase):
         raise AssertionError("unreachable")
 
     # -- RunTracker interface -----------------------------------------------------
-    def experiment_id(self, name: str, owner: str | None = None) -> str:
-        if owner is None and name in self._experiment_ids:
-            return self._experiment_ids[name]
-        found = self.find_experiment(name)
-        if found is None:
-            tags = [{"key": k, "value": v} for k, v in
-                    {**EXPERIMENT_TAGS, **({OWNER_TAG: owner} if owner else {})}.items()]
-            try:
-                exp_id = self._call("POST", "/api/2.0/mlflow/experiments/create", {"name": name, "tags": tags})[
-                    "experiment_id"]
-                self._experiment_ids[name] = exp_id
-                return exp_id
-            except MlflowRestError as create_exc:  # made concurrently
-                if "RESOURCE_ALREADY_EXISTS" not in str(create_exc):
-                    raise
-                found = self.find_experiment(name)
-                if found is None:
-                    raise
-        exp_id, tags = found
-        if owner is not None:
-            self.claim(name, exp_id, tags, owner)
-        for key, value in EXPERIMENT_TAGS.items():
-            if key not in tags:  # made by train.py or an older MMP
-                self.set_experiment_tag(exp_id, key, value)
-        self._experiment_ids[name] = exp_id
-        return exp_id
-
-    def find_experiment(self, name: str) -> tuple[str, dict[str, str]] | None:
+    def _find(self, name: str) -> tuple[str, dict[str, str], bool] | None:
         try:
             found = self._call("GET", "/api/2.0/mlflow/experiments/get-by-name", query={"experiment_name": name})
         except MlflowRestError as exc:
@@ -128,7 +99,15 @@ class RestRunTracker(TrackerBase):
                 raise
             return None
         experiment = found["experiment"]
-        return experiment["experiment_id"], {t["key"]: t["value"] for t in experiment.get("tags", [])}
+        tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+        return experiment["experiment_id"], tags, experiment.get("lifecycle_stage") == "deleted"
+
+    def _create_experiment(self, name: str, tags: Mapping[str, str]) -> str:
+        return self._call("POST", "/api/2.0/mlflow/experiments/create", {
+            "name": name, "tags": [{"key": k, "value": v} for k, v in tags.items()]})["experiment_id"]
+
+    def _restore_experiment(self, experiment_id: str) -> None:
+        self._call("POST", "/api/2.0/mlflow/experiments/restore", {"experiment_id": experiment_id})
 
     def _experiment_page(self, token: str | None) -> tuple[list[str], str | None]:
         page = self._call("POST", "/api/2.0/mlflow/experiments/search",
