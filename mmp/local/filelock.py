@@ -39,3 +39,34 @@ def try_lock(fh: IO) -> bool:
         return True
     except BlockingIOError:
         return False
+
+
+def hold(path: str | Path, holder: str) -> IO | None:
+    """Take `path`'s flock for this process's life and write `holder` (who holds it) into it; None
+    when another process holds it. Closing the returned file, or dying, releases it."""
+    fh = open(path, "a+")
+    if not try_lock(fh):
+        fh.close()
+        return None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(holder)
+    fh.flush()
+    return fh
+
+
+def holder(path: str | Path) -> str:
+    """What the process holding `path` wrote into it (`hold`); empty when unknown."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def is_held(path: str | Path) -> bool:
+    """Whether another process holds `path`'s flock now (the probe takes and drops it at once)."""
+    with open(path, "a") as fh:
+        if not try_lock(fh):
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False

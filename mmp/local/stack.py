@@ -17,7 +17,6 @@ and start time, and the next `mmp up` stops what matches both (never a reused pi
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ import psutil
 
 from mmp import config
 from mmp.local import procs
-from mmp.local.filelock import try_lock
+from mmp.local.filelock import hold, holder, is_held
 from mmp.local.childguard import guarded_argv
 
 log = logging.getLogger("mmp.local.stack")
@@ -50,13 +49,6 @@ class StackRunning(RuntimeError):
     """Another `mmp up` holds this MMP_HOME (or its worker lock); the message names it."""
 
 
-def _lock_holder_text(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
-
-
 def running_stack_description(home: Path) -> str:
     """`pid N, webhook URL, MLflow URL, up since T` from the running stack's stack.json (or its lock file)."""
     try:
@@ -65,7 +57,7 @@ def running_stack_description(home: Path) -> str:
         info = {}
     if not isinstance(info, dict) or not info.get("pid"):
         try:
-            info = json.loads(_lock_holder_text(home / "stack.lock") or "{}")
+            info = json.loads(holder(home / "stack.lock") or "{}")
         except ValueError:
             info = {}
     parts = [f"pid {info.get('pid', '?')}"]
@@ -181,15 +173,10 @@ class LocalStack:
     def _claim_home(self) -> None:
         """Hold stack.lock for this stack's life, or refuse at once, naming the stack that holds it."""
         home = config.mmp_home()
-        fh = open(home / "stack.lock", "a+")
-        if not try_lock(fh):
-            fh.close()
+        fh = hold(home / "stack.lock", json.dumps({"pid": os.getpid(), "started": self.started}))
+        if fh is None:
             raise StackRunning(f"another `mmp up` is running on MMP_HOME={home} ({running_stack_description(home)}); "
                                "stop it first (Ctrl-C in its terminal, or kill its pid)")
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "started": self.started}))
-        fh.flush()
         self._lock_fh = fh
 
     def _release_home(self) -> None:
@@ -226,12 +213,9 @@ class LocalStack:
     def _check_worker_lock(self) -> None:
         """A worker this stack did not start (e.g. `mmp worker`) holding the queue: say so now, not after 5 crashes."""
         path = config.mmp_home() / "worker.lock"
-        with open(path, "a+") as fh:
-            if not try_lock(fh):
-                holder = _lock_holder_text(path) or "?"
-                raise StackRunning(f"another worker ({holder}) holds {path}; stop it first "
-                                   "(one worker per MMP_HOME)")
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        if is_held(path):
+            raise StackRunning(f"another worker ({holder(path) or '?'}) holds {path}; stop it first "
+                               "(one worker per MMP_HOME)")
 
     # -- children ------------------------------------------------------------------------
     def _child_env(self) -> dict[str, str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmp import config
-from mmp.local.filelock import try_lock
+from mmp.local.filelock import hold, holder
 from mmp.tuning import control as study_control
 from mmp.webhook.core import Job
 from mmp.pipeline.queue import JobQueue, QueuedJob, worker_id
@@ -85,16 +85,9 @@ class Worker:
     # -- one worker at a time ------------------------------------------------------
     def acquire(self) -> None:
         path = config.mmp_home() / "worker.lock"
-        fh = open(path, "a+")
-        if not try_lock(fh):
-            fh.seek(0)
-            owner = fh.read().strip() or "?"
-            fh.close()
-            raise WorkerBusy(f"another worker is running ({owner}); one worker per MMP_HOME")
-        fh.seek(0)
-        fh.truncate()
-        fh.write(self.id)
-        fh.flush()
+        fh = hold(path, self.id)
+        if fh is None:
+            raise WorkerBusy(f"another worker is running ({holder(path) or '?'}); one worker per MMP_HOME")
         self._lock_fh = fh
 
     def release(self) -> None:

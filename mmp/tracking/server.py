@@ -31,7 +31,7 @@ from typing import Iterator
 
 from mmp import config
 from mmp.local import procs
-from mmp.local.filelock import try_lock
+from mmp.local.filelock import hold, is_held
 
 IDLE_ENV = "MMP_TRACKING_SERVER_IDLE"
 DEFAULT_IDLE_S = 900.0
@@ -68,7 +68,7 @@ def _leases() -> Path:
 
 def _database_identity(uri: str) -> list[int] | None:
     """(device, inode) of the SQLite file behind `uri`: a replaced or deleted file has another, or none."""
-    from mmp.tracking.client import sqlite_path
+    from mmp.tracking.store import sqlite_path
 
     path = sqlite_path(uri)
     try:
@@ -133,9 +133,8 @@ def start_in_background() -> bool:
     if idle_seconds() <= 0 or _database_identity(uri) is None:
         return False
     _folder().mkdir(parents=True, exist_ok=True)
-    with open(_lock_file(), "a") as fh:
-        if not try_lock(fh):  # held by a server for its whole life
-            return False
+    if is_held(_lock_file()):  # by a server, for its whole life
+        return False
     log_path = config.mmp_home() / "logs" / "tracking-server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
@@ -165,8 +164,8 @@ def serve() -> int:
     uri, idle = config.tracking_uri(), idle_seconds()
     database = _database_identity(uri)
     _folder().mkdir(parents=True, exist_ok=True)
-    lock = open(_lock_file(), "a")
-    if not try_lock(lock) or idle <= 0 or database is None:
+    lock = hold(_lock_file(), f"pid {os.getpid()}")
+    if lock is None or idle <= 0 or database is None:
         return 0
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
