@@ -167,9 +167,6 @@ class SageMakerBackend(Backend):
     def __init__(self, settings: SageMakerSettings | None = None, *, sagemaker_client: Any = None,
                  logs_client: Any = None, poll_seconds: float | None = None):
         self.settings = settings or SageMakerSettings.from_env()
-        # The image and code staged for this backend's launches whose request names none: set by
-        # mmp.pipeline.runs.LocalPipeline (mmp run, the local worker), so a study's trials get them too.
-        self.staged_image: ImagePlan | None = None
         self._sm = sagemaker_client
         self._logs = logs_client
         chosen = poll_seconds if poll_seconds is not None else self.settings.poll_seconds
@@ -343,7 +340,7 @@ class SageMakerBackend(Backend):
         body: dict[str, Any] = {
             "TrainingJobName": name,
             "AlgorithmSpecification": {
-                # The dependency-set tag Prepare (or LocalPipeline, via staged_image) planned; else the commit's.
+                # The dependency-set tag Prepare staged on Prepared (mmp.pipeline.runner); else the commit's.
                 "TrainingImage": image_uri(s.ecr_repository_uri or "", request.image_tag or request.commit),
                 "TrainingInputMode": self.input_mode(),
             },
@@ -388,9 +385,6 @@ class SageMakerBackend(Backend):
         problems = self.check(request.experiment, request.dataset)
         if problems:  # the pipeline checked already; a direct caller may not have
             raise BackendError("; ".join(problems))
-        if request.image_tag is None and self.staged_image is not None:
-            request = dataclasses.replace(request, image_tag=self.staged_image.tag,
-                                          code_uri=self.staged_image.code_uri)
         body = self.training_job_request(request)
         name = body["TrainingJobName"]
         attached = False

@@ -134,10 +134,11 @@ def study(state: dict[str, Any]) -> dict[str, Any]:
         runner_results.write("study", state, result)
         return result
     image = state.get("image") or {}
-    overrides = {"image_tag": image["tag"], "code_uri": image["code_uri"]} if image else {}
+    if image:
+        prepared.stage(image["tag"], image["code_uri"])
     poll = float(os.environ.get("MMP_STUDY_POLL_SECONDS") or STUDY_POLL_SECONDS)
     runner = StudyRunner(pipeline, trigger, prepared, poll_seconds=poll, storage=study_storage(state),
-                         request_overrides=overrides, retried_on_error=True,
+                         retried_on_error=True,
                          on_change=lambda progress: runner_results.write_progress("study", state, progress))
     try:
         outcome = runner.run()

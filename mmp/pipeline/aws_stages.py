@@ -170,11 +170,7 @@ def _prepare(event: dict[str, Any]) -> dict[str, Any]:
     if files and not any(name in EXPERIMENT_FILES for name in files):
         state["outcome"] = {"state": "SKIPPED", "message": f"no experiment file in this push ({', '.join(files)})"}
         return state
-    try:
-        prepared: Prepared | Outcome = pipeline.prepare(trigger)
-    except Exception as exc:  # GitHub unreachable, bad token, ...: the same answer as Pipeline.run
-        log.warning("could not read %s@%s: %s", trigger.repository, trigger.commit[:12], exc)
-        prepared = pipeline.reject(trigger, [f"could not read the commit: {exc}"], state="ERROR")
+    prepared: Prepared | Outcome = pipeline.prepare_or_reject(trigger)
     if isinstance(prepared, Outcome):
         state["outcome"] = outcome_to_dict(prepared)
         return state
@@ -191,20 +187,16 @@ def _prepare(event: dict[str, Any]) -> dict[str, Any]:
     platform = prepared.experiment.platform
     if image is not None:
         state["image"] = image.to_dict()
+        prepared.stage(image.tag, image.code_uri)
     if prepared.experiment.tuning is not None:  # many jobs: the runner task runs the study and makes its runs
         pipeline.report_status(trigger, "pending", f"study on {platform}: starting")
         state.update(accepted=True, platform=platform, build_image=bool(image and image.build), runner=True,
                      study=True, runner_timeout_seconds=runner_timeout_seconds(prepared.experiment))
         return state
-    try:
-        started = pipeline.start(trigger, prepared)
-    except Exception as exc:  # MLflow down: nothing launched, say so
-        log.error("could not create the MLflow run: %s", exc)
-        state["outcome"] = outcome_to_dict(
-            pipeline.reject(trigger, [f"could not create the MLflow run: {exc}"], state="ERROR"))
+    started = pipeline.start_or_reject(trigger, prepared)
+    if isinstance(started, Outcome):  # claimed by another repository, or MLflow down: nothing launched
+        state["outcome"] = outcome_to_dict(started)
         return state
-    if image is not None:
-        started.request.image_tag, started.request.code_uri = image.tag, image.code_uri
     state.update(accepted=True, platform=platform, build_image=bool(image and image.build),
                  runner=platform in RUNNER_PLATFORMS, started=started_to_dict(started))
     if state["runner"]:  # the runner task's own bound; the backend cancels at Max_Runtime before it

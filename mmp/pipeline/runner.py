@@ -20,7 +20,7 @@ from mmp.backends.base import OutputTail
 from mmp.contract.datasets import load_catalogue
 from mmp.contract.experiment import EXPERIMENT_FILES, Experiment, ExperimentError, FieldProblem, parse_experiment
 from mmp.tracking.ownership import REPOSITORY_TAG, SOURCE_TAG, OwnershipError
-from mmp.tracking.client import FINAL_STATUS
+from mmp.tracking.base import FINAL_STATUS
 from mmp.pipeline.reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter, short_description
 from mmp.pipeline.sources import Trigger, train_script_problem
 
@@ -51,6 +51,13 @@ class Prepared:
     experiment: Experiment
     backend: Backend
     dataset: Any
+    # The dependency set's training image and the commit's code archive, where Prepare staged them
+    # (mmp.pipeline.image_stage): every launch of this commit, a study's trials included, runs them.
+    image_tag: str | None = None
+    code_uri: str | None = None
+
+    def stage(self, image_tag: str, code_uri: str) -> None:
+        self.image_tag, self.code_uri = image_tag, code_uri
 
 
 @dataclass
@@ -226,7 +233,7 @@ class Pipeline:
             experiment=prepared.experiment, experiment_name=experiment_name, run_id=run_id,
             repository=trigger.repository, clone_url=trigger.clone_url, commit=trigger.commit,
             mlflow_env=mlflow_env(self.tracker.tracking_uri, experiment_name, run_id), dataset=prepared.dataset,
-            delivery_id=trigger.delivery_id,
+            delivery_id=trigger.delivery_id, image_tag=prepared.image_tag, code_uri=prepared.code_uri,
         )
 
     def conclude(self, trigger: Trigger, started: Started, status: JobStatus, log_text: str | None) -> Outcome:
@@ -263,27 +270,39 @@ class Pipeline:
         self._notify(trigger, outcome)
         return outcome
 
-    def run(self, trigger: Trigger) -> Outcome:
-        """The whole flow in this process: the local stack's and `mmp run`'s path."""
+    def prepare_or_reject(self, trigger: Trigger) -> Prepared | Outcome:
+        """`prepare`, with a source that could not be read (GitHub down, bad token) as an error outcome."""
         try:
-            prepared = self.prepare(trigger)
-        except Exception as exc:  # the source could not be read (GitHub down, bad token, ...)
+            return self.prepare(trigger)
+        except Exception as exc:
             log.warning("could not read %s@%s: %s", trigger.repository, trigger.commit[:12], exc)
             return self.reject(trigger, [f"could not read the commit: {exc}"], state="ERROR")
-        if isinstance(prepared, Outcome):
-            return prepared
-        if prepared.experiment.tuning is not None:
-            from mmp.tuning.study import run_study  # Optuna is imported only for studies
 
-            return run_study(self, trigger, prepared)
+    def start_or_reject(self, trigger: Trigger, prepared: Prepared) -> Started | Outcome:
+        """`start`, with a refusal as an outcome: the experiment claimed by another repository since
+        `prepare` is invalid input (as `prepare` says it); MLflow or the run record refusing is an error."""
         try:
-            started = self.start(trigger, prepared)
-        except OwnershipError as exc:  # claimed by another repository since prepare()
+            return self.start(trigger, prepared)
+        except OwnershipError as exc:
             return self.reject(trigger, [f"Experiment_Name: {exc}"])
-        except Exception as exc:  # MLflow (or the local record) refused: nothing launched
+        except Exception as exc:  # nothing launched
             log.exception("could not start a run for %s@%s", trigger.repository, trigger.commit[:12])
             return self.reject(trigger, [f"could not start the MLflow run: {type(exc).__name__}: {exc}"],
                                state="ERROR")
+
+    def run(self, trigger: Trigger) -> Outcome:
+        """One training run, the whole flow in this process. A commit whose experiment has a Tuning
+        block is many runs: `mmp.tuning.dispatch.run_commit` routes it to the study instead."""
+        prepared = self.prepare_or_reject(trigger)
+        if isinstance(prepared, Outcome):
+            return prepared
+        return self.run_prepared(trigger, prepared)
+
+    def run_prepared(self, trigger: Trigger, prepared: Prepared) -> Outcome:
+        """Start, execute and conclude one run of a prepared experiment."""
+        started = self.start_or_reject(trigger, prepared)
+        if isinstance(started, Outcome):
+            return started
         lines = OutputTail()  # bounded in lines and characters, however long the run talks
 
         def sink(line: str) -> None:

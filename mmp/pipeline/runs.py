@@ -60,15 +60,15 @@ class LocalPipeline(Pipeline):
             return prepared
         s = prepared.backend.settings
         try:
-            prepared.backend.staged_image = plan_run_image(
-                trigger, bucket=s.artifacts_bucket, ecr_repository_uri=s.ecr_repository_uri,
-                context=s.image_context_digest)
+            plan = plan_run_image(trigger, bucket=s.artifacts_bucket, ecr_repository_uri=s.ecr_repository_uri,
+                                  context=s.image_context_digest)
         except ImageError as exc:  # dependency files the build cannot use, or a missing setting
             return self.reject(trigger, [str(exc)])
         except ImageNotBuilt as exc:
             return self.reject(trigger, [str(exc)], state="ERROR")
         except Exception as exc:  # S3/ECR refused, git failed
             return self.reject(trigger, [f"could not stage the code or image: {exc}"], state="ERROR")
+        prepared.stage(plan.tag, plan.code_uri)
         return prepared
 
 
@@ -76,7 +76,9 @@ def run_trigger(trigger: Trigger, *, on_log: Callable[[str], None] | None = None
     """The pipeline with the local run record, status reporter and notifier."""
     from mmp.pipeline.store import RunStore
 
-    return LocalPipeline(store=RunStore(), on_log=on_log, on_launch=on_launch).run(trigger)
+    from mmp.tuning.dispatch import run_commit
+
+    return run_commit(LocalPipeline(store=RunStore(), on_log=on_log, on_launch=on_launch), trigger)
 
 
 def ui_answers(base_url: str, timeout: float = 2.0) -> bool:

@@ -30,6 +30,7 @@ from typing import Any, Callable
 from mmp import config
 from mmp.local.filelock import hold, holder
 from mmp.tuning import control as study_control
+from mmp.tuning.dispatch import run_commit
 from mmp.webhook.core import Job
 from mmp.pipeline.queue import JobQueue, QueuedJob, worker_id
 from mmp.pipeline.reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter
@@ -142,7 +143,7 @@ class Worker:
         try:
             trigger, reporter = self.trigger_for(job)
             if job.trains:
-                outcome = self.pipeline(reporter, job.delivery_id).run(trigger)
+                outcome = run_commit(self.pipeline(reporter, job.delivery_id), trigger)
                 if outcome.run_id:
                     self.queue.set_run(job.delivery_id, outcome.run_id)
                 ok = ok and outcome.ok

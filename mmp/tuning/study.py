@@ -171,12 +171,12 @@ class _Quiet:
 
 class StudyRunner:
     def __init__(self, pipeline: Pipeline, trigger: Trigger, prepared: Prepared, *, poll_seconds: float = 1.0,
-                 storage: str | None = None, request_overrides: dict[str, Any] | None = None,
+                 storage: str | None = None,
                  on_change: Callable[[dict[str, Any]], None] | None = None, resume_on_stop: bool = False,
                  retried_on_error: bool = False):
-        """`request_overrides`: fields every trial's LaunchRequest takes (the AWS image tag and code
-        archive Prepare staged); `on_change`: told the parent run and every trial's job as they
-        appear, so whoever outlives this process (Conclude on AWS) can stop them; `resume_on_stop`:
+        """Every trial runs the image and code archive staged on `prepared`; `on_change`: told the
+        parent run and every trial's job as they appear, so whoever outlives this process (Conclude
+        on AWS) can stop them; `resume_on_stop`:
         a Ctrl-C or SIGTERM stops the trials' jobs but leaves the study to be resumed (the local
         worker, whose queue brings it back) instead of ending it as cancelled; `retried_on_error`: an
         error crashes this process, whose caller starts it again to resume the study and ends it after
@@ -190,7 +190,6 @@ class StudyRunner:
         self.tracker = pipeline.tracker
         self.poll_seconds = poll_seconds
         self.storage = storage
-        self.request_overrides = dict(request_overrides or {})
         self.on_change = on_change
         self.resume_on_stop = resume_on_stop
         self.retried_on_error = retried_on_error
@@ -339,8 +338,7 @@ class StudyRunner:
         crash_point("study-trial-run-created")
         trial.set_user_attr(ATTR_RUN, started.run_id)
         # Each trial is its own job on platforms that name jobs after the delivery (SageMaker).
-        started.request = dataclasses.replace(started.request, **self.request_overrides,
-                                              delivery_id=f"{self.key}-trial-{trial.number}")
+        started.request = dataclasses.replace(started.request, delivery_id=f"{self.key}-trial-{trial.number}")
         tr = TrialRun(trial=trial, started=started, lines=OutputTail())
         self.running[trial.number] = tr
         threading.Thread(target=self._follow, args=(tr,), name=f"trial-{trial.number}", daemon=True).start()
