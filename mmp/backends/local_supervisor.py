@@ -17,7 +17,6 @@ environment train.py does not get.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import subprocess
@@ -26,20 +25,17 @@ import time
 
 import psutil
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
+if not __package__:  # run as a script (python -I local_supervisor.py): mmp is this file's tree
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from mmp.local.childguard import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl  # noqa: E402
+
 KILL_DEADLINE_S = 30
 POLL_S = 0.1
 LINGER_S = 3.0  # leftovers of finished ranks may exit on their own this long before they are stopped
 RESOURCE_TRACKER = "multiprocessing.resource_tracker"  # horovodrun's own helper, not a rank
 
 
-def _prctl(option: int, value: int) -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(option, value, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def descendants() -> list[psutil.Process]:
@@ -165,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(str(os.getpid()))
         except OSError as exc:
             print(f"mmp: could not join cgroup {args.cgroup} ({exc}); tracking descendants instead", flush=True)
-    if not _prctl(PR_SET_CHILD_SUBREAPER, 1):
+    if not prctl(PR_SET_CHILD_SUBREAPER, 1):
         print("mmp: could not become a child subreaper; escaped processes are found by the backend", flush=True)
 
     stopping = []
@@ -190,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if not stopping:
         try:
             child = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                     preexec_fn=lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
+                                     preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
         except OSError as exc:
             print(f"mmp: could not start {command[0]}: {exc}", flush=True)
             code = 127

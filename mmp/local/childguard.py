@@ -22,13 +22,32 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _load_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+# Looked up once, at import: `prctl` is then safe between fork and exec (a preexec_fn), where
+# loading a library could deadlock on a lock another thread held at fork.
+_PRCTL = _load_prctl()
+
+
+def prctl(option: int, value: int) -> bool:
+    """Linux's prctl(2) with one argument; False where there is none or it refused."""
+    return _PRCTL is not None and _PRCTL(option, value, 0, 0, 0) == 0
 
 
 def ask_for_signal_on_parent_death(sig: int) -> None:
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    """Get `sig` when the parent dies, even by SIGKILL (Linux; a no-op elsewhere)."""
+    if _PRCTL is not None and not prctl(PR_SET_PDEATHSIG, sig):
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def guarded_argv(parent_pid: int, grace_s: float, command: list[str]) -> list[str]:

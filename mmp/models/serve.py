@@ -19,6 +19,7 @@ import urllib.request
 from typing import Any
 
 from mmp import config
+from mmp.local.childguard import PR_SET_PDEATHSIG, prctl
 from mmp.models.promote import DEFAULT_ALIAS
 
 DEFAULT_HOST = "127.0.0.1"
@@ -43,22 +44,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between
     """In the scoring server: unblock the stop signals (the mask is inherited) and, on Linux,
     get SIGTERM when the process that started it dies, even by SIGKILL."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _load_prctl():
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover
-        return None
-
-
-_PRCTL = _load_prctl()
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def model_uri(ref: str) -> str:
