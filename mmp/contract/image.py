@@ -77,9 +77,15 @@ def context_digest(root: Path, folders: Iterable[str] = CONTEXT_FOLDERS) -> str:
 
 
 def context_files(root: Path, folders: Iterable[str] = CONTEXT_FOLDERS) -> list[Path]:
-    """The files CodeBuild's context holds (what the Pulumi program zips), sorted."""
-    return [path for folder in folders for path in sorted((root / folder).rglob("*"))
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"]
+    """The files CodeBuild's context holds (what the Pulumi program zips), sorted; `folders` may
+    name single files too (the runner image's context)."""
+    found = []
+    for name in folders:
+        path = root / name
+        for item in [path] if path.is_file() else sorted(path.rglob("*")):
+            if item.is_file() and "__pycache__" not in item.parts and item.suffix != ".pyc":
+                found.append(item)
+    return found
 
 
 def image_tag(requirements: bytes, context: str) -> str:

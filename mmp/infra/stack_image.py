@@ -13,7 +13,6 @@ push refused because a concurrent build pushed the tag meanwhile is a success (P
 
 from __future__ import annotations
 
-import hashlib
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import pulumi
 import pulumi_aws as aws
 
 from mmp import __version__
+from mmp.contract.image import context_digest, context_files
 from mmp.infra import docker_hub, iam
 from mmp.infra.image_build import BUILD_FUNCTIONS, CODEBUILD_IMAGE
 from mmp.infra.settings import Settings
@@ -48,23 +48,9 @@ __PUSH_ONCE__
 """.replace("__PUSH_ONCE__", textwrap.indent(BUILD_FUNCTIONS, " " * 8))
 
 
-def context_files(root: Path, paths: Sequence[str]) -> list[Path]:
-    """What the image is built from (no caches, no tests)."""
-    found = []
-    for name in paths:
-        path = root / name
-        for item in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-            if "__pycache__" not in item.parts and item.suffix != ".pyc":
-                found.append(item)
-    return found
-
-
 def image_tag(root: Path, paths: Sequence[str]) -> str:
-    """mmp's version plus a hash of the image's sources."""
-    digest = hashlib.sha256()
-    for path in context_files(root, paths):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return f"{__version__}-{digest.hexdigest()[:12]}"
+    """mmp's version plus a hash of the image's sources (the same hash as the training image's context)."""
+    return f"{__version__}-{context_digest(root, paths)[:12]}"
 
 
 @dataclass
