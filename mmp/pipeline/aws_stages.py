@@ -47,7 +47,7 @@ from mmp.backends import Backend, BackendError, JobHandle, JobState, JobStatus, 
 from mmp.contract.datasets import Dataset
 from mmp.contract.experiment import EXPERIMENT_FILES, Experiment
 from mmp.contract.image import ImageError
-from mmp.webhook.core import PROMOTE_FILE
+from mmp.pipeline.job import PROMOTE_FILE
 from mmp.pipeline import runner_results
 from mmp.pipeline.image_stage import ImagePlan, plan_image
 from mmp.pipeline.reporting import PROMOTION_CONTEXT

@@ -31,7 +31,7 @@ from mmp import config
 from mmp.local.filelock import hold, holder
 from mmp.tuning import control as study_control
 from mmp.tuning.dispatch import run_commit
-from mmp.webhook.core import Job
+from mmp.pipeline.job import Job
 from mmp.pipeline.queue import JobQueue, QueuedJob, worker_id
 from mmp.pipeline.reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter
 from mmp.pipeline.sources import LocalGitSource, Trigger

@@ -16,17 +16,17 @@ import json
 import logging
 import re
 import urllib.parse
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from mmp import config
+from mmp.pipeline.job import PROMOTE_FILE, Job
 
 log = logging.getLogger("mmp.webhook")
 
 MAX_BODY_BYTES = 25 * 1024 * 1024  # GitHub caps payloads at 25 MB
 ZERO_SHA = "0" * 40
 EXPERIMENT_FILES = config.EXPERIMENT_FILES  # from config, not mmp.contract.experiment: no pydantic on a cold start
-PROMOTE_FILE = "promote.json"
 TRIGGER_FILES = (*EXPERIMENT_FILES, PROMOTE_FILE)
 MAX_LISTED_COMMITS = 20  # a push payload may stop listing commits here: ask the compare API
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -46,34 +46,6 @@ class Response:
 
     def json(self) -> bytes:
         return json.dumps(self.body).encode()
-
-
-@dataclass
-class Job:
-    """What the pipeline needs from an accepted push (the Step Functions input, the queue row)."""
-
-    repository: str  # owner/name
-    clone_url: str
-    before: str
-    after: str
-    ref: str
-    delivery_id: str
-    trigger_files: list[str] = field(default_factory=list)  # trigger files added/modified at the root
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Job":
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
-    @property
-    def trains(self) -> bool:
-        return any(name in EXPERIMENT_FILES for name in self.trigger_files)
-
-    @property
-    def promotes(self) -> bool:
-        return PROMOTE_FILE in self.trigger_files
 
 
 class JobSink(Protocol):

@@ -15,7 +15,7 @@ import pytest
 
 from mmp.pipeline.queue import JobQueue
 from mmp.pipeline.worker import Worker, WorkerBusy
-from mmp.webhook.core import Job
+from mmp.pipeline.job import Job
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOW_TRAIN = "import time\nprint('sleeping', flush=True)\ntime.sleep(120)\n"

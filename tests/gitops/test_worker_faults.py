@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from mmp.pipeline.reporting import LocalStatusReporter
 from mmp.pipeline.store import RunStore
-from mmp.webhook.core import Job
+from mmp.pipeline.job import Job
 
 QUICK_TRAIN = "print('quick run', flush=True)\n"
 GATED_TRAIN = """

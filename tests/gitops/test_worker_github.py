@@ -12,7 +12,7 @@ from werkzeug import Response
 
 from mmp.hosts.github import GitHubClient
 from mmp.pipeline.worker import Worker
-from mmp.webhook.core import Job
+from mmp.pipeline.job import Job
 
 TOKEN = "ghp_WORKERTOKEN_abcdef0123456789_SECRET"
 SHA = "fd489864e7642b48eaad6e3f155c10e46810ec72"

@@ -110,7 +110,7 @@ def test_mmp_run_without_the_context_digest_names_the_setting(stack, sm_repo):
 def test_the_local_worker_takes_the_same_image_step(stack, sm_repo, sm):
     from mmp.pipeline.queue import JobQueue
     from mmp.pipeline.worker import Worker
-    from mmp.webhook.core import Job
+    from mmp.pipeline.job import Job
 
     repo = sm_repo()
     sha = gitutil.resolve(repo)

@@ -27,7 +27,7 @@ from mmp.pipeline.reporting import LocalStatusReporter
 from mmp.pipeline.runs import local_trigger, run_trigger
 from mmp.contract.tuning import Tuning
 from mmp.tuning.study import distributions, make_sampler
-from mmp.webhook.core import Job
+from mmp.pipeline.job import Job
 
 pytestmark = [pytest.mark.horovod, pytest.mark.timeout(900)]  # several trials each: slow on a loaded machine
 
