@@ -161,7 +161,7 @@ def stop_shared_server(tracking_server) -> None:
     """SIGTERM to the shared server's watcher (it stops `mlflow server`); wait until it has gone."""
     import json
 
-    from mmp.local import procs
+    from mmp.system import procs
 
     try:
         state = json.loads(tracking_server._state_file().read_text())

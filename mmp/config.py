@@ -79,7 +79,7 @@ def running_stack() -> dict | None:
     Here, not with the pipeline: the post-commit hook asks on every commit and must stay light."""
     import json
 
-    from mmp.local.procs import find_process
+    from mmp.system.procs import find_process
 
     try:
         stack = json.loads(local_stack_file().read_text())

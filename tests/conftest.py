@@ -66,7 +66,7 @@ def kill_left_behind(mark: str, before: set[int] = frozenset()) -> list[str]:
     Returns their command lines."""
     import psutil
 
-    from mmp.local.procs import processes_with_env
+    from mmp.system.procs import processes_with_env
 
     # Live processes started under this test: they inherited its mark in their environment.
     leftovers = {p.pid: p for p in processes_with_env(TEST_MARK, mark)}

@@ -25,7 +25,7 @@ import psutil
 
 from mmp import config
 from mmp.hosts import localgit as gitutil
-from mmp.local import procs
+from mmp.system import procs
 from mmp.contract.argv import horovodrun_argv, train_args
 from mmp.contract.datasets import Dataset, missing_files
 from mmp.contract.experiment import Experiment

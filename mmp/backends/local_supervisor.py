@@ -28,7 +28,7 @@ import psutil
 if not __package__:  # run as a script (python -I local_supervisor.py): mmp is this file's tree
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from mmp.local.childguard import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl  # noqa: E402
+from mmp.system.childguard import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl  # noqa: E402
 
 KILL_DEADLINE_S = 30
 POLL_S = 0.1

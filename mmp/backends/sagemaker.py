@@ -16,7 +16,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from mmp import aws
@@ -24,9 +24,6 @@ from mmp.contract.argv import boolean_names, hyperparameter_text
 from mmp.contract.experiment import Experiment
 from mmp.contract.image import CODE_CHANNEL
 from mmp.backends.base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
-
-if TYPE_CHECKING:
-    from mmp.pipeline.image_stage import ImagePlan
 
 OPT_ML = "/opt/ml"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"

@@ -104,7 +104,7 @@ def demo(
 
     try:
         out = console()
-        result = run_demo(directory, ui=ui, mlflow_port=mlflow_port,
+        result = run_demo(directory, ui=ui, mlflow_port=mlflow_port, console=out,
                           say=lambda text: out.print(text, markup=False, soft_wrap=True))  # paths print as they are
     except DemoError as exc:
         fail(str(exc), 1)

@@ -124,7 +124,8 @@ def ecr_statements(repository_arn: pulumi.Input[str], *, push: bool = False) -> 
 # named as the MLflow API call (AWS's Service Authorization Reference, "Amazon SageMaker with MLflow").
 MLFLOW_PIPELINE_ACTIONS = ("GetExperimentByName", "CreateExperiment", "CreateRun", "GetRun", "LogBatch",
                            "UpdateRun", "SearchExperiments", "SearchRuns",
-                           "SetExperimentTag")  # what mmp.tracking.rest calls (the ownership check included)
+                           "SetExperimentTag",  # what mmp.tracking.rest calls (the ownership check included)
+                           "RestoreExperiment")  # an experiment deleted in the UI comes back on the next run
 # The runner's MLflow client (promotion, a study's pruning reads), through the sagemaker-mlflow plugin.
 MLFLOW_RUNNER_ACTIONS = (*MLFLOW_PIPELINE_ACTIONS, "GetMetricHistory", "ListArtifacts", "SearchLoggedModels",
                          "GetRegisteredModel", "CreateRegisteredModel", "SetRegisteredModelTag", "SearchModelVersions",

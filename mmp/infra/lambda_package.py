@@ -52,7 +52,7 @@ FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 HEAVY_MMP = ("mmp.commands", "mmp.infra", "mmp.cli", "mmp.__main__")
 LAZY_ONLY = {"mmp.backends.local", "mmp.pipeline.store", "mmp.pipeline.queue",
              "mmp.webhook.server",
-             "mmp.local.procs",  # config.running_stack: the local stack's processes
+             "mmp.system.procs",  # config.running_stack: the local stack's processes
              "mmp.tuning.study"}  # Pipeline.run's study loop: the runner task and the local worker run it
 
 

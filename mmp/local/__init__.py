@@ -1,1 +1,1 @@
-"""The embedded local stack: its processes, their guard, the MMP_HOME file lock and the demo."""
+"""The embedded local stack (`mmp up`) and the demo that tells the whole story on it."""

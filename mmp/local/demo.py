@@ -165,15 +165,20 @@ def show_results(ctx: DemoContext) -> dict[str, list[dict]]:
     return statuses
 
 
-def finale(experiment_name: str) -> None:
-    """The leaderboard, promotion of the best run, and one prediction from the served model."""
+def finale(experiment_name: str, console: Any = None) -> None:
+    """The leaderboard, promotion of the best run, and one prediction from the served model,
+    printed on `console` (a rich Console; None: a plain one on stdout)."""
     from mmp.models.finale import demo_finale
 
-    demo_finale(experiment_name)
+    if console is None:
+        from rich.console import Console
+
+        console = Console(highlight=False)
+    demo_finale(experiment_name, console)
 
 
 def run_demo(workdir: Path | None = None, *, ui: bool = False, mlflow_port: int = 5000,
-             say: Callable[[str], None] = print, timeout: float = WAIT_S) -> DemoResult:
+             say: Callable[[str], None] = print, timeout: float = WAIT_S, console: Any = None) -> DemoResult:
     ctx = DemoContext(workdir=Path(workdir or config.mmp_home() / "demo"), say=say, ui=ui, mlflow_port=mlflow_port)
     try:
         prepare_dataset(ctx)
@@ -184,7 +189,7 @@ def run_demo(workdir: Path | None = None, *, ui: bool = False, mlflow_port: int 
         wait_for_runs(ctx, timeout)
         statuses = show_results(ctx)
         if ctx.runs and all(r is not None and r.state == "SUCCEEDED" for r in ctx.runs):
-            finale(ctx.experiment_name)
+            finale(ctx.experiment_name, console)
         if ui:
             say(f"MLflow UI at {ctx.stack.ui_url}; Ctrl-C stops the stack")
             ctx.stack.serve()

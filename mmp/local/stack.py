@@ -10,7 +10,7 @@ An empty MLflow store gets its schema before either child starts (mmp.tracking.s
 
 One stack per MMP_HOME: `stack.lock` is flocked for the stack's life (the kernel
 releases it on any death), so a second `mmp up` is refused at once, naming the first.
-Each child runs under `mmp.local.childguard`, so it dies with this process even on
+Each child runs under `mmp.system.childguard`, so it dies with this process even on
 `kill -9`; and should anything survive anyway, `stack.json` records each child's pid
 and start time, and the next `mmp up` stops what matches both (never a reused pid).
 """
@@ -34,14 +34,15 @@ from typing import Any, Callable
 import psutil
 
 from mmp import config
-from mmp.local import procs
-from mmp.local.filelock import hold, holder, is_held
-from mmp.local.childguard import guarded_argv
+from mmp.system import procs
+from mmp.system.filelock import hold, holder, is_held
+from mmp.system.childguard import guarded_argv
+from mmp.system.procs import stop_process
+from mmp.tracking.server import MLFLOW_GRACE_S, mlflow_server_argv
 
 log = logging.getLogger("mmp.local.stack")
 
 STOP_GRACE_S = 20.0
-MLFLOW_GRACE_S = 10.0
 STACK_ID_ENV = "MMP_STACK_ID"  # inherited by everything the stack starts: finds leftovers after a crash
 
 
@@ -86,33 +87,6 @@ def _port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-def mlflow_server_argv(host: str, port: int) -> list[str] | None:
-    """`mlflow server` on the same SQLite store the pipeline writes; None for a remote store."""
-    uri = config.tracking_uri()
-    if not uri.startswith("sqlite:"):
-        return None
-    return [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
-            "--backend-store-uri", uri, "--default-artifact-root", config.artifact_root(), "--no-serve-artifacts"]
-
-
-def stop_process(proc: subprocess.Popen | None, name: str, grace: float = STOP_GRACE_S) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        log.warning("%s did not stop in %.0fs; killing it", name, grace)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers in its group, or itself
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
 
 
 def _stop_orphan(proc: psutil.Process, grace: float) -> None:
@@ -232,7 +206,7 @@ class LocalStack:
         return open(folder / f"{name}.log", "ab")
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], grace: float) -> subprocess.Popen:
-        """`argv` under mmp.local.childguard, in its own session: it dies with this process, even on kill -9."""
+        """`argv` under mmp.system.childguard, in its own session: it dies with this process, even on kill -9."""
         guarded = guarded_argv(os.getpid(), grace, argv)
         with self._log_file(name) as out:
             return subprocess.Popen(guarded, env=env, stdin=subprocess.DEVNULL, stdout=out,

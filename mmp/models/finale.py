@@ -22,17 +22,11 @@ def sample_digit(index: int = -1) -> tuple[Any, int]:
     return pixels.astype(np.float32).reshape(1, 1, 8, 8), int(digits.target[index])
 
 
-def demo_finale(experiment_name: str, console: Any = None, *, metric: str = DEMO_METRIC, mode: str = "max") -> dict:
-    """Print the leaderboard, promote the best run, serve it and print one prediction.
-
-    `console` is a rich Console (None: a new one on stdout).
-    """
+def demo_finale(experiment_name: str, console: Any, *, metric: str = DEMO_METRIC, mode: str = "max") -> dict:
+    """Print the leaderboard on `console` (a rich Console), promote the best run, serve it and print
+    one prediction."""
     from rich.markup import escape
 
-    if console is None:
-        from mmp.commands import console as make_console
-
-        console = make_console()
     board = leaderboard(experiment_name, metric, mode=mode)
     console.print(table(board, max_rows=20))
     promotion = promote(experiment_name, metric, mode=mode, deployer=None)  # the local demo deploys nothing

@@ -19,7 +19,7 @@ import urllib.request
 from typing import Any
 
 from mmp import config
-from mmp.local.childguard import PR_SET_PDEATHSIG, prctl
+from mmp.system.childguard import PR_SET_PDEATHSIG, prctl
 from mmp.models.promote import DEFAULT_ALIAS
 
 DEFAULT_HOST = "127.0.0.1"

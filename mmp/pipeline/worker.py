@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmp import config
-from mmp.local.filelock import hold, holder
+from mmp.system.filelock import hold, holder
 from mmp.tuning import control as study_control
 from mmp.tuning.dispatch import run_commit
 from mmp.pipeline.job import Job

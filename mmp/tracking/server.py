@@ -8,7 +8,7 @@ imports nothing heavy. So the first `mmp run` on the SQLite store trains against
 store directly (which also creates and migrates it, so no server ever races a
 migration) and, when it ends, leaves `python -m mmp.tracking.server` behind: it runs
 `mlflow server` on the same store and artifact folder (loopback, a free port, under
-mmp.local.childguard so it dies with it), and publishes it in `$MMP_HOME/tracking-server.json`
+mmp.system.childguard so it dies with it), and publishes it in `$MMP_HOME/tracking-server.json`
 once `/health` answers. Later runs use it while they hold a lease (a file naming their
 pid and start time). It stops itself after MMP_TRACKING_SERVER_IDLE seconds
 (default 900; 0 turns the whole thing off) with no live lease, as soon as the
@@ -30,14 +30,24 @@ from pathlib import Path
 from typing import Iterator
 
 from mmp import config
-from mmp.local import procs
-from mmp.local.filelock import hold, is_held
+from mmp.system import procs
+from mmp.system.procs import stop_process
+from mmp.system.filelock import hold, is_held
 
 IDLE_ENV = "MMP_TRACKING_SERVER_IDLE"
 DEFAULT_IDLE_S = 900.0
 START_TIMEOUT_S = 180.0  # `mlflow server` takes ~7 s to answer on an idle 2-core machine
 POLL_S = 1.0
-MLFLOW_GRACE_S = 10
+MLFLOW_GRACE_S = 10.0
+
+
+def mlflow_server_argv(host: str, port: int) -> list[str] | None:
+    """`mlflow server` on the same SQLite store the pipeline writes; None for a remote store."""
+    uri = config.tracking_uri()
+    if not uri.startswith("sqlite:"):
+        return None
+    return [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
+            "--backend-store-uri", uri, "--default-artifact-root", config.artifact_root(), "--no-serve-artifacts"]
 
 
 def idle_seconds() -> float:
@@ -158,8 +168,7 @@ def _write_state(state: dict) -> None:
 def serve() -> int:
     """The shared server's life: start, publish, stop when idle, replaced or told to. Exit 0 when
     another one holds the lock (two runs that ended at once)."""
-    from mmp.local.childguard import guarded_argv
-    from mmp.local.stack import stop_process, mlflow_server_argv
+    from mmp.system.childguard import guarded_argv
 
     uri, idle = config.tracking_uri(), idle_seconds()
     database = _database_identity(uri)

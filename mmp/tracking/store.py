@@ -23,7 +23,7 @@ import urllib.request
 from contextlib import closing
 from typing import Any, Callable
 
-from mmp.local.filelock import exclusive
+from mmp.system.filelock import exclusive
 
 log = logging.getLogger("mmp.tracking.store")
 

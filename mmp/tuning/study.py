@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from mmp import config
 from mmp.backends import JobHandle, JobState, JobStatus
-from mmp.local.filelock import exclusive
+from mmp.system.filelock import exclusive
 from mmp.tracking.store import sqlite_path
 from mmp.backends.base import OutputTail
 from mmp.pipeline.runner import DELIVERY_TAG, Outcome, Pipeline, Prepared, Started, crash_point

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from mmp import config
-from mmp.local.procs import processes_with_env
+from mmp.system.procs import processes_with_env
 
 from ..conftest import free_port
 
@@ -243,7 +243,7 @@ def test_childguard_stops_the_whole_group_when_its_parent_is_killed(tmp_path, st
     command = f"sleep 300 & echo $! > {marker}; trap 'kill $!; exit 0' TERM; wait"
     parent = subprocess.Popen([sys.executable, "-c", (
         "import os, subprocess, sys, time\n"
-        f"subprocess.Popen([sys.executable, '-I', '-S', {str(ROOT / 'mmp' / 'childguard.py')!r}, str(os.getpid()), "
+        f"subprocess.Popen([sys.executable, '-I', '-S', {str(ROOT / 'mmp' / 'system' / 'childguard.py')!r}, str(os.getpid()), "
         f"'5', '--', 'sh', '-c', {command!r}], start_new_session=True)\n"
         "time.sleep(300)\n")], env={**os.environ, "MMP_HOME": os.environ["MMP_HOME"]})
     stray_processes.append(parent)
@@ -307,7 +307,7 @@ def test_childguard_ignores_the_death_of_the_thread_that_started_it(tmp_path, st
     parent = subprocess.Popen([sys.executable, "-c", (
         "import os, pathlib, subprocess, sys, threading, time\n"
         "def spawn():\n"
-        f"    subprocess.Popen([sys.executable, '-I', '-S', {str(ROOT / 'mmp' / 'childguard.py')!r}, "
+        f"    subprocess.Popen([sys.executable, '-I', '-S', {str(ROOT / 'mmp' / 'system' / 'childguard.py')!r}, "
         f"str(os.getpid()), '5', '--', 'sh', '-c', {command!r}], start_new_session=True)\n"
         f"    while not pathlib.Path({str(started)!r}).exists():  # the guard has asked for the signal by now\n"
         "        time.sleep(0.05)\n"

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "eu-west-1"
 SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
-RUNNER_CLIENT_CODE = ("mmp/models/promote.py", "mmp/models/compare.py", "mmp/models/gitops.py", "mmp/tuning/study.py",
+RUNNER_CLIENT_CODE = ("mmp/models/promote.py", "mmp/models/compare.py", "mmp/models/search.py", "mmp/models/gitops.py", "mmp/tuning/study.py",
                       "mmp/tuning/intermediate.py")
 
 
@@ -36,7 +36,7 @@ def rest_actions() -> set[str]:
 
     names = {path: request.__name__ for service in (MlflowService, ModelRegistryService)
              for request, (path, _method) in extract_api_info_for_service(service, "/api/2.0").items()}
-    called = set(re.findall(r'"(/api/2\.0/mlflow/[a-z/-]+)"', (ROOT / "mmp" / "tracking_rest.py").read_text()))
+    called = set(re.findall(r'"(/api/2\.0/mlflow/[a-z/-]+)"', (ROOT / "mmp" / "tracking" / "rest.py").read_text()))
     assert called and called <= set(names), called - set(names)
     return {names[path] for path in called}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mmp import config
-from mmp.local import procs
+from mmp.system import procs
 from mmp.backends import JobState
 from mmp.backends.base import JobHandle
 from mmp.backends.local import LocalBackend, rank_limit

@@ -17,9 +17,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mmp import config
-from mmp.local import procs
+from mmp.system import procs
 from mmp.tracking import client as tracking, server as tracking_server
-from mmp.local.filelock import try_lock
+from mmp.system.filelock import try_lock
 
 pytestmark = pytest.mark.horovod
 

@@ -63,7 +63,7 @@ def test_rest_errors_name_the_call_and_never_the_password(mlflow_server, monkeyp
 
 def test_mmp_run_uses_the_local_stacks_server_and_keeps_secrets_from_training(
         mlflow_server, make_repo, digits):
-    from mmp.local.procs import start_time
+    from mmp.system.procs import start_time
 
     config.local_stack_file().write_text(json.dumps({"pid": os.getpid(), "started": start_time(os.getpid()),
                                                      "mlflow_url": mlflow_server}))

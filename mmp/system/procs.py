@@ -10,8 +10,10 @@ process group and session).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import psutil
 
 START_TOLERANCE_S = 0.05  # /proc start times have clock-tick (10 ms) resolution
 CGROUP_PREFIX = "mmp-run-"
+
+log = logging.getLogger("mmp.system.procs")
 
 
 # -- pid + start time ----------------------------------------------------------------
@@ -182,3 +186,22 @@ def remove_cgroup(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass
+
+
+def stop_process(proc: subprocess.Popen | None, name: str, grace: float = 20.0) -> None:
+    """Stop a child we started in its own session: SIGTERM to its group, SIGKILL to what is left after `grace`."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop in %.0fs; killing it", name, grace)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers in its group, or itself
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)

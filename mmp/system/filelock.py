@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import IO, Iterator
 
-log = logging.getLogger("mmp.local.filelock")
+log = logging.getLogger("mmp.system.filelock")
 
 
 @contextlib.contextmanager
