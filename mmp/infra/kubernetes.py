@@ -237,11 +237,11 @@ class KubernetesCluster(pulumi.ComponentResource):
                                             ignore_changes=["scalingConfig.desiredSize"]))
 
         # -- add-ons ----------------------------------------------------------------------------
-        fsx_arn = data.fsx.arn
         fsx_csi_role = iam.pod_identity_role(f"{name}-fsx-csi", [
-            # Static provisioning creates nothing: the controller only looks the file system up.
-            iam.statement(["fsx:DescribeFileSystems"], [fsx_arn]),
-        ], self, description="The FSx CSI driver's controller (static volumes of this stack's file system)")
+            # Static provisioning creates, resizes and deletes nothing: the controller may only look file
+            # systems up (DescribeFileSystems has no resource-level form: Service Authorization Reference).
+            iam.statement(["fsx:DescribeFileSystems"], ["*"]),
+        ], self, description="The FSx CSI driver's controller (a static volume of this stack's file system)")
         self.addons = {
             "eks-pod-identity-agent": aws.eks.Addon(f"{name}-pod-identity", cluster_name=self.cluster.name,
                                                     addon_name="eks-pod-identity-agent", tags=tags,
