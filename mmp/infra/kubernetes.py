@@ -52,6 +52,7 @@ RUNNER_GROUP = "mmp-runner"  # the Kubernetes group the runner task's access ent
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NO_SCHEDULE"}  # pods tolerate it (Exists)
 POOL_LABEL = "mmp.dev/pool"
 SUPPORT_TYPE = "STANDARD"
+LOG_TYPES = ("audit", "authenticator")  # who did what, and who signed in; not the verbose api log
 ADDONS = ("eks-pod-identity-agent", "aws-fsx-csi-driver")
 FSX_CSI_SERVICE_ACCOUNT = "fsx-csi-controller-sa"  # the add-on's controller (EKS user guide, FSx CSI driver)
 SYSTEM_NAMESPACE = "kube-system"
@@ -187,6 +188,9 @@ class KubernetesCluster(pulumi.ComponentResource):
             f"{name}-api", vpc_id=network.vpc_id, description="MMP EKS API endpoint (HTTPS from the runner task)",
             egress=[{"protocol": "-1", "from_port": 0, "to_port": 0, "cidr_blocks": ["0.0.0.0/0"]}],
             tags={**tags, "Name": f"{settings.prefix}-eks-api"}, opts=child)
+        # EKS writes control-plane logs to this group; made here so it has the stack's retention (EKS's own never expires).
+        logs = aws.cloudwatch.LogGroup(f"{name}-logs", name=f"/aws/eks/{self.cluster_name}/cluster",
+                                       retention_in_days=settings.log_retention_days, tags=tags, opts=child)
         public = bool(settings.kubernetes_api_cidrs)
         self.cluster = aws.eks.Cluster(
             f"{name}-cluster", name=self.cluster_name, role_arn=cluster_role.arn, version=settings.kubernetes_version,
@@ -195,8 +199,8 @@ class KubernetesCluster(pulumi.ComponentResource):
                         "endpoint_private_access": True, "endpoint_public_access": public,
                         **({"public_access_cidrs": list(settings.kubernetes_api_cidrs)} if public else {})},
             upgrade_policy={"support_type": SUPPORT_TYPE},
-            enabled_cluster_log_types=["api", "audit", "authenticator"], tags=tags,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=cluster_role.mmp_attachments))
+            enabled_cluster_log_types=list(LOG_TYPES), tags=tags,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*cluster_role.mmp_attachments, logs]))
         self.endpoint = self.cluster.endpoint
         self.ca_data = self.cluster.certificate_authority.apply(lambda ca: ca.data)
 

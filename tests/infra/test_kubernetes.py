@@ -75,7 +75,7 @@ def test_on_adds_exactly_the_cluster_and_its_parts(fsx_only, k8s_stack):
     before, after = fsx_only.types(), k8s_stack.types()
     added = {t: n - before.get(t, 0) for t, n in after.items() if n != before.get(t, 0)}
     assert added == {
-        "mmp:infra:KubernetesCluster": 1, "aws:eks/cluster:Cluster": 1,
+        "mmp:infra:KubernetesCluster": 1, "aws:eks/cluster:Cluster": 1, "aws:cloudwatch/logGroup:LogGroup": 1,
         # cluster, nodes, the FSx CSI driver, the autoscaler, the training pods
         "aws:iam/role:Role": 5, "aws:iam/rolePolicy:RolePolicy": 3,
         "aws:iam/rolePolicyAttachment:RolePolicyAttachment": 4,
@@ -102,6 +102,10 @@ def test_cluster_is_private_api_authenticated_and_on_standard_support(k8s_stack)
     vpc = cluster["vpcConfig"]
     assert vpc["endpointPrivateAccess"] is True and vpc["endpointPublicAccess"] is False
     assert "publicAccessCidrs" not in vpc
+    logs = k8s_stack.one("aws:cloudwatch/logGroup:LogGroup", "kubernetes-logs")
+    assert logs.inputs["name"] == f"/aws/eks/{cluster['name']}/cluster"  # the group EKS writes to, with retention
+    assert logs.inputs["retentionInDays"] == 30 and logs.urn in k8s_stack.one("aws:eks/cluster:Cluster").dependencies
+    assert cluster["enabledClusterLogTypes"] == ["audit", "authenticator"]
     assert sorted(vpc["subnetIds"]) == sorted(k8s_stack.exports["privateSubnetIds"])
     api = k8s_stack.one("aws:ec2/securityGroup:SecurityGroup", "kubernetes-api")
     assert vpc["securityGroupIds"] == [f"{api.name}-id"]
