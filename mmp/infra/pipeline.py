@@ -16,7 +16,7 @@ Stages (mmp.pipeline.aws_stages): Prepare (fetch + validate + MLflow run; upload
 commit's archive; the dependency set's image tag, mmp.contract.image) → [RunnerImage → Promote
 (runner task)] → Build (CodeBuild, mmp.infra.image_build: only when that tag is not in
 ECR yet) → Launch (the CreateTrainingJob request) → Train (.sync) — or RunTraining
-(runner task) for dlami, or RunStudy (runner task) for a Tuning block — → Conclude
+(runner task) for dlami and kubernetes, or RunStudy (runner task) for a Tuning block — → Conclude
 (teardown, MLflow, GitHub commit status, SNS).
 """
 
