@@ -74,7 +74,12 @@ NODE_POLICIES = ("arn:aws:iam::aws:policy/AmazonEKSWorkerNodePolicy",
                  "arn:aws:iam::aws:policy/AmazonEC2ContainerRegistryPullOnly",
                  "arn:aws:iam::aws:policy/AmazonEKS_CNI_Policy")
 ENVIRONMENT_NAMES = ("MMP_K8S_API_URL", "MMP_K8S_CA_DATA", "MMP_K8S_CLUSTER_NAME", "MMP_K8S_NAMESPACE",
-                     "MMP_K8S_SERVICE_ACCOUNT", "MMP_K8S_FSX_CLAIM", "MMP_K8S_IMAGE_REPOSITORY")
+                     "MMP_K8S_SERVICE_ACCOUNT", "MMP_K8S_FSX_CLAIM", "MMP_K8S_IMAGE_REPOSITORY",
+                     "MMP_K8S_NODE_SELECTOR", "MMP_K8S_TOLERATIONS")
+# Training pods go to the GPU groups only and tolerate their taint (the API's NoSchedule is EKS's NO_SCHEDULE).
+TAINT_EFFECTS = {"NO_SCHEDULE": "NoSchedule", "NO_EXECUTE": "NoExecute", "PREFER_NO_SCHEDULE": "PreferNoSchedule"}
+NODE_SELECTOR = {POOL_LABEL: "gpu"}
+TOLERATIONS = [{"key": GPU_TAINT["key"], "operator": "Exists", "effect": TAINT_EFFECTS[GPU_TAINT["effect"]]}]
 
 
 def labels(settings: Settings) -> dict[str, str]:
@@ -235,7 +240,7 @@ class KubernetesCluster(pulumi.ComponentResource):
                 instance_types=[instance_type],
                 scaling_config={"min_size": 0, "max_size": settings.kubernetes_max_nodes, "desired_size": 0},
                 launch_template={"id": self.gpu_template.id, "version": self.gpu_template.latest_version.apply(str)},
-                taints=[dict(GPU_TAINT)], labels={POOL_LABEL: "gpu"}, tags=tags,
+                taints=[dict(GPU_TAINT)], labels=dict(NODE_SELECTOR), tags=tags,
                 # The autoscaler owns the desired size once the group exists.
                 opts=pulumi.ResourceOptions(parent=self, depends_on=node_role.mmp_attachments,
                                             ignore_changes=["scalingConfig.desiredSize"]))
@@ -332,7 +337,8 @@ class KubernetesCluster(pulumi.ComponentResource):
         return pulumi.Output.all(self.endpoint, self.ca_data, self.cluster.name, image_repository).apply(lambda a: {
             "MMP_K8S_API_URL": a[0], "MMP_K8S_CA_DATA": a[1], "MMP_K8S_CLUSTER_NAME": a[2],
             "MMP_K8S_NAMESPACE": NAMESPACE, "MMP_K8S_SERVICE_ACCOUNT": SERVICE_ACCOUNT, "MMP_K8S_FSX_CLAIM": FSX_CLAIM,
-            "MMP_K8S_IMAGE_REPOSITORY": a[3]})
+            "MMP_K8S_IMAGE_REPOSITORY": a[3], "MMP_K8S_NODE_SELECTOR": json.dumps(NODE_SELECTOR, sort_keys=True),
+            "MMP_K8S_TOLERATIONS": json.dumps(TOLERATIONS)})
 
     def admit_runner(self, role_arn: pulumi.Input[str], security_group_id: pulumi.Input[str]) -> None:
         """Let the runner task in: its role maps to RUNNER_GROUP (bound to the namespaced Role), and its

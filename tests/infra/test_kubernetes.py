@@ -168,6 +168,20 @@ def test_runner_task_gets_the_backends_environment_and_the_lambdas_do_not_carry_
     assert (env["MMP_K8S_NAMESPACE"], env["MMP_K8S_SERVICE_ACCOUNT"], env["MMP_K8S_FSX_CLAIM"]) == \
         ("mmp-training", "mmp-training", "mmp-fsx")
     assert env["MMP_K8S_IMAGE_REPOSITORY"] == k8s_stack.exports["ecrRepositoryUri"]
+    # Training pods land on the GPU groups and tolerate exactly their taint, as the backend reads them.
+    from mmp.backends.kubernetes.settings import KubernetesSettings
+
+    read = KubernetesSettings.from_env(env)
+    groups = [g.inputs for g in k8s_stack.of_type("aws:eks/nodeGroup:NodeGroup") if "-gpu-" in g.inputs["nodeGroupName"]]
+    for group in groups:
+        assert read.node_selector.items() <= group["labels"].items()
+        for taint in group["taints"]:
+            assert any(t["key"] == taint["key"] and t["operator"] == "Exists"
+                       and t["effect"] == {"NO_SCHEDULE": "NoSchedule"}[taint["effect"]] for t in read.tolerations)
+    system = next(g.inputs for g in k8s_stack.of_type("aws:eks/nodeGroup:NodeGroup") if "-system" in g.inputs["nodeGroupName"])
+    assert not read.node_selector.items() <= system["labels"].items()  # never on the always-on node
+    assert (read.api_url, read.cluster_name, read.namespace, read.fsx_claim) == (
+        env["MMP_K8S_API_URL"], "acme-ml-dev-training", "mmp-training", "mmp-fsx")
     assert "kubernetes" in env["MMP_PIPELINE_PLATFORMS"].split(",")
     for fn in k8s_stack.of_type("aws:lambda/function:Function"):
         variables = fn.inputs["environment"]["variables"]
