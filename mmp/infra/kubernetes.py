@@ -61,6 +61,9 @@ TRAINER_NAMESPACE = "kubeflow-system"
 # (repository, chart, version): pinned so a deploy never takes an untested release.
 DEVICE_PLUGIN = ("https://nvidia.github.io/k8s-device-plugin", "nvidia-device-plugin", "0.17.4")
 AUTOSCALER = ("https://kubernetes.github.io/autoscaler", "cluster-autoscaler", "9.46.6")
+# The device plugin chart's DaemonSet requires Node Feature Discovery's PCI label or this one (its values'
+# nodeAffinity): set on the GPU groups, so no NFD is needed.
+DEVICE_PLUGIN_LABEL = {"nvidia.com/gpu.present": "true"}
 AUTOSCALER_SERVICE_ACCOUNT = "cluster-autoscaler"
 # What the runner's backend does in the training namespace (mmp.backends.kubernetes), and no more.
 RBAC_RULES = [
@@ -240,7 +243,7 @@ class KubernetesCluster(pulumi.ComponentResource):
                 instance_types=[instance_type],
                 scaling_config={"min_size": 0, "max_size": settings.kubernetes_max_nodes, "desired_size": 0},
                 launch_template={"id": self.gpu_template.id, "version": self.gpu_template.latest_version.apply(str)},
-                taints=[dict(GPU_TAINT)], labels=dict(NODE_SELECTOR), tags=tags,
+                taints=[dict(GPU_TAINT)], labels={**NODE_SELECTOR, **DEVICE_PLUGIN_LABEL}, tags=tags,
                 # The autoscaler owns the desired size once the group exists.
                 opts=pulumi.ResourceOptions(parent=self, depends_on=node_role.mmp_attachments,
                                             ignore_changes=["scalingConfig.desiredSize"]))

@@ -144,6 +144,8 @@ def test_gpu_nodes_rest_at_zero_in_the_zone_of_fsx(k8s_stack):
         assert subnets[group["subnetIds"][0]]["availabilityZone"] == subnets[fsx_subnet]["availabilityZone"]
         assert group["taints"] == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NO_SCHEDULE"}]
         assert group["amiType"] == "AL2023_x86_64_NVIDIA" and len(group["instanceTypes"]) == 1
+        # NVIDIA's device plugin DaemonSet only runs where its chart's nodeAffinity matches (no NFD here).
+        assert group["labels"]["nvidia.com/gpu.present"] == "true"
         assert group["launchTemplate"]["id"] == f"{template.name}-id"
     (system,) = [g for n, g in groups.items() if n.endswith("-system")]
     assert system["scalingConfig"]["minSize"] == 1 and system["instanceTypes"] == ["t3.medium"]
