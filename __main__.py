@@ -19,6 +19,7 @@ from pulumi.runtime import config as runtime_config
 from mmp.infra import docker_hub, lambda_package
 from mmp.infra.datastore import DataStore
 from mmp.infra.dlami import DlamiResources
+from mmp.infra.kubernetes import KubernetesCluster
 from mmp.infra.mlflow_server import MlflowServer
 from mmp.infra.network import Network
 from mmp.infra.pipeline import TrainingPipeline
@@ -66,8 +67,14 @@ if settings.dlami:
     dlami = DlamiResources("dlami", settings, network, data, ssh_private_key=cfg.require_secret("sshPrivateKey"),
                            mlflow_password_secret_arn=mlflow.password_secret.arn if mlflow.password_secret else None,
                            mlflow_tracking_server_arn=mlflow.tracking_server_arn or None)
+kubernetes = None
+if settings.kubernetes:
+    kubernetes = KubernetesCluster("kubernetes", settings, network, data, account=account,
+                                   mlflow_password_secret_arn=mlflow.password_secret.arn if mlflow.password_secret else None,
+                                   mlflow_tracking_server_arn=mlflow.tracking_server_arn or None)
 pipeline = TrainingPipeline("pipeline", settings, network, data, mlflow, account=account, package=package,
-                            github_token=cfg.require_secret("githubToken"), project_root=ROOT, dlami=dlami)
+                            github_token=cfg.require_secret("githubToken"), project_root=ROOT, dlami=dlami,
+                            kubernetes=kubernetes)
 webhook = WebhookApi("webhook", settings, account=account, package=package,
                      webhook_secret=cfg.require_secret("webhookSecret"),
                      github_token_secret_arn=pipeline.github_token_secret.arn,
@@ -89,6 +96,9 @@ pulumi.export("deliveriesTable", webhook.table.name)
 backend_env = pipeline.environment.apply(lambda env: {k: v for k, v in env.items() if k != "MMP_HOME"})
 extra = {"MMP_WEBHOOK_SECRET_ARN": webhook.webhook_secret.arn, "MMP_DELIVERIES_TABLE": webhook.table.name,
          "MMP_STATE_MACHINE_ARN": pipeline.state_machine.arn, "MMP_FSX_DNS_NAME": data.fsx_dns_name}
+if kubernetes is not None:  # `mmp run` from a machine that reaches the endpoint trains on the stack's cluster
+    backend_env = pulumi.Output.all(backend_env, kubernetes.environment(pipeline.repository.repository_url)).apply(
+        lambda a: {**a[0], **a[1]})
 pulumi.export("backendEnv", pulumi.Output.all(backend_env, extra).apply(lambda a: {**a[0], **a[1]}))
 for key, value in {
     "ecrRepositoryUri": pipeline.repository.repository_url, "sagemakerRoleArn": pipeline.sagemaker_role.arn,
@@ -100,5 +110,6 @@ for key, value in {
     "launchTemplateId": dlami.launch_template.id if dlami else "",
     "placementGroup": dlami.placement_group.name if dlami else "",
     "sshKeySecretArn": dlami.ssh_key_secret.arn if dlami else "",
+    "kubernetesClusterName": kubernetes.cluster.name if kubernetes else "",
 }.items():
     pulumi.export(key, value)

@@ -10,7 +10,7 @@ import os
 import secrets
 from pathlib import Path
 
-PLATFORMS = ("sagemaker", "sagemaker-fsx", "dlami", "local")
+PLATFORMS = ("sagemaker", "sagemaker-fsx", "dlami", "kubernetes", "local")
 # The seed names both; the first one wins when a repository has both.
 EXPERIMENT_FILES = ("experiment.json", "experiment_config.json")
 DEFAULT_MAX_RUNTIME_MINUTES = 240

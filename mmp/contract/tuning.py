@@ -31,7 +31,7 @@ MAX_RANGES = 20
 # How many trials may run at once, per platform. MMP's own caps, not AWS quotas:
 # a local trial takes at least one core; each SageMaker trial is a training job
 # (accounts start with low concurrent-job quotas); each dlami trial is a cluster.
-PLATFORM_PARALLEL_LIMITS: dict[str, int] = {"sagemaker": 10, "sagemaker-fsx": 10, "dlami": 4}
+PLATFORM_PARALLEL_LIMITS: dict[str, int] = {"sagemaker": 10, "sagemaker-fsx": 10, "dlami": 4, "kubernetes": 4}
 PLUGIN_PARALLEL_LIMIT = 1  # a plugin platform tunes one trial at a time unless MMP knows better
 
 

@@ -67,16 +67,10 @@ class DlamiResources(pulumi.ComponentResource):
                                                aws.get_caller_identity_output().account_id, ":repository/",
                                                f"{settings.prefix}-training")
         statements = [
-            iam.statement(["s3:ListBucket", "s3:GetBucketLocation"], [datasets, artifacts]),
-            iam.statement(["s3:GetObject"], [pulumi.Output.concat(datasets, "/*")]),
-            iam.statement(["s3:GetObject", "s3:PutObject"], [pulumi.Output.concat(artifacts, "/*")]),
-            iam.run_record_guard(artifacts),  # train.py runs on these hosts
-            *iam.ecr_statements(training_images),
+            *iam.training_statements(datasets, artifacts, mlflow_password_secret_arn=mlflow_password_secret_arn,
+                                     mlflow_tracking_server_arn=mlflow_tracking_server_arn),
+            *iam.ecr_statements(training_images),  # user data pulls the image itself
         ]
-        if mlflow_password_secret_arn:
-            statements.append(iam.statement(["secretsmanager:GetSecretValue"], [mlflow_password_secret_arn]))
-        if mlflow_tracking_server_arn:  # train.py's MLflow client on the ranks, signed by the sagemaker-mlflow plugin
-            statements.append(iam.mlflow_statement(mlflow_tracking_server_arn, iam.MLFLOW_TRAINING_ACTIONS))
         self.role = iam.service_role(f"{name}-host", "ec2.amazonaws.com", statements, self,
                                      description="DLAMI training hosts: datasets, artifacts, MLflow password, image")
         self.instance_profile = aws.iam.InstanceProfile(f"{name}-host", role=self.role.name, opts=child)

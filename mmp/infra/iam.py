@@ -71,18 +71,64 @@ def document(statements: Sequence[dict]) -> pulumi.Output[str]:
     return resolved.apply(lambda sts: json.dumps(check_document({"Version": "2012-10-17", "Statement": sts})))
 
 
-def assume_policy(service: str) -> str:
+ASSUME_ACTIONS = ("sts:AssumeRole",)
+# EKS Pod Identity's trust: pods.eks.amazonaws.com assumes the role and tags the session (EKS user guide,
+# "Create IAM role with trust policy required by EKS Pod Identity").
+POD_IDENTITY_SERVICE = "pods.eks.amazonaws.com"
+POD_IDENTITY_ACTIONS = ("sts:AssumeRole", "sts:TagSession")
+
+
+def assume_policy(service: str, actions: Sequence[str] = ASSUME_ACTIONS) -> str:
+    action: Any = actions[0] if len(actions) == 1 else list(actions)
     return json.dumps({"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"}]})
+        {"Effect": "Allow", "Principal": {"Service": service}, "Action": action}]})
 
 
 def service_role(name: str, service: str, statements: Sequence[dict], parent: pulumi.Resource,
-                 *, description: str = "") -> aws.iam.Role:
+                 *, description: str = "", assume_actions: Sequence[str] = ASSUME_ACTIONS) -> aws.iam.Role:
     """A role `service` may assume, with one inline policy made of `statements`."""
     opts = pulumi.ResourceOptions(parent=parent)
-    role = aws.iam.Role(name, assume_role_policy=assume_policy(service), description=description, opts=opts)
+    role = aws.iam.Role(name, assume_role_policy=assume_policy(service, assume_actions), description=description,
+                        opts=opts)
     role.mmp_policy = aws.iam.RolePolicy(name, role=role.id, policy=document(statements), opts=opts)
     return role
+
+
+def pod_identity_role(name: str, statements: Sequence[dict], parent: pulumi.Resource, *,
+                      description: str = "") -> aws.iam.Role:
+    """A role pods of one service account assume through an EKS Pod Identity association."""
+    return service_role(name, POD_IDENTITY_SERVICE, statements, parent, description=description,
+                        assume_actions=POD_IDENTITY_ACTIONS)
+
+
+def managed_role(name: str, service: str, policy_arns: Sequence[str], parent: pulumi.Resource, *,
+                 description: str = "", assume_actions: Sequence[str] = ASSUME_ACTIONS) -> aws.iam.Role:
+    """A role made of AWS managed policies only, where AWS documents exactly those for the service
+    (EKS's cluster and node roles: their actions change with EKS, and AWS keeps the policies current)."""
+    opts = pulumi.ResourceOptions(parent=parent)
+    role = aws.iam.Role(name, assume_role_policy=assume_policy(service, assume_actions), description=description,
+                        opts=opts)
+    role.mmp_attachments = [aws.iam.RolePolicyAttachment(f"{name}-{arn.rsplit('/', 1)[1]}", role=role.name,
+                                                         policy_arn=arn, opts=opts) for arn in policy_arns]
+    return role
+
+
+def training_statements(datasets_arn: pulumi.Input[str], artifacts_arn: pulumi.Input[str], *,
+                        mlflow_password_secret_arn: pulumi.Input[str] | None,
+                        mlflow_tracking_server_arn: pulumi.Input[str] | None) -> list[dict]:
+    """What train.py's ranks call wherever the stack runs them itself (DLAMI hosts, Kubernetes pods): read
+    the datasets, read and write artifacts (never the run record), read the MLflow password, sign MLflow."""
+    statements = [
+        statement(["s3:ListBucket", "s3:GetBucketLocation"], [datasets_arn, artifacts_arn]),
+        statement(["s3:GetObject"], [pulumi.Output.concat(datasets_arn, "/*")]),
+        statement(["s3:GetObject", "s3:PutObject"], [pulumi.Output.concat(artifacts_arn, "/*")]),
+        run_record_guard(artifacts_arn),
+    ]
+    if mlflow_password_secret_arn:
+        statements.append(statement(["secretsmanager:GetSecretValue"], [mlflow_password_secret_arn]))
+    if mlflow_tracking_server_arn:  # train.py's MLflow client, signed by the sagemaker-mlflow plugin
+        statements.append(mlflow_statement(mlflow_tracking_server_arn, MLFLOW_TRAINING_ACTIONS))
+    return statements
 
 
 def policy_of(role: aws.iam.Role) -> aws.iam.RolePolicy:

@@ -16,7 +16,7 @@ Stages (mmp.pipeline.aws_stages): Prepare (fetch + validate + MLflow run; upload
 commit's archive; the dependency set's image tag, mmp.contract.image) → [RunnerImage → Promote
 (runner task)] → Build (CodeBuild, mmp.infra.image_build: only when that tag is not in
 ECR yet) → Launch (the CreateTrainingJob request) → Train (.sync) — or RunTraining
-(runner task) for dlami, or RunStudy (runner task) for a Tuning block — → Conclude
+(runner task) for dlami and kubernetes, or RunStudy (runner task) for a Tuning block — → Conclude
 (teardown, MLflow, GitHub commit status, SNS).
 """
 
@@ -36,6 +36,7 @@ from mmp.infra.image_build import (BUILD_CACHE_TAG, BUILDSPEC, CODEBUILD_IMAGE, 
                           build_environment_overrides, image_context)
 from mmp.infra.datastore import DataStore
 from mmp.infra.dlami import DlamiResources
+from mmp.infra.kubernetes import KubernetesCluster
 from mmp.infra.lambda_package import HANDLERS, LambdaPackage
 from mmp.infra.mlflow_server import MlflowServer
 from mmp.infra.network import Network
@@ -206,7 +207,8 @@ def dataset_locations(settings: Settings) -> dict[str, set[str]]:
 class TrainingPipeline(pulumi.ComponentResource):
     def __init__(self, name: str, settings: Settings, network: Network, data: DataStore, mlflow: MlflowServer, *,
                  account: pulumi.Input[str], package: LambdaPackage, github_token: pulumi.Input[str],
-                 project_root: Path, dlami: DlamiResources | None = None, opts: pulumi.ResourceOptions | None = None):
+                 project_root: Path, dlami: DlamiResources | None = None, kubernetes: KubernetesCluster | None = None,
+                 opts: pulumi.ResourceOptions | None = None):
         super().__init__("mmp:infra:TrainingPipeline", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         tags = {"mmp:deployment": settings.prefix}
@@ -356,7 +358,8 @@ class TrainingPipeline(pulumi.ComponentResource):
         stage_role = iam.service_role(f"{name}-stages", "lambda.amazonaws.com", stage_statements, self,
                                       description="Step Functions stage Lambdas")
         stage_policy = iam.policy_of(stage_role)
-        self.environment = self._environment(settings, network, data, mlflow, context_digest(project_root), dlami)
+        self.environment = self._environment(settings, network, data, mlflow, context_digest(project_root), dlami,
+                                             kubernetes is not None)
         self.functions: dict[str, aws.lambda_.Function] = {}
         for stage, fn in function_names.items():
             self.functions[stage] = aws.lambda_.Function(
@@ -390,10 +393,14 @@ class TrainingPipeline(pulumi.ComponentResource):
                                                        dlami.launch_template.id)
             task_statements += ec2_statements(region, account, launch_template_arn, dlami.role.arn,
                                               settings.dlami_ssm_parameter)
+        # The kubernetes backend's cluster (its CA is ~1.5 KB: only the runner carries it, never the
+        # stage Lambdas, whose environment has a 4 KB limit).
+        runner_environment = self.environment if kubernetes is None else pulumi.Output.all(
+            self.environment, kubernetes.environment(self.repository.repository_url)).apply(lambda a: {**a[0], **a[1]})
         self.runner = RunnerTask(
             f"{name}-runner", settings, account=account, subnets=network.task_subnet_ids,
             public_ip=network.task_public_ip, vpc_id=network.vpc_id,
-            artifacts_bucket=data.artifacts_bucket, environment=self.environment,
+            artifacts_bucket=data.artifacts_bucket, environment=runner_environment,
             secrets=runner_secrets(self.github_token_secret.arn,
                                    mlflow.password_secret.arn if mlflow.password_secret else None,
                                    dlami.ssh_key_secret.arn if dlami is not None else None),
@@ -403,6 +410,8 @@ class TrainingPipeline(pulumi.ComponentResource):
                 f"{name}-runner-ssh", security_group_id=network.training_sg.id, ip_protocol="tcp", from_port=22,
                 to_port=22, referenced_security_group_id=self.runner.security_group.id,
                 description="SSH from the MMP runner task", opts=child)
+        if kubernetes is not None:  # the runner's role and network reach the cluster's API, namespaced
+            kubernetes.admit_runner(self.runner.task_role.arn, self.runner.security_group.id)
 
         # -- the state machine --------------------------------------------------------------
         # Under /aws/vendedlogs/: CloudWatch Logs' resource policy for vended logs has a size limit
@@ -472,7 +481,8 @@ class TrainingPipeline(pulumi.ComponentResource):
         })
 
     def _environment(self, settings: Settings, network: Network, data: DataStore, mlflow: MlflowServer,
-                     image_context_digest: str, dlami: DlamiResources | None) -> pulumi.Output[dict[str, str]]:
+                     image_context_digest: str, dlami: DlamiResources | None,
+                     kubernetes: bool = False) -> pulumi.Output[dict[str, str]]:
         """What the stages and the backends they run read (see mmp.backends.sagemaker)."""
         fsx_on = data.fsx is not None
         in_vpc = fsx_on or settings.pipeline_in_vpc
@@ -498,7 +508,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             "MMP_DATASETS": a["catalogue"],
             "MMP_DEFAULT_PLATFORM": "sagemaker",
             "MMP_PIPELINE_PLATFORMS": ",".join(["sagemaker", *(["sagemaker-fsx"] if fsx_on else []),
-                                                *(["dlami"] if dlami is not None else [])]),
+                                                *(["dlami"] if dlami is not None else []),
+                                                *(["kubernetes"] if kubernetes else [])]),
             "MMP_ECR_REPOSITORY_URI": a["ecr"],
             "MMP_IMAGE_CONTEXT_DIGEST": image_context_digest,
             "MMP_SAGEMAKER_ROLE_ARN": a["role"],

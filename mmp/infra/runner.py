@@ -2,7 +2,8 @@
 
 Step Functions starts it with `ecs:runTask.sync` in the stack's private subnets (the
 public ones with a public IP when a stack-made VPC has no NAT gateway) for
-a `Platform: dlami` push (provision, SSH, horovodrun, teardown) and for a
+a `Platform: dlami` push (provision, SSH, horovodrun, teardown), a `Platform: kubernetes` one
+(a TrainJob on the stack's EKS cluster, mmp.infra.kubernetes, followed to its end) and for a
 promote.json push (the MLflow client). Why a Fargate task: both outlive a Lambda
 and need libraries a Lambda zip should not carry (paramiko, mlflow); a task costs
 only while it runs (0.25 vCPU + 0.5 GiB is about $0.012 an hour) and Step Functions

@@ -22,6 +22,10 @@ EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 DOMAIN_RE = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 MAX_LINKED_DATASETS = 7  # FSx: 8 data repository associations per file system, one for the stack's datasets/
 INPUT_MODES = ("File", "FastFile")  # what mmp.backends.sagemaker runs (Pipe needs a record reader)
+# EC2 instance families with NVIDIA GPUs (the EKS AL2023 NVIDIA AMI's hosts): g4dn, g5, g6, g6e, p3, p4d, p5...
+GPU_INSTANCE_RE = re.compile(r"^(g[4-9][a-z0-9-]*|p[3-9][a-z0-9-]*)\.[0-9a-z]+$")
+KUBERNETES_VERSION_RE = re.compile(r"^1\.(\d{2})$")
+TRAINER_MIN_KUBERNETES = 31  # Kubeflow Trainer's installation guide: Kubernetes >= 1.31
 
 
 class SettingsError(ValueError):
@@ -164,6 +168,16 @@ class Settings(BaseModel):
     ssh_public_key: str | None = Field(default=None, alias="sshPublicKey")
     dlami_max_runtime_minutes: int = Field(default=240, alias="dlamiMaxRuntimeMinutes", ge=1)
     dlami_volume_gb: int = Field(default=200, alias="dlamiVolumeGb", ge=50)
+    # -- kubernetes (EKS + Kubeflow Trainer, mmp.infra.kubernetes; needs fsx)
+    kubernetes: bool = False
+    kubernetes_version: str | None = Field(default=None, alias="kubernetesVersion")  # unset: EKS's default
+    kubernetes_gpu_instance_types: list[str] = Field(default_factory=lambda: ["g5.xlarge"],
+                                                     alias="kubernetesGpuInstanceTypes")
+    kubernetes_max_nodes: int = Field(default=4, alias="kubernetesMaxNodes", ge=1, le=100)
+    kubernetes_system_instance_type: str = Field(default="t3.medium", alias="kubernetesSystemInstanceType")
+    kubernetes_node_volume_gb: int = Field(default=200, alias="kubernetesNodeVolumeGb", ge=50)
+    # The API endpoint is private; these networks may also reach it (a `pulumi up` from outside the VPC).
+    kubernetes_api_cidrs: list[str] = Field(default_factory=list, alias="kubernetesApiCidrs")
     # -- secrets: only whether each is set; the values stay pulumi secrets
     has_secrets: tuple[str, ...] = Field(default=(), description="secret keys present in config")
 
@@ -200,7 +214,41 @@ class Settings(BaseModel):
             raise ValueError(f"{value!r} is not a DNS name such as mlflow.example.com")
         return value
 
-    @field_validator("mlflow_allowed_cidrs", "ssh_cidrs", "egress_cidrs", mode="after")
+    @field_validator("kubernetes_api_cidrs")
+    @classmethod
+    def _api_closed(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            if _is_open(cidr):
+                raise ValueError(f"{cidr} would open the cluster's API endpoint to the whole internet; name your "
+                                 "own network")
+        return value
+
+    @field_validator("kubernetes_version")
+    @classmethod
+    def _kubernetes_version(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        match = KUBERNETES_VERSION_RE.fullmatch(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a Kubernetes minor version such as 1.33")
+        if int(match.group(1)) < TRAINER_MIN_KUBERNETES:
+            raise ValueError(f"{value}: Kubeflow Trainer needs Kubernetes 1.{TRAINER_MIN_KUBERNETES} or later")
+        return value
+
+    @field_validator("kubernetes_gpu_instance_types")
+    @classmethod
+    def _gpu_types(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one GPU instance type, such as g5.xlarge")
+        for name in value:
+            if not GPU_INSTANCE_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not an EC2 instance type with NVIDIA GPUs (a g4dn, g5, g6, p3, p4d or "
+                                 "p5 size such as g5.xlarge)")
+        if len(set(value)) != len(value):
+            raise ValueError("each instance type once (one node group each)")
+        return value
+
+    @field_validator("mlflow_allowed_cidrs", "ssh_cidrs", "egress_cidrs", "kubernetes_api_cidrs", mode="after")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
         for cidr in value:
@@ -235,6 +283,9 @@ class Settings(BaseModel):
             problems.append("dlami: needs sshPublicKey and the secret sshPrivateKey (the key the backend connects with)")
         if self.dlami and not self.fsx:
             problems.append("dlami: the DLAMI cluster reads datasets from FSx; set mmp:fsx true as well")
+        if self.kubernetes and not self.fsx:
+            problems.append("kubernetes: the training pods read datasets from FSx (a static PersistentVolume); "
+                            "set mmp:fsx true as well")
         if self.fsx and not valid_fsx_capacity(self.fsx_storage_gb):
             problems.append(f"fsxStorageGb: PERSISTENT_2 SSD takes 1200, 2400 or a multiple of 2400 GiB, "
                             f"got {self.fsx_storage_gb}")

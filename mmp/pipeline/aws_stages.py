@@ -58,8 +58,8 @@ log = logging.getLogger("mmp.pipeline.aws")
 logging.getLogger().setLevel(logging.INFO)
 
 DEFAULT_PLATFORMS = ("sagemaker", "sagemaker-fsx")
-IMAGE_PLATFORMS = {"sagemaker", "sagemaker-fsx", "dlami"}  # run the image CodeBuild makes from horovod_docker/
-RUNNER_PLATFORMS = {"dlami"}  # trained by the runner task (SSH for the whole job outlives a Lambda)
+IMAGE_PLATFORMS = {"sagemaker", "sagemaker-fsx", "dlami", "kubernetes"}  # run the image CodeBuild makes from horovod_docker/
+RUNNER_PLATFORMS = {"dlami", "kubernetes"}  # trained by the runner task (following the whole job outlives a Lambda)
 PROVISIONING_GRACE_SECONDS = 3600  # past SageMaker's own bound: provisioning, then the Train state gives up
 RUNNER_GRACE_SECONDS = 45 * 60  # past Max_Runtime: provisioning, SSH, requirements, copy-out, teardown
 LOG_LINES_MAX = 100_000

@@ -122,6 +122,15 @@ class Mocks(pulumi.runtime.Mocks):
         elif typ == "aws:fsx/lustreFileSystem:LustreFileSystem":
             out["dnsName"] = f"fs-0123.fsx.{REGION}.amazonaws.com"
             out["mountName"] = "abcdefgh"
+            out["arn"] = f"arn:aws:fsx:{REGION}:{ACCOUNT}:file-system/fs-0123"
+        elif typ == "aws:eks/cluster:Cluster":
+            out["arn"] = f"arn:aws:eks:{REGION}:{ACCOUNT}:cluster/{name}"
+            out["endpoint"] = f"https://0123456789ABCDEF.gr7.{REGION}.eks.amazonaws.com"
+            out["certificateAuthority"] = {"data": EKS_CA_DATA}
+            out["vpcConfig"] = {**inputs["vpcConfig"], "clusterSecurityGroupId": "sg-0eks0cluster",
+                                "vpcId": "vpc-0mock"}
+        elif typ == "aws:ec2/launchTemplate:LaunchTemplate":
+            out["latestVersion"] = 1
         elif typ == "aws:apigatewayv2/api:Api":
             out["apiEndpoint"] = f"https://abc123.execute-api.{REGION}.amazonaws.com"
             out["executionArn"] = f"arn:aws:execute-api:{REGION}:{ACCOUNT}:abc123"
@@ -153,6 +162,9 @@ class Mocks(pulumi.runtime.Mocks):
             return {"accountId": ACCOUNT, "arn": f"arn:aws:iam::{ACCOUNT}:user/test", "userId": "AIDA", "id": ACCOUNT}
         raise AssertionError(f"the program made an unexpected call: {args.token}")
 
+
+# A certificate authority's PEM, base64-encoded as EKS returns it (certificateAuthority.data).
+EKS_CA_DATA = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUMvakNDQWVhZ0F3SUJBZ0lCQURBTkJna3Foa2lHOXcwQkFRc0ZBREFWTVJNd0VRWURWUVFERXdwcmRXSmwKY201bGRHVnpNQjRYRFRJMk1ERXdNVEF3TURBd01Gb1hEVE0yTURFd01UQXdNREF3TUZvd0ZURVRNQkVHQTFVRQpBeE1LYTNWaVpYSnVaWFJsY3pDQ0FTSXdEUVlKS29aSWh2Y05BUUVCQlFBRGdnRVBBRENDQVFvQ2dnRUJBTW1rCi0tLS0tRU5EIENFUlRJRklDQVRFLS0tLS0K"
 
 SECRET_SIG_KEY = "4dabf18193072939515e22adb298388d"
 SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
