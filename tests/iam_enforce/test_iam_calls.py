@@ -120,10 +120,10 @@ def test_an_unmapped_operation_is_an_error_not_a_pass(aws_env, iam_enforced, mon
 def test_a_subprocess_on_the_iam_pythonpath_is_checked_too(aws_env, iam_enforced):
     """The SageMaker entrypoint and the DLAMI ranks run as processes of their own: they load
     iam_enforce/sitecustomize.py and write to the same call log."""
-    code = ("from mmp import aws, rank\n"
+    code = ("from mmp import aws\n"
             "def main():\n"
             "    aws.client('sns').publish(TopicArn='arn:aws:sns:%s:%s:t', Message='x')\n"
-            "main.__code__ = main.__code__.replace(co_filename='/x/mmp/rank.py')\n"
+            "main.__code__ = main.__code__.replace(co_filename='/x/mmp/runtime/rank.py')\n"
             "try:\n    main()\nexcept Exception as exc:\n    print(type(exc).__name__, exc)\n" % (REGION, ACCOUNT))
     import os
 
