@@ -141,14 +141,20 @@ def pick_dataset(channels: Mapping[str, dict], environ: Mapping[str, str]) -> st
 
 
 def unpack_code(archive_dir: Path, dest: Path) -> Path:
-    """Unpack the one archive in `archive_dir` into `dest` (GitHub's single top folder stripped),
-    refusing members that would land outside it; return `dest`, which must then hold train.py."""
+    """Unpack the one archive in `archive_dir` into `dest` (see unpack_archive)."""
     archives = sorted(p for p in archive_dir.iterdir() if p.is_file()) if archive_dir.is_dir() else []
     if len(archives) != 1:
         raise EntrypointError(f"channel {CODE_CHANNEL} must hold one code archive, found {len(archives)}")
+    return unpack_archive(archives[0], dest)
+
+
+def unpack_archive(archive: Path, dest: Path) -> Path:
+    """Unpack a commit's archive into `dest` (GitHub's single top folder stripped), refusing members
+    that would land outside it; return `dest`, which must then hold train.py. Shared with
+    mmp.runtime.kubernetes_launcher."""
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        with tarfile.open(archives[0]) as tar:
+        with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers() if m.name.removeprefix("./") not in ("", ".")]
             tops = {m.name.removeprefix("./").split("/", 1)[0] for m in members}
             strip = len(tops) == 1 and all(m.isdir() for m in members if m.name.removeprefix("./") in tops)
@@ -166,7 +172,7 @@ def unpack_code(archive_dir: Path, dest: Path) -> Path:
                 member.name = name
                 tar.extract(member, dest, set_attrs=False, **safe)
     except (tarfile.TarError, OSError) as exc:
-        raise EntrypointError(f"could not unpack the code archive {archives[0].name}: {exc}") from None
+        raise EntrypointError(f"could not unpack the code archive {archive.name}: {exc}") from None
     if not (dest / "train.py").is_file():
         raise EntrypointError("train.py not found at the root of the commit's code")
     return dest
