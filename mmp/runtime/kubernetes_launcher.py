@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 from mmp.contract.argv import horovodrun_argv, shell_join
 from mmp.runtime.horovod import failure_summary
 from mmp.runtime.rank import LAUNCHER
-from mmp.runtime.sagemaker_entrypoint import EntrypointError, require_horovodrun, unpack_archive, wait_for_ssh
+from mmp.runtime.cluster import EntrypointError, require_horovodrun, unpack_archive, wait_for_ssh
 
 DEFAULT_HOSTFILE = "/etc/mpi/hostfile"
 TERMINATION_LOG = "/dev/termination-log"
