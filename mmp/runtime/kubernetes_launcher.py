@@ -29,10 +29,11 @@ from typing import Mapping, Sequence
 
 from mmp.contract.argv import horovodrun_argv, shell_join
 from mmp.runtime.horovod import failure_summary
-from mmp.runtime.rank import LAUNCHER
+from mmp.runtime.rank import LAUNCHER, PASSWORD_VAR, SECRET_ARN_VAR, CredentialsError, load_mlflow_password
 from mmp.runtime.cluster import EntrypointError, require_horovodrun, unpack_archive, wait_for_ssh
 
 DEFAULT_HOSTFILE = "/etc/mpi/hostfile"
+TRAINER_HOSTFILE_VAR = "OMPI_MCA_orte_default_hostfile"  # Trainer sets it to the hostfile it mounts
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LIMIT = 4096  # the kubelet keeps at most 4096 bytes of a termination message
 
@@ -143,7 +144,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         work = Path(environ.get("MMP_WORK_DIR") or tempfile.mkdtemp(prefix="mmp-"))
         code = fetch_code(environ, work / "code")
-        hosts = order_hosts(read_hostfile(Path(environ.get("MMP_HOSTFILE") or DEFAULT_HOSTFILE)),
+        hostfile = environ.get("MMP_HOSTFILE") or environ.get(TRAINER_HOSTFILE_VAR) or DEFAULT_HOSTFILE
+        hosts = order_hosts(read_hostfile(Path(hostfile)),
                             [socket.gethostname(), socket.getfqdn(), *filter(None, [environ.get("MMP_HOSTNAME")])])
         port = int(environ.get("MMP_SSH_PORT") or 22)
         extra = ["-p", str(port)]
@@ -157,7 +159,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         command = horovodrun_argv(hosts, args, python=environ.get("MMP_PYTHON") or sys.executable,
                                   horovodrun=environ.get("MMP_HOROVODRUN") or require_horovodrun(), extra=extra,
                                   launcher=LAUNCHER)
-        env = {k: v for k, v in environ.items() if not k.startswith("MMP_") or k in ("MMP_RUN_ID", "MMP_MLFLOW_PASSWORD_SECRET_ARN")}
+        # horovodrun puts its environment on every rank's command line: MMP's own settings stay out,
+        # and the MLflow password is read by each rank from its secret (mmp.runtime.rank), never here.
+        env = {k: v for k, v in environ.items()
+               if k != PASSWORD_VAR and (not k.startswith("MMP_") or k in ("MMP_RUN_ID", SECRET_ARN_VAR))}
+        try:
+            load_mlflow_password(dict(env))  # a role that cannot read it fails the job now, with a reason
+        except CredentialsError as exc:
+            raise EntrypointError(str(exc)) from None
         code_rc, lines = run_horovodrun(command, code, env)
     except EntrypointError as exc:
         print(f"mmp: {exc}", file=sys.stderr, flush=True)

@@ -132,3 +132,37 @@ def test_hostfile_and_bad_input(tmp_path):
     rc = kl.main(["--output-path", str(tmp_path / "o")], {"MMP_TERMINATION_LOG": str(tmp_path / "t"),
                                                          "MMP_WORK_DIR": str(tmp_path / "w")})
     assert rc == 2 and "MMP_CODE_ARCHIVE" in (tmp_path / "t").read_text()
+
+
+def test_the_launcher_is_light_and_in_the_image():
+    """The image copies mmp/ whole and runs `python -m mmp.runtime.kubernetes_launcher` on Python 3.11:
+    the launcher imports no heavy package and parses as that Python."""
+    import ast
+    import json
+
+    code = ("import json, sys, mmp.runtime.kubernetes_launcher; print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    loaded = set(json.loads(out.stdout))
+    assert not loaded & {"mlflow", "paramiko", "torch", "boto3", "yaml", "pydantic"}
+    assert "COPY mmp/ /opt/mmp/mmp/" in (ROOT / "horovod_docker" / "Dockerfile").read_text()
+    for name in sorted(m for m in loaded if m.startswith("mmp.")):
+        path = ROOT / (name.replace(".", "/") + ".py")
+        if path.exists():
+            ast.parse(path.read_text(), str(path), feature_version=(3, 11))
+
+
+def test_a_password_secret_the_pod_cannot_read_fails_before_training(tmp_path, monkeypatch):
+    for key, value in {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+                       "AWS_MAX_ATTEMPTS": "1", "AWS_DEFAULT_REGION": "eu-west-1"}.items():
+        monkeypatch.setenv(key, value)  # nothing answers there: the secret cannot be read
+    (tmp_path / "code.tar.gz").write_bytes(archive({"train.py": TRAIN}))
+    (tmp_path / "hostfile").write_text("me slots=1\n")
+    rc = kl.main(["--output-path", str(tmp_path / "o")], {
+        "MMP_TERMINATION_LOG": str(tmp_path / "t"), "MMP_WORK_DIR": str(tmp_path / "w"),
+        "MMP_CODE_ARCHIVE": str(tmp_path / "code.tar.gz"), "MMP_HOSTFILE": str(tmp_path / "hostfile"),
+        "MMP_HOSTNAME": "me", "MMP_HOROVODRUN": "/bin/false",
+        "MMP_MLFLOW_PASSWORD_SECRET_ARN": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:mlflow"})
+    assert rc == 2
+    text = (tmp_path / "t").read_text()
+    assert text.startswith("could not read the MLflow password secret arn:aws:secretsmanager")
