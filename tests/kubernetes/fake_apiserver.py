@@ -28,6 +28,7 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from . import crd
@@ -41,6 +42,32 @@ RESOURCES = {  # (group/version, plural) -> kind
     ("v1", "configmaps"): "ConfigMap",
     ("v1", "pods"): "Pod",
 }
+
+
+def self_signed(folder: Path) -> tuple[Path, Path, str]:
+    """A certificate for 127.0.0.1 (IP SAN), its key, and its PEM (the CA a client trusts)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")])
+    start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start)
+            .not_valid_after(start + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cert.pem").write_bytes(pem)
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return folder / "cert.pem", folder / "key.pem", pem.decode()
 
 
 def now() -> str:
@@ -104,7 +131,9 @@ class FakeCluster:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     # -- serving -----------------------------------------------------------------------------
-    def start(self) -> "FakeCluster":
+    def start(self, tls_dir: "Path | None" = None) -> "FakeCluster":
+        """Serve on 127.0.0.1; with `tls_dir`, over HTTPS with a self-signed certificate for 127.0.0.1
+        (its PEM in `self.ca_pem`, what MMP_K8S_CA_DATA or certificate-authority-data carries)."""
         cluster = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -139,7 +168,16 @@ class FakeCluster:
                 self._handle("DELETE")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        scheme = "http"
+        if tls_dir is not None:
+            import ssl
+
+            cert, key, self.ca_pem = self_signed(tls_dir)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cert, key)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         return self

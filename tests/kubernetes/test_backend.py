@@ -233,3 +233,75 @@ def test_mmp_run_trains_on_the_fake_cluster_and_concludes_in_mlflow(cluster, k8s
          .search_experiments()])
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert [k for k in cluster.objects if k[0] != "trainingruntimes"] == []  # torn down
+
+
+def test_runner_task_settings_train_on_eks_over_tls(aws_env, tmp_path, monkeypatch, request_for):
+    """The AWS runner task's way in: MMP_K8S_API_URL over HTTPS with MMP_K8S_CA_DATA, and the EKS token
+    for MMP_K8S_CLUSTER_NAME; a run goes to its end."""
+    fake = FakeCluster(eks_cluster="mmp-dev", region="eu-west-1").start(tls_dir=tmp_path / "tls")
+    try:
+        monkeypatch.setenv("MMP_K8S_API_URL", fake.url)
+        monkeypatch.setenv("MMP_K8S_CA_DATA", base64.b64encode(fake.ca_pem.encode()).decode())
+        monkeypatch.setenv("MMP_K8S_CLUSTER_NAME", "mmp-dev")
+        monkeypatch.setenv("MMP_K8S_NAMESPACE", "mmp")
+        monkeypatch.setenv("MMP_K8S_IMAGE_REPOSITORY", "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mmp-training")
+        monkeypatch.setenv("MMP_K8S_FSX_CLAIM", "fsx-claim")
+        monkeypatch.setenv("MMP_K8S_TOLERATIONS", json.dumps([{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                               "effect": "NoSchedule"}]))
+        monkeypatch.delenv("KUBECONFIG", raising=False)
+        backend = get_backend("kubernetes")
+        req = request_for(Instance_Count="1")
+        req.code_uri = "s3://mmp-artifacts/code/acme/fashion/" + req.commit + ".tar.gz"
+        handle = backend.launch(req)
+        job = fake.objects[("trainjobs", "mmp", handle.data["name"])]
+        env = {e["name"]: e["value"] for e in job["spec"]["trainer"]["env"]}
+        assert env["MMP_CODE_URI"] == req.code_uri and "MMP_CODE_ARCHIVE" not in env
+        assert handle.data["code_configmap"] is None
+        pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+            "template"]["spec"]["template"]["spec"]
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+        status, _ = follow(backend, handle)
+        assert status.state is JobState.SUCCEEDED
+        backend.teardown(handle)
+        assert fake.auth_failures == []
+    finally:
+        fake.stop()
+
+
+def test_kubeconfig_exec_aws_eks_get_token_is_made_in_process(aws_env, tmp_path):
+    """A kubeconfig as `aws eks update-kubeconfig` writes it (exec: aws eks get-token) works without the
+    aws CLI: MMP makes the same token itself."""
+    import yaml
+
+    from mmp.backends.kubernetes.client import from_kubeconfig
+
+    fake = FakeCluster(eks_cluster="mmp-dev", region="eu-west-1").start(tls_dir=tmp_path / "tls")
+    try:
+        path = tmp_path / "config"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "eks",
+            "clusters": [{"name": "eks", "cluster": {
+                "server": fake.url, "certificate-authority-data": base64.b64encode(fake.ca_pem.encode()).decode()}}],
+            "users": [{"name": "eks", "user": {"exec": {
+                "apiVersion": "client.authentication.k8s.io/v1beta1", "command": "aws",
+                "args": ["--region", "eu-west-1", "eks", "get-token", "--cluster-name", "mmp-dev", "--output", "json"]}}}],
+            "contexts": [{"name": "eks", "context": {"cluster": "eks", "user": "eks", "namespace": "mmp"}}]}))
+        kube = KubeClient(from_kubeconfig(path, "us-east-1"))
+        assert kube.namespace == "mmp"
+        assert kube.list("v1", "pods", "a=b") == [], fake.auth_failures
+        path.write_text(path.read_text().replace("mmp-dev", "other"))
+        with pytest.raises(KubeError) as exc:
+            KubeClient(from_kubeconfig(path, "us-east-1")).list("v1", "pods", "a=b")
+        assert exc.value.code == 401
+    finally:
+        fake.stop()
+
+
+def test_an_unknown_ca_is_refused(tmp_path):
+    fake = FakeCluster(token="t").start(tls_dir=tmp_path / "tls")
+    try:
+        with pytest.raises(KubeError) as exc:
+            KubeClient(Connection(server=fake.url, token=lambda: "t")).list("v1", "pods", "a=b")
+        assert exc.value.code == 0 and "CERTIFICATE_VERIFY_FAILED" in exc.value.message
+    finally:
+        fake.stop()

@@ -116,7 +116,8 @@ def _read(path: str, base: Path) -> str:
 def _exec_token(spec: dict, region: str) -> Callable[[], str]:
     args = [str(a) for a in spec.get("args") or []]
     command = str(spec.get("command") or "")
-    if Path(command).name == "aws" and args[:2] == ["eks", "get-token"] and "--cluster-name" in args:
+    get_token = any(args[i:i + 2] == ["eks", "get-token"] for i in range(len(args)))
+    if Path(command).name == "aws" and get_token and "--cluster-name" in args:
         cluster = args[args.index("--cluster-name") + 1]
         region = args[args.index("--region") + 1] if "--region" in args else region
         return _CachedToken(lambda: eks_token(cluster, region))
