@@ -305,3 +305,18 @@ def test_an_unknown_ca_is_refused(tmp_path):
         assert exc.value.code == 0 and "CERTIFICATE_VERIFY_FAILED" in exc.value.message
     finally:
         fake.stop()
+
+
+def test_a_retried_launch_finds_its_own_job_and_refuses_another_runs(cluster, k8s_env, request_for):
+    backend = get_backend("kubernetes")
+    req = request_for()
+    first = backend.launch(req)
+    again = backend.launch(req)  # a retry of the same launch: the 409 is its own job
+    assert again.data["name"] == first.data["name"]
+    assert len([k for k in cluster.objects if k[0] == "trainjobs"]) == 1
+    job = cluster.objects[("trainjobs", "mmp", first.data["name"])]
+    job["metadata"]["labels"]["mmp/run-id"] = "someone-else"
+    with pytest.raises(Exception, match="already exists in namespace mmp for another run"):
+        backend.launch(req)
+    job["metadata"]["labels"]["mmp/run-id"] = req.run_id
+    backend.teardown(first)
