@@ -320,3 +320,36 @@ def test_a_retried_launch_finds_its_own_job_and_refuses_another_runs(cluster, k8
         backend.launch(req)
     job["metadata"]["labels"]["mmp/run-id"] = req.run_id
     backend.teardown(first)
+
+
+def test_a_code_archive_too_big_for_a_configmap_creates_nothing(cluster, k8s_env, request_for):
+    import os as _os
+
+    from mmp.backends import BackendError
+    from mmp.hosts import localgit
+
+    req = request_for()
+    big = __import__("pathlib").Path(req.clone_url) / "weights.bin"
+    big.write_bytes(_os.urandom(1100 * 1024))  # random: gzip cannot shrink it
+    localgit.git(req.clone_url, "add", "weights.bin")
+    localgit.git(req.clone_url, "commit", "-qm", "weights")
+    req.commit = localgit.resolve(req.clone_url)
+    with pytest.raises(BackendError, match="MMP_ARTIFACTS_BUCKET"):
+        get_backend("kubernetes").launch(req)
+    assert [r for r in cluster.requests if r[0] != "GET"] == []
+
+
+def test_a_refused_code_configmap_tears_the_job_down(cluster, k8s_env, request_for, monkeypatch):
+    from mmp.backends import BackendError
+
+    real = cluster.create
+
+    def refuse_configmaps(version, plural, ns, obj, query):
+        if plural == "configmaps":
+            return cluster.status(403, "Forbidden", 'configmaps is forbidden: User "mmp" cannot create resource')
+        return real(version, plural, ns, obj, query)
+
+    monkeypatch.setattr(cluster, "create", refuse_configmaps)
+    with pytest.raises(BackendError, match="storing the commit's code .* 403 Forbidden"):
+        get_backend("kubernetes").launch(request_for())
+    assert [k for k in cluster.objects if k[0] != "trainingruntimes"] == []

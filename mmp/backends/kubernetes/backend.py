@@ -172,6 +172,11 @@ class KubernetesBackend(Backend):
         handle = JobHandle(platform=self.name, job_id=request.run_id, data={
             "name": name, "namespace": ns, "runtime": plan.runtime.name(), "code_configmap": cm_name,
             "paths": dict(vars(self.paths(request))), "started": time.time(), "image": plan.runtime.image})
+        if archive is not None:  # too big for a ConfigMap: refused before anything is created
+            try:
+                o.code_configmap(cm_name, ns, archive)
+            except o.ObjectError as exc:
+                raise BackendError(str(exc)) from None
         self._ensure_runtime(kube, plan.runtime, ns)
         try:
             created = kube.create(*TRAINER, job_obj)
@@ -181,13 +186,21 @@ class KubernetesBackend(Backend):
             created = kube.get(*TRAINER, name) or {}
             if (created.get("metadata", {}).get("labels") or {}).get(o.RUN_LABEL) != job_obj["metadata"]["labels"][o.RUN_LABEL]:
                 raise BackendError(f"TrainJob {name} already exists in namespace {ns} for another run") from None
-        if archive is not None:
-            try:
-                kube.create(*CONFIGMAPS, o.code_configmap(cm_name, ns, archive, created))
-            except (KubeError, o.ObjectError) as exc:
-                if not (isinstance(exc, KubeError) and exc.code == 409):
+        started = archive is None
+        try:
+            if archive is not None:
+                try:
+                    kube.create(*CONFIGMAPS, o.code_configmap(cm_name, ns, archive, created))
+                except KubeError as exc:
+                    if exc.code != 409:  # 409: a retried launch already stored it
+                        raise BackendError(f"storing the commit's code in ConfigMap {cm_name} failed: {exc}") from None
+                started = True
+        finally:
+            if not started:  # an error or Ctrl-C between the two creates: the TrainJob goes too
+                try:
                     self.teardown(handle)
-                    raise BackendError(f"storing the commit's code in ConfigMap {cm_name} failed: {exc}") from None
+                except Exception as exc:
+                    log.error("teardown after a failed launch of %s failed: %s", name, exc)
         return handle
 
     def _ensure_runtime(self, kube: KubeClient, shape: o.RuntimeShape, ns: str) -> None:
