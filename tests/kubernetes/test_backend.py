@@ -353,3 +353,14 @@ def test_a_refused_code_configmap_tears_the_job_down(cluster, k8s_env, request_f
     with pytest.raises(BackendError, match="storing the commit's code .* 403 Forbidden"):
         get_backend("kubernetes").launch(request_for())
     assert [k for k in cluster.objects if k[0] != "trainingruntimes"] == []
+
+
+def test_a_password_in_the_tracking_uri_never_reaches_the_cluster(cluster, k8s_env, request_for):
+    from mmp.backends import BackendError
+
+    req = request_for()
+    req.mlflow_env["MLFLOW_TRACKING_URI"] = "https://mmp:s3cret-pw@mlflow.example.com"
+    with pytest.raises(BackendError) as exc:
+        get_backend("kubernetes").launch(req)
+    assert "s3cret-pw" not in str(exc.value) and "MMP_MLFLOW_PASSWORD_SECRET_ARN" in str(exc.value)
+    assert [r for r in cluster.requests if r[0] != "GET"] == []

@@ -26,6 +26,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mmp.backends.base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
 from mmp.backends.dlami import GPU_SLOTS, fsx_paths
@@ -121,6 +122,9 @@ class KubernetesBackend(Backend):
 
     def plan(self, request: LaunchRequest, namespace: str, *, code_configmap: str | None) -> o.JobPlan:
         s, exp = self.settings, request.experiment
+        if urlsplit(request.mlflow_env.get("MLFLOW_TRACKING_URI", "")).password:
+            raise BackendError("MLFLOW_TRACKING_URI carries a password, which the TrainJob would show to anyone who "
+                               "can read it; give it as a secret (MMP_MLFLOW_PASSWORD_SECRET_ARN)")
         shape = self.shape(request)
         paths = self.paths(request)
         name = o.trainjob_name(request.experiment_name, request.run_id)
