@@ -20,6 +20,7 @@ BUILTIN = {
     "sagemaker": "mmp.backends.sagemaker:SageMakerBackend",
     "sagemaker-fsx": "mmp.backends.sagemaker:SageMakerFsxBackend",
     "dlami": "mmp.backends.dlami:DlamiBackend",
+    "kubernetes": "mmp.backends.kubernetes.backend:KubernetesBackend",
 }
 
 __all__ = [

@@ -44,10 +44,10 @@ from mmp import aws
 from mmp.contract.argv import horovodrun_argv, train_args
 from mmp.contract.experiment import Experiment
 from mmp.runtime.horovod import failure_summary
-from mmp.runtime.rank import LAUNCHER, SECRET_ARN_VAR
-from mmp.tracking.sigv4 import client_uri
+from mmp.runtime.rank import LAUNCHER
 from mmp.backends.base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, OutputTail, Paths
 from mmp.backends.dlami_fsx import HOST_FAILED_MARKER, fsx_argv
+from mmp.backends.train_environ import cluster_rank_environ
 
 log = logging.getLogger("mmp.dlami")
 
@@ -309,6 +309,18 @@ class _Job:
         self.lines.append(line)
 
 
+def fsx_paths(request: LaunchRequest, mount: str = "/fsx", dataset_root: str = "/fsx/datasets",
+              output_root: str = "/fsx/output") -> Paths:
+    """The FSx platforms' paths (dlami, kubernetes): the dataset where the catalogue puts it inside
+    FSx (a shared one has its own association), else under the dataset root; the output under the
+    output root, per experiment and run."""
+    fsx = getattr(request.dataset, "fsx", None)
+    return Paths(
+        dataset=f"{mount.rstrip('/')}{fsx}" if fsx else f"{dataset_root.rstrip('/')}/{request.dataset.name}",
+        output=f"{output_root.rstrip('/')}/{request.experiment_name}/{request.run_id}",
+    )
+
+
 class DlamiBackend(Backend):
     name = "dlami"
     poll_seconds = 1.0
@@ -349,14 +361,8 @@ class DlamiBackend(Backend):
 
     # -- plan --------------------------------------------------------------------
     def paths(self, request: LaunchRequest) -> Paths:
-        """The dataset where the catalogue puts it inside FSx (a shared one has its own
-        association), else under the dataset root; the output under the output root."""
-        fsx = getattr(request.dataset, "fsx", None)
-        return Paths(
-            dataset=(f"{self.config.fsx_mount_point.rstrip('/')}{fsx}" if fsx
-                     else f"{self.config.dataset_root.rstrip('/')}/{request.dataset.name}"),
-            output=f"{self.config.output_root.rstrip('/')}/{request.experiment_name}/{request.run_id}",
-        )
+        cfg = self.config
+        return fsx_paths(request, cfg.fsx_mount_point, cfg.dataset_root, cfg.output_root)
 
     def run_dir(self, request: LaunchRequest) -> str:
         return f"{self.config.work_root.rstrip('/')}/{request.experiment_name}/{request.run_id}"
@@ -629,14 +635,10 @@ class DlamiBackend(Backend):
         )
         # The region travels with the run: a rank's boto3 (its MLflow password, the sagemaker-mlflow
         # plugin) otherwise falls back to us-east-1 in a container started with no region set.
-        env = {**aws.region_env(cfg.region), **request.mlflow_env, "MMP_RUN_ID": request.run_id,
-               "PYTHONUNBUFFERED": "1", "MMP_PATH_PREFIX": cfg.path_prefix}
-        if "MLFLOW_TRACKING_URI" in env:  # the image's sagemaker-mlflow plugin signs with the hosts' role
-            env["MLFLOW_TRACKING_URI"] = client_uri(env["MLFLOW_TRACKING_URI"], cfg.mlflow_tracking_server_arn)
-        if cfg.mlflow_username:
-            env["MLFLOW_TRACKING_USERNAME"] = cfg.mlflow_username
-        if cfg.mlflow_password_secret_arn:  # each rank reads the value itself (mmp.runtime.rank)
-            env[SECRET_ARN_VAR] = cfg.mlflow_password_secret_arn
+        env = {**cluster_rank_environ(request.mlflow_env, request.run_id, cfg.region, username=cfg.mlflow_username,
+                                      password_secret_arn=cfg.mlflow_password_secret_arn,
+                                      tracking_server_arn=cfg.mlflow_tracking_server_arn),
+               "MMP_PATH_PREFIX": cfg.path_prefix}
         for key, value in env.items():
             if not _ENV_KEY.fullmatch(key) or "\n" in str(value) or "\r" in str(value):
                 raise BackendError(f"environment variable {key!r} cannot be sent to the hosts (name or newline)")

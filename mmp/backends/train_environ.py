@@ -49,3 +49,22 @@ def training_environ(run: Mapping[str, str], environ: Mapping[str, str] | None =
     env = {k: v for k, v in environ.items() if allowed(k, declared)}
     env.update(run)
     return env
+
+
+def cluster_rank_environ(mlflow_env: Mapping[str, str], run_id: str, region: str, *, username: str | None = None,
+                         password_secret_arn: str | None = None, tracking_server_arn: str | None = None) -> dict[str, str]:
+    """What every rank on a cluster of the training image gets (dlami, kubernetes): the run's MLflow
+    variables, the region (a container started without one makes boto3 fall back to us-east-1), the
+    MLflow user and the password secret's ARN, never its value (each rank reads it: mmp.runtime.rank)."""
+    from mmp import aws
+    from mmp.runtime.rank import SECRET_ARN_VAR
+    from mmp.tracking.sigv4 import client_uri
+
+    env = {**aws.region_env(region), **mlflow_env, "MMP_RUN_ID": run_id, "PYTHONUNBUFFERED": "1"}
+    if "MLFLOW_TRACKING_URI" in env:  # the image's sagemaker-mlflow plugin signs with the hosts' role
+        env["MLFLOW_TRACKING_URI"] = client_uri(env["MLFLOW_TRACKING_URI"], tracking_server_arn)
+    if username:
+        env["MLFLOW_TRACKING_USERNAME"] = username
+    if password_secret_arn:
+        env[SECRET_ARN_VAR] = password_secret_arn
+    return env

@@ -195,7 +195,8 @@ class Experiment(BaseModel):
     training_instance: str = Field(
         alias="Training_Instance",
         max_length=64,
-        description="Instance type, e.g. ml.p3.16xlarge (sagemaker), p3.8xlarge (dlami), local.",
+        description="Instance type, e.g. ml.p3.16xlarge (sagemaker), p3.8xlarge (dlami), "
+                    "g5.12xlarge (kubernetes), local.",
         json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"},
     )
     instance_count: whole_number(1, 256) = Field(  # type: ignore[valid-type]

@@ -22,27 +22,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import tarfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from mmp.contract.argv import horovodrun_argv, restore_booleans, shell_join, train_args
-from mmp.runtime.horovod import failure_summary, find_horovodrun
+from mmp.runtime.cluster import (EntrypointError, require_horovodrun, ssh_answers, unpack_archive,  # noqa: F401
+                                 wait_for_leader, wait_for_ssh)
+from mmp.runtime.horovod import failure_summary
 from mmp.contract.image import CODE_CHANNEL
 from mmp.runtime.rank import LAUNCHER, PASSWORD_VAR, CredentialsError, load_mlflow_password
 
 DEFAULT_ROOT = "/opt/ml"
 FAILURE_LIMIT = 1024  # SageMaker keeps the first 1024 characters as FailureReason
 RESERVED_PREFIXES = ("sagemaker_", "_")  # what the SageMaker SDK and tuning jobs inject
-
-
-class EntrypointError(RuntimeError):
-    """The job cannot start training; the message becomes the job's FailureReason."""
 
 
 @dataclass
@@ -141,35 +136,11 @@ def pick_dataset(channels: Mapping[str, dict], environ: Mapping[str, str]) -> st
 
 
 def unpack_code(archive_dir: Path, dest: Path) -> Path:
-    """Unpack the one archive in `archive_dir` into `dest` (GitHub's single top folder stripped),
-    refusing members that would land outside it; return `dest`, which must then hold train.py."""
+    """Unpack the one archive in `archive_dir` into `dest` (see unpack_archive)."""
     archives = sorted(p for p in archive_dir.iterdir() if p.is_file()) if archive_dir.is_dir() else []
     if len(archives) != 1:
         raise EntrypointError(f"channel {CODE_CHANNEL} must hold one code archive, found {len(archives)}")
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(archives[0]) as tar:
-            members = [m for m in tar.getmembers() if m.name.removeprefix("./") not in ("", ".")]
-            tops = {m.name.removeprefix("./").split("/", 1)[0] for m in members}
-            strip = len(tops) == 1 and all(m.isdir() for m in members if m.name.removeprefix("./") in tops)
-            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            for member in members:
-                name = member.name.removeprefix("./").rstrip("/")
-                if strip:
-                    name = name.split("/", 1)[1] if "/" in name else ""
-                if not name:
-                    continue
-                target = (dest / name).resolve()
-                if dest.resolve() not in target.parents or member.issym() or member.islnk() or member.isdev():
-                    raise EntrypointError(f"code archive member {member.name!r} is a link, a device or leaves "
-                                          "the code folder")
-                member.name = name
-                tar.extract(member, dest, set_attrs=False, **safe)
-    except (tarfile.TarError, OSError) as exc:
-        raise EntrypointError(f"could not unpack the code archive {archives[0].name}: {exc}") from None
-    if not (dest / "train.py").is_file():
-        raise EntrypointError("train.py not found at the root of the commit's code")
-    return dest
+    return unpack_archive(archives[0], dest)
 
 
 def code_dir(root: Path, channels: Mapping[str, dict], environ: Mapping[str, str]) -> str:
@@ -191,13 +162,6 @@ def processes_per_host(environ: Mapping[str, str]) -> int:
             raise EntrypointError(f"MMP_PROCESSES_PER_HOST must be a whole number ≥ 1, got {raw!r}")
         return int(raw)
     return max(gpu_count(), 1)
-
-
-def require_horovodrun() -> str:
-    found = find_horovodrun()
-    if not found:
-        raise EntrypointError("horovodrun is not installed in the training image")
-    return found
 
 
 def build_plan(environ: Mapping[str, str] = os.environ, *, horovodrun: str | None = None,
@@ -238,43 +202,7 @@ def build_plan(environ: Mapping[str, str] = os.environ, *, horovodrun: str | Non
     return plan
 
 
-# -- SSH between hosts ----------------------------------------------------------
-def ssh_answers(address: str, port: int, timeout: float = 2.0) -> bool:
-    """True when something at address:port speaks SSH (sends an `SSH-` banner)."""
-    try:
-        with socket.create_connection((address, port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            return sock.recv(4).startswith(b"SSH-")
-    except OSError:
-        return False
-
-
-def wait_for_ssh(hosts: Sequence[str], *, port: int = 22, timeout: float = 600, interval: float = 1.0,
-                 address: Callable[[str], str] = lambda host: host) -> None:
-    """Block until every host answers on SSH; raise EntrypointError naming the silent ones."""
-    waiting = list(hosts)
-    deadline = time.monotonic() + timeout
-    while True:
-        waiting = [host for host in waiting if not ssh_answers(address(host), port)]
-        if not waiting:
-            return
-        if time.monotonic() > deadline:
-            raise EntrypointError(f"host(s) {', '.join(waiting)} did not answer on SSH port {port} "
-                                  f"within {timeout:.0f} s")
-        time.sleep(interval)
-
-
-def wait_for_leader(leader: str, *, port: int = 22, start_timeout: float = 600, interval: float = 5.0,
-                    gone_after: int = 3, address: Callable[[str], str] = lambda host: host) -> None:
-    """A worker's life: wait for the leader's sshd, then until it has stopped answering
-    `gone_after` times in a row (the leader's container ends when training does)."""
-    wait_for_ssh([leader], port=port, timeout=start_timeout, interval=interval, address=address)
-    misses = 0
-    while misses < gone_after:
-        time.sleep(interval)
-        misses = 0 if ssh_answers(address(leader), port) else misses + 1
-
-
+# -- SSH between hosts (the waits live in mmp.runtime.cluster) ----------------------------
 def start_sshd(environ: Mapping[str, str]) -> None:
     command = environ.get("MMP_SSHD", "/usr/sbin/sshd")
     if not Path(command).exists():

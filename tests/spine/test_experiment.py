@@ -94,7 +94,7 @@ def test_every_problem_is_reported_at_once_naming_field_and_what_is_allowed():
         "Colour": "blue",
     }, datasets=CATALOGUE)
     assert set(found) >= {"Platform", "Dataset_Name", "Instance_Count", "Training_Instance", "Colour"}
-    assert "sagemaker, sagemaker-fsx, dlami, local" in found["Platform"]
+    assert "sagemaker, sagemaker-fsx, dlami, kubernetes, local" in found["Platform"]
     assert "not a safe name" in found["Dataset_Name"]
     assert "is required" in found["Training_Instance"]
     assert "unknown field" in found["Colour"] and "Dataset_Name" in found["Colour"]

@@ -54,7 +54,6 @@ class KubernetesSettings:
     mlflow_password_secret_arn: str | None = None
     mlflow_tracking_server_arn: str | None = None
     deadline_slack_minutes: int = 30  # activeDeadlineSeconds = Max_Runtime + this (node start-up, image pull)
-    pending_fail_minutes: int = 0  # 0: a pod that cannot be scheduled waits for the deadline (nodes scale up)
     region: str = field(default_factory=aws.region)
 
     @classmethod
@@ -94,7 +93,6 @@ class KubernetesSettings:
             mlflow_password_secret_arn=get("MMP_MLFLOW_PASSWORD_SECRET_ARN"),
             mlflow_tracking_server_arn=get("MMP_MLFLOW_TRACKING_SERVER_ARN"),
             deadline_slack_minutes=minutes("MMP_K8S_DEADLINE_SLACK_MINUTES", 30),
-            pending_fail_minutes=minutes("MMP_K8S_PENDING_FAIL_MINUTES", 0),
             region=aws.region(env),
         )
 
