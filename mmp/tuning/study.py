@@ -324,8 +324,8 @@ class StudyRunner:
             raise SamplingError(f"could not draw the next trial's values from Tuning.Ranges "
                                 f"({type(exc).__name__}: {exc})") from exc
         try:
-            prepared = Prepared(experiment=self.prepared.experiment.for_trial(trial.params),
-                                backend=self.backend, dataset=self.prepared.dataset)
+            prepared = dataclasses.replace(self.prepared, experiment=self.prepared.experiment.for_trial(trial.params),
+                                           backend=self.backend)  # the staged image and code too
             started = self.trials.start(self.trigger, prepared)
             self.tracker.set_tags(started.run_id, {
                 TAG_PARENT: self.parent.run_id, TAG_TRIAL: str(trial.number), TAG_TRIAL_STATE: "running",
