@@ -108,6 +108,7 @@ class LaunchRequest:
     delivery_id: str | None = None
     image_tag: str | None = None  # the dependency set's training image (mmp.contract.image), image platforms only
     code_uri: str | None = None  # s3:// URI of the commit's code archive the job unpacks (mmp.contract.image)
+    study: str | None = None  # the study this run is a trial of: its jobs follow each other (warm pools)
 
     @property
     def short_commit(self) -> str:
@@ -168,6 +169,12 @@ class Backend(ABC):
 
     def teardown(self, handle: JobHandle) -> None:
         """Release whatever launch started. Must be safe to call twice."""
+
+    def release_warm(self, handles: list[JobHandle]) -> list[str]:
+        """Give back what these jobs keep warm for a next matching job (SageMaker's warm pools) once
+        none will follow, e.g. at a study's end; returns the job ids released. Safe to call twice;
+        nothing to do on platforms that keep nothing warm."""
+        return []
 
     def wait(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 import time
@@ -25,6 +26,8 @@ from mmp.contract.experiment import Experiment
 from mmp.contract.image import CODE_CHANNEL
 from mmp.backends.base import Backend, BackendError, JobHandle, JobState, JobStatus, LaunchRequest, Paths
 
+log = logging.getLogger("mmp.backends.sagemaker")
+
 OPT_ML = "/opt/ml"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
@@ -34,6 +37,8 @@ MAX_SECONDS = 28 * 24 * 3600  # SageMaker's ceiling for MaxRuntime and MaxWait
 HP_MAX_COUNT, HP_MAX_KEY, HP_MAX_VALUE = 100, 256, 2500  # SageMaker's HyperParameters limits
 ENV_MAX_VALUE = 512  # SageMaker's limit on one Environment value
 TAG_VALUE_BAD = re.compile(r"[^\w\s.:/=+\-@]", re.UNICODE)
+KEEP_ALIVE_MAX = 3600  # SageMaker's ceiling for a warm pool's KeepAlivePeriodInSeconds (docs/sagemaker.md)
+TRIAL_KEEP_ALIVE_DEFAULT = 600  # long enough to bridge a study's trials, a runner restart included
 THROTTLING = {"ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded"}
 
 # SecondaryStatus values before the container runs; everything else InProgress is RUNNING.
@@ -78,6 +83,8 @@ class SageMakerSettings:
     mlflow_username: str | None = None
     mlflow_tracking_server_arn: str | None = None
     spot_extra_wait_minutes: int = 60
+    trial_keep_alive_seconds: int = TRIAL_KEEP_ALIVE_DEFAULT  # a study's trials keep a warm pool (0: off)
+    commit_keep_alive_seconds: int = 0  # a single run keeps one for the next commit (off unless the stack says)
     poll_seconds: float | None = None
     region: str = field(default_factory=aws.region)
 
@@ -103,6 +110,8 @@ class SageMakerSettings:
             mlflow_username=env("MMP_MLFLOW_USERNAME") or None,
             mlflow_tracking_server_arn=env("MMP_MLFLOW_TRACKING_SERVER_ARN") or None,
             spot_extra_wait_minutes=_int_env("MMP_SAGEMAKER_SPOT_EXTRA_WAIT_MINUTES", 60),
+            trial_keep_alive_seconds=_int_env("MMP_SAGEMAKER_TRIAL_KEEP_ALIVE_SECONDS", TRIAL_KEEP_ALIVE_DEFAULT),
+            commit_keep_alive_seconds=_int_env("MMP_SAGEMAKER_COMMIT_KEEP_ALIVE_SECONDS", 0),
             poll_seconds=float(poll) if poll else None,
         )
 
@@ -251,6 +260,11 @@ class SageMakerBackend(Backend):
             )
         if not 1 <= s.volume_gb <= 16384:
             problems.append(f"MMP_SAGEMAKER_VOLUME_GB: must be 1 to 16384, got {s.volume_gb}")
+        for var, value in (("MMP_SAGEMAKER_TRIAL_KEEP_ALIVE_SECONDS", s.trial_keep_alive_seconds),
+                           ("MMP_SAGEMAKER_COMMIT_KEEP_ALIVE_SECONDS", s.commit_keep_alive_seconds)):
+            if not 0 <= value <= KEEP_ALIVE_MAX:
+                problems.append(f"{var}: a warm pool's keep-alive must be 0 (off) to {KEEP_ALIVE_MAX} seconds, "
+                                f"got {value}")
         if bool(s.subnet_ids) != bool(s.security_group_ids):
             problems.append("stack configuration: MMP_SUBNET_IDS and MMP_SECURITY_GROUP_IDS must be set together "
                             "(VpcConfig needs both)")
@@ -322,11 +336,21 @@ class SageMakerBackend(Backend):
             raise BackendError(f"Environment {', '.join(long)} longer than SageMaker's {ENV_MAX_VALUE} characters")
         return env
 
+    def keep_alive_seconds(self, request: LaunchRequest) -> int:
+        """How long the job's instances stay warm for the next matching job: a study's trials follow
+        each other (the study gives the pool back when it ends); successive commits of one experiment
+        only when the stack says so. Never for spot: SageMaker's warm pools do not take spot jobs."""
+        if request.experiment.use_spot:
+            return 0
+        s = self.settings
+        return s.trial_keep_alive_seconds if request.study else s.commit_keep_alive_seconds
+
     def training_job_request(self, request: LaunchRequest) -> dict[str, Any]:
         """The CreateTrainingJob request for this launch (pure: no API call)."""
         s = self.settings
         experiment = request.experiment
         name = self.job_name(request)
+        keep_alive = self.keep_alive_seconds(request)
         runtime = experiment.runtime_minutes * 60
         stopping: dict[str, int] = {"MaxRuntimeInSeconds": runtime}
         spot = experiment.use_spot
@@ -349,6 +373,7 @@ class SageMakerBackend(Backend):
                 "InstanceType": experiment.training_instance,
                 "InstanceCount": experiment.instance_count,
                 "VolumeSizeInGB": s.volume_gb,
+                **({"KeepAlivePeriodInSeconds": keep_alive} if keep_alive else {}),
             },
             "StoppingCondition": stopping,
             "Environment": self.environment(request, checkpoints=spot),
@@ -396,6 +421,7 @@ class SageMakerBackend(Backend):
         return JobHandle(platform=self.name, job_id=name, data={
             "job_name": name, "arn": arn, "region": self.settings.region, "attached": attached,
             "spot": body["EnableManagedSpotTraining"], "launched": time.time(),
+            "keep_alive": body["ResourceConfig"].get("KeepAlivePeriodInSeconds", 0),
         })
 
     def wait(self, handle: JobHandle, *, on_log=None, deadline: float | None = None,
@@ -485,6 +511,43 @@ class SageMakerBackend(Backend):
             raise
         if job.get("TrainingJobStatus") == "InProgress":
             self._stop(handle.job_id)
+
+    def release_warm(self, handles: list[JobHandle]) -> list[str]:
+        """End the warm pools these jobs keep (UpdateTrainingJob, KeepAlivePeriodInSeconds 0), so nobody
+        pays for idle instances once no matching job follows. Only jobs launched with a keep-alive are
+        asked about. A pool `Available` is ended; so is a job still running or stopping (it then keeps
+        none); a pool `Reused` moved on to a later job (which is in `handles` too) and one `Terminated`
+        is gone. A refusal is logged, never raised: that pool then ends by its own keep-alive."""
+        from botocore.exceptions import ClientError
+
+        released: list[str] = []
+        for handle in handles:
+            keep_alive = handle.data.get("keep_alive") or 0
+            if handle.platform != self.name or not keep_alive:
+                continue
+            name = handle.job_id
+            try:
+                job = self.sagemaker.describe_training_job(TrainingJobName=name)
+            except ClientError as exc:
+                if _error_code(exc) not in ("ValidationException", "ResourceNotFound"):
+                    log.warning("could not read the warm pool of %s (it ends by its keep-alive, %s s): %s",
+                                name, keep_alive, exc)
+                continue
+            pool = (job.get("WarmPoolStatus") or {}).get("Status")
+            running = job.get("TrainingJobStatus") in ("InProgress", "Stopping")
+            if pool != "Available" and not (running and pool in (None, "InUse")):
+                continue
+            try:
+                self.sagemaker.update_training_job(TrainingJobName=name,
+                                                   ResourceConfig={"KeepAlivePeriodInSeconds": 0})
+            except ClientError as exc:
+                log.warning("could not end the warm pool of %s (it ends by its keep-alive, %s s): %s",
+                            name, keep_alive, exc)
+                continue
+            released.append(name)
+        if released:
+            log.info("ended the warm pools of %s", ", ".join(released))
+        return released
 
     def _stop(self, name: str) -> None:
         from botocore.exceptions import ClientError

@@ -319,8 +319,10 @@ class TrainingPipeline(pulumi.ComponentResource):
         runner_folder = pulumi.Output.concat(artifacts_arn, "/runner/*")
         stage_statements = [
             iam.logs_statement(region, account, [g.name for g in log_groups.values()]),
-            # Step Functions creates the job (Train, .sync); Conclude reads, stops and tears it down.
-            iam.statement(["sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob"], [job_arn]),
+            # Step Functions creates the job (Train, .sync); Conclude reads, stops and tears it down, and
+            # ends the warm pools of a dead study's trials (UpdateTrainingJob, KeepAlivePeriodInSeconds 0).
+            iam.statement(["sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob", "sagemaker:UpdateTrainingJob"],
+                          [job_arn]),
             iam.statement(["logs:GetLogEvents", "logs:FilterLogEvents", "logs:DescribeLogStreams"],
                           iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
             iam.statement(["secretsmanager:GetSecretValue"], secret_arns),
@@ -383,6 +385,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.run_record_writer(artifacts_arn), iam.run_record_reader(artifacts_arn),
             # Its trials on SageMaker: what the backend's launch, status, logs and cancel call.
             *sagemaker_launch_statements(job_arn, self.sagemaker_role.arn),
+            # ... and the study's end gives back the warm pools its trials kept (KeepAlivePeriodInSeconds 0).
+            iam.statement(["sagemaker:UpdateTrainingJob"], [job_arn]),
             iam.statement(["logs:GetLogEvents", "logs:DescribeLogStreams"],
                           iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
         ]
@@ -518,6 +522,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             "MMP_SAGEMAKER_INPUT_MODE": settings.sagemaker_input_mode,
             "MMP_SAGEMAKER_VOLUME_GB": str(settings.sagemaker_volume_gb),
             "MMP_SAGEMAKER_MAX_INSTANCES": str(settings.sagemaker_max_instances),
+            "MMP_SAGEMAKER_TRIAL_KEEP_ALIVE_SECONDS": str(settings.sagemaker_trial_keep_alive_seconds),
+            "MMP_SAGEMAKER_COMMIT_KEEP_ALIVE_SECONDS": str(settings.sagemaker_commit_keep_alive_seconds),
             "MMP_JOB_NAME_PREFIX": settings.job_prefix,
             "MMP_STUDY_POLL_SECONDS": str(settings.poll_seconds),  # mmp.pipeline.aws_runner.study
             # VPC mode for FSx, and for every job when MLflow admits only the NAT address.

@@ -133,6 +133,13 @@ class Settings(BaseModel):
     sagemaker_input_mode: str = Field(default="File", alias="sagemakerInputMode")
     sagemaker_volume_gb: int = Field(default=100, alias="sagemakerVolumeGb", ge=1, le=16384)
     sagemaker_max_instances: int = Field(default=4, alias="sagemakerMaxInstances", ge=1, le=256)
+    # SageMaker warm pools (docs/sagemaker.md): how long a job's instances stay warm for the next matching
+    # job, 0 to 3600 s (SageMaker's ceiling; 0 = off). A study's trials keep one and the study gives it back
+    # when it ends; successive commits of one experiment only when set here (billed while warm).
+    sagemaker_trial_keep_alive_seconds: int = Field(default=600, alias="sagemakerTrialKeepAliveSeconds",
+                                                    ge=0, le=3600)
+    sagemaker_commit_keep_alive_seconds: int = Field(default=0, alias="sagemakerCommitKeepAliveSeconds",
+                                                     ge=0, le=3600)
     image_keep_count: int = Field(default=20, alias="imageKeepCount", ge=1)
     build_compute_type: str = Field(default="BUILD_GENERAL1_MEDIUM", alias="buildComputeType")
     # Unset: CodeBuild queues builds past the account's quota. A project limit above that quota fails

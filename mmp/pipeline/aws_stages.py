@@ -392,7 +392,8 @@ def conclude_study(pipeline: Pipeline, state: dict[str, Any]) -> dict[str, Any]:
     if not progress:
         return outcome_to_dict(pipeline.reject(trigger, [message], state="ERROR"))
     for run_id, handle in (progress.get("trials") or {}).items():
-        end_trial(run_id, handle, backend_for=backend_for, tracker=pipeline.tracker, message=message)
+        end_trial(run_id, handle, backend_for=backend_for, tracker=pipeline.tracker, message=message,
+                  release=True)  # the study is over: its trials' warm pools go too
     return outcome_to_dict(pipeline.end_run(trigger, progress["parent_run_id"], progress.get("run_url"),
                                             JobStatus(JobState.FAILED, message), None))
 

@@ -45,7 +45,7 @@ from mmp.tuning import control
 from mmp.tuning.intermediate import DRAIN_PAGES, IntermediateValues, checkpoints, tracking_store
 from mmp.contract.tuning import Tuning
 from mmp.tuning.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_STATE
-from mmp.tuning.trials import end_trial
+from mmp.tuning.trials import end_trial, release_warm
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -338,7 +338,8 @@ class StudyRunner:
         crash_point("study-trial-run-created")
         trial.set_user_attr(ATTR_RUN, started.run_id)
         # Each trial is its own job on platforms that name jobs after the delivery (SageMaker).
-        started.request = dataclasses.replace(started.request, delivery_id=f"{self.key}-trial-{trial.number}")
+        started.request = dataclasses.replace(started.request, delivery_id=f"{self.key}-trial-{trial.number}",
+                                              study=self.name)
         tr = TrialRun(trial=trial, started=started, lines=OutputTail())
         self.running[trial.number] = tr
         threading.Thread(target=self._follow, args=(tr,), name=f"trial-{trial.number}", daemon=True).start()
@@ -589,11 +590,13 @@ class StudyRunner:
             return False
 
         self._stop_trials(conclude)
+        release_warm(self.backend, self.handles.values())  # resuming may be far off: no idle warm pool waits for it
         self.pipeline.report_status(self.trigger, "pending", SUSPENDED, self.parent.run_url)
 
     def _end(self, status: JobStatus) -> Outcome:
         """End the parent run, report and notify; only then is the study recorded as over (a crash in
         between resumes it and ends it again, never leaves it looking unfinished or failed)."""
+        release_warm(self.backend, self.handles.values())  # no trial follows: no warm pool left to bill
         outcome = self.pipeline.conclude(self.trigger, self.parent, status, None)
         crash_point("study-concluded")
         control.finish(self.key, {JobState.SUCCEEDED: "finished", JobState.CANCELLED: "cancelled"}

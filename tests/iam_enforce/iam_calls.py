@@ -184,6 +184,8 @@ OPERATIONS: dict[str, Callable[[str, str, dict], list[Request]]] = {
     "sagemaker.DescribeTrainingJob": lambda r, a, p: [
         Request("sagemaker:DescribeTrainingJob", _job(r, a, p["TrainingJobName"]))],
     "sagemaker.StopTrainingJob": lambda r, a, p: [Request("sagemaker:StopTrainingJob", _job(r, a, p["TrainingJobName"]))],
+    "sagemaker.UpdateTrainingJob": lambda r, a, p: [  # a study's end: KeepAlivePeriodInSeconds 0
+        Request("sagemaker:UpdateTrainingJob", _job(r, a, p["TrainingJobName"]))],
     "logs.GetLogEvents": lambda r, a, p: [Request("logs:GetLogEvents", _log_group(r, a, p))],
     "logs.DescribeLogStreams": lambda r, a, p: [Request("logs:DescribeLogStreams", _log_group(r, a, p))],
     "logs.FilterLogEvents": lambda r, a, p: [Request("logs:FilterLogEvents", _log_group(r, a, p))],

@@ -43,6 +43,10 @@ def run_rejected(sm, repo, backend):
     ({}, {"MMP_SAGEMAKER_INPUT_MODE": "Pipe"}, ["MMP_SAGEMAKER_INPUT_MODE: 'Pipe'", "File or FastFile"]),
     ({}, {"MMP_SUBNET_IDS": "subnet-1"}, ["MMP_SUBNET_IDS and MMP_SECURITY_GROUP_IDS must be set together"]),
     ({}, {"MMP_SAGEMAKER_ROLE_ARN": ""}, ["MMP_SAGEMAKER_ROLE_ARN is not set"]),
+    ({}, {"MMP_SAGEMAKER_TRIAL_KEEP_ALIVE_SECONDS": "7200"},
+     ["MMP_SAGEMAKER_TRIAL_KEEP_ALIVE_SECONDS: a warm pool's keep-alive must be 0 (off) to 3600 seconds, got 7200"]),
+    ({}, {"MMP_SAGEMAKER_COMMIT_KEEP_ALIVE_SECONDS": "-60"},
+     ["MMP_SAGEMAKER_COMMIT_KEEP_ALIVE_SECONDS: a warm pool's keep-alive must be 0 (off) to 3600 seconds, got -60"]),
 ])
 def test_sagemaker_refuses_before_any_api_call(stack_env, watched, sm_repo, sm, overrides, env, words):
     for key, value in env.items():
@@ -111,4 +115,8 @@ def test_bad_numbers_in_the_stack_configuration_name_the_variable(stack_env):
 
     stack_env.setenv("MMP_SAGEMAKER_VOLUME_GB", "lots")
     with pytest.raises(BackendError, match="MMP_SAGEMAKER_VOLUME_GB must be a whole number, got 'lots'"):
+        SageMakerBackend()
+    stack_env.setenv("MMP_SAGEMAKER_VOLUME_GB", "50")
+    stack_env.setenv("MMP_SAGEMAKER_TRIAL_KEEP_ALIVE_SECONDS", "10m")
+    with pytest.raises(BackendError, match="MMP_SAGEMAKER_TRIAL_KEEP_ALIVE_SECONDS must be a whole number, got '10m'"):
         SageMakerBackend()
