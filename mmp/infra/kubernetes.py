@@ -65,11 +65,15 @@ AUTOSCALER = ("https://kubernetes.github.io/autoscaler", "cluster-autoscaler", "
 # nodeAffinity): set on the GPU groups, so no NFD is needed.
 DEVICE_PLUGIN_LABEL = {"nvidia.com/gpu.present": "true"}
 AUTOSCALER_SERVICE_ACCOUNT = "cluster-autoscaler"
-# What the runner's backend does in the training namespace (mmp.backends.kubernetes), and no more.
+# What the runner's backend does in the training namespace (mmp.backends.kubernetes), and no more:
+# the shared runtime is read and made if absent, the TrainJob made, read and deleted, its pods listed
+# (scheduling, image pulls, the termination message) and the launcher's log read. No ConfigMap: on AWS
+# the code comes from S3. tests/kubernetes/fake_apiserver.py answers 403 to any request outside these.
 RBAC_RULES = [
-    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs", "trainingruntimes"],
-     "verbs": ["create", "get", "list", "watch", "delete"]},
-    {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainingruntimes"], "verbs": ["create", "get"]},
+    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "get", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
 ]
 # AWS's documented managed policies for the cluster role and for managed node groups' node role.
 CLUSTER_POLICIES = ("arn:aws:iam::aws:policy/AmazonEKSClusterPolicy",)

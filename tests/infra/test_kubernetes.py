@@ -203,10 +203,12 @@ def test_runner_is_admitted_to_one_namespace_and_nothing_cluster_wide(k8s_stack)
     assert not [t for t in types if "ClusterRole" in t]
     role = k8s_stack.one("kubernetes:rbac.authorization.k8s.io/v1:Role").inputs
     assert role["metadata"]["namespace"] == "mmp-training"
+    # exactly what the backend calls (tests/kubernetes's fake API server refuses anything else with 403)
     assert role["rules"] == [
-        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs", "trainingruntimes"],
-         "verbs": ["create", "get", "list", "watch", "delete"]},
-        {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]}]
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainingruntimes"], "verbs": ["create", "get"]},
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "get", "delete"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}]
     binding = k8s_stack.one("kubernetes:rbac.authorization.k8s.io/v1:RoleBinding").inputs
     assert binding["metadata"]["namespace"] == "mmp-training"
     assert binding["subjects"] == [{"kind": "Group", "name": infra_k8s.RUNNER_GROUP,
