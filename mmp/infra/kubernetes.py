@@ -142,6 +142,16 @@ def persistent_volume_claim_object(settings: Settings, *, capacity_gib: int) -> 
                      "resources": {"requests": {"storage": f"{capacity_gib}Gi"}}}}
 
 
+def backend_environment(endpoint: str, ca_data: str | None, cluster_name: str, image_repository: str) -> dict[str, str]:
+    """The MMP_K8S_* settings of the stack's cluster (ENVIRONMENT_NAMES; MMP_K8S_CA_DATA only with `ca_data`)."""
+    env = {"MMP_K8S_API_URL": endpoint, "MMP_K8S_CA_DATA": ca_data or "", "MMP_K8S_CLUSTER_NAME": cluster_name,
+           "MMP_K8S_NAMESPACE": NAMESPACE, "MMP_K8S_SERVICE_ACCOUNT": SERVICE_ACCOUNT, "MMP_K8S_FSX_CLAIM": FSX_CLAIM,
+           "MMP_K8S_IMAGE_REPOSITORY": image_repository,
+           "MMP_K8S_NODE_SELECTOR": json.dumps(NODE_SELECTOR, sort_keys=True),
+           "MMP_K8S_TOLERATIONS": json.dumps(TOLERATIONS)}
+    return {k: v for k, v in env.items() if v}
+
+
 def kubeconfig(cluster_name: str, endpoint: str, ca_data: str, region: str) -> str:
     """What the Kubernetes provider connects with: the endpoint, its CA, and a token from the AWS CLI
     (`aws eks get-token`, the same presigned STS GetCallerIdentity the backend makes with boto3)."""
@@ -339,13 +349,12 @@ class KubernetesCluster(pulumi.ComponentResource):
         self.register_outputs({"clusterName": self.cluster.name, "endpoint": self.endpoint,
                                "namespace": NAMESPACE, "fsxClaim": FSX_CLAIM})
 
-    def environment(self, image_repository: pulumi.Input[str]) -> pulumi.Output[dict[str, str]]:
-        """What the kubernetes backend reads in the runner task (mmp.backends.kubernetes)."""
-        return pulumi.Output.all(self.endpoint, self.ca_data, self.cluster.name, image_repository).apply(lambda a: {
-            "MMP_K8S_API_URL": a[0], "MMP_K8S_CA_DATA": a[1], "MMP_K8S_CLUSTER_NAME": a[2],
-            "MMP_K8S_NAMESPACE": NAMESPACE, "MMP_K8S_SERVICE_ACCOUNT": SERVICE_ACCOUNT, "MMP_K8S_FSX_CLAIM": FSX_CLAIM,
-            "MMP_K8S_IMAGE_REPOSITORY": a[3], "MMP_K8S_NODE_SELECTOR": json.dumps(NODE_SELECTOR, sort_keys=True),
-            "MMP_K8S_TOLERATIONS": json.dumps(TOLERATIONS)})
+    def environment(self, image_repository: pulumi.Input[str], *, ca: bool = True) -> pulumi.Output[dict[str, str]]:
+        """What the kubernetes backend reads (mmp.backends.kubernetes): all of it in the runner task; without
+        the CA (~1.5 KB of a Lambda's 4 KB) in the stage Lambdas, whose Prepare only checks the experiment
+        against the settings and never calls the cluster."""
+        return pulumi.Output.all(self.endpoint, self.ca_data, self.cluster.name, image_repository).apply(
+            lambda a: backend_environment(a[0], a[1] if ca else None, a[2], a[3]))
 
     def admit_runner(self, role_arn: pulumi.Input[str], security_group_id: pulumi.Input[str]) -> None:
         """Let the runner task in: its role maps to RUNNER_GROUP (bound to the namespaced Role), and its

@@ -142,6 +142,7 @@ class FakeCluster:
     auth_failures: list[str] = field(default_factory=list)
     rules: list[dict] = field(default_factory=lambda: [dict(r) for r in RBAC_RULES])  # the Role, in `namespace`
     forbidden: list[str] = field(default_factory=list)  # every request RBAC refused
+    created: list[dict] = field(default_factory=list)  # every object as stored at its creation
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     # -- serving -----------------------------------------------------------------------------
@@ -341,6 +342,7 @@ class FakeCluster:
         stored["metadata"] = {**meta, "namespace": ns, "uid": str(uuid.uuid4()), "creationTimestamp": now(),
                               "resourceVersion": "1"}
         self.objects[(plural, ns, name)] = stored
+        self.created.append(json.loads(json.dumps(stored)))
         if kind == "TrainJob":
             self.steps[name] = 0
             self.make_pods(stored)
