@@ -65,11 +65,15 @@ AUTOSCALER = ("https://kubernetes.github.io/autoscaler", "cluster-autoscaler", "
 # nodeAffinity): set on the GPU groups, so no NFD is needed.
 DEVICE_PLUGIN_LABEL = {"nvidia.com/gpu.present": "true"}
 AUTOSCALER_SERVICE_ACCOUNT = "cluster-autoscaler"
-# What the runner's backend does in the training namespace (mmp.backends.kubernetes), and no more.
+# What the runner's backend does in the training namespace (mmp.backends.kubernetes), and no more:
+# the shared runtime is read and made if absent, the TrainJob made, read and deleted, its pods listed
+# (scheduling, image pulls, the termination message) and the launcher's log read. No ConfigMap: on AWS
+# the code comes from S3. tests/kubernetes/fake_apiserver.py answers 403 to any request outside these.
 RBAC_RULES = [
-    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs", "trainingruntimes"],
-     "verbs": ["create", "get", "list", "watch", "delete"]},
-    {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainingruntimes"], "verbs": ["create", "get"]},
+    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "get", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
 ]
 # AWS's documented managed policies for the cluster role and for managed node groups' node role.
 CLUSTER_POLICIES = ("arn:aws:iam::aws:policy/AmazonEKSClusterPolicy",)
@@ -136,6 +140,16 @@ def persistent_volume_claim_object(settings: Settings, *, capacity_gib: int) -> 
             "metadata": {"name": FSX_CLAIM, "namespace": NAMESPACE, "labels": labels(settings)},
             "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume_name(settings),
                      "resources": {"requests": {"storage": f"{capacity_gib}Gi"}}}}
+
+
+def backend_environment(endpoint: str, ca_data: str | None, cluster_name: str, image_repository: str) -> dict[str, str]:
+    """The MMP_K8S_* settings of the stack's cluster (ENVIRONMENT_NAMES; MMP_K8S_CA_DATA only with `ca_data`)."""
+    env = {"MMP_K8S_API_URL": endpoint, "MMP_K8S_CA_DATA": ca_data or "", "MMP_K8S_CLUSTER_NAME": cluster_name,
+           "MMP_K8S_NAMESPACE": NAMESPACE, "MMP_K8S_SERVICE_ACCOUNT": SERVICE_ACCOUNT, "MMP_K8S_FSX_CLAIM": FSX_CLAIM,
+           "MMP_K8S_IMAGE_REPOSITORY": image_repository,
+           "MMP_K8S_NODE_SELECTOR": json.dumps(NODE_SELECTOR, sort_keys=True),
+           "MMP_K8S_TOLERATIONS": json.dumps(TOLERATIONS)}
+    return {k: v for k, v in env.items() if v}
 
 
 def kubeconfig(cluster_name: str, endpoint: str, ca_data: str, region: str) -> str:
@@ -335,13 +349,12 @@ class KubernetesCluster(pulumi.ComponentResource):
         self.register_outputs({"clusterName": self.cluster.name, "endpoint": self.endpoint,
                                "namespace": NAMESPACE, "fsxClaim": FSX_CLAIM})
 
-    def environment(self, image_repository: pulumi.Input[str]) -> pulumi.Output[dict[str, str]]:
-        """What the kubernetes backend reads in the runner task (mmp.backends.kubernetes)."""
-        return pulumi.Output.all(self.endpoint, self.ca_data, self.cluster.name, image_repository).apply(lambda a: {
-            "MMP_K8S_API_URL": a[0], "MMP_K8S_CA_DATA": a[1], "MMP_K8S_CLUSTER_NAME": a[2],
-            "MMP_K8S_NAMESPACE": NAMESPACE, "MMP_K8S_SERVICE_ACCOUNT": SERVICE_ACCOUNT, "MMP_K8S_FSX_CLAIM": FSX_CLAIM,
-            "MMP_K8S_IMAGE_REPOSITORY": a[3], "MMP_K8S_NODE_SELECTOR": json.dumps(NODE_SELECTOR, sort_keys=True),
-            "MMP_K8S_TOLERATIONS": json.dumps(TOLERATIONS)})
+    def environment(self, image_repository: pulumi.Input[str], *, ca: bool = True) -> pulumi.Output[dict[str, str]]:
+        """What the kubernetes backend reads (mmp.backends.kubernetes): all of it in the runner task; without
+        the CA (~1.5 KB of a Lambda's 4 KB) in the stage Lambdas, whose Prepare only checks the experiment
+        against the settings and never calls the cluster."""
+        return pulumi.Output.all(self.endpoint, self.ca_data, self.cluster.name, image_repository).apply(
+            lambda a: backend_environment(a[0], a[1] if ca else None, a[2], a[3]))
 
     def admit_runner(self, role_arn: pulumi.Input[str], security_group_id: pulumi.Input[str]) -> None:
         """Let the runner task in: its role maps to RUNNER_GROUP (bound to the namespaced Role), and its

@@ -362,13 +362,18 @@ class TrainingPipeline(pulumi.ComponentResource):
         stage_policy = iam.policy_of(stage_role)
         self.environment = self._environment(settings, network, data, mlflow, context_digest(project_root), dlami,
                                              kubernetes is not None)
+        # Prepare checks a kubernetes experiment against the backend's settings (no cluster call): the
+        # Lambdas get them, without the cluster's CA (~1.5 KB; a Lambda's environment has 4 KB).
+        stage_environment = self.environment if kubernetes is None else pulumi.Output.all(
+            self.environment, kubernetes.environment(self.repository.repository_url, ca=False)).apply(
+            lambda a: {**a[0], **a[1]})
         self.functions: dict[str, aws.lambda_.Function] = {}
         for stage, fn in function_names.items():
             self.functions[stage] = aws.lambda_.Function(
                 f"{name}-{stage}", name=fn, role=stage_role.arn, runtime=LAMBDA_RUNTIME, architectures=["x86_64"],
                 handler=HANDLERS[stage], code=pulumi.FileArchive(str(package.path)),
                 source_code_hash=package.source_code_hash, memory_size=512,
-                timeout=900 if stage == "conclude" else 300, environment={"variables": self.environment},
+                timeout=900 if stage == "conclude" else 300, environment={"variables": stage_environment},
                 logging_config={"log_format": "Text", "log_group": log_groups[stage].name}, vpc_config=vpc_config,
                 tags=tags, opts=pulumi.ResourceOptions(parent=self, depends_on=[log_groups[stage], stage_policy]))
 
@@ -397,8 +402,7 @@ class TrainingPipeline(pulumi.ComponentResource):
                                                        dlami.launch_template.id)
             task_statements += ec2_statements(region, account, launch_template_arn, dlami.role.arn,
                                               settings.dlami_ssm_parameter)
-        # The kubernetes backend's cluster (its CA is ~1.5 KB: only the runner carries it, never the
-        # stage Lambdas, whose environment has a 4 KB limit).
+        # The kubernetes backend's cluster, its CA included: the runner task is the one that calls it.
         runner_environment = self.environment if kubernetes is None else pulumi.Output.all(
             self.environment, kubernetes.environment(self.repository.repository_url)).apply(lambda a: {**a[0], **a[1]})
         self.runner = RunnerTask(

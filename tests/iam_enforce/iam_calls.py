@@ -56,6 +56,9 @@ ENTRY_POINTS: dict[tuple[str, str], tuple[str, str]] = {
     ("mmp/pipeline/aws_runner.py", "promote"): ("runner task: promote", "pipeline-runner-task"),
     ("mmp/runtime/sagemaker_entrypoint.py", "main"): ("SageMaker training container", "pipeline-sagemaker"),
     ("mmp/runtime/rank.py", "main"): ("DLAMI training container (rank)", "dlami-host"),
+    # The kubernetes launcher pod, as the training service account's Pod Identity role (mmp.infra.kubernetes);
+    # its ranks' calls are that role's through MMP_IAM_AS (tests/kubernetes/test_launcher_aws.py).
+    ("mmp/runtime/kubernetes_launcher.py", "main"): ("Kubernetes training pod (launcher)", "kubernetes-training"),
     # The stand-in for Step Functions' createTrainingJob.sync integration (tests/infra/pipeline_stack.py).
     ("tests/infra/pipeline_stack.py", "sagemaker"): ("state machine: createTrainingJob.sync", "pipeline-sfn"),
 }

@@ -150,7 +150,7 @@ def test_train_pys_roles_write_the_artifacts_bucket_but_never_the_pipelines_reco
     """Issue 20.7: promotion trusts pipeline-runs/<run id> (mmp.pipeline.run_record); the explicit Deny
     keeps the roles train.py runs with from forging one, and only the pipeline's roles write it."""
     record = f"{ARTIFACTS}/pipeline-runs/0123456789abcdef"
-    for role in ("pipeline-sagemaker", "dlami-host"):
+    for role in ("pipeline-sagemaker", "dlami-host", "kubernetes-training"):
         assert allowed(iam_policies[role], Request("s3:PutObject", f"{ARTIFACTS}/fashion/run/output/model.tar.gz"))
         assert not allowed(iam_policies[role], Request("s3:PutObject", record)), role
         assert not allowed(iam_policies[role], Request("s3:DeleteObject", record)), role

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .fake_apiserver import FakeCluster
+from .fake_apiserver import WORKSTATION_RULES, FakeCluster
 
 TOKEN = "mmp-test-token-0123456789"
 IMAGE_REPOSITORY = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mmp-training"
@@ -15,7 +15,8 @@ IMAGE_REPOSITORY = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/mmp-training"
 
 @pytest.fixture
 def cluster():
-    fake = FakeCluster(token=TOKEN).start()
+    """A cluster reached from a workstation: the runner's Role plus the code ConfigMap (docs/kubernetes.md)."""
+    fake = FakeCluster(token=TOKEN, rules=WORKSTATION_RULES).start()
     try:
         yield fake
     finally:

@@ -7,13 +7,18 @@ from a real cluster replace them; docs/kubernetes.md lists them):
   Invalid; 409 AlreadyExists on re-create; 404 NotFound; DELETE with `propagationPolicy:
   Foreground` keeps the object (deletionTimestamp set) until its dependents are gone, one poll later.
 * Writes without `fieldValidation=Strict` are refused (400), so MMP never relies on silent drops.
+* Every request is authorised as the RBAC authoriser does for a namespaced Role: its verb (get, list,
+  watch, create, update, patch, delete, deletecollection), API group, resource or `resource/subresource`
+  (pods/log) and namespace must match one of `rules` (by default the Role the Pulumi program gives the
+  runner, mmp.infra.kubernetes.RBAC_RULES, in `namespace`); anything else is answered 403 Forbidden in
+  the API server's words, and noted in `forbidden`.
 * The bearer token is checked as EKS checks it: `k8s-aws-v1.` + base64url of a presigned STS
   GetCallerIdentity URL for the cluster's region, whose SigV4 signature (recomputed here with the
   test's credentials) covers `host` and `x-k8s-aws-id: <cluster>`, and which has not expired.
   Or a fixed token, as a kubeconfig user gives one.
 * What Trainer and the kubelet do is scripted: a TrainJob's pods appear at once, then each GET of the
   TrainJob advances its lifecycle one step: success, failure, deadline, unschedulable, imagepull,
-  deleted (out of band). The launcher's log grows with timestamped lines.
+  deleted (out of band), running (never ends by itself). The launcher's log grows with timestamped lines.
 """
 
 from __future__ import annotations
@@ -31,11 +36,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from mmp.infra.kubernetes import RBAC_RULES
+
 from . import crd
 
-LIFECYCLES = ("success", "failure", "deadline", "unschedulable", "imagepull", "deleted")
+RUNNER_USER = "mmp-runner"  # how the fake names the caller in a 403 (EKS: the access entry's user)
+LIFECYCLES = ("success", "failure", "deadline", "unschedulable", "imagepull", "deleted", "running")
 FAILURE_SUMMARY = "horovodrun exited 1: rank 1: ValueError: loss is NaN"
 UNSCHEDULABLE = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available."
+# What `mmp run` from a workstation does beyond the runner's Role: without an S3 copy of the commit the
+# code travels in a ConfigMap it creates, and deletes at teardown (docs/kubernetes.md lists both).
+CODE_CONFIGMAP_RULE = {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "delete"]}
+WORKSTATION_RULES = [*RBAC_RULES, CODE_CONFIGMAP_RULE]
 RESOURCES = {  # (group/version, plural) -> kind
     ("trainer.kubeflow.org/v1alpha1", "trainjobs"): "TrainJob",
     ("trainer.kubeflow.org/v1alpha1", "trainingruntimes"): "TrainingRuntime",
@@ -128,6 +140,9 @@ class FakeCluster:
     steps: dict[str, int] = field(default_factory=dict)
     logs: dict[str, list[str]] = field(default_factory=dict)
     auth_failures: list[str] = field(default_factory=list)
+    rules: list[dict] = field(default_factory=lambda: [dict(r) for r in RBAC_RULES])  # the Role, in `namespace`
+    forbidden: list[str] = field(default_factory=list)  # every request RBAC refused
+    created: list[dict] = field(default_factory=list)  # every object as stored at its creation
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     # -- serving -----------------------------------------------------------------------------
@@ -166,6 +181,12 @@ class FakeCluster:
 
             def do_DELETE(self) -> None:
                 self._handle("DELETE")
+
+            def do_PUT(self) -> None:
+                self._handle("PUT")
+
+            def do_PATCH(self) -> None:
+                self._handle("PATCH")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         scheme = "http"
@@ -208,6 +229,39 @@ class FakeCluster:
             return _sigv4_ok(url, self.eks_cluster, self.region, self.secret_key)
         return None if self.token is None or hmac.compare_digest(token, self.token) else "wrong token"
 
+    def permitted(self, method: str, segs: list[str], query: dict[str, str]) -> tuple[int, Any, bool] | None:
+        """RBAC's answer for a namespaced Role (`rules` in `namespace`): None when allowed, else the 403
+        the API server gives (`<resource> "<name>" is forbidden: User … cannot <verb> resource …`)."""
+        if segs[:2] == ["api", "v1"]:
+            group, rest = "", segs[2:]
+        elif segs[:1] == ["apis"] and len(segs) >= 3:
+            group, rest = segs[1], segs[3:]
+        else:
+            group, rest = None, []
+        namespaced = len(rest) >= 3 and rest[0] == "namespaces"
+        ns = rest[1] if namespaced else None
+        resource = rest[2] if namespaced else (rest[0] if rest else "")
+        at = 3 if namespaced else 1
+        name = rest[at] if len(rest) > at else None
+        sub = rest[4] if namespaced and len(rest) > 4 else None
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method)
+        if method == "GET":
+            verb = "get" if name else ("watch" if query.get("watch") in ("1", "true") else "list")
+        elif method == "DELETE":
+            verb = "delete" if name else "deletecollection"
+        full = f"{resource}/{sub}" if sub else resource
+        if group is not None and ns == self.namespace and any(
+                verb in rule["verbs"] and group in rule["apiGroups"] and full in rule["resources"]
+                for rule in self.rules):
+            return None
+        qualified = f"{resource}.{group}" if group else resource
+        where = f' in the namespace "{ns}"' if ns else " at the cluster scope"
+        named = f' "{name}"' if name else ""
+        message = (f'{qualified}{named} is forbidden: User "{RUNNER_USER}" cannot {verb} resource "{full}" '
+                   f'in API group "{group or ""}"{where}')
+        self.forbidden.append(message)
+        return self.status(403, "Forbidden", message)
+
     def handle(self, method: str, raw_path: str, headers: dict[str, str], body: Any) -> tuple[int, Any, bool]:
         why = self.authorised(headers)
         if why:
@@ -216,6 +270,9 @@ class FakeCluster:
         parts = urllib.parse.urlsplit(raw_path)
         query = {k: v[0] for k, v in urllib.parse.parse_qs(parts.query).items()}
         segs = [urllib.parse.unquote(s) for s in parts.path.strip("/").split("/")]
+        refused = self.permitted(method, segs, query)
+        if refused:
+            return refused
         if segs[:2] == ["api", "v1"]:
             version, rest = "v1", segs[2:]
         elif segs[:1] == ["apis"] and len(segs) >= 3:
@@ -285,6 +342,7 @@ class FakeCluster:
         stored["metadata"] = {**meta, "namespace": ns, "uid": str(uuid.uuid4()), "creationTimestamp": now(),
                               "resourceVersion": "1"}
         self.objects[(plural, ns, name)] = stored
+        self.created.append(json.loads(json.dumps(stored)))
         if kind == "TrainJob":
             self.steps[name] = 0
             self.make_pods(stored)
@@ -370,6 +428,8 @@ class FakeCluster:
             return
         if life == "deleted":
             self.remove("trainjobs", ns, name)
+            return
+        if life == "running":  # trains until deleted (a cancel) or its deadline
             return
         if life == "success":
             condition = {"type": "Complete", "status": "True", "reason": "JobSetCompleted", "message": "jobset completed"}

@@ -263,7 +263,7 @@ def test_runner_task_settings_train_on_eks_over_tls(aws_env, tmp_path, monkeypat
         status, _ = follow(backend, handle)
         assert status.state is JobState.SUCCEEDED
         backend.teardown(handle)
-        assert fake.auth_failures == []
+        assert fake.auth_failures == [] and fake.forbidden == []  # the runner's Role (RBAC_RULES) was enough
     finally:
         fake.stop()
 
@@ -364,3 +364,40 @@ def test_a_password_in_the_tracking_uri_never_reaches_the_cluster(cluster, k8s_e
         get_backend("kubernetes").launch(req)
     assert "s3cret-pw" not in str(exc.value) and "MMP_MLFLOW_PASSWORD_SECRET_ARN" in str(exc.value)
     assert [r for r in cluster.requests if r[0] != "GET"] == []
+
+
+def test_the_fake_api_server_refuses_what_the_runners_role_does_not_grant():
+    """RBAC as the API server applies a namespaced Role: the verb, API group, resource or subresource and
+    namespace must all match RBAC_RULES, else 403 Forbidden (and the backend's calls above never got one)."""
+    from mmp.infra.kubernetes import RBAC_RULES
+
+    fake = FakeCluster(token="t").start()
+    try:
+        assert fake.rules == RBAC_RULES
+        kube = KubeClient(Connection(server=fake.url, namespace="mmp", token=lambda: "t"))
+        assert kube.list("v1", "pods", "a=b") == [] and kube.get(o.API_VERSION, "trainjobs", "absent") is None
+        refused = [
+            lambda: kube.list(o.API_VERSION, "trainjobs", "a=b"),  # list: not granted
+            lambda: kube.get("v1", "pods", "p"),  # get on pods: only pods/log
+            lambda: kube.delete(o.API_VERSION, "trainingruntimes", "r"),  # the shared runtime stays
+            lambda: kube.create("v1", "configmaps", {"apiVersion": "v1", "kind": "ConfigMap",
+                                                    "metadata": {"name": "c"}}),  # no ConfigMap on AWS
+            lambda: KubeClient(Connection(server=fake.url, namespace="default", token=lambda: "t"))
+            .list("v1", "pods", "a=b"),  # another namespace
+            lambda: kube.request("GET", "/api/v1/secrets"),  # cluster scope
+        ]
+        for call in refused:
+            with pytest.raises(KubeError) as info:
+                call()
+            assert info.value.code == 403, info.value
+        assert len(fake.forbidden) == len(refused)
+        assert fake.forbidden[0] == ('trainjobs.trainer.kubeflow.org is forbidden: User "mmp-runner" cannot list '
+                                     'resource "trainjobs" in API group "trainer.kubeflow.org" in the namespace "mmp"')
+        assert 'cannot get resource "pods" in API group ""' in fake.forbidden[1]
+        assert 'in the namespace "default"' in fake.forbidden[4]
+        assert "at the cluster scope" in fake.forbidden[5]
+        with pytest.raises(KubeError) as info:
+            kube.pod_logs("absent")
+        assert info.value.code == 404 and len(fake.forbidden) == len(refused)  # get on pods/log is granted
+    finally:
+        fake.stop()

@@ -332,7 +332,14 @@ class KubernetesBackend(Backend):
 
     def teardown(self, handle: JobHandle, wait_seconds: float = 120.0) -> None:
         """Delete the TrainJob (foreground) and the code ConfigMap, then wait, bounded, until the
-        TrainJob is gone: its pods release their GPUs before the run is reported over."""
+        TrainJob is gone: its pods release their GPUs before the run is reported over.
+
+        A handle without a TrainJob name is Conclude's sweep by run id on AWS (aws_stages): the stage
+        Lambdas do not reach the cluster (no CA, no access entry), and the runner task tore its TrainJob
+        down itself; one a killed runner left ends at its activeDeadlineSeconds (Max_Runtime + slack)."""
+        if "name" not in handle.data:
+            log.info("run %s: no TrainJob in the handle; the runner task deletes its own", handle.job_id)
+            return
         self.cancel_job(handle)
         deadline = time.monotonic() + wait_seconds
         while self.client().get(*TRAINER, handle.data["name"]) is not None:
