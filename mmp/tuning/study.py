@@ -42,6 +42,7 @@ from mmp.backends.base import OutputTail
 from mmp.pipeline.runner import DELIVERY_TAG, Outcome, Pipeline, Prepared, Started, crash_point
 from mmp.pipeline.sources import Trigger
 from mmp.tuning import control
+from mmp.tuning.space import ask, distributions
 from mmp.tuning.intermediate import DRAIN_PAGES, IntermediateValues, checkpoints, tracking_store
 from mmp.contract.tuning import Tuning
 from mmp.tuning.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_STATE
@@ -92,21 +93,6 @@ def make_storage(url: str | None = None) -> Any:
 
 def study_name(trigger: Trigger) -> str:
     return f"mmp-{trigger.delivery_id or trigger.commit}"
-
-
-def distributions(tuning: Tuning) -> dict[str, Any]:
-    """Optuna distributions for the ranges (ask() samples every one at once)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    result: dict[str, Any] = {}
-    for name, r in tuning.ranges.items():
-        if r.kind == "categorical":
-            result[name] = CategoricalDistribution(list(r.values or []))
-        elif r.kind == "integer":
-            result[name] = IntDistribution(int(r.min), int(r.max), log=r.scale == "log", step=int(r.step or 1))
-        else:
-            result[name] = FloatDistribution(float(r.min), float(r.max), log=r.scale == "log")
-    return result
 
 
 def make_sampler(tuning: Tuning):
@@ -319,7 +305,7 @@ class StudyRunner:
         from optuna.trial import TrialState
 
         try:
-            trial = study.ask(dists)
+            trial = ask(study, self.tuning, dists)  # conditional ranges: drawn define-by-run
         except Exception as exc:  # every later draw would fail the same way: the study ends, saying why
             raise SamplingError(f"could not draw the next trial's values from Tuning.Ranges "
                                 f"({type(exc).__name__}: {exc})") from exc
