@@ -61,6 +61,8 @@ ATTR_STARTED = "mmp.started_at"
 ATTR_INTERRUPTED = "mmp.interrupted_trials"
 ATTR_RUN = "mmp.run_id"
 ATTR_HANDLE = "mmp.handle"  # the trial's backend job, so a restart can tear it down without the local job store
+ATTR_TOTAL = "mmp.total_runs"  # the study's budget, for `mmp run` to say how far a resumable study got
+ATTR_ELAPSED = "mmp.elapsed_s"  # running time before the last stop: Max_Runtime counts running time only
 ATTR_REPLACES = "mmp.replaces"  # on a trial enqueued for an interrupted one: a second recovery never enqueues twice
 SUSPENDED = "interrupted: the worker stopped; the study resumes when a worker starts again"
 # A trial Optuna has recorded whose MLflow run a crash left open is ended as Optuna says it ended.
@@ -189,6 +191,7 @@ class StudyRunner:
                                backend_factory=pipeline.backend_factory, on_launch=self._on_launch,
                                record=pipeline.record)
         self.deadline = 0.0
+        self.since = time.time()  # when the study's running time began, as Max_Runtime counts it
         self.parent: Started | None = None
         self._client = None
 
@@ -214,6 +217,7 @@ class StudyRunner:
             return Started(run_id=run_id, run_url=self.tracker.run_url(run_id), request=request)
         if ATTR_STARTED not in study.user_attrs:
             study.set_user_attr(ATTR_STARTED, time.time())  # Max_Runtime counts from the first start
+            study.set_user_attr(ATTR_TOTAL, self.tuning.total_runs)
         started = self.parent = self.pipeline.start(self.trigger, self.prepared)
         name = started.request.experiment_name
         self.tracker.set_tags(started.run_id, {
@@ -575,6 +579,7 @@ class StudyRunner:
             return False
 
         self._stop_trials(conclude)
+        study.set_user_attr(ATTR_ELAPSED, time.time() - self.since)  # the time away does not count
         self.pipeline.report_status(self.trigger, "pending", SUSPENDED, self.parent.run_url)
 
     def _end(self, status: JobStatus) -> Outcome:
@@ -601,8 +606,11 @@ class StudyRunner:
         try:
             self._replace_interrupted(study)
             self._end_strays(study)
-            self.deadline = (float(study.user_attrs.get(ATTR_STARTED, time.time()))
-                             + self.prepared.experiment.runtime_minutes * 60)
+            # Max_Runtime counts from the first start; after a stop (Ctrl-C, SIGTERM) only the time it ran
+            elapsed = study.user_attrs.get(ATTR_ELAPSED)
+            self.since = (time.time() - float(elapsed) if elapsed is not None
+                          else float(study.user_attrs.get(ATTR_STARTED, time.time())))
+            self.deadline = self.since + self.prepared.experiment.runtime_minutes * 60
             status = self._final_status(study, self._loop(study))
         except (KeyboardInterrupt, SystemExit):
             if self.resume_on_stop:

@@ -623,3 +623,60 @@ def test_early_stopping_on_a_per_batch_metric_reports_only_checkpoints(make_repo
         range(10000, 20000, 1000))
     assert reported[0] == reported[1] == expected and len(expected) == 290
     assert set(reported[2]) <= set(expected)  # pruned part-way: only checkpoints
+
+
+# -- Ctrl-C of `mmp run` leaves the study to resume; running it again resumes it (issue 24, gap 5) ----------
+def start_mmp_run(repo: Path, log: Path, *args: str) -> subprocess.Popen:
+    """`mmp run` as a terminal starts it: its own process group, which a Ctrl-C signals whole."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "mmp", "run", "--repo", str(repo), *args], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Whatever a failed test left of an `mmp run`: its whole group, and trials in sessions of their own."""
+    if proc.poll() is None:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+
+
+def test_ctrl_c_of_mmp_run_says_what_happened_and_a_second_run_resumes_the_study(study_repo, tmp_path):
+    repo = study_repo(GRID_1_2, {"gate": str(study_repo.gate)})
+    first = start_mmp_run(repo, tmp_path / "first.log")
+    try:
+        wait_until(lambda: marked(study_repo.marks), what="trial 0 to start")
+        os.killpg(first.pid, signal.SIGINT)  # a terminal's Ctrl-C: the foreground process group
+        assert first.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        stop_group(first)
+    said = (tmp_path / "first.log").read_text()
+    assert "interrupted: study" in said and "stopped after 0/2 trials done (none finished)" in said, said[-3000:]
+    assert f"`mmp run` again on commit {head(repo)[:7]} resumes it (or `mmp run --resume`)" in said
+    assert "`mmp run --fresh` starts over" in said
+    assert no_process_from(study_repo.marks)  # the trial's job was stopped, not left behind
+    (parent,) = client().search_runs([client().get_experiment_by_name(repo.name).experiment_id],
+                                     filter_string="tags.`mmp.study` = 'true'")
+    assert parent.info.status == "RUNNING"  # not ended as cancelled: left to resume
+
+    second = start_mmp_run(repo, tmp_path / "second.log")
+    try:
+        wait_until(lambda: [(study_repo.gate / r).touch() for r in marked(study_repo.marks)] and False
+                   or second.poll() is not None, seconds=400, what="the resumed study to end")
+    finally:
+        stop_group(second)
+    said = (tmp_path / "second.log").read_text()
+    assert second.returncode == 0, said[-3000:]
+    assert f"resuming the interrupted study of commit {head(repo)[:7]} (parent run {parent.info.run_id}): " \
+           "0/2 trials done" in said, said[-3000:]
+    parent, trials = study_runs(parent.info.run_id)  # the same parent run, now finished
+    assert parent.info.status == "FINISHED" and "2/2 trials" in parent.data.tags["mmp.outcome"]
+    assert sorted(t.data.params["units"] for t in trials if t.data.tags["mmp.trial.state"] == "complete") == ["1", "2"]
+    assert [t.data.tags["mmp.trial.state"] for t in trials].count("failed") == 1  # the interrupted one, replaced
+    assert len(marked(study_repo.marks)) == 3  # train.py ran once per trial run, the replaced one included
+
+    out = subprocess.run([sys.executable, "-m", "mmp", "run", "--repo", str(repo), "--resume"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2 and "no interrupted study of commit" in out.stderr, out.stderr
