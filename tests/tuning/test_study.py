@@ -543,7 +543,10 @@ def test_mmp_up_dying_mid_study_leaves_it_to_resume(study_repo, start_worker, tm
     try:
         wait_until(lambda: marked(study_repo.marks), what="trial 0 to start")
         guard = psutil.Process(json.loads(config.local_stack_file().read_text())["children"]["worker"]["pid"])
-        os.kill(up.pid, how)
+        if how == signal.SIGINT:
+            os.killpg(up.pid, how)  # a terminal's Ctrl-C: the foreground process group
+        else:
+            os.kill(up.pid, how)
         up.wait(timeout=120)
         wait_until(lambda: not guard.is_running() or guard.status() == psutil.STATUS_ZOMBIE,
                    what="the worker to stop")
@@ -553,6 +556,10 @@ def test_mmp_up_dying_mid_study_leaves_it_to_resume(study_repo, start_worker, tm
             up.wait(timeout=60)
     assert JobQueue().get("up-died").state == "running" and control.state("up-died") == "running"
     assert no_process_from(study_repo.marks)  # the trial's job was stopped, not left behind
+    if how == signal.SIGINT:  # `mmp up` says the study is not cancelled, and how it resumes
+        said = (tmp_path / "up.log").read_text()
+        assert "study of delivery up-died (parent run " in said and "stopped after 0/2 trials done" in said, said[-3000:]
+        assert "it resumes when `mmp up` starts again" in said
 
     resumed = start_worker("--once", "--poll", "0.2")
     wait_until(lambda: [(study_repo.gate / r).touch() for r in marked(study_repo.marks)] and False
