@@ -687,3 +687,18 @@ def test_ctrl_c_of_mmp_run_says_what_happened_and_a_second_run_resumes_the_study
     out = subprocess.run([sys.executable, "-m", "mmp", "run", "--repo", str(repo), "--resume"],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 2 and "no interrupted study of commit" in out.stderr, out.stderr
+
+
+def test_a_grid_of_a_conditional_stepped_float_range_runs_each_point_once(study_repo):
+    """Issue 24: `shift` (0.1 to 0.3 in steps of 0.1) is tuned only for opt a; opt b's trial has no --shift."""
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Ranges": {
+        "opt": {"Values": ["a", "b"]}, "shift": {"Min": 0.1, "Max": 0.3, "Step": 0.1, "When": {"opt": "a"}}}})
+    outcome = run_trigger(local_trigger(repo, head(repo)))
+    assert outcome.state == "SUCCEEDED", outcome.message
+    parent, trials = study_runs(outcome.run_id)
+    assert "4/4 trials (4 complete)" in parent.data.tags["mmp.outcome"]
+    assert [(t.data.params["opt"], t.data.params.get("shift")) for t in trials] == [
+        ("a", "0.1"), ("a", "0.2"), ("a", "0.3"), ("b", None)]
+    got = sorted((m["opt"], m["shift"]) for m in marked(study_repo.marks).values())
+    assert got == [("a", 0.1), ("a", 0.2), ("a", 0.3), ("b", 0.0)]  # b: train.py's own default, no --shift
+    assert json.loads(parent.data.tags["mmp.tuning.best_params"]) == {"opt": "b"}  # 11 - 0.3 beats a's best, 1
