@@ -253,7 +253,7 @@ def _status(row: Row):
     from rich.text import Text
 
     text = row.status
-    if row.trial_state in ("pruned", "cancelled", "failed") and row.status != "RUNNING":
+    if row.trial_state in ("pruned", "cancelled", "failed") and row.trial_state.upper() != row.status:
         text = f"{row.status} ({row.trial_state})"
     return Text(text, style=STATUS_STYLE.get(row.status, "white"))
 

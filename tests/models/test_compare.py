@@ -195,7 +195,7 @@ def test_a_study_ranks_completed_trials_first_and_marks_pruned_ones(synthetic):
     out.print(table(board))
     text = out.export_text()
     assert "0.95†" in text and "KILLED (pruned)" in text and "not comparable" in text
-    assert "0.85†" not in text
+    assert "0.85†" not in text and "FAILED (failed)" not in text
 
     whole = leaderboard("synthetic", "acc")  # every run: the study's trials grouped under it, completed first
     assert [r.run_id for r in whole.rows] == [parent, ids[2], ids[0], ids[1], ids[3]]

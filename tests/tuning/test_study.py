@@ -667,6 +667,11 @@ def test_ctrl_c_of_mmp_run_says_what_happened_and_a_second_run_resumes_the_study
     (parent,) = client().search_runs([client().get_experiment_by_name(repo.name).experiment_id],
                                      filter_string="tags.`mmp.study` = 'true'")
     assert parent.info.status == "RUNNING"  # not ended as cancelled: left to resume
+    from mmp.tuning.study import ATTR_ELAPSED, make_storage
+
+    (summary,) = optuna.get_all_study_summaries(make_storage())
+    ran = summary.user_attrs[ATTR_ELAPSED]  # Max_Runtime will count the time it ran, not the time it is stopped
+    assert 0 < ran < time.time() - parent.info.start_time / 1000 + 1
 
     second = start_mmp_run(repo, tmp_path / "second.log")
     try:
