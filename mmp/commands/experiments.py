@@ -64,8 +64,15 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
     started_file: Optional[Path] = typer.Option(None, "--started-file", hidden=True,
                                                 help="(--detach's child) write the run id here once launched."),
+    resume: bool = typer.Option(False, "--resume", help="Resume the interrupted study of this commit and "
+                                                        "experiment file; fail if there is none."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start a new study even if one of this commit and "
+                                                      "experiment file was interrupted (default: resume it)."),
 ) -> None:
-    """Launch the experiment at the repository's commit without a push, and follow it."""
+    """Launch the experiment at the repository's commit without a push, and follow it.
+
+    A study (a Tuning block) stopped by Ctrl-C is left to resume: running `mmp run` again on the same
+    commit and experiment file resumes it, unless --fresh."""
     from mmp import config
     from mmp.hosts import localgit as gitutil
     from mmp.pipeline.runs import local_trigger, mlflow_link, run_trigger
@@ -76,19 +83,38 @@ def run(
         fail(str(exc), 2)
     if file is not None and not file.is_file():
         fail(f"{file}: no such experiment file", 2)
+    if resume and fresh:
+        fail("--resume and --fresh contradict each other; give one", 2)
     if detach:
-        _run_detached(file, repo, sha, as_json)
+        _run_detached(file, repo, sha, as_json, ["--resume"] * resume + ["--fresh"] * fresh)
         return
+    from mmp.tuning import resume as resumes
+
+    key = resumes.resume_key(repo, sha, file)
+    delivery_id = _study_to_resume(key, sha, resume=resume, fresh=fresh, quiet=as_json)
     stack = config.running_stack() or {}
     if not os.environ.get("MLFLOW_TRACKING_URI") and stack.get("mlflow_url"):
         os.environ["MLFLOW_TRACKING_URI"] = stack["mlflow_url"]  # the stack's server: links point at its UI
         os.environ.setdefault("MMP_MLFLOW_UI_URL", stack["mlflow_url"])
-    trigger = local_trigger(repo, sha, experiment_file=file)
+    trigger = local_trigger(repo, sha, experiment_file=file, delivery_id=delivery_id)
     on_log = None if (quiet or as_json) else _print_line
-    on_launch = _started_writer(started_file, None if as_json else _announce)
+    studies: list[str] = []
+
+    def remember_study(run_id: str, handle) -> None:
+        if handle is None:  # a study's parent run: a Ctrl-C from here on leaves it to resume
+            resumes.remember(key, trigger.delivery_id)
+            studies.append(run_id)
+
+    on_launch = _chain(remember_study, _started_writer(started_file, None if as_json else _announce))
     with contextlib.ExitStack() as held:
         start_server = _use_shared_tracking_server(held)
-        outcome = run_trigger(trigger, on_log=on_log, on_launch=on_launch)
+        try:
+            outcome = run_trigger(trigger, on_log=on_log, on_launch=on_launch, resume_studies=True)
+        except KeyboardInterrupt:
+            if not studies:
+                raise
+            _say_interrupted(trigger.delivery_id, sha, as_json)
+            raise typer.Exit(130) from None
         if start_server:  # for the next run, now that the store exists and is migrated
             from mmp.tracking.server import start_in_background
 
@@ -108,6 +134,63 @@ def run(
             console().print(mlflow_link(outcome.run_url), soft_wrap=True, markup=False)
     if not outcome.ok:
         raise typer.Exit(2 if outcome.state == "INVALID" else 1)
+
+
+def _study_to_resume(key: str, sha: str, *, resume: bool, fresh: bool, quiet: bool) -> str | None:
+    """The delivery id of the interrupted study to resume (same commit and experiment file), or None for a
+    new run; says which, and refuses --resume when there is nothing to resume."""
+    from mmp.tuning import resume as resumes
+
+    found = None if fresh else resumes.find(key)
+    say = (lambda text: None) if quiet else (lambda text: err_console().print(esc(text), soft_wrap=True))
+    if found is not None and found.running_pid is not None:
+        if resume:
+            fail(f"the study of commit {sha[:7]} is running now (pid {found.running_pid}); stop it first, or "
+                 "give --fresh to start another", 2)
+        say(f"a study of commit {sha[:7]} is running now (pid {found.running_pid}); starting another")
+        return None
+    if found is None:
+        if resume:
+            fail(f"no interrupted study of commit {sha[:7]} with this experiment file to resume", 2)
+        return None
+    progress = resumes.progress(found.delivery_id)
+    where = f" (parent run {progress.parent_run_id}): {progress.describe()}" if progress else ""
+    say(f"resuming the interrupted study of commit {sha[:7]}{where}; `mmp run --fresh` starts a new one")
+    return found.delivery_id
+
+
+def _say_interrupted(delivery_id: str, sha: str, as_json: bool) -> None:
+    """After Ctrl-C of a study: what was done, that it is left to resume, and how."""
+    from mmp.tuning import resume as resumes
+
+    try:
+        progress = resumes.progress(delivery_id)
+    except Exception as exc:  # the storage is unreadable: still say how to resume
+        progress, problem = None, f"{type(exc).__name__}: {exc}"
+    else:
+        problem = None
+    how = f"`mmp run` again on commit {sha[:7]} resumes it (or `mmp run --resume`); `mmp run --fresh` starts over"
+    if as_json:
+        print_json({"state": "INTERRUPTED", "resumable": True, "delivery_id": delivery_id,
+                    "run_id": progress.parent_run_id if progress else None,
+                    "trials_done": progress.done if progress else None,
+                    "trials_total": progress.total if progress else None, "resume": how})
+        return
+    done = progress.describe() if progress else f"trial counts unavailable ({problem})"
+    parent = f" {progress.parent_run_id}" if progress and progress.parent_run_id else ""
+    err_console().print(esc(f"interrupted: study{parent} stopped after {done}; its running trials were stopped "
+                            "and will run again."), soft_wrap=True)
+    err_console().print(esc(f"The study is left to resume: {how}."), soft_wrap=True)
+
+
+def _chain(*callbacks):
+    """One on_launch that calls each of `callbacks` that is set, in order."""
+    def on_launch(run_id: str, handle) -> None:
+        for callback in callbacks:
+            if callback is not None:
+                callback(run_id, handle)
+
+    return on_launch
 
 
 def _use_shared_tracking_server(held: contextlib.ExitStack) -> bool:
@@ -141,14 +224,14 @@ def _started_writer(path: Optional[Path], then):
     return on_launch
 
 
-def _run_detached(file: Optional[Path], repo: Path, sha: str, as_json: bool) -> None:
+def _run_detached(file: Optional[Path], repo: Path, sha: str, as_json: bool, flags: list[str]) -> None:
     """Start `mmp run` in its own session and wait until it has launched its run or died, and say which."""
     stem = _detached_log_dir() / f"run-{sha[:12]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     log_file, started = stem.with_suffix(".log"), stem.with_suffix(".started")
     argv = [sys.executable, "-m", "mmp", "run"]
     if file is not None:
         argv.append(str(file.resolve()))
-    argv += ["--repo", str(Path(repo).resolve()), "--commit", sha, "--quiet", "--started-file", str(started)]
+    argv += ["--repo", str(Path(repo).resolve()), "--commit", sha, "--quiet", "--started-file", str(started), *flags]
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)

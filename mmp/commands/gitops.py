@@ -44,6 +44,24 @@ def up(
     c.print("install the hook in a repository with [bold]mmp hook install REPO[/]; Ctrl-C stops everything")
     stack.serve()
     c.print("stopped")
+    _say_studies_left(c)
+
+
+def _say_studies_left(c) -> None:
+    """After Ctrl-C: the studies the worker was running are not cancelled; say so, and how they resume."""
+    from mmp.pipeline.queue import JobQueue
+    from mmp.tuning.resume import studies_left_by
+
+    try:
+        left = studies_left_by([job.delivery_id for job in JobQueue().running()])
+    except Exception as exc:  # the state DB or Optuna's storage unreadable: stopping still succeeded
+        c.print(esc(f"could not read the studies left running: {type(exc).__name__}: {exc}"), markup=False)
+        return
+    for delivery_id, progress in left:
+        done = f" after {progress.describe()}" if progress else ""
+        parent = f" (parent run {progress.parent_run_id})" if progress and progress.parent_run_id else ""
+        c.print(esc(f"study of delivery {delivery_id}{parent} stopped{done}; it is not cancelled: it resumes "
+                    "when `mmp up` starts again (`mmp cancel` on its parent run ends it then, as cancelled)"), soft_wrap=True)
 
 
 @hook_app.command("install")

@@ -29,7 +29,7 @@ from mmp import config
 from mmp.contract.argv import checked_value, command_line_problem
 from mmp.contract.names import NAME_PATTERN, hyperparameter_name, is_safe_name
 from mmp.contract.numbers import Flag, whole_number
-from mmp.contract.tuning import Tuning, field_path
+from mmp.contract.tuning import Tuning, allowed_fields, field_path
 
 EXPERIMENT_FILES = config.EXPERIMENT_FILES
 MAX_FILE_BYTES = 256 * 1024
@@ -342,13 +342,13 @@ class Experiment(BaseModel):
 
     def notes(self) -> list[str]:
         """Valid but likely unintended: a boolean written as a string passes `--name True`,
-        which a store_true flag refuses (plain text, for `mmp validate`)."""
+        which a store_true flag refuses; a tuned range inferred as integer (plain text, for `mmp validate`)."""
         return [
             f"Hyperparameters.{name}: the string {value!r} passes '--{name} {value}'; for an on/off flag "
             f"write {value.lower()} (JSON) or {value.capitalize()} (Python literal) without quotes"
             for name, value in self.hyperparameters.items()
             if isinstance(value, str) and value.lower() in ("true", "false")
-        ]
+        ] + (self.tuning.notes() if self.tuning is not None else [])
 
     def describe(self) -> str:
         """One line for people: platform, dataset, hosts and processes."""
@@ -397,8 +397,8 @@ def _problems(exc: ValidationError) -> list[FieldProblem]:
                 field += " (name)"
         kind = err["type"]
         given = err.get("input")
-        if kind == "extra_forbidden":
-            message = f"unknown field; allowed fields are {_allowed_fields()}"
+        if kind == "extra_forbidden":  # the fields of the object it was found in, not the file's
+            message = f"unknown field; allowed fields are {allowed_fields(loc) or _allowed_fields()}"
         elif kind in _FRIENDLY and _FRIENDLY[kind]:
             message = _FRIENDLY[kind].format(**(err.get("ctx") or {}))
             if kind != "missing":

@@ -7,7 +7,7 @@ so `mmp validate` names `Tuning.Ranges.lr` or `Tuning.Parallel` and lists them a
 
 from __future__ import annotations
 
-import itertools
+import decimal
 import json
 import math
 import os
@@ -72,21 +72,65 @@ def _bounds_problem(kind: str, low: float, high: float) -> str | None:
     return None
 
 
+TYPE_SYNONYMS = {"int": "integer"}  # `"Type": "int"` reads as people write it
+
+
+class FloatSteps(Sequence):
+    """The points of a float range with a Step: Min, Min+Step, … up to Max, counted and computed in decimal
+    as Optuna's FloatDistribution does (`(Max-Min) // Step`; a Max off the grid is not a point), so 0.1 steps
+    give 0.3, not 0.30000000000000004. Lazy: a count of 10**12 costs nothing until iterated."""
+
+    def __init__(self, low: float, high: float, step: float):
+        self.low, self.step = decimal.Decimal(str(low)), decimal.Decimal(str(step))
+        self.count = int((decimal.Decimal(str(high)) - self.low) // self.step) + 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if index < 0:
+            index += self.count
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return float(self.low + index * self.step)
+
+
+def _same_value(a: Category, b: Category) -> bool:
+    """Equal as a JSON value: 1 == 1.0, but true is not 1."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
 class Range(BaseModel):
-    """One tuned hyperparameter: integer or float bounds (linear or log), or a list of values."""
+    """One tuned hyperparameter: integer or float bounds (linear or log, or in steps), or a list of values;
+    with `When`, used only in trials where earlier categorical ranges take the given values."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
     type: Literal["integer", "float", "categorical"] | None = Field(
         default=None, alias="Type",
-        description="integer, float or categorical; inferred when left out (Values → categorical, "
-                    "whole-number bounds → integer, otherwise float).")
+        description="integer (or int), float or categorical; inferred when left out (Values → categorical, "
+                    "whole-number Min, Max and Step → integer, otherwise float). `mmp validate` notes an integer "
+                    "range inferred from whole-number bounds alone: write 0.0 and 1.0, or Type float, for a float.")
     min: Number | None = Field(default=None, alias="Min", description="Lower bound (inclusive).")
     max: Number | None = Field(default=None, alias="Max", description="Upper bound (inclusive).")
     scale: Literal["linear", "log"] = Field(default="linear", alias="Scale",
                                             description="log samples evenly in log space (bounds must be > 0).")
-    step: Number | None = Field(default=None, alias="Step", description="Spacing of an integer range (default 1).")
+    step: Number | None = Field(default=None, alias="Step",
+                                description="Spacing of the values from Min (integer: default 1; float: none, "
+                                            "continuous). A float range with a Step has a grid.")
     values: list[Category] | None = Field(default=None, alias="Values", description="The choices of a categorical range.")
+    when: dict[str, Union[Category, list[Category]]] | None = Field(
+        default=None, alias="When",
+        description="Use this range only in trials where each named categorical range (listed before this one) "
+                    "takes the given value (or one of the given values); otherwise the hyperparameter keeps its "
+                    "fixed value, or is not passed.")
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _synonym(cls, value: Any) -> Any:
+        return TYPE_SYNONYMS.get(value, value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Range":
@@ -116,12 +160,18 @@ class Range(BaseModel):
                 if kind == "integer" and not (float(self.min).is_integer() and float(self.max).is_integer()):
                     problems.append("an integer range needs whole-number Min and Max")
             if self.step is not None:
-                if kind != "integer":
-                    problems.append("Step applies to integer ranges only")
-                elif not (float(self.step).is_integer() and self.step >= 1):
-                    problems.append(f"Step must be a whole number ≥ 1, got {self.step!r}")
-                elif self.scale == "log":
+                if self.scale == "log":
                     problems.append("Step cannot be combined with a log scale")
+                elif kind == "integer" and not (float(self.step).is_integer() and self.step >= 1):
+                    problems.append(f"an integer range's Step must be a whole number ≥ 1, got {self.step!r}")
+                elif kind == "float" and not (math.isfinite(self.step) and self.step > 0):
+                    problems.append(f"a float range's Step must be a number above 0, got {self.step!r}")
+                elif (kind == "float" and self.min is not None and self.max is not None and self.min < self.max
+                      and not _bounds_problem(kind, self.min, self.max) and self.step > self.max - self.min):
+                    problems.append(f"Step ({self.step:g}) is wider than Max - Min ({self.max - self.min:g}): "
+                                    "the range would have one value")
+        if self.when is not None and not self.when:
+            problems.append("When needs at least one range and the value(s) it must take")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -132,17 +182,24 @@ class Range(BaseModel):
             return self.type
         if self.values is not None:
             return "categorical"
-        if isinstance(self.min, int) and isinstance(self.max, int):
+        if isinstance(self.min, int) and isinstance(self.max, int) and (self.step is None or isinstance(self.step, int)):
             return "integer"
         return "float"
 
+    @property
+    def inferred_integer(self) -> bool:
+        """An integer range only because Min and Max are whole numbers (no Type, no Step said so)."""
+        return self.type is None and self.step is None and self.kind == "integer"
+
     def grid_points(self) -> Sequence[Category] | None:
-        """Every value grid search visits, or None for a float range (no finite grid).
-        A lazy range for integers: 0 to 10**9 costs nothing until someone iterates it."""
+        """Every value grid search visits, or None for a float range without Step (no finite grid).
+        Lazy for numbers: 0 to 10**9 costs nothing until someone iterates it."""
         if self.kind == "categorical":
             return list(self.values or [])
         if self.kind == "integer":
             return range(int(self.min), int(self.max) + 1, int(self.step or 1))
+        if self.step is not None:
+            return FloatSteps(self.min, self.max, self.step)
         return None
 
     def contains(self, value: Any) -> bool:
@@ -152,7 +209,19 @@ class Range(BaseModel):
             return False
         if self.kind == "integer" and not float(value).is_integer():
             return False
+        if self.kind == "float" and self.step is not None:
+            k = (value - self.min) / self.step
+            if abs(k - round(k)) >= 1e-8:  # Optuna's own test for a stepped float
+                return False
         return self.min <= value <= self.max
+
+    def active(self, chosen: dict[str, Any]) -> bool:
+        """Whether a trial with the earlier ranges' `chosen` values uses this range (its When holds)."""
+        for name, wanted in (self.when or {}).items():
+            options = wanted if isinstance(wanted, list) else [wanted]
+            if name not in chosen or not any(_same_value(chosen[name], w) for w in options):
+                return False
+        return True
 
 
 class Tuning(BaseModel):
@@ -202,10 +271,11 @@ class Tuning(BaseModel):
             except ValueError as exc:
                 problems.append(f"{name!r}: {exc}")
         if info.data.get("strategy") == "grid":
-            floats = sorted(name for name, r in value.items() if r.kind == "float")
+            floats = sorted(name for name, r in value.items() if r.grid_points() is None)
             if floats:
-                problems.append(f"grid search needs integer or categorical ranges; {', '.join(floats)} "
-                                "is a float range (use Values, or Strategy random/bayesian)")
+                problems.append(f"grid search needs integer, categorical or stepped float ranges; {', '.join(floats)} "
+                                "is a float range without Step (give a Step or Values, or Strategy random/bayesian)")
+        problems += _condition_problems(value)
         if problems:
             raise ValueError("; ".join(problems))
         return value
@@ -215,8 +285,8 @@ class Tuning(BaseModel):
     def _budget(cls, value: int | None, info: ValidationInfo) -> int | None:
         strategy, ranges = info.data.get("strategy"), info.data.get("ranges")
         if strategy == "grid" and ranges:
-            size = grid_size(ranges)
-            if size is not None and value is not None and value != size:
+            size = grid_size(ranges, limit=MAX_RUNS_CAP)
+            if size is not None and size <= MAX_RUNS_CAP and value is not None and value != size:
                 raise ValueError(f"grid search runs each of the {size} combinations once; leave Max_Runs out "
                                  f"or set it to {size}")
         elif value is None and strategy in ("random", "bayesian"):
@@ -228,7 +298,7 @@ class Tuning(BaseModel):
     def _parallel(cls, value: int, info: ValidationInfo) -> int:
         runs = info.data.get("max_runs")
         if runs is None and info.data.get("strategy") == "grid" and info.data.get("ranges"):
-            runs = grid_size(info.data["ranges"])
+            runs = grid_size(info.data["ranges"], limit=MAX_RUNS_CAP)
         if runs is not None and value > runs:
             raise ValueError(f"{value} trials at once is more than the {runs} trial(s) in the study")
         platform = (info.context or {}).get("platform")
@@ -240,9 +310,11 @@ class Tuning(BaseModel):
     @model_validator(mode="after")
     def _grid_not_too_big(self) -> "Tuning":
         if self.strategy == "grid":
-            size = grid_size(self.ranges)
+            size = grid_size(self.ranges, limit=MAX_RUNS_CAP)
             if size is not None and size > MAX_RUNS_CAP:
-                raise ValueError(f"the grid has {size} combinations; at most {MAX_RUNS_CAP}")
+                exact = not any(r.when for r in self.ranges.values())  # a conditional count stops past the cap
+                raise ValueError(f"the grid has {'' if exact else 'more than '}"
+                                 f"{size if exact else MAX_RUNS_CAP} combinations; at most {MAX_RUNS_CAP}")
         return self
 
     @property
@@ -252,14 +324,47 @@ class Tuning(BaseModel):
         return int(self.max_runs or 0)
 
     def grid(self) -> list[dict[str, Category]]:
-        """Every combination, in a stable order (the order of Ranges, then of each range's values).
+        """Every combination, in a stable order (the order of Ranges, then of each range's values); a
+        conditional range appears only in the combinations where its When holds.
         Validation capped the count at MAX_RUNS_CAP before anything is built."""
-        size = grid_size(self.ranges)
+        size = grid_size(self.ranges, limit=MAX_RUNS_CAP)
         if size is None or size > MAX_RUNS_CAP:
             raise ValueError(f"no grid of at most {MAX_RUNS_CAP} combinations (got {size})")
-        names = list(self.ranges)
-        axes = [self.ranges[n].grid_points() or [] for n in names]
-        return [dict(zip(names, combo)) for combo in itertools.product(*axes)]
+        items = list(self.ranges.items())
+
+        def combos(index: int, chosen: dict[str, Category]):
+            if index == len(items):
+                yield dict(chosen)
+                return
+            name, r = items[index]
+            if not r.active(chosen):
+                yield from combos(index + 1, chosen)
+                return
+            for value in r.grid_points() or []:
+                yield from combos(index + 1, {**chosen, name: value})
+
+        return list(combos(0, {}))
+
+    @property
+    def conditional(self) -> bool:
+        return any(r.when for r in self.ranges.values())
+
+    def notes(self) -> list[str]:
+        """Valid but maybe unintended, for `mmp validate`: an integer range inferred from whole-number bounds
+        (`"Min": 0, "Max": 1` samples only 0 and 1), a Max that a Step never reaches."""
+        notes = []
+        for name, r in self.ranges.items():
+            if r.inferred_integer:
+                points = r.grid_points()
+                shown = ", ".join(str(v) for v in points[:3]) + (f", …, {points[-1]}" if len(points) > 3 else "")
+                notes.append(f"Tuning.Ranges.{name}: whole-number Min and Max make an integer range "
+                             f"({{{shown}}}); for a float range write {r.min}.0 and {r.max}.0 or add "
+                             f'"Type": "float"; add "Type": "integer" to keep it and silence this note')
+            points = r.grid_points()
+            if r.step is not None and points is not None and points[-1] != r.max:
+                notes.append(f"Tuning.Ranges.{name}: Max {r.max:g} is not Min plus a whole number of Steps; "
+                             f"the last value is {points[-1]:g} (as Optuna samples it)")
+        return notes
 
     def longest_trial(self) -> dict[str, Category]:
         """Per range, the value with the longest command-line text: the longest line a trial can make
@@ -287,12 +392,70 @@ def field_path(loc: list[str]) -> str:
     return ".".join(aliases.get(part, part) for part in loc)
 
 
-def grid_size(ranges: dict[str, Range]) -> int | None:
-    """The number of grid combinations, or None when a range is continuous: counted, never built."""
+def allowed_fields(loc: list[str]) -> str | None:
+    """The fields allowed where an unknown one was found (`Tuning.Ranges.lr.When` → a range's fields,
+    `Tuning.Trials` → the block's), or None outside the Tuning block."""
+    if not loc or loc[0] != "Tuning":
+        return None
+    model = Range if len(loc) == 4 and loc[1] in ("Ranges", "ranges") else Tuning
+    return ", ".join(f.alias for f in model.model_fields.values() if f.alias)
+
+
+def grid_size(ranges: dict[str, Range], limit: int | None = None) -> int | None:
+    """The number of grid combinations, or None when a range is continuous: counted, never built.
+
+    With conditional ranges (When), the count walks the values of the ranges others depend on; past
+    `limit` it stops and returns a number above `limit` (not the exact size)."""
     sizes = [r.grid_points() for r in ranges.values()]
     if any(points is None for points in sizes):
         return None
-    return math.prod(len(points) for points in sizes)  # type: ignore[arg-type]
+    if not any(r.when for r in ranges.values()):
+        return math.prod(len(points) for points in sizes)  # type: ignore[arg-type]
+    items = list(ranges.items())
+    parents = {name for r in ranges.values() for name in (r.when or {})}
+
+    def count(index: int, chosen: dict[str, Category]) -> int:
+        if index == len(items):
+            return 1
+        name, r = items[index]
+        if not r.active(chosen):
+            return count(index + 1, chosen)
+        points = r.grid_points() or []
+        if name not in parents:  # nothing later depends on its value: a factor
+            return len(points) * count(index + 1, chosen)
+        total = 0
+        for value in points:
+            total += count(index + 1, {**chosen, name: value})
+            if limit is not None and total > limit:
+                break
+        return total
+
+    return count(0, {})
+
+
+def _condition_problems(ranges: dict[str, Range]) -> list[str]:
+    """Each When names a categorical range listed before it (so trials sample in the order written, and
+    no two ranges wait on each other) and only values that range has."""
+    problems = []
+    names = list(ranges)
+    for position, (name, r) in enumerate(ranges.items()):
+        for parent, wanted in (r.when or {}).items():
+            where = f"{name!r}: When {parent!r}"
+            if parent not in ranges:
+                problems.append(f"{where} is not a range; When names one of Ranges "
+                                f"({', '.join(n for n in names if n != name)})")
+            elif names.index(parent) >= position:
+                problems.append(f"{where} must name a range listed before {name!r} in Ranges")
+            elif ranges[parent].kind != "categorical":
+                problems.append(f"{where} must name a categorical range (one with Values); {parent!r} is "
+                                f"{ranges[parent].kind}")
+            else:
+                allowed = ranges[parent].values or []
+                for value in (wanted if isinstance(wanted, list) else [wanted]):
+                    if not any(_same_value(value, v) for v in allowed):
+                        problems.append(f"{where}: {_json(value)} is not one of its Values "
+                                        f"({', '.join(_json(v) for v in allowed)})")
+    return problems
 
 
 def _value_problems(values: list[Category]) -> list[str]:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from mmp.contract.experiment import AUTO_PROCESSES, TAG_PROCESSES, TAG_PROCESSES_PER_HOST
 from mmp.models.search import CompareError, experiment_id, make_client, search_all
-from mmp.models.studies import find_study, objective
-from mmp.tuning.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL
+from mmp.models.studies import find_study, objective, sampling_scales
+from mmp.tuning.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_STATE
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities import Run
@@ -28,6 +28,11 @@ TAG_COMMIT = "mlflow.source.git.commit"
 TAG_PLATFORM = "mmp.platform"
 TAG_INSTANCE_TYPE = "mmp.instance_type"
 TAG_INSTANCE_COUNT = "mmp.instance_count"
+# A study's trials rank by how they ended before their score: a pruned trial's objective is its value at
+# the step the pruner stopped it (a partial score), never comparable with a finished trial's last value.
+TRIAL_STATE_ORDER = {"complete": 0, "running": 1, "pruned": 2}
+PARTIAL_MARK = "†"
+PARTIAL_NOTE = f"{PARTIAL_MARK} pruned: the score at the step the trial was stopped, not comparable with finished trials"
 
 
 @dataclass
@@ -50,6 +55,17 @@ class Row:
     parent_run_id: str | None = None  # a study's trial: its parent run
     trial: int | None = None
     study: bool = False  # a study's parent run (its metric is the best trial's)
+    trial_state: str | None = None  # a trial's end: complete, pruned, failed, cancelled (running while it runs)
+
+    @property
+    def partial(self) -> bool:
+        """A pruned trial: its metrics stop at the step it was stopped at."""
+        return self.trial_state == "pruned"
+
+    @property
+    def comparable(self) -> bool:
+        """A run, or a trial that completed (a pruned, failed or running trial's score is not final)."""
+        return self.trial is None or self.trial_state in (None, "complete")
 
     @property
     def instances(self) -> str:
@@ -75,11 +91,15 @@ class Leaderboard:
     varied_params: list[str]
     rows: list[Row] = field(default_factory=list)
     study: str | None = None  # the parent run when the board is one study's trials
+    # How each tuned hyperparameter was sampled (linear or log), from the studies' Tuning.Ranges:
+    # the plot's axis for it follows this, not the spread of the values.
+    scales: dict[str, str] = field(default_factory=dict)
 
     def best(self) -> Row | None:
-        """The first run (not a study's parent) that has the sort metric (runs without it sort last)."""
+        """The first run that has the sort metric (runs without it sort last), neither a study's parent
+        nor a trial that did not complete (a pruned trial's score is partial)."""
         for row in self.rows:
-            if row.study:
+            if row.study or not row.comparable:
                 continue
             if self.metric is None or self.metric in row.metrics:
                 return row
@@ -90,6 +110,7 @@ class Leaderboard:
         for row, raw in zip(self.rows, data["rows"]):
             raw["instances"] = row.instances
             raw["process_count"] = row.process_count
+            raw["partial"] = row.partial
         return data
 
 
@@ -135,8 +156,21 @@ def to_rows(runs: Sequence["Run"], metrics: Sequence[str], varied: Sequence[str]
             instance_hours=None if duration is None else duration / 3600 * count,
             parent_run_id=data.tags.get(TAG_PARENT), study=data.tags.get(TAG_STUDY) == "true",
             trial=int(data.tags[TAG_TRIAL]) if data.tags.get(TAG_TRIAL, "").isdigit() else None,
+            trial_state=data.tags.get(TAG_TRIAL_STATE),
         ))
     return rows
+
+
+def trials_first_by_state(rows: list[Row]) -> list[Row]:
+    """Completed trials first, then running, pruned, failed (each group in the board's metric order):
+    a pruned trial's partial score must not rank it above one that finished. Runs that are not trials keep
+    their place relative to each other, ahead of unfinished trials."""
+    def key(row: Row) -> int:
+        if row.trial is None:
+            return 0
+        return TRIAL_STATE_ORDER.get(row.trial_state or "", len(TRIAL_STATE_ORDER))
+
+    return sorted(rows, key=key)  # stable: the metric order holds within each group
 
 
 def group_studies(rows: list[Row]) -> list[Row]:
@@ -150,7 +184,7 @@ def group_studies(rows: list[Row]) -> list[Row]:
     for row in rows:
         if row.parent_run_id not in shown:
             grouped.append(row)
-            grouped.extend(trials.get(row.run_id, []))
+            grouped.extend(trials_first_by_state(trials.get(row.run_id, [])))
     for rank, row in enumerate(grouped, start=1):
         row.rank = rank
     return grouped
@@ -168,12 +202,13 @@ def leaderboard(experiment: str, metrics: Sequence[str] | str | None = None, *, 
     chosen = [metrics] if isinstance(metrics, str) else [m for m in (metrics or []) if m]
     client = client or make_client(tracking_uri)
     exp_id = experiment_id(client, experiment)
-    filter_string, parent_id = "", None
+    filter_string, parent_id, scales = "", None, {}
     if study:
         parent = find_study(client, experiment, study)
         parent_id = parent.info.run_id
         filter_string = f"tags.`{TAG_PARENT}` = '{parent_id}'"
         study_metric, study_mode = objective(parent)
+        scales = sampling_scales(parent)
         chosen = chosen or [study_metric]
         mode = mode or study_mode
     mode = mode or "max"
@@ -182,9 +217,16 @@ def leaderboard(experiment: str, metrics: Sequence[str] | str | None = None, *, 
     runs = search_all(client, [exp_id], filter_string=filter_string, order=clauses, limit=limit)
     shown = chosen or sorted({k for run in runs for k in run.data.metrics})
     varied = varied_params(runs)
+    rows = to_rows(runs, shown, varied)
+    rows = trials_first_by_state(rows) if study else group_studies(rows)
+    for run in runs:  # a board of whole studies: each parent says how its trials were sampled
+        if run.data.tags.get(TAG_STUDY) == "true":
+            scales = {**sampling_scales(run), **scales}
+    if study:
+        for rank, row in enumerate(rows, start=1):
+            row.rank = rank
     return Leaderboard(experiment=experiment, experiment_id=exp_id, metric=sort_metric, mode=mode,
-                       metrics=shown, varied_params=varied, rows=group_studies(to_rows(runs, shown, varied)),
-                       study=parent_id)
+                       metrics=shown, varied_params=varied, rows=rows, study=parent_id, scales=scales)
 
 
 # -- presentation ------------------------------------------------------------------
@@ -206,6 +248,16 @@ def _number(value: float | None) -> str:
 STATUS_STYLE = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}
 
 
+def _status(row: Row):
+    """MLflow's status, and for a trial how it ended when that says more (KILLED: pruned or cancelled)."""
+    from rich.text import Text
+
+    text = row.status
+    if row.trial_state in ("pruned", "cancelled", "failed") and row.trial_state.upper() != row.status:
+        text = f"{row.status} ({row.trial_state})"
+    return Text(text, style=STATUS_STYLE.get(row.status, "white"))
+
+
 def table(board: Leaderboard, *, max_rows: int | None = None):
     """A rich Table of the leaderboard (the best row in bold); run data is shown as text, never as markup."""
     from rich.table import Table
@@ -213,8 +265,10 @@ def table(board: Leaderboard, *, max_rows: int | None = None):
 
     shown = board.rows if max_rows is None else board.rows[:max_rows]
     sort = f", best by {board.metric} ({board.mode})" if board.metric else ", newest first"
-    caption = (f"the best {len(shown)} of {len(board.rows)} runs; --limit N or --json for more"
-               if len(shown) < len(board.rows) else None)
+    notes = [f"the best {len(shown)} of {len(board.rows)} runs; --limit N or --json for more"
+             if len(shown) < len(board.rows) else None,
+             PARTIAL_NOTE if any(row.partial for row in shown) else None]
+    caption = "\n".join(n for n in notes if n) or None
     t = Table(title=Text(f"{board.experiment}: {len(board.rows)} runs{sort}"), caption=caption)
     for name in ("#", "run", "status", "commit", "platform", "instances", "processes"):
         t.add_column(name, no_wrap=True)
@@ -232,10 +286,11 @@ def table(board: Leaderboard, *, max_rows: int | None = None):
         elif row.trial is not None:
             name = f"{'' if board.study else '└ '}{name} #{row.trial}"
         t.add_row(
-            str(row.rank), name, Text(row.status, style=STATUS_STYLE.get(row.status, "white")),
+            str(row.rank), name, _status(row),
             Text((row.commit or "—")[:7]), Text(row.platform or "—"), Text(row.instances), Text(row.process_count),
             *(Text(row.params.get(p, "—")) for p in board.varied_params),
-            *(_number(row.metrics.get(m)) for m in board.metrics),
+            *(_number(row.metrics.get(m)) + (PARTIAL_MARK if row.partial and m in row.metrics else "")
+              for m in board.metrics),
             _duration(row.duration_s), "—" if row.instance_hours is None else f"{row.instance_hours:.3f}",
             style="bold" if best is not None and row is best and board.metric else None,
         )

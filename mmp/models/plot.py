@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmp.models.compare import Leaderboard
+from mmp.models.compare import Leaderboard, Row
 
 MAX_PARAM_PANELS = 8
 PANEL_INCHES = (4.8, 3.6)
+# A pruned trial's score is partial (its value at the step the pruner stopped it): drawn apart, hollow and grey.
+PARTIAL_STYLE = {"marker": "x", "color": "tab:gray", "alpha": 0.8}
+PARTIAL_LABEL = "pruned (partial score)"
 # Run data (parameter values, experiment names) is drawn as written: matplotlib would read
 # `$…$` in it as mathtext, and an odd `$` makes savefig raise.
 LITERAL = {"parse_math": False}
@@ -31,6 +34,11 @@ def _numeric(values: list[str]) -> list[float] | None:
 
 def plot_leaderboard(board: Leaderboard, path: str | Path, *, dpi: int = 100) -> Path:
     """Write the PNG and return its path."""
+    return _save(figure(board), path, dpi)
+
+
+def figure(board: Leaderboard):
+    """The leaderboard's matplotlib Figure (one study's when the board is one study's trials)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -38,7 +46,7 @@ def plot_leaderboard(board: Leaderboard, path: str | Path, *, dpi: int = 100) ->
     if not metric:
         raise PlotError("--plot needs --metric: say which metric to draw")
     if board.study:
-        return plot_study(board, path, dpi=dpi)
+        return study_figure(board)
     rows = [r for r in board.rows if metric in r.metrics and not r.study]
     if not rows:
         raise PlotError(f"no run of {board.experiment!r} logged the metric {metric!r}")
@@ -52,19 +60,21 @@ def plot_leaderboard(board: Leaderboard, path: str | Path, *, dpi: int = 100) ->
     by_time = sorted(rows, key=lambda r: r.start_time or 0)
     best = board.best()
     ax = axes[0]
-    colours = ["tab:orange" if best is not None and r.run_id == best.run_id else "tab:blue" for r in by_time]
-    ax.bar(range(len(by_time)), [r.metrics[metric] for r in by_time], color=colours)
+    colours = ["tab:orange" if best is not None and r.run_id == best.run_id else
+               "lightgray" if r.partial else "tab:blue" for r in by_time]
+    ax.bar(range(len(by_time)), [r.metrics[metric] for r in by_time], color=colours,
+           hatch=["//" if r.partial else "" for r in by_time])
     if len(by_time) <= 30:
         ax.set_xticks(range(len(by_time)), [r.run_id[:7] for r in by_time], rotation=60, fontsize=7)
     ax.set_xlabel("run (oldest → newest)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per run ({board.mode} is best)")
-    _against_params(axes[1:], params, rows, metric)
+    _against_params(axes[1:], params, rows, metric, board.scales)
     fig.suptitle(f"{board.experiment}: {len(rows)} runs with {metric}", **LITERAL)
-    return _save(fig, path, dpi)
+    return fig
 
 
-def plot_study(board: Leaderboard, path: str | Path, *, dpi: int = 100) -> Path:
+def study_figure(board: Leaderboard):
     """One study: the objective against the trial number (with the best so far), and against each tuned parameter."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -78,35 +88,59 @@ def plot_study(board: Leaderboard, path: str | Path, *, dpi: int = 100) -> Path:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 1 + len(params), squeeze=False)[0]
     ax = axes[0]
-    numbers, values = [r.trial for r in rows], [r.metrics[metric] for r in rows]
-    pick = max if board.mode == "max" else min
-    best_so_far = [pick(values[: i + 1]) for i in range(len(values))]
-    ax.scatter(numbers, values, alpha=0.7, label="trial")
-    ax.step(numbers, best_so_far, where="post", color="tab:orange", label="best so far")
+    whole = [r for r in rows if not r.partial]
+    partial = [r for r in rows if r.partial]
+    if whole:
+        ax.scatter([r.trial for r in whole], [r.metrics[metric] for r in whole], alpha=0.7, label="trial")
+    if partial:
+        ax.scatter([r.trial for r in partial], [r.metrics[metric] for r in partial], label=PARTIAL_LABEL,
+                   **PARTIAL_STYLE)
+    finished = [r for r in rows if r.comparable]  # the best so far counts completed trials only
+    if finished:
+        pick = max if board.mode == "max" else min
+        values = [r.metrics[metric] for r in finished]
+        ax.step([r.trial for r in finished], [pick(values[: i + 1]) for i in range(len(values))], where="post",
+                color="tab:orange", label="best so far")
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per trial ({board.mode} is best)")
     ax.legend(fontsize=8)
-    _against_params(axes[1:], params, rows, metric)
+    _against_params(axes[1:], params, rows, metric, board.scales)
     fig.suptitle(f"{board.experiment}: study {board.study[:8]}, {len(rows)} trials", **LITERAL)
-    return _save(fig, path, dpi)
+    return fig
 
 
-def _against_params(axes, params: list[str], rows, metric: str) -> None:
-    """The metric against each hyperparameter that varies (log axis over wide positive ranges)."""
+def log_axis(name: str, numbers: list[float], scales: dict[str, str]) -> bool:
+    """A log x axis for a parameter a study sampled on a log scale, and only for that; a parameter no
+    study sampled (hand-set values across runs) gets one when its values span 100× or more."""
+    if not numbers or min(numbers) <= 0:
+        return False
+    if name in scales:
+        return scales[name] == "log"
+    return max(numbers) / min(numbers) >= 100
+
+
+def _against_params(axes, params: list[str], rows: list[Row], metric: str, scales: dict[str, str]) -> None:
+    """The metric against each hyperparameter that varies; pruned trials' partial scores drawn apart."""
     for ax, name in zip(axes, params):
         have = [r for r in rows if name in r.params]
         values = [r.params[name] for r in have]
-        ys = [r.metrics[metric] for r in have]
         numbers = _numeric(values)
         if numbers is not None:
-            ax.scatter(numbers, ys, alpha=0.7)
-            if numbers and min(numbers) > 0 and max(numbers) / min(numbers) >= 100:
+            xs = numbers
+            if log_axis(name, numbers, scales):
                 ax.set_xscale("log")
         else:
             labels = sorted(set(values))
-            ax.scatter([labels.index(v) for v in values], ys, alpha=0.7)
+            xs = [labels.index(v) for v in values]
             ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8, **LITERAL)
+        whole = [(x, r.metrics[metric]) for x, r in zip(xs, have) if not r.partial]
+        partial = [(x, r.metrics[metric]) for x, r in zip(xs, have) if r.partial]
+        if whole:
+            ax.scatter(*zip(*whole), alpha=0.7)
+        if partial:
+            ax.scatter(*zip(*partial), label=PARTIAL_LABEL, **PARTIAL_STYLE)
+            ax.legend(fontsize=8)
         ax.set_xlabel(name)
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} vs {name}")

@@ -50,3 +50,15 @@ def tuned_parameters(parent: "Run") -> list[str]:
         return list(json.loads(parent.data.tags.get("mmp.tuning.ranges", "{}")))
     except ValueError:
         return []
+
+
+def sampling_scales(parent: "Run") -> dict[str, str]:
+    """How the study sampled each numeric range: `log` for `"Scale": "log"`, `linear` otherwise."""
+    import json
+
+    try:
+        ranges = json.loads(parent.data.tags.get("mmp.tuning.ranges", "{}"))
+    except ValueError:
+        return {}
+    return {name: r.get("Scale", "linear") for name, r in ranges.items()
+            if isinstance(r, dict) and "Values" not in r}

@@ -72,13 +72,17 @@ class LocalPipeline(Pipeline):
         return prepared
 
 
-def run_trigger(trigger: Trigger, *, on_log: Callable[[str], None] | None = None, on_launch=None):
-    """The pipeline with the local run record, status reporter and notifier."""
+def run_trigger(trigger: Trigger, *, on_log: Callable[[str], None] | None = None, on_launch=None,
+                resume_studies: bool = False):
+    """The pipeline with the local run record, status reporter and notifier; `resume_studies`: a Ctrl-C
+    leaves a study to be resumed (mmp.tuning.resume) instead of ending it as cancelled."""
     from mmp.pipeline.store import RunStore
 
     from mmp.tuning.dispatch import run_commit
 
-    return run_commit(LocalPipeline(store=RunStore(), on_log=on_log, on_launch=on_launch), trigger)
+    pipeline = LocalPipeline(store=RunStore(), on_log=on_log, on_launch=on_launch)
+    pipeline.resume_studies = resume_studies
+    return run_commit(pipeline, trigger)
 
 
 def ui_answers(base_url: str, timeout: float = 2.0) -> bool:

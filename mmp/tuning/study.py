@@ -42,6 +42,7 @@ from mmp.backends.base import OutputTail
 from mmp.pipeline.runner import DELIVERY_TAG, Outcome, Pipeline, Prepared, Started, crash_point
 from mmp.pipeline.sources import Trigger
 from mmp.tuning import control
+from mmp.tuning.space import ask, distributions
 from mmp.tuning.intermediate import DRAIN_PAGES, IntermediateValues, checkpoints, tracking_store
 from mmp.contract.tuning import Tuning
 from mmp.tuning.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_STATE
@@ -60,6 +61,8 @@ ATTR_STARTED = "mmp.started_at"
 ATTR_INTERRUPTED = "mmp.interrupted_trials"
 ATTR_RUN = "mmp.run_id"
 ATTR_HANDLE = "mmp.handle"  # the trial's backend job, so a restart can tear it down without the local job store
+ATTR_TOTAL = "mmp.total_runs"  # the study's budget, for `mmp run` to say how far a resumable study got
+ATTR_ELAPSED = "mmp.elapsed_s"  # running time before the last stop: Max_Runtime counts running time only
 ATTR_REPLACES = "mmp.replaces"  # on a trial enqueued for an interrupted one: a second recovery never enqueues twice
 SUSPENDED = "interrupted: the worker stopped; the study resumes when a worker starts again"
 # A trial Optuna has recorded whose MLflow run a crash left open is ended as Optuna says it ended.
@@ -92,21 +95,6 @@ def make_storage(url: str | None = None) -> Any:
 
 def study_name(trigger: Trigger) -> str:
     return f"mmp-{trigger.delivery_id or trigger.commit}"
-
-
-def distributions(tuning: Tuning) -> dict[str, Any]:
-    """Optuna distributions for the ranges (ask() samples every one at once)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    result: dict[str, Any] = {}
-    for name, r in tuning.ranges.items():
-        if r.kind == "categorical":
-            result[name] = CategoricalDistribution(list(r.values or []))
-        elif r.kind == "integer":
-            result[name] = IntDistribution(int(r.min), int(r.max), log=r.scale == "log", step=int(r.step or 1))
-        else:
-            result[name] = FloatDistribution(float(r.min), float(r.max), log=r.scale == "log")
-    return result
 
 
 def make_sampler(tuning: Tuning):
@@ -203,6 +191,7 @@ class StudyRunner:
                                backend_factory=pipeline.backend_factory, on_launch=self._on_launch,
                                record=pipeline.record)
         self.deadline = 0.0
+        self.since = time.time()  # when the study's running time began, as Max_Runtime counts it
         self.parent: Started | None = None
         self._client = None
 
@@ -228,6 +217,7 @@ class StudyRunner:
             return Started(run_id=run_id, run_url=self.tracker.run_url(run_id), request=request)
         if ATTR_STARTED not in study.user_attrs:
             study.set_user_attr(ATTR_STARTED, time.time())  # Max_Runtime counts from the first start
+            study.set_user_attr(ATTR_TOTAL, self.tuning.total_runs)
         started = self.parent = self.pipeline.start(self.trigger, self.prepared)
         name = started.request.experiment_name
         self.tracker.set_tags(started.run_id, {
@@ -319,7 +309,7 @@ class StudyRunner:
         from optuna.trial import TrialState
 
         try:
-            trial = study.ask(dists)
+            trial = ask(study, self.tuning, dists)  # conditional ranges: drawn define-by-run
         except Exception as exc:  # every later draw would fail the same way: the study ends, saying why
             raise SamplingError(f"could not draw the next trial's values from Tuning.Ranges "
                                 f"({type(exc).__name__}: {exc})") from exc
@@ -591,6 +581,7 @@ class StudyRunner:
 
         self._stop_trials(conclude)
         release_warm(self.backend, self.handles.values())  # resuming may be far off: no idle warm pool waits for it
+        study.set_user_attr(ATTR_ELAPSED, time.time() - self.since)  # the time away does not count
         self.pipeline.report_status(self.trigger, "pending", SUSPENDED, self.parent.run_url)
 
     def _end(self, status: JobStatus) -> Outcome:
@@ -618,8 +609,11 @@ class StudyRunner:
         try:
             self._replace_interrupted(study)
             self._end_strays(study)
-            self.deadline = (float(study.user_attrs.get(ATTR_STARTED, time.time()))
-                             + self.prepared.experiment.runtime_minutes * 60)
+            # Max_Runtime counts from the first start; after a stop (Ctrl-C, SIGTERM) only the time it ran
+            elapsed = study.user_attrs.get(ATTR_ELAPSED)
+            self.since = (time.time() - float(elapsed) if elapsed is not None
+                          else float(study.user_attrs.get(ATTR_STARTED, time.time())))
+            self.deadline = self.since + self.prepared.experiment.runtime_minutes * 60
             status = self._final_status(study, self._loop(study))
         except (KeyboardInterrupt, SystemExit):
             if self.resume_on_stop:

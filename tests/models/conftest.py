@@ -90,11 +90,11 @@ class Synthetic:
     def run(self, *, metrics: dict | None = None, params: dict | None = None, status: str = "FINISHED",
             model: bool = True, commit: str = "a" * 40, platform: str = "sagemaker",
             instance_type: str = "ml.p3.2xlarge", instance_count: int = 2, seconds: float = 0.0,
-            recorded: bool = True) -> str:
+            recorded: bool = True, tags: dict | None = None) -> str:
         from mlflow.entities import Metric, Param
 
         tags = {"mlflow.source.git.commit": commit, "mmp.platform": platform,
-                "mmp.instance_type": instance_type, "mmp.instance_count": str(instance_count)}
+                "mmp.instance_type": instance_type, "mmp.instance_count": str(instance_count), **(tags or {})}
         start_ms = int(time.time() * 1000)
         run = self.client.create_run(self.experiment_id, tags=tags, start_time=start_ms)
         run_id = run.info.run_id

@@ -156,3 +156,67 @@ def test_compare_and_plot_show_markup_and_dollars_in_run_data_literally(client, 
 
     with Image.open(tmp_path / "p.png") as image:
         image.verify()
+
+
+# -- a study's trials: pruned ones are partial (issue 24, gap 4) ---------------------------------------
+def _study(synthetic, trials):
+    """A study parent (lr sampled on a log scale, momentum linearly) and its trials: (state, acc, lr, momentum)."""
+    ranges = {"lr": {"Type": "float", "Min": 1e-4, "Max": 0.5, "Scale": "log"},
+              "momentum": {"Type": "float", "Min": 0.001, "Max": 0.99, "Scale": "linear"}}
+    parent = synthetic.run(metrics={"acc": 0.8}, model=False, tags={
+        "mmp.study": "true", "mmp.tuning.objective": "acc", "mmp.tuning.direction": "maximize",
+        "mmp.tuning.ranges": json.dumps(ranges)})
+    ids = {}
+    for number, (state, acc, lr, momentum) in enumerate(trials):
+        ids[number] = synthetic.run(
+            metrics={"acc": acc}, params={"lr": lr, "momentum": momentum}, model=False,
+            status={"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED"),
+            tags={"mlflow.parentRunId": parent, "mmp.trial.number": str(number), "mmp.trial.state": state})
+    return parent, ids
+
+
+# A pruned trial with the highest partial score; momentum's values span 1000× (a spread that once drew a log axis).
+TRIALS = [("complete", 0.80, "0.001", "0.001"), ("pruned", 0.95, "0.1", "0.9"), ("complete", 0.85, "0.01", "0.5"),
+          ("failed", 0.99, "0.0001", "0.99")]
+
+
+def test_a_study_ranks_completed_trials_first_and_marks_pruned_ones(synthetic):
+    parent, ids = _study(synthetic, TRIALS)
+    board = leaderboard("synthetic", study=parent[:10])
+    assert [r.run_id for r in board.rows] == [ids[2], ids[0], ids[1], ids[3]]
+    assert [r.rank for r in board.rows] == [1, 2, 3, 4]
+    assert board.best().run_id == ids[2]  # not the pruned trial's partial 0.95, nor the failed one's 0.99
+    assert [r.partial for r in board.rows] == [False, False, True, False]
+    assert json.loads(json.dumps(board.to_dict()))["rows"][2]["partial"] is True
+
+    from rich.console import Console
+
+    out = Console(width=250, record=True)
+    out.print(table(board))
+    text = out.export_text()
+    assert "0.95†" in text and "KILLED (pruned)" in text and "not comparable" in text
+    assert "0.85†" not in text and "FAILED (failed)" not in text
+
+    whole = leaderboard("synthetic", "acc")  # every run: the study's trials grouped under it, completed first
+    assert [r.run_id for r in whole.rows] == [parent, ids[2], ids[0], ids[1], ids[3]]
+
+
+def test_the_study_plot_draws_pruned_trials_apart_and_follows_each_range_s_scale(synthetic, tmp_path):
+    from mmp.models.plot import PARTIAL_LABEL, figure
+
+    parent, ids = _study(synthetic, TRIALS)
+    board = leaderboard("synthetic", study=parent)
+    assert board.scales == {"lr": "log", "momentum": "linear"}
+    fig = figure(board)
+    per_trial, *panels = fig.axes
+    by_name = {ax.get_xlabel(): ax for ax in panels}
+    assert by_name["lr"].get_xscale() == "log"
+    assert by_name["momentum"].get_xscale() == "linear"  # sampled linearly: a linear axis, whatever the spread
+    for ax in (per_trial, by_name["lr"], by_name["momentum"]):
+        labels = [c.get_label() for c in ax.collections]
+        assert PARTIAL_LABEL in labels, labels
+    partial = next(c for c in per_trial.collections if c.get_label() == PARTIAL_LABEL)
+    assert [tuple(p) for p in partial.get_offsets()] == [(1.0, 0.95)]
+    best_line = next(line for line in per_trial.lines if line.get_label() == "best so far")
+    assert list(best_line.get_ydata()) == [0.80, 0.85]  # completed trials only: 0.95 and 0.99 are not a best
+    assert plot_leaderboard(board, tmp_path / "study.png").stat().st_size > 0

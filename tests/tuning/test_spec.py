@@ -210,3 +210,122 @@ def test_a_range_optuna_cannot_sample_is_refused_by_validate(bounds, message):
     """Issue 20, finding 2: these passed `mmp validate`, and the study then failed inside Optuna."""
     found = problems({"Objective_Metric": "score", "Strategy": "random", "Max_Runs": 2, "Ranges": {"shift": bounds}})
     assert message in found["Tuning.Ranges.shift"], found
+
+
+# -- issue 24: integer inference, field lists, stepped floats, conditional ranges --------------------------
+def test_whole_number_bounds_stay_an_integer_range_and_validate_says_so(tmp_path):
+    """`"Min": 0, "Max": 1` is still {0, 1} (existing files keep working), but no longer silently."""
+    ranges = {"momentum": {"Min": 0, "Max": 1}, "epochs": {"Type": "integer", "Min": 2, "Max": 8},
+              "layers": {"Type": "int", "Min": 1, "Max": 3}, "units": {"Min": 8, "Max": 64, "Step": 8},
+              "dropout": {"Min": 0.0, "Max": 1.0}}
+    experiment = parse({"Objective_Metric": "loss", "Strategy": "random", "Max_Runs": 2, "Ranges": ranges})
+    kinds = {name: r.kind for name, r in experiment.tuning.ranges.items()}
+    assert kinds == {"momentum": "integer", "epochs": "integer", "layers": "integer", "units": "integer",
+                     "dropout": "float"}
+    notes = [n for n in experiment.notes() if n.startswith("Tuning.")]
+    assert len(notes) == 1 and notes[0].startswith("Tuning.Ranges.momentum: whole-number Min and Max make an "
+                                                   "integer range ({0, 1})"), notes
+    assert '"Type": "float"' in notes[0]
+    path = tmp_path / "experiment.json"
+    path.write_text(json.dumps({**BASE, "Tuning": {"Objective_Metric": "loss", "Strategy": "random",
+                                                   "Max_Runs": 2, "Ranges": ranges}}))
+    out = subprocess.run([sys.executable, "-m", "mmp", "validate", str(path), "--no-catalogue", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert notes[0] in json.loads(out.stdout)["notes"]
+
+
+def test_an_unknown_field_in_a_range_lists_a_range_s_fields():
+    found = problems({"Objective_Metric": "loss", "Strategy": "random", "Max_Runs": 2,
+                      "Ranges": {"lr": {"Min": 0.1, "Max": 0.2, "If": {"opt": "sgd"}}}})
+    message = found["Tuning.Ranges.lr.If"]
+    assert message == "unknown field; allowed fields are Type, Min, Max, Scale, Step, Values, When"
+    assert "Platform" not in message
+    block = problems({"Objective_Metric": "loss", "Strategy": "random", "Max_Runs": 2, "Trials": 3,
+                      "Ranges": {"lr": {"Min": 0.1, "Max": 0.2}}})["Tuning.Trials"]
+    assert "Objective_Metric" in block and "Ranges" in block and "Platform" not in block
+
+
+@pytest.mark.parametrize("bounds, points", [
+    ({"Min": 0.1, "Max": 1.0, "Step": 0.1}, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
+    ({"Min": 0, "Max": 1, "Step": 0.25}, [0.0, 0.25, 0.5, 0.75, 1.0]),
+    ({"Min": 0.0, "Max": 1.0, "Step": 0.3}, [0.0, 0.3, 0.6, 0.9]),  # Max off the grid: not a point (as Optuna)
+    ({"Type": "float", "Min": 1, "Max": 3, "Step": 1}, [1.0, 2.0, 3.0]),
+])
+@pytest.mark.filterwarnings("ignore:The distribution is specified by")  # Optuna's own note on the off-grid Max
+def test_a_float_range_with_a_step_is_counted_as_optuna_samples_it(bounds, points):
+    from optuna.distributions import FloatDistribution
+
+    tuning = parse({"Objective_Metric": "loss", "Strategy": "grid",
+                    "Ranges": {"x": bounds, "opt": {"Values": ["a", "b"]}}}).tuning
+    assert tuning.ranges["x"].kind == "float"
+    assert tuning.total_runs == 2 * len(points)
+    assert [p["x"] for p in tuning.grid()][::2] == points
+    dist = FloatDistribution(float(bounds["Min"]), float(bounds["Max"]), step=float(bounds["Step"]))
+    assert dist.high == pytest.approx(points[-1])  # Optuna's own last point
+    assert all(dist._contains(p) and tuning.ranges["x"].contains(p) for p in points)
+    assert not tuning.ranges["x"].contains(points[0] + bounds["Step"] / 2)
+    off_grid = [n for n in parse({"Objective_Metric": "loss", "Strategy": "random", "Max_Runs": 2,
+                                  "Ranges": {"x": bounds}}).notes() if n.startswith("Tuning.")]
+    assert off_grid == ([] if points[-1] == bounds["Max"] else
+                        [f"Tuning.Ranges.x: Max 1 is not Min plus a whole number of Steps; the last value is 0.9 "
+                         "(as Optuna samples it)"])
+
+
+def test_stepped_float_problems_are_named():
+    found = problems({"Objective_Metric": "loss", "Strategy": "random", "Max_Runs": 2, "Ranges": {
+        "a": {"Min": 0.1, "Max": 1.0, "Step": 0.1, "Scale": "log"}, "b": {"Min": 0.1, "Max": 0.2, "Step": 0.5},
+        "c": {"Type": "integer", "Min": 1, "Max": 5, "Step": 0.5}, "d": {"Min": 0.5, "Max": 1.0, "Step": -0.1}}})
+    assert found["Tuning.Ranges.a"] == "Step cannot be combined with a log scale"
+    assert "wider than Max - Min" in found["Tuning.Ranges.b"]
+    assert "integer range's Step must be a whole number" in found["Tuning.Ranges.c"]
+    assert "Step must be a number above 0" in found["Tuning.Ranges.d"]
+    grid = problems({"Objective_Metric": "loss", "Strategy": "grid", "Ranges": {"lr": {"Min": 0.1, "Max": 0.2}}})
+    assert "lr is a float range without Step" in grid["Tuning.Ranges"]
+
+
+CONDITIONAL = {"opt": {"Values": ["sgd", "adam", "rms"]},
+               "momentum": {"Min": 0.0, "Max": 0.9, "Step": 0.3, "When": {"opt": "sgd"}},
+               "nesterov": {"Values": [True, False], "When": {"opt": "sgd"}},
+               "beta": {"Values": [0.9, 0.99], "When": {"opt": ["adam", "rms"]}},
+               "units": {"Values": [16, 32]}}
+
+
+def test_conditional_ranges_are_counted_and_gridded_only_where_their_when_holds():
+    tuning = parse({"Objective_Metric": "loss", "Strategy": "grid", "Ranges": CONDITIONAL}).tuning
+    # sgd: 4 momentum × 2 nesterov; adam, rms: 2 beta each; all × 2 units
+    assert tuning.total_runs == (4 * 2 + 2 + 2) * 2 == 24
+    grid = tuning.grid()
+    assert len(grid) == 24 and len({json.dumps(p, sort_keys=True) for p in grid}) == 24
+    assert grid[0] == {"opt": "sgd", "momentum": 0.0, "nesterov": True, "units": 16}
+    assert all(("momentum" in p) == ("nesterov" in p) == (p["opt"] == "sgd") == ("beta" not in p) for p in grid)
+    wrong = problems({"Objective_Metric": "loss", "Strategy": "grid", "Max_Runs": 48, "Ranges": CONDITIONAL})
+    assert wrong["Tuning.Max_Runs"].startswith("grid search runs each of the 24 combinations once")
+
+
+def test_a_conditional_grid_past_the_cap_is_refused_without_being_built():
+    ranges = {"opt": {"Values": ["a", "b"]}, "units": {"Min": 0, "Max": 10**9, "When": {"opt": "a"}}}
+    found = problems({"Objective_Metric": "loss", "Strategy": "grid", "Ranges": ranges})
+    assert found == {"Tuning": "the grid has more than 1000 combinations; at most 1000"}
+
+
+def test_when_problems_name_the_range_and_what_is_allowed():
+    found = problems({"Objective_Metric": "loss", "Strategy": "random", "Max_Runs": 2, "Ranges": {
+        "lr": {"Min": 0.1, "Max": 0.2, "When": {"opt": "sgd"}}, "opt": {"Values": ["sgd", "adam"]},
+        "m": {"Min": 0.1, "Max": 0.2, "When": {"opt": "rms"}}, "w": {"Min": 0.1, "Max": 0.2, "When": {"lr": 0.1}},
+        "z": {"Min": 0.1, "Max": 0.2, "When": {"nope": 1}}, "e": {"Values": [1, 2], "When": {}}}})
+    assert found["Tuning.Ranges.e"] == "When needs at least one range and the value(s) it must take"
+    found = problems({"Objective_Metric": "loss", "Strategy": "random", "Max_Runs": 2, "Ranges": {
+        "lr": {"Min": 0.1, "Max": 0.2, "When": {"opt": "sgd"}}, "opt": {"Values": ["sgd", "adam"]},
+        "mom": {"Min": 0.1, "Max": 0.2, "When": {"opt": "rms"}}, "wd": {"Min": 0.1, "Max": 0.2, "When": {"lr": 0.1}},
+        "zz": {"Min": 0.1, "Max": 0.2, "When": {"nope": 1}}}})
+    message = found["Tuning.Ranges"]
+    assert "'lr': When 'opt' must name a range listed before 'lr' in Ranges" in message
+    assert "'mom': When 'opt': \"rms\" is not one of its Values (\"sgd\", \"adam\")" in message
+    assert "'wd': When 'lr' must name a categorical range (one with Values); 'lr' is float" in message
+    assert "'zz': When 'nope' is not a range" in message
+
+
+def test_the_schema_describes_when_and_a_float_step():
+    props = json_schema()["$defs"]["Range"]["properties"]
+    assert "When" in props and "float" in props["Step"]["description"]

@@ -543,7 +543,10 @@ def test_mmp_up_dying_mid_study_leaves_it_to_resume(study_repo, start_worker, tm
     try:
         wait_until(lambda: marked(study_repo.marks), what="trial 0 to start")
         guard = psutil.Process(json.loads(config.local_stack_file().read_text())["children"]["worker"]["pid"])
-        os.kill(up.pid, how)
+        if how == signal.SIGINT:
+            os.killpg(up.pid, how)  # a terminal's Ctrl-C: the foreground process group
+        else:
+            os.kill(up.pid, how)
         up.wait(timeout=120)
         wait_until(lambda: not guard.is_running() or guard.status() == psutil.STATUS_ZOMBIE,
                    what="the worker to stop")
@@ -553,6 +556,10 @@ def test_mmp_up_dying_mid_study_leaves_it_to_resume(study_repo, start_worker, tm
             up.wait(timeout=60)
     assert JobQueue().get("up-died").state == "running" and control.state("up-died") == "running"
     assert no_process_from(study_repo.marks)  # the trial's job was stopped, not left behind
+    if how == signal.SIGINT:  # `mmp up` says the study is not cancelled, and how it resumes
+        said = (tmp_path / "up.log").read_text()
+        assert "study of delivery up-died (parent run " in said and "stopped after 0/2 trials done" in said, said[-3000:]
+        assert "it resumes when `mmp up` starts again" in said
 
     resumed = start_worker("--once", "--poll", "0.2")
     wait_until(lambda: [(study_repo.gate / r).touch() for r in marked(study_repo.marks)] and False
@@ -623,3 +630,80 @@ def test_early_stopping_on_a_per_batch_metric_reports_only_checkpoints(make_repo
         range(10000, 20000, 1000))
     assert reported[0] == reported[1] == expected and len(expected) == 290
     assert set(reported[2]) <= set(expected)  # pruned part-way: only checkpoints
+
+
+# -- Ctrl-C of `mmp run` leaves the study to resume; running it again resumes it (issue 24, gap 5) ----------
+def start_mmp_run(repo: Path, log: Path, *args: str) -> subprocess.Popen:
+    """`mmp run` as a terminal starts it: its own process group, which a Ctrl-C signals whole."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "mmp", "run", "--repo", str(repo), *args], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Whatever a failed test left of an `mmp run`: its whole group, and trials in sessions of their own."""
+    if proc.poll() is None:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+
+
+def test_ctrl_c_of_mmp_run_says_what_happened_and_a_second_run_resumes_the_study(study_repo, tmp_path):
+    repo = study_repo(GRID_1_2, {"gate": str(study_repo.gate)})
+    first = start_mmp_run(repo, tmp_path / "first.log")
+    try:
+        wait_until(lambda: marked(study_repo.marks), what="trial 0 to start")
+        os.killpg(first.pid, signal.SIGINT)  # a terminal's Ctrl-C: the foreground process group
+        assert first.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        stop_group(first)
+    said = (tmp_path / "first.log").read_text()
+    assert "interrupted: study" in said and "stopped after 0/2 trials done (none finished)" in said, said[-3000:]
+    assert f"`mmp run` again on commit {head(repo)[:7]} resumes it (or `mmp run --resume`)" in said
+    assert "`mmp run --fresh` starts over" in said
+    assert no_process_from(study_repo.marks)  # the trial's job was stopped, not left behind
+    (parent,) = client().search_runs([client().get_experiment_by_name(repo.name).experiment_id],
+                                     filter_string="tags.`mmp.study` = 'true'")
+    assert parent.info.status == "RUNNING"  # not ended as cancelled: left to resume
+    from mmp.tuning.study import ATTR_ELAPSED, make_storage
+
+    (summary,) = optuna.get_all_study_summaries(make_storage())
+    ran = summary.user_attrs[ATTR_ELAPSED]  # Max_Runtime will count the time it ran, not the time it is stopped
+    assert 0 < ran < time.time() - parent.info.start_time / 1000 + 1
+
+    second = start_mmp_run(repo, tmp_path / "second.log")
+    try:
+        wait_until(lambda: [(study_repo.gate / r).touch() for r in marked(study_repo.marks)] and False
+                   or second.poll() is not None, seconds=400, what="the resumed study to end")
+    finally:
+        stop_group(second)
+    said = (tmp_path / "second.log").read_text()
+    assert second.returncode == 0, said[-3000:]
+    assert f"resuming the interrupted study of commit {head(repo)[:7]} (parent run {parent.info.run_id}): " \
+           "0/2 trials done" in said, said[-3000:]
+    parent, trials = study_runs(parent.info.run_id)  # the same parent run, now finished
+    assert parent.info.status == "FINISHED" and "2/2 trials" in parent.data.tags["mmp.outcome"]
+    assert sorted(t.data.params["units"] for t in trials if t.data.tags["mmp.trial.state"] == "complete") == ["1", "2"]
+    assert [t.data.tags["mmp.trial.state"] for t in trials].count("failed") == 1  # the interrupted one, replaced
+    assert len(marked(study_repo.marks)) == 3  # train.py ran once per trial run, the replaced one included
+
+    out = subprocess.run([sys.executable, "-m", "mmp", "run", "--repo", str(repo), "--resume"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2 and "no interrupted study of commit" in out.stderr, out.stderr
+
+
+def test_a_grid_of_a_conditional_stepped_float_range_runs_each_point_once(study_repo):
+    """Issue 24: `shift` (0.1 to 0.3 in steps of 0.1) is tuned only for opt a; opt b's trial has no --shift."""
+    repo = study_repo({"Objective_Metric": "score", "Strategy": "grid", "Ranges": {
+        "opt": {"Values": ["a", "b"]}, "shift": {"Min": 0.1, "Max": 0.3, "Step": 0.1, "When": {"opt": "a"}}}})
+    outcome = run_trigger(local_trigger(repo, head(repo)))
+    assert outcome.state == "SUCCEEDED", outcome.message
+    parent, trials = study_runs(outcome.run_id)
+    assert "4/4 trials (4 complete)" in parent.data.tags["mmp.outcome"]
+    assert [(t.data.params["opt"], t.data.params.get("shift")) for t in trials] == [
+        ("a", "0.1"), ("a", "0.2"), ("a", "0.3"), ("b", None)]
+    got = sorted((m["opt"], m["shift"]) for m in marked(study_repo.marks).values())
+    assert got == [("a", 0.1), ("a", 0.2), ("a", 0.3), ("b", 0.0)]  # b: train.py's own default, no --shift
+    assert json.loads(parent.data.tags["mmp.tuning.best_params"]) == {"opt": "b"}  # 11 - 0.3 beats a's best, 1
