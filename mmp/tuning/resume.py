@@ -17,7 +17,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from mmp.local import procs
+from mmp.system import procs
 from mmp.pipeline.store import connect
 from mmp.tuning import control
 
