@@ -121,7 +121,7 @@ def started_to_dict(started: Started) -> dict[str, Any]:
         "experiment": r.experiment.to_file_dict(), "experiment_name": r.experiment_name, "run_id": r.run_id,
         "repository": r.repository, "clone_url": r.clone_url, "commit": r.commit, "mlflow_env": r.mlflow_env,
         "dataset": asdict(r.dataset), "delivery_id": r.delivery_id, "image_tag": r.image_tag,
-        "code_uri": r.code_uri}}
+        "code_uri": r.code_uri, **({"host": r.host} if r.host != "github" else {})}}
 
 
 def started_from_dict(raw: dict[str, Any]) -> Started:

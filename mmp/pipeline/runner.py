@@ -236,6 +236,7 @@ class Pipeline:
             repository=trigger.repository, clone_url=trigger.clone_url, commit=trigger.commit,
             mlflow_env=mlflow_env(self.tracker.tracking_uri, experiment_name, run_id), dataset=prepared.dataset,
             delivery_id=trigger.delivery_id, image_tag=prepared.image_tag, code_uri=prepared.code_uri,
+            host=trigger.host,
         )
 
     def conclude(self, trigger: Trigger, started: Started, status: JobStatus, log_text: str | None) -> Outcome:
