@@ -74,13 +74,18 @@ if settings.kubernetes:
                                    mlflow_tracking_server_arn=mlflow.tracking_server_arn or None)
 pipeline = TrainingPipeline("pipeline", settings, network, data, mlflow, account=account, package=package,
                             github_token=cfg.require_secret("githubToken"), project_root=ROOT, dlami=dlami,
-                            kubernetes=kubernetes)
+                            kubernetes=kubernetes,
+                            gitlab_token=cfg.require_secret("gitlabToken") if settings.gitlab else None)
 webhook = WebhookApi("webhook", settings, account=account, package=package,
                      webhook_secret=cfg.require_secret("webhookSecret"),
                      github_token_secret_arn=pipeline.github_token_secret.arn,
-                     state_machine_arn=pipeline.state_machine.arn)
+                     state_machine_arn=pipeline.state_machine.arn,
+                     gitlab_webhook_secret=cfg.require_secret("gitlabWebhookSecret") if settings.gitlab else None,
+                     gitlab_token_secret_arn=pipeline.gitlab_token_secret.arn if pipeline.gitlab_token_secret else None)
 # -- what people need -------------------------------------------------------------------
 pulumi.export("webhookUrl", webhook.url)
+if webhook.gitlab_url is not None:
+    pulumi.export("gitlabWebhookUrl", webhook.gitlab_url)  # GitLab → Settings → Webhooks: this URL, Push events
 pulumi.export("webhookSecret", pulumi.Output.secret(cfg.require_secret("webhookSecret")))
 pulumi.export("mlflowUrl", mlflow.url)
 pulumi.export("mlflowUsername", mlflow.username)

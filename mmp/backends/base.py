@@ -109,6 +109,7 @@ class LaunchRequest:
     image_tag: str | None = None  # the dependency set's training image (mmp.contract.image), image platforms only
     code_uri: str | None = None  # s3:// URI of the commit's code archive the job unpacks (mmp.contract.image)
     study: str | None = None  # the study this run is a trial of: its jobs follow each other (warm pools)
+    host: str = "github"  # the git host clone_url is on (mmp.hosts): its credentials fetch the commit
 
     @property
     def short_commit(self) -> str:

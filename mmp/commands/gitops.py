@@ -35,6 +35,9 @@ def up(
     except OSError as exc:
         fail(f"could not listen on {host}:{port}: {exc.strerror or exc}", 1)
     c.print(f"[bold]webhook[/]  http://{host}:{stack.port}/webhook   (health: /healthz)")
+    for name in config.WEBHOOK_HOSTS:  # each with its own secret ($MMP_HOME/<host>-webhook-secret)
+        c.print(f"[bold]{name}[/]   http://{host}:{stack.port}/webhook/{name}   "
+                f"(secret: MMP_{name.upper()}_WEBHOOK_SECRET or $MMP_HOME/{name}-webhook-secret)")
     if stack.ui:
         if stack.wait_for_ui():
             c.print(f"[bold]MLflow[/]   {stack.ui_url}")

@@ -95,14 +95,17 @@ def image_tag(requirements: bytes, context: str) -> str:
     return TAG_PREFIX + digest[:32]
 
 
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")  # one path segment of a repository's full name
+
+
 def code_key(repository: str, commit: str) -> str:
     """Where the commit's archive lives in the artifacts bucket."""
     if not re.fullmatch(r"[0-9a-f]{40}", commit):
         raise ImageError(f"commit must be a 40-character sha, got {commit!r}")
-    owner, _, name = repository.partition("/")
-    if not owner or not name or "/" in name or ".." in repository:
-        raise ImageError(f"repository must be 'owner/name', got {repository!r}")
-    return f"{CODE_PREFIX}/{owner}/{name}/{commit}.tar.gz"
+    parts = repository.split("/")
+    if len(parts) < 2 or not all(_SEGMENT_RE.fullmatch(p) and p not in (".", "..") for p in parts):
+        raise ImageError(f"repository must be 'owner/name' (GitLab: 'group/subgroup/project'), got {repository!r}")
+    return f"{CODE_PREFIX}/{repository}/{commit}.tar.gz"
 
 
 def requirements_key(tag: str) -> str:

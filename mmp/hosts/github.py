@@ -1,4 +1,9 @@
-"""A small GitHub REST client (stdlib urllib, so the Lambda can use it) and its pipeline faces.
+"""GitHub behind the host seam (mmp.hosts.base): its webhook deliveries, a small REST client
+(stdlib urllib, so the Lambda can use it) and its pipeline faces.
+
+Deliveries: `X-Hub-Signature-256` is an HMAC-SHA256 of the raw body with the webhook secret,
+checked in constant time before anything is parsed; `X-GitHub-Event` names the event and
+`X-GitHub-Delivery` is the delivery id (unchanged on a redelivery: the dedupe key).
 
 It reads a file at a commit (contents API, `ref=<sha>`), downloads the commit's tree
 as a tarball (what `git archive` makes; the code the training job runs), lists the files changed
@@ -13,16 +18,18 @@ Authorization header, and never appears in an exception, a log line or a repr.
 from __future__ import annotations
 
 import base64
-import json
+import hashlib
+import hmac
 import logging
 import os
-import random
+import re
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
+
+from mmp.hosts.rest import RateLimited as RestRateLimited, RestClient
+from mmp.hosts.base import HostError, GitHost, Headers, Event, Push, Refusal, commit_lists_problems, is_sha, ref_problem
 
 log = logging.getLogger("mmp.hosts.github")
 
@@ -31,18 +38,29 @@ STATUS_CONTEXT = "mmp/training"
 STATUS_STATES = ("pending", "success", "failure", "error")
 DESCRIPTION_LIMIT = 140
 API_VERSION = "2022-11-28"
+_SIGNATURE_RE = re.compile(r"^sha256=[0-9a-fA-F]{64}$")
+_DELIVERY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class GitHubError(RuntimeError):
+class GitHubError(HostError):
     """A GitHub API call that failed; the message names the call and GitHub's reason, never the token."""
 
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
 
-
-class RateLimited(GitHubError):
+class RateLimited(GitHubError, RestRateLimited):
     pass
+
+
+def sign(secret: str | bytes, body: bytes) -> str:
+    """The `X-Hub-Signature-256` value GitHub sends for `body`."""
+    key = secret.encode() if isinstance(secret, str) else secret
+    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: str | bytes, body: bytes, header: str | None) -> bool:
+    """Constant-time check of `X-Hub-Signature-256` against the raw body."""
+    if not secret or not header or not header.startswith("sha256="):
+        return False
+    return hmac.compare_digest(sign(secret, body).encode(), header.strip().encode())
 
 
 def api_url() -> str:
@@ -67,83 +85,25 @@ def _split(full_name: str) -> str:
     return f"{urllib.parse.quote(owner, safe='')}/{urllib.parse.quote(name, safe='')}"
 
 
-class GitHubClient:
+class GitHubClient(RestClient):
+    title = "GitHub"
+    error = GitHubError
+    rate_limited_error = RateLimited
+    default_accept = "application/vnd.github+json"
+
     def __init__(self, token: str | None = None, base_url: str | None = None, *, retries: int = 4,
                  backoff: float = 0.5, max_wait: float | None = None, timeout: float = 10.0,
                  sleep: Callable[[float], None] = time.sleep):
-        self.__token = token
-        self.base_url = (base_url or api_url()).rstrip("/")
-        self.retries = retries
-        self.backoff = backoff
-        self.max_wait = float(os.environ.get("MMP_GITHUB_MAX_WAIT", 60)) if max_wait is None else max_wait
-        self.timeout = timeout
-        self.sleep = sleep
+        super().__init__(token, base_url or api_url(), retries=retries, backoff=backoff,
+                         max_wait=float(os.environ.get("MMP_GITHUB_MAX_WAIT", 60)) if max_wait is None else max_wait,
+                         timeout=timeout, sleep=sleep)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "GitHubClient":
         return cls(token=token_from_env(), **kwargs)
 
-    def __repr__(self) -> str:
-        return f"GitHubClient(base_url={self.base_url!r}, token={'set' if self.__token else 'unset'})"
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self.__token, "***") if self.__token else text
-
-    # -- transport ---------------------------------------------------------------
-    def request(self, method: str, path: str, *, query: dict[str, str] | None = None, body: Any = None,
-                accept: str = "application/vnd.github+json", raw: bool = False) -> tuple[int, Any, dict[str, str]]:
-        """One API call with retries; returns (status, decoded JSON or text — bytes when `raw` —,
-        lower-cased headers). Redirects (the archive endpoints answer 302) are followed."""
-        url = self.base_url + path + ("?" + urllib.parse.urlencode(query) if query else "")
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Accept": accept, "User-Agent": "mmp", "X-GitHub-Api-Version": API_VERSION}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        if self.__token:
-            headers["Authorization"] = f"Bearer {self.__token}"
-        what = f"{method} {path}"
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
-            try:
-                req = urllib.request.Request(url, data=data, method=method, headers=headers)
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    content = resp.read()
-                    return (resp.status, content if raw or accept.endswith(".raw") else _decode(content),
-                            {k.lower(): v for k, v in resp.headers.items()})
-            except urllib.error.HTTPError as exc:
-                status, resp_headers = exc.code, {k.lower(): v for k, v in (exc.headers or {}).items()}
-                payload = _decode(exc.read() or b"")
-                reason = self._scrub(str(payload.get("message") if isinstance(payload, dict) else payload)[:300])
-                wait = self._retry_wait(status, resp_headers, attempt)
-                if wait is None or last:
-                    error = RateLimited if _rate_limited(status, resp_headers) else GitHubError
-                    raise error(f"GitHub {what} answered {status}: {reason or exc.reason}", status) from None
-                log.warning("GitHub %s answered %s (%s); retry %d in %.1fs", what, status, reason, attempt + 1, wait)
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                reason = self._scrub(str(getattr(exc, "reason", exc)))
-                if last:
-                    raise GitHubError(f"GitHub {what} failed: {reason}") from None
-                wait = self._backoff(attempt)
-                log.warning("GitHub %s failed (%s); retry %d in %.1fs", what, reason, attempt + 1, wait)
-            self.sleep(wait)
-        raise AssertionError("unreachable")
-
-    def _backoff(self, attempt: int) -> float:
-        return min(self.max_wait, self.backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
-
-    def _retry_wait(self, status: int, headers: dict[str, str], attempt: int) -> float | None:
-        """Seconds to wait before retrying, or None when this answer is final."""
-        if _rate_limited(status, headers):
-            if headers.get("retry-after", "").isdigit():
-                wait = float(headers["retry-after"])
-            elif headers.get("x-ratelimit-reset", "").isdigit():
-                wait = max(0.0, float(headers["x-ratelimit-reset"]) - time.time()) + 1
-            else:
-                wait = self._backoff(attempt)
-            return wait if wait <= self.max_wait else None  # a reset an hour away is not worth waiting for
-        if status >= 500:
-            return self._backoff(attempt)
-        return None
+    def extra_headers(self) -> dict[str, str]:
+        return {"X-GitHub-Api-Version": API_VERSION}
 
     # -- calls ---------------------------------------------------------------------
     def _contents(self, repository: str, path: str, ref: str) -> tuple[str, Any]:
@@ -226,17 +186,6 @@ class GitHubClient:
         return data
 
 
-def _rate_limited(status: int, headers: dict[str, str]) -> bool:
-    return status in (403, 429) and (headers.get("x-ratelimit-remaining") == "0" or "retry-after" in headers)
-
-
-def _decode(raw: bytes) -> Any:
-    try:
-        return json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return raw
-
-
 @dataclass
 class GitHubSource:
     """The pipeline's CommitSource over the contents API."""
@@ -265,3 +214,111 @@ class GitHubStatusReporter:
     def report(self, repository: str, commit: str, state: str, description: str, target_url: str | None,
                context: str | None = None) -> None:
         self.client.create_status(repository, commit, state, description, target_url, context or self.context)
+
+
+def push_problems(payload: Any) -> list[str]:
+    """Every problem with a GitHub push payload, each naming its field."""
+    if not isinstance(payload, dict):
+        return ["the payload must be a JSON object"]
+    problems = []
+    for key in ("ref", "before", "after"):
+        if not isinstance(payload.get(key), str):
+            problems.append(f"'{key}' is missing or not a string")
+    if isinstance(payload.get("ref"), str):
+        why = ref_problem(payload["ref"])
+        if why:
+            problems.append(f"'ref' {why}")
+    for key in ("before", "after"):
+        if isinstance(payload.get(key), str) and not is_sha(payload[key]):
+            problems.append(f"'{key}' must be a 40-character hex commit sha")
+    repo = payload.get("repository")
+    if not isinstance(repo, dict):
+        problems.append("'repository' is missing or not an object")
+    else:
+        for key in ("full_name", "clone_url"):
+            if not isinstance(repo.get(key), str) or not repo.get(key):
+                problems.append(f"'repository.{key}' is missing or not a string")
+    return problems + commit_lists_problems(payload.get("commits"))
+
+
+class GitHubHost(GitHost):
+    """github.com or GitHub Enterprise (`MMP_GITHUB_API_URL`); the token from `GITHUB_TOKEN` or
+    `MMP_GITHUB_TOKEN_SECRET_ARN`. The client is made on first use, or given."""
+
+    name = "github"
+    title = "GitHub"
+    max_body_bytes = 25 * 1024 * 1024  # GitHub caps payloads at 25 MB
+    single_headers = ("X-Hub-Signature-256", "X-GitHub-Event", "X-GitHub-Delivery")
+    execution_prefix = "gh-"
+
+    def __init__(self, client: "GitHubClient | None" = None, **client_kwargs: Any):
+        self._client = client
+        self._client_kwargs = client_kwargs
+
+    def __repr__(self) -> str:
+        return f"GitHubHost({self._client!r})"
+
+    @property
+    def client(self) -> "GitHubClient":
+        if self._client is None:
+            self._client = GitHubClient.from_env(**self._client_kwargs)
+        return self._client
+
+    # -- deliveries ---------------------------------------------------------------------
+    def check_headers(self, headers: Headers, secret: str | bytes | None) -> Refusal | None:
+        signature = headers.get("X-Hub-Signature-256")
+        if not signature:
+            return Refusal(401, "X-Hub-Signature-256 header is missing")
+        if not _SIGNATURE_RE.match(signature.strip()):
+            return Refusal(401, "X-Hub-Signature-256 must be 'sha256=' and 64 hex digits")
+        return None
+
+    def verify(self, headers: Headers, body: bytes, secret: str | bytes | None) -> Refusal | None:
+        if not verify_signature(secret or b"", body, headers.get("X-Hub-Signature-256")):
+            return Refusal(401, "X-Hub-Signature-256 does not match the body (wrong secret or altered body)")
+        return None
+
+    def event(self, headers: Headers) -> Event | Refusal:
+        event = headers.get("X-GitHub-Event")
+        if not event:
+            return Refusal(400, "X-GitHub-Event header is missing")
+        delivery = headers.get("X-GitHub-Delivery")
+        if event == "push" and (not delivery or not _DELIVERY_RE.match(delivery)):
+            return Refusal(400, "X-GitHub-Delivery header is missing or malformed")
+        return Event(event, delivery)
+
+    def parse_push(self, payload: Any) -> Push | list[str]:
+        problems = push_problems(payload)
+        if problems:
+            return problems
+        repo = payload["repository"]
+        return Push(ref=payload["ref"], before=payload["before"], after=payload["after"],
+                    repository=repo["full_name"], clone_url=repo["clone_url"],
+                    default_branch=repo.get("default_branch") or repo.get("master_branch"),
+                    commits=payload["commits"], deleted=payload.get("deleted") is True)
+
+    # -- reading and reporting ------------------------------------------------------------
+    def compare(self, repository: str, clone_url: str, base: str, head: str) -> Mapping[str, list[str]]:
+        return self.client.compare(repository, base, head)
+
+    def source(self, repository: str, clone_url: str, commit: str) -> GitHubSource:
+        return GitHubSource(self.client, repository, commit)
+
+    def archive(self, repository: str, clone_url: str, commit: str) -> bytes:
+        """GitHub's tarball of the commit (one top folder `owner-repo-sha7/`); a minute to answer."""
+        client = self._client or GitHubClient.from_env(**{**self._client_kwargs, "timeout": 60})
+        return client.tarball(repository, commit)
+
+    def reporter(self) -> GitHubStatusReporter:
+        return GitHubStatusReporter(self.client)
+
+    def git_credentials(self) -> tuple[str, str] | None:
+        token = token_from_env()
+        return ("x-access-token", token) if token else None
+
+    def configured(self) -> bool:
+        return bool(os.environ.get("GITHUB_TOKEN"))
+
+    def ready(self) -> "GitHubHost":
+        self.client  # noqa: B018 - reads the token now
+        return self
