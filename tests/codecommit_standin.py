@@ -42,6 +42,7 @@ import base64
 import json
 import re
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -401,6 +402,9 @@ class CodeCommitStandIn:
                            "_repository": repo.name, "_before": before, "_after": after, "_history": [content]}
                 self.comments[comment_id] = comment
                 self.tokens[token] = (digest, comment_id)
+        checker = sys.modules.get("iam_calls")  # tests/iam_enforce, as tests/conftest.py imports it
+        if checker is not None:  # where IAM authorises a later UpdateComment of this comment
+            checker.COMMENT_REPOSITORIES[comment_id] = repo.name
         if self.on_comment:
             self.on_comment(comment_id, repo.name)
         out = {"repositoryName": repo.name, "afterCommitId": after, "comment": self._comment_out(comment)}

@@ -119,13 +119,15 @@ class CodeCommitEvents:
     def handle(self, event: Any) -> Response:
         if isinstance(event, dict) and (event.get("source") != SOURCE or event.get("detail-type") != DETAIL_TYPE):
             return _ignored(f"not a {DETAIL_TYPE} event from {SOURCE}")
+        detail = event.get("detail") if isinstance(event, dict) else None
+        kind = detail.get("event") if isinstance(detail, dict) else None
+        if isinstance(kind, str) and kind not in PUSH_EVENTS:
+            return _ignored(f"{kind} on {detail.get('referenceFullName')} does not train "
+                            f"(only {' and '.join(PUSH_EVENTS)} do)")
         problems = event_problems(event)
         if problems:
             return _bad(400, "CodeCommit event: " + "; ".join(problems))
-        detail = event["detail"]
-        kind, ref = detail["event"], detail["referenceFullName"]
-        if kind not in PUSH_EVENTS:
-            return _ignored(f"{kind} on {ref} does not train (only {' and '.join(PUSH_EVENTS)} do)")
+        ref = detail["referenceFullName"]
         if detail["referenceType"] != "branch" or not ref.startswith("refs/heads/"):
             return _ignored(f"{ref} is not a branch; only branch pushes train")
         from mmp.hosts.codecommit import clone_url, parse_arn
@@ -135,11 +137,11 @@ class CodeCommitEvents:
             region, _, arn_name = parse_arn(arn)
         except ValueError as exc:
             return _bad(400, f"CodeCommit event: 'resources' {exc}")
-        if arn_name != name:
-            return _bad(400, f"CodeCommit event: repository {name!r} is not the one its ARN names ({arn})")
-        if not self.allowed.admits(arn, name):
+        if not self.allowed.admits(arn, arn_name):
             log.warning("event %s names repository %s, which this stack does not list", event["id"], arn)
             return _bad(403, f"repository {arn} is not one this stack listens to")
+        if arn_name != name:
+            return _bad(400, f"CodeCommit event: repository {name!r} is not the one its ARN names ({arn})")
         commit = detail["commitId"]
         try:
             client = self.client(region)

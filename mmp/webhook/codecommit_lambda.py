@@ -43,4 +43,4 @@ def lambda_handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]
              response.status, response.body.get("status"))
     if response.status >= 500:
         raise RetryLater(response.body.get("error", "retry later"))
-    return {"status": response.status, **response.body}
+    return {"statusCode": response.status, **response.body}
