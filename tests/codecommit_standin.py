@@ -80,11 +80,37 @@ class Repo:
     def arn(self) -> str:
         return f"arn:aws:codecommit:{REGION}:{ACCOUNT}:{self.name}"
 
+    _batch: subprocess.Popen | None = None
+    _batch_lock: threading.Lock = field(default_factory=threading.Lock)
+
     def git(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         proc = subprocess.run(["git", "-C", str(self.path), *args], capture_output=True)
         if check and proc.returncode != 0:
             raise RuntimeError(f"git {' '.join(args)}: {proc.stderr.decode(errors='replace')}")
         return proc
+
+    def object(self, sha: str) -> tuple[str, bytes] | None:
+        """(type, bytes) of an object through one long-lived `git cat-file --batch`; None when missing."""
+        with self._batch_lock:
+            if self._batch is None:
+                self._batch = subprocess.Popen(["git", "-C", str(self.path), "cat-file", "--batch"],
+                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert self._batch.stdin is not None and self._batch.stdout is not None
+            self._batch.stdin.write(sha.encode() + b"\n")
+            self._batch.stdin.flush()
+            header = self._batch.stdout.readline().split()
+            if len(header) != 3:
+                return None
+            data = self._batch.stdout.read(int(header[2]))
+            self._batch.stdout.read(1)  # the newline after the object
+            return header[1].decode(), data
+
+    def close(self) -> None:
+        if self._batch is not None:
+            self._batch.stdin.close()  # type: ignore[union-attr]
+            self._batch.wait(timeout=10)
+            self._batch.stdout.close()  # type: ignore[union-attr]
+            self._batch = None
 
 
 class CodeCommitStandIn:
@@ -107,6 +133,7 @@ class CodeCommitStandIn:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body in two writes: no 40 ms delayed-ACK stall
 
             def log_message(self, *args):  # quiet
                 pass
@@ -132,6 +159,8 @@ class CodeCommitStandIn:
         return self
 
     def __exit__(self, *exc) -> None:
+        for repo in self.repos.values():
+            repo.close()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -224,10 +253,10 @@ class CodeCommitStandIn:
         return None
 
     def _blob(self, repo: Repo, sha: str) -> bytes:
-        proc = repo.git("cat-file", "blob", sha, check=False)
-        if proc.returncode != 0:
+        found = repo.object(sha)
+        if found is None or found[0] != "blob":
             raise ApiError("BlobIdDoesNotExistException", f"Could not find blob {sha}")
-        return proc.stdout
+        return found[1]
 
     # -- operations --------------------------------------------------------------------------
     def op_GetRepository(self, p: dict) -> dict:
@@ -309,8 +338,6 @@ class CodeCommitStandIn:
             raise ApiError("BlobIdRequiredException", "A blob ID is required.")
         if not _SHA_RE.match(blob):
             raise ApiError("InvalidBlobIdException", f"{blob} is not a valid blob ID.")
-        if repo.git("cat-file", "-t", blob, check=False).stdout.strip() != b"blob":
-            raise ApiError("BlobIdDoesNotExistException", f"Could not find blob {blob}")
         data = self._blob(repo, blob)
         if len(data) > FILE_LIMIT:
             raise ApiError("FileTooLargeException", f"The blob {blob} is larger than {FILE_LIMIT} bytes")
