@@ -60,7 +60,7 @@ def datasets_root() -> Path:
 
 
 # Never inherited by training processes (train.py is user code that logs freely).
-SECRET_ENV_VARS = ("GITHUB_TOKEN", "MMP_WEBHOOK_SECRET", "MMP_GITHUB_TOKEN")
+SECRET_ENV_VARS = ("GITHUB_TOKEN", "MMP_WEBHOOK_SECRET", "MMP_GITHUB_TOKEN", "GITLAB_TOKEN", "MMP_GITLAB_WEBHOOK_SECRET")
 
 
 def training_environ() -> dict[str, str]:
@@ -89,13 +89,24 @@ def running_stack() -> dict | None:
     return stack if alive else None
 
 
-def webhook_secret() -> str:
-    """`MMP_WEBHOOK_SECRET`, else a random secret made on first use under MMP_HOME."""
-    if os.environ.get("MMP_WEBHOOK_SECRET"):
-        return os.environ["MMP_WEBHOOK_SECRET"]
-    path = mmp_home() / "webhook-secret"
+# git hosts whose webhooks the local stack takes on their own path (/webhook/<host>), each with its own secret
+WEBHOOK_HOSTS: tuple[str, ...] = ()
+
+
+def webhook_secret(host: str = "github") -> str:
+    """GitHub's: `MMP_WEBHOOK_SECRET`, else a random secret made on first use under MMP_HOME
+    (`webhook-secret`). Another host's: `MMP_<HOST>_WEBHOOK_SECRET`, else `<host>-webhook-secret`."""
+    env = "MMP_WEBHOOK_SECRET" if host == "github" else f"MMP_{host.upper()}_WEBHOOK_SECRET"
+    if os.environ.get(env):
+        return os.environ[env]
+    path = mmp_home() / ("webhook-secret" if host == "github" else f"{host}-webhook-secret")
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(32))
     return path.read_text().strip()
+
+
+def host_webhook_secrets() -> dict[str, str]:
+    """Each WEBHOOK_HOSTS host's local webhook secret (made on first use)."""
+    return {host: webhook_secret(host) for host in WEBHOOK_HOSTS}

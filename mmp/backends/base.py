@@ -108,6 +108,7 @@ class LaunchRequest:
     delivery_id: str | None = None
     image_tag: str | None = None  # the dependency set's training image (mmp.contract.image), image platforms only
     code_uri: str | None = None  # s3:// URI of the commit's code archive the job unpacks (mmp.contract.image)
+    host: str = "github"  # the git host clone_url is on (mmp.hosts): its credentials fetch the commit
 
     @property
     def short_commit(self) -> str:

@@ -17,7 +17,7 @@ for Lustre on /fsx and schedules `shutdown -h +<max runtime>` with
 InstanceInitiatedShutdownBehavior=terminate, so an instance dies even if MMP does.
 
 Run: on the leader, unpack the commit's archive that Prepare staged in S3 (or, for a
-run started outside the AWS pipeline, fetch the repository at the commit: the GitHub
+run started outside the AWS pipeline, fetch the repository at the commit: the git host's
 token travels on the SSH channel's stdin, never on a command line), hand the leader a
 per-run cluster key for horovodrun's own SSH, then run, in the leader's container,
 `horovodrun -np N -H localhost:s,ip2:s,… python -m mmp.runtime.rank train.py …` built by
@@ -86,6 +86,7 @@ GPU_SLOTS = {
 # passed positionally and the whole list quoted by mmp.backends.ssh (mmp.contract.argv.shell_join).
 FETCH_SCRIPT = r"""set -eu
 IFS= read -r token || token=""
+IFS= read -r username || username=""
 GIT_TERMINAL_PROMPT=0
 export GIT_TERMINAL_PROMPT
 rm -rf "$3"
@@ -94,8 +95,9 @@ cd "$3"
 git init -q .
 if [ -n "$token" ]; then
   MMP_GIT_TOKEN=$token
-  export MMP_GIT_TOKEN
-  git -c credential.helper= -c 'credential.helper=!f() { test "$1" = get || exit 0; echo username=x-access-token; echo "password=$MMP_GIT_TOKEN"; }; f' fetch -q --depth 1 "$1" "$2"
+  MMP_GIT_USER=${username:-git}
+  export MMP_GIT_TOKEN MMP_GIT_USER
+  git -c credential.helper= -c 'credential.helper=!f() { test "$1" = get || exit 0; echo "username=$MMP_GIT_USER"; echo "password=$MMP_GIT_TOKEN"; }; f' fetch -q --depth 1 "$1" "$2"
 else
   git fetch -q --depth 1 "$1" "$2"
 fi
@@ -199,7 +201,6 @@ class DlamiConfig:
     fsx_mount_name: str | None = None
     fsx_mount_point: str = "/fsx"
     artifacts_bucket: str | None = None
-    github_token_secret_arn: str | None = None
     dataset_root: str = "/fsx/datasets"
     output_root: str = "/fsx/output"
     work_root: str = "/fsx/mmp"
@@ -247,7 +248,6 @@ class DlamiConfig:
             fsx_mount_name=get("MMP_FSX_MOUNT_NAME"),
             fsx_mount_point=get("MMP_FSX_MOUNT_POINT") or d.fsx_mount_point,
             artifacts_bucket=get("MMP_ARTIFACTS_BUCKET"),
-            github_token_secret_arn=get("MMP_GITHUB_TOKEN_SECRET_ARN"),
             dataset_root=get("MMP_DLAMI_DATASET_ROOT") or d.dataset_root,
             output_root=get("MMP_DLAMI_OUTPUT_ROOT") or d.output_root,
             work_root=get("MMP_DLAMI_WORK_ROOT") or d.work_root,
@@ -462,14 +462,17 @@ class DlamiBackend(Backend):
             raise BackendError(f"could not read the SSH private key: {type(exc).__name__}") from None
         return load_private_key(text)
 
-    def _github_token(self) -> str:
-        arn = self.config.github_token_secret_arn
-        if not arn:
-            return ""
+    def _git_credentials(self, request: LaunchRequest) -> str:
+        """The fetch script's stdin: the host's token, then the user name git sends with it (mmp.hosts)."""
+        from mmp.hosts.base import get_host
+
+        host = get_host(request.host)
         try:
-            return aws.secret(arn).strip()
+            credentials = host.git_credentials()
         except Exception as exc:
-            raise BackendError(f"could not read MMP_GITHUB_TOKEN_SECRET_ARN: {type(exc).__name__}") from None
+            raise BackendError(f"could not read the {host.title} token: {type(exc).__name__}") from None
+        username, token = credentials or ("", "")
+        return f"{token.strip()}\n{username}\n"
 
     # -- launch ------------------------------------------------------------------
     def launch(self, request: LaunchRequest) -> JobHandle:
@@ -602,13 +605,13 @@ class DlamiBackend(Backend):
                                            timeout=900) for s in job.sessions]:
                     future.result()
         self._remote(job, leader, ["mkdir", "-p", run_dir, paths.output], "create the run folders")
-        if request.code_uri:  # staged by Prepare: the tree at the commit, no GitHub access needed
+        if request.code_uri:  # staged by Prepare: the tree at the commit, no access to the git host needed
             self._remote(job, leader, ["sh", "-c", CODE_SCRIPT, "mmp-code", cfg.aws_cli, request.code_uri, code],
                          f"unpack {request.repository}@{request.short_commit}")
         else:
             self._remote(job, leader, ["sh", "-c", FETCH_SCRIPT, "mmp-fetch", request.clone_url, request.commit,
                                        code],
-                         f"fetch {request.repository}@{request.short_commit}", stdin=self._github_token() + "\n")
+                         f"fetch {request.repository}@{request.short_commit}", stdin=self._git_credentials(request))
         if cfg.install_requirements:
             argv = self.in_container(["sh", "-c", INSTALL_SCRIPT, "mmp-install", code, cfg.python])
             with ThreadPoolExecutor(max_workers=len(job.sessions)) as pool:

@@ -1,4 +1,9 @@
-"""A small GitHub REST client (stdlib urllib, so the Lambda can use it) and its pipeline faces.
+"""GitHub behind the host seam (mmp.hosts.base): its webhook deliveries, a small REST client
+(stdlib urllib, so the Lambda can use it) and its pipeline faces.
+
+Deliveries: `X-Hub-Signature-256` is an HMAC-SHA256 of the raw body with the webhook secret,
+checked in constant time before anything is parsed; `X-GitHub-Event` names the event and
+`X-GitHub-Delivery` is the delivery id (unchanged on a redelivery: the dedupe key).
 
 It reads a file at a commit (contents API, `ref=<sha>`), downloads the commit's tree
 as a tarball (what `git archive` makes; the code the training job runs), lists the files changed
@@ -13,16 +18,21 @@ Authorization header, and never appears in an exception, a log line or a repr.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import os
 import random
+import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
+
+from mmp.hosts.base import GitHost, Headers, Event, Push, Refusal, commit_lists_problems, is_sha, ref_problem
 
 log = logging.getLogger("mmp.hosts.github")
 
@@ -31,6 +41,8 @@ STATUS_CONTEXT = "mmp/training"
 STATUS_STATES = ("pending", "success", "failure", "error")
 DESCRIPTION_LIMIT = 140
 API_VERSION = "2022-11-28"
+_SIGNATURE_RE = re.compile(r"^sha256=[0-9a-fA-F]{64}$")
+_DELIVERY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class GitHubError(RuntimeError):
@@ -43,6 +55,19 @@ class GitHubError(RuntimeError):
 
 class RateLimited(GitHubError):
     pass
+
+
+def sign(secret: str | bytes, body: bytes) -> str:
+    """The `X-Hub-Signature-256` value GitHub sends for `body`."""
+    key = secret.encode() if isinstance(secret, str) else secret
+    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: str | bytes, body: bytes, header: str | None) -> bool:
+    """Constant-time check of `X-Hub-Signature-256` against the raw body."""
+    if not secret or not header or not header.startswith("sha256="):
+        return False
+    return hmac.compare_digest(sign(secret, body).encode(), header.strip().encode())
 
 
 def api_url() -> str:
@@ -265,3 +290,111 @@ class GitHubStatusReporter:
     def report(self, repository: str, commit: str, state: str, description: str, target_url: str | None,
                context: str | None = None) -> None:
         self.client.create_status(repository, commit, state, description, target_url, context or self.context)
+
+
+def push_problems(payload: Any) -> list[str]:
+    """Every problem with a GitHub push payload, each naming its field."""
+    if not isinstance(payload, dict):
+        return ["the payload must be a JSON object"]
+    problems = []
+    for key in ("ref", "before", "after"):
+        if not isinstance(payload.get(key), str):
+            problems.append(f"'{key}' is missing or not a string")
+    if isinstance(payload.get("ref"), str):
+        why = ref_problem(payload["ref"])
+        if why:
+            problems.append(f"'ref' {why}")
+    for key in ("before", "after"):
+        if isinstance(payload.get(key), str) and not is_sha(payload[key]):
+            problems.append(f"'{key}' must be a 40-character hex commit sha")
+    repo = payload.get("repository")
+    if not isinstance(repo, dict):
+        problems.append("'repository' is missing or not an object")
+    else:
+        for key in ("full_name", "clone_url"):
+            if not isinstance(repo.get(key), str) or not repo.get(key):
+                problems.append(f"'repository.{key}' is missing or not a string")
+    return problems + commit_lists_problems(payload.get("commits"))
+
+
+class GitHubHost(GitHost):
+    """github.com or GitHub Enterprise (`MMP_GITHUB_API_URL`); the token from `GITHUB_TOKEN` or
+    `MMP_GITHUB_TOKEN_SECRET_ARN`. The client is made on first use, or given."""
+
+    name = "github"
+    title = "GitHub"
+    max_body_bytes = 25 * 1024 * 1024  # GitHub caps payloads at 25 MB
+    single_headers = ("X-Hub-Signature-256", "X-GitHub-Event", "X-GitHub-Delivery")
+    execution_prefix = "gh-"
+
+    def __init__(self, client: "GitHubClient | None" = None, **client_kwargs: Any):
+        self._client = client
+        self._client_kwargs = client_kwargs
+
+    def __repr__(self) -> str:
+        return f"GitHubHost({self._client!r})"
+
+    @property
+    def client(self) -> "GitHubClient":
+        if self._client is None:
+            self._client = GitHubClient.from_env(**self._client_kwargs)
+        return self._client
+
+    # -- deliveries ---------------------------------------------------------------------
+    def check_headers(self, headers: Headers, secret: str | bytes | None) -> Refusal | None:
+        signature = headers.get("X-Hub-Signature-256")
+        if not signature:
+            return Refusal(401, "X-Hub-Signature-256 header is missing")
+        if not _SIGNATURE_RE.match(signature.strip()):
+            return Refusal(401, "X-Hub-Signature-256 must be 'sha256=' and 64 hex digits")
+        return None
+
+    def verify(self, headers: Headers, body: bytes, secret: str | bytes | None) -> Refusal | None:
+        if not verify_signature(secret or b"", body, headers.get("X-Hub-Signature-256")):
+            return Refusal(401, "X-Hub-Signature-256 does not match the body (wrong secret or altered body)")
+        return None
+
+    def event(self, headers: Headers) -> Event | Refusal:
+        event = headers.get("X-GitHub-Event")
+        if not event:
+            return Refusal(400, "X-GitHub-Event header is missing")
+        delivery = headers.get("X-GitHub-Delivery")
+        if event == "push" and (not delivery or not _DELIVERY_RE.match(delivery)):
+            return Refusal(400, "X-GitHub-Delivery header is missing or malformed")
+        return Event(event, delivery)
+
+    def parse_push(self, payload: Any) -> Push | list[str]:
+        problems = push_problems(payload)
+        if problems:
+            return problems
+        repo = payload["repository"]
+        return Push(ref=payload["ref"], before=payload["before"], after=payload["after"],
+                    repository=repo["full_name"], clone_url=repo["clone_url"],
+                    default_branch=repo.get("default_branch") or repo.get("master_branch"),
+                    commits=payload["commits"], deleted=payload.get("deleted") is True)
+
+    # -- reading and reporting ------------------------------------------------------------
+    def compare(self, repository: str, clone_url: str, base: str, head: str) -> Mapping[str, list[str]]:
+        return self.client.compare(repository, base, head)
+
+    def source(self, repository: str, clone_url: str, commit: str) -> GitHubSource:
+        return GitHubSource(self.client, repository, commit)
+
+    def archive(self, repository: str, clone_url: str, commit: str) -> bytes:
+        """GitHub's tarball of the commit (one top folder `owner-repo-sha7/`); a minute to answer."""
+        client = self._client or GitHubClient.from_env(**{**self._client_kwargs, "timeout": 60})
+        return client.tarball(repository, commit)
+
+    def reporter(self) -> GitHubStatusReporter:
+        return GitHubStatusReporter(self.client)
+
+    def git_credentials(self) -> tuple[str, str] | None:
+        token = token_from_env()
+        return ("x-access-token", token) if token else None
+
+    def configured(self) -> bool:
+        return bool(os.environ.get("GITHUB_TOKEN"))
+
+    def ready(self) -> "GitHubHost":
+        self.client  # noqa: B018 - reads the token now
+        return self

@@ -102,7 +102,7 @@ def post_event(payload: dict[str, Any], *, url: str | None = None, secret: str |
                timeout: float = TIMEOUT_S, delivery: str | None = None) -> tuple[int, dict[str, Any]]:
     """POST a signed push event the way GitHub does; returns (HTTP status, JSON answer).
     A 429/503 answer carries its Retry-After seconds as `retry_after` in the answer."""
-    from mmp.webhook.core import sign
+    from mmp.hosts.github import sign
 
     body = json.dumps(payload).encode()
     req = urllib.request.Request(url or webhook_url(), data=body, method="POST", headers={

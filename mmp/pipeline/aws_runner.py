@@ -101,13 +101,12 @@ def train(state: dict[str, Any]) -> dict[str, Any]:
 
 def promote(state: dict[str, Any]) -> dict[str, Any]:
     """promote.json at the commit, as the local worker runs it; it reports on mmp/promotion itself."""
-    from mmp.hosts.github import GitHubClient, GitHubStatusReporter
     from mmp.models.gitops import run_promotion
-    from mmp.pipeline.aws_stages import job_of, trigger_of
+    from mmp.pipeline.aws_stages import host_of, job_of, trigger_of
     from mmp.pipeline.sns import SnsNotifier
 
     trigger = trigger_of(job_of(state))
-    outcome = run_promotion(trigger, reporter=GitHubStatusReporter(GitHubClient.from_env()), notifier=SnsNotifier())
+    outcome = run_promotion(trigger, reporter=host_of(job_of(state)).reporter(), notifier=SnsNotifier())
     result = {"kind": "promotion", "state": outcome.state, "message": outcome.message,
               "problems": list(outcome.problems)}
     runner_results.write("promotion", state, result)
@@ -123,10 +122,10 @@ def study_storage(state: dict[str, Any]) -> str:
 def study(state: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) the commit's study; trials use the image and code archive Prepare staged."""
     from mmp.tuning.study import StudyRunner
-    from mmp.pipeline.aws_stages import job_of, make_pipeline, outcome_to_dict, trigger_of
+    from mmp.pipeline.aws_stages import host_of, job_of, make_pipeline, outcome_to_dict, trigger_of
     from mmp.pipeline.runner import Outcome
 
-    pipeline = make_pipeline()
+    pipeline = make_pipeline(host_of(job_of(state)))
     trigger = trigger_of(job_of(state))
     prepared = pipeline.prepare(trigger)  # read at the commit again: the state carries no experiment to trust
     if isinstance(prepared, Outcome):

@@ -24,12 +24,12 @@ fails anyway (timed out, aborted, Conclude itself failing) reaches Conclude thro
 the stack's EventBridge rule, which hands it the execution's status change;
 Conclude then rebuilds the last state from the execution history. Conclude stops a
 job still running, terminates every instance tagged with the run, ends the MLflow
-run, sets the GitHub commit status and publishes to SNS, once.
+run, sets the commit status on the job's git host (mmp.hosts) and publishes to SNS, once.
 
 Light on purpose (Lambda): stdlib, boto3 (lazily), pydantic and mmp's light modules.
 Environment: MLFLOW_TRACKING_URI (an http(s) tracking server: the REST tracker),
-MLFLOW_TRACKING_USERNAME + MMP_MLFLOW_PASSWORD_SECRET_ARN, MMP_GITHUB_TOKEN_SECRET_ARN,
-MMP_GITHUB_API_URL, MMP_NOTIFY_TOPIC_ARN, MMP_DATASETS, MMP_ARTIFACTS_BUCKET,
+MLFLOW_TRACKING_USERNAME + MMP_MLFLOW_PASSWORD_SECRET_ARN, each host's settings (GitHub:
+MMP_GITHUB_TOKEN_SECRET_ARN, MMP_GITHUB_API_URL; see mmp/hosts), MMP_NOTIFY_TOPIC_ARN, MMP_DATASETS, MMP_ARTIFACTS_BUCKET,
 MMP_PIPELINE_PLATFORMS (default "sagemaker,sagemaker-fsx") and the backends' own MMP_* variables.
 """
 
@@ -47,6 +47,7 @@ from mmp.backends import Backend, BackendError, JobHandle, JobState, JobStatus, 
 from mmp.contract.datasets import Dataset
 from mmp.contract.experiment import EXPERIMENT_FILES, Experiment
 from mmp.contract.image import ImageError
+from mmp.hosts.base import GitHost, get_host
 from mmp.pipeline.job import PROMOTE_FILE
 from mmp.pipeline import runner_results
 from mmp.pipeline.image_stage import ImagePlan, plan_image
@@ -85,9 +86,13 @@ def backend_for(platform: str) -> Backend:
     return _BACKENDS[platform]
 
 
-def make_pipeline() -> Pipeline:
-    """The pipeline with AWS faces: REST MLflow, GitHub commit statuses, SNS."""
-    from mmp.hosts.github import GitHubClient, GitHubStatusReporter
+def host_of(job: dict[str, Any]) -> GitHost:
+    """The git host a job came from (job JSON without `host` is GitHub's)."""
+    return get_host(job.get("host"))
+
+
+def make_pipeline(host: GitHost | None = None) -> Pipeline:
+    """The pipeline with AWS faces: REST MLflow, the host's commit statuses (GitHub's by default), SNS."""
     from mmp.tracking.client import make_tracker
     from mmp.pipeline.run_record import for_stack
     from mmp.pipeline.sns import SnsNotifier
@@ -95,19 +100,18 @@ def make_pipeline() -> Pipeline:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
         raise RuntimeError("MLFLOW_TRACKING_URI must be the stack's http(s) MLflow server in the Lambda")
-    return Pipeline(tracker=make_tracker(uri), reporter=GitHubStatusReporter(GitHubClient.from_env()),
+    return Pipeline(tracker=make_tracker(uri), reporter=(host or get_host()).reporter(),
                     notifier=SnsNotifier(), backend_factory=backend_for, record=for_stack())
 
 
 def trigger_of(job: dict[str, Any]) -> Trigger:
-    """The webhook's job (mmp.webhook.core.Job as a dict) as the pipeline's Trigger."""
-    from mmp.hosts.github import GitHubClient, GitHubSource
-
-    repository, commit = job["repository"], job["after"]
-    return Trigger(repository=repository, clone_url=job.get("clone_url") or "", commit=commit,
-                   source=GitHubSource(GitHubClient.from_env(), repository, commit),
+    """The webhook's job (mmp.pipeline.job.Job as a dict) as the pipeline's Trigger."""
+    host = host_of(job)
+    repository, commit, clone_url = job["repository"], job["after"], job.get("clone_url") or ""
+    return Trigger(repository=repository, clone_url=clone_url, commit=commit,
+                   source=host.source(repository, clone_url, commit),
                    delivery_id=job.get("delivery_id"), ref=job.get("ref"),
-                   changed_files=tuple(job.get("trigger_files") or ()))
+                   changed_files=tuple(job.get("trigger_files") or ()), host=host.name)
 
 
 # -- (de)serialising what the steps hand over ------------------------------------------
@@ -117,7 +121,7 @@ def started_to_dict(started: Started) -> dict[str, Any]:
         "experiment": r.experiment.to_file_dict(), "experiment_name": r.experiment_name, "run_id": r.run_id,
         "repository": r.repository, "clone_url": r.clone_url, "commit": r.commit, "mlflow_env": r.mlflow_env,
         "dataset": asdict(r.dataset), "delivery_id": r.delivery_id, "image_tag": r.image_tag,
-        "code_uri": r.code_uri}}
+        "code_uri": r.code_uri, **({"host": r.host} if r.host != "github" else {})}}
 
 
 def started_from_dict(raw: dict[str, Any]) -> Started:
@@ -165,7 +169,7 @@ def _prepare(event: dict[str, Any]) -> dict[str, Any]:
     files = job.get("trigger_files") or []
     state: dict[str, Any] = {"job": job, "accepted": False, "build_image": False, "runner": False,
                              "study": False, "promote": PROMOTE_FILE in files}
-    pipeline = make_pipeline()
+    pipeline = make_pipeline(host_of(job))
     trigger = trigger_of(job)
     if files and not any(name in EXPERIMENT_FILES for name in files):
         state["outcome"] = {"state": "SKIPPED", "message": f"no experiment file in this push ({', '.join(files)})"}
@@ -178,7 +182,7 @@ def _prepare(event: dict[str, Any]) -> dict[str, Any]:
     if prepared.experiment.platform in IMAGE_PLATFORMS:
         try:
             image = plan_image_for(trigger)
-        except Exception as exc:  # dependency files the build cannot use, or S3/ECR/GitHub refused
+        except Exception as exc:  # dependency files the build cannot use, or S3/ECR/the git host refused
             bad_input = isinstance(exc, ImageError)
             state["outcome"] = outcome_to_dict(pipeline.reject(
                 trigger, [str(exc) if bad_input else f"could not stage the code or image: {exc}"],
@@ -212,10 +216,9 @@ def runner_timeout_seconds(experiment: Experiment) -> int:
 
 def plan_image_for(trigger: Trigger) -> ImagePlan:
     """The commit's code archive in the artifacts bucket, and the image tag of its dependencies."""
-    from mmp.hosts.github import GitHubClient
-
+    host = get_host(trigger.host)
     return plan_image(read=trigger.source.read_file,
-                      tarball=lambda: GitHubClient.from_env(timeout=60).tarball(trigger.repository, trigger.commit),
+                      tarball=lambda: host.archive(trigger.repository, trigger.clone_url, trigger.commit),
                       repository=trigger.repository, commit=trigger.commit,
                       bucket=os.environ["MMP_ARTIFACTS_BUCKET"], ecr_repository_uri=os.environ["MMP_ECR_REPOSITORY_URI"],
                       context=os.environ["MMP_IMAGE_CONTEXT_DIGEST"])
@@ -405,7 +408,7 @@ def conclude(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
             return {"concluded": "already"}
         event = recovered
     state = dict(event)
-    pipeline = make_pipeline()
+    pipeline = make_pipeline(host_of(job_of(state)))
     ok = True
     if state.get("promote"):
         promotion = conclude_promotion(pipeline, state)

@@ -3,7 +3,7 @@
 Why here and not in CodeBuild: deciding costs two API calls (ECR DescribeImages, S3
 ListObjectsV2), while a build costs minutes, so the state machine starts CodeBuild only
 for a dependency set ECR has not seen (mmp.contract.image). The commit's code goes to the
-artifacts bucket as GitHub's tarball of the commit (the tree at that sha), for the
+artifacts bucket as the git host's archive of the commit (the tree at that sha), for the
 job to unpack at start; the image never holds it. `mmp run` and the local worker take
 the same step (`plan_run_image`), with `git archive` of a local commit, and no build:
 there a missing image stops the run before anything starts.
@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from mmp import aws
-from mmp.hosts import localgit as gitutil
+from mmp.hosts.base import host_for
 from mmp.contract.image import ImageError, code_key, image_tag, requirements_key, requirements_text
 
 if TYPE_CHECKING:
@@ -89,13 +88,9 @@ class ImageNotBuilt(RuntimeError):
 
 
 def commit_archive(trigger: "Trigger") -> bytes:
-    """The tree at the trigger's commit as a .tar.gz: `git archive` of a local repository
-    (committed files only, never the working tree), else GitHub's tarball of the commit."""
-    if Path(trigger.clone_url).is_dir():
-        return gitutil.git(trigger.clone_url, "archive", "--format=tar.gz", trigger.commit)
-    from mmp.hosts.github import GitHubClient
-
-    return GitHubClient.from_env(timeout=60).tarball(trigger.repository, trigger.commit)
+    """The tree at the trigger's commit as a .tar.gz, from its host: `git archive` of a local repository
+    (committed files only, never the working tree), else the host's archive of the commit."""
+    return host_for(trigger.host, trigger.clone_url).archive(trigger.repository, trigger.clone_url, trigger.commit)
 
 
 def plan_run_image(trigger: "Trigger", *, bucket: str | None, ecr_repository_uri: str | None,

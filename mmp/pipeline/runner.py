@@ -24,6 +24,7 @@ from mmp.tracking.base import FINAL_STATUS
 from mmp.pipeline.reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter, short_description
 from mmp.pipeline.sources import Trigger, train_script_problem
 
+HOST_TAG = "mmp.host"  # the git host the commit came from: github, gitlab, codecommit, local
 DELIVERY_TAG = "mmp.delivery_id"  # on every run a delivery creates: the worker's recovery finds them by it
 
 log = logging.getLogger("mmp.pipeline")
@@ -194,6 +195,7 @@ class Pipeline:
             SOURCE_TAG: trigger.repository,
             REPOSITORY_TAG: trigger.identity,
             "mlflow.source.type": "PROJECT",
+            HOST_TAG: trigger.host,
             "mmp.platform": experiment.platform,
             "mmp.instance_type": experiment.training_instance,
             "mmp.instance_count": str(experiment.instance_count),
@@ -234,6 +236,7 @@ class Pipeline:
             repository=trigger.repository, clone_url=trigger.clone_url, commit=trigger.commit,
             mlflow_env=mlflow_env(self.tracker.tracking_uri, experiment_name, run_id), dataset=prepared.dataset,
             delivery_id=trigger.delivery_id, image_tag=prepared.image_tag, code_uri=prepared.code_uri,
+            host=trigger.host,
         )
 
     def conclude(self, trigger: Trigger, started: Started, status: JobStatus, log_text: str | None) -> Outcome:
@@ -265,8 +268,8 @@ class Pipeline:
                 log.error("could not record the end of run %s: %s", run_id, exc)
         outcome = Outcome(state=state, message=status.message, run_id=run_id, run_url=run_url, experiment=experiment,
                           problems=[tracking_problem] if tracking_problem else [])
-        github_state = {"SUCCEEDED": "success", "CANCELLED": "error"}.get(state, "failure")
-        self.report_status(trigger, github_state, f"{state.lower()}: {status.message}", run_url)
+        status_state = {"SUCCEEDED": "success", "CANCELLED": "error"}.get(state, "failure")
+        self.report_status(trigger, status_state, f"{state.lower()}: {status.message}", run_url)
         self._notify(trigger, outcome)
         return outcome
 

@@ -42,7 +42,7 @@ def local_trigger(repo: str | Path, commit: str, *, experiment_file: Path | None
         source = OverrideSource(source, Path(experiment_file).read_bytes())
     return Trigger(repository=gitutil.repository_name(repo_path), clone_url=str(repo_path), commit=commit,
                    source=source, delivery_id=delivery_id or f"manual-{uuid.uuid4().hex[:12]}", ref=ref,
-                   local_root=str(repo_path))
+                   local_root=str(repo_path), host="local")
 
 
 class LocalPipeline(Pipeline):

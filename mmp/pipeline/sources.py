@@ -1,4 +1,4 @@
-"""Where the pipeline reads the commit from: a local git repository or GitHub.
+"""Where the pipeline reads the commit from: a local git repository or a git host (mmp.hosts).
 
 A source answers two questions, a file's bytes at the trigger's commit (None when
 the file is absent) and what kind of entry a path is, so the pipeline's fetch and
@@ -66,10 +66,11 @@ class Trigger:
     ref: str | None = None
     changed_files: tuple[str, ...] = ()  # trigger files the push said it added or modified
     local_root: str | None = None  # a repository read with git here: its absolute path
+    host: str = "github"  # where the commit lives (mmp.hosts.base.HOSTS): the runs' `mmp.host` tag
 
     @property
     def identity(self) -> str:
         """Who owns what this trigger makes (mmp.tracking.ownership): a local repository's absolute path,
-        else the GitHub repository's full name. Two local folders may share a name (teamA/alpha
+        else the host's full name for the repository. Two local folders may share a name (teamA/alpha
         and teamB/alpha); `repository` stays the name people see."""
         return self.local_root or self.repository

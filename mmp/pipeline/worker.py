@@ -31,6 +31,7 @@ from mmp import config
 from mmp.local.filelock import hold, holder
 from mmp.tuning import control as study_control
 from mmp.tuning.dispatch import run_commit
+from mmp.hosts.base import local_repository
 from mmp.pipeline.job import Job
 from mmp.pipeline.queue import JobQueue, QueuedJob, worker_id
 from mmp.pipeline.reporting import TRAINING_CONTEXT, LocalNotifier, LocalStatusReporter, Notifier, StatusReporter
@@ -48,7 +49,7 @@ class WorkerBusy(RuntimeError):
 
 
 class CompositeReporter:
-    """The local status record, plus GitHub commit statuses for GitHub repositories."""
+    """The local status record, plus the host's commit statuses for a hosted repository."""
 
     def __init__(self, *reporters: StatusReporter):
         self.reporters = reporters
@@ -65,19 +66,21 @@ class CompositeReporter:
             raise RuntimeError("; ".join(errors))
 
 
-def local_path(clone_url: str) -> Path | None:
-    path = Path(clone_url.removeprefix("file://"))
-    return path if path.is_absolute() and path.is_dir() else None
+local_path = local_repository  # a job whose clone URL is a folder here reads it with git
 
 
 class Worker:
     def __init__(self, queue: JobQueue | None = None, *, poll_seconds: float = 0.5, github: Any = None,
-                 notifier: Notifier | None = None, pipeline_factory: Callable[..., Any] | None = None,
+                 hosts: dict[str, Any] | None = None, notifier: Notifier | None = None, pipeline_factory: Callable[..., Any] | None = None,
                  reconcile_seconds: float | None = None):
         self.queue = queue or JobQueue()
         self.poll_seconds = poll_seconds
         self.reconcile_seconds = RECONCILE_SECONDS if reconcile_seconds is None else reconcile_seconds
-        self._github = github
+        self._hosts: dict[str, Any] = dict(hosts or {})  # name → mmp.hosts.base.GitHost, made on first use
+        if github is not None:  # a GitHubClient (as before the host seam)
+            from mmp.hosts.github import GitHubHost
+
+            self._hosts["github"] = GitHubHost(client=github)
         self.notifier = notifier or LocalNotifier()
         self.pipeline_factory = pipeline_factory
         self.id = worker_id()
@@ -97,12 +100,12 @@ class Worker:
             self._lock_fh = None
 
     # -- wiring ----------------------------------------------------------------------
-    def github(self):
-        if self._github is None:
-            from mmp.hosts.github import GitHubClient
+    def host(self, name: str):
+        if name not in self._hosts:
+            from mmp.hosts.base import get_host
 
-            self._github = GitHubClient.from_env()
-        return self._github
+            self._hosts[name] = get_host(name)
+        return self._hosts[name]
 
     def trigger_for(self, job: Job) -> tuple[Trigger, StatusReporter]:
         path = local_path(job.clone_url)
@@ -110,15 +113,13 @@ class Worker:
             source = LocalGitSource(path, job.after)
             trigger = Trigger(repository=job.repository, clone_url=str(path), commit=job.after, source=source,
                               delivery_id=job.delivery_id, ref=job.ref, changed_files=tuple(job.trigger_files),
-                              local_root=str(path.resolve()))
+                              local_root=str(path.resolve()), host="local")
             return trigger, LocalStatusReporter()
-        from mmp.hosts.github import GitHubSource, GitHubStatusReporter
-
-        client = self.github()
+        host = self.host(job.host)
         trigger = Trigger(repository=job.repository, clone_url=job.clone_url, commit=job.after,
-                          source=GitHubSource(client, job.repository, job.after), delivery_id=job.delivery_id,
-                          ref=job.ref, changed_files=tuple(job.trigger_files))
-        return trigger, CompositeReporter(LocalStatusReporter(), GitHubStatusReporter(client))
+                          source=host.source(job.repository, job.clone_url, job.after), delivery_id=job.delivery_id,
+                          ref=job.ref, changed_files=tuple(job.trigger_files), host=host.name)
+        return trigger, CompositeReporter(LocalStatusReporter(), host.reporter())
 
     def pipeline(self, reporter: StatusReporter, delivery_id: str):
         from mmp.pipeline.store import RunStore
@@ -333,15 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MMP_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    github = None
-    if os.environ.get("GITHUB_TOKEN"):
-        from mmp.hosts.github import GitHubClient
+    from mmp.hosts.base import configured_hosts
 
-        github = GitHubClient.from_env()
+    hosts = configured_hosts()  # each reads its token now: the environment loses it next
     for name in SECRET_ENV:  # training subprocesses inherit the environment: keep secrets out of it
         os.environ.pop(name, None)
     signal.signal(signal.SIGTERM, _raise_exit)
-    worker = Worker(poll_seconds=args.poll, github=github, reconcile_seconds=args.reconcile)
+    worker = Worker(poll_seconds=args.poll, hosts=hosts, reconcile_seconds=args.reconcile)
     try:
         worker.run(once=args.once)
     except WorkerBusy as exc:

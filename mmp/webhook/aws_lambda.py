@@ -4,14 +4,16 @@ The Lambda verifies and filters with the shared core, claims the delivery with a
 DynamoDB conditional write (delivery id and body digest, each expiring through the
 `expires_at` TTL attribute), then starts a Step Functions execution named after the
 delivery id (a second line of dedupe: names are unique per state machine) whose
-input is the job JSON. If the start fails the claim is released and GitHub gets a
-503, so a redelivery can still launch. Light on purpose: stdlib + boto3 (lazily) +
+input is the job JSON. If the start fails the claim is released and the host gets a
+503, so a redelivery can still launch. The route picks the host: `POST /webhook` is GitHub's,
+`POST /webhook/<host>` another host's (mmp.hosts.base.HOSTS), each with its own secret. Light on purpose: stdlib + boto3 (lazily) +
 mmp's light modules; a test keeps mlflow, torch, pulumi, paramiko, typer and rich out.
 
-Environment: MMP_WEBHOOK_SECRET or MMP_WEBHOOK_SECRET_ARN (Secrets Manager id),
+Environment: MMP_WEBHOOK_SECRET or MMP_WEBHOOK_SECRET_ARN (Secrets Manager id) for GitHub,
+MMP_<HOST>_WEBHOOK_SECRET(_ARN) for another host (MMP_GITLAB_WEBHOOK_SECRET_ARN),
 MMP_DELIVERIES_TABLE (hash key `delivery_id`, string; TTL attribute `expires_at`),
-MMP_STATE_MACHINE_ARN, MMP_DELIVERY_TTL_DAYS (default 7), and for long pushes the
-GitHub token (GITHUB_TOKEN or MMP_GITHUB_TOKEN_SECRET_ARN) to call the compare API.
+MMP_STATE_MACHINE_ARN, MMP_DELIVERY_TTL_DAYS (default 7), and for long pushes each host's
+token (GitHub: GITHUB_TOKEN or MMP_GITHUB_TOKEN_SECRET_ARN) to call its compare API.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from typing import Any
 
 from mmp import aws
+from mmp.hosts.base import HOSTS, get_host
 from mmp.webhook.core import HandoffError, Job, Response, WebhookHandler
 
 log = logging.getLogger("mmp.webhook")
@@ -34,11 +37,12 @@ log = logging.getLogger("mmp.webhook")
 _NAME_OK = re.compile(r"^[A-Za-z0-9_-]{1,76}$")
 
 
-def execution_name(delivery_id: str) -> str:
-    """A Step Functions execution name (≤ 80 chars, no special characters) for a delivery."""
+def execution_name(delivery_id: str, prefix: str = "gh-") -> str:
+    """A Step Functions execution name (≤ 80 chars, no special characters) for a delivery;
+    the prefix is the host's (GitHost.execution_prefix: "gh-" for GitHub)."""
     if _NAME_OK.match(delivery_id):
-        return f"gh-{delivery_id}"
-    return "gh-" + hashlib.sha256(delivery_id.encode()).hexdigest()[:60]
+        return f"{prefix}{delivery_id}"
+    return prefix + hashlib.sha256(delivery_id.encode()).hexdigest()[:60]
 
 
 def _error_code(exc: Exception) -> str:
@@ -75,7 +79,8 @@ class StepFunctionsSink:
             raise
         try:
             aws.client("stepfunctions").start_execution(
-                stateMachineArn=self.state_machine_arn, name=execution_name(job.delivery_id),
+                stateMachineArn=self.state_machine_arn,
+                name=execution_name(job.delivery_id, get_host(job.host).execution_prefix),
                 input=json.dumps(job.to_dict()),
             )
         except Exception as exc:
@@ -91,38 +96,58 @@ class StepFunctionsSink:
 
 
 # API Gateway gives the Lambda 9 s (mmp.infra.webhook_api): the compare call, retries included, must
-# end well inside that, after the secret and before DynamoDB and Step Functions, or GitHub gets a
+# end well inside that, after the secret and before DynamoDB and Step Functions, or the host gets a
 # gateway timeout instead of the handler's own "redeliver later".
 COMPARE_BUDGET_S = 4.0
 
 
-def _github_compare(full_name: str, clone_url: str, base: str, head: str):
-    """The compare API within COMPARE_BUDGET_S in all (a socket timeout bounds each read, not a
+def budget_compare(host_name: str):
+    """The host's compare API within COMPARE_BUDGET_S in all (a socket timeout bounds each read, not a
     slow answer as a whole, hence the worker thread); past it, raise TimeoutError."""
-    from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+    def compare(full_name: str, clone_url: str, base: str, head: str):
+        from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 
-    from mmp.hosts.github import GitHubClient
+        host = get_host(host_name, retries=1, timeout=COMPARE_BUDGET_S / 2, max_wait=0.5)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmp-compare")
+        try:
+            return pool.submit(host.compare, full_name, clone_url, base, head).result(timeout=COMPARE_BUDGET_S)
+        except FutureTimeout:
+            raise TimeoutError(f"{host.title} compare did not answer within {COMPARE_BUDGET_S:.0f} s") from None
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    client = GitHubClient.from_env(retries=1, timeout=COMPARE_BUDGET_S / 2, max_wait=0.5)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmp-compare")
-    try:
-        return pool.submit(client.compare, full_name, base, head).result(timeout=COMPARE_BUDGET_S)
-    except FutureTimeout:
-        raise TimeoutError(f"GitHub compare did not answer within {COMPARE_BUDGET_S:.0f} s") from None
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _secret() -> str | None:
-    return aws.secret_from_env("MMP_WEBHOOK_SECRET", "MMP_WEBHOOK_SECRET_ARN")
+    return compare
 
 
-def _handler() -> WebhookHandler:
+_github_compare = budget_compare("github")
+
+
+def secret_env(host_name: str) -> tuple[str, str]:
+    """The environment variables holding a host's webhook secret: the value, or its Secrets Manager id."""
+    if host_name == "github":
+        return "MMP_WEBHOOK_SECRET", "MMP_WEBHOOK_SECRET_ARN"
+    return f"MMP_{host_name.upper()}_WEBHOOK_SECRET", f"MMP_{host_name.upper()}_WEBHOOK_SECRET_ARN"
+
+
+def _secret(host_name: str = "github") -> str | None:
+    return aws.secret_from_env(*secret_env(host_name))
+
+
+def host_of_path(path: str) -> str | None:
+    """`/webhook` → "github", `/webhook/<host>` → that host's name; None for any other path."""
+    path = path.rstrip("/") or "/"
+    if path == "/webhook":
+        return "github"
+    name = path.removeprefix("/webhook/")
+    return name if name != path and name in HOSTS and name not in ("github", "local") else None
+
+
+def _handler(host_name: str = "github") -> WebhookHandler:
     table, arn = os.environ.get("MMP_DELIVERIES_TABLE"), os.environ.get("MMP_STATE_MACHINE_ARN")
     if not table or not arn:
         raise HandoffError("MMP_DELIVERIES_TABLE and MMP_STATE_MACHINE_ARN must be set")
     sink = StepFunctionsSink(table, arn, float(os.environ.get("MMP_DELIVERY_TTL_DAYS", 7)))
-    return WebhookHandler(_secret, sink, compare=_github_compare)
+    return WebhookHandler(lambda: _secret(host_name), sink, compare=budget_compare(host_name), host=host_name)
 
 
 def _reply(response: Response) -> dict[str, Any]:
@@ -131,10 +156,15 @@ def _reply(response: Response) -> dict[str, Any]:
 
 
 def lambda_handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
-    """API Gateway HTTP API (payload format 2.0) → the shared webhook core."""
-    method = ((event.get("requestContext") or {}).get("http") or {}).get("method", "POST")
+    """API Gateway HTTP API (payload format 2.0) → the shared webhook core, for the route's host."""
+    http = (event.get("requestContext") or {}).get("http") or {}
+    method = http.get("method", "POST")
     if method != "POST":
         return _reply(Response(405, {"status": "rejected", "error": f"method {method} not allowed; POST only"}))
+    path = event.get("rawPath") or http.get("path") or "/webhook"
+    host_name = host_of_path(path)
+    if host_name is None:
+        return _reply(Response(404, {"status": "rejected", "error": f"no webhook at {path[:100]!r}"}))
     body = event.get("body") or ""
     if event.get("isBase64Encoded"):
         try:
@@ -144,7 +174,7 @@ def lambda_handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]
     else:
         raw = body.encode("utf-8")
     try:
-        handler = _handler()
+        handler = _handler(host_name)
     except HandoffError as exc:
         log.error("%s", exc)
         return _reply(Response(500, {"status": "rejected", "error": str(exc)}))

@@ -1,7 +1,8 @@
 """The webhook on the local stack: a threaded HTTP server on 127.0.0.1, same core as the Lambda.
 
-`POST /webhook` runs the shared handler and queues accepted pushes in the durable
-SQLite queue; `GET /healthz` answers with the queue's counts. Nothing here waits
+`POST /webhook` (GitHub's deliveries and the local hook's) and `POST /webhook/<host>` for the
+other git hosts (`/webhook/gitlab`, each with its own secret) run the shared handler and queue
+accepted pushes in the durable SQLite queue; `GET /healthz` answers with the queue's counts. Nothing here waits
 for training. What a burst or a hostile client can take is bounded by `Limits`,
 and every refusal is an HTTP answer GitHub records (a reset is recorded as nothing):
 
@@ -33,14 +34,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
+from mmp.hosts.base import get_host
 from mmp.webhook.core import MAX_BODY_BYTES, Headers, Response, WebhookHandler
 
 log = logging.getLogger("mmp.webhook")
 
 WRITE_TIMEOUT_S = 5.0
-# headers read once: a second copy is ambiguous (request smuggling, a signature for another body)
-SINGLE_HEADERS = ("Content-Length", "Transfer-Encoding", "Content-Type", "X-Hub-Signature-256",
-                  "X-GitHub-Event", "X-GitHub-Delivery")
+# headers read once: a second copy is ambiguous (request smuggling, a signature for another body);
+# each host adds its own (GitHost.single_headers)
+SINGLE_HEADERS = ("Content-Length", "Transfer-Encoding", "Content-Type")
 _DIGITS_RE = re.compile(r"^[0-9]{1,12}$")  # ASCII only: str.isdigit() also takes '٣'
 
 
@@ -58,15 +60,20 @@ class Limits:
     retry_after_s: int = 5
 
 
-def local_compare(full_name: str, clone_url: str, base: str, head: str):
-    """Changed files for a long push: `git diff` for a local repository, the compare API otherwise."""
-    if Path(clone_url.removeprefix("file://")).is_dir():
-        from mmp.hosts import localgit as gitutil
+def compare_for(host_name: str) -> Callable[[str, str, str, str], Any]:
+    """Changed files for a long push from `host_name`: `git diff` for a local repository, the host's
+    compare API otherwise (few retries: the host is waiting for an answer)."""
+    def compare(full_name: str, clone_url: str, base: str, head: str):
+        if Path(clone_url.removeprefix("file://")).is_dir():
+            from mmp.hosts import localgit as gitutil
 
-        return gitutil.changed_files(clone_url.removeprefix("file://"), base, head)
-    from mmp.hosts.github import GitHubClient
+            return gitutil.changed_files(clone_url.removeprefix("file://"), base, head)
+        return get_host(host_name, retries=2, timeout=3).compare(full_name, clone_url, base, head)
 
-    return GitHubClient.from_env(retries=2, timeout=3).compare(full_name, base, head)
+    return compare
+
+
+local_compare = compare_for("github")
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -92,6 +99,7 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
     webhook: WebhookHandler
+    routes: dict[str, WebhookHandler]
     health: Callable[[], dict[str, Any]] | None
 
     def __init__(self, address: tuple[str, int], limits: Limits):
@@ -302,10 +310,13 @@ class _RequestHandler(BaseHTTPRequestHandler):
             body = {"ok": True, **(self.server.health() if self.server.health else {}), "load": self.server.load()}
             self._send(Response(200, body))
         else:
-            self._error(404, f"no such path {self.path.split('?')[0]!r}; POST /webhook or GET /healthz")
+            self._error(404, f"no such path {self.path.split('?')[0]!r}; POST {self._paths()} or GET /healthz")
 
-    def _length_problem(self) -> tuple[int, str] | None:
-        for name in SINGLE_HEADERS:
+    def _paths(self) -> str:
+        return " or ".join(sorted(self.server.routes))
+
+    def _length_problem(self, handler: WebhookHandler) -> tuple[int, str] | None:
+        for name in (*SINGLE_HEADERS, *handler.host.single_headers):
             if len(self.headers.get_all(name) or []) > 1:
                 return 400, f"the {name} header appears more than once; send it once"
         if self.headers.get("Transfer-Encoding"):
@@ -313,23 +324,26 @@ class _RequestHandler(BaseHTTPRequestHandler):
         length_text = self.headers.get("Content-Length")
         if length_text is None or not _DIGITS_RE.match(length_text.strip()):
             return 411, "Content-Length header is missing or not a number of bytes"
-        if int(length_text) > MAX_BODY_BYTES:
-            return 413, f"body is {int(length_text)} bytes; GitHub sends at most {MAX_BODY_BYTES}"
+        limit = handler.host.max_body_bytes
+        if int(length_text) > limit:
+            return 413, f"body is {int(length_text)} bytes; {handler.host.title} sends at most {limit}"
         return None
 
     def do_POST(self) -> None:
         if self._refused():
             return
-        if self.path.split("?")[0] != "/webhook":
-            self._error(404, f"no such path {self.path.split('?')[0]!r}; POST /webhook", unread=self._declared_length())
+        handler = self.server.routes.get(self.path.split("?")[0])
+        if handler is None:
+            self._error(404, f"no such path {self.path.split('?')[0]!r}; POST {self._paths()}",
+                        unread=self._declared_length())
             return
-        problem = self._length_problem()
+        problem = self._length_problem(handler)
         if problem is not None:
             self._error(*problem, unread=self._declared_length())
             return
         length = int(self.headers["Content-Length"])
         headers = Headers(dict(self.headers.items()))
-        early = self.server.webhook.check_headers(headers)  # no signature: refused before the body is read
+        early = handler.check_headers(headers)  # no signature: refused before the body is read
         if early is not None:
             self._error(early.status, early.body["error"], unread=length)
             return
@@ -338,11 +352,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
                              "redeliver in a few seconds", unread=length)
             return
         try:
-            self._post(headers, length)
+            self._post(handler, headers, length)
         finally:
             self.server.release_body(length)
 
-    def _post(self, headers: Headers, length: int) -> None:
+    def _post(self, handler: WebhookHandler, headers: Headers, length: int) -> None:
         try:
             body = self.rfile.read(length)
         except TimeoutError:
@@ -355,7 +369,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._error(400, f"truncated body: got {len(body)} of {length} bytes", close=True)
             return
         try:
-            response = self.server.webhook.handle(headers, body)
+            response = handler.handle(headers, body)
         except Exception as exc:
             log.exception("webhook handler failed")
             response = Response(500, {"status": "rejected", "error": f"internal error ({type(exc).__name__})"})
@@ -363,18 +377,21 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         if not self._refused():
-            self._error(405, "POST /webhook only", unread=self._declared_length())
+            self._error(405, f"POST {self._paths()} only", unread=self._declared_length())
 
     do_DELETE = do_PATCH = do_PUT
 
 
 class WebhookServer:
-    """The HTTP server in a background thread; `port=0` picks a free port."""
+    """The HTTP server in a background thread; `port=0` picks a free port. `handler` answers
+    `POST /webhook`; `routes` adds a path per other host (`{"/webhook/gitlab": handler}`)."""
 
     def __init__(self, handler: WebhookHandler, host: str = "127.0.0.1", port: int = 8080,
-                 health: Callable[[], dict[str, Any]] | None = None, limits: Limits | None = None):
+                 health: Callable[[], dict[str, Any]] | None = None, limits: Limits | None = None,
+                 routes: dict[str, WebhookHandler] | None = None):
         self.httpd = _Server((host, port), limits or Limits())
         self.httpd.webhook = handler
+        self.httpd.routes = {"/webhook": handler, **(routes or {})}
         self.httpd.health = health
         self._thread: threading.Thread | None = None
 
@@ -405,12 +422,21 @@ class WebhookServer:
         self.stop()
 
 
+# the hosts the local stack takes deliveries from besides GitHub: path → (host, its secret)
+def _extra_routes(queue) -> dict[str, WebhookHandler]:
+    from mmp import config
+
+    return {f"/webhook/{name}": WebhookHandler(secret, queue, compare=compare_for(name), host=name)
+            for name, secret in config.host_webhook_secrets().items()}
+
+
 def local_server(host: str = "127.0.0.1", port: int = 8080, queue=None, limits: Limits | None = None) -> WebhookServer:
-    """The local stack's server: the local secret, the durable queue, git/GitHub compare."""
+    """The local stack's server: the local secrets, the durable queue, git or the host's compare."""
     from mmp import config
     from mmp.pipeline.queue import JobQueue
 
     queue = queue or JobQueue()
     secret = config.webhook_secret()
     handler = WebhookHandler(secret, queue, compare=local_compare)
-    return WebhookServer(handler, host, port, health=lambda: {"jobs": queue.counts()}, limits=limits)
+    return WebhookServer(handler, host, port, health=lambda: {"jobs": queue.counts()}, limits=limits,
+                         routes=_extra_routes(queue))
