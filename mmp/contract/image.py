@@ -99,10 +99,10 @@ def code_key(repository: str, commit: str) -> str:
     """Where the commit's archive lives in the artifacts bucket."""
     if not re.fullmatch(r"[0-9a-f]{40}", commit):
         raise ImageError(f"commit must be a 40-character sha, got {commit!r}")
-    owner, _, name = repository.partition("/")
-    if not owner or not name or "/" in name or ".." in repository:
-        raise ImageError(f"repository must be 'owner/name', got {repository!r}")
-    return f"{CODE_PREFIX}/{owner}/{name}/{commit}.tar.gz"
+    parts = repository.split("/")  # owner/name (GitHub), a bare name (CodeCommit), group/…/project
+    if not all(re.fullmatch(r"[A-Za-z0-9_.-]+", part) and part not in (".", "..") for part in parts):
+        raise ImageError(f"repository must be 'owner/name' or a repository name, got {repository!r}")
+    return f"{CODE_PREFIX}/{repository}/{commit}.tar.gz"
 
 
 def requirements_key(tag: str) -> str:

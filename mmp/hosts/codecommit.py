@@ -29,9 +29,10 @@ import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from mmp import aws
+from mmp.hosts.base import GitHost
 from mmp.hosts.gitattributes import ATTRIBUTES_FILE, ExportIgnore
 
 log = logging.getLogger("mmp.hosts.codecommit")
@@ -311,3 +312,49 @@ class CodeCommitCommentReporter:
         marker = f"{MARKER} {context}"
         self.client.post_or_update(repository, commit, marker, comment_text(state, description, target_url, context))
 
+
+
+def region_of(clone_url: str) -> str | None:
+    """The region in a CodeCommit HTTPS clone URL (git-codecommit.REGION.amazonaws.com), else None."""
+    match = re.match(r"^https://git-codecommit\.([a-z0-9-]+)\.amazonaws\.com/", clone_url or "")
+    return match.group(1) if match else None
+
+
+class CodeCommitHost(GitHost):
+    """AWS CodeCommit: IAM is the credential (no token, no secret); pushes arrive as EventBridge events
+    (mmp.webhook.codecommit), never as webhook deliveries. The repository's region is the clone URL's."""
+
+    name = "codecommit"
+    title = "CodeCommit"
+    execution_prefix = "cc-"
+
+    def __init__(self, client: CodeCommitClient | None = None, **_transport: Any):
+        self._client = client
+        self._clients: dict[str | None, CodeCommitClient] = {}
+
+    def __repr__(self) -> str:
+        return "CodeCommitHost()"
+
+    def client(self, clone_url: str = "") -> CodeCommitClient:
+        if self._client is not None:
+            return self._client
+        region = region_of(clone_url)
+        if region not in self._clients:
+            self._clients[region] = CodeCommitClient(region=region)
+        return self._clients[region]
+
+    def compare(self, repository: str, clone_url: str, base: str, head: str) -> Mapping[str, list[str]]:
+        return self.client(clone_url).compare(repository, None if set(base) == {"0"} else base, head)
+
+    def source(self, repository: str, clone_url: str, commit: str) -> CodeCommitSource:
+        return CodeCommitSource(self.client(clone_url), repository, commit)
+
+    def archive(self, repository: str, clone_url: str, commit: str) -> bytes:
+        return self.client(clone_url).archive(repository, commit)
+
+    def reporter(self) -> CodeCommitCommentReporter:
+        return CodeCommitCommentReporter(self.client())
+
+    def configured(self) -> bool:
+        """Whether the local worker should read CodeCommit: it listens to some repositories."""
+        return bool(os.environ.get("MMP_CODECOMMIT_REPOSITORIES"))

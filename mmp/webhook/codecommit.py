@@ -25,7 +25,8 @@ import re
 from typing import Any, Callable, Iterable
 
 from mmp.pipeline.job import Job
-from mmp.webhook.core import EXPERIMENT_FILES, PROMOTE_FILE, TRIGGER_FILES, ZERO_SHA, JobSink, Response, ref_problem
+from mmp.hosts.base import ZERO_SHA, ref_problem
+from mmp.webhook.core import EXPERIMENT_FILES, PROMOTE_FILE, TRIGGER_FILES, JobSink, Response
 
 log = logging.getLogger("mmp.webhook.codecommit")
 
@@ -162,10 +163,7 @@ class CodeCommitEvents:
             return _ignored(f"no change to {' or '.join(EXPERIMENT_FILES)} (or {PROMOTE_FILE}) at the repository "
                             f"root in {ref}")
         job = Job(repository=name, clone_url=clone_url(name, region), before=before or ZERO_SHA, after=commit,
-                  ref=ref, delivery_id=event["id"], trigger_files=wanted)
-        job_dict = job.to_dict()
-        if "host" in Job.__dataclass_fields__:
-            job.host = "codecommit"  # type: ignore[attr-defined]
+                  ref=ref, delivery_id=event["id"], trigger_files=wanted, host="codecommit")
         digest = hashlib.sha256(json.dumps(event, sort_keys=True).encode()).hexdigest()
         try:
             fresh = self.sink.submit(job, digest)
@@ -176,4 +174,4 @@ class CodeCommitEvents:
             return Response(200, {"status": "duplicate", "delivery_id": event["id"],
                                   "reason": "this event was already accepted"})
         log.info("queued CodeCommit event %s: %s@%s (%s)", event["id"], name, commit[:12], ", ".join(wanted))
-        return Response(202, {"status": "queued", "delivery_id": event["id"], "job": job.to_dict() or job_dict})
+        return Response(202, {"status": "queued", "delivery_id": event["id"], "job": job.to_dict()})
