@@ -54,6 +54,30 @@ def rank_limit() -> int:
     return RANKS_PER_CORE * usable_cores()
 
 
+def export_commit(request: LaunchRequest, code: Path, run_dir: Path) -> None:
+    """The commit's files into `code`: `git archive` of a repository on this machine, else the archive its
+    git host makes (a CodeCommit event on `mmp up`), unpacked as the SageMaker entrypoint unpacks it:
+    links, devices and paths leaving the folder refused, a single top folder stripped."""
+    from mmp.hosts.base import get_host, local_repository
+
+    if local_repository(request.clone_url) is not None:
+        gitutil.export(request.clone_url, request.commit, code)
+        return
+    from mmp.runtime.sagemaker_entrypoint import EntrypointError, unpack_code
+
+    archive_dir = run_dir / "code-archive"
+    shutil.rmtree(archive_dir, ignore_errors=True)
+    archive_dir.mkdir(parents=True)
+    (archive_dir / "code.tar.gz").write_bytes(
+        get_host(request.host).archive(request.repository, request.clone_url, request.commit))
+    try:
+        unpack_code(archive_dir, code)
+    except EntrypointError as exc:
+        raise BackendError(str(exc)) from None
+    finally:
+        shutil.rmtree(archive_dir, ignore_errors=True)
+
+
 class LocalBackend(Backend):
     name = "local"
     poll_seconds = 0.2
@@ -98,7 +122,7 @@ class LocalBackend(Backend):
         code = run_dir / "code"
         if code.exists():
             shutil.rmtree(code)
-        gitutil.export(request.clone_url, request.commit, code)
+        export_commit(request, code, run_dir)
         if not (code / "train.py").is_file():
             raise BackendError("train.py not found at the repository root")
         for stale in (EXIT_FILE, CANCEL_FILE):

@@ -327,6 +327,7 @@ class CodeCommitHost(GitHost):
     name = "codecommit"
     title = "CodeCommit"
     execution_prefix = "cc-"
+    max_body_bytes = 256 * 1024  # an EventBridge event is at most 256 KB (the local server's event route)
 
     def __init__(self, client: CodeCommitClient | None = None, **_transport: Any):
         self._client = client

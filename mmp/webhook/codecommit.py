@@ -25,7 +25,7 @@ import re
 from typing import Any, Callable, Iterable
 
 from mmp.pipeline.job import Job
-from mmp.hosts.base import ZERO_SHA, ref_problem
+from mmp.hosts.base import ZERO_SHA, Headers, decode_body, ref_problem
 from mmp.webhook.core import EXPERIMENT_FILES, PROMOTE_FILE, TRIGGER_FILES, JobSink, Response
 
 log = logging.getLogger("mmp.webhook.codecommit")
@@ -175,3 +175,38 @@ class CodeCommitEvents:
                                   "reason": "this event was already accepted"})
         log.info("queued CodeCommit event %s: %s@%s (%s)", event["id"], name, commit[:12], ", ".join(wanted))
         return Response(202, {"status": "queued", "delivery_id": event["id"], "job": job.to_dict()})
+
+
+class CodeCommitEndpoint:
+    """`POST /events/codecommit` on the local stack: the EventBridge event as the body, from loopback only
+    (the server checks `loopback_only`): on this machine nothing signs the event, so only local
+    processes may hand one in. Answers as the Lambda decides."""
+
+    loopback_only = True
+
+    def __init__(self, events: CodeCommitEvents):
+        from mmp.hosts.base import get_host
+
+        self.events = events
+        self.host = get_host("codecommit")
+
+    def check_headers(self, headers: Headers) -> Response | None:
+        return None
+
+    def handle(self, headers: Headers, body: bytes) -> Response:
+        try:
+            payload = decode_body(body, headers.get("Content-Type"))
+        except TypeError as exc:
+            return _bad(415, str(exc))
+        except ValueError as exc:
+            return _bad(400, str(exc))
+        return self.events.handle(payload)
+
+
+def local_endpoint(queue) -> CodeCommitEndpoint | None:
+    """The local stack's CodeCommit route when MMP_CODECOMMIT_REPOSITORIES lists repositories (CodeCommit
+    is read through AWS_ENDPOINT_URL_CODECOMMIT, the tests' stand-in, or AWS with your credentials)."""
+    import os
+
+    allowed = Allowed.from_text(os.environ.get("MMP_CODECOMMIT_REPOSITORIES"))
+    return CodeCommitEndpoint(CodeCommitEvents(queue, allowed)) if allowed else None

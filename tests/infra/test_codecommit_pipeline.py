@@ -73,7 +73,7 @@ def test_a_codecommit_push_trains_through_the_state_machine_and_comments_on_the_
     mlflow_run = stack.mlflow_run(state["started"]["run_id"])
     assert mlflow_run["info"]["status"] == "FINISHED"
     tags = {t["key"]: t["value"] for t in mlflow_run["data"]["tags"]}
-    assert tags["mlflow.source.name"] == NAME and tags.get("mmp.host", "codecommit") == "codecommit"
+    assert tags["mlflow.source.name"] == NAME and tags["mmp.host"] == "codecommit"
 
     # The code the job ran: built from GetFolder + GetBlob, export-ignore honoured as git archive does.
     bucket, _, key = state["image"]["code_uri"].removeprefix("s3://").partition("/")
