@@ -359,3 +359,7 @@ class CodeCommitHost(GitHost):
     def configured(self) -> bool:
         """Whether the local worker should read CodeCommit: it listens to some repositories."""
         return bool(os.environ.get("MMP_CODECOMMIT_REPOSITORIES"))
+
+    def ready(self) -> "CodeCommitHost":
+        self.client()  # the boto3 client resolves its credentials and endpoint now
+        return self
