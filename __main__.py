@@ -68,17 +68,22 @@ if settings.dlami:
                            mlflow_password_secret_arn=mlflow.password_secret.arn if mlflow.password_secret else None,
                            mlflow_tracking_server_arn=mlflow.tracking_server_arn or None)
 pipeline = TrainingPipeline("pipeline", settings, network, data, mlflow, account=account, package=package,
-                            github_token=cfg.require_secret("githubToken"), project_root=ROOT, dlami=dlami)
+                            github_token=cfg.require_secret("githubToken"), project_root=ROOT, dlami=dlami,
+                            gitlab_token=cfg.require_secret("gitlabToken") if settings.gitlab else None)
 webhook = WebhookApi("webhook", settings, account=account, package=package,
                      webhook_secret=cfg.require_secret("webhookSecret"),
                      github_token_secret_arn=pipeline.github_token_secret.arn,
-                     state_machine_arn=pipeline.state_machine.arn)
+                     state_machine_arn=pipeline.state_machine.arn,
+                     gitlab_webhook_secret=cfg.require_secret("gitlabWebhookSecret") if settings.gitlab else None,
+                     gitlab_token_secret_arn=pipeline.gitlab_token_secret.arn if pipeline.gitlab_token_secret else None)
 codecommit = None
 if settings.codecommit_repositories:  # CodeCommit pushes arrive through EventBridge, not the webhook
     codecommit = CodeCommitTrigger("codecommit", settings, account=account, package=package,
                                    deliveries_table=webhook.table, state_machine_arn=pipeline.state_machine.arn)
 # -- what people need -------------------------------------------------------------------
 pulumi.export("webhookUrl", webhook.url)
+if webhook.gitlab_url is not None:
+    pulumi.export("gitlabWebhookUrl", webhook.gitlab_url)  # GitLab → Settings → Webhooks: this URL, Push events
 pulumi.export("webhookSecret", pulumi.Output.secret(cfg.require_secret("webhookSecret")))
 pulumi.export("mlflowUrl", mlflow.url)
 pulumi.export("mlflowUsername", mlflow.username)

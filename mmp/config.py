@@ -90,7 +90,7 @@ def running_stack() -> dict | None:
 
 
 # git hosts whose webhooks the local stack takes on their own path (/webhook/<host>), each with its own secret
-WEBHOOK_HOSTS: tuple[str, ...] = ()
+WEBHOOK_HOSTS: tuple[str, ...] = ("gitlab",)
 
 
 def webhook_secret(host: str = "github") -> str:

@@ -130,7 +130,8 @@ def mmp_home(tmp_path, monkeypatch, no_process_left_behind) -> Path:
     home.mkdir()
     monkeypatch.setenv("MMP_HOME", str(home))
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MMP_DATASETS",
-                "MMP_WEBHOOK_SECRET", "GITHUB_TOKEN", "MMP_DEFAULT_PLATFORM"):
+                "MMP_WEBHOOK_SECRET", "GITHUB_TOKEN", "MMP_DEFAULT_PLATFORM", "GITLAB_TOKEN",
+                "MMP_GITLAB_WEBHOOK_SECRET", "MMP_GITLAB_URL", "MMP_GITLAB_TOKEN_SECRET_ARN"):
         monkeypatch.delenv(var, raising=False)
     for key, value in GIT_ENV.items():
         monkeypatch.setenv(key, value)

@@ -25,6 +25,7 @@ import psutil
 
 from mmp import config
 from mmp.hosts import localgit as gitutil
+from mmp.hosts.base import get_host, local_repository
 from mmp.local import procs
 from mmp.contract.argv import horovodrun_argv, train_args
 from mmp.contract.datasets import Dataset, missing_files
@@ -52,30 +53,6 @@ def usable_cores() -> int:
 
 def rank_limit() -> int:
     return RANKS_PER_CORE * usable_cores()
-
-
-def export_commit(request: LaunchRequest, code: Path, run_dir: Path) -> None:
-    """The commit's files into `code`: `git archive` of a repository on this machine, else the archive its
-    git host makes (a CodeCommit event on `mmp up`), unpacked as the SageMaker entrypoint unpacks it:
-    links, devices and paths leaving the folder refused, a single top folder stripped."""
-    from mmp.hosts.base import get_host, local_repository
-
-    if local_repository(request.clone_url) is not None:
-        gitutil.export(request.clone_url, request.commit, code)
-        return
-    from mmp.runtime.sagemaker_entrypoint import EntrypointError, unpack_code
-
-    archive_dir = run_dir / "code-archive"
-    shutil.rmtree(archive_dir, ignore_errors=True)
-    archive_dir.mkdir(parents=True)
-    (archive_dir / "code.tar.gz").write_bytes(
-        get_host(request.host).archive(request.repository, request.clone_url, request.commit))
-    try:
-        unpack_code(archive_dir, code)
-    except EntrypointError as exc:
-        raise BackendError(str(exc)) from None
-    finally:
-        shutil.rmtree(archive_dir, ignore_errors=True)
 
 
 class LocalBackend(Backend):
@@ -117,12 +94,32 @@ class LocalBackend(Backend):
             problems.append("horovodrun is not installed in this environment (run scripts/bootstrap.sh)")
         return problems
 
+    def _export(self, request: LaunchRequest, code: Path) -> None:
+        """The tree at the commit into `code`: `git archive` of a repository here, else the git host's archive
+        of the commit (a GitLab or GitHub push to the local stack), unpacked as the training image does."""
+        if local_repository(request.clone_url) is not None:
+            gitutil.export(request.clone_url, request.commit, code)
+            return
+        from mmp.runtime.sagemaker_entrypoint import EntrypointError, unpack_code
+
+        host = get_host(request.host)
+        folder = self.run_dir(request) / "code-archive"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / "code.tar.gz").write_bytes(host.archive(request.repository, request.clone_url, request.commit))
+        try:
+            unpack_code(folder, code)
+        except EntrypointError as exc:
+            raise BackendError(f"{host.title} archive of {request.repository}@{request.short_commit}: {exc}") from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
     def launch(self, request: LaunchRequest) -> JobHandle:
         run_dir = self.run_dir(request)
         code = run_dir / "code"
         if code.exists():
             shutil.rmtree(code)
-        export_commit(request, code, run_dir)
+        self._export(request, code)
         if not (code / "train.py").is_file():
             raise BackendError("train.py not found at the repository root")
         for stale in (EXIT_FILE, CANCEL_FILE):

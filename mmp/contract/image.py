@@ -95,13 +95,17 @@ def image_tag(requirements: bytes, context: str) -> str:
     return TAG_PREFIX + digest[:32]
 
 
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]{1,255}")  # one path segment of a repository's full name
+
+
 def code_key(repository: str, commit: str) -> str:
     """Where the commit's archive lives in the artifacts bucket."""
     if not re.fullmatch(r"[0-9a-f]{40}", commit):
         raise ImageError(f"commit must be a 40-character sha, got {commit!r}")
-    parts = repository.split("/")  # owner/name (GitHub), a bare name (CodeCommit), group/…/project
-    if not all(re.fullmatch(r"[A-Za-z0-9_.-]+", part) and part not in (".", "..") for part in parts):
-        raise ImageError(f"repository must be 'owner/name' or a repository name, got {repository!r}")
+    parts = repository.split("/")  # owner/name, GitLab's group/subgroup/project, a CodeCommit repository's name
+    if not all(_SEGMENT_RE.fullmatch(p) and p not in (".", "..") for p in parts):
+        raise ImageError(f"repository must be 'owner/name' (GitLab: 'group/subgroup/project', CodeCommit: a name), "
+                         f"got {repository!r}")
     return f"{CODE_PREFIX}/{repository}/{commit}.tar.gz"
 
 

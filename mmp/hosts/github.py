@@ -20,19 +20,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import os
-import random
 import re
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from mmp.hosts.base import GitHost, Headers, Event, Push, Refusal, commit_lists_problems, is_sha, ref_problem
+from mmp.hosts.rest import RateLimited as RestRateLimited, RestClient
+from mmp.hosts.base import HostError, GitHost, Headers, Event, Push, Refusal, commit_lists_problems, is_sha, ref_problem
 
 log = logging.getLogger("mmp.hosts.github")
 
@@ -45,15 +42,11 @@ _SIGNATURE_RE = re.compile(r"^sha256=[0-9a-fA-F]{64}$")
 _DELIVERY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class GitHubError(RuntimeError):
+class GitHubError(HostError):
     """A GitHub API call that failed; the message names the call and GitHub's reason, never the token."""
 
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
 
-
-class RateLimited(GitHubError):
+class RateLimited(GitHubError, RestRateLimited):
     pass
 
 
@@ -92,83 +85,25 @@ def _split(full_name: str) -> str:
     return f"{urllib.parse.quote(owner, safe='')}/{urllib.parse.quote(name, safe='')}"
 
 
-class GitHubClient:
+class GitHubClient(RestClient):
+    title = "GitHub"
+    error = GitHubError
+    rate_limited_error = RateLimited
+    default_accept = "application/vnd.github+json"
+
     def __init__(self, token: str | None = None, base_url: str | None = None, *, retries: int = 4,
                  backoff: float = 0.5, max_wait: float | None = None, timeout: float = 10.0,
                  sleep: Callable[[float], None] = time.sleep):
-        self.__token = token
-        self.base_url = (base_url or api_url()).rstrip("/")
-        self.retries = retries
-        self.backoff = backoff
-        self.max_wait = float(os.environ.get("MMP_GITHUB_MAX_WAIT", 60)) if max_wait is None else max_wait
-        self.timeout = timeout
-        self.sleep = sleep
+        super().__init__(token, base_url or api_url(), retries=retries, backoff=backoff,
+                         max_wait=float(os.environ.get("MMP_GITHUB_MAX_WAIT", 60)) if max_wait is None else max_wait,
+                         timeout=timeout, sleep=sleep)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "GitHubClient":
         return cls(token=token_from_env(), **kwargs)
 
-    def __repr__(self) -> str:
-        return f"GitHubClient(base_url={self.base_url!r}, token={'set' if self.__token else 'unset'})"
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self.__token, "***") if self.__token else text
-
-    # -- transport ---------------------------------------------------------------
-    def request(self, method: str, path: str, *, query: dict[str, str] | None = None, body: Any = None,
-                accept: str = "application/vnd.github+json", raw: bool = False) -> tuple[int, Any, dict[str, str]]:
-        """One API call with retries; returns (status, decoded JSON or text — bytes when `raw` —,
-        lower-cased headers). Redirects (the archive endpoints answer 302) are followed."""
-        url = self.base_url + path + ("?" + urllib.parse.urlencode(query) if query else "")
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Accept": accept, "User-Agent": "mmp", "X-GitHub-Api-Version": API_VERSION}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        if self.__token:
-            headers["Authorization"] = f"Bearer {self.__token}"
-        what = f"{method} {path}"
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
-            try:
-                req = urllib.request.Request(url, data=data, method=method, headers=headers)
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    content = resp.read()
-                    return (resp.status, content if raw or accept.endswith(".raw") else _decode(content),
-                            {k.lower(): v for k, v in resp.headers.items()})
-            except urllib.error.HTTPError as exc:
-                status, resp_headers = exc.code, {k.lower(): v for k, v in (exc.headers or {}).items()}
-                payload = _decode(exc.read() or b"")
-                reason = self._scrub(str(payload.get("message") if isinstance(payload, dict) else payload)[:300])
-                wait = self._retry_wait(status, resp_headers, attempt)
-                if wait is None or last:
-                    error = RateLimited if _rate_limited(status, resp_headers) else GitHubError
-                    raise error(f"GitHub {what} answered {status}: {reason or exc.reason}", status) from None
-                log.warning("GitHub %s answered %s (%s); retry %d in %.1fs", what, status, reason, attempt + 1, wait)
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                reason = self._scrub(str(getattr(exc, "reason", exc)))
-                if last:
-                    raise GitHubError(f"GitHub {what} failed: {reason}") from None
-                wait = self._backoff(attempt)
-                log.warning("GitHub %s failed (%s); retry %d in %.1fs", what, reason, attempt + 1, wait)
-            self.sleep(wait)
-        raise AssertionError("unreachable")
-
-    def _backoff(self, attempt: int) -> float:
-        return min(self.max_wait, self.backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
-
-    def _retry_wait(self, status: int, headers: dict[str, str], attempt: int) -> float | None:
-        """Seconds to wait before retrying, or None when this answer is final."""
-        if _rate_limited(status, headers):
-            if headers.get("retry-after", "").isdigit():
-                wait = float(headers["retry-after"])
-            elif headers.get("x-ratelimit-reset", "").isdigit():
-                wait = max(0.0, float(headers["x-ratelimit-reset"]) - time.time()) + 1
-            else:
-                wait = self._backoff(attempt)
-            return wait if wait <= self.max_wait else None  # a reset an hour away is not worth waiting for
-        if status >= 500:
-            return self._backoff(attempt)
-        return None
+    def extra_headers(self) -> dict[str, str]:
+        return {"X-GitHub-Api-Version": API_VERSION}
 
     # -- calls ---------------------------------------------------------------------
     def _contents(self, repository: str, path: str, ref: str) -> tuple[str, Any]:
@@ -249,17 +184,6 @@ class GitHubClient:
             body["target_url"] = target_url
         _, data, _ = self.request("POST", f"/repos/{_split(repository)}/statuses/{sha}", body=body)
         return data
-
-
-def _rate_limited(status: int, headers: dict[str, str]) -> bool:
-    return status in (403, 429) and (headers.get("x-ratelimit-remaining") == "0" or "retry-after" in headers)
-
-
-def _decode(raw: bytes) -> Any:
-    try:
-        return json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return raw
 
 
 @dataclass

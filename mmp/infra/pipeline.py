@@ -207,7 +207,7 @@ def dataset_locations(settings: Settings) -> dict[str, set[str]]:
 class TrainingPipeline(pulumi.ComponentResource):
     def __init__(self, name: str, settings: Settings, network: Network, data: DataStore, mlflow: MlflowServer, *,
                  account: pulumi.Input[str], package: LambdaPackage, github_token: pulumi.Input[str],
-                 project_root: Path, dlami: DlamiResources | None = None, opts: pulumi.ResourceOptions | None = None):
+                 project_root: Path, gitlab_token: pulumi.Input[str] | None = None, dlami: DlamiResources | None = None, opts: pulumi.ResourceOptions | None = None):
         super().__init__("mmp:infra:TrainingPipeline", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         tags = {"mmp:deployment": settings.prefix}
@@ -220,6 +220,13 @@ class TrainingPipeline(pulumi.ComponentResource):
             recovery_window_in_days=recovery, tags=tags, opts=child)
         aws.secretsmanager.SecretVersion(f"{name}-github-token", secret_id=self.github_token_secret.id,
                                          secret_string=github_token, opts=child)
+        self.gitlab_token_secret = None
+        if gitlab_token is not None:
+            self.gitlab_token_secret = aws.secretsmanager.Secret(
+                f"{name}-gitlab-token", description="GitLab project access token: read commits, set commit statuses "
+                "(mmp:gitlabToken)", recovery_window_in_days=recovery, tags=tags, opts=child)
+            aws.secretsmanager.SecretVersion(f"{name}-gitlab-token", secret_id=self.gitlab_token_secret.id,
+                                             secret_string=gitlab_token, opts=child)
         self.topic = aws.sns.Topic(f"{name}-notify", display_name=f"MMP {settings.prefix}",
                                    kms_master_key_id="alias/aws/sns", tags=tags, opts=child)
         if settings.notify_email:
@@ -313,7 +320,8 @@ class TrainingPipeline(pulumi.ComponentResource):
                       for stage, fn in function_names.items()}
         job_arn = pulumi.Output.concat("arn:aws:sagemaker:", region, ":", account, ":training-job/",
                                        settings.job_prefix, "*")
-        secret_arns = [self.github_token_secret.arn] + ([mlflow.password_secret.arn] if mlflow.password_secret else [])
+        secret_arns = [self.github_token_secret.arn] + ([mlflow.password_secret.arn] if mlflow.password_secret else []) \
+            + ([self.gitlab_token_secret.arn] if self.gitlab_token_secret is not None else [])
         machine_name = f"{settings.prefix}-pipeline"
         runner_folder = pulumi.Output.concat(artifacts_arn, "/runner/*")
         stage_statements = [
@@ -400,7 +408,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             artifacts_bucket=data.artifacts_bucket, environment=self.environment,
             secrets=runner_secrets(self.github_token_secret.arn,
                                    mlflow.password_secret.arn if mlflow.password_secret else None,
-                                   dlami.ssh_key_secret.arn if dlami is not None else None),
+                                   dlami.ssh_key_secret.arn if dlami is not None else None,
+                                   self.gitlab_token_secret.arn if self.gitlab_token_secret is not None else None),
             task_statements=task_statements, project_root=project_root, opts=child)
         if dlami is not None:  # the runner dials the instances' SSH from its own security group
             aws.vpc.SecurityGroupIngressRule(
@@ -483,7 +492,8 @@ class TrainingPipeline(pulumi.ComponentResource):
         return pulumi.Output.all(
             tracking=mlflow.api_url, ui=mlflow.url, server_arn=mlflow.tracking_server_arn,
             password=mlflow.password_secret.arn if mlflow.password_secret else "",
-            token=self.github_token_secret.arn, topic=self.topic.arn, catalogue=data.catalogue_json,
+            token=self.github_token_secret.arn, topic=self.topic.arn,
+            gitlab_token=self.gitlab_token_secret.arn if self.gitlab_token_secret is not None else "", catalogue=data.catalogue_json,
             ecr=self.repository.repository_url, role=self.sagemaker_role.arn, artifacts=data.artifacts_bucket.bucket,
             subnets=network.private_subnet_ids, sgs=[network.training_sg.id], fsx_id=data.fsx_id, fsx_mount=data.fsx_mount_name,
             dlami=self._dlami_environment(settings, data, dlami),
@@ -498,6 +508,8 @@ class TrainingPipeline(pulumi.ComponentResource):
             "MMP_MLFLOW_TRACKING_SERVER_ARN": a["server_arn"] or "",
             "MMP_GITHUB_TOKEN_SECRET_ARN": a["token"],
             "MMP_GITHUB_API_URL": settings.github_api_url,
+            **({"MMP_GITLAB_TOKEN_SECRET_ARN": a["gitlab_token"], "MMP_GITLAB_URL": settings.gitlab_url}
+               if a["gitlab_token"] else {}),
             "MMP_NOTIFY_TOPIC_ARN": a["topic"],
             "MMP_DATASETS": a["catalogue"],
             "MMP_DEFAULT_PLATFORM": "sagemaker",

@@ -145,10 +145,12 @@ class RunnerTask(pulumi.ComponentResource):
 
 
 def runner_secrets(github_token_arn: pulumi.Input[str], mlflow_password_arn: pulumi.Input[str] | None,
-                   ssh_key_arn: pulumi.Input[str] | None = None) -> dict:
-    """Environment name → Secrets Manager ARN, injected by ECS (GitHubClient, MLflow and the
+                   ssh_key_arn: pulumi.Input[str] | None = None, gitlab_token_arn: pulumi.Input[str] | None = None) -> dict:
+    """Environment name → Secrets Manager ARN, injected by ECS (the git hosts' clients, MLflow and the
     dlami backend read these names)."""
     out: dict[str, Any] = {"GITHUB_TOKEN": github_token_arn}
+    if gitlab_token_arn is not None:
+        out["GITLAB_TOKEN"] = gitlab_token_arn
     if mlflow_password_arn is not None:
         out["MLFLOW_TRACKING_PASSWORD"] = mlflow_password_arn
     if ssh_key_arn is not None:

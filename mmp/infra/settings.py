@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 NAMESPACE = "mmp"
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{1,18}[a-z0-9]$")
 NAME_RULE = "3-20 characters: lower-case letters, digits and '-', starting with a letter, not ending with '-'"
-SECRET_KEYS = ("githubToken", "webhookSecret", "mlflowAdminPassword", "sshPrivateKey")
+SECRET_KEYS = ("githubToken", "webhookSecret", "mlflowAdminPassword", "sshPrivateKey", "gitlabToken",
+               "gitlabWebhookSecret")
 DEFAULT_DLAMI_SSM = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 DOMAIN_RE = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
@@ -107,6 +108,7 @@ class Settings(BaseModel):
     deployment_name: str = Field(alias="deploymentName")
     notify_email: str | None = Field(default=None, alias="notifyEmail")
     github_api_url: str = Field(default="https://api.github.com", alias="githubApiUrl")
+    gitlab_url: str = Field(default="https://gitlab.com", alias="gitlabUrl")  # a self-managed GitLab's URL
     # -- network
     vpc_id: str | None = Field(default=None, alias="vpcId")
     private_subnet_ids: list[str] = Field(default_factory=list, alias="privateSubnetIds")
@@ -237,6 +239,11 @@ class Settings(BaseModel):
                 raise ValueError(f"datasets.{name}.fsx must be an absolute path")
         return value
 
+    @property
+    def gitlab(self) -> bool:
+        """GitLab deliveries are taken (and its token stored) when both GitLab secrets are set."""
+        return {"gitlabToken", "gitlabWebhookSecret"} <= set(self.has_secrets)
+
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
         problems = []
@@ -247,6 +254,11 @@ class Settings(BaseModel):
         for key in ("githubToken", "webhookSecret"):
             if key not in self.has_secrets:
                 problems.append(f"{key}: required; set it with `pulumi config set --secret mmp:{key} ...` (mmp deploy does)")
+        gitlab = [k for k in ("gitlabToken", "gitlabWebhookSecret") if k in self.has_secrets]
+        if len(gitlab) == 1:
+            other = "gitlabWebhookSecret" if gitlab == ["gitlabToken"] else "gitlabToken"
+            problems.append(f"{other}: GitLab needs both gitlabToken and gitlabWebhookSecret (secrets); "
+                            f"only {gitlab[0]} is set")
         if self.mlflow_mode == "fargate" and "mlflowAdminPassword" not in self.has_secrets:
             problems.append("mlflowAdminPassword: required with mlflowMode fargate (secret)")
         if self.dlami and (not self.ssh_public_key or "sshPrivateKey" not in self.has_secrets):

@@ -69,6 +69,8 @@ STACK_TOKENS = {
     "secret:mlflow-admin-password-a1b2c3d-AbCdEf": "secret:MLFLOW_PASSWORD",
     "secret:dlami-ssh-key-a1b2c3d-AbCdEf": "secret:SSH_KEY",
     "secret:webhook-secret-a1b2c3d-AbCdEf": "secret:WEBHOOK_SECRET",
+    "secret:pipeline-gitlab-token-a1b2c3d-AbCdEf": "secret:GITLAB_TOKEN",
+    "secret:webhook-gitlab-secret-a1b2c3d-AbCdEf": "secret:GITLAB_WEBHOOK_SECRET",
     "pipeline-notify-a1b2c3d": "NOTIFY_TOPIC",
     "table/webhook-deliveries-a1b2c3d": "table/DELIVERIES",
     "repository/acme-ml-dev-training": "repository/TRAINING_IMAGES",

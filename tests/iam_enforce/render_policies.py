@@ -2,7 +2,8 @@
 
 Run as a subprocess once per test session (tests/conftest.py `iam_policies`): Pulumi's mocks
 are process-wide state, kept out of the tests that only need the result. Every optional part
-is on (FSx, DLAMI, the Docker Hub pull-through cache, the CodeCommit trigger for `fashion-demo`), so every role the program can make is here.
+is on (FSx, DLAMI, the Docker Hub pull-through cache, GitLab, the CodeCommit trigger for `fashion-demo`), so
+every role the program can make is here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from tests.infra import conftest as h  # noqa: E402
 
 SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
 CONFIG = {**h.DEV_CONFIG, "mmp:fsx": "true", "mmp:dlami": "true", "mmp:sshPublicKey": "ssh-ed25519 AAAA test",
-          "mmp:sshPrivateKey": SSH_KEY, "mmp:codecommitRepositories": json.dumps(["fashion-demo"]),
+          "mmp:sshPrivateKey": SSH_KEY, "mmp:gitlabToken": "glpat-TESTTOKENthatmustnotleak",
+          "mmp:gitlabWebhookSecret": "gitlab-webhook-secret-thatmustnotleak",
+          "mmp:codecommitRepositories": json.dumps(["fashion-demo"]),
           "mmp:dockerHubSecretArn": f"arn:aws:secretsmanager:{h.REGION}:{h.ACCOUNT}:secret:ecr-pullthroughcache/hub-AbCdEf"}
 
 

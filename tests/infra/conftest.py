@@ -35,7 +35,8 @@ DEV_CONFIG = {
     "mmp:webhookSecret": "whsec-thatmustnotleak-1234567890abcdef",
     "mmp:mlflowAdminPassword": "mlflow-admin-thatmustnotleak",
 }
-SECRETS = ["mmp:githubToken", "mmp:webhookSecret", "mmp:mlflowAdminPassword", "mmp:sshPrivateKey"]
+SECRETS = ["mmp:githubToken", "mmp:webhookSecret", "mmp:mlflowAdminPassword", "mmp:sshPrivateKey", "mmp:gitlabToken",
+           "mmp:gitlabWebhookSecret"]
 PROD_CONFIG = {
     **DEV_CONFIG,
     "mmp:dbMultiAz": "true",
