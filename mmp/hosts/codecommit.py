@@ -28,11 +28,11 @@ import re
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from mmp import aws
-from mmp.hosts.base import GitHost
+from mmp.hosts.base import ClientSource, GitHost
 from mmp.hosts.gitattributes import ATTRIBUTES_FILE, ExportIgnore
 
 log = logging.getLogger("mmp.hosts.codecommit")
@@ -123,16 +123,19 @@ class CodeCommitClient:
     def blob(self, repository: str, blob_id: str) -> bytes:
         return self.client.get_blob(repositoryName=repository, blobId=blob_id)["content"]
 
-    def commit_exists(self, repository: str, commit: str) -> bool:
-        """GetCommit: the event is a pointer, so the commit is looked up before anything starts."""
+    def commit(self, repository: str, commit: str) -> dict[str, Any] | None:
+        """GetCommit's commit (tree, parents, author, committer), None when the repository has no such commit."""
         try:
-            self.client.get_commit(repositoryName=repository, commitId=commit)
+            return self.client.get_commit(repositoryName=repository, commitId=commit)["commit"]
         except Exception as exc:
             if _code(exc) in ("CommitIdDoesNotExistException", "CommitDoesNotExistException",
                               "InvalidCommitIdException"):
-                return False
+                return None
             raise
-        return True
+
+    def commit_exists(self, repository: str, commit: str) -> bool:
+        """The event is a pointer, so the commit is looked up before anything starts."""
+        return self.commit(repository, commit) is not None
 
     def default_branch(self, repository: str) -> str | None:
         return self.client.get_repository(repositoryName=repository)["repositoryMetadata"].get("defaultBranch")
@@ -220,7 +223,7 @@ class CodeCommitClient:
 
     def _commit_time(self, repository: str, commit: str) -> int:
         """The committer date, as `git archive` stamps every entry."""
-        got = self.client.get_commit(repositoryName=repository, commitId=commit)["commit"]
+        got = self.commit(repository, commit) or {}
         raw = str((got.get("committer") or {}).get("date") or "").split()
         return int(raw[0]) if raw and raw[0].isdigit() else int(time.time())
 
@@ -265,22 +268,13 @@ def comment_text(state: str, description: str, target_url: str | None, context: 
     return text if len(text) <= COMMENT_LIMIT else text[: COMMENT_LIMIT - 200] + f"…\n\n{MARKER} {context}"
 
 
-@dataclass
-class CodeCommitSource:
+class CodeCommitSource(ClientSource):
     """The pipeline's CommitSource over GetFile and GetFolder; export-ignore as `git archive` decides it."""
 
     client: CodeCommitClient
-    repository: str
-    commit: str
-    _cache: dict[str, bytes | None] = field(default_factory=dict, repr=False)
-
-    def read_file(self, path: str) -> bytes | None:
-        if path not in self._cache:
-            self._cache[path] = self.client.get_file(self.repository, path, self.commit)
-        return self._cache[path]
 
     def entry_type(self, path: str) -> str | None:
-        kind = self.client.entry_type(self.repository, path, self.commit)
+        kind = super().entry_type(path)
         if kind == "file" and self._export_ignored(path):
             return "export-ignored"
         return kind

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 from mmp.pipeline.job import Job
 from mmp.hosts.base import ZERO_SHA, Headers, decode_body, ref_problem
-from mmp.webhook.core import EXPERIMENT_FILES, PROMOTE_FILE, TRIGGER_FILES, JobSink, Response
+from mmp.webhook.core import EXPERIMENT_FILES, PROMOTE_FILE, TRIGGER_FILES, JobSink, Response, hand_off
 
 log = logging.getLogger("mmp.webhook.codecommit")
 
@@ -165,17 +165,7 @@ class CodeCommitEvents:
         job = Job(repository=name, clone_url=clone_url(name, region), before=before or ZERO_SHA, after=commit,
                   ref=ref, delivery_id=event["id"], trigger_files=wanted, host="codecommit")
         digest = hashlib.sha256(json.dumps(event, sort_keys=True).encode()).hexdigest()
-        try:
-            fresh = self.sink.submit(job, digest)
-        except Exception as exc:
-            log.error("hand-off of event %s failed: %s", event["id"], exc)
-            return _bad(503, f"the job could not be queued ({type(exc).__name__}); retry later")
-        if not fresh:
-            return Response(200, {"status": "duplicate", "delivery_id": event["id"],
-                                  "reason": "this event was already accepted"})
-        log.info("queued CodeCommit event %s: %s@%s (%s)", event["id"], name, commit[:12], ", ".join(wanted))
-        return Response(202, {"status": "queued", "delivery_id": event["id"], "job": job.to_dict()})
-
+        return hand_off(self.sink, job, digest)
 
 class CodeCommitEndpoint:
     """`POST /events/codecommit` on the local stack: the EventBridge event as the body, from loopback only
