@@ -1,4 +1,4 @@
-"""GitHub webhook handling: the shared core, the Lambda adapter and the local server.
+"""Webhook deliveries from the git hosts (mmp.hosts): the shared core, the Lambda adapter and the local server.
 
 `lambda_handler` is the AWS entry point (`mmp.webhook.lambda_handler`). Importing
 this package stays light (stdlib + boto3 + mmp's light modules).
