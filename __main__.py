@@ -17,6 +17,7 @@ import pulumi_aws as aws
 from pulumi.runtime import config as runtime_config
 
 from mmp.infra import docker_hub, lambda_package
+from mmp.infra.codecommit import CodeCommitTrigger
 from mmp.infra.datastore import DataStore
 from mmp.infra.dlami import DlamiResources
 from mmp.infra.kubernetes import KubernetesCluster
@@ -82,6 +83,10 @@ webhook = WebhookApi("webhook", settings, account=account, package=package,
                      state_machine_arn=pipeline.state_machine.arn,
                      gitlab_webhook_secret=cfg.require_secret("gitlabWebhookSecret") if settings.gitlab else None,
                      gitlab_token_secret_arn=pipeline.gitlab_token_secret.arn if pipeline.gitlab_token_secret else None)
+codecommit = None
+if settings.codecommit_repositories:  # CodeCommit pushes arrive through EventBridge, not the webhook
+    codecommit = CodeCommitTrigger("codecommit", settings, account=account, package=package,
+                                   deliveries_table=webhook.table, state_machine_arn=pipeline.state_machine.arn)
 # -- what people need -------------------------------------------------------------------
 pulumi.export("webhookUrl", webhook.url)
 if webhook.gitlab_url is not None:
@@ -96,6 +101,7 @@ pulumi.export("fsxMountName", data.fsx_mount_name)
 pulumi.export("notificationTopicArn", pipeline.topic.arn)
 pulumi.export("stateMachineArn", pipeline.state_machine.arn)
 pulumi.export("deliveriesTable", webhook.table.name)
+pulumi.export("codecommitRuleName", codecommit.rule.name if codecommit else "")
 
 # -- what the backends read (`mmp run` from an operator's machine uses these too) -----------
 backend_env = pipeline.environment.apply(lambda env: {k: v for k, v in env.items() if k != "MMP_HOME"})

@@ -102,9 +102,10 @@ def code_key(repository: str, commit: str) -> str:
     """Where the commit's archive lives in the artifacts bucket."""
     if not re.fullmatch(r"[0-9a-f]{40}", commit):
         raise ImageError(f"commit must be a 40-character sha, got {commit!r}")
-    parts = repository.split("/")
-    if len(parts) < 2 or not all(_SEGMENT_RE.fullmatch(p) and p not in (".", "..") for p in parts):
-        raise ImageError(f"repository must be 'owner/name' (GitLab: 'group/subgroup/project'), got {repository!r}")
+    parts = repository.split("/")  # owner/name, GitLab's group/subgroup/project, a CodeCommit repository's name
+    if not all(_SEGMENT_RE.fullmatch(p) and p not in (".", "..") for p in parts):
+        raise ImageError(f"repository must be 'owner/name' (GitLab: 'group/subgroup/project', CodeCommit: a name), "
+                         f"got {repository!r}")
     return f"{CODE_PREFIX}/{repository}/{commit}.tar.gz"
 
 

@@ -292,3 +292,22 @@ def commit_lists_problems(commits: Any) -> list[str]:
             if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
                 problems.append(f"'commits[{i}].{kind}' must be a list of paths")
     return problems
+
+
+@dataclass
+class ClientSource:
+    """A CommitSource over a host's API client (`get_file` and `entry_type` of repository, path, commit):
+    each file read once. A host whose entry types need more (CodeCommit's export-ignore) subclasses it."""
+
+    client: Any
+    repository: str
+    commit: str
+    _cache: dict[str, bytes | None] = field(default_factory=dict, repr=False)
+
+    def read_file(self, path: str) -> bytes | None:
+        if path not in self._cache:
+            self._cache[path] = self.client.get_file(self.repository, path, self.commit)
+        return self._cache[path]
+
+    def entry_type(self, path: str) -> str | None:
+        return self.client.entry_type(self.repository, path, self.commit)

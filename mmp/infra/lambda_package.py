@@ -36,9 +36,10 @@ HANDLERS = {
     "launch": "mmp.pipeline.aws_stages.launch",
     "conclude": "mmp.pipeline.aws_stages.conclude",
     "janitor": "mmp.backends.dlami_janitor.handler",
+    "codecommit": "mmp.webhook.codecommit_lambda.lambda_handler",
 }
 # Looked up by name in the backend registry, so no import statement names them.
-EXTRA_ROOTS = ("mmp.backends.sagemaker", "mmp.backends.dlami")
+EXTRA_ROOTS = ("mmp.backends.sagemaker", "mmp.backends.dlami", "mmp.hosts.codecommit")
 # Distributions installed into the zip (with their own requirements); boto3 is the runtime's.
 BUNDLED = ("pydantic",)
 BUILD_ROOT = MMP_ROOT.parent / "build" / "lambda-site"

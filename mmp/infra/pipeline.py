@@ -32,6 +32,7 @@ import pulumi_aws as aws
 from mmp.config import MAX_RUNTIME_CAP_MINUTES
 from mmp.contract.image import CODE_PREFIX, REQUIREMENTS_PREFIX, context_digest
 from mmp.infra import docker_hub, iam
+from mmp.infra.codecommit import read_statements, repository_arns
 from mmp.infra.image_build import (BUILD_CACHE_TAG, BUILDSPEC, CODEBUILD_IMAGE, PER_BUILD_VARIABLES,
                           build_environment_overrides, image_context)
 from mmp.infra.datastore import DataStore
@@ -355,6 +356,8 @@ class TrainingPipeline(pulumi.ComponentResource):
         ]
         if mlflow.tracking_server_arn:  # the REST tracker signs with SigV4 (mmp.tracking.rest)
             stage_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn))
+        codecommit_read = read_statements(repository_arns(settings, account))  # the listed repositories only
+        stage_statements += codecommit_read
         if dlami is not None:  # Conclude terminates every instance tagged with a run the runner left
             stage_statements += [
                 iam.statement(["ec2:DescribeInstances"], ["*"]),  # no resource-level form
@@ -403,6 +406,7 @@ class TrainingPipeline(pulumi.ComponentResource):
             iam.statement(["sagemaker:UpdateTrainingJob"], [job_arn]),
             iam.statement(["logs:GetLogEvents", "logs:DescribeLogStreams"],
                           iam.log_group_arns(region, account, SAGEMAKER_LOG_GROUP)),
+            *codecommit_read,  # promotion and DLAMI training report on the commit's comment
         ]
         if mlflow.tracking_server_arn:  # promotion's and the study's MLflow client, signed like the stages
             task_statements.append(iam.mlflow_statement(mlflow.tracking_server_arn, iam.MLFLOW_RUNNER_ACTIONS))

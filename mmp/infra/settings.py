@@ -22,6 +22,8 @@ DEFAULT_DLAMI_SSM = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 DOMAIN_RE = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 MAX_LINKED_DATASETS = 7  # FSx: 8 data repository associations per file system, one for the stack's datasets/
+CODECOMMIT_NAME_RE = re.compile(r"[\w.-]{1,100}", re.ASCII)  # CreateRepository's repositoryName pattern
+CODECOMMIT_ARN_RE = re.compile(r"arn:aws[\w-]*:codecommit:([a-z0-9-]+):(\d{12}):([\w.-]{1,100})", re.ASCII)
 INPUT_MODES = ("File", "FastFile")  # what mmp.backends.sagemaker runs (Pipe needs a record reader)
 # EC2 instance families with NVIDIA GPUs (the EKS AL2023 NVIDIA AMI's hosts): g4dn, g5, g6, g6e, p3, p4d, p5...
 GPU_INSTANCE_RE = re.compile(r"^(g[4-9][a-z0-9-]*|p[3-9][a-z0-9-]*)\.[0-9a-z]+$")
@@ -128,6 +130,9 @@ class Settings(BaseModel):
     api_rate_limit: float = Field(default=10.0, alias="apiRateLimit", gt=0)
     api_burst_limit: int = Field(default=20, alias="apiBurstLimit", gt=0)
     delivery_ttl_days: int = Field(default=30, alias="deliveryTtlDays", ge=1)
+    # CodeCommit repositories (names, or ARNs in the stack's region) whose branch pushes train: an
+    # EventBridge rule, a trigger Lambda and the pipeline's read/comment rights on exactly these (mmp.infra.codecommit).
+    codecommit_repositories: list[str] = Field(default_factory=list, alias="codecommitRepositories")
     # -- pipeline
     job_name_prefix: str | None = Field(default=None, alias="jobNamePrefix")
     # How often a study in the runner task reads its running trials' objective from MLflow (pruning).
@@ -206,6 +211,19 @@ class Settings(BaseModel):
         for cidr in value:
             if _is_open(cidr):  # an invalid CIDR raises ValueError here too, with ipaddress's message
                 raise ValueError(f"{cidr} would open SSH to the whole internet; name your own network")
+        return value
+
+    @field_validator("codecommit_repositories")
+    @classmethod
+    def _codecommit(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not CODECOMMIT_NAME_RE.fullmatch(entry) and not CODECOMMIT_ARN_RE.fullmatch(entry):
+                raise ValueError(f"{entry!r} is neither a CodeCommit repository name (1-100 letters, digits, '_', "
+                                 "'.', '-') nor its ARN (arn:aws:codecommit:REGION:ACCOUNT:NAME)")
+        names = [entry.rsplit(":", 1)[-1] for entry in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed more than once")
         return value
 
     @field_validator("sagemaker_input_mode")
@@ -335,6 +353,11 @@ class Settings(BaseModel):
             problems.extend(_docker_hub_problems(self.docker_hub_secret_arn, self.region, self.prefix))
         if self.egress_cidrs and not self.vpc_id:
             problems.append("egressCidrs: only with vpcId (a stack-made VPC admits its own NAT address)")
+        for entry in self.codecommit_repositories:
+            match = CODECOMMIT_ARN_RE.fullmatch(entry)
+            if match and match.group(1) != self.region:
+                problems.append(f"codecommitRepositories: {entry} is in {match.group(1)}; the stack's EventBridge rule "
+                                f"hears only its own region's events ({self.region}): list repositories in {self.region}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -178,14 +178,20 @@ class WebhookHandler:
                             f"(or {PROMOTE_FILE}) at the repository root")
         job = Job(repository=push.repository, clone_url=push.clone_url, before=before, after=after, ref=ref,
                   delivery_id=delivery, trigger_files=wanted, host=self.host.name)
-        try:
-            fresh = self.sink.submit(job, digest)
-        except Exception as exc:
-            log.error("hand-off of delivery %s failed: %s", delivery, exc)
-            return _bad(503, f"the job could not be queued ({type(exc).__name__}); redeliver later")
-        if not fresh:
-            return Response(200, {"status": "duplicate", "delivery_id": delivery,
-                                  "reason": "this delivery (or an identical body) was already accepted"})
-        log.info("queued %s delivery %s: %s@%s (%s)", self.host.name, delivery, job.repository, after[:12],
-                 ", ".join(wanted))
-        return Response(202, {"status": "queued", "delivery_id": delivery, "job": job.to_dict()})
+        return hand_off(self.sink, job, digest)
+
+
+def hand_off(sink: JobSink, job: Job, digest: str) -> Response:
+    """Queue an accepted job once: 202 queued, 200 for a delivery (or body) seen before, 503 when the
+    sink failed (the host redelivers, or Lambda retries an EventBridge event)."""
+    try:
+        fresh = sink.submit(job, digest)
+    except Exception as exc:
+        log.error("hand-off of delivery %s failed: %s", job.delivery_id, exc)
+        return _bad(503, f"the job could not be queued ({type(exc).__name__}); redeliver later")
+    if not fresh:
+        return Response(200, {"status": "duplicate", "delivery_id": job.delivery_id,
+                              "reason": "this delivery (or an identical body) was already accepted"})
+    log.info("queued %s delivery %s: %s@%s (%s)", job.host, job.delivery_id, job.repository, job.after[:12],
+             ", ".join(job.trigger_files))
+    return Response(202, {"status": "queued", "delivery_id": job.delivery_id, "job": job.to_dict()})

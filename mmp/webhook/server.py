@@ -1,7 +1,8 @@
 """The webhook on the local stack: a threaded HTTP server on 127.0.0.1, same core as the Lambda.
 
 `POST /webhook` (GitHub's deliveries and the local hook's) and `POST /webhook/<host>` for the
-other git hosts (`/webhook/gitlab`, each with its own secret) run the shared handler and queue
+other git hosts (`/webhook/gitlab`, each with its own secret) run the shared handler, `POST /events/codecommit`
+(loopback only, when MMP_CODECOMMIT_REPOSITORIES is set) takes a CodeCommit EventBridge event, and each queues
 accepted pushes in the durable SQLite queue; `GET /healthz` answers with the queue's counts. Nothing here waits
 for training. What a burst or a hostile client can take is bounded by `Limits`,
 and every refusal is an HTTP answer GitHub records (a reset is recorded as nothing):
@@ -23,6 +24,7 @@ and every refusal is an HTTP answer GitHub records (a reset is recorded as nothi
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import re
 import socket
@@ -337,6 +339,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._error(404, f"no such path {self.path.split('?')[0]!r}; POST {self._paths()}",
                         unread=self._declared_length())
             return
+        if getattr(handler, "loopback_only", False) and not ipaddress.ip_address(self._client).is_loopback:
+            self._error(403, f"{self.path.split('?')[0]} takes events from this machine only",
+                        unread=self._declared_length())
+            return
         problem = self._length_problem(handler)
         if problem is not None:
             self._error(*problem, unread=self._declared_length())
@@ -438,5 +444,11 @@ def local_server(host: str = "127.0.0.1", port: int = 8080, queue=None, limits: 
     queue = queue or JobQueue()
     secret = config.webhook_secret()
     handler = WebhookHandler(secret, queue, compare=local_compare)
+    routes: dict[str, Any] = dict(_extra_routes(queue))
+    from mmp.webhook.codecommit import local_endpoint
+
+    codecommit = local_endpoint(queue)  # EventBridge-shaped CodeCommit events, from loopback only
+    if codecommit is not None:
+        routes["/events/codecommit"] = codecommit
     return WebhookServer(handler, host, port, health=lambda: {"jobs": queue.counts()}, limits=limits,
-                         routes=_extra_routes(queue))
+                         routes=routes)

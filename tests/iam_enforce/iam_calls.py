@@ -50,6 +50,7 @@ ENTRY_POINTS: dict[tuple[str, str], tuple[str, str]] = {
     ("mmp/backends/dlami_janitor.py", "handler"): ("janitor", "pipeline-stages"),
     ("mmp/backends/dlami_janitor.py", "sweep"): ("janitor", "pipeline-stages"),
     ("mmp/webhook/aws_lambda.py", "lambda_handler"): ("webhook", "webhook-lambda"),
+    ("mmp/webhook/codecommit_lambda.py", "lambda_handler"): ("codecommit trigger", "codecommit-trigger"),
     ("mmp/pipeline/aws_runner.py", "main"): ("runner task", "pipeline-runner-task"),
     ("mmp/pipeline/aws_runner.py", "train"): ("runner task: train", "pipeline-runner-task"),
     ("mmp/pipeline/aws_runner.py", "study"): ("runner task: study", "pipeline-runner-task"),
@@ -156,6 +157,24 @@ def _transact_write(r: str, a: str, p: dict) -> list[Request]:
             for item in p["TransactItems"] for kind, body in item.items()]
 
 
+def _codecommit(r: str, a: str, name: str) -> str:
+    return f"arn:aws:codecommit:{r}:{a}:{name}"
+
+
+# UpdateComment names only the comment, yet IAM authorises it on the comment's repository (the
+# Service Authorization Reference lists `repository*` for it): the CodeCommit stand-in
+# (tests/codecommit_standin.py) records here which repository each comment it made lives in.
+COMMENT_REPOSITORIES: dict[str, str] = {}
+
+
+def _update_comment(r: str, a: str, p: dict) -> list[Request]:
+    name = COMMENT_REPOSITORIES.get(p["commentId"])
+    if name is None:
+        raise Unmapped(f"codecommit.UpdateComment of comment {p['commentId']!r}: its repository is unknown "
+                       "(the stand-in records it when it posts the comment)")
+    return [Request("codecommit:UpdateComment", _codecommit(r, a, name))]
+
+
 def _log_group(r: str, a: str, p: dict) -> str:
     return f"arn:aws:logs:{r}:{a}:log-group:{p['logGroupName']}:*"
 
@@ -203,6 +222,11 @@ OPERATIONS: dict[str, Callable[[str, str, dict], list[Request]]] = {
     "ssm.GetParameter": lambda r, a, p: [
         Request("ssm:GetParameter", f"arn:aws:ssm:{r}:{a}:parameter/{p['Name'].lstrip('/')}")],
     "sts.GetCallerIdentity": lambda r, a, p: [],  # needs no permission (AWS: GetCallerIdentity)
+    **{f"codecommit.{op}": (lambda op: lambda r, a, p: [
+        Request(f"codecommit:{op}", _codecommit(r, a, p["repositoryName"]))])(op)
+       for op in ("GetFile", "GetFolder", "GetBlob", "GetCommit", "GetBranch", "GetRepository", "GetDifferences",
+                  "PostCommentForComparedCommit", "GetCommentsForComparedCommit")},
+    "codecommit.UpdateComment": _update_comment,
 }
 
 

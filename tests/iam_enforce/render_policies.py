@@ -2,7 +2,8 @@
 
 Run as a subprocess once per test session (tests/conftest.py `iam_policies`): Pulumi's mocks
 are process-wide state, kept out of the tests that only need the result. Every optional part
-is on (FSx, DLAMI, Kubernetes, the Docker Hub pull-through cache, GitLab), so every role the program can make is here.
+is on (FSx, DLAMI, Kubernetes, the Docker Hub pull-through cache, GitLab, the CodeCommit trigger for
+`fashion-demo`), so every role the program can make is here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KE
 CONFIG = {**h.DEV_CONFIG, "mmp:fsx": "true", "mmp:dlami": "true", "mmp:sshPublicKey": "ssh-ed25519 AAAA test",
           "mmp:sshPrivateKey": SSH_KEY, "mmp:kubernetes": "true", "mmp:gitlabToken": "glpat-TESTTOKENthatmustnotleak",
           "mmp:gitlabWebhookSecret": "gitlab-webhook-secret-thatmustnotleak",
+          "mmp:codecommitRepositories": json.dumps(["fashion-demo"]),
           "mmp:dockerHubSecretArn": f"arn:aws:secretsmanager:{h.REGION}:{h.ACCOUNT}:secret:ecr-pullthroughcache/hub-AbCdEf"}
 
 

@@ -67,6 +67,9 @@ def test_the_context_digest_covers_horovod_docker_and_mmp_but_not_caches(tmp_pat
 def test_code_keys_are_per_commit_and_refuse_odd_input():
     sha = "a" * 40
     assert code_key("octo-org/fashion-demo", sha) == f"code/octo-org/fashion-demo/{sha}.tar.gz"
-    for repository, commit in (("octo-org/fashion-demo", "main"), ("../x", sha), ("a/b/c", sha)):
+    assert code_key("fashion-demo", sha) == f"code/fashion-demo/{sha}.tar.gz"  # a CodeCommit repository's name
+    assert code_key("group/sub/project", sha) == f"code/group/sub/project/{sha}.tar.gz"  # a GitLab subgroup's
+    for repository, commit in (("octo-org/fashion-demo", "main"), ("../x", sha), ("a//b", sha), ("", sha),
+                               ("a/b c", sha), ("a/./b", sha)):
         with pytest.raises(ImageError):
             code_key(repository, commit)
