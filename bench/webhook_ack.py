@@ -31,7 +31,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "github" / "push-added-and-modified.json
 SECRET = "bench-secret"
 sys.path.insert(0, str(ROOT))
 
-from mmp.webhook.core import sign  # noqa: E402
+from mmp.hosts.github import sign  # noqa: E402
 
 
 def free_port() -> int:

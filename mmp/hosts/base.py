@@ -109,6 +109,11 @@ class GitHost(ABC):
     single_headers: ClassVar[tuple[str, ...]] = ()  # headers a server must refuse when sent twice
     execution_prefix: ClassVar[str] = "x-"  # Step Functions execution names: <prefix><delivery id>
 
+    @property
+    def webhook_secret_env(self) -> tuple[str, str]:
+        """The environment variables holding this host's webhook secret: the value, or its Secrets Manager id."""
+        return f"MMP_{self.name.upper()}_WEBHOOK_SECRET", f"MMP_{self.name.upper()}_WEBHOOK_SECRET_ARN"
+
     # -- deliveries ---------------------------------------------------------------------
     def check_headers(self, headers: Headers, secret: str | bytes | None) -> Refusal | None:
         """The refusals that need no body (a missing or malformed credential header)."""

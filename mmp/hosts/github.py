@@ -250,6 +250,7 @@ class GitHubHost(GitHost):
     max_body_bytes = 25 * 1024 * 1024  # GitHub caps payloads at 25 MB
     single_headers = ("X-Hub-Signature-256", "X-GitHub-Event", "X-GitHub-Delivery")
     execution_prefix = "gh-"
+    webhook_secret_env = ("MMP_WEBHOOK_SECRET", "MMP_WEBHOOK_SECRET_ARN")  # the first host's names, kept
 
     def __init__(self, client: "GitHubClient | None" = None, **client_kwargs: Any):
         self._client = client

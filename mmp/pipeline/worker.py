@@ -66,21 +66,14 @@ class CompositeReporter:
             raise RuntimeError("; ".join(errors))
 
 
-local_path = local_repository  # a job whose clone URL is a folder here reads it with git
-
-
 class Worker:
-    def __init__(self, queue: JobQueue | None = None, *, poll_seconds: float = 0.5, github: Any = None,
+    def __init__(self, queue: JobQueue | None = None, *, poll_seconds: float = 0.5,
                  hosts: dict[str, Any] | None = None, notifier: Notifier | None = None, pipeline_factory: Callable[..., Any] | None = None,
                  reconcile_seconds: float | None = None):
         self.queue = queue or JobQueue()
         self.poll_seconds = poll_seconds
         self.reconcile_seconds = RECONCILE_SECONDS if reconcile_seconds is None else reconcile_seconds
         self._hosts: dict[str, Any] = dict(hosts or {})  # name → mmp.hosts.base.GitHost, made on first use
-        if github is not None:  # a GitHubClient (as before the host seam)
-            from mmp.hosts.github import GitHubHost
-
-            self._hosts["github"] = GitHubHost(client=github)
         self.notifier = notifier or LocalNotifier()
         self.pipeline_factory = pipeline_factory
         self.id = worker_id()
@@ -108,7 +101,7 @@ class Worker:
         return self._hosts[name]
 
     def trigger_for(self, job: Job) -> tuple[Trigger, StatusReporter]:
-        path = local_path(job.clone_url)
+        path = local_repository(job.clone_url)
         if path is not None:
             source = LocalGitSource(path, job.after)
             trigger = Trigger(repository=job.repository, clone_url=str(path), commit=job.after, source=source,
@@ -204,7 +197,7 @@ class Worker:
         for job, run_ids in interrupted:
             run_ids += [run_id for run_id, delivery in ended if delivery == job.delivery_id and run_id not in run_ids]
             try:
-                reporter = LocalStatusReporter() if local_path(job.clone_url) else self.trigger_for(job)[1]
+                reporter = LocalStatusReporter() if local_repository(job.clone_url) else self.trigger_for(job)[1]
                 reporter.report(job.repository, job.after, "error", INTERRUPTED, None)
             except Exception as exc:
                 log.warning("could not set the interrupted status for %s: %s", job.after[:12], exc)

@@ -5,6 +5,6 @@ this package stays light (stdlib + boto3 + mmp's light modules).
 """
 
 from mmp.webhook.aws_lambda import lambda_handler
-from mmp.webhook.core import Job, Response, WebhookHandler, sign, verify_signature
+from mmp.webhook.core import Job, Response, WebhookHandler
 
-__all__ = ["lambda_handler", "Job", "Response", "WebhookHandler", "sign", "verify_signature"]
+__all__ = ["lambda_handler", "Job", "Response", "WebhookHandler"]

@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from mmp import aws
-from mmp.hosts.base import HOSTS, get_host
+from mmp.hosts.base import DEFAULT_HOST, HOSTS, get_host
 from mmp.webhook.core import HandoffError, Job, Response, WebhookHandler
 
 log = logging.getLogger("mmp.webhook")
@@ -119,30 +119,21 @@ def budget_compare(host_name: str):
     return compare
 
 
-_github_compare = budget_compare("github")
-
-
-def secret_env(host_name: str) -> tuple[str, str]:
-    """The environment variables holding a host's webhook secret: the value, or its Secrets Manager id."""
-    if host_name == "github":
-        return "MMP_WEBHOOK_SECRET", "MMP_WEBHOOK_SECRET_ARN"
-    return f"MMP_{host_name.upper()}_WEBHOOK_SECRET", f"MMP_{host_name.upper()}_WEBHOOK_SECRET_ARN"
-
-
-def _secret(host_name: str = "github") -> str | None:
-    return aws.secret_from_env(*secret_env(host_name))
+def _secret(host_name: str = DEFAULT_HOST) -> str | None:
+    """The host's webhook secret from its environment variables: the value, or its Secrets Manager id."""
+    return aws.secret_from_env(*get_host(host_name).webhook_secret_env)
 
 
 def host_of_path(path: str) -> str | None:
     """`/webhook` → "github", `/webhook/<host>` → that host's name; None for any other path."""
     path = path.rstrip("/") or "/"
     if path == "/webhook":
-        return "github"
+        return DEFAULT_HOST
     name = path.removeprefix("/webhook/")
-    return name if name != path and name in HOSTS and name not in ("github", "local") else None
+    return name if name != path and name in HOSTS and name not in (DEFAULT_HOST, "local") else None
 
 
-def _handler(host_name: str = "github") -> WebhookHandler:
+def _handler(host_name: str = DEFAULT_HOST) -> WebhookHandler:
     table, arn = os.environ.get("MMP_DELIVERIES_TABLE"), os.environ.get("MMP_STATE_MACHINE_ARN")
     if not table or not arn:
         raise HandoffError("MMP_DELIVERIES_TABLE and MMP_STATE_MACHINE_ARN must be set")

@@ -33,22 +33,7 @@ MAX_LISTED_COMMITS = 20  # a push payload may stop listing commits here (GitHub 
 _BRANCH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]{0,254}$")  # never an option to git
 
 __all__ = ["MAX_BODY_BYTES", "MAX_JSON_DEPTH", "MAX_REF_CHARS", "ZERO_SHA", "Headers", "Job", "JobSink",
-           "Response", "WebhookHandler", "decode_body", "json_depth", "net_changes", "ref_problem",
-           "sign", "verify_signature"]
-
-
-def sign(secret: str | bytes, body: bytes) -> str:
-    """GitHub's `X-Hub-Signature-256` for `body` (kept here for callers that predate mmp.hosts)."""
-    from mmp.hosts.github import sign as github_sign
-
-    return github_sign(secret, body)
-
-
-def verify_signature(secret: str | bytes, body: bytes, header: str | None) -> bool:
-    """GitHub's signature check (kept here for callers that predate mmp.hosts)."""
-    from mmp.hosts.github import verify_signature as github_verify
-
-    return github_verify(secret, body, header)
+           "Response", "WebhookHandler", "decode_body", "json_depth", "net_changes", "ref_problem"]
 
 
 @dataclass

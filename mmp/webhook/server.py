@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
-from mmp.hosts.base import get_host
+from mmp.hosts.base import DEFAULT_HOST, get_host
 from mmp.webhook.core import MAX_BODY_BYTES, Headers, Response, WebhookHandler
 
 log = logging.getLogger("mmp.webhook")
@@ -73,9 +73,6 @@ def compare_for(host_name: str) -> Callable[[str, str, str, str], Any]:
         return get_host(host_name, retries=2, timeout=3).compare(full_name, clone_url, base, head)
 
     return compare
-
-
-local_compare = compare_for("github")
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -443,7 +440,7 @@ def local_server(host: str = "127.0.0.1", port: int = 8080, queue=None, limits: 
 
     queue = queue or JobQueue()
     secret = config.webhook_secret()
-    handler = WebhookHandler(secret, queue, compare=local_compare)
+    handler = WebhookHandler(secret, queue, compare=compare_for(DEFAULT_HOST))
     routes: dict[str, Any] = dict(_extra_routes(queue))
     from mmp.webhook.codecommit import local_endpoint
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mmp.webhook.core import sign
+from mmp.hosts.github import sign
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "github"
 SECRET = "gitops-test-secret-5f1c9e"

@@ -8,7 +8,8 @@ import urllib.parse
 
 import pytest
 
-from mmp.webhook.core import MAX_BODY_BYTES, WebhookHandler, sign, verify_signature
+from mmp.hosts.github import sign, verify_signature
+from mmp.webhook.core import MAX_BODY_BYTES, WebhookHandler
 
 PUSH = "push-added-and-modified.json"
 
@@ -245,7 +246,9 @@ def test_new_branch_with_long_list_compares_against_default_branch(queue, gh):
 
 
 def test_local_compare_uses_git(make_repo, gh):
-    from mmp.webhook.server import local_compare
+    from mmp.webhook.server import compare_for
+
+    local_compare = compare_for("github")
 
     repo = make_repo()
     before = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

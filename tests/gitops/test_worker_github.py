@@ -10,7 +10,7 @@ import time
 import pytest
 from werkzeug import Response
 
-from mmp.hosts.github import GitHubClient
+from mmp.hosts.github import GitHubClient, GitHubHost
 from mmp.pipeline.worker import Worker
 from mmp.pipeline.job import Job
 
@@ -30,7 +30,7 @@ def run_job(httpserver, queue, caplog, monkeypatch, secret_env):
                   ref="refs/heads/master", delivery_id="gh-job-1", trigger_files=["experiment.json"])
         assert queue.submit(job, "digest")
         client = GitHubClient.from_env(base_url=httpserver.url_for("").rstrip("/"), backoff=0.01, max_wait=1)
-        worker = Worker(queue, github=client)
+        worker = Worker(queue, hosts={"github": GitHubHost(client=client)})
         assert worker.run_once()
         statuses = [json.loads(req.data) for req, _ in httpserver.log if req.method == "POST"]
         notes = [json.loads(p.read_text()) for p in (worker.notifier.root).glob("*.json")]

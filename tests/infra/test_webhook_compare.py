@@ -45,6 +45,6 @@ def silent_github(monkeypatch):
 def test_compare_gives_up_within_its_budget(silent_github):
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="did not answer"):
-        aws_lambda._github_compare("acme/demo", "https://github.com/acme/demo.git", "a" * 40, "b" * 40)
+        aws_lambda.budget_compare("github")("acme/demo", "https://github.com/acme/demo.git", "a" * 40, "b" * 40)
     # Before: 3 tries × 3 s socket timeouts plus back-off, past API Gateway's 9 s.
     assert time.monotonic() - started < aws_lambda.COMPARE_BUDGET_S + 1.5
