@@ -286,6 +286,32 @@ def decode_body(body: bytes, content_type: str | None) -> Any:
     return payload
 
 
+def push_payload_problems(payload: Any, repository_key: str, repository_fields: tuple[str, ...]) -> list[str]:
+    """Every problem with a push payload's fields that GitHub and GitLab share (ref, before, after, the
+    repository object under its host's key, the commit lists), each naming its field."""
+    if not isinstance(payload, dict):
+        return ["the payload must be a JSON object"]
+    problems = []
+    for key in ("ref", "before", "after"):
+        if not isinstance(payload.get(key), str):
+            problems.append(f"'{key}' is missing or not a string")
+    if isinstance(payload.get("ref"), str):
+        why = ref_problem(payload["ref"])
+        if why:
+            problems.append(f"'ref' {why}")
+    for key in ("before", "after"):
+        if isinstance(payload.get(key), str) and not is_sha(payload[key]):
+            problems.append(f"'{key}' must be a 40-character hex commit sha")
+    repo = payload.get(repository_key)
+    if not isinstance(repo, dict):
+        problems.append(f"'{repository_key}' is missing or not an object")
+    else:
+        for key in repository_fields:
+            if not isinstance(repo.get(key), str) or not repo.get(key):
+                problems.append(f"'{repository_key}.{key}' is missing or not a string")
+    return problems + commit_lists_problems(payload.get("commits"))
+
+
 def commit_lists_problems(commits: Any) -> list[str]:
     """Problems with a payload's `commits` (each an object with added/modified/removed path lists)."""
     if not isinstance(commits, list) or not all(isinstance(c, dict) for c in commits):

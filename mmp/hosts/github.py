@@ -25,11 +25,11 @@ import os
 import re
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from mmp.hosts.rest import RateLimited as RestRateLimited, RestClient
-from mmp.hosts.base import HostError, GitHost, Headers, Event, Push, Refusal, commit_lists_problems, is_sha, ref_problem
+from mmp.hosts.base import ClientSource, Event, GitHost, Headers, HostError, Push, Refusal, push_payload_problems
 
 log = logging.getLogger("mmp.hosts.github")
 
@@ -186,22 +186,8 @@ class GitHubClient(RestClient):
         return data
 
 
-@dataclass
-class GitHubSource:
+class GitHubSource(ClientSource):
     """The pipeline's CommitSource over the contents API."""
-
-    client: GitHubClient
-    repository: str
-    commit: str
-    _cache: dict[str, bytes | None] = field(default_factory=dict, repr=False)
-
-    def read_file(self, path: str) -> bytes | None:
-        if path not in self._cache:
-            self._cache[path] = self.client.get_file(self.repository, path, self.commit)
-        return self._cache[path]
-
-    def entry_type(self, path: str) -> str | None:
-        return self.client.entry_type(self.repository, path, self.commit)
 
 
 @dataclass
@@ -218,27 +204,7 @@ class GitHubStatusReporter:
 
 def push_problems(payload: Any) -> list[str]:
     """Every problem with a GitHub push payload, each naming its field."""
-    if not isinstance(payload, dict):
-        return ["the payload must be a JSON object"]
-    problems = []
-    for key in ("ref", "before", "after"):
-        if not isinstance(payload.get(key), str):
-            problems.append(f"'{key}' is missing or not a string")
-    if isinstance(payload.get("ref"), str):
-        why = ref_problem(payload["ref"])
-        if why:
-            problems.append(f"'ref' {why}")
-    for key in ("before", "after"):
-        if isinstance(payload.get(key), str) and not is_sha(payload[key]):
-            problems.append(f"'{key}' must be a 40-character hex commit sha")
-    repo = payload.get("repository")
-    if not isinstance(repo, dict):
-        problems.append("'repository' is missing or not an object")
-    else:
-        for key in ("full_name", "clone_url"):
-            if not isinstance(repo.get(key), str) or not repo.get(key):
-                problems.append(f"'repository.{key}' is missing or not a string")
-    return problems + commit_lists_problems(payload.get("commits"))
+    return push_payload_problems(payload, "repository", ("full_name", "clone_url"))
 
 
 class GitHubHost(GitHost):

@@ -37,11 +37,10 @@ import posixpath
 import re
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from mmp.hosts.base import (Event, GitHost, Headers, HostError, Push, Refusal, commit_lists_problems, is_sha,
-                            ref_problem)
+from mmp.hosts.base import ClientSource, Event, GitHost, Headers, HostError, Push, Refusal, push_payload_problems
 from mmp.hosts.rest import RateLimited as RestRateLimited, RestClient
 
 log = logging.getLogger("mmp.hosts.gitlab")
@@ -118,24 +117,7 @@ def push_problems(payload: Any) -> list[str]:
     problems = []
     if payload.get("object_kind") not in ("push", "tag_push"):
         problems.append(f"'object_kind' must be 'push' or 'tag_push', got {payload.get('object_kind')!r}")
-    for key in ("ref", "before", "after"):
-        if not isinstance(payload.get(key), str):
-            problems.append(f"'{key}' is missing or not a string")
-    if isinstance(payload.get("ref"), str):
-        why = ref_problem(payload["ref"])
-        if why:
-            problems.append(f"'ref' {why}")
-    for key in ("before", "after"):
-        if isinstance(payload.get(key), str) and not is_sha(payload[key]):
-            problems.append(f"'{key}' must be a 40-character hex commit sha")
-    project = payload.get("project")
-    if not isinstance(project, dict):
-        problems.append("'project' is missing or not an object")
-    else:
-        for key in ("path_with_namespace", "git_http_url"):
-            if not isinstance(project.get(key), str) or not project.get(key):
-                problems.append(f"'project.{key}' is missing or not a string")
-    return problems + commit_lists_problems(payload.get("commits"))
+    return problems + push_payload_problems(payload, "project", ("path_with_namespace", "git_http_url"))
 
 
 class GitLabClient(RestClient):
@@ -241,22 +223,8 @@ class GitLabClient(RestClient):
         return data
 
 
-@dataclass
-class GitLabSource:
+class GitLabSource(ClientSource):
     """The pipeline's CommitSource over the repository files and tree APIs."""
-
-    client: GitLabClient
-    repository: str
-    commit: str
-    _cache: dict[str, bytes | None] = field(default_factory=dict, repr=False)
-
-    def read_file(self, path: str) -> bytes | None:
-        if path not in self._cache:
-            self._cache[path] = self.client.get_file(self.repository, path, self.commit)
-        return self._cache[path]
-
-    def entry_type(self, path: str) -> str | None:
-        return self.client.entry_type(self.repository, path, self.commit)
 
 
 @dataclass
