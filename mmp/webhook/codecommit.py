@@ -25,8 +25,9 @@ import re
 from typing import Any, Callable, Iterable
 
 from mmp.pipeline.job import Job
-from mmp.hosts.base import ZERO_SHA, Headers, decode_body, ref_problem
-from mmp.webhook.core import EXPERIMENT_FILES, PROMOTE_FILE, TRIGGER_FILES, JobSink, Response, hand_off
+from mmp.hosts.base import ZERO_SHA, Headers, ref_problem
+from mmp.webhook.core import (EXPERIMENT_FILES, PROMOTE_FILE, TRIGGER_FILES, JobSink, Response, decoded, hand_off,
+                              ignored, rejected)
 
 log = logging.getLogger("mmp.webhook.codecommit")
 
@@ -35,14 +36,6 @@ DETAIL_TYPE = "CodeCommit Repository State Change"
 PUSH_EVENTS = ("referenceCreated", "referenceUpdated")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-def _ignored(reason: str) -> Response:
-    return Response(202, {"status": "ignored", "reason": reason})
-
-
-def _bad(status: int, message: str) -> Response:
-    return Response(status, {"status": "rejected", "error": message})
 
 
 class Allowed:
@@ -119,35 +112,35 @@ class CodeCommitEvents:
 
     def handle(self, event: Any) -> Response:
         if isinstance(event, dict) and (event.get("source") != SOURCE or event.get("detail-type") != DETAIL_TYPE):
-            return _ignored(f"not a {DETAIL_TYPE} event from {SOURCE}")
+            return ignored(f"not a {DETAIL_TYPE} event from {SOURCE}")
         detail = event.get("detail") if isinstance(event, dict) else None
         kind = detail.get("event") if isinstance(detail, dict) else None
         if isinstance(kind, str) and kind not in PUSH_EVENTS:
-            return _ignored(f"{kind} on {detail.get('referenceFullName')} does not train "
+            return ignored(f"{kind} on {detail.get('referenceFullName')} does not train "
                             f"(only {' and '.join(PUSH_EVENTS)} do)")
         problems = event_problems(event)
         if problems:
-            return _bad(400, "CodeCommit event: " + "; ".join(problems))
+            return rejected(400, "CodeCommit event: " + "; ".join(problems))
         ref = detail["referenceFullName"]
         if detail["referenceType"] != "branch" or not ref.startswith("refs/heads/"):
-            return _ignored(f"{ref} is not a branch; only branch pushes train")
+            return ignored(f"{ref} is not a branch; only branch pushes train")
         from mmp.hosts.codecommit import clone_url, parse_arn
 
         arn, name = event["resources"][0], detail["repositoryName"]
         try:
             region, _, arn_name = parse_arn(arn)
         except ValueError as exc:
-            return _bad(400, f"CodeCommit event: 'resources' {exc}")
+            return rejected(400, f"CodeCommit event: 'resources' {exc}")
         if not self.allowed.admits(arn, arn_name):
             log.warning("event %s names repository %s, which this stack does not list", event["id"], arn)
-            return _bad(403, f"repository {arn} is not one this stack listens to")
+            return rejected(403, f"repository {arn} is not one this stack listens to")
         if arn_name != name:
-            return _bad(400, f"CodeCommit event: repository {name!r} is not the one its ARN names ({arn})")
+            return rejected(400, f"CodeCommit event: repository {name!r} is not the one its ARN names ({arn})")
         commit = detail["commitId"]
         try:
             client = self.client(region)
             if not client.commit_exists(name, commit):
-                return _bad(404, f"commit {commit} does not exist in {name}; the event is not CodeCommit's")
+                return rejected(404, f"commit {commit} does not exist in {name}; the event is not CodeCommit's")
             before = detail.get("oldCommitId") if kind == "referenceUpdated" else None
             base = before
             if base is None:
@@ -156,11 +149,11 @@ class CodeCommitEvents:
             changes = client.compare(name, base, commit)
         except Exception as exc:
             log.error("reading %s@%s for event %s failed: %s", name, commit[:12], event["id"], exc)
-            return _bad(503, f"CodeCommit could not be read ({type(exc).__name__}); retry later")
+            return rejected(503, f"CodeCommit could not be read ({type(exc).__name__}); retry later")
         touched = {path: kind for kind in ("added", "modified", "removed") for path in changes.get(kind, [])}
         wanted = [f for f in TRIGGER_FILES if touched.get(f) in ("added", "modified")]
         if not wanted:
-            return _ignored(f"no change to {' or '.join(EXPERIMENT_FILES)} (or {PROMOTE_FILE}) at the repository "
+            return ignored(f"no change to {' or '.join(EXPERIMENT_FILES)} (or {PROMOTE_FILE}) at the repository "
                             f"root in {ref}")
         job = Job(repository=name, clone_url=clone_url(name, region), before=before or ZERO_SHA, after=commit,
                   ref=ref, delivery_id=event["id"], trigger_files=wanted, host="codecommit")
@@ -184,13 +177,8 @@ class CodeCommitEndpoint:
         return None
 
     def handle(self, headers: Headers, body: bytes) -> Response:
-        try:
-            payload = decode_body(body, headers.get("Content-Type"))
-        except TypeError as exc:
-            return _bad(415, str(exc))
-        except ValueError as exc:
-            return _bad(400, str(exc))
-        return self.events.handle(payload)
+        payload = decoded(body, headers.get("Content-Type"))
+        return payload if isinstance(payload, Response) else self.events.handle(payload)
 
 
 def local_endpoint(queue) -> CodeCommitEndpoint | None:

@@ -58,16 +58,28 @@ class HandoffError(RuntimeError):
     """The job could not be handed off; the host should see a 5xx so it can redeliver."""
 
 
-def _ignored(reason: str, **extra: Any) -> Response:
+def ignored(reason: str, **extra: Any) -> Response:
+    """Accepted and dropped on purpose (2xx: the host must not redeliver it), saying why."""
     return Response(202, {"status": "ignored", "reason": reason, **extra})
 
 
-def _bad(status: int, message: str) -> Response:
+def rejected(status: int, message: str) -> Response:
+    """Refused, saying why (the field or header and what is allowed)."""
     return Response(status, {"status": "rejected", "error": message})
 
 
+def decoded(body: bytes, content_type: str | None) -> Any:
+    """The delivery's JSON, or the 415/400 Response that refuses it."""
+    try:
+        return decode_body(body, content_type)
+    except TypeError as exc:
+        return rejected(415, str(exc))
+    except ValueError as exc:
+        return rejected(400, str(exc))
+
+
 def _refused(refusal: Refusal | None) -> Response | None:
-    return None if refusal is None else _bad(refusal.status, refusal.message)
+    return None if refusal is None else rejected(refusal.status, refusal.message)
 
 
 def net_changes(commits: list[Mapping[str, Any]]) -> dict[str, str]:
@@ -103,13 +115,13 @@ class WebhookHandler:
         secret = self.secret()
         if not secret:
             log.error("no %s webhook secret configured; refusing every delivery", self.host.title)
-            return _bad(500, "the webhook secret is not configured")
+            return rejected(500, "the webhook secret is not configured")
         return _refused(self.host.check_headers(h, secret))
 
     def handle(self, headers: Mapping[str, str] | Headers, body: bytes) -> Response:
         h = headers if isinstance(headers, Headers) else Headers(headers)
         if len(body) > self.host.max_body_bytes:
-            return _bad(413, f"body is {len(body)} bytes; {self.host.title} sends at most {self.host.max_body_bytes}")
+            return rejected(413, f"body is {len(body)} bytes; {self.host.title} sends at most {self.host.max_body_bytes}")
         refused = self.check_headers(h)
         if refused is not None:
             return refused
@@ -122,26 +134,23 @@ class WebhookHandler:
         if event.kind == "ping":
             return Response(200, {"status": "pong", "delivery_id": event.delivery_id})
         if event.kind != "push":
-            return _ignored(f"event {event.kind!r} does not trigger training (only push does)")
-        try:
-            payload = decode_body(body, h.get("Content-Type"))
-        except TypeError as exc:
-            return _bad(415, str(exc))
-        except ValueError as exc:
-            return _bad(400, str(exc))
+            return ignored(f"event {event.kind!r} does not trigger training (only push does)")
+        payload = decoded(body, h.get("Content-Type"))
+        if isinstance(payload, Response):
+            return payload
         push = self.host.parse_push(payload)
         if isinstance(push, list):
-            return _bad(400, "push payload: " + "; ".join(push))
+            return rejected(400, "push payload: " + "; ".join(push))
         return self._push(push, event.delivery_id or "", hashlib.sha256(body).hexdigest())
 
     def _push(self, push: Push, delivery: str, digest: str) -> Response:
         ref, before, after = push.ref, push.before, push.after
         if push.deleted or after == ZERO_SHA:
-            return _ignored(f"{ref} was deleted")
+            return ignored(f"{ref} was deleted")
         if ref.startswith("refs/tags/"):
-            return _ignored(f"tag push ({ref}); only branch pushes train")
+            return ignored(f"tag push ({ref}); only branch pushes train")
         if not ref.startswith("refs/heads/"):
-            return _ignored(f"{ref} is not a branch")
+            return ignored(f"{ref} is not a branch")
         commits = push.commits
         if len(commits) >= MAX_LISTED_COMMITS and self.compare is not None:
             base = before if before != ZERO_SHA else push.default_branch
@@ -150,7 +159,7 @@ class WebhookHandler:
                     changes = self.compare(push.repository, push.clone_url, base, after)
                 except Exception as exc:
                     log.warning("compare %s...%s for %s failed: %s", base, after[:12], push.repository, exc)
-                    return _bad(503, f"the push lists {len(commits)} commits and the changed files could not "
+                    return rejected(503, f"the push lists {len(commits)} commits and the changed files could not "
                                      f"be listed ({type(exc).__name__}); redeliver later")
                 commits = [changes]
         last = net_changes(commits)
@@ -158,8 +167,8 @@ class WebhookHandler:
         if not wanted:
             removed = [name for name in TRIGGER_FILES if last.get(name) == "removed"]
             if removed:
-                return _ignored(f"{' and '.join(removed)} removed in this push; nothing to train")
-            return _ignored(f"no commit added or modified {' or '.join(EXPERIMENT_FILES)} "
+                return ignored(f"{' and '.join(removed)} removed in this push; nothing to train")
+            return ignored(f"no commit added or modified {' or '.join(EXPERIMENT_FILES)} "
                             f"(or {PROMOTE_FILE}) at the repository root")
         job = Job(repository=push.repository, clone_url=push.clone_url, before=before, after=after, ref=ref,
                   delivery_id=delivery, trigger_files=wanted, host=self.host.name)
@@ -173,7 +182,7 @@ def hand_off(sink: JobSink, job: Job, digest: str) -> Response:
         fresh = sink.submit(job, digest)
     except Exception as exc:
         log.error("hand-off of delivery %s failed: %s", job.delivery_id, exc)
-        return _bad(503, f"the job could not be queued ({type(exc).__name__}); redeliver later")
+        return rejected(503, f"the job could not be queued ({type(exc).__name__}); redeliver later")
     if not fresh:
         return Response(200, {"status": "duplicate", "delivery_id": job.delivery_id,
                               "reason": "this delivery (or an identical body) was already accepted"})
