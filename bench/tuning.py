@@ -5,8 +5,9 @@
    seed and budget (the native loop seeds its sampler per trial as MMP does, so both draw the
    same trials). Native: `study.ask()`, horovodrun as a subprocess, each epoch's
    val_accuracy read from its output and reported, the process killed when pruned; no MLflow.
-   MMP: `mmp run`'s path on the local platform (MLflow runs, the pruner's verdict per epoch,
-   the model logged only by trials that beat the best so far). Figure: MMP wall time / native
+   MMP: `mmp run` on the local platform, after one warm-up run that leaves the shared tracking
+   server as any earlier `mmp run` does (MLflow runs, the pruner's verdict per epoch, the model
+   logged only by trials that beat the best so far). Figure: MMP wall time / native
    wall time, median of `--rounds` interleaved pairs. Goal ≤ 1.2.
 
 1. Per-trial overhead of a study over single runs, side by side in one process: the
@@ -110,7 +111,7 @@ VERSUS = {"Objective_Metric": "val_accuracy", "Direction": "maximize", "Strategy
 EPOCH_LINE = re.compile(r"epoch (\d+)/\d+ .*val_accuracy=([-\d.eE+]+)")
 
 
-def native_study(tuning, dataset: Path, workdir: Path, fixed: dict) -> tuple[float, list[str]]:
+def native_study(tuning, dataset: Path, repo: Path, fixed: dict) -> tuple[float, list[str]]:
     """What a user writes by hand: Optuna's ask/tell around horovodrun, pruning from train.py's output."""
     import optuna
 
@@ -128,13 +129,14 @@ def native_study(tuning, dataset: Path, workdir: Path, fixed: dict) -> tuple[flo
     for n in range(tuning.total_runs):
         study.sampler = make_sampler(tuning, seed=trial_seed(tuning.seed, n))  # as MMP seeds: the same draws
         trial = study.ask(dists)
-        argv = horovodrun_argv([("localhost", 1)], train_args(str(dataset), str(workdir / f"out-{trial.number}"),
+        argv = horovodrun_argv([("localhost", 1)], train_args(str(dataset), str(repo.parent / f"out-{trial.number}"),
                                                                "digits", {**fixed, **trial.params}),
                                python=sys.executable, horovodrun=find_horovodrun() or "horovodrun")
-        proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-        value, pruned = None, False
+        value, pruned, tail = None, False, []
         for line in proc.stdout:
+            tail = (tail + [line])[-5:]
             match = EPOCH_LINE.search(line)
             if not match:
                 continue
@@ -152,18 +154,23 @@ def native_study(tuning, dataset: Path, workdir: Path, fixed: dict) -> tuple[flo
             study.tell(trial, value)
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            print(f"native trial {trial.number} failed ({code}):", "".join(tail), file=sys.stderr)
     seconds = time.perf_counter() - t0
     return seconds, [f"{t.number}:{t.state.name.lower()}" for t in study.trials] + [f"best {study.best_value:.4f}"]
 
 
 def versus_native(trials: int, rounds: int) -> None:
-    """MMP's study and the native loop, `rounds` interleaved pairs in one process; prints the ratio."""
+    """MMP's study (`mmp run`, as a user runs it) and the native loop, `rounds` interleaved pairs; prints the ratio."""
+    from pipeline_overhead import stop_shared_server, wait_until  # bench/ is this script's folder
+
     home = Path(tempfile.mkdtemp(prefix="mmp-bench-versus-"))
     os.environ["MMP_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from mmp.tracking import server as tracking_server
+
     try:
         from mmp.contract.datasets import prepare_digits
         from mmp.contract.tuning import Tuning
-        from mmp.pipeline.runs import local_trigger, run_trigger
 
         dataset = prepare_digits(home / "datasets" / "digits")
         fixed = {"epochs": 3}
@@ -172,29 +179,35 @@ def versus_native(trials: int, rounds: int) -> None:
         repo = home / "versus"
         shutil.copytree(EXAMPLE, repo)
         (repo / "requirements.txt").unlink()  # both run in this venv: no per-run environment to build
-        (repo / "experiment.json").write_text(json.dumps({
-            "Platform": "local", "Dataset_Name": "digits", "Training_Instance": "local",
-            "Hyperparameters": fixed, "Tuning": tuning_block}))
+        single = {"Platform": "local", "Dataset_Name": "digits", "Training_Instance": "local", "Hyperparameters": fixed}
+        (repo / "experiment.json").write_text(json.dumps({**single, "Tuning": tuning_block}))
         env = {**os.environ, **GIT_ENV}
         for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "bench"]):
             subprocess.run(["git", "-C", str(repo), *args], check=True, env=env, capture_output=True)
-        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, capture_output=True,
-                             text=True).stdout.strip()
+        mmp = [str(Path(sys.executable).with_name("mmp")), "run", "--repo", str(repo), "-q"]
+        # warm-up: one single run creates MLflow's store and leaves the shared tracking server that later
+        # `mmp run`s use (mmp.tracking.server): the steady state of a laptop that has run anything before
+        warm = home / "single.json"
+        warm.write_text(json.dumps(single))
+        subprocess.run([*mmp, str(warm)], check=True, capture_output=True)
+        wait_until(tracking_server.serving_url, "the shared tracking server")
         print(f"MMP study vs native Optuna: examples/fashion/train.py on digits, {trials} trials, bayesian, "
               f"Early_Stopping, Seed {tuning.seed}, Parallel 1, load average {os.getloadavg()[0]:.1f}")
         ratios = []
         for n in range(rounds):
-            native_s, native_trials = native_study(tuning, dataset, home, fixed)
+            native_s, native_trials = native_study(tuning, dataset, repo, fixed)
             t0 = time.perf_counter()
-            outcome = run_trigger(local_trigger(repo, sha))
+            out = subprocess.run([*mmp, "--json"], capture_output=True, text=True)
             mmp_s = time.perf_counter() - t0
-            assert outcome.ok, outcome.message
+            outcome = json.loads(out.stdout) if out.stdout.strip().startswith("{") else {}
+            assert out.returncode == 0, out.stderr[-2000:]
             ratios.append(mmp_s / native_s)
             print(f"round {n + 1}: native {native_s:.1f} s ({' '.join(native_trials)}); "
-                  f"MMP {mmp_s:.1f} s ({outcome.message}); ratio {mmp_s / native_s:.2f}")
+                  f"MMP {mmp_s:.1f} s ({outcome.get('message')}); ratio {mmp_s / native_s:.2f}")
         print(f"MMP / native wall time: median {statistics.median(ratios):.2f} over {rounds} round(s) "
               f"(goal ≤ 1.2; load average now {os.getloadavg()[0]:.1f})")
     finally:
+        stop_shared_server(tracking_server)
         shutil.rmtree(home, ignore_errors=True)
 
 

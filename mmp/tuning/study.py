@@ -387,13 +387,15 @@ class StudyRunner:
         try:
             prepared = Prepared(experiment=self.prepared.experiment.for_trial(trial.params),
                                 backend=self.backend, dataset=self.prepared.dataset)
+            sees = None
             if self.ordered:  # every trial below the oldest still running has been told
-                trial.set_user_attr(ATTR_SEES, min(self.running, default=trial.number))
+                sees = min(self.running, default=trial.number)
+                trial.set_user_attr(ATTR_SEES, sees)
             started = self.trials.start(self.trigger, prepared)
             self.tracker.set_tags(started.run_id, {
                 TAG_PARENT: self.parent.run_id, TAG_TRIAL: str(trial.number), TAG_TRIAL_STATE: "running",
                 "mlflow.runName": f"{started.request.experiment_name}-{self.trigger.commit[:7]}-trial-{trial.number}",
-                **self._trial_tags(study),
+                **self._trial_tags(study, sees),
             })
         except Exception as exc:  # a refused value or MLflow: the trial fails, the study goes on (or stops)
             log.error("study %s: could not create the run of trial %d: %s", self.name, trial.number, exc)
@@ -407,16 +409,22 @@ class StudyRunner:
         self.running[trial.number] = tr
         threading.Thread(target=self._follow, args=(tr,), name=f"trial-{trial.number}", daemon=True).start()
 
-    def _trial_tags(self, study) -> dict[str, str]:
+    def _trial_tags(self, study, sees: int | None) -> dict[str, str]:
         """What train.py may read from its run (mmp.tuning.tags): the objective and direction, the best
         value so far (a trial that does not beat it need not log its model), and with Early_Stopping that
-        it may wait for the pruner's verdict at each step."""
+        it may wait for the pruner's verdict at each step: not when the pruner will never stop it (seeded:
+        fewer complete trials than the pruner's start-up below `sees`, and that set cannot grow)."""
+        from optuna.trial import TrialState
+
         tags = {TAG_TRIAL_OBJECTIVE: self.tuning.objective_metric, TAG_TRIAL_DIRECTION: self.tuning.direction}
         best = self._best(study)
         if best is not None:
             tags[TAG_TRIAL_BEST_BEFORE] = repr(best.value)
         if self.tuning.early_stopping:
-            tags[TAG_TRIAL_PRUNING] = "wait"
+            complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                        if sees is None or t.number < sees]
+            if sees is None or len(complete) >= PRUNER_STARTUP_TRIALS:
+                tags[TAG_TRIAL_PRUNING] = "wait"
         return tags
 
     def _follow(self, tr: TrialRun) -> None:
