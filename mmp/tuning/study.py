@@ -651,9 +651,8 @@ class StudyRunner:
             if stop:
                 for tr in self.running.values():
                     self._cancel(tr)
-            else:
-                while len(self.running) < self.tuning.parallel and self._remaining(study) > 0:
-                    self._launch_one(study, dists)
+            self._advance(study, dists, launch=not stop)
+            if not stop:
                 self._prune()
             self._record_handles()
             if not self.running and (stop or self._remaining(study) == 0):
@@ -664,15 +663,24 @@ class StudyRunner:
                 pass
 
     def _arrive(self, study, tr: TrialRun) -> None:
-        """A trial's job ended: conclude it now, or (seeded) once every trial before it is concluded, so
-        Optuna hears of trials in trial order. It keeps its slot until then: trial n + Parallel starts
-        after trial n is told, never after a later one that happened to end first."""
-        if not self.ordered:
+        """A trial's job ended: conclude it now, or (seeded) hold it for `_advance` to conclude in turn."""
+        if self.ordered:
+            self.arrived[tr.trial.number] = tr
+        else:
             self._conclude_trial(study, tr)
-            return
-        self.arrived[tr.trial.number] = tr
-        while self.running and min(self.running) in self.arrived:
-            self._conclude_trial(study, self.arrived.pop(min(self.running)))
+
+    def _advance(self, study, dists: dict[str, Any], *, launch: bool) -> None:
+        """Fill the free slots (`launch`); seeded, conclude the oldest running trial once it has ended, then
+        fill the slot it frees before the next is concluded. So trial n is asked exactly when trials up to
+        n - Parallel have been told, whichever ended first: a trial that ended early keeps its slot until
+        those before it are told."""
+        while True:
+            while launch and len(self.running) < self.tuning.parallel and self._remaining(study) > 0:
+                self._launch_one(study, dists)
+            oldest = min(self.running, default=None)
+            if oldest is None or oldest not in self.arrived:
+                return
+            self._conclude_trial(study, self.arrived.pop(oldest))
 
     def _stop_trials(self, conclude: Callable[[TrialRun], bool]) -> None:
         """Cancel every running trial and wait for each; `conclude(trial)` says whether to record it now."""
