@@ -1,4 +1,14 @@
-"""Hyperparameter search: what a study costs per trial, and how fast TPE finds the best.
+"""Hyperparameter search: what a study costs per trial, against native Optuna, and how fast TPE finds the best.
+
+0. MMP's study against a native Optuna loop (issue 24), side by side in one run: the same
+   examples/fashion/train.py on digits under horovodrun, the same TPE sampler, median pruner,
+   seed and budget (the native loop seeds its sampler per trial as MMP does, so both draw the
+   same trials). Native: `study.ask()`, horovodrun as a subprocess, each epoch's
+   val_accuracy read from its output and reported, the process killed when pruned; no MLflow.
+   MMP: `mmp run` on the local platform, after one warm-up run that leaves the shared tracking
+   server as any earlier `mmp run` does (MLflow runs, the pruner's verdict per epoch, the model
+   logged only by trials that beat the best so far). Figure: MMP wall time / native
+   wall time, median of `--rounds` interleaved pairs. Goal ≤ 1.2.
 
 1. Per-trial overhead of a study over single runs, side by side in one process: the
    same tiny train.py (it logs the objective through MLflow) run K times with
@@ -9,7 +19,7 @@
    random search, over several seeds: the median number of trials to come within 1 %
    of the optimum's range, and the median best value after the budget.
 
-Run: .venv/bin/python bench/tuning.py [--trials 4] [--seeds 20] [--budget 60]
+Run: .venv/bin/python bench/tuning.py [--study-trials 6] [--rounds 2] [--trials 4] [--seeds 20] [--budget 60]
 """
 
 from __future__ import annotations
@@ -18,7 +28,9 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -92,6 +104,113 @@ def overhead(trials: int) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
+EXAMPLE = ROOT / "examples" / "fashion"
+VERSUS = {"Objective_Metric": "val_accuracy", "Direction": "maximize", "Strategy": "bayesian", "Parallel": 1,
+          "Early_Stopping": True, "Seed": 7,
+          "Ranges": {"lr": {"Min": 0.001, "Max": 0.3, "Scale": "log"}, "batch-size": {"Values": [16, 32, 64]}}}
+EPOCH_LINE = re.compile(r"epoch (\d+)/\d+ .*val_accuracy=([-\d.eE+]+)")
+
+
+def native_study(tuning, dataset: Path, repo: Path, fixed: dict) -> tuple[float, list[str]]:
+    """What a user writes by hand: Optuna's ask/tell around horovodrun, pruning from train.py's output."""
+    import optuna
+
+    from mmp.backends.local import usable_cores
+    from mmp.contract.argv import horovodrun_argv, train_args
+    from mmp.runtime.horovod import find_horovodrun
+    from mmp.tuning.study import PRUNER_STARTUP_TRIALS, distributions, make_sampler, trial_seed
+
+    study = optuna.create_study(direction=tuning.direction, sampler=make_sampler(tuning),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # no tracking: train.py skips it
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(usable_cores())))
+    dists = distributions(tuning)
+    t0 = time.perf_counter()
+    for n in range(tuning.total_runs):
+        study.sampler = make_sampler(tuning, seed=trial_seed(tuning.seed, n))  # as MMP seeds: the same draws
+        trial = study.ask(dists)
+        argv = horovodrun_argv([("localhost", 1)], train_args(str(dataset), str(repo.parent / f"out-{trial.number}"),
+                                                               "digits", {**fixed, **trial.params}),
+                               python=sys.executable, horovodrun=find_horovodrun() or "horovodrun")
+        proc = subprocess.Popen(argv, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        value, pruned, tail = None, False, []
+        for line in proc.stdout:
+            tail = (tail + [line])[-5:]
+            match = EPOCH_LINE.search(line)
+            if not match:
+                continue
+            step, value = int(match.group(1)), float(match.group(2))
+            trial.report(value, step)
+            if trial.should_prune():
+                pruned = True
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+        proc.stdout.close()
+        code = proc.wait()
+        if pruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif code == 0 and value is not None:
+            study.tell(trial, value)
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            print(f"native trial {trial.number} failed ({code}):", "".join(tail), file=sys.stderr)
+    seconds = time.perf_counter() - t0
+    return seconds, [f"{t.number}:{t.state.name.lower()}" for t in study.trials] + [f"best {study.best_value:.4f}"]
+
+
+def versus_native(trials: int, rounds: int) -> None:
+    """MMP's study (`mmp run`, as a user runs it) and the native loop, `rounds` interleaved pairs; prints the ratio."""
+    from pipeline_overhead import stop_shared_server, wait_until  # bench/ is this script's folder
+
+    home = Path(tempfile.mkdtemp(prefix="mmp-bench-versus-"))
+    os.environ["MMP_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from mmp.tracking import server as tracking_server
+
+    try:
+        from mmp.contract.datasets import prepare_digits
+        from mmp.contract.tuning import Tuning
+
+        dataset = prepare_digits(home / "datasets" / "digits")
+        fixed = {"epochs": 3}
+        tuning_block = {**VERSUS, "Max_Runs": trials}
+        tuning = Tuning.model_validate(tuning_block)
+        repo = home / "versus"
+        shutil.copytree(EXAMPLE, repo)
+        (repo / "requirements.txt").unlink()  # both run in this venv: no per-run environment to build
+        single = {"Platform": "local", "Dataset_Name": "digits", "Training_Instance": "local", "Hyperparameters": fixed}
+        (repo / "experiment.json").write_text(json.dumps({**single, "Tuning": tuning_block}))
+        env = {**os.environ, **GIT_ENV}
+        for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "bench"]):
+            subprocess.run(["git", "-C", str(repo), *args], check=True, env=env, capture_output=True)
+        mmp = [str(Path(sys.executable).with_name("mmp")), "run", "--repo", str(repo), "-q"]
+        # warm-up: one single run creates MLflow's store and leaves the shared tracking server that later
+        # `mmp run`s use (mmp.tracking.server): the steady state of a laptop that has run anything before
+        warm = home / "single.json"
+        warm.write_text(json.dumps(single))
+        subprocess.run([*mmp, str(warm)], check=True, capture_output=True)
+        wait_until(tracking_server.serving_url, "the shared tracking server")
+        print(f"MMP study vs native Optuna: examples/fashion/train.py on digits, {trials} trials, bayesian, "
+              f"Early_Stopping, Seed {tuning.seed}, Parallel 1, load average {os.getloadavg()[0]:.1f}")
+        ratios = []
+        for n in range(rounds):
+            native_s, native_trials = native_study(tuning, dataset, repo, fixed)
+            t0 = time.perf_counter()
+            out = subprocess.run([*mmp, "--json"], capture_output=True, text=True)
+            mmp_s = time.perf_counter() - t0
+            outcome = json.loads(out.stdout) if out.stdout.strip().startswith("{") else {}
+            assert out.returncode == 0, out.stderr[-2000:]
+            ratios.append(mmp_s / native_s)
+            print(f"round {n + 1}: native {native_s:.1f} s ({' '.join(native_trials)}); "
+                  f"MMP {mmp_s:.1f} s ({outcome.get('message')}); ratio {mmp_s / native_s:.2f}")
+        print(f"MMP / native wall time: median {statistics.median(ratios):.2f} over {rounds} round(s) "
+              f"(goal ≤ 1.2; load average now {os.getloadavg()[0]:.1f})")
+    finally:
+        stop_shared_server(tracking_server)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def synthetic(params: dict) -> float:
     """A 4-parameter objective with its maximum 0 at lr=1e-2, momentum=0.9, layers=4, opt='adam'."""
     return -((math.log10(params["lr"]) + 2) ** 2 + 4 * (params["momentum"] - 0.9) ** 2
@@ -137,12 +256,18 @@ def time_to_best(seeds: int, budget: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--study-trials", type=int, default=6, help="trials per study, MMP vs native Optuna")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved MMP/native pairs")
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--budget", type=int, default=60)
     parser.add_argument("--skip-overhead", action="store_true", help="only the synthetic comparison")
+    parser.add_argument("--versus-only", action="store_true", help="only MMP vs native Optuna")
     args = parser.parse_args()
     if not args.skip_overhead:
+        versus_native(args.study_trials, args.rounds)
+        if args.versus_only:
+            return
         overhead(args.trials)
     time_to_best(args.seeds, args.budget)
 

@@ -4,12 +4,19 @@ Runs unchanged on every MMP platform: the pipeline passes --dataset-path,
 --output-path and --dataset, then one --name value per hyperparameter, and reaches
 MLflow through MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME / MLFLOW_RUN_ID, so
 `mlflow.start_run()` on rank 0 continues the run the pipeline made.
+
+In a study (an experiment with a Tuning block) the run's tags say what the study asks
+(StudyTrial): with Early_Stopping, wait after each epoch for the pruner's verdict, so a
+pruned trial stops at the epoch where Optuna's pruner said so; and log the model only
+when this trial beats the study's best so far, so trials do not each pay for packaging
+a model that only the best one needs.
 """
 
 import argparse
 import gzip
 import os
 import struct
+import sys
 import time
 
 import numpy as np
@@ -70,6 +77,44 @@ class Net(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class StudyTrial:
+    """What an MMP study asks of this run through its tags (mmp/tuning/tags.py); nothing outside a study."""
+
+    def __init__(self, run):
+        tags = run.data.tags if run is not None else {}
+        self.run_id = run.info.run_id if run is not None else None
+        self.waits = tags.get("mmp.trial.pruning") == "wait"
+        self.objective = tags.get("mmp.trial.objective")
+        self.maximize = tags.get("mmp.trial.direction", "maximize") == "maximize"
+        best = tags.get("mmp.trial.best_before")
+        self.best_before = float(best) if best is not None else None
+
+    def pruned(self, step, timeout=600.0):
+        """Once the objective of `step` is logged: wait for the study's verdict; True if it pruned this trial.
+        A study that does not answer in `timeout` seconds is gone: training goes on."""
+        if not self.waits:
+            return False
+        from mlflow import MlflowClient
+
+        client, deadline = MlflowClient(), time.time() + timeout
+        while time.time() < deadline:
+            judged = client.get_run(self.run_id).data.tags.get("mmp.trial.judged", "")
+            if judged.startswith("pruned:"):
+                return True
+            if judged and int(judged) >= step:
+                return False
+            time.sleep(0.05)
+        return False
+
+    def wants_model(self, metrics):
+        """Outside a study, always; in one, only when this trial is at least as good as the best before it
+        (the study's best trial always is, so `mmp promote --study` finds its model)."""
+        value = metrics.get(self.objective) if self.objective else None
+        if self.best_before is None or value is None:
+            return True
+        return value >= self.best_before if self.maximize else value <= self.best_before
+
+
 def average(value, name):
     return hvd.allreduce(torch.tensor(value, dtype=torch.float64), name=name).item()
 
@@ -108,12 +153,14 @@ def main():
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
     run = None
+    study = StudyTrial(None)
     if rank0 and os.environ.get("MLFLOW_TRACKING_URI"):
         import mlflow
 
         run = mlflow.start_run()  # continues MLFLOW_RUN_ID when the pipeline made the run
         mlflow.log_params({"world_size": hvd.size(), "train_examples": len(train),
                            "test_examples": len(test), "image_shape": "x".join(map(str, train[0][0].shape))})
+        study = StudyTrial(run)
 
     for epoch in range(1, args.epochs + 1):
         started = time.time()
@@ -141,11 +188,19 @@ def main():
             print(f"epoch {epoch}/{args.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
             if run is not None:
                 mlflow.log_metrics(metrics, step=epoch)
+        # every rank stops at the epoch the study pruned (rank 0 heard the verdict)
+        pruned = hvd.broadcast(torch.tensor(int(rank0 and study.pruned(epoch))), root_rank=0, name=f"pruned.{epoch}")
+        if pruned.item():
+            sys.exit(f"train.py: pruned by the study at epoch {epoch}")
 
     if rank0:
         os.makedirs(args.output_path, exist_ok=True)
         torch.save(model.state_dict(), os.path.join(args.output_path, "model.pt"))
-        if run is not None:
+        if run is not None and not study.wants_model(metrics):
+            print(f"train.py: model not logged to MLflow ({study.objective} {metrics[study.objective]:.4f} does not "
+                  f"beat the study's best so far, {study.best_before:.4f}); model.pt is in the output path", flush=True)
+            mlflow.end_run()
+        elif run is not None:
             # MLflow exports the model with torch.export, traced on this example: a batch of one
             # would fix the served model's batch size at 1, so the example holds two images.
             example = torch.stack([train[i][0] for i in range(2)]).numpy()

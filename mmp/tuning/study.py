@@ -45,7 +45,8 @@ from mmp.tuning import control
 from mmp.tuning.space import ask, distributions
 from mmp.tuning.intermediate import DRAIN_PAGES, IntermediateValues, checkpoints, tracking_store
 from mmp.contract.tuning import Tuning
-from mmp.tuning.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_STATE
+from mmp.tuning.tags import (TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_BEST_BEFORE, TAG_TRIAL_DIRECTION,
+                             TAG_TRIAL_JUDGED, TAG_TRIAL_OBJECTIVE, TAG_TRIAL_PRUNING, TAG_TRIAL_STATE)
 from mmp.tuning.trials import end_trial, release_warm
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +56,10 @@ log = logging.getLogger("mmp.tuning")
 
 STUDIES_DB = "studies.db"
 PRUNER_STARTUP_TRIALS = 2  # the median needs a few finished trials before it may prune
+POLL_SECONDS = 1.0
+# With Early_Stopping a train.py may wait at each step for the pruner's verdict (TAG_TRIAL_JUDGED): the loop's
+# tick is that wait, so it ticks faster (a tick reads one MLflow page per running trial).
+PRUNING_POLL_SECONDS = 0.2
 INTERRUPTED_TRIAL = "interrupted: the worker stopped while this trial ran; replaced by a new trial"
 ATTR_PARENT = "mmp.parent_run_id"
 ATTR_STARTED = "mmp.started_at"
@@ -64,6 +69,7 @@ ATTR_HANDLE = "mmp.handle"  # the trial's backend job, so a restart can tear it 
 ATTR_TOTAL = "mmp.total_runs"  # the study's budget, for `mmp run` to say how far a resumable study got
 ATTR_ELAPSED = "mmp.elapsed_s"  # running time before the last stop: Max_Runtime counts running time only
 ATTR_REPLACES = "mmp.replaces"  # on a trial enqueued for an interrupted one: a second recovery never enqueues twice
+ATTR_SEES = "mmp.pruner_sees_below"  # seeded study: the pruner compares this trial with complete trials numbered below
 SUSPENDED = "interrupted: the worker stopped; the study resumes when a worker starts again"
 # A trial Optuna has recorded whose MLflow run a crash left open is ended as Optuna says it ended.
 ENDED_AS = {"COMPLETE": (JobState.SUCCEEDED, "complete"), "PRUNED": (JobState.CANCELLED, "pruned"),
@@ -97,14 +103,26 @@ def study_name(trigger: Trigger) -> str:
     return f"mmp-{trigger.delivery_id or trigger.commit}"
 
 
-def make_sampler(tuning: Tuning):
-    """TPE for bayesian; random otherwise (a grid study enqueues every point, so its sampler never picks)."""
+def make_sampler(tuning: Tuning, seed: int | None = None):
+    """TPE for bayesian; random otherwise (a grid study enqueues every point, so its sampler never picks).
+    `seed`: this draw's seed (trial_seed), else Tuning.Seed. constant_liar (Optuna's default since 4.x, named
+    here on purpose): TPE counts running trials as bad, so trials drawn while others run spread out."""
     import optuna
 
+    seed = tuning.seed if seed is None else seed
     if tuning.strategy == "bayesian":
         startup = max(2, min(10, tuning.total_runs // 4))  # TPE models once a quarter of the budget is random
-        return optuna.samplers.TPESampler(seed=tuning.seed, n_startup_trials=startup)
-    return optuna.samplers.RandomSampler(seed=tuning.seed)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def trial_seed(seed: int, index: int) -> int:
+    """The sampler's seed for a study's `index`-th trial: a function of Tuning.Seed and the trial alone.
+    A sampler seeded once draws from one generator, so a study resumed in a new process (a fresh sampler)
+    would draw trial 0's values again; seeded per trial, trial n draws the same values in any process."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def make_pruner(tuning: Tuning):
@@ -112,7 +130,37 @@ def make_pruner(tuning: Tuning):
 
     if not tuning.early_stopping:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=0)
+    return seen_pruner(optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=0))
+
+
+class _StudyBelow:
+    """A study as a trial's pruner sees it: only trials numbered below `cutoff` (Optuna's pruners read the
+    study through get_trials and direction; everything else is the study's own)."""
+
+    def __init__(self, study: Any, cutoff: int):
+        self._study, self._cutoff = study, cutoff
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list:
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states) if t.number < self._cutoff]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+def seen_pruner(inner: Any) -> Any:
+    """`inner` (an Optuna pruner) judging each trial against the trials it was started after.
+
+    In a seeded study a trial's user attribute ATTR_SEES names the first trial it may not see: trials
+    numbered below it had all been told when it started, later ones run beside it and end at moments
+    that depend on timing. Left to see them, the median at a step would differ from one run to the next."""
+    from optuna.pruners import BasePruner
+
+    class SeenPruner(BasePruner):
+        def prune(self, study: Any, trial: Any) -> bool:
+            cutoff = trial.user_attrs.get(ATTR_SEES)
+            return inner.prune(study if cutoff is None else _StudyBelow(study, int(cutoff)), trial)
+
+    return SeenPruner()
 
 
 def open_study(name: str, tuning: Tuning, storage: str | None = None) -> "optuna.Study":
@@ -143,6 +191,8 @@ class TrialRun:
     intermediate: IntermediateValues | None = None  # its objective's history, read a page per tick
     reported_step: int | None = None
     reported_value: float | None = None
+    judged_step: int | None = None  # every logged step up to this one was judged (TAG_TRIAL_JUDGED)
+    told_judged: str | None = None  # the TAG_TRIAL_JUDGED value last written on its run
     pruned: str | None = None  # why, once the pruner said stop
     cancelled: bool = False
 
@@ -158,7 +208,7 @@ class _Quiet:
 
 
 class StudyRunner:
-    def __init__(self, pipeline: Pipeline, trigger: Trigger, prepared: Prepared, *, poll_seconds: float = 1.0,
+    def __init__(self, pipeline: Pipeline, trigger: Trigger, prepared: Prepared, *, poll_seconds: float | None = None,
                  storage: str | None = None,
                  on_change: Callable[[dict[str, Any]], None] | None = None, resume_on_stop: bool = False,
                  retried_on_error: bool = False):
@@ -168,7 +218,11 @@ class StudyRunner:
         a Ctrl-C or SIGTERM stops the trials' jobs but leaves the study to be resumed (the local
         worker, whose queue brings it back) instead of ending it as cancelled; `retried_on_error`: an
         error crashes this process, whose caller starts it again to resume the study and ends it after
-        its last try (RunStudy and Conclude on AWS); otherwise an error ends the study as failed."""
+        its last try (RunStudy and Conclude on AWS); otherwise an error ends the study as failed.
+
+        With a Seed, trials are told to Optuna in trial order and trial n starts once every trial before
+        n - Parallel + 1 has been told (`ordered`): the sampler and the pruner see the same history whatever
+        the timing (README, Hyperparameter search: what a Seed repeats)."""
         assert prepared.experiment.tuning is not None
         self.pipeline = pipeline
         self.trigger = trigger
@@ -176,7 +230,11 @@ class StudyRunner:
         self.tuning: Tuning = prepared.experiment.tuning
         self.backend = prepared.backend
         self.tracker = pipeline.tracker
+        if poll_seconds is None:
+            poll_seconds = PRUNING_POLL_SECONDS if self.tuning.early_stopping else POLL_SECONDS
         self.poll_seconds = poll_seconds
+        self.ordered = self.tuning.seed is not None
+        self.arrived: dict[int, TrialRun] = {}  # ordered: trials whose job ended, told once those before are
         self.storage = storage
         self.on_change = on_change
         self.resume_on_stop = resume_on_stop
@@ -308,6 +366,9 @@ class StudyRunner:
     def _launch_one(self, study, dists: dict[str, Any]) -> None:
         from optuna.trial import TrialState
 
+        if self.ordered:  # this draw's seed depends on the trial alone, not on what this process drew before
+            study.sampler = make_sampler(self.tuning, seed=trial_seed(self.tuning.seed,
+                                                                     len(study.get_trials(deepcopy=False))))
         try:
             trial = ask(study, self.tuning, dists)  # conditional ranges: drawn define-by-run
         except Exception as exc:  # every later draw would fail the same way: the study ends, saying why
@@ -316,10 +377,15 @@ class StudyRunner:
         try:
             prepared = dataclasses.replace(self.prepared, experiment=self.prepared.experiment.for_trial(trial.params),
                                            backend=self.backend)  # the staged image and code too
+            sees = None
+            if self.ordered:  # every trial below the oldest still running has been told
+                sees = min(self.running, default=trial.number)
+                trial.set_user_attr(ATTR_SEES, sees)
             started = self.trials.start(self.trigger, prepared)
             self.tracker.set_tags(started.run_id, {
                 TAG_PARENT: self.parent.run_id, TAG_TRIAL: str(trial.number), TAG_TRIAL_STATE: "running",
                 "mlflow.runName": f"{started.request.experiment_name}-{self.trigger.commit[:7]}-trial-{trial.number}",
+                **self._trial_tags(study, sees),
             })
         except Exception as exc:  # a refused value or MLflow: the trial fails, the study goes on (or stops)
             log.error("study %s: could not create the run of trial %d: %s", self.name, trial.number, exc)
@@ -333,6 +399,24 @@ class StudyRunner:
         tr = TrialRun(trial=trial, started=started, lines=OutputTail())
         self.running[trial.number] = tr
         threading.Thread(target=self._follow, args=(tr,), name=f"trial-{trial.number}", daemon=True).start()
+
+    def _trial_tags(self, study, sees: int | None) -> dict[str, str]:
+        """What train.py may read from its run (mmp.tuning.tags): the objective and direction, the best
+        value so far (a trial that does not beat it need not log its model), and with Early_Stopping that
+        it may wait for the pruner's verdict at each step: not when the pruner will never stop it (seeded:
+        fewer complete trials than the pruner's start-up below `sees`, and that set cannot grow)."""
+        from optuna.trial import TrialState
+
+        tags = {TAG_TRIAL_OBJECTIVE: self.tuning.objective_metric, TAG_TRIAL_DIRECTION: self.tuning.direction}
+        best = self._best(study)
+        if best is not None:
+            tags[TAG_TRIAL_BEST_BEFORE] = repr(best.value)
+        if self.tuning.early_stopping:
+            complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                        if sees is None or t.number < sees]
+            if sees is None or len(complete) >= PRUNER_STARTUP_TRIALS:
+                tags[TAG_TRIAL_PRUNING] = "wait"
+        return tags
 
     def _follow(self, tr: TrialRun) -> None:
         """In the trial's thread: the same launch → wait → teardown as a single run."""
@@ -352,8 +436,8 @@ class StudyRunner:
 
     def _cancel(self, tr: TrialRun) -> None:
         handle = self.handles.get(tr.started.run_id)
-        if handle is None or tr.cancelled:
-            return  # not launched yet: the next tick tries again
+        if handle is None or tr.cancelled or tr.status is not None:
+            return  # not launched yet (the next tick tries again), or its job has ended
         tr.cancelled = True
         try:
             self.backend.cancel(handle)
@@ -385,29 +469,42 @@ class StudyRunner:
             log.warning("study %s: could not record its progress: %s", self.name, exc)
 
     def _prune(self) -> None:
-        """Report new intermediate values of running trials; cancel those the pruner rejects."""
+        """Judge the new steps of running trials, in step order, as Optuna's own loop would: report a step,
+        ask should_prune, and at the first step where the pruner says stop, stop the trial there (its later
+        steps are never reported). A trial whose job has ended is not judged: it finished, and a finished
+        trial is complete, never pruned."""
         if not self.tuning.early_stopping:
             return
-        metric = self.tuning.objective_metric
         for tr in list(self.running.values()):
-            if tr.pruned or tr.started.run_id not in self.handles or not self._report_intermediate(tr, 1):
+            if tr.pruned or tr.status is not None or tr.started.run_id not in self.handles:
                 continue
-            if tr.reported_step is not None and tr.trial.should_prune():
-                tr.pruned = (f"pruned at step {tr.reported_step}: {metric} {tr.reported_value:.4g} is worse than "
-                             "the median of earlier trials")
+            if not self._report_intermediate(tr, 1, judge=True):
+                continue
+            self._tell_train_py(tr)
+            if tr.pruned:
                 self._cancel(tr)
 
-    def _report_intermediate(self, tr: TrialRun, pages: int) -> bool:
-        """Tell Optuna the objective's new checkpoint values, read `pages` pages at most (a bounded
-        tick however much train.py logs); False when MLflow could not be read."""
+    def _report_intermediate(self, tr: TrialRun, pages: int, *, judge: bool = False) -> bool:
+        """Tell Optuna the objective's new checkpoint values in step order, read `pages` pages at most (a
+        bounded tick however much train.py logs); `judge`: ask the pruner after each and stop at the first
+        step it rejects. False when MLflow could not be read."""
         metric = self.tuning.objective_metric
         try:
             if tr.intermediate is None:
                 tr.intermediate = IntermediateValues(tracking_store(self.client()), tr.started.run_id, metric)
             for _ in range(pages):
-                for step, value in checkpoints(tr.intermediate.read(), tr.reported_step):
+                rows = tr.intermediate.read()
+                for step, value in checkpoints(rows, tr.reported_step):
                     tr.trial.report(value, step)
                     tr.reported_step, tr.reported_value = step, value
+                    if judge and tr.trial.should_prune():
+                        tr.pruned = (f"pruned at step {step}: {metric} {value:.4g} is worse than the median of "
+                                     "earlier trials")
+                        tr.judged_step = step
+                        return True
+                if rows:  # every step read passed, checkpoint or not: a waiting train.py goes on
+                    newest = max(step for step, _ in rows)
+                    tr.judged_step = newest if tr.judged_step is None else max(tr.judged_step, newest)
                 if tr.intermediate.caught_up:
                     break
         except Exception as exc:
@@ -415,18 +512,36 @@ class StudyRunner:
             return False
         return True
 
+    def _tell_train_py(self, tr: TrialRun) -> None:
+        """Write the verdict where a waiting train.py reads it (TAG_TRIAL_JUDGED): once per tick, not per step."""
+        if tr.judged_step is None:
+            return
+        verdict = f"pruned:{tr.judged_step}" if tr.pruned else str(tr.judged_step)
+        if verdict == tr.told_judged:
+            return
+        try:
+            self.tracker.set_tags(tr.started.run_id, {TAG_TRIAL_JUDGED: verdict})
+            tr.told_judged = verdict
+        except Exception as exc:  # train.py waits on; the next tick writes it again
+            log.warning("could not tell trial %d its verdict: %s", tr.trial.number, exc)
+
     def _conclude_trial(self, study, tr: TrialRun) -> None:
-        """End the trial's MLflow run and tell Optuna: complete (with the final value), pruned or failed."""
+        """End the trial's MLflow run and tell Optuna: complete (with the final value), pruned or failed.
+        A trial whose job succeeded is complete even if the pruner rejected a step as it was ending: it
+        finished, and its final value is its objective."""
         from optuna.trial import TrialState
 
         del self.running[tr.trial.number]
         if self._recorded.pop(tr.started.run_id, None) is not None:
             self._changed()  # its job has ended: nothing of it left for Conclude to stop
         status = tr.status or JobStatus(JobState.FAILED, "no outcome")
+        if tr.pruned and status.state == JobState.CANCELLED and status.exit_code == 0:
+            status = JobStatus(JobState.SUCCEEDED, "train.py exited 0 before the pruner's stop reached it", 0)
         metric = self.tuning.objective_metric
         value = None
-        if tr.pruned:
-            status, state, tag = JobStatus(JobState.CANCELLED, tr.pruned), TrialState.PRUNED, "pruned"
+        pruned = tr.pruned if status.state != JobState.SUCCEEDED else None
+        if pruned:
+            status, state, tag = JobStatus(JobState.CANCELLED, pruned), TrialState.PRUNED, "pruned"
         elif status.state == JobState.SUCCEEDED:
             try:
                 value = self.final_value(tr.started.run_id)
@@ -438,10 +553,12 @@ class StudyRunner:
             elif value is not None:
                 state, tag = TrialState.COMPLETE, "complete"
                 if self.tuning.early_stopping:  # later trials are compared with its values at their steps
+                    if tr.pruned:  # judging stopped part-way through a page: read again, from the start
+                        tr.intermediate = None
                     self._report_intermediate(tr, DRAIN_PAGES)
             else:
                 status = JobStatus(JobState.FAILED, f"train.py logged no {metric!r} metric (the study's objective)")
-        if value is None and not tr.pruned:
+        if value is None and not pruned:
             state, tag = TrialState.FAIL, ("cancelled" if tr.cancelled else "failed")
         try:
             self.tracker.set_tags(tr.started.run_id, {TAG_TRIAL_STATE: tag})
@@ -520,25 +637,47 @@ class StudyRunner:
         self._report_progress(study)
         while True:
             while not self.finished.empty():
-                self._conclude_trial(study, self.finished.get())
+                self._arrive(study, self.finished.get())
             stop = stop or self._stop_reason(study)
             if stop:
                 for tr in self.running.values():
                     self._cancel(tr)
-            else:
-                while len(self.running) < self.tuning.parallel and self._remaining(study) > 0:
-                    self._launch_one(study, dists)
+            self._advance(study, dists, launch=not stop)
+            if not stop:
                 self._prune()
             self._record_handles()
             if not self.running and (stop or self._remaining(study) == 0):
                 return stop
             try:
-                self._conclude_trial(study, self.finished.get(timeout=self.poll_seconds))
+                self._arrive(study, self.finished.get(timeout=self.poll_seconds))
             except queue.Empty:
                 pass
 
+    def _arrive(self, study, tr: TrialRun) -> None:
+        """A trial's job ended: conclude it now, or (seeded) hold it for `_advance` to conclude in turn."""
+        if self.ordered:
+            self.arrived[tr.trial.number] = tr
+        else:
+            self._conclude_trial(study, tr)
+
+    def _advance(self, study, dists: dict[str, Any], *, launch: bool) -> None:
+        """Fill the free slots (`launch`); seeded, conclude the oldest running trial once it has ended, then
+        fill the slot it frees before the next is concluded. So trial n is asked exactly when trials up to
+        n - Parallel have been told, whichever ended first: a trial that ended early keeps its slot until
+        those before it are told."""
+        while True:
+            while launch and len(self.running) < self.tuning.parallel and self._remaining(study) > 0:
+                self._launch_one(study, dists)
+            oldest = min(self.running, default=None)
+            if oldest is None or oldest not in self.arrived:
+                return
+            self._conclude_trial(study, self.arrived.pop(oldest))
+
     def _stop_trials(self, conclude: Callable[[TrialRun], bool]) -> None:
         """Cancel every running trial and wait for each; `conclude(trial)` says whether to record it now."""
+        for tr in self.arrived.values():  # ended, waiting for their turn: they come out of the queue again
+            self.finished.put(tr)
+        self.arrived.clear()
         while self.running:
             for tr in self.running.values():
                 self._cancel(tr)
