@@ -29,6 +29,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmp.backends import BUILTIN
+from mmp.hosts.base import HOSTS
+
 MMP_ROOT = Path(__file__).resolve().parents[1]
 HANDLERS = {
     "webhook": "mmp.webhook.lambda_handler",
@@ -38,8 +41,9 @@ HANDLERS = {
     "janitor": "mmp.backends.dlami_janitor.handler",
     "codecommit": "mmp.webhook.codecommit_lambda.lambda_handler",
 }
-# Looked up by name in the backend registry, so no import statement names them.
-EXTRA_ROOTS = ("mmp.backends.sagemaker", "mmp.backends.dlami", "mmp.hosts.codecommit")
+# Looked up by name in the backend and host registries, so no import statement names them.
+EXTRA_ROOTS = tuple(target.split(":")[0] for registry in (BUILTIN, HOSTS)
+                    for name, target in registry.items() if name != "local")
 # Distributions installed into the zip (with their own requirements); boto3 is the runtime's.
 BUNDLED = ("pydantic",)
 BUILD_ROOT = MMP_ROOT.parent / "build" / "lambda-site"
