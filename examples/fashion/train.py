@@ -14,11 +14,9 @@ a model that only the best one needs.
 
 import argparse
 import gzip
-import importlib
 import os
 import struct
 import sys
-import threading
 import time
 
 import numpy as np
@@ -140,12 +138,6 @@ def main():
     rank0 = hvd.rank() == 0
     if rank0:
         print(f"train.py: {hvd.size()} rank(s), dataset {args.dataset} at {args.dataset_path}", flush=True)
-    # `import mlflow` takes about a second: on a thread, while the data loads and the first epoch trains
-    # (torch's kernels release the GIL), so the run is ready when the first epoch's metrics are
-    tracking = None
-    if rank0 and os.environ.get("MLFLOW_TRACKING_URI"):
-        tracking = threading.Thread(target=importlib.import_module, args=("mlflow",), name="import-mlflow", daemon=True)
-        tracking.start()
 
     train, test = load_split(args.dataset_path, "train"), load_split(args.dataset_path, "test")
     sampler = torch.utils.data.distributed.DistributedSampler(train, num_replicas=hvd.size(), rank=hvd.rank())
@@ -162,15 +154,13 @@ def main():
 
     run = None
     study = StudyTrial(None)
-
-    def start_tracking():
-        tracking.join()
+    if rank0 and os.environ.get("MLFLOW_TRACKING_URI"):
         import mlflow
 
         run = mlflow.start_run()  # continues MLFLOW_RUN_ID when the pipeline made the run
         mlflow.log_params({"world_size": hvd.size(), "train_examples": len(train),
                            "test_examples": len(test), "image_shape": "x".join(map(str, train[0][0].shape))})
-        return run, StudyTrial(run)
+        study = StudyTrial(run)
 
     for epoch in range(1, args.epochs + 1):
         started = time.time()
@@ -196,11 +186,7 @@ def main():
         }
         if rank0:
             print(f"epoch {epoch}/{args.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
-            if tracking is not None and run is None:
-                run, study = start_tracking()
             if run is not None:
-                import mlflow
-
                 mlflow.log_metrics(metrics, step=epoch)
         # every rank stops at the epoch the study pruned (rank 0 heard the verdict)
         pruned = hvd.broadcast(torch.tensor(int(rank0 and study.pruned(epoch))), root_rank=0, name=f"pruned.{epoch}")
@@ -208,10 +194,6 @@ def main():
             sys.exit(f"train.py: pruned by the study at epoch {epoch}")
 
     if rank0:
-        if tracking is not None and run is None:  # no epoch ran
-            run, study = start_tracking()
-        if run is not None:
-            import mlflow
         os.makedirs(args.output_path, exist_ok=True)
         torch.save(model.state_dict(), os.path.join(args.output_path, "model.pt"))
         if run is not None and not study.wants_model(metrics):
