@@ -5,6 +5,9 @@
    seed and budget (the native loop seeds its sampler per trial as MMP does, so both draw the
    same trials). Native: `study.ask()`, horovodrun as a subprocess, each epoch's
    val_accuracy read from its output and reported, the process killed when pruned; no MLflow.
+   Native with MLflow: the same loop with MLFLOW_TRACKING_URI set (the shared server), so train.py
+   tracks as outside a study: its own run per trial, a model logged by every complete trial.
+   The breakdown by phase (`breakdown`) compares MMP with the untracked native loop.
    MMP: `mmp run` on the local platform, after one warm-up run that leaves the shared tracking
    server as any earlier `mmp run` does (MLflow runs, the pruner's verdict per epoch, the model
    logged only by trials that beat the best so far). Figure: MMP wall time / native
@@ -25,6 +28,7 @@ Run: .venv/bin/python bench/tuning.py [--study-trials 6] [--rounds 2] [--trials 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -109,10 +113,85 @@ VERSUS = {"Objective_Metric": "val_accuracy", "Direction": "maximize", "Strategy
           "Early_Stopping": True, "Seed": 7,
           "Ranges": {"lr": {"Min": 0.001, "Max": 0.3, "Scale": "log"}, "batch-size": {"Values": [16, 32, 64]}}}
 EPOCH_LINE = re.compile(r"epoch (\d+)/\d+ .*val_accuracy=([-\d.eE+]+)")
+EPOCH_SECONDS = re.compile(r"epoch_seconds=([\d.]+)")
+PHASES = ("study start", "between trials", "trial run to launch", "trial start-up", "training", "after each epoch",
+          "trial end", "study end")
 
 
-def native_study(tuning, dataset: Path, repo: Path, fixed: dict) -> tuple[float, list[str]]:
-    """What a user writes by hand: Optuna's ask/tell around horovodrun, pruning from train.py's output."""
+@dataclasses.dataclass
+class TrialTimes:
+    """One trial's timestamps (epoch seconds): launched, each epoch's (logged at, epoch_seconds), ended."""
+
+    launched: float
+    epochs: list[tuple[float, float]]
+    ended: float
+    job_started: float | None = None  # MMP: when the backend launched the trial's job (after its run was made)
+
+
+def breakdown(start: float, trials: list[TrialTimes], end: float) -> dict[str, float]:
+    """Seconds of a study's wall time by phase, from timestamps (they add up to the wall time):
+    study start (to the first trial's launch), between trials (one trial's end to the next's launch: telling
+    Optuna, asking, creating the run), trial run to launch (MMP: the trial's run made to its job launched by the
+    backend: tags, code export, the supervisor's start), trial start-up (launch to the end of the first epoch less its
+    epoch_seconds: horovodrun, imports, data, MLflow's start_run), training (epoch_seconds, evaluation
+    included), after each epoch (logging the metrics and, in MMP, the wait for the pruner's verdict), trial
+    end (the last epoch logged to the trial's end: model saving and logging, process exit, the run's
+    conclusion), study end (the last trial's end to the study's)."""
+    out = dict.fromkeys(PHASES, 0.0)
+    out["study start"] = trials[0].launched - start if trials else end - start
+    previous = None
+    for t in trials:
+        if previous is not None:
+            out["between trials"] += t.launched - previous
+        mark = t.launched
+        if t.job_started is not None:
+            out["trial run to launch"] += t.job_started - mark
+            mark = t.job_started
+        for n, (at, seconds) in enumerate(t.epochs):
+            out["training"] += seconds
+            out["trial start-up" if n == 0 else "after each epoch"] += at - mark - seconds
+            mark = at
+        out["trial end"] += t.ended - mark
+        previous = t.ended
+    if previous is not None:
+        out["study end"] = end - previous
+    return out
+
+
+def mmp_timeline(tracking_uri: str, parent_id: str) -> list[TrialTimes]:
+    """MMP's trials as its MLflow runs recorded them: a run's start and end times (the study creates and
+    ends it) and the timestamps train.py gave each epoch's metrics."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    logging.getLogger("mlflow.tracking.request_header.registry").setLevel(logging.ERROR)  # no git in this process
+    client = MlflowClient(tracking_uri)
+    children = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    import optuna
+
+    from mmp.tuning.study import ATTR_HANDLE, ATTR_PARENT, ATTR_RUN, storage_url
+
+    storage = storage_url()
+    name = next(s.study_name for s in optuna.get_all_study_summaries(storage)
+                if s.user_attrs.get(ATTR_PARENT) == parent_id)
+    launched = {t.user_attrs.get(ATTR_RUN): t.user_attrs.get(ATTR_HANDLE, {}).get("data", {}).get("started")
+                for t in optuna.load_study(study_name=name, storage=storage).trials}
+    out = []
+    for run in sorted(children, key=lambda r: r.info.start_time):
+        seconds = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")}
+        logged = sorted((m.step, m.timestamp / 1000) for m in client.get_metric_history(run.info.run_id, "val_accuracy"))
+        out.append(TrialTimes(run.info.start_time / 1000, [(at, seconds[step]) for step, at in logged],
+                              run.info.end_time / 1000, launched.get(run.info.run_id)))
+    return out
+
+
+def native_study(tuning, dataset: Path, repo: Path, fixed: dict, tracking_uri: str | None = None,
+                 ) -> tuple[float, list[str], dict[str, float]]:
+    """What a user writes by hand: Optuna's ask/tell around horovodrun, pruning from train.py's output.
+    `tracking_uri`: train.py tracks there as it does outside a study (its own run per trial, every complete
+    trial logs its model); else it tracks nothing."""
     import optuna
 
     from mmp.backends.local import usable_cores
@@ -123,24 +202,28 @@ def native_study(tuning, dataset: Path, repo: Path, fixed: dict) -> tuple[float,
     study = optuna.create_study(direction=tuning.direction, sampler=make_sampler(tuning),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # no tracking: train.py skips it
+    if tracking_uri:
+        env.update(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_EXPERIMENT_NAME="native-optuna")
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(usable_cores())))
     dists = distributions(tuning)
-    t0 = time.perf_counter()
+    t0, wall_start, timeline = time.perf_counter(), time.time(), []
     for n in range(tuning.total_runs):
         study.sampler = make_sampler(tuning, seed=trial_seed(tuning.seed, n))  # as MMP seeds: the same draws
         trial = study.ask(dists)
         argv = horovodrun_argv([("localhost", 1)], train_args(str(dataset), str(repo.parent / f"out-{trial.number}"),
                                                                "digits", {**fixed, **trial.params}),
                                python=sys.executable, horovodrun=find_horovodrun() or "horovodrun")
+        launched = time.time()
         proc = subprocess.Popen(argv, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-        value, pruned, tail = None, False, []
+        value, pruned, tail, epochs = None, False, [], []
         for line in proc.stdout:
             tail = (tail + [line])[-5:]
             match = EPOCH_LINE.search(line)
             if not match:
                 continue
             step, value = int(match.group(1)), float(match.group(2))
+            epochs.append((time.time(), float(EPOCH_SECONDS.search(line).group(1))))
             trial.report(value, step)
             if trial.should_prune():
                 pruned = True
@@ -148,6 +231,7 @@ def native_study(tuning, dataset: Path, repo: Path, fixed: dict) -> tuple[float,
                 break
         proc.stdout.close()
         code = proc.wait()
+        timeline.append(TrialTimes(launched, epochs, time.time()))
         if pruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         elif code == 0 and value is not None:
@@ -156,7 +240,8 @@ def native_study(tuning, dataset: Path, repo: Path, fixed: dict) -> tuple[float,
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             print(f"native trial {trial.number} failed ({code}):", "".join(tail), file=sys.stderr)
     seconds = time.perf_counter() - t0
-    return seconds, [f"{t.number}:{t.state.name.lower()}" for t in study.trials] + [f"best {study.best_value:.4f}"]
+    return (seconds, [f"{t.number}:{t.state.name.lower()}" for t in study.trials] + [f"best {study.best_value:.4f}"],
+            breakdown(wall_start, timeline, time.time()))
 
 
 def versus_native(trials: int, rounds: int) -> None:
@@ -193,19 +278,32 @@ def versus_native(trials: int, rounds: int) -> None:
         wait_until(tracking_server.serving_url, "the shared tracking server")
         print(f"MMP study vs native Optuna: examples/fashion/train.py on digits, {trials} trials, bayesian, "
               f"Early_Stopping, Seed {tuning.seed}, Parallel 1, load average {os.getloadavg()[0]:.1f}")
-        ratios = []
+        ratios, tracked_ratios, phases = [], [], {"native": [], "MMP": []}
         for n in range(rounds):
-            native_s, native_trials = native_study(tuning, dataset, repo, fixed)
-            t0 = time.perf_counter()
+            native_s, native_trials, native_phases = native_study(tuning, dataset, repo, fixed)
+            tracked_s, tracked_trials, _ = native_study(tuning, dataset, repo, fixed, tracking_server.serving_url())
+            t0, wall_start = time.perf_counter(), time.time()
             out = subprocess.run([*mmp, "--json"], capture_output=True, text=True)
-            mmp_s = time.perf_counter() - t0
+            mmp_s, wall_end = time.perf_counter() - t0, time.time()
             outcome = json.loads(out.stdout) if out.stdout.strip().startswith("{") else {}
             assert out.returncode == 0, out.stderr[-2000:]
             ratios.append(mmp_s / native_s)
-            print(f"round {n + 1}: native {native_s:.1f} s ({' '.join(native_trials)}); "
-                  f"MMP {mmp_s:.1f} s ({outcome.get('message')}); ratio {mmp_s / native_s:.2f}")
+            tracked_ratios.append(mmp_s / tracked_s)
+            phases["native"].append(native_phases)
+            phases["MMP"].append(breakdown(wall_start, mmp_timeline(tracking_server.serving_url(), outcome["run_id"]),
+                                           wall_end))
+            print(f"round {n + 1}: native {native_s:.1f} s ({' '.join(native_trials)}); native with MLflow "
+                  f"{tracked_s:.1f} s ({' '.join(tracked_trials)}); MMP {mmp_s:.1f} s ({outcome.get('message')}); "
+                  f"ratio {mmp_s / native_s:.2f} ({mmp_s / tracked_s:.2f} to native with MLflow); "
+                  f"load average {os.getloadavg()[0]:.1f}")
         print(f"MMP / native wall time: median {statistics.median(ratios):.2f} over {rounds} round(s) "
-              f"(goal ≤ 1.2; load average now {os.getloadavg()[0]:.1f})")
+              f"(goal ≤ 1.2; load average now {os.getloadavg()[0]:.1f}); MMP / native with MLflow: median "
+              f"{statistics.median(tracked_ratios):.2f}")
+        print(f"where the time goes, seconds per study (median over rounds; {trials} trials):")
+        print(f"{'phase':>18} {'native':>8} {'MMP':>8} {'MMP extra':>10}")
+        for phase in PHASES:
+            a, b = (statistics.median(p[phase] for p in phases[k]) for k in ("native", "MMP"))
+            print(f"{phase:>18} {a:8.2f} {b:8.2f} {b - a:+10.2f}")
     finally:
         stop_shared_server(tracking_server)
         shutil.rmtree(home, ignore_errors=True)
