@@ -58,7 +58,7 @@ HEAVY_MMP = ("mmp.commands", "mmp.infra", "mmp.cli", "mmp.__main__")
 LAZY_ONLY = {"mmp.backends.local", "mmp.pipeline.store", "mmp.pipeline.queue",
              "mmp.webhook.server",
              "mmp.system.procs",  # config.running_stack: the local stack's processes
-             "mmp.tuning.study"}  # Pipeline.run's study loop: the runner task and the local worker run it
+             "mmp.tuning.study"}  # the study loop: the runner task and the local worker run it
 
 
 class PackageError(RuntimeError):

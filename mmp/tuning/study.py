@@ -777,7 +777,7 @@ class StudyRunner:
 
 
 def run_study(pipeline: Pipeline, trigger: Trigger, prepared: Prepared) -> Outcome:
-    """`Pipeline.run`'s path for an experiment with a Tuning block.
+    """`tuning.dispatch.run_commit`'s path for an experiment with a Tuning block.
 
     A study that cannot start (its storage or its parent run refused) ends with an error status and a
     notification, like any run that could not start; never with no commit status at all.
