@@ -25,16 +25,15 @@ import re
 from typing import Any, Callable, Iterable
 
 from mmp.pipeline.job import Job
-from mmp.hosts.base import ZERO_SHA, Headers, ref_problem
-from mmp.webhook.core import (EXPERIMENT_FILES, PROMOTE_FILE, TRIGGER_FILES, JobSink, Response, decoded, hand_off,
-                              ignored, rejected)
+from mmp.hosts.base import ZERO_SHA, Headers, is_sha, ref_problem
+from mmp.webhook.core import (EXPERIMENT_FILES, PROMOTE_FILE, JobSink, Response, decoded, hand_off, ignored,
+                              net_changes, rejected, trigger_files)
 
 log = logging.getLogger("mmp.webhook.codecommit")
 
 SOURCE = "aws.codecommit"
 DETAIL_TYPE = "CodeCommit Repository State Change"
 PUSH_EVENTS = ("referenceCreated", "referenceUpdated")
-_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -82,10 +81,10 @@ def event_problems(event: Any) -> list[str]:
     for key in ("event", "repositoryName", "referenceType", "referenceFullName", "commitId"):
         if not isinstance(detail.get(key), str):
             problems.append(f"'detail.{key}' is missing or not a string")
-    if isinstance(detail.get("commitId"), str) and not _SHA_RE.match(detail["commitId"]):
+    if isinstance(detail.get("commitId"), str) and not is_sha(detail["commitId"]):
         problems.append("'detail.commitId' must be a 40-character hex commit id")
     old = detail.get("oldCommitId")
-    if old is not None and (not isinstance(old, str) or not _SHA_RE.match(old)):
+    if old is not None and not is_sha(old):
         problems.append("'detail.oldCommitId' must be a 40-character hex commit id")
     if isinstance(detail.get("referenceFullName"), str):
         why = ref_problem(detail["referenceFullName"])
@@ -150,8 +149,7 @@ class CodeCommitEvents:
         except Exception as exc:
             log.error("reading %s@%s for event %s failed: %s", name, commit[:12], event["id"], exc)
             return rejected(503, f"CodeCommit could not be read ({type(exc).__name__}); retry later")
-        touched = {path: kind for kind in ("added", "modified", "removed") for path in changes.get(kind, [])}
-        wanted = [f for f in TRIGGER_FILES if touched.get(f) in ("added", "modified")]
+        wanted = trigger_files(net_changes([changes]))
         if not wanted:
             return ignored(f"no change to {' or '.join(EXPERIMENT_FILES)} (or {PROMOTE_FILE}) at the repository "
                             f"root in {ref}")

@@ -92,6 +92,11 @@ def net_changes(commits: list[Mapping[str, Any]]) -> dict[str, str]:
     return last
 
 
+def trigger_files(last: Mapping[str, str]) -> list[str]:
+    """The root trigger files a push added or modified, from each path's last action (net_changes)."""
+    return [name for name in TRIGGER_FILES if last.get(name) in ("added", "modified")]
+
+
 class WebhookHandler:
     """One delivery from one host in, one `Response` out; never waits for training."""
 
@@ -163,7 +168,7 @@ class WebhookHandler:
                                      f"be listed ({type(exc).__name__}); redeliver later")
                 commits = [changes]
         last = net_changes(commits)
-        wanted = [name for name in TRIGGER_FILES if last.get(name) in ("added", "modified")]
+        wanted = trigger_files(last)
         if not wanted:
             removed = [name for name in TRIGGER_FILES if last.get(name) == "removed"]
             if removed:
