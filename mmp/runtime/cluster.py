@@ -6,13 +6,18 @@ training image.
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import IO, Callable, Mapping, Sequence
 
+from mmp.contract.argv import shell_join
 from mmp.runtime.horovod import find_horovodrun
+from mmp.runtime.rank import PASSWORD_VAR, CredentialsError, load_mlflow_password
 
 
 class EntrypointError(RuntimeError):
@@ -46,6 +51,50 @@ def unpack_archive(archive: Path, dest: Path) -> Path:
     if not (dest / "train.py").is_file():
         raise EntrypointError("train.py not found at the root of the commit's code")
     return dest
+
+
+def without_password(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment for horovodrun (and so every rank): never the MLflow password's value.
+
+    horovodrun puts its whole environment on each rank's command line (`env K=V … python`, and
+    `ssh host '…'` for other hosts), so each rank reads the password from its secret itself
+    (mmp.runtime.rank). Here the secret is read once, into a throwaway copy, so a role without
+    access fails the job at once with a clear reason."""
+    env = {key: value for key, value in environ.items() if key != PASSWORD_VAR}
+    try:
+        load_mlflow_password(dict(env))
+    except CredentialsError as exc:
+        raise EntrypointError(str(exc)) from None
+    return env
+
+
+def run_streamed(argv: list[str], cwd: Path | str, env: Mapping[str, str], *, log: IO[bytes] | None = None,
+                 tail: int = 0, own_session: bool = False) -> tuple[int, list[str]]:
+    """Run horovodrun with its output streamed to stdout (the job's log) and to `log`; keep the last
+    `tail` lines for a failure summary. `own_session`: horovodrun leads its own session, and a
+    SIGTERM to this process (a pod being deleted) is passed on to it."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=own_session)
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)) if own_session else None
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for chunk in iter(proc.stdout.readline, b""):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            if log is not None:
+                log.write(chunk)
+            if tail:
+                lines.append(chunk.decode(errors="replace"))
+                del lines[:-tail]
+        return proc.wait(), lines
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def announce(argv: list[str], where: str = "") -> None:
+    print(f"mmp: {where}{shell_join(argv)}", flush=True)
 
 
 def require_horovodrun() -> str:

@@ -19,18 +19,17 @@ The counterpart of mmp.runtime.sagemaker_entrypoint, sharing its code where the 
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from mmp.contract.argv import horovodrun_argv, shell_join
+from mmp.contract.argv import horovodrun_argv
 from mmp.runtime.horovod import failure_summary
-from mmp.runtime.rank import LAUNCHER, PASSWORD_VAR, SECRET_ARN_VAR, CredentialsError, load_mlflow_password
-from mmp.runtime.cluster import EntrypointError, require_horovodrun, unpack_archive, wait_for_ssh
+from mmp.runtime.rank import LAUNCHER, SECRET_ARN_VAR
+from mmp.runtime.cluster import (EntrypointError, announce, require_horovodrun, run_streamed, unpack_archive,
+                                 wait_for_ssh, without_password)
 
 DEFAULT_HOSTFILE = "/etc/mpi/hostfile"
 TRAINER_HOSTFILE_VAR = "OMPI_MCA_orte_default_hostfile"  # Trainer sets it to the hostfile it mounts
@@ -103,21 +102,8 @@ def fetch_code(environ: Mapping[str, str], dest: Path) -> Path:
 
 def run_horovodrun(argv: list[str], cwd: Path, env: Mapping[str, str]) -> tuple[int, list[str]]:
     """horovodrun with its output streamed to stdout (the pod's log); SIGTERM is passed on to it."""
-    print(f"mmp: {shell_join(argv)}", flush=True)
-    proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for chunk in iter(proc.stdout.readline, b""):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            lines.append(chunk.decode(errors="replace"))
-            del lines[:-2000]  # the summary needs the tail only
-        return proc.wait(), lines
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    announce(argv)
+    return run_streamed(argv, cwd, env, tail=2000, own_session=True)  # the summary needs the tail only
 
 
 def copy_output(output: str, target: str) -> None:
@@ -161,12 +147,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                                   launcher=LAUNCHER)
         # horovodrun puts its environment on every rank's command line: MMP's own settings stay out,
         # and the MLflow password is read by each rank from its secret (mmp.runtime.rank), never here.
-        env = {k: v for k, v in environ.items()
-               if k != PASSWORD_VAR and (not k.startswith("MMP_") or k in ("MMP_RUN_ID", SECRET_ARN_VAR))}
-        try:
-            load_mlflow_password(dict(env))  # a role that cannot read it fails the job now, with a reason
-        except CredentialsError as exc:
-            raise EntrypointError(str(exc)) from None
+        env = without_password({k: v for k, v in environ.items()
+                                if not k.startswith("MMP_") or k in ("MMP_RUN_ID", SECRET_ARN_VAR)})
         code_rc, lines = run_horovodrun(command, code, env)
     except EntrypointError as exc:
         print(f"mmp: {exc}", file=sys.stderr, flush=True)

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from mmp.contract.argv import horovodrun_argv, restore_booleans, shell_join, train_args
-from mmp.runtime.cluster import (EntrypointError, require_horovodrun, ssh_answers, unpack_archive,  # noqa: F401
-                                 wait_for_leader, wait_for_ssh)
+from mmp.contract.argv import horovodrun_argv, restore_booleans, train_args
+from mmp.runtime.cluster import (EntrypointError, announce, require_horovodrun, run_streamed,  # noqa: F401
+                                 ssh_answers, unpack_archive, wait_for_leader, wait_for_ssh, without_password)
 from mmp.runtime.horovod import failure_summary
 from mmp.contract.image import CODE_CHANNEL
-from mmp.runtime.rank import LAUNCHER, PASSWORD_VAR, CredentialsError, load_mlflow_password
+from mmp.runtime.rank import LAUNCHER
 
 DEFAULT_ROOT = "/opt/ml"
 FAILURE_LIMIT = 1024  # SageMaker keeps the first 1024 characters as FailureReason
@@ -213,33 +213,16 @@ def start_sshd(environ: Mapping[str, str]) -> None:
 
 # -- running ------------------------------------------------------------------------
 def child_env(plan: Plan, environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment horovodrun (and so every rank) gets: never a secret's value.
-
-    horovodrun puts its whole environment on each rank's command line (`env K=V … python`,
-    and `ssh host '…'` for other hosts), so the MLflow password stays out of it: each rank
-    reads it from MMP_MLFLOW_PASSWORD_SECRET_ARN itself (mmp.runtime.rank). Here the secret is only
-    read once, so a role without access fails the job at once with a clear reason."""
-    env = {key: value for key, value in {**environ, **plan.env}.items() if key != PASSWORD_VAR}
-    try:
-        load_mlflow_password(dict(env))  # a throwaway copy: the value goes nowhere
-    except CredentialsError as exc:
-        raise EntrypointError(str(exc)) from None
-    return env
+    """The environment horovodrun (and so every rank) gets: the plan's on top, never the password."""
+    return without_password({**environ, **plan.env})
 
 
 def run_training(plan: Plan, env: Mapping[str, str], log_path: Path) -> int:
     """Run horovodrun, streaming its output to stdout (CloudWatch) and to `log_path`."""
-    print(f"mmp: {plan.role} on {plan.current_host}: {shell_join(plan.argv)}", flush=True)
+    announce(plan.argv, f"{plan.role} on {plan.current_host}: ")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(plan.argv, cwd=plan.cwd, env=dict(env), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert proc.stdout is not None
-        for chunk in iter(proc.stdout.readline, b""):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            log.write(chunk)
-        return proc.wait()
+        return run_streamed(plan.argv, plan.cwd, env, log=log)[0]
 
 
 def write_failure(root: Path, reason: str) -> None:
