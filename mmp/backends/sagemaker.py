@@ -10,7 +10,6 @@ and every problem with a request is found by `check()` before any API call.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os

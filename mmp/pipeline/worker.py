@@ -24,7 +24,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from mmp import config
