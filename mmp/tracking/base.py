@@ -86,6 +86,16 @@ class TrackerBase:
     def run_tags(self, run_id: str) -> dict[str, str]:
         raise NotImplementedError
 
+    def metric_page(self, run_id: str, key: str, *, max_results: int, page_token: str | None
+                    ) -> tuple[list[tuple[int, float]], str | None]:
+        """One bounded page of a metric's history as (step, value) in log order, and the next page's token
+        (None at the end): a study reads a trial's objective with it, a tick at a time."""
+        raise NotImplementedError
+
+    def latest_metric(self, run_id: str, key: str) -> float | None:
+        """The metric's value at its latest step (one row, however many were logged); None if never logged."""
+        raise NotImplementedError
+
     def concluded(self, run_id: str) -> str | None:
         """The final status the pipeline gave the run (CONCLUDED_TAG); None while it has not ended it."""
         return self.run_tags(run_id).get(CONCLUDED_TAG)

@@ -163,6 +163,17 @@ class RunTracker(TrackerBase):
     def run_tags(self, run_id: str) -> dict[str, str]:
         return dict(self.client.get_run(run_id).data.tags)
 
+    def metric_page(self, run_id: str, key: str, *, max_results: int, page_token: str | None
+                    ) -> tuple[list[tuple[int, float]], str | None]:
+        # MlflowClient.get_metric_history reads every page before it returns; the store's own
+        # get_metric_history(max_results, page_token) (mlflow's AbstractStore) is the bounded read
+        page = self.client._tracking_client.store.get_metric_history(run_id, key, max_results=max_results,
+                                                                     page_token=page_token)
+        return [(m.step, m.value) for m in page], getattr(page, "token", None) or None
+
+    def latest_metric(self, run_id: str, key: str) -> float | None:
+        return self.client.get_run(run_id).data.metrics.get(key)
+
     def _experiment_page(self, token: str | None) -> tuple[list[str], str | None]:
         from mlflow.entities import ViewType
 

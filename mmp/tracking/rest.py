@@ -189,3 +189,18 @@ class RestRunTracker(TrackerBase):
 
     def run_tags(self, run_id: str) -> dict[str, str]:
         return {t["key"]: t.get("value", "") for t in self.get_run(run_id).get("data", {}).get("tags", [])}
+
+    def metric_page(self, run_id: str, key: str, *, max_results: int, page_token: str | None
+                    ) -> tuple[list[tuple[int, float]], str | None]:
+        query = {"run_id": run_id, "metric_key": key, "max_results": str(max_results)}
+        if page_token:
+            query["page_token"] = page_token
+        page = self._call("GET", "/api/2.0/mlflow/metrics/get-history", query=query)
+        rows = [(int(m.get("step", 0)), float(m["value"])) for m in page.get("metrics", [])]
+        return rows, page.get("next_page_token") or None
+
+    def latest_metric(self, run_id: str, key: str) -> float | None:
+        for metric in self.get_run(run_id).get("data", {}).get("metrics", []):
+            if metric["key"] == key:
+                return float(metric["value"])
+        return None

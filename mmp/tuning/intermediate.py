@@ -36,31 +36,24 @@ def checkpoints(values: list[tuple[int, float]], after: int | None) -> list[tupl
     return sorted(latest.items())
 
 
-def tracking_store(client: Any) -> Any:
-    """The MLflow store behind a client. MlflowClient.get_metric_history reads every page before it
-    returns; the store's own get_metric_history(max_results, page_token) (mlflow AbstractStore,
-    implemented by the SQLAlchemy and REST stores) is the bounded read."""
-    return client._tracking_client.store
-
-
 class IntermediateValues:
-    """One trial's objective history, read page by page from where the previous read stopped."""
+    """One trial's objective history, read page by page from where the previous read stopped, through the
+    study's tracker (mmp.tracking: REST to a server, MLflow's store for SQLite)."""
 
-    def __init__(self, store: Any, run_id: str, key: str, *, page_rows: int = PAGE_ROWS):
-        self.store, self.run_id, self.key, self.page_rows = store, run_id, key, page_rows
+    def __init__(self, tracker: Any, run_id: str, key: str, *, page_rows: int = PAGE_ROWS):
+        self.tracker, self.run_id, self.key, self.page_rows = tracker, run_id, key, page_rows
         self._token: str | None = None  # the page being read (None: the first)
         self._seen = 0  # rows of that page already returned
         self.caught_up = False  # the last read reached the end of what was logged
 
     def read(self) -> list[tuple[int, float]]:
         """Up to `page_rows` (step, value) pairs logged since the last read, in log order."""
-        page = self.store.get_metric_history(self.run_id, self.key, max_results=self.page_rows,
-                                             page_token=self._token)
-        rows = list(page)
+        rows, token = self.tracker.metric_page(self.run_id, self.key, max_results=self.page_rows,
+                                               page_token=self._token)
         fresh = rows[self._seen:]
-        self.caught_up = not getattr(page, "token", None)
+        self.caught_up = not token
         if self.caught_up:
             self._seen = len(rows)
         else:
-            self._token, self._seen = page.token, 0
-        return [(m.step, m.value) for m in fresh]
+            self._token, self._seen = token, 0
+        return fresh

@@ -43,7 +43,7 @@ from mmp.pipeline.runner import DELIVERY_TAG, Outcome, Pipeline, Prepared, Start
 from mmp.pipeline.sources import Trigger
 from mmp.tuning import control
 from mmp.tuning.space import ask, distributions
-from mmp.tuning.intermediate import DRAIN_PAGES, IntermediateValues, checkpoints, tracking_store
+from mmp.tuning.intermediate import DRAIN_PAGES, IntermediateValues, checkpoints
 from mmp.contract.tuning import Tuning
 from mmp.tuning.tags import (TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_BEST_BEFORE, TAG_TRIAL_DIRECTION,
                              TAG_TRIAL_JUDGED, TAG_TRIAL_OBJECTIVE, TAG_TRIAL_PRUNING, TAG_TRIAL_STATE)
@@ -251,19 +251,10 @@ class StudyRunner:
         self.deadline = 0.0
         self.since = time.time()  # when the study's running time began, as Max_Runtime counts it
         self.parent: Started | None = None
-        self._client = None
-
-    def client(self) -> Any:
-        """One MLflow client for the study (a new one per call costs a store start-up)."""
-        if self._client is None:
-            from mmp.tracking.sigv4 import mlflow_client
-
-            self._client = mlflow_client(self.tracker.tracking_uri)  # signed for SageMaker managed MLflow
-        return self._client
 
     def final_value(self, run_id: str) -> float | None:
         """The objective's value at its last step (MLflow's latest metric: one row, however many were logged)."""
-        return self.client().get_run(run_id).data.metrics.get(self.tuning.objective_metric)
+        return self.tracker.latest_metric(run_id, self.tuning.objective_metric)
 
     # -- the study's parent run ------------------------------------------------------
     def _open_parent(self, study) -> Started:
@@ -491,7 +482,7 @@ class StudyRunner:
         metric = self.tuning.objective_metric
         try:
             if tr.intermediate is None:
-                tr.intermediate = IntermediateValues(tracking_store(self.client()), tr.started.run_id, metric)
+                tr.intermediate = IntermediateValues(self.tracker, tr.started.run_id, metric)
             for _ in range(pages):
                 rows = tr.intermediate.read()
                 for step, value in checkpoints(rows, tr.reported_step):

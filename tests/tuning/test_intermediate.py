@@ -11,7 +11,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from mmp import config
-from mmp.tuning.intermediate import IntermediateValues, checkpoints, is_checkpoint, tracking_store
+from mmp.tracking.client import make_tracker
+from mmp.tuning.intermediate import IntermediateValues, checkpoints, is_checkpoint
 
 from ..conftest import mlflow_server
 
@@ -34,7 +35,8 @@ def test_checkpoints_are_few_and_the_same_for_every_trial():
 
 @pytest.fixture(params=["sqlite", "server"])
 def tracking_uri(request, tmp_path):
-    """MMP's SQLite store (mmp run, the local worker) and a real MLflow server (the REST store, as on AWS)."""
+    """MMP's SQLite store (mmp run, the local worker: MLflow's store) and a real MLflow server (MMP's REST
+    tracker, as on AWS and with `mmp up`)."""
     if request.param == "sqlite":
         yield config.tracking_uri()
         return
@@ -46,10 +48,13 @@ def test_a_long_history_is_read_one_bounded_page_at_a_time(tracking_uri):
     client = MlflowClient(tracking_uri)
     run_id = client.create_run(client.create_experiment("pages")).info.run_id
     log_steps(client, run_id, range(0, 2500))
-    reader = IntermediateValues(tracking_store(client), run_id, "loss", page_rows=1000)
+    tracker = make_tracker(tracking_uri)
+    assert type(tracker).__name__ == {"sqlite": "RunTracker", "http": "RestRunTracker"}[tracking_uri.split(":")[0]]
+    reader = IntermediateValues(tracker, run_id, "loss", page_rows=1000)
     pages = [reader.read() for _ in range(3)]
     assert [len(p) for p in pages] == [1000, 1000, 500] and reader.caught_up
     assert [step for page in pages for step, _ in page] == list(range(2500))  # each value once, in order
     assert reader.read() == []
     log_steps(client, run_id, range(2500, 2800))  # train.py goes on: only the new values come back
     assert [step for step, _ in reader.read()] == list(range(2500, 2800))
+    assert tracker.latest_metric(run_id, "loss") == 2799.0 and tracker.latest_metric(run_id, "accuracy") is None
