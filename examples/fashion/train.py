@@ -2,22 +2,31 @@
 
 Runs unchanged on every MMP platform: the pipeline passes --dataset-path,
 --output-path and --dataset, then one --name value per hyperparameter, and reaches
-MLflow through MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME / MLFLOW_RUN_ID, so
-`mlflow.start_run()` on rank 0 continues the run the pipeline made.
+MLflow through MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME / MLFLOW_RUN_ID, so rank 0
+continues the run the pipeline made (as `mlflow.start_run()` does).
 
 In a study (an experiment with a Tuning block) the run's tags say what the study asks
 (StudyTrial): with Early_Stopping, wait after each epoch for the pruner's verdict, so a
 pruned trial stops at the epoch where Optuna's pruner said so; and log the model only
 when this trial beats the study's best so far, so trials do not each pay for packaging
 a model that only the best one needs.
+
+Rank 0 talks to MLflow through `Tracking`: over MLflow's REST API with the standard library
+when the pipeline made the run on an http(s) tracking server, because `import mlflow` costs
+about as much as importing torch and a short trial would pay it every time; the mlflow
+package only to log the model, or for everything on any other tracking URI.
 """
 
 import argparse
+import base64
 import gzip
+import json
 import os
 import struct
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import torch
@@ -77,12 +86,103 @@ class Net(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+# With any of these set, only the mlflow package knows what MLflow would do (TLS, auth plugins).
+MLFLOW_PACKAGE_SETTINGS = ("MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
+                           "MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_TRACKING_AUTH")
+
+
+class Tracking:
+    """Rank 0's line to its MLflow run.
+
+    REST when the pipeline made the run (MLFLOW_RUN_ID) on a plain http(s) server: the same
+    calls the mlflow client makes (runs/get, runs/log-batch), the same credentials
+    (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME/PASSWORD), never put in an error.
+    Otherwise, e.g. a SageMaker MLflow ARN (signed by a plugin) or a sqlite:// store, mlflow."""
+
+    def __init__(self):
+        uri, self.run_id = os.environ["MLFLOW_TRACKING_URI"], os.environ.get("MLFLOW_RUN_ID")
+        self.rest = (uri.startswith(("http://", "https://")) and "@" not in uri.split("/")[2] and bool(self.run_id)
+                     and not any(os.environ.get(name) for name in MLFLOW_PACKAGE_SETTINGS))  # "@": user:pass@host
+        self.api = uri.rstrip("/") + "/api/2.0/mlflow/"
+        self.started = not self.rest  # a run the mlflow package started, which it marks FINISHED at the end
+        if not self.rest:
+            import mlflow
+
+            self.run_id = mlflow.start_run().info.run_id  # continues MLFLOW_RUN_ID when the pipeline made the run
+
+    def _call(self, path, body=None, attempts=5):
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            headers["Authorization"] = "Bearer " + os.environ["MLFLOW_TRACKING_TOKEN"]
+        elif os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+            pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ['MLFLOW_TRACKING_PASSWORD']}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        data = json.dumps(body).encode() if body is not None else None
+        for attempt in range(attempts):
+            try:
+                request = urllib.request.Request(self.api + path, data=data, headers=headers,
+                                                 method="POST" if data else "GET")
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return json.loads(response.read() or b"{}")
+            except urllib.error.HTTPError as exc:  # 4xx: MLflow's own message; 429/5xx: try again, as mlflow does
+                if (exc.code < 500 and exc.code != 429) or attempt == attempts - 1:
+                    raise RuntimeError(f"MLflow {path.split('?')[0]}: HTTP {exc.code} "
+                                       f"{exc.read()[:300].decode(errors='replace')}") from None
+            except urllib.error.URLError as exc:
+                if attempt == attempts - 1:
+                    raise RuntimeError(f"MLflow {path.split('?')[0]}: {exc.reason}") from None
+            time.sleep(0.5 * 2 ** attempt)
+
+    def tags(self):
+        if not self.rest:
+            from mlflow import MlflowClient
+
+            return MlflowClient().get_run(self.run_id).data.tags
+        run = self._call(f"runs/get?run_id={self.run_id}")["run"]
+        return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+    def log_params(self, params):
+        if not self.rest:
+            import mlflow
+
+            return mlflow.log_params(params)
+        self._call("runs/log-batch", {"run_id": self.run_id,
+                                      "params": [{"key": k, "value": str(v)} for k, v in params.items()]})
+
+    def log_metrics(self, metrics, step):
+        if not self.rest:
+            import mlflow
+
+            return mlflow.log_metrics(metrics, step=step)
+        now = int(time.time() * 1000)
+        self._call("runs/log-batch", {"run_id": self.run_id, "metrics": [
+            {"key": k, "value": float(v), "timestamp": now, "step": step} for k, v in metrics.items()]})
+
+    def log_model(self, model, example):
+        import mlflow
+        import mlflow.pytorch
+
+        if not self.started:
+            mlflow.start_run(run_id=self.run_id)
+            self.started = True
+        # MLflow exports the model with torch.export, traced on this example: a batch of one
+        # would fix the served model's batch size at 1, so the example holds two images.
+        mlflow.pytorch.log_model(model, name="model", input_example=example,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"])
+
+    def end(self):
+        if self.started:
+            import mlflow
+
+            mlflow.end_run()
+
+
 class StudyTrial:
     """What an MMP study asks of this run through its tags (mmp/tuning/tags.py); nothing outside a study."""
 
-    def __init__(self, run):
-        tags = run.data.tags if run is not None else {}
-        self.run_id = run.info.run_id if run is not None else None
+    def __init__(self, tracking):
+        tags = tracking.tags() if tracking is not None else {}
+        self.tracking = tracking
         self.waits = tags.get("mmp.trial.pruning") == "wait"
         self.objective = tags.get("mmp.trial.objective")
         self.maximize = tags.get("mmp.trial.direction", "maximize") == "maximize"
@@ -94,11 +194,9 @@ class StudyTrial:
         A study that does not answer in `timeout` seconds is gone: training goes on."""
         if not self.waits:
             return False
-        from mlflow import MlflowClient
-
-        client, deadline = MlflowClient(), time.time() + timeout
+        deadline = time.time() + timeout
         while time.time() < deadline:
-            judged = client.get_run(self.run_id).data.tags.get("mmp.trial.judged", "")
+            judged = self.tracking.tags().get("mmp.trial.judged", "")
             if judged.startswith("pruned:"):
                 return True
             if judged and int(judged) >= step:
@@ -155,11 +253,9 @@ def main():
     run = None
     study = StudyTrial(None)
     if rank0 and os.environ.get("MLFLOW_TRACKING_URI"):
-        import mlflow
-
-        run = mlflow.start_run()  # continues MLFLOW_RUN_ID when the pipeline made the run
-        mlflow.log_params({"world_size": hvd.size(), "train_examples": len(train),
-                           "test_examples": len(test), "image_shape": "x".join(map(str, train[0][0].shape))})
+        run = Tracking()
+        run.log_params({"world_size": hvd.size(), "train_examples": len(train),
+                        "test_examples": len(test), "image_shape": "x".join(map(str, train[0][0].shape))})
         study = StudyTrial(run)
 
     for epoch in range(1, args.epochs + 1):
@@ -187,7 +283,7 @@ def main():
         if rank0:
             print(f"epoch {epoch}/{args.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
             if run is not None:
-                mlflow.log_metrics(metrics, step=epoch)
+                run.log_metrics(metrics, step=epoch)
         # every rank stops at the epoch the study pruned (rank 0 heard the verdict)
         pruned = hvd.broadcast(torch.tensor(int(rank0 and study.pruned(epoch))), root_rank=0, name=f"pruned.{epoch}")
         if pruned.item():
@@ -199,14 +295,10 @@ def main():
         if run is not None and not study.wants_model(metrics):
             print(f"train.py: model not logged to MLflow ({study.objective} {metrics[study.objective]:.4f} does not "
                   f"beat the study's best so far, {study.best_before:.4f}); model.pt is in the output path", flush=True)
-            mlflow.end_run()
         elif run is not None:
-            # MLflow exports the model with torch.export, traced on this example: a batch of one
-            # would fix the served model's batch size at 1, so the example holds two images.
-            example = torch.stack([train[i][0] for i in range(2)]).numpy()
-            mlflow.pytorch.log_model(model.eval(), name="model", input_example=example,
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"])
-            mlflow.end_run()
+            run.log_model(model.eval(), torch.stack([train[i][0] for i in range(2)]).numpy())
+        if run is not None:
+            run.end()
         print("train.py: done", flush=True)
 
 
