@@ -206,4 +206,8 @@ class Backend(ABC):
             if deadline is not None and time.time() > deadline and not timed_out:
                 timed_out = True
                 self.cancel(handle)
-            time.sleep(interval)
+            self.pause(handle, interval)
+
+    def pause(self, handle: JobHandle, seconds: float) -> None:
+        """The wait between two polls of `wait`; a backend that can hear its job end returns then."""
+        time.sleep(seconds)

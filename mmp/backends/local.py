@@ -199,6 +199,17 @@ class LocalBackend(Backend):
             return JobStatus(JobState.SUCCEEDED, "train.py exited 0", 0)
         return JobStatus(JobState.FAILED, failure_summary(_read_lines(Path(handle.data["log"])), code), code)
 
+    def pause(self, handle: JobHandle, seconds: float) -> None:
+        """Until the supervisor this backend started exits (a run's end is heard at once), at most `seconds`."""
+        proc = self._procs.get(handle.job_id)
+        if proc is None:
+            time.sleep(seconds)
+            return
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            pass
+
     def logs(self, handle: JobHandle, cursor: Any = None) -> tuple[list[str], Any]:
         offset = int(cursor or 0)
         try:

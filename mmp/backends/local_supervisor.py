@@ -31,11 +31,10 @@ if not __package__:  # run as a script (python -I local_supervisor.py): mmp is t
 from mmp.system.childguard import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl  # noqa: E402
 
 KILL_DEADLINE_S = 30
-POLL_S = 0.1
+POLL_S = 0.1  # the longest wait for a child's end when no SIGCHLD comes (it wakes the wait at once)
+SCAN_S = 0.5  # how often the tree is read for leftovers of finished ranks (psutil reads /proc: not every tick)
 LINGER_S = 3.0  # leftovers of finished ranks may exit on their own this long before they are stopped
 RESOURCE_TRACKER = "multiprocessing.resource_tracker"  # horovodrun's own helper, not a rank
-
-
 
 
 def descendants() -> list[psutil.Process]:
@@ -114,7 +113,7 @@ def wait_for_launcher(child: subprocess.Popen) -> int:
     """horovodrun's exit code, reaping orphans meanwhile; leftovers that hold a finished run open
     (see holders_of_finished_ranks) are killed after LINGER_S, so the run ends when train.py does."""
     launcher = psutil.Process(child.pid)
-    lingering_since = None
+    lingering_since, next_scan = None, 0.0
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -125,18 +124,20 @@ def wait_for_launcher(child: subprocess.Popen) -> int:
             return child.returncode
         if pid:
             continue  # an orphan reaped: look for more before sleeping
-        holders = holders_of_finished_ranks(launcher)
-        if not holders:
-            lingering_since = None
-        elif lingering_since is None:
-            lingering_since = time.monotonic()
-        elif time.monotonic() - lingering_since > LINGER_S:
-            names = ", ".join(f"{_name(p)} (pid {p.pid})" for p in holders)
-            print(f"mmp: train.py has ended, but {names} still held its output open; stopped so the run can end",
-                  flush=True)
-            kill_trees(holders)
-            lingering_since = None
-        time.sleep(POLL_S)
+        if time.monotonic() >= next_scan:
+            next_scan = time.monotonic() + SCAN_S
+            holders = holders_of_finished_ranks(launcher)
+            if not holders:
+                lingering_since = None
+            elif lingering_since is None:
+                lingering_since = time.monotonic()
+            elif time.monotonic() - lingering_since > LINGER_S:
+                names = ", ".join(f"{_name(p)} (pid {p.pid})" for p in holders)
+                print(f"mmp: train.py has ended, but {names} still held its output open; stopped so the run can end",
+                      flush=True)
+                kill_trees(holders)
+                lingering_since = None
+        signal.sigtimedwait([signal.SIGCHLD], POLL_S)  # SIGCHLD is blocked here (main): a child's end wakes it
 
 
 def _name(proc: psutil.Process) -> str:
@@ -181,12 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, on_kill_now)
     signal.signal(signal.SIGALRM, lambda *_: signal_descendants(signal.SIGKILL))
 
+    def in_child():
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})  # the mask is inherited: horovodrun's own
+
     code = -signal.SIGTERM
     child = None
+    # Blocked, SIGCHLD stays pending until wait_for_launcher's sigtimedwait takes it: the run's end is heard
+    # at once rather than at the next poll.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     if not stopping:
         try:
-            child = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                     preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
+            child = subprocess.Popen(command, stdin=subprocess.DEVNULL, preexec_fn=in_child)
         except OSError as exc:
             print(f"mmp: could not start {command[0]}: {exc}", flush=True)
             code = 127
