@@ -307,7 +307,6 @@ class CodeCommitCommentReporter:
         self.client.post_or_update(repository, commit, marker, comment_text(state, description, target_url, context))
 
 
-
 def region_of(clone_url: str) -> str | None:
     """The region in a CodeCommit HTTPS clone URL (git-codecommit.REGION.amazonaws.com), else None."""
     match = re.match(r"^https://git-codecommit\.([a-z0-9-]+)\.amazonaws\.com/", clone_url or "")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mmp.tuning.tags import TAG_PARENT, TAG_STUDY
+from mmp.tuning.tags import TAG_STUDY
 from mmp.models.search import CompareError, experiment_id, search_all
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -30,7 +30,6 @@ DELIVERY_TAG = "mmp.delivery_id"  # on every run a delivery creates: the worker'
 log = logging.getLogger("mmp.pipeline")
 
 
-
 @dataclass
 class Outcome:
     state: str  # INVALID, SUCCEEDED, FAILED, CANCELLED, ERROR
