@@ -59,7 +59,7 @@ PRUNER_STARTUP_TRIALS = 2  # the median needs a few finished trials before it ma
 POLL_SECONDS = 1.0
 # With Early_Stopping a train.py may wait at each step for the pruner's verdict (TAG_TRIAL_JUDGED): the loop's
 # tick is that wait, so it ticks faster (a tick reads one MLflow page per running trial).
-PRUNING_POLL_SECONDS = 0.2
+PRUNING_POLL_SECONDS = 0.1
 INTERRUPTED_TRIAL = "interrupted: the worker stopped while this trial ran; replaced by a new trial"
 ATTR_PARENT = "mmp.parent_run_id"
 ATTR_STARTED = "mmp.started_at"
@@ -244,6 +244,7 @@ class StudyRunner:
         self.name = study_name(trigger)
         self.handles: dict[str, JobHandle] = {}
         self.running: dict[int, TrialRun] = {}
+        self._finished: collections.Counter | None = None  # _counts, until the next tell
         self.finished: queue.Queue[TrialRun] = queue.Queue()
         self.trials = Pipeline(tracker=pipeline.tracker, store=pipeline.store, reporter=_Quiet(), notifier=_Quiet(),
                                backend_factory=pipeline.backend_factory, on_launch=self._on_launch,
@@ -311,7 +312,7 @@ class StudyRunner:
                 params = {**t.system_attrs.get("fixed_params", {}), **t.params}
                 study.enqueue_trial(params, user_attrs={ATTR_REPLACES: t.number})
                 crash_point("study-replacement-enqueued")
-            study.tell(t.number, state=TrialState.FAIL)
+            self._tell(study, t.number, state=TrialState.FAIL)
             log.warning("study %s: trial %d was interrupted; replaced", self.name, t.number)
 
     def _end_strays(self, study) -> None:
@@ -346,10 +347,19 @@ class StudyRunner:
             store.update(run_id, state=state.value, message=message)
 
     def _counts(self, study) -> collections.Counter:
-        """Finished trials by state (interrupted ones were replaced and do not count)."""
-        skip = self._interrupted(study)
-        return collections.Counter(t.state.name for t in study.get_trials(deepcopy=False)
-                                   if t.state.is_finished() and t.number not in skip)
+        """Finished trials by state (interrupted ones were replaced and do not count). Every tick asks (stop
+        reason, free slots) and each asking read every trial from the storage: CPU the trials need. They
+        change only when this study tells Optuna (`_tell`), so they are kept until it does."""
+        if self._finished is None:
+            skip = self._interrupted(study)
+            self._finished = collections.Counter(t.state.name for t in study.get_trials(deepcopy=False)
+                                                 if t.state.is_finished() and t.number not in skip)
+        return collections.Counter(self._finished)
+
+    def _tell(self, study, trial, *args, **kwargs) -> None:
+        """Optuna's tell; the finished counts are read again after it (even when it fails half way)."""
+        self._finished = None
+        study.tell(trial, *args, **kwargs)
 
     def _remaining(self, study) -> int:
         return max(self.tuning.total_runs - sum(self._counts(study).values()) - len(self.running), 0)
@@ -363,6 +373,7 @@ class StudyRunner:
         try:
             trial = ask(study, self.tuning, dists)  # conditional ranges: drawn define-by-run
         except Exception as exc:  # every later draw would fail the same way: the study ends, saying why
+            self._finished = None  # ask() failed the trial it made (mmp.tuning.space)
             raise SamplingError(f"could not draw the next trial's values from Tuning.Ranges "
                                 f"({type(exc).__name__}: {exc})") from exc
         try:
@@ -380,7 +391,7 @@ class StudyRunner:
             })
         except Exception as exc:  # a refused value or MLflow: the trial fails, the study goes on (or stops)
             log.error("study %s: could not create the run of trial %d: %s", self.name, trial.number, exc)
-            study.tell(trial, state=TrialState.FAIL)
+            self._tell(study, trial, state=TrialState.FAIL)
             return
         crash_point("study-trial-run-created")
         trial.set_user_attr(ATTR_RUN, started.run_id)
@@ -556,7 +567,7 @@ class StudyRunner:
         except Exception as exc:
             log.warning("could not tag trial %d: %s", tr.trial.number, exc)
         try:  # Optuna first: a crash after it leaves a run that resuming ends as Optuna recorded
-            study.tell(tr.trial, value if state == TrialState.COMPLETE else None, state=state)
+            self._tell(study, tr.trial, value if state == TrialState.COMPLETE else None, state=state)
             crash_point("study-trial-told")
         finally:  # even when Optuna's storage refused: the run ends, the study's error path does the rest
             self.trials.conclude(self.trigger, tr.started, status, "\n".join(tr.lines.lines()))
@@ -695,7 +706,7 @@ class StudyRunner:
         self._stop_trials(conclude)
         try:
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                study.tell(t.number, state=TrialState.FAIL)
+                self._tell(study, t.number, state=TrialState.FAIL)
         except Exception as exc:
             log.error("study %s: could not fail its unfinished trials: %s", self.name, exc)
 
