@@ -244,7 +244,7 @@ class StudyRunner:
         self.name = study_name(trigger)
         self.handles: dict[str, JobHandle] = {}
         self.running: dict[int, TrialRun] = {}
-        self._finished: collections.Counter | None = None  # _counts, until the next tell
+        self._finished_counts: collections.Counter | None = None  # _counts, until the next tell
         self.finished: queue.Queue[TrialRun] = queue.Queue()
         self.trials = Pipeline(tracker=pipeline.tracker, store=pipeline.store, reporter=_Quiet(), notifier=_Quiet(),
                                backend_factory=pipeline.backend_factory, on_launch=self._on_launch,
@@ -350,15 +350,15 @@ class StudyRunner:
         """Finished trials by state (interrupted ones were replaced and do not count). Every tick asks (stop
         reason, free slots) and each asking read every trial from the storage: CPU the trials need. They
         change only when this study tells Optuna (`_tell`), so they are kept until it does."""
-        if self._finished is None:
+        if self._finished_counts is None:
             skip = self._interrupted(study)
-            self._finished = collections.Counter(t.state.name for t in study.get_trials(deepcopy=False)
-                                                 if t.state.is_finished() and t.number not in skip)
-        return collections.Counter(self._finished)
+            self._finished_counts = collections.Counter(
+                t.state.name for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number not in skip)
+        return collections.Counter(self._finished_counts)
 
     def _tell(self, study, trial, *args, **kwargs) -> None:
         """Optuna's tell; the finished counts are read again after it (even when it fails half way)."""
-        self._finished = None
+        self._finished_counts = None
         study.tell(trial, *args, **kwargs)
 
     def _remaining(self, study) -> int:
@@ -373,7 +373,7 @@ class StudyRunner:
         try:
             trial = ask(study, self.tuning, dists)  # conditional ranges: drawn define-by-run
         except Exception as exc:  # every later draw would fail the same way: the study ends, saying why
-            self._finished = None  # ask() failed the trial it made (mmp.tuning.space)
+            self._finished_counts = None  # ask() failed the trial it made (mmp.tuning.space)
             raise SamplingError(f"could not draw the next trial's values from Tuning.Ranges "
                                 f"({type(exc).__name__}: {exc})") from exc
         try:
