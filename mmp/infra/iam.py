@@ -172,7 +172,8 @@ MLFLOW_PIPELINE_ACTIONS = ("GetExperimentByName", "CreateExperiment", "CreateRun
                            "UpdateRun", "SearchExperiments", "SearchRuns",
                            "SetExperimentTag",  # what mmp.tracking.rest calls (the ownership check included)
                            "RestoreExperiment")  # an experiment deleted in the UI comes back on the next run
-# The runner's MLflow client (promotion, a study's pruning reads), through the sagemaker-mlflow plugin.
+# The runner task: promotion's MLflow client (through the sagemaker-mlflow plugin) and a study's pruning reads
+# (GetMetricHistory, over mmp.tracking.rest).
 MLFLOW_RUNNER_ACTIONS = (*MLFLOW_PIPELINE_ACTIONS, "GetMetricHistory", "ListArtifacts", "SearchLoggedModels",
                          "GetRegisteredModel", "CreateRegisteredModel", "SetRegisteredModelTag", "SearchModelVersions",
                          "CreateModelVersion", "GetModelVersion", "SetModelVersionTag", "SetRegisteredModelAlias",

@@ -2,9 +2,9 @@
 call as `sagemaker-mlflow:<API name>` on its ARN, so each role must be granted what its code calls.
 
 The calls are derived from the code, not typed: the REST paths mmp.tracking.rest requests (the
-stage Lambdas), mapped to their API names through MLflow's own service definitions; and the
-MlflowClient methods promotion and a study call in the runner task (MLflow names each API as
-its client method, in CamelCase). The rendered policies are then evaluated for each action."""
+stage Lambdas, and a study in the runner task), mapped to their API names through MLflow's own
+service definitions; and the MlflowClient methods promotion calls in the runner task (MLflow names
+each API as its client method, in CamelCase). The rendered policies are then evaluated for each action."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "eu-west-1"
 SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
-RUNNER_CLIENT_CODE = ("mmp/models/promote.py", "mmp/models/compare.py", "mmp/models/search.py", "mmp/models/gitops.py", "mmp/tuning/study.py",
-                      "mmp/tuning/intermediate.py")
+RUNNER_CLIENT_CODE = ("mmp/models/promote.py", "mmp/models/compare.py", "mmp/models/search.py", "mmp/models/gitops.py")
+# REST calls only a study makes (its pruning reads, in the runner task): the stage Lambdas are not granted them
+STUDY_ONLY_METHODS = {"metric_page": "GetMetricHistory"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def client_actions() -> set[str]:
     methods = set()
     for rel in RUNNER_CLIENT_CODE:
         methods |= set(re.findall(r"\b(?:client\(\)|client|store)\.([a-z]+_[a-z_]+)\(", (ROOT / rel).read_text()))
-    assert {"search_runs", "create_model_version", "set_registered_model_alias", "get_metric_history"} <= methods
+    assert {"search_runs", "create_model_version", "set_registered_model_alias"} <= methods
     return {"".join(word.capitalize() for word in method.split("_")) for method in methods}
 
 
@@ -69,9 +70,16 @@ def policy(run, name: str) -> dict:
     return json.loads(run.one("aws:iam/rolePolicy:RolePolicy", name).inputs["policy"])
 
 
+def test_only_a_study_calls_the_study_only_methods():
+    callers = {str(path.relative_to(ROOT)) for path in (ROOT / "mmp").rglob("*.py")
+               for method in STUDY_ONLY_METHODS if f".{method}(" in path.read_text()}
+    assert callers and all(c.startswith("mmp/tuning/") for c in callers), callers
+    assert set(STUDY_ONLY_METHODS.values()) <= rest_actions()
+
+
 def test_the_stage_role_may_make_every_call_the_rest_tracker_makes(managed):
     arn = server_arn(managed)
-    actions = rest_actions()
+    actions = rest_actions() - set(STUDY_ONLY_METHODS.values())
     assert {"SearchRuns", "SetExperimentTag"} <= actions  # the ownership check
     stages = policy(managed, "pipeline-stages")
     missing = sorted(a for a in actions if not allowed(stages, f"sagemaker-mlflow:{a}", arn))
