@@ -152,6 +152,16 @@ class FakeCluster:
         cluster = self
 
         class Handler(BaseHTTPRequestHandler):
+            # A client that connects and never finishes its TLS handshake holds only its own thread, for this
+            # long: the handshake is made here, not in accept() on the serving thread (where it blocked
+            # serve_forever, and so stop(), for good).
+            timeout = 30
+
+            def setup(self) -> None:
+                super().setup()  # applies `timeout` to the connection
+                if hasattr(self.connection, "do_handshake"):
+                    self.connection.do_handshake()
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -196,7 +206,7 @@ class FakeCluster:
             cert, key, self.ca_pem = self_signed(tls_dir)
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(cert, key)
-            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
             scheme = "https"
         self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

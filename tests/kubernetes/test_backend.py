@@ -401,3 +401,27 @@ def test_the_fake_api_server_refuses_what_the_runners_role_does_not_grant():
         assert info.value.code == 404 and len(fake.forbidden) == len(refused)  # get on pods/log is granted
     finally:
         fake.stop()
+
+
+def test_the_fake_server_is_not_held_by_a_client_that_never_finishes_its_tls_handshake(tmp_path):
+    """The stand-in's own fault (a full CI run hung on it): the TLS handshake was made in accept() on the serving
+    thread, so a client that connected and sent nothing blocked serve_forever, every later client and stop()."""
+    import socket
+    import ssl
+    import threading
+    import urllib.error
+    import urllib.request
+
+    fake = FakeCluster().start(tls_dir=tmp_path / "tls")
+    silent = socket.create_connection(("127.0.0.1", int(fake.url.rsplit(":", 1)[1])))  # accepted first
+    try:
+        try:
+            urllib.request.urlopen(f"{fake.url}/version", timeout=10, context=ssl._create_unverified_context())
+        except urllib.error.HTTPError:
+            pass  # any answer is an answer; a server held by the silent client gives none (a timeout)
+        stopper = threading.Thread(target=fake.stop, daemon=True)
+        stopper.start()
+        stopper.join(timeout=20)
+        assert not stopper.is_alive(), "stop() waited on a client that never finished its TLS handshake"
+    finally:
+        silent.close()
