@@ -105,6 +105,7 @@ class Tracking:
                      and not any(os.environ.get(name) for name in MLFLOW_PACKAGE_SETTINGS))  # "@": user:pass@host
         self.api = uri.rstrip("/") + "/api/2.0/mlflow/"
         self.started = not self.rest  # a run the mlflow package started, which it marks FINISHED at the end
+        self.client = None  # MlflowClient, off the REST path
         if not self.rest:
             import mlflow
 
@@ -137,7 +138,9 @@ class Tracking:
         if not self.rest:
             from mlflow import MlflowClient
 
-            return MlflowClient().get_run(self.run_id).data.tags
+            if self.client is None:  # one client, however often the verdict is polled
+                self.client = MlflowClient()
+            return self.client.get_run(self.run_id).data.tags
         run = self._call(f"runs/get?run_id={self.run_id}")["run"]
         return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
 

@@ -35,7 +35,7 @@ def client_uri(tracking_uri: str, arn: str | None = None) -> str:
 
 
 def mlflow_client(tracking_uri: str):
-    """MLflow's own client (promotion, a study's reads) on `client_uri(tracking_uri)`."""
+    """MLflow's own client (promotion, compare) on `client_uri(tracking_uri)`."""
     from mlflow.tracking import MlflowClient
 
     uri = client_uri(tracking_uri)

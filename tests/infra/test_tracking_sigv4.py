@@ -66,10 +66,15 @@ def test_the_rest_tracker_signs_every_call_for_sagemaker_mlflow(httpserver, sign
             "/api/2.0/mlflow/runs/create": {"run": {"info": {"run_id": "r123", "experiment_id": "7"}}},
             "/api/2.0/mlflow/runs/log-batch": {},
             "/api/2.0/mlflow/experiments/set-experiment-tag": {},  # the experiment kind, on first use
+            "/api/2.0/mlflow/metrics/get-history": {"metrics": [
+                {"key": "val_accuracy", "value": 0.9, "timestamp": 1, "step": 1}], "next_page_token": "p2"},
+            "/api/2.0/mlflow/runs/get": {"run": {"info": {"run_id": "r123"}, "data": {"metrics": [
+                {"key": "val_accuracy", "value": 0.9, "timestamp": 1, "step": 1}]}}},
         }
         return Response(json.dumps(answers[request.path]), content_type="application/json")
 
-    for path in ("experiments/get-by-name", "experiments/set-experiment-tag", "runs/create", "runs/log-batch"):
+    for path in ("experiments/get-by-name", "experiments/set-experiment-tag", "runs/create", "runs/log-batch",
+                 "metrics/get-history", "runs/get"):
         httpserver.expect_request(f"/api/2.0/mlflow/{path}").respond_with_handler(handle)
     tracker = RestRunTracker(httpserver.url_for("").rstrip("/"))
     run_id = tracker.start("fashion demo", run_name="abc1234", tags={"mmp.commit": "abc"}, params={"epochs": 2})
@@ -77,6 +82,11 @@ def test_the_rest_tracker_signs_every_call_for_sagemaker_mlflow(httpserver, sign
     assert seen[0] == "GET /api/2.0/mlflow/experiments/get-by-name"
     assert seen[-2:] == ["POST /api/2.0/mlflow/runs/create", "POST /api/2.0/mlflow/runs/log-batch"]
     assert set(seen[1:-2]) <= {"POST /api/2.0/mlflow/experiments/set-experiment-tag"}  # each one verified
+    # a study's pruning reads in the runner task: a bounded page (its query signed too), then the final value
+    assert tracker.metric_page(run_id, "val_accuracy", max_results=1000, page_token=None) == ([(1, 0.9)], "p2")
+    assert tracker.latest_metric(run_id, "val_accuracy") == 0.9 and tracker.latest_metric(run_id, "loss") is None
+    assert seen[-3:] == ["GET /api/2.0/mlflow/metrics/get-history", "GET /api/2.0/mlflow/runs/get",
+                         "GET /api/2.0/mlflow/runs/get"]
 
 
 def test_without_a_tracking_server_arn_nothing_is_signed(httpserver, monkeypatch):
@@ -95,14 +105,13 @@ def test_the_api_endpoint_is_the_regional_one_the_plugin_uses():
 
 
 def test_the_runners_mlflow_client_signs_through_the_sagemaker_mlflow_plugin(httpserver, signed_env, monkeypatch):
-    """Issue 19, defect 3: promotion and a study's pruning reads use MLflow's own client
-    (mmp.models.search.make_client). With the stack's URL alone it calls the managed server
+    """Issue 19, defect 3: promotion uses MLflow's own client (mmp.models.search.make_client; a study's
+    pruning reads go through the REST tracker, signed by MMP: above). With the stack's URL alone it calls the managed server
     unsigned; on the server's ARN the real sagemaker-mlflow plugin signs each call with the
     runner's role (its SAGEMAKER_MLFLOW_CUSTOM_ENDPOINT points it at this test's server)."""
     import mlflow
 
     from mmp.models.search import make_client
-    from mmp.tracking.sigv4 import mlflow_client
 
     url = httpserver.url_for("").rstrip("/")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # what the runner's environment says (mlflow.api_url)
@@ -115,18 +124,13 @@ def test_the_runners_mlflow_client_signs_through_the_sagemaker_mlflow_plugin(htt
         answers = {
             "/api/2.0/mlflow/experiments/get-by-name": {"experiment": {
                 "experiment_id": "7", "name": "fashion demo", "lifecycle_stage": "active"}},
-            "/api/2.0/mlflow/metrics/get-history": {"metrics": [
-                {"key": "val_accuracy", "value": 0.9, "timestamp": 1, "step": 1}]},
         }
         return Response(json.dumps(answers[request.path]), content_type="application/json")
 
-    for path in ("experiments/get-by-name", "metrics/get-history"):
-        httpserver.expect_request(f"/api/2.0/mlflow/{path}").respond_with_handler(handle)
+    httpserver.expect_request("/api/2.0/mlflow/experiments/get-by-name").respond_with_handler(handle)
     try:
         client = make_client(url)  # as promotion makes it
         assert client.get_experiment_by_name("fashion demo").experiment_id == "7"
-        study_client = mlflow_client(url)  # as a study's pruning reads make it, from the tracker's URI
-        assert [m.value for m in study_client.get_metric_history("r1", "val_accuracy")] == [0.9]
     finally:
         mlflow.set_tracking_uri(None)
-    assert seen == ["/api/2.0/mlflow/experiments/get-by-name", "/api/2.0/mlflow/metrics/get-history"]
+    assert seen == ["/api/2.0/mlflow/experiments/get-by-name"]
