@@ -204,7 +204,7 @@ class StudyTrial:
                 return True
             if judged and int(judged) >= step:
                 return False
-            time.sleep(0.05)
+            time.sleep(0.02)
         return False
 
     def wants_model(self, metrics):

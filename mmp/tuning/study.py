@@ -44,6 +44,7 @@ from mmp.pipeline.sources import Trigger
 from mmp.tuning import control
 from mmp.tuning.space import ask, distributions
 from mmp.tuning.intermediate import DRAIN_PAGES, IntermediateValues, checkpoints
+from mmp.tuning.pace import StepPace
 from mmp.contract.tuning import Tuning
 from mmp.tuning.tags import (TAG_PARENT, TAG_STUDY, TAG_TRIAL, TAG_TRIAL_BEST_BEFORE, TAG_TRIAL_DIRECTION,
                              TAG_TRIAL_JUDGED, TAG_TRIAL_OBJECTIVE, TAG_TRIAL_PRUNING, TAG_TRIAL_STATE)
@@ -195,6 +196,9 @@ class TrialRun:
     told_judged: str | None = None  # the TAG_TRIAL_JUDGED value last written on its run
     pruned: str | None = None  # why, once the pruner said stop
     cancelled: bool = False
+    waits: bool = False  # train.py was told to wait for the verdict at each step (TAG_TRIAL_PRUNING)
+    pace: StepPace = dataclasses.field(default_factory=lambda: StepPace(PRUNING_POLL_SECONDS))  # its steps' pace
+    next_read: float = 0.0  # monotonic time of its next MLflow read
 
 
 class _Quiet:
@@ -384,10 +388,11 @@ class StudyRunner:
                 sees = min(self.running, default=trial.number)
                 trial.set_user_attr(ATTR_SEES, sees)
             started = self.trials.start(self.trigger, prepared)
+            asks = self._trial_tags(study, sees)
             self.tracker.set_tags(started.run_id, {
                 TAG_PARENT: self.parent.run_id, TAG_TRIAL: str(trial.number), TAG_TRIAL_STATE: "running",
                 "mlflow.runName": f"{started.request.experiment_name}-{self.trigger.commit[:7]}-trial-{trial.number}",
-                **self._trial_tags(study, sees),
+                **asks,
             })
         except Exception as exc:  # a refused value or MLflow: the trial fails, the study goes on (or stops)
             log.error("study %s: could not create the run of trial %d: %s", self.name, trial.number, exc)
@@ -398,7 +403,8 @@ class StudyRunner:
         # Each trial is its own job on platforms that name jobs after the delivery (SageMaker).
         started.request = dataclasses.replace(started.request, delivery_id=f"{self.key}-trial-{trial.number}",
                                               study=self.name)
-        tr = TrialRun(trial=trial, started=started, lines=OutputTail())
+        tr = TrialRun(trial=trial, started=started, lines=OutputTail(), waits=TAG_TRIAL_PRUNING in asks,
+                      pace=StepPace(self.poll_seconds))
         self.running[trial.number] = tr
         threading.Thread(target=self._follow, args=(tr,), name=f"trial-{trial.number}", daemon=True).start()
 
@@ -474,17 +480,38 @@ class StudyRunner:
         """Judge the new steps of running trials, in step order, as Optuna's own loop would: report a step,
         ask should_prune, and at the first step where the pruner says stop, stop the trial there (its later
         steps are never reported). A trial whose job has ended is not judged: it finished, and a finished
-        trial is complete, never pruned."""
+        trial is complete, never pruned. Each trial is read when due (`_judgeable`, mmp.tuning.pace): a trial
+        told to wait for its verdicts at the pace of its steps; one that the pruner can never stop (seeded,
+        `_trial_tags`) only to keep its backlog short, since its values are all reported when it ends."""
         if not self.tuning.early_stopping:
             return
-        for tr in list(self.running.values()):
-            if tr.pruned or tr.status is not None or tr.started.run_id not in self.handles:
+        now = time.monotonic()
+        for tr in self._judgeable():
+            if now < tr.next_read:
                 continue
-            if not self._report_intermediate(tr, 1, judge=True):
+            judged = tr.judged_step
+            read = self._report_intermediate(tr, 1, judge=True)
+            now = time.monotonic()
+            if tr.judged_step != judged:
+                tr.pace.saw_step(now)
+            tr.next_read = tr.pace.next_read(now) if tr.waits else now + max(self.poll_seconds, POLL_SECONDS)
+            if not read:
                 continue
             self._tell_train_py(tr)
             if tr.pruned:
                 self._cancel(tr)
+
+    def _judgeable(self) -> list[TrialRun]:
+        """Running trials whose steps `_prune` still judges: launched, not ended, not pruned."""
+        return [tr for tr in self.running.values()
+                if not tr.pruned and tr.status is None and tr.started.run_id in self.handles]
+
+    def _tick_seconds(self) -> float:
+        """How long the loop may wait for a trial to end: until the next trial read is due, at most a tick."""
+        due = min((tr.next_read for tr in self._judgeable()), default=None) if self.tuning.early_stopping else None
+        if due is None:
+            return self.poll_seconds
+        return min(self.poll_seconds, max(0.0, due - time.monotonic()))
 
     def _report_intermediate(self, tr: TrialRun, pages: int, *, judge: bool = False) -> bool:
         """Tell Optuna the objective's new checkpoint values in step order, read `pages` pages at most (a
@@ -651,7 +678,7 @@ class StudyRunner:
             if not self.running and (stop or self._remaining(study) == 0):
                 return stop
             try:
-                self._arrive(study, self.finished.get(timeout=self.poll_seconds))
+                self._arrive(study, self.finished.get(timeout=self._tick_seconds()))
             except queue.Empty:
                 pass
 
