@@ -5,6 +5,8 @@
    seed and budget (the native loop seeds its sampler per trial as MMP does, so both draw the
    same trials). Native: `study.ask()`, horovodrun as a subprocess, each epoch's
    val_accuracy read from its output and reported, the process killed when pruned; no MLflow.
+   It runs in its own Python process, as `python tune.py` would, timed from start to exit like
+   `mmp run` (less its import of MMP's helpers that make both sides draw alike).
    Native with MLflow: the same loop with MLFLOW_TRACKING_URI set (the shared server), so train.py
    tracks as outside a study: its own run per trial, a model logged by every complete trial.
    The breakdown by phase (`breakdown`) compares MMP with the untracked native loop.
@@ -192,18 +194,40 @@ def mmp_timeline(tracking_uri: str, parent_id: str) -> list[TrialTimes]:
     return out
 
 
-def native_study(tuning, dataset: Path, repo: Path, fixed: dict, tracking_uri: str | None = None,
+def native_study(tuning_block: dict, dataset: Path, repo: Path, fixed: dict, tracking_uri: str | None = None,
                  ) -> tuple[float, list[str], dict[str, float]]:
-    """What a user writes by hand: Optuna's ask/tell around horovodrun, pruning from train.py's output.
-    `tracking_uri`: train.py tracks there as it does outside a study (its own run per trial, every complete
-    trial logs its model); else it tracks nothing."""
+    """The native loop (`native_loop`) as a user runs one, `python tune.py`: in its own process, timed from its
+    start to its exit as `mmp run` is, less the time it spends importing MMP's helpers (they only make sure
+    that both sides draw alike; a hand-written loop has none)."""
+    spec = {"tuning": tuning_block, "dataset": str(dataset), "repo": str(repo), "fixed": fixed,
+            "tracking_uri": tracking_uri}
+    t0, wall_start = time.perf_counter(), time.time()
+    out = subprocess.run([sys.executable, __file__, "--native-loop", json.dumps(spec)], capture_output=True,
+                         text=True)
+    seconds, wall_end = time.perf_counter() - t0, time.time()
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    timeline = [TrialTimes(t["launched"], [tuple(e) for e in t["epochs"]], t["ended"]) for t in result["timeline"]]
+    return (seconds - result["helpers_s"], result["trials"],
+            breakdown(wall_start + result["helpers_s"], timeline, wall_end))
+
+
+def native_loop(spec: dict) -> None:
+    """What a user writes by hand: Optuna's ask/tell around horovodrun, pruning from train.py's output; prints
+    its trials and timeline as one JSON line. `tracking_uri`: train.py tracks there as it does outside a study
+    (its own run per trial, every complete trial logs its model); else it tracks nothing."""
     import optuna
 
+    t_helpers = time.perf_counter()
     from mmp.backends.local import usable_cores
     from mmp.contract.argv import horovodrun_argv, train_args
+    from mmp.contract.tuning import Tuning
     from mmp.runtime.horovod import find_horovodrun
     from mmp.tuning.study import PRUNER_STARTUP_TRIALS, distributions, make_sampler, trial_seed
 
+    tuning = Tuning.model_validate(spec["tuning"])
+    helpers_s = time.perf_counter() - t_helpers
+    dataset, repo, fixed, tracking_uri = Path(spec["dataset"]), Path(spec["repo"]), spec["fixed"], spec["tracking_uri"]
     study = optuna.create_study(direction=tuning.direction, sampler=make_sampler(tuning),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # no tracking: train.py skips it
@@ -211,7 +235,7 @@ def native_study(tuning, dataset: Path, repo: Path, fixed: dict, tracking_uri: s
         env.update(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_EXPERIMENT_NAME="native-optuna")
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(usable_cores())))
     dists = distributions(tuning)
-    t0, wall_start, timeline = time.perf_counter(), time.time(), []
+    timeline = []
     for n in range(tuning.total_runs):
         study.sampler = make_sampler(tuning, seed=trial_seed(tuning.seed, n))  # as MMP seeds: the same draws
         trial = study.ask(dists)
@@ -236,7 +260,7 @@ def native_study(tuning, dataset: Path, repo: Path, fixed: dict, tracking_uri: s
                 break
         proc.stdout.close()
         code = proc.wait()
-        timeline.append(TrialTimes(launched, epochs, time.time()))
+        timeline.append({"launched": launched, "epochs": epochs, "ended": time.time()})
         if pruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         elif code == 0 and value is not None:
@@ -244,9 +268,8 @@ def native_study(tuning, dataset: Path, repo: Path, fixed: dict, tracking_uri: s
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             print(f"native trial {trial.number} failed ({code}):", "".join(tail), file=sys.stderr)
-    seconds = time.perf_counter() - t0
-    return (seconds, [f"{t.number}:{t.state.name.lower()}" for t in study.trials] + [f"best {study.best_value:.4f}"],
-            breakdown(wall_start, timeline, time.time()))
+    trials = [f"{t.number}:{t.state.name.lower()}" for t in study.trials] + [f"best {study.best_value:.4f}"]
+    print(json.dumps({"helpers_s": helpers_s, "trials": trials, "timeline": timeline}))
 
 
 def scaled_digits(home: Path, size: int) -> Path:
@@ -320,8 +343,9 @@ def versus_native(trials: int, rounds: int, image_size: int = 28, epochs: int = 
               f"Early_Stopping, Seed {tuning.seed}, Parallel 1, load average {os.getloadavg()[0]:.1f}")
         ratios, tracked_ratios, phases = [], [], {"native": [], "MMP": []}
         for n in range(rounds):
-            native_s, native_trials, native_phases = native_study(tuning, dataset, repo, fixed)
-            tracked_s, tracked_trials, _ = native_study(tuning, dataset, repo, fixed, tracking_server.serving_url())
+            native_s, native_trials, native_phases = native_study(tuning_block, dataset, repo, fixed)
+            tracked_s, tracked_trials, _ = native_study(tuning_block, dataset, repo, fixed,
+                                                        tracking_server.serving_url())
             t0, wall_start = time.perf_counter(), time.time()
             out = subprocess.run([*mmp, "--json"], capture_output=True, text=True)
             mmp_s, wall_end = time.perf_counter() - t0, time.time()
@@ -403,7 +427,10 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=60)
     parser.add_argument("--skip-overhead", action="store_true", help="only the synthetic comparison")
     parser.add_argument("--versus-only", action="store_true", help="only MMP vs native Optuna")
+    parser.add_argument("--native-loop", metavar="JSON", help=argparse.SUPPRESS)  # native_study's own process
     args = parser.parse_args()
+    if args.native_loop:
+        return native_loop(json.loads(args.native_loop))
     if not args.skip_overhead:
         versus_native(args.study_trials, args.rounds, args.image_size, args.epochs)
         if args.versus_only:
