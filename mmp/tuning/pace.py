@@ -18,19 +18,22 @@ QUIET_MAX_TICKS = 10  # and between steps, a read at least this often (a step ma
 
 
 class StepPace:
-    """One trial's steps as the study sees them arrive (monotonic seconds); `tick`: the read interval
-    while no pace is known (before its second step, or once a step is overdue by a whole interval)."""
+    """One trial's steps as the study sees them arrive (monotonic seconds). `tick`: the read interval while no
+    pace is known (its second step, or once a step is overdue by a whole interval). `since` and `first_step_s`:
+    when the trial was launched and how long earlier trials of the study took to their first step (start-up:
+    the same imports and data), so that the first step too is read for when it is due."""
 
-    def __init__(self, tick: float):
+    def __init__(self, tick: float, since: float | None = None, first_step_s: float | None = None):
         self.tick = tick
-        self.last_seen: float | None = None
-        self.interval: float | None = None
+        self.steps = 0
+        self.last_seen = since if first_step_s is not None else None
+        self.interval = first_step_s if since is not None else None
 
     def saw_step(self, now: float) -> None:
         """A read found new steps at `now`."""
-        if self.last_seen is not None:
-            self.interval = now - self.last_seen
+        self.interval = now - self.last_seen if self.steps and self.last_seen is not None else None
         self.last_seen = now
+        self.steps += 1
 
     def next_read(self, now: float) -> float:
         """When to read next, after a read at `now`."""

@@ -199,6 +199,7 @@ class TrialRun:
     waits: bool = False  # train.py was told to wait for the verdict at each step (TAG_TRIAL_PRUNING)
     pace: StepPace = dataclasses.field(default_factory=lambda: StepPace(PRUNING_POLL_SECONDS))  # its steps' pace
     next_read: float = 0.0  # monotonic time of its next MLflow read
+    launched_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class _Quiet:
@@ -249,6 +250,7 @@ class StudyRunner:
         self.handles: dict[str, JobHandle] = {}
         self.running: dict[int, TrialRun] = {}
         self._finished_counts: collections.Counter | None = None  # _counts, until the next tell
+        self._first_step_s: float | None = None  # the quickest start-up to a first step seen (mmp.tuning.pace)
         self.finished: queue.Queue[TrialRun] = queue.Queue()
         self.trials = Pipeline(tracker=pipeline.tracker, store=pipeline.store, reporter=_Quiet(), notifier=_Quiet(),
                                backend_factory=pipeline.backend_factory, on_launch=self._on_launch,
@@ -403,8 +405,9 @@ class StudyRunner:
         # Each trial is its own job on platforms that name jobs after the delivery (SageMaker).
         started.request = dataclasses.replace(started.request, delivery_id=f"{self.key}-trial-{trial.number}",
                                               study=self.name)
+        now = time.monotonic()
         tr = TrialRun(trial=trial, started=started, lines=OutputTail(), waits=TAG_TRIAL_PRUNING in asks,
-                      pace=StepPace(self.poll_seconds))
+                      pace=StepPace(self.poll_seconds, now, self._first_step_s), launched_at=now)
         self.running[trial.number] = tr
         threading.Thread(target=self._follow, args=(tr,), name=f"trial-{trial.number}", daemon=True).start()
 
@@ -493,6 +496,8 @@ class StudyRunner:
             read = self._report_intermediate(tr, 1, judge=True)
             now = time.monotonic()
             if tr.judged_step != judged:
+                if not tr.pace.steps:  # its start-up: how soon the next trial's first step may come
+                    self._first_step_s = min(self._first_step_s or math.inf, now - tr.launched_at)
                 tr.pace.saw_step(now)
             tr.next_read = tr.pace.next_read(now) if tr.waits else now + max(self.poll_seconds, POLL_SECONDS)
             if not read:
@@ -507,11 +512,13 @@ class StudyRunner:
                 if not tr.pruned and tr.status is None and tr.started.run_id in self.handles]
 
     def _tick_seconds(self) -> float:
-        """How long the loop may wait for a trial to end: until the next trial read is due, at most a tick."""
+        """How long the loop may wait for a trial to end: until the next trial read is due, and no longer than
+        without Early_Stopping (cancel requests, Max_Runtime and new trials' jobs are looked at each tick)."""
+        longest = max(self.poll_seconds, POLL_SECONDS)
         due = min((tr.next_read for tr in self._judgeable()), default=None) if self.tuning.early_stopping else None
         if due is None:
             return self.poll_seconds
-        return min(self.poll_seconds, max(0.0, due - time.monotonic()))
+        return min(longest, max(0.0, due - time.monotonic()))
 
     def _report_intermediate(self, tr: TrialRun, pages: int, *, judge: bool = False) -> bool:
         """Tell Optuna the objective's new checkpoint values in step order, read `pages` pages at most (a

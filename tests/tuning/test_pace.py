@@ -49,3 +49,18 @@ def test_the_tick_scales_every_read():
     pace.saw_step(600.0)  # ten-minute epochs
     assert pace.next_read(600.0) == pytest.approx(750.0)  # quiet: once every 10 ticks
     assert pace.next_read(1155.0) == pytest.approx(1155.0 + 4.5)  # 45 s before due: every 0.3 ticks
+
+
+def test_the_first_step_is_read_for_when_earlier_trials_reached_theirs():
+    pace = StepPace(TICK, since=50.0, first_step_s=4.0)  # earlier trials took 4 s to their first step
+    assert pace.next_read(50.0) == pytest.approx(50.0 + QUIET_MAX_TICKS * TICK)
+    assert pace.next_read(53.5) == pytest.approx(53.7)  # due at 54, fast from 3 ticks before
+    pace.saw_step(54.1)
+    assert pace.next_read(54.1) == pytest.approx(54.1 + TICK)  # one step: no pace between steps yet
+    pace.saw_step(54.6)
+    assert pace.next_read(54.6) == pytest.approx(55.0)  # every 0.5 s: due at 55.1, fast from 0.1 s before
+
+
+def test_without_earlier_trials_the_first_step_is_read_each_tick():
+    pace = StepPace(TICK, since=50.0, first_step_s=None)
+    assert pace.next_read(50.0) == pytest.approx(50.0 + TICK)
