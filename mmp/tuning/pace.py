@@ -14,7 +14,7 @@ from __future__ import annotations
 FAST_TICKS = 0.3  # read this often from shortly before a step is due until a new one is seen;
 EARLY_SHARE = 0.2  # fast reads start this share of the step interval before the step is due,
 EARLY_MAX_TICKS = 3  # but no earlier than this;
-QUIET_MAX_TICKS = 10  # and between steps, a read at least this often (a step may come early)
+QUIET_MAX_TICKS = 5  # and between steps, a read at least this often (a step may come early)
 
 
 class StepPace:

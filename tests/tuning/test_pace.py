@@ -24,15 +24,16 @@ def test_no_pace_before_the_second_step():
 
 def test_quiet_until_shortly_before_the_step_is_due():
     pace = paced(1.0)  # steps at 100 and 101: the next is due at 102
-    assert pace.next_read(101.0) == pytest.approx(101.8)  # 20 % of the interval early
+    assert pace.next_read(101.0) == pytest.approx(101.5)  # quiet: 5 ticks at most
+    assert pace.next_read(101.5) == pytest.approx(101.8)  # 20 % of the interval early
     assert pace.next_read(101.8) == pytest.approx(101.8 + FAST_TICKS * TICK)
     assert pace.next_read(102.5) == pytest.approx(102.5 + FAST_TICKS * TICK)  # late: still expected
 
 
 def test_early_reads_are_bounded_in_ticks_for_long_steps():
-    pace = paced(60.0)  # next due at 220: fast reads from 3 ticks before, one read at least every 10 ticks
+    pace = paced(60.0)  # next due at 220: fast reads from 3 ticks before, one read at least every 5 ticks
     assert pace.next_read(160.0) == pytest.approx(160.0 + QUIET_MAX_TICKS * TICK)
-    assert pace.next_read(219.0) == pytest.approx(219.7)
+    assert pace.next_read(219.5) == pytest.approx(219.7)
 
 
 def test_a_step_overdue_by_a_whole_interval_falls_back_to_the_tick():
@@ -40,6 +41,7 @@ def test_a_step_overdue_by_a_whole_interval_falls_back_to_the_tick():
     assert pace.next_read(101.6) == pytest.approx(101.6 + TICK)
     pace.saw_step(103.0)  # it came at last: the new interval (2.5 s) is the pace now
     assert pace.next_read(103.0) == pytest.approx(103.0 + QUIET_MAX_TICKS * TICK)
+    assert pace.next_read(104.5) == pytest.approx(105.0)  # quiet for at most 5 ticks
     assert pace.next_read(105.0) == pytest.approx(105.2)  # due at 105.5, fast from 3 ticks before
 
 
@@ -47,7 +49,7 @@ def test_the_tick_scales_every_read():
     pace = StepPace(15.0)  # the AWS runner's tick
     pace.saw_step(0.0)
     pace.saw_step(600.0)  # ten-minute epochs
-    assert pace.next_read(600.0) == pytest.approx(750.0)  # quiet: once every 10 ticks
+    assert pace.next_read(600.0) == pytest.approx(675.0)  # quiet: once every 5 ticks
     assert pace.next_read(1155.0) == pytest.approx(1155.0 + 4.5)  # 45 s before due: every 0.3 ticks
 
 
