@@ -5,7 +5,7 @@ waits for the pruner's verdict at each step waits for that read. A steady tick i
 and its reads take CPU from training on a machine with few cores (the local platform); long, and
 every step waits for it. Steps come at a steady pace (an epoch, a fixed number of batches), so the
 next one is due about one step interval after the last: read often from shortly before then, and
-not at all between.
+seldom between.
 """
 
 from __future__ import annotations

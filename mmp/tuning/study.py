@@ -58,8 +58,8 @@ log = logging.getLogger("mmp.tuning")
 STUDIES_DB = "studies.db"
 PRUNER_STARTUP_TRIALS = 2  # the median needs a few finished trials before it may prune
 POLL_SECONDS = 1.0
-# With Early_Stopping a train.py may wait at each step for the pruner's verdict (TAG_TRIAL_JUDGED): the loop's
-# tick is that wait, so it ticks faster (a tick reads one MLflow page per running trial).
+# With Early_Stopping a train.py may wait at each step for the pruner's verdict (TAG_TRIAL_JUDGED): the loop
+# ticks faster, and reads a trial each tick until its steps show a pace (mmp.tuning.pace), then when they are due.
 PRUNING_POLL_SECONDS = 0.1
 INTERRUPTED_TRIAL = "interrupted: the worker stopped while this trial ran; replaced by a new trial"
 ATTR_PARENT = "mmp.parent_run_id"
