@@ -656,7 +656,15 @@ def test_ctrl_c_of_mmp_run_says_what_happened_and_a_second_run_resumes_the_study
     try:
         wait_until(lambda: marked(study_repo.marks), what="trial 0 to start")
         os.killpg(first.pid, signal.SIGINT)  # a terminal's Ctrl-C: the foreground process group
-        assert first.wait(timeout=180) == 130, (tmp_path / "first.log").read_text()[-3000:]
+        try:
+            code = first.wait(timeout=180)
+        except subprocess.TimeoutExpired:  # say where it hung: its log and, where py-spy is installed, its threads
+            spy = Path(sys.executable).with_name("py-spy")
+            dump = subprocess.run([str(spy), "dump", "--pid", str(first.pid)], capture_output=True, text=True,
+                                  timeout=60).stdout if spy.exists() else ""
+            pytest.fail(f"mmp run still runs 180 s after Ctrl-C:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+                        f"\n{dump}")
+        assert code == 130, (tmp_path / "first.log").read_text()[-3000:]
     finally:
         stop_group(first)
     said = (tmp_path / "first.log").read_text()
