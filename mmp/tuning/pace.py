@@ -25,12 +25,16 @@ class StepPace:
 
     def __init__(self, tick: float, since: float | None = None, first_step_s: float | None = None):
         self.tick = tick
+        self.since = since
         self.steps = 0
+        self.startup: float | None = None  # launch to first step seen, once seen (for the study's next trials)
         self.last_seen = since if first_step_s is not None else None
         self.interval = first_step_s if since is not None else None
 
     def saw_step(self, now: float) -> None:
         """A read found new steps at `now`."""
+        if not self.steps and self.since is not None:
+            self.startup = now - self.since
         self.interval = now - self.last_seen if self.steps and self.last_seen is not None else None
         self.last_seen = now
         self.steps += 1

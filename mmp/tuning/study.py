@@ -199,7 +199,6 @@ class TrialRun:
     waits: bool = False  # train.py was told to wait for the verdict at each step (TAG_TRIAL_PRUNING)
     pace: StepPace = dataclasses.field(default_factory=lambda: StepPace(PRUNING_POLL_SECONDS))  # its steps' pace
     next_read: float = 0.0  # monotonic time of its next MLflow read
-    launched_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class _Quiet:
@@ -405,9 +404,8 @@ class StudyRunner:
         # Each trial is its own job on platforms that name jobs after the delivery (SageMaker).
         started.request = dataclasses.replace(started.request, delivery_id=f"{self.key}-trial-{trial.number}",
                                               study=self.name)
-        now = time.monotonic()
         tr = TrialRun(trial=trial, started=started, lines=OutputTail(), waits=TAG_TRIAL_PRUNING in asks,
-                      pace=StepPace(self.poll_seconds, now, self._first_step_s), launched_at=now)
+                      pace=StepPace(self.poll_seconds, time.monotonic(), self._first_step_s))
         self.running[trial.number] = tr
         threading.Thread(target=self._follow, args=(tr,), name=f"trial-{trial.number}", daemon=True).start()
 
@@ -496,9 +494,9 @@ class StudyRunner:
             read = self._report_intermediate(tr, 1, judge=True)
             now = time.monotonic()
             if tr.judged_step != judged:
-                if not tr.pace.steps:  # its start-up: how soon the next trial's first step may come
-                    self._first_step_s = min(self._first_step_s or math.inf, now - tr.launched_at)
                 tr.pace.saw_step(now)
+                if tr.pace.steps == 1:  # its start-up: how soon the next trial's first step may come
+                    self._first_step_s = min(self._first_step_s or math.inf, tr.pace.startup)
             tr.next_read = tr.pace.next_read(now) if tr.waits else now + max(self.poll_seconds, POLL_SECONDS)
             if not read:
                 continue

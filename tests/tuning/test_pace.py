@@ -58,6 +58,7 @@ def test_the_first_step_is_read_for_when_earlier_trials_reached_theirs():
     assert pace.next_read(50.0) == pytest.approx(50.0 + QUIET_MAX_TICKS * TICK)
     assert pace.next_read(53.5) == pytest.approx(53.7)  # due at 54, fast from 3 ticks before
     pace.saw_step(54.1)
+    assert pace.startup == pytest.approx(4.1)  # what the study expects of its next trials
     assert pace.next_read(54.1) == pytest.approx(54.1 + TICK)  # one step: no pace between steps yet
     pace.saw_step(54.6)
     assert pace.next_read(54.6) == pytest.approx(55.0)  # every 0.5 s: due at 55.1, fast from 0.1 s before
