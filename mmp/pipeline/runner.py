@@ -70,9 +70,12 @@ class Started:
 
 
 def crash_point(name: str) -> None:
-    """Fault injection for the recovery tests: `MMP_CRASH_AT=<name>` SIGKILLs this process here."""
+    """Fault injection for the recovery tests: `MMP_CRASH_AT=<name>` SIGKILLs this process here,
+    `MMP_INTERRUPT_AT=<name>` sends it a Ctrl-C (SIGINT) here."""
     if os.environ.get("MMP_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("MMP_INTERRUPT_AT") == name:
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 class MissingExperimentFile(ExperimentError):

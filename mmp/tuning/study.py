@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from mmp import config
 from mmp.backends import JobHandle, JobState, JobStatus
 from mmp.system.filelock import exclusive
+from mmp.system.interrupts import HeldSignals, held_signals
 from mmp.tracking.store import sqlite_path
 from mmp.backends.base import OutputTail
 from mmp.pipeline.runner import DELIVERY_TAG, Outcome, Pipeline, Prepared, Started, crash_point
@@ -58,6 +59,7 @@ log = logging.getLogger("mmp.tuning")
 STUDIES_DB = "studies.db"
 PRUNER_STARTUP_TRIALS = 2  # the median needs a few finished trials before it may prune
 POLL_SECONDS = 1.0
+INTERRUPT_SECONDS = 0.5  # how soon a held Ctrl-C or SIGTERM ends the loop's wait for a trial
 # With Early_Stopping a train.py may wait at each step for the pruner's verdict (TAG_TRIAL_JUDGED): the loop
 # ticks faster, and reads a trial each tick until its steps show a pace (mmp.tuning.pace), then when they are due.
 PRUNING_POLL_SECONDS = 0.1
@@ -199,6 +201,7 @@ class TrialRun:
     waits: bool = False  # train.py was told to wait for the verdict at each step (TAG_TRIAL_PRUNING)
     pace: StepPace = dataclasses.field(default_factory=lambda: StepPace(PRUNING_POLL_SECONDS))  # its steps' pace
     next_read: float = 0.0  # monotonic time of its next MLflow read
+    thread: threading.Thread | None = None  # the thread that follows its job (`_follow`)
 
 
 class _Quiet:
@@ -406,8 +409,10 @@ class StudyRunner:
                                               study=self.name)
         tr = TrialRun(trial=trial, started=started, lines=OutputTail(), waits=TAG_TRIAL_PRUNING in asks,
                       pace=StepPace(self.poll_seconds, time.monotonic(), self._first_step_s))
+        tr.thread = threading.Thread(target=self._follow, args=(tr,), name=f"trial-{trial.number}", daemon=True)
         self.running[trial.number] = tr
-        threading.Thread(target=self._follow, args=(tr,), name=f"trial-{trial.number}", daemon=True).start()
+        crash_point("study-trial-registered")  # running, but not yet followed: a stop here must wait for nothing
+        tr.thread.start()
 
     def _trial_tags(self, study, sees: int | None) -> dict[str, str]:
         """What train.py may read from its run (mmp.tuning.tags): the objective and direction, the best
@@ -664,12 +669,16 @@ class StudyRunner:
             return JobStatus(JobState.FAILED, f"no trial completed: {summary}", detail=detail)
         return JobStatus(JobState.SUCCEEDED, summary, detail=detail)
 
-    def _loop(self, study) -> str | None:
-        """Launch, follow and conclude trials until the budget is spent or a stop reason comes; returns it."""
+    def _loop(self, study, interrupts: HeldSignals) -> str | None:
+        """Launch, follow and conclude trials until the budget is spent or a stop reason comes; returns it.
+        A Ctrl-C or SIGTERM is held (`interrupts`) and raised at the top of an iteration, where every
+        running trial has its thread and every ended one is on the queue or concluded: `_stop_trials`
+        then hears of each."""
         dists = distributions(self.tuning)
         stop: str | None = None
         self._report_progress(study)
         while True:
+            interrupts.checkpoint()
             while not self.finished.empty():
                 self._arrive(study, self.finished.get())
             stop = stop or self._stop_reason(study)
@@ -682,10 +691,20 @@ class StudyRunner:
             self._record_handles()
             if not self.running and (stop or self._remaining(study) == 0):
                 return stop
+            ended = self._wait_for_a_trial(self._tick_seconds(), interrupts)
+            if ended is not None:
+                self._arrive(study, ended)
+
+    def _wait_for_a_trial(self, seconds: float, interrupts: HeldSignals) -> TrialRun | None:
+        """The next trial to end within `seconds`, or None; a held signal cuts the wait short (within
+        INTERRUPT_SECONDS) so a stop is not kept waiting for a long tick (15 s on AWS)."""
+        until = time.monotonic() + seconds
+        while True:
             try:
-                self._arrive(study, self.finished.get(timeout=self._tick_seconds()))
+                return self.finished.get(timeout=max(0.0, min(until - time.monotonic(), INTERRUPT_SECONDS)))
             except queue.Empty:
-                pass
+                if interrupts.pending or time.monotonic() >= until:
+                    return None
 
     def _arrive(self, study, tr: TrialRun) -> None:
         """A trial's job ended: conclude it now, or (seeded) hold it for `_advance` to conclude in turn."""
@@ -718,9 +737,24 @@ class StudyRunner:
             try:
                 tr = self.finished.get(timeout=self.poll_seconds)
             except queue.Empty:
-                continue
+                tr = self._lost_trial()
+                if tr is None:
+                    continue
             if not conclude(tr):
                 del self.running[tr.trial.number]
+
+    def _lost_trial(self) -> TrialRun | None:
+        """A running trial that will never come out of the queue: its thread never started or has ended
+        and the queue is empty (what it put there was taken by a loop that was stopped before recording
+        it). A backstop: `_loop` holds signals so that this should not happen; if it does, waiting for
+        the trial would wait forever."""
+        for tr in self.running.values():
+            if (tr.thread is None or not tr.thread.is_alive()) and self.finished.empty():
+                if tr.status is None:
+                    tr.status = JobStatus(JobState.FAILED, "its job was never followed (the study was stopped "
+                                                           "as it launched)")
+                return tr
+        return None
 
     def _fail_after_error(self, study) -> None:
         """The loop failed: stop every trial, record each as it ended, and fail any trial Optuna still holds
@@ -787,7 +821,9 @@ class StudyRunner:
             self.since = (time.time() - float(elapsed) if elapsed is not None
                           else float(study.user_attrs.get(ATTR_STARTED, time.time())))
             self.deadline = self.since + self.prepared.experiment.runtime_minutes * 60
-            status = self._final_status(study, self._loop(study))
+            with held_signals() as interrupts:
+                stop = self._loop(study, interrupts)
+            status = self._final_status(study, stop)
         except (KeyboardInterrupt, SystemExit):
             if self.resume_on_stop:
                 self._suspend(study)

@@ -633,12 +633,28 @@ def test_early_stopping_on_a_per_batch_metric_reports_only_checkpoints(make_repo
 
 
 # -- Ctrl-C of `mmp run` leaves the study to resume; running it again resumes it (issue 24, gap 5) ----------
-def start_mmp_run(repo: Path, log: Path, *args: str) -> subprocess.Popen:
-    """`mmp run` as a terminal starts it: its own process group, which a Ctrl-C signals whole."""
+def start_mmp_run(repo: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`mmp run` as a terminal starts it: its own process group, which a Ctrl-C signals whole. With
+    faulthandler on, a SIGABRT writes every thread's stack into its log (`stopped_by_ctrl_c`)."""
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "mmp", "run", "--repo", str(repo), *args], stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+                                     "PYTHONFAULTHANDLER": "1", **(env or {})})
+
+
+def stopped_by_ctrl_c(proc: subprocess.Popen, log: Path) -> str:
+    """Wait for `mmp run` to end after a Ctrl-C and return its log; if it still runs after 180 s, fail
+    with the log and the stack of each of its threads."""
+    try:
+        code = proc.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # faulthandler (start_mmp_run) dumps its threads into the log
+        proc.wait(timeout=60)
+        pytest.fail(f"mmp run still runs 180 s after Ctrl-C:\n{log.read_text()[-6000:]}")
+    said = log.read_text()
+    assert code == 130, said[-3000:]
+    return said
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -656,18 +672,9 @@ def test_ctrl_c_of_mmp_run_says_what_happened_and_a_second_run_resumes_the_study
     try:
         wait_until(lambda: marked(study_repo.marks), what="trial 0 to start")
         os.killpg(first.pid, signal.SIGINT)  # a terminal's Ctrl-C: the foreground process group
-        try:
-            code = first.wait(timeout=180)
-        except subprocess.TimeoutExpired:  # say where it hung: its log and, where py-spy is installed, its threads
-            spy = Path(sys.executable).with_name("py-spy")
-            dump = subprocess.run([str(spy), "dump", "--pid", str(first.pid)], capture_output=True, text=True,
-                                  timeout=60).stdout if spy.exists() else ""
-            pytest.fail(f"mmp run still runs 180 s after Ctrl-C:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
-                        f"\n{dump}")
-        assert code == 130, (tmp_path / "first.log").read_text()[-3000:]
+        said = stopped_by_ctrl_c(first, tmp_path / "first.log")
     finally:
         stop_group(first)
-    said = (tmp_path / "first.log").read_text()
     assert "interrupted: study" in said and "stopped after 0/2 trials done (none finished)" in said, said[-3000:]
     assert f"`mmp run` again on commit {head(repo)[:7]} resumes it (or `mmp run --resume`)" in said
     assert "`mmp run --fresh` starts over" in said
@@ -715,3 +722,29 @@ def test_a_grid_of_a_conditional_stepped_float_range_runs_each_point_once(study_
     got = sorted((m["opt"], m["shift"]) for m in marked(study_repo.marks).values())
     assert got == [("a", 0.1), ("a", 0.2), ("a", 0.3), ("b", 0.0)]  # b: train.py's own default, no --shift
     assert json.loads(parent.data.tags["mmp.tuning.best_params"]) == {"opt": "b"}  # 11 - 0.3 beats a's best, 1
+
+
+def test_ctrl_c_as_a_trial_is_launched_stops_mmp_run_and_the_study_resumes(study_repo, tmp_path):
+    """The Ctrl-C lands where the trial is counted as running but no thread follows it yet: held until the
+    loop's next turn (mmp.system.interrupts), it stops the trial that then runs instead of waiting forever."""
+    repo = study_repo(GRID_1_2)
+    first = start_mmp_run(repo, tmp_path / "first.log", env={"MMP_INTERRUPT_AT": "study-trial-registered"})
+    try:
+        said = stopped_by_ctrl_c(first, tmp_path / "first.log")
+    finally:
+        stop_group(first)
+    assert "interrupted: study" in said and "stopped after 0/2 trials done (none finished)" in said, said[-3000:]
+    wait_until(lambda: no_process_from(study_repo.marks), seconds=30, what="the trial's job to be gone")
+
+    second = start_mmp_run(repo, tmp_path / "second.log")
+    try:
+        assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        stop_group(second)
+    said = (tmp_path / "second.log").read_text()
+    assert f"resuming the interrupted study of commit {head(repo)[:7]}" in said, said[-3000:]
+    (parent,) = client().search_runs([client().get_experiment_by_name(repo.name).experiment_id],
+                                     filter_string="tags.`mmp.study` = 'true'")
+    parent, trials = study_runs(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and "2/2 trials" in parent.data.tags["mmp.outcome"]
+    assert sorted(t.data.params["units"] for t in trials if t.data.tags["mmp.trial.state"] == "complete") == ["1", "2"]
