@@ -31,6 +31,7 @@ from pathlib import Path
 
 from mmp.backends import BUILTIN
 from mmp.hosts.base import HOSTS
+from mmp.system.filelock import exclusive
 
 MMP_ROOT = Path(__file__).resolve().parents[1]
 HANDLERS = {
@@ -195,18 +196,23 @@ def site_packages(target: Target = TARGET, *, root: Path | None = None) -> Path:
     dest = (root or BUILD_ROOT) / f"py{target.python_version}-{target.platform}-{key}"
     if (dest / ".complete").is_file():
         return dest
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-               "--target", str(tmp), "--only-binary=:all:", "--platform", target.platform,
-               "--python-version", target.python_version, "--implementation", target.implementation,
-               *requirements]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise PackageError(f"pip could not install {', '.join(requirements)} for {target}:\n{done.stderr[-2000:]}")
-    (tmp / ".complete").write_text("\n".join(requirements) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.replace(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(dest.with_name(dest.name + ".lock")):  # two builds at once (two stacks, two test workers)
+        if (dest / ".complete").is_file():  # the other one installed it while this one waited
+            return dest
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
+                   "--target", str(tmp), "--only-binary=:all:", "--platform", target.platform,
+                   "--python-version", target.python_version, "--implementation", target.implementation,
+                   *requirements]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise PackageError(f"pip could not install {', '.join(requirements)} for {target}:\n"
+                               f"{done.stderr[-2000:]}")
+        (tmp / ".complete").write_text("\n".join(requirements) + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.replace(dest)
     return dest
 
 

@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -123,3 +125,28 @@ def test_a_heavy_module_level_import_fails_the_build(tmp_path, monkeypatch):
         lambda_package.mmp_modules(("mmp.pipeline.aws_stages",))
     (bad / "pipeline" / "aws_stages.py").write_text("def prepare(event, context):\n    import torch\n")
     assert lambda_package.mmp_modules(("mmp.pipeline.aws_stages",)) == ("mmp", "mmp.pipeline", "mmp.pipeline.aws_stages")
+
+
+def test_two_builds_at_once_install_the_bundled_packages_once(tmp_path, monkeypatch):
+    """Two programs (two stacks, two test workers) building at once share one pip install: the
+    second waits for the first's lock, then finds the folder complete."""
+    installs: list[Path] = []
+
+    def pip(command, **kwargs):
+        target = Path(command[command.index("--target") + 1])
+        installs.append(target)
+        (target / "pydantic").mkdir(parents=True)
+        started.set()
+        time.sleep(0.5)  # the other build asks meanwhile; without the lock it would install too
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    started = threading.Event()
+    monkeypatch.setattr(lambda_package.subprocess, "run", pip)
+    found: list[Path] = []
+    first = threading.Thread(target=lambda: found.append(lambda_package.site_packages(root=tmp_path)))
+    first.start()
+    assert started.wait(60)
+    found.append(lambda_package.site_packages(root=tmp_path))
+    first.join(60)
+    assert len(installs) == 1 and found[0] == found[1] and (found[0] / ".complete").is_file()
+    assert (found[0] / "pydantic").is_dir() and not installs[0].exists()  # the install, moved into place
