@@ -247,8 +247,19 @@ def iam_pythonpath(*rest: str) -> str:
     return os.pathsep.join([str(IAM_DIR), *rest])
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist (`make test` runs two workers): a worker's recorded calls join the controller's."""
+    iam_doc.merge(node.config, getattr(node, "workeroutput", {}).get(iam_doc.WORKER_OUTPUT, []))
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """docs/infra.md's table of calls per role: rewritten (MMP_IAM_DOC=write) or checked."""
+    """docs/infra.md's table of calls per role: rewritten (MMP_IAM_DOC=write) or checked, by the
+    controller once every worker's calls are in (a worker's own verdict would not fail the run)."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput[iam_doc.WORKER_OUTPUT] = iam_doc.recorded(session.config)
+        return
     mode = os.environ.get("MMP_IAM_DOC")
     problem = iam_doc.finish(session.config, write=mode == "write", add=mode == "add")
     if problem:

@@ -16,12 +16,23 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "infra.md"
 BEGIN = "<!-- iam-calls: begin (generated: MMP_IAM_DOC=write pytest tests/infra tests/runner tests/sagemaker tests/dlami tests/gitops) -->"
 END = "<!-- iam-calls: end -->"
 _KEY = pytest.StashKey[set]()
+WORKER_OUTPUT = "mmp_iam_calls"  # where an xdist worker hands its rows to the controller
 
 
 def collect(config, calls) -> None:
     """Keep a test's granted calls for the session's end."""
     seen = config.stash.setdefault(_KEY, set())
     seen.update((c.role, c.code_path, c.action) for c in calls if c.allowed and not c.code_path.startswith("demo "))
+
+
+def recorded(config) -> list[list[str]]:
+    """This process's rows, as a worker sends them (plain lists: execnet carries only builtins)."""
+    return [list(row) for row in sorted(config.stash.get(_KEY, set()))]
+
+
+def merge(config, rows: list[list[str]]) -> None:
+    """A worker's rows, added to the controller's."""
+    config.stash.setdefault(_KEY, set()).update(tuple(row) for row in rows)
 
 
 def render(rows: set[tuple[str, str, str]]) -> str:
