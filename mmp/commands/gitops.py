@@ -28,24 +28,26 @@ def up(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     c = console()
-    try:
-        stack = LocalStack(host, port, mlflow_port, ui=ui, say=c.print).start()
-    except StackRunning as exc:
-        fail(str(exc), 1)
-    except OSError as exc:
-        fail(f"could not listen on {host}:{port}: {exc.strerror or exc}", 1)
-    c.print(f"[bold]webhook[/]  http://{host}:{stack.port}/webhook   (health: /healthz)")
-    for name in config.WEBHOOK_HOSTS:  # each with its own secret ($MMP_HOME/<host>-webhook-secret)
-        c.print(f"[bold]{name}[/]   http://{host}:{stack.port}/webhook/{name}   "
-                f"(secret: MMP_{name.upper()}_WEBHOOK_SECRET or $MMP_HOME/{name}-webhook-secret)")
-    if stack.ui:
-        if stack.wait_for_ui():
-            c.print(f"[bold]MLflow[/]   {stack.ui_url}")
-        else:
-            c.print("[yellow]MLflow UI did not answer; see $MMP_HOME/logs/mlflow.log[/]")
-    c.print(f"[bold]state[/]    {esc(config.mmp_home())}  (worker log: logs/worker.log)")
-    c.print("install the hook in a repository with [bold]mmp hook install REPO[/]; Ctrl-C stops everything")
-    stack.serve()
+    stack = LocalStack(host, port, mlflow_port, ui=ui, say=c.print)
+    with stack.stopping_on_signals():  # from here on a Ctrl-C or SIGTERM stops whatever has started
+        try:
+            stack.start()
+        except StackRunning as exc:
+            fail(str(exc), 1)
+        except OSError as exc:
+            fail(f"could not listen on {host}:{port}: {exc.strerror or exc}", 1)
+        c.print(f"[bold]webhook[/]  http://{host}:{stack.port}/webhook   (health: /healthz)")
+        for name in config.WEBHOOK_HOSTS:  # each with its own secret ($MMP_HOME/<host>-webhook-secret)
+            c.print(f"[bold]{name}[/]   http://{host}:{stack.port}/webhook/{name}   "
+                    f"(secret: MMP_{name.upper()}_WEBHOOK_SECRET or $MMP_HOME/{name}-webhook-secret)")
+        if stack.ui:
+            if stack.wait_for_ui():
+                c.print(f"[bold]MLflow[/]   {stack.ui_url}")
+            elif not stack.stopping:
+                c.print("[yellow]MLflow UI did not answer; see $MMP_HOME/logs/mlflow.log[/]")
+        c.print(f"[bold]state[/]    {esc(config.mmp_home())}  (worker log: logs/worker.log)")
+        c.print("install the hook in a repository with [bold]mmp hook install REPO[/]; Ctrl-C stops everything")
+        stack.serve()
     c.print("stopped")
     _say_studies_left(c)
 

@@ -17,6 +17,7 @@ and start time, and the next `mmp up` stops what matches both (never a reused pi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psutil
 
@@ -282,7 +283,8 @@ class LocalStack:
     def wait_for_ui(self, timeout: float = 90.0) -> bool:
         """Wait until our MLflow server answers /health; then `mmp run` may track through it."""
         deadline = time.time() + timeout
-        while time.time() < deadline and self.mlflow_proc is not None and self.mlflow_proc.poll() is None:
+        while (time.time() < deadline and not self.stopping and self.mlflow_proc is not None
+               and self.mlflow_proc.poll() is None):
             try:
                 with urllib.request.urlopen(f"{self.ui_url}/health", timeout=2) as resp:
                     if resp.status == 200:
@@ -327,16 +329,30 @@ class LocalStack:
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
-    def serve(self) -> None:
-        """Run until SIGINT/SIGTERM, then stop everything."""
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @contextlib.contextmanager
+    def stopping_on_signals(self) -> Iterator[LocalStack]:
+        """SIGINT/SIGTERM ask the stack to stop (`serve` then stops everything). Taken before `start`
+        by `mmp up`: a signal while its children start or its UI comes up stops it as cleanly as one
+        while it serves, instead of the default action killing it with its stack.json left behind."""
         old = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not self._stop.wait(1.0):
-                self.check_children()
+            yield self
         finally:
-            self.stop()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+
+    def serve(self) -> None:
+        """Run until SIGINT/SIGTERM (or one already asked for), then stop everything."""
+        with self.stopping_on_signals():
+            try:
+                while not self._stop.wait(1.0):
+                    self.check_children()
+            finally:
+                self.stop()
 
     def __enter__(self) -> "LocalStack":
         return self.start()

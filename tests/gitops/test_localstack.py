@@ -146,6 +146,22 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
+def test_sigterm_while_up_is_still_starting_its_ui_stops_it_cleanly(mmp_home, secret_env, stray_processes):
+    """The webhook answers before the MLflow UI has started: a SIGTERM then (a service manager stopping
+    it early) stops the stack as one later does, not by the default action that leaves stack.json."""
+    port, mlflow_port = free_port(), free_port()
+    proc = start_up(stray_processes, port, mlflow_port)
+    wait_for(f"http://127.0.0.1:{port}/healthz", proc, 30)
+    wait_until(lambda: descendants(proc.pid), 30, "mmp up to start its children")
+    children = descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0 and "stopped" in out and "did not answer" not in out, out
+    assert psutil.wait_procs(children, timeout=30)[1] == []
+    assert not config.local_stack_file().exists()
+
+
+@pytest.mark.slow
 def test_kill_9_of_up_takes_its_worker_and_mlflow_with_it_and_the_next_up_starts(mmp_home, secret_env,
                                                                                  stray_processes):
     port, mlflow_port = free_port(), free_port()
