@@ -38,6 +38,7 @@ from mmp import config
 from mmp.system import procs
 from mmp.system.filelock import hold, holder, is_held
 from mmp.system.childguard import guarded_argv
+from mmp.system.interrupts import STOPPING_SIGNALS
 from mmp.system.procs import stop_process
 from mmp.tracking.server import MLFLOW_GRACE_S, mlflow_server_argv
 
@@ -338,7 +339,7 @@ class LocalStack:
         """SIGINT/SIGTERM ask the stack to stop (`serve` then stops everything). Taken before `start`
         by `mmp up`: a signal while its children start or its UI comes up stops it as cleanly as one
         while it serves, instead of the default action killing it with its stack.json left behind."""
-        old = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        old = {sig: signal.signal(sig, self.request_stop) for sig in STOPPING_SIGNALS}
         try:
             yield self
         finally:

@@ -4,7 +4,7 @@ Why: Python runs a signal's handler between any two statements of the main threa
 KeyboardInterrupt or SystemExit it raises can land between two steps that must go together (a
 trial registered as running but its thread not yet started, a finished trial taken off the queue
 but not yet recorded) or while the main thread holds a lock the other threads need. The clean-up
-that follows then waits for something that never comes. Inside `held_signals()`, the first such
+that follows then waits for something that never comes. Inside `HeldSignals()`, the first such
 signal is only recorded; the code raises it at its next `checkpoint()`. A second one acts at once,
 as someone who presses Ctrl-C twice expects.
 """
@@ -20,7 +20,7 @@ STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class HeldSignals:
-    """The context manager `held_signals()` returns; `pending` says a signal waits for `checkpoint()`."""
+    """A context manager; `pending` says a signal waits for `checkpoint()`."""
 
     def __init__(self, signums: tuple[int, ...] = STOPPING_SIGNALS):
         self.signums = signums
@@ -62,7 +62,3 @@ class HeldSignals:
         """Put the handlers back; a signal still held is acted on now, never lost."""
         self._restore()
         self.checkpoint()
-
-
-def held_signals(signums: tuple[int, ...] = STOPPING_SIGNALS) -> HeldSignals:
-    return HeldSignals(signums)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from mmp import config
 from mmp.backends import JobHandle, JobState, JobStatus
 from mmp.system.filelock import exclusive
-from mmp.system.interrupts import HeldSignals, held_signals
+from mmp.system.interrupts import HeldSignals
 from mmp.tracking.store import sqlite_path
 from mmp.backends.base import OutputTail
 from mmp.pipeline.runner import DELIVERY_TAG, Outcome, Pipeline, Prepared, Started, crash_point
@@ -821,7 +821,7 @@ class StudyRunner:
             self.since = (time.time() - float(elapsed) if elapsed is not None
                           else float(study.user_attrs.get(ATTR_STARTED, time.time())))
             self.deadline = self.since + self.prepared.experiment.runtime_minutes * 60
-            with held_signals() as interrupts:
+            with HeldSignals() as interrupts:
                 stop = self._loop(study, interrupts)
             status = self._final_status(study, stop)
         except (KeyboardInterrupt, SystemExit):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mmp.system.interrupts import held_signals
+from mmp.system.interrupts import HeldSignals
 
 
 def send(signum: int, held) -> None:
@@ -39,7 +39,7 @@ def sigterm_raises():
 def test_a_ctrl_c_is_held_until_the_checkpoint_and_the_handler_comes_back():
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        with held_signals() as interrupts:
+        with HeldSignals() as interrupts:
             send(signal.SIGINT, interrupts)
             reached = True  # no KeyboardInterrupt between the signal and here
             assert interrupts.pending is not None and interrupts.pending[0] == signal.SIGINT
@@ -50,14 +50,14 @@ def test_a_ctrl_c_is_held_until_the_checkpoint_and_the_handler_comes_back():
 
 
 def test_a_checkpoint_with_nothing_held_goes_on():
-    with held_signals() as interrupts:
+    with HeldSignals() as interrupts:
         interrupts.checkpoint()
         assert interrupts.pending is None
 
 
 def test_a_second_signal_acts_at_once(sigterm_raises):
     with pytest.raises(Stop):
-        with held_signals() as interrupts:
+        with HeldSignals() as interrupts:
             send(signal.SIGTERM, interrupts)
             assert interrupts.pending is not None
             os.kill(os.getpid(), signal.SIGTERM)
@@ -68,7 +68,7 @@ def test_a_second_signal_acts_at_once(sigterm_raises):
 
 def test_a_signal_still_held_at_the_end_is_acted_on_then(sigterm_raises):
     with pytest.raises(Stop):
-        with held_signals() as interrupts:
+        with HeldSignals() as interrupts:
             send(signal.SIGTERM, interrupts)
     assert signal.getsignal(signal.SIGTERM) is raise_stop
 
@@ -76,7 +76,7 @@ def test_a_signal_still_held_at_the_end_is_acted_on_then(sigterm_raises):
 def test_a_signal_the_os_handles_is_left_to_the_os():
     before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        with held_signals():
+        with HeldSignals():
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
@@ -87,7 +87,7 @@ def test_outside_the_main_thread_nothing_is_held():
     seen: list = []
 
     def body():
-        with held_signals() as interrupts:  # signal.signal would raise here: it must not be called
+        with HeldSignals() as interrupts:  # signal.signal would raise here: it must not be called
             seen.append(interrupts.previous)
 
     thread = threading.Thread(target=body)
